@@ -1,0 +1,110 @@
+"""The Flax modules on their own: sizes, shapes, and the pieces PyTorch defines precisely."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import max_rel_err, nchw, nhwc
+from torch_reference import MilesialUNet, SeedUNet
+
+from unet_jax import UNet
+from unet_jax.checkpoint import abstract_variables
+from unet_jax.model import BatchNorm, upsample_bilinear_align_corners
+
+
+def n_params(model: UNet) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_variables(model)['params']))
+
+
+def test_seed_parameter_counts():
+  # Numbers stated by the seed article (SEED.md); eval_shape allocates nothing.
+  assert n_params(UNet()) == 31_036_481
+  assert n_params(UNet(in_channels=3, num_classes=2)) == 31_037_698
+
+
+@pytest.mark.parametrize('kwargs,ref', [
+    (dict(upsample='bilinear'), lambda: MilesialUNet(1, 1, bilinear=True)),
+    (dict(in_channels=3, num_classes=2, conv_bias=True),
+     lambda: MilesialUNet(3, 2, bias=True)),
+    (dict(base_features=16, depth=3), lambda: SeedUNet(1, 1, base=16, depth=3)),
+    (dict(base_features=8, depth=5, upsample='bilinear'),
+     lambda: MilesialUNet(1, 1, bilinear=True, base=8, depth=5)),
+])
+def test_parameter_counts_match_pytorch(kwargs, ref):
+  assert n_params(UNet(**kwargs)) == sum(p.numel() for p in ref().parameters())
+
+
+@pytest.mark.parametrize('hw', [(480, 480), (37, 45), (16, 16), (17, 64), (100, 31)])
+@pytest.mark.parametrize('upsample', ['transpose', 'bilinear'])
+def test_output_has_input_size_for_any_size(hw, upsample):
+  model = UNet(in_channels=3, num_classes=4, upsample=upsample)
+  x = jax.ShapeDtypeStruct((2, *hw, 3), jnp.float32)
+  variables = abstract_variables(model)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  assert out.shape == (2, *hw, 4)
+
+
+def test_wrong_channel_count_is_a_clear_error():
+  model = UNet(in_channels=3)
+  msg = r'expects NHWC input with 3 channels, got shape \(1, 8, 8, 1\)'
+  with pytest.raises(ValueError, match=msg):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False))
+
+
+def test_too_small_input_is_a_clear_error():
+  model = UNet()
+  with pytest.raises(ValueError, match='UNet of depth 4 needs H and W of at least 16, got 15x40'):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 15, 40, 1)), train=False))
+
+
+def test_batchnorm_matches_torch_over_several_train_steps():
+  torch_bn = torch.nn.BatchNorm2d(5)
+  with torch.no_grad():
+    torch_bn.weight.uniform_(0.5, 1.5)
+    torch_bn.bias.uniform_(-1, 1)
+  bn = BatchNorm()
+  variables = {'params': {'scale': torch_bn.weight.detach().numpy(),
+                          'bias': torch_bn.bias.detach().numpy()},
+               'batch_stats': {'mean': np.zeros(5, np.float32), 'var': np.ones(5, np.float32)}}
+  for step in range(3):
+    x = torch.randn(3, 5, 7, 6) * (step + 1) + step
+    want = torch_bn.train()(x)
+    got, updates = bn.apply(variables, nhwc(x), train=True, mutable=['batch_stats'])
+    variables = {**variables, **updates}
+    assert max_rel_err(got, nhwc(want)) < 1e-5
+    np.testing.assert_allclose(variables['batch_stats']['mean'], torch_bn.running_mean, rtol=1e-5,
+                               atol=1e-6)
+    # The unbiased variance in the running update is what sets PyTorch apart from flax.
+    np.testing.assert_allclose(variables['batch_stats']['var'], torch_bn.running_var, rtol=1e-5)
+  x = torch.randn(2, 5, 4, 4)
+  got = bn.apply(variables, nhwc(x), train=False)
+  assert max_rel_err(got, nhwc(torch_bn.eval()(x))) < 1e-5
+
+
+@pytest.mark.parametrize('hw', [(1, 1), (2, 3), (7, 5), (30, 31)])
+def test_bilinear_upsample_is_align_corners_true(hw):
+  x = torch.randn(2, 3, *hw)
+  want = F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=True)
+  got = upsample_bilinear_align_corners(jnp.asarray(nhwc(x)))
+  assert max_rel_err(got, nhwc(want)) < 1e-6
+  # jax.image.resize's half-pixel centres would be visibly different: the test can tell.
+  if min(hw) > 1:
+    other = jax.image.resize(jnp.asarray(nhwc(x)), (2, 2 * hw[0], 2 * hw[1], 3), 'bilinear')
+    assert max_rel_err(other, nhwc(want)) > 1e-3
+
+
+def test_model_runs_in_bfloat16_with_float32_state():
+  model = UNet(base_features=4, depth=2, dtype=jnp.bfloat16)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  out, updates = model.apply(variables, jnp.ones((2, 16, 16, 1)), train=True,
+                             mutable=['batch_stats'])
+  assert out.dtype == jnp.float32 and out.shape == (2, 16, 16, 1)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(updates))
+
+
+def test_nchw_helper_roundtrip():
+  x = np.random.randn(2, 3, 4, 5).astype(np.float32)
+  np.testing.assert_array_equal(nhwc(nchw(x.transpose(0, 2, 3, 1))), x.transpose(0, 2, 3, 1))

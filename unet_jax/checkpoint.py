@@ -1,0 +1,157 @@
+"""Pretrained checkpoints on disk: an Orbax tree of variables plus the model config beside it.
+
+A converted checkpoint directory looks like::
+
+    DEST/unet_jax.json   {"format": "unet_jax.pretrained", "model": {...}, "metadata": {...}}
+    DEST/variables/      Orbax checkpoint of {'params': ..., 'batch_stats': ...}
+
+The model config travels with the weights, so `load_pretrained(DEST)` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax.errors import UserError
+from unet_jax.model import UNet
+
+FORMAT = 'unet_jax.pretrained'
+CONFIG_FILE = 'unet_jax.json'
+VARIABLES_DIR = 'variables'
+MODEL_FIELDS = ('in_channels', 'num_classes', 'base_features', 'depth', 'upsample', 'conv_bias')
+
+
+def model_config(model: UNet) -> dict[str, Any]:
+  """The architecture fields of a UNet (not runtime choices such as dtype)."""
+  return {f: getattr(model, f) for f in MODEL_FIELDS}
+
+
+def model_from_config(config: Mapping[str, Any], **runtime: Any) -> UNet:
+  unknown = set(config) - set(MODEL_FIELDS)
+  if unknown:
+    raise UserError(f'unknown model config fields {sorted(unknown)}; known: {list(MODEL_FIELDS)}')
+  return UNet(**config, **runtime)
+
+
+def abstract_variables(model: UNet) -> dict[str, Any]:
+  """Shapes and dtypes of `model.init`'s variables, computed without allocating them."""
+  x = jax.ShapeDtypeStruct((1, 2**model.depth, 2**model.depth, model.in_channels), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], source: str) -> None:
+  """Raises naming the first missing, unexpected or mis-shaped variable."""
+  got, want = _flat(variables), _flat(expected)
+  for name in want:
+    if name not in got:
+      raise UserError(f'{source}: missing variable {name!r}')
+  for name in got:
+    if name not in want:
+      raise UserError(f'{source}: unexpected variable {name!r}')
+  for name, leaf in want.items():
+    if tuple(got[name].shape) != tuple(leaf.shape):
+      raise UserError(f'{source}: variable {name!r} has shape {tuple(got[name].shape)}, '
+                      f'the model expects {tuple(leaf.shape)}')
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary directory that becomes `dest` only if the block succeeds."""
+  dest = os.path.abspath(dest)
+  if os.path.exists(dest) and not overwrite:
+    raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
+  parent = os.path.dirname(dest)
+  if not os.path.isdir(parent):
+    raise UserError(f'{parent}: no such directory for the destination')
+  try:
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(dest)}.tmp-', dir=parent)
+  except OSError as e:
+    raise UserError(f'{parent}: cannot write there ({e.strerror})') from None
+  try:
+    yield tmp
+    if os.path.exists(dest):
+      old = tmp + '.old'
+      os.rename(dest, old)
+      os.rename(tmp, dest)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, dest)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(dest: str, model: UNet, variables: Mapping[str, Any],
+                    metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes variables + model config to `dest` atomically. Returns the absolute path."""
+  import orbax.checkpoint as ocp
+  check_variables(variables, abstract_variables(model), 'variables to save')
+  tree = {k: jax.tree.map(np.asarray, dict(variables[k])) for k in ('params', 'batch_stats')}
+  with atomic_directory(dest, overwrite) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, VARIABLES_DIR), tree)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+      json.dump({'format': FORMAT, 'version': 1, 'model': model_config(model),
+                 'metadata': dict(metadata or {})}, f, indent=2)
+  return os.path.abspath(dest)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+  try:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      info = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f'{path}: unreadable {CONFIG_FILE} ({e}); the checkpoint is damaged') from None
+  if not isinstance(info, dict) or info.get('format') != FORMAT or 'model' not in info:
+    raise UserError(f'{path}: {CONFIG_FILE} is not a unet_jax checkpoint description')
+  return info
+
+
+def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
+                                  ) -> tuple[UNet, dict[str, Any], dict[str, Any]]:
+  """Like `load_pretrained`, also returning the metadata saved with the weights."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise UserError(f'{path}: no such checkpoint directory')
+  if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    raise UserError(f'{path}: not a unet_jax checkpoint (no {CONFIG_FILE}); convert PyTorch '
+                    'weights with `python -m unet_jax.convert torch-to-flax SRC DEST`')
+  info = _read_config(path)
+  model = model_from_config(info['model'], dtype=dtype)
+  expected = abstract_variables(model)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(os.path.join(path, VARIABLES_DIR))
+  except Exception as e:  # Orbax raises many types for damaged trees; all mean the same here.
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    raise UserError(f'{path}: cannot restore the weights ({first}); the checkpoint is damaged') \
+        from None
+  check_variables(variables, expected, path)
+  variables = jax.tree.map(jnp.asarray, variables)
+  return model, variables, dict(info.get('metadata') or {})
+
+
+def load_pretrained(path: str, dtype: Any = jnp.float32) -> tuple[UNet, dict[str, Any]]:
+  """Loads a converted checkpoint directory: returns `(model, variables)`.
+
+  `variables` is `{'params': ..., 'batch_stats': ...}`, ready for
+  `model.apply(variables, x, train=False)`. `dtype` is the computation dtype of the model.
+  """
+  model, variables, _ = load_pretrained_with_metadata(path, dtype)
+  return model, variables

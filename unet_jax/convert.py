@@ -1,0 +1,189 @@
+"""PyTorch <-> Flax conversion of UNet checkpoints, and its command line.
+
+    python -m unet_jax.convert torch-to-flax model.pth out/
+    python -m unet_jax.convert flax-to-torch out/ model.pth      # or model.safetensors
+
+torch -> flax -> torch gives back the same tensors bit for bit. Every failure is one line on
+stderr, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from unet_jax.errors import UserError
+from unet_jax.torch_keys import (
+  Layout,
+  Row,
+  detect_layout,
+  infer_model_config,
+  key_table,
+  to_flax,
+  to_torch,
+)
+
+_UINT_COUNTER = np.int64  # PyTorch stores num_batches_tracked as int64
+
+
+def _set(tree: dict, path: Sequence[str], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: Sequence[str]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def state_dict_to_flax(tensors: Mapping[str, np.ndarray], source: str = 'state_dict',
+                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """Maps a UNet state_dict (seed or milesial names) to Flax.
+
+  Returns:
+    (model config, variables {'params', 'batch_stats'}, metadata) where metadata holds the
+    source layout and each BatchNorm's num_batches_tracked, so the way back is exact.
+  """
+  from unet_jax.checkpoint import abstract_variables, check_variables, model_from_config
+  layout = detect_layout(tensors.keys(), source)
+  config = infer_model_config(tensors, layout, source)
+  rows = key_table(layout=layout, **{k: config[k] for k in ('depth', 'upsample', 'conv_bias')})
+  known = {r.torch_key for r in rows}
+  for row in rows:
+    if row.torch_key not in tensors:
+      raise UserError(f'{source}: missing key {row.torch_key!r} (expected in a {layout}-layout '
+                      f'UNet of depth {config["depth"]}, upsample={config["upsample"]})')
+  for key in tensors:
+    if key not in known:
+      raise UserError(f'{source}: unexpected key {key!r} for a {layout}-layout UNet of depth '
+                      f'{config["depth"]}, upsample={config["upsample"]}')
+
+  model = model_from_config(config)
+  expected = abstract_variables(model)
+  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
+  counters: dict[str, int] = {}
+  for row in rows:
+    value = tensors[row.torch_key]
+    if row.kind == 'counter':
+      counters['/'.join(row.path)] = int(np.asarray(value).reshape(()))
+      continue
+    want = _get(expected[row.collection], row.path)
+    if value.ndim != len(want.shape):
+      raise UserError(f'{source}: key {row.torch_key!r} has shape {tuple(value.shape)}, which '
+                      f'does not fit {row.flax_name} {tuple(want.shape)}')
+    array = np.ascontiguousarray(to_flax(row.kind, value)).astype(np.float32)
+    if array.shape != tuple(want.shape):
+      torch_shape = tuple(to_torch(row.kind, np.empty(want.shape)).shape)
+      raise UserError(f'{source}: key {row.torch_key!r} has shape {tuple(value.shape)}, the model '
+                      f'inferred from the file expects {torch_shape}')
+    _set(variables[row.collection], row.path, array)
+  check_variables(variables, expected, source)
+  metadata = {'source_layout': layout, 'num_batches_tracked': counters}
+  return config, variables, metadata
+
+
+def flax_to_state_dict(config: Mapping[str, Any], variables: Mapping[str, Any], layout: Layout,
+                       num_batches_tracked: Mapping[str, int] | None = None,
+                       ) -> dict[str, np.ndarray]:
+  """The inverse of `state_dict_to_flax`: ordered as PyTorch lists it, float32 + int64 counters."""
+  counters = dict(num_batches_tracked or {})
+  rows: list[Row] = key_table(layout=layout, depth=config['depth'], upsample=config['upsample'],
+                              conv_bias=config['conv_bias'])
+  out = {}
+  for row in rows:
+    if row.kind == 'counter':
+      out[row.torch_key] = np.asarray(counters.get('/'.join(row.path), 0), _UINT_COUNTER)
+    else:
+      value = np.asarray(_get(variables[row.collection], row.path))
+      out[row.torch_key] = np.ascontiguousarray(to_torch(row.kind, value))
+  return out
+
+
+def torch_to_flax(src: str, dest: str, overwrite: bool = False) -> str:
+  """Converts a PyTorch UNet state_dict file into a checkpoint directory for `load_pretrained`."""
+  from unet_jax.checkpoint import model_from_config, save_pretrained
+  from unet_jax.state_dict_io import read_state_dict
+  if os.path.exists(dest) and not overwrite:
+    raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
+  tensors, extras = read_state_dict(src)
+  config, variables, metadata = state_dict_to_flax(tensors, src)
+  metadata.update(extras)
+  return save_pretrained(dest, model_from_config(config), variables, metadata, overwrite)
+
+
+def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = False) -> str:
+  """Writes a checkpoint directory as a PyTorch state_dict (.pth/.pt/.bin or .safetensors).
+
+  layout: 'seed', 'milesial', or 'auto' (the layout it was converted from; else 'seed').
+  """
+  from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
+  from unet_jax.state_dict_io import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, write_state_dict
+  if not dest.lower().endswith(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)):
+    raise UserError(f'{dest}: unknown output type; use a .pth or .safetensors file name')
+  if os.path.exists(dest) and not overwrite:
+    raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
+  if layout not in ('auto', 'seed', 'milesial'):
+    raise UserError(f"unknown layout {layout!r}; use 'seed', 'milesial' or 'auto'")
+  model, variables, metadata = load_pretrained_with_metadata(src)
+  if layout == 'auto':
+    layout = metadata.get('source_layout', 'seed')
+  tensors = flax_to_state_dict(model_config(model), variables, layout,  # type: ignore[arg-type]
+                               metadata.get('num_batches_tracked'))
+  extras = {k: metadata[k] for k in ('mask_values',) if k in metadata}
+  dest_dir = os.path.dirname(os.path.abspath(dest))
+  if not os.path.isdir(dest_dir):
+    raise UserError(f'{dest_dir}: no such directory for the destination')
+  fd, tmp = tempfile.mkstemp(prefix='.convert-', suffix=os.path.basename(dest), dir=dest_dir)
+  os.close(fd)
+  try:
+    write_state_dict(tmp, tensors, extras)
+    os.replace(tmp, dest)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return os.path.abspath(dest)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m unet_jax.convert',
+      description='Convert UNet checkpoints between PyTorch and Flax (numerically identical).')
+  sub = parser.add_subparsers(dest='command', required=True)
+  t2f = sub.add_parser('torch-to-flax', help='PyTorch state_dict file -> checkpoint directory')
+  t2f.add_argument('src', help='.pth/.pt/.bin (torch.save of a state_dict) or .safetensors')
+  t2f.add_argument('dest', help='checkpoint directory to create')
+  f2t = sub.add_parser('flax-to-torch', help='checkpoint directory -> PyTorch state_dict file')
+  f2t.add_argument('src', help='checkpoint directory (from torch-to-flax or training)')
+  f2t.add_argument('dest', help='.pth or .safetensors file to create')
+  f2t.add_argument('--layout', default='auto', choices=('auto', 'seed', 'milesial'),
+                   help="key names to write (default: the source's, else the seed's)")
+  for p in (t2f, f2t):
+    p.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == 'torch-to-flax':
+      out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
+      print(f'wrote {out}; load it with unet_jax.load_pretrained({out!r})')
+    else:
+      out = flax_to_torch(args.src, args.dest, layout=args.layout, overwrite=args.overwrite)
+      print(f'wrote {out}')
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,147 @@
+"""Reading and writing PyTorch state_dicts (.pth/.pt/.bin and .safetensors) as numpy arrays.
+
+Torch files are opened only with `weights_only=True`: a file that needs anything beyond tensors
+and plain containers is refused and none of its code runs. .safetensors files are read without
+torch at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from unet_jax.errors import UserError
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
+SAFETENSORS_SUFFIX = '.safetensors'
+# Non-tensor entries we carry along as metadata instead of rejecting.
+METADATA_KEYS = ('mask_values',)
+# Where training scripts commonly nest the state_dict.
+_WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net', 'module')
+# Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
+_KEY_PREFIXES = ('module.', '_orig_mod.')
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError:
+    raise UserError("reading or writing .pth files needs PyTorch: pip install 'unet-jax[torch]' "
+                    '(or use .safetensors, which does not)') from None
+  return torch
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+def _load_torch_file(path: str) -> Any:
+  torch = _import_torch()
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise UserError(
+        f'{path}: refused to load: it contains pickled objects other than tensors and plain '
+        f'containers ({_first_line(e)[:120]}). Nothing from it was run; re-save it as a plain '
+        'state_dict (torch.save(model.state_dict(), ...)).') from None
+  except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    raise UserError(f'{path}: cannot read it as a PyTorch file ({_first_line(e)[:160]}); '
+                    'is it truncated or not a checkpoint?') from None
+
+
+def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    tensors = load_file(path)
+    with open(path, 'rb') as f:
+      header_len = int.from_bytes(f.read(8), 'little')
+      header = json.loads(f.read(header_len))
+  except (SafetensorError, ValueError, OSError, TypeError) as e:
+    raise UserError(f'{path}: cannot read it as a .safetensors file ({_first_line(e)[:160]}); '
+                    'is it truncated?') from None
+  meta = header.get('__metadata__') or {}
+  extras = {}
+  for key in METADATA_KEYS:
+    if key in meta:
+      extras[key] = json.loads(meta[key])
+  return dict(tensors), extras
+
+
+def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
+  if not isinstance(obj, Mapping):
+    raise UserError(f'{path}: holds a {type(obj).__name__}, not a state_dict; save '
+                    'model.state_dict() rather than the model')
+  # In a state_dict every value is a tensor; a dict under a known key is a training wrapper
+  # such as {'epoch': 3, 'state_dict': {...}, 'optimizer': {...}}.
+  for key in _WRAPPER_KEYS:
+    if isinstance(obj.get(key), Mapping):
+      return _unwrap(obj[key], path)
+  return obj
+
+
+def _strip_prefixes(key: str) -> str:
+  changed = True
+  while changed:
+    changed = False
+    for prefix in _KEY_PREFIXES:
+      if key.startswith(prefix):
+        key, changed = key[len(prefix):], True
+  return key
+
+
+def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Reads a state_dict file into (tensors as float/int numpy arrays, metadata entries)."""
+  if not os.path.isfile(path):
+    raise UserError(f'{path}: no such file')
+  lower = path.lower()
+  if lower.endswith(SAFETENSORS_SUFFIX):
+    tensors, extras = _load_safetensors(path)
+  elif lower.endswith(TORCH_SUFFIXES):
+    torch = _import_torch()
+    raw = _unwrap(_load_torch_file(path), path)
+    tensors, extras = {}, {}
+    for key, value in raw.items():
+      key = _strip_prefixes(str(key))
+      if key in METADATA_KEYS:
+        extras[key] = value.tolist() if hasattr(value, 'tolist') else value
+      elif isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:
+          value = value.float()
+        tensors[key] = value.detach().cpu().numpy()
+      else:
+        raise UserError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor; '
+                        'expected a UNet state_dict')
+  else:
+    raise UserError(f'{path}: unknown file type; expected one of '
+                    f'{", ".join(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))}')
+  tensors = {_strip_prefixes(k): v for k, v in tensors.items()}
+  if not tensors:
+    raise UserError(f'{path}: holds no tensors; expected a UNet state_dict')
+  return tensors, extras
+
+
+def write_state_dict(path: str, tensors: Mapping[str, np.ndarray],
+                     extras: Mapping[str, Any]) -> None:
+  """Writes tensors (+ metadata entries) as .pth/.pt/.bin or .safetensors, chosen by suffix."""
+  lower = path.lower()
+  if lower.endswith(SAFETENSORS_SUFFIX):
+    from safetensors.numpy import save_file
+    meta = {'format': 'pt', **{k: json.dumps(v) for k, v in extras.items()}}
+    save_file({k: np.array(v, copy=True) for k, v in tensors.items()}, path, metadata=meta)
+  elif lower.endswith(TORCH_SUFFIXES):
+    torch = _import_torch()
+    from collections import OrderedDict
+    state = OrderedDict((k, torch.from_numpy(np.array(v, copy=True))) for k, v in tensors.items())
+    for key, value in extras.items():
+      state[key] = value
+    torch.save(state, path)
+  else:
+    raise UserError(f'{path}: unknown output type; use a .pth or .safetensors file name')
