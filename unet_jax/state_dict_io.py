@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -45,12 +47,15 @@ def _first_line(e: BaseException) -> str:
 def _load_torch_file(path: str) -> Any:
   torch = _import_torch()
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')  # legacy-format notices would break the one-line contract
+      return torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+    what = f'it asks to import {found.group(1)}' if found else 'it holds pickled objects'
     raise UserError(
-        f'{path}: refused to load: it contains pickled objects other than tensors and plain '
-        f'containers ({_first_line(e)[:120]}). Nothing from it was run; re-save it as a plain '
-        'state_dict (torch.save(model.state_dict(), ...)).') from None
+        f'{path}: refused to load: {what}, which a plain state_dict of tensors never does; nothing '
+        'from it was run. Re-save it with torch.save(model.state_dict(), ...).') from None
   except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
     raise UserError(f'{path}: cannot read it as a PyTorch file ({_first_line(e)[:160]}); '
                     'is it truncated or not a checkpoint?') from None

@@ -1,0 +1,263 @@
+"""Conversion both ways: exact round trips, the key table, and every refusal by its message."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import move_off_init
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+from torch_reference import MilesialUNet, SeedUNet
+
+from unet_jax import load_pretrained
+from unet_jax.checkpoint import abstract_variables, model_from_config
+from unet_jax.convert import flax_to_torch, main, torch_to_flax
+from unet_jax.torch_keys import key_table
+
+
+def small_seed():
+  return move_off_init(SeedUNet(1, 1, base=4, depth=3), 1, 1, steps=2)
+
+
+def assert_same_state_dict(a, b, ordered=True):
+  # .safetensors files keep no key order; torch.save keeps the module order.
+  assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
+  for key in a:
+    if isinstance(a[key], torch.Tensor):
+      assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+      assert torch.equal(a[key], b[key]), key
+    else:
+      assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize('config', [
+    dict(depth=4, upsample='transpose', conv_bias=False),
+    dict(depth=3, upsample='bilinear', conv_bias=True),
+    dict(depth=5, upsample='transpose', conv_bias=True),
+])
+@pytest.mark.parametrize('layout', ['seed', 'milesial'])
+def test_key_table_covers_exactly_the_model_variables(config, layout):
+  model = model_from_config(dict(in_channels=2, num_classes=3, base_features=4, **config))
+  expected = {'/'.join((c,) + tuple(k.key for k in path))
+              for c in ('params', 'batch_stats')
+              for path, _ in jax.tree_util.tree_leaves_with_path(abstract_variables(model)[c])}
+  rows = key_table(layout=layout, **config)
+  assert {r.flax_name for r in rows if r.kind != 'counter'} == expected
+  assert len({r.torch_key for r in rows}) == len(rows)
+
+
+def test_seed_full_size_state_dict_has_118_entries_and_round_trips(tmp_path):
+  ref = SeedUNet()
+  torch.save(ref.state_dict(), tmp_path / 'seed.pth')
+  torch_to_flax(str(tmp_path / 'seed.pth'), str(tmp_path / 'flax'))
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'back.pth'))
+  back = torch.load(tmp_path / 'back.pth', weights_only=True)
+  assert len(back) == 118
+  assert_same_state_dict(ref.state_dict(), back)
+
+
+@pytest.mark.parametrize('src_suffix,dest_suffix', [('.pth', '.pth'), ('.safetensors',
+                                                     '.safetensors'), ('.pth', '.safetensors')])
+def test_round_trip_is_bit_identical(tmp_path, src_suffix, dest_suffix):
+  ref = small_seed()
+  src, dest = tmp_path / f'a{src_suffix}', tmp_path / f'b{dest_suffix}'
+  if src_suffix == '.pth':
+    torch.save(ref.state_dict(), src)
+  else:
+    save_safetensors(ref.state_dict(), str(src))
+  torch_to_flax(str(src), str(tmp_path / 'flax'))
+  flax_to_torch(str(tmp_path / 'flax'), str(dest))
+  back = (torch.load(dest, weights_only=True) if dest_suffix == '.pth'
+          else load_safetensors(str(dest)))
+  assert_same_state_dict(ref.state_dict(), dict(back), ordered=dest_suffix == '.pth')
+  # The seed's own class loads it strictly and computes exactly what the original does.
+  fresh = SeedUNet(1, 1, base=4, depth=3)
+  fresh.load_state_dict(back, strict=True)
+  x = torch.randn(2, 1, 16, 24)
+  assert torch.equal(fresh.eval()(x), ref.eval()(x))
+
+
+def test_milesial_checkpoint_round_trips_with_its_names_and_mask_values(tmp_path):
+  ref = move_off_init(MilesialUNet(3, 2, bilinear=True, base=4, depth=3, bias=True), 3, 2)
+  state = ref.state_dict()
+  state['mask_values'] = [[0, 0, 0], [255, 255, 255]]
+  torch.save(state, tmp_path / 'carvana.pth')
+  torch_to_flax(str(tmp_path / 'carvana.pth'), str(tmp_path / 'flax'))
+  model, _ = load_pretrained(str(tmp_path / 'flax'))
+  assert (model.in_channels, model.num_classes, model.base_features, model.depth,
+          model.upsample, model.conv_bias) == (3, 2, 4, 3, 'bilinear', True)
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'back.pth'))
+  assert_same_state_dict(state, torch.load(tmp_path / 'back.pth', weights_only=True))
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'back.safetensors'))
+  torch_to_flax(str(tmp_path / 'back.safetensors'), str(tmp_path / 'flax2'))
+  flax_to_torch(str(tmp_path / 'flax2'), str(tmp_path / 'back2.pth'))
+  assert_same_state_dict(state, torch.load(tmp_path / 'back2.pth', weights_only=True))
+
+
+def test_milesial_transpose_exports_to_seed_layout(tmp_path):
+  ref = move_off_init(MilesialUNet(1, 1, base=4, depth=3), 1, 1)
+  torch.save(ref.state_dict(), tmp_path / 'm.pth')
+  torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'flax'))
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'seed.pth'), layout='seed')
+  seed = SeedUNet(1, 1, base=4, depth=3)
+  seed.load_state_dict(torch.load(tmp_path / 'seed.pth', weights_only=True), strict=True)
+  x = torch.randn(2, 1, 32, 16)
+  assert torch.equal(seed.eval()(x), ref.eval()(x))
+
+
+@pytest.mark.parametrize('wrap', [
+    lambda s: {'state_dict': s, 'epoch': 3},
+    lambda s: {'model': s, 'optimizer': {'lr': 0.1}},
+    lambda s: {f'module.{k}': v for k, v in s.items()},
+    lambda s: {'model_state_dict': {f'module._orig_mod.{k}': v for k, v in s.items()}},
+])
+def test_wrapped_and_prefixed_state_dicts(tmp_path, wrap):
+  ref = small_seed()
+  torch.save(wrap(ref.state_dict()), tmp_path / 'w.pt')
+  torch_to_flax(str(tmp_path / 'w.pt'), str(tmp_path / 'flax'))
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'back.bin'))
+  assert_same_state_dict(ref.state_dict(), torch.load(tmp_path / 'back.bin', weights_only=True))
+
+
+# --- refusals: one line on stderr, exit status 2, nothing written --------------------------
+
+def run_cli(capsys, *argv):
+  code = main(list(argv))
+  err = capsys.readouterr().err.strip()
+  return code, err
+
+
+def check_refused(capsys, tmp_path, argv, message, dest):
+  before = set(os.listdir(tmp_path))
+  code, err = run_cli(capsys, *argv)
+  assert code == 2
+  assert len(err.splitlines()) == 1, err
+  assert message in err, err
+  assert not os.path.exists(dest)
+  assert set(os.listdir(tmp_path)) == before  # no temporary leftovers either
+
+
+def _save_variant(tmp_path, edit, name='bad.pth'):
+  state = SeedUNet(1, 1, base=4, depth=3).state_dict()
+  edit(state)
+  torch.save(state, tmp_path / name)
+  return str(tmp_path / name)
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda s: s.pop('up2.conv.double_conv.3.weight'),
+     "missing key 'up2.conv.double_conv.3.weight'"),
+    (lambda s: s.__setitem__('extra.weight', torch.zeros(3)), "unexpected key 'extra.weight'"),
+    (lambda s: s.__setitem__('down2.downsampling.1.double_conv.3.weight', torch.zeros(16, 16, 5, 5)),
+     "key 'down2.downsampling.1.double_conv.3.weight' has shape (16, 16, 5, 5), the model "
+     'inferred from the file expects (16, 16, 3, 3)'),
+    (lambda s: s.__setitem__('up1.upsampling.weight', torch.zeros(32, 16, 2)),
+     "key 'up1.upsampling.weight' has shape (32, 16, 2)"),
+    (lambda s: s.__setitem__('in_conv.double_conv.1.running_var', torch.ones(5)),
+     "key 'in_conv.double_conv.1.running_var' has shape (5,)"),
+    (lambda s: s.__setitem__('epoch', 3), "entry 'epoch' is a int, not a tensor"),
+])
+def test_bad_state_dicts_are_refused_by_name(tmp_path, capsys, edit, message):
+  src = _save_variant(tmp_path, edit)
+  check_refused(capsys, tmp_path, ['torch-to-flax', src, str(tmp_path / 'out')], message,
+                tmp_path / 'out')
+
+
+def test_not_a_unet(tmp_path, capsys):
+  torch.save({'fc.weight': torch.zeros(2, 2)}, tmp_path / 'fc.pth')
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'fc.pth'), str(tmp_path / 'o')],
+                'not a UNet state_dict', tmp_path / 'o')
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_truncated_files(tmp_path, capsys, suffix):
+  state = SeedUNet(1, 1, base=4, depth=3).state_dict()
+  path = tmp_path / f'full{suffix}'
+  torch.save(state, path) if suffix == '.pth' else save_safetensors(state, str(path))
+  data = path.read_bytes()
+  (tmp_path / f'cut{suffix}').write_bytes(data[:len(data) // 2])
+  path.unlink()
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / f'cut{suffix}'),
+                                   str(tmp_path / 'o')], 'is it truncated', tmp_path / 'o')
+
+
+def test_other_bad_arguments(tmp_path, capsys):
+  src = _save_variant(tmp_path, lambda s: None, 'ok.pth')
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'nope.pth'),
+                                   str(tmp_path / 'o')], 'nope.pth: no such file', tmp_path / 'o')
+  (tmp_path / 'w.npz').write_bytes(b'x')
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'w.npz'), str(tmp_path / 'o')],
+                'unknown file type', tmp_path / 'o')
+  (tmp_path / 'taken').mkdir()
+  code, err = run_cli(capsys, 'torch-to-flax', src, str(tmp_path / 'taken'))
+  assert code == 2 and 'already exists' in err and os.listdir(tmp_path / 'taken') == []
+  check_refused(capsys, tmp_path, ['flax-to-torch', str(tmp_path / 'taken'), str(tmp_path / 'x.pth')],
+                'not a unet_jax checkpoint', tmp_path / 'x.pth')
+  assert main(['torch-to-flax', src, str(tmp_path / 'flax')]) == 0
+  capsys.readouterr()
+  check_refused(capsys, tmp_path, ['flax-to-torch', str(tmp_path / 'flax'), str(tmp_path / 'x.h5')],
+                'unknown output type', tmp_path / 'x.h5')
+
+
+def test_whole_pickled_model_is_refused(tmp_path, capsys):
+  torch.save(SeedUNet(1, 1, base=4, depth=3), tmp_path / 'model.pth')  # the module, not weights
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'model.pth'),
+                                   str(tmp_path / 'o')], 'refused to load', tmp_path / 'o')
+
+
+class _Payload:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('how', ['torch.save', 'legacy-pickle'])
+def test_malicious_pickle_never_runs(tmp_path, how):
+  marker = tmp_path / 'pwned'
+  state = dict(SeedUNet(1, 1, base=4, depth=3).state_dict(), payload=_Payload(marker))
+  src = tmp_path / 'evil.pth'
+  if how == 'torch.save':
+    torch.save(state, src)
+  else:
+    with open(src, 'wb') as f:
+      pickle.dump(state, f)
+  # Sanity: the payload is live (plain pickle would run it).
+  with open(tmp_path / 'probe.pkl', 'wb') as f:
+    pickle.dump(_Payload(tmp_path / 'probe-ran'), f)
+  pickle.loads((tmp_path / 'probe.pkl').read_bytes())
+  assert (tmp_path / 'probe-ran').exists()
+
+  proc = subprocess.run([sys.executable, '-m', 'unet_jax.convert', 'torch-to-flax', str(src),
+                         str(tmp_path / 'out')], capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith('error: ') and 'refused to load' in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not marker.exists()
+  assert not (tmp_path / 'out').exists()
+
+
+def test_cli_round_trip_in_a_subprocess(tmp_path):
+  ref = small_seed()
+  save_safetensors(ref.state_dict(), str(tmp_path / 'm.safetensors'))
+  for argv in (['torch-to-flax', 'm.safetensors', 'flax'], ['flax-to-torch', 'flax', 'b.pth']):
+    proc = subprocess.run([sys.executable, '-m', 'unet_jax.convert', *argv], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+  assert_same_state_dict(ref.state_dict(), torch.load(tmp_path / 'b.pth', weights_only=True))
+
+
+def test_converted_weights_are_float32_numpy_free_jax_arrays(tmp_path):
+  ref = small_seed()
+  torch.save(ref.state_dict(), tmp_path / 'm.pth')
+  torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'flax'))
+  _, variables = load_pretrained(str(tmp_path / 'flax'))
+  assert set(variables) == {'params', 'batch_stats'}
+  assert all(isinstance(x, jax.Array) and x.dtype == np.float32
+             for x in jax.tree.leaves(variables))
