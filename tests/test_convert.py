@@ -153,7 +153,8 @@ def _save_variant(tmp_path, edit, name='bad.pth'):
     (lambda s: s.pop('up2.conv.double_conv.3.weight'),
      "missing key 'up2.conv.double_conv.3.weight'"),
     (lambda s: s.__setitem__('extra.weight', torch.zeros(3)), "unexpected key 'extra.weight'"),
-    (lambda s: s.__setitem__('down2.downsampling.1.double_conv.3.weight', torch.zeros(16, 16, 5, 5)),
+    (lambda s: s.__setitem__('down2.downsampling.1.double_conv.3.weight',
+                             torch.zeros(16, 16, 5, 5)),
      "key 'down2.downsampling.1.double_conv.3.weight' has shape (16, 16, 5, 5), the model "
      'inferred from the file expects (16, 16, 3, 3)'),
     (lambda s: s.__setitem__('up1.upsampling.weight', torch.zeros(32, 16, 2)),
@@ -196,11 +197,13 @@ def test_other_bad_arguments(tmp_path, capsys):
   (tmp_path / 'taken').mkdir()
   code, err = run_cli(capsys, 'torch-to-flax', src, str(tmp_path / 'taken'))
   assert code == 2 and 'already exists' in err and os.listdir(tmp_path / 'taken') == []
-  check_refused(capsys, tmp_path, ['flax-to-torch', str(tmp_path / 'taken'), str(tmp_path / 'x.pth')],
+  check_refused(capsys, tmp_path,
+                ['flax-to-torch', str(tmp_path / 'taken'), str(tmp_path / 'x.pth')],
                 'not a unet_jax checkpoint', tmp_path / 'x.pth')
   assert main(['torch-to-flax', src, str(tmp_path / 'flax')]) == 0
   capsys.readouterr()
-  check_refused(capsys, tmp_path, ['flax-to-torch', str(tmp_path / 'flax'), str(tmp_path / 'x.h5')],
+  check_refused(capsys, tmp_path,
+                ['flax-to-torch', str(tmp_path / 'flax'), str(tmp_path / 'x.h5')],
                 'unknown output type', tmp_path / 'x.h5')
 
 
