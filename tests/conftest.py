@@ -47,3 +47,11 @@ def max_rel_err(got: np.ndarray, want: np.ndarray) -> float:
 def _seeded():
   torch.manual_seed(0)
   np.random.seed(0)
+
+
+# Eight CPU devices for the data-parallel tests; must happen before JAX picks its backend.
+# Tests that need one device take the first one.
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/

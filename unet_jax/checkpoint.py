@@ -129,9 +129,12 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise UserError(f'{path}: no such checkpoint directory')
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return _load_training_workdir(path, dtype)
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-    raise UserError(f'{path}: not a unet_jax checkpoint (no {CONFIG_FILE}); convert PyTorch '
-                    'weights with `python -m unet_jax.convert torch-to-flax SRC DEST`')
+    raise UserError(f'{path}: not a unet_jax checkpoint (no {CONFIG_FILE}, no checkpoints/); '
+                    'convert PyTorch weights with `python -m unet_jax.convert torch-to-flax SRC '
+                    'DEST`, or pass a training workdir')
   info = _read_config(path)
   model = model_from_config(info['model'], dtype=dtype)
   expected = abstract_variables(model)
@@ -147,8 +150,25 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
   return model, variables, dict(info.get('metadata') or {})
 
 
+def _load_training_workdir(path: str, dtype: Any) -> tuple[UNet, dict[str, Any], dict[str, Any]]:
+  from unet_jax.train_checkpoints import read_workdir
+  try:
+    step, variables, meta = read_workdir(path)
+  except FileNotFoundError as e:
+    raise UserError(str(e)) from None
+  except Exception as e:  # Orbax raises many types for damaged trees; all mean the same here.
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    raise UserError(f'{path}: cannot restore its latest checkpoint ({first})') from None
+  model = model_from_config(meta['model'], dtype=dtype)
+  check_variables(variables, abstract_variables(model), path)
+  metadata = dict(meta.get('metadata') or {}, step=step)
+  return model, jax.tree.map(jnp.asarray, variables), metadata
+
+
 def load_pretrained(path: str, dtype: Any = jnp.float32) -> tuple[UNet, dict[str, Any]]:
-  """Loads a converted checkpoint directory: returns `(model, variables)`.
+  """Loads a converted checkpoint directory or a training workdir: returns `(model, variables)`.
+
+  For a workdir, the latest complete checkpoint is used.
 
   `variables` is `{'params': ..., 'batch_stats': ...}`, ready for
   `model.apply(variables, x, train=False)`. `dtype` is the computation dtype of the model.

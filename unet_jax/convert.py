@@ -29,7 +29,7 @@ from unet_jax.torch_keys import (
   to_torch,
 )
 
-_UINT_COUNTER = np.int64  # PyTorch stores num_batches_tracked as int64
+_COUNTER = np.int64  # PyTorch stores num_batches_tracked as int64
 
 
 def _set(tree: dict, path: Sequence[str], value: Any) -> None:
@@ -92,15 +92,19 @@ def state_dict_to_flax(tensors: Mapping[str, np.ndarray], source: str = 'state_d
 
 def flax_to_state_dict(config: Mapping[str, Any], variables: Mapping[str, Any], layout: Layout,
                        num_batches_tracked: Mapping[str, int] | None = None,
-                       ) -> dict[str, np.ndarray]:
-  """The inverse of `state_dict_to_flax`: ordered as PyTorch lists it, float32 + int64 counters."""
+                       default_count: int = 0) -> dict[str, np.ndarray]:
+  """The inverse of `state_dict_to_flax`: ordered as PyTorch lists it, float32 + int64 counters.
+
+  BatchNorm counters come from `num_batches_tracked` (kept by torch-to-flax), else
+  `default_count` (the training step for weights trained here).
+  """
   counters = dict(num_batches_tracked or {})
   rows: list[Row] = key_table(layout=layout, depth=config['depth'], upsample=config['upsample'],
                               conv_bias=config['conv_bias'])
   out = {}
   for row in rows:
     if row.kind == 'counter':
-      out[row.torch_key] = np.asarray(counters.get('/'.join(row.path), 0), _UINT_COUNTER)
+      out[row.torch_key] = np.asarray(counters.get('/'.join(row.path), default_count), _COUNTER)
     else:
       value = np.asarray(_get(variables[row.collection], row.path))
       out[row.torch_key] = np.ascontiguousarray(to_torch(row.kind, value))
@@ -136,7 +140,7 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   if layout == 'auto':
     layout = metadata.get('source_layout', 'seed')
   tensors = flax_to_state_dict(model_config(model), variables, layout,  # type: ignore[arg-type]
-                               metadata.get('num_batches_tracked'))
+                               metadata.get('num_batches_tracked'), metadata.get('step', 0))
   extras = {k: metadata[k] for k in ('mask_values',) if k in metadata}
   dest_dir = os.path.dirname(os.path.abspath(dest))
   if not os.path.isdir(dest_dir):

@@ -1,0 +1,57 @@
+"""The embedded default: binary segmentation of synthetic shapes, offline, on a laptop CPU.
+
+    python train.py --config configs/base.py
+
+A small UNet (base_features=16) on 64x64 grayscale images of the built-in synthetic_shapes
+dataset, generated locally on first use. Other configs import this one and override fields.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict(dict(
+      in_channels=1, num_classes=1, base_features=16, depth=4, upsample='transpose',
+      conv_bias=False))
+
+  config.data = ml_collections.ConfigDict(dict(
+      name='synthetic_shapes',   # or 'image_folder', or a TFDS catalog name
+      native_size=64,            # synthetic_shapes only: 64, 128 or 480 pixels
+      root='',                   # image_folder only: folder with images/ and masks/
+      data_dir='',               # TFDS data_dir; '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+      train_split='train',
+      eval_split='test',
+      image_key='image',
+      mask_key='mask',
+      mask_offset=0,             # subtracted from mask values (oxford_iiit_pet's trimap is 1..3)
+      worker_count=0,            # grain worker processes (0: decode in the main process)
+      num_threads=2,             # grain reader threads
+  ))
+  config.augment = ml_collections.ConfigDict(dict(
+      min_scale=0.6, flip_horizontal=True, flip_vertical=True))
+
+  config.image_size = 64
+  config.batch_size = 16         # global, over all devices and processes
+  config.eval_batch_size = 0     # 0 -> batch_size
+  config.num_train_steps = 1000
+
+  config.optimizer = 'adam'      # 'adam', 'adamw' or 'sgd' (momentum 0.9)
+  config.learning_rate = 3e-3
+  config.schedule = 'cosine'     # 'cosine' (linear warmup, cosine decay) or 'constant'
+  config.warmup_steps = 50
+  config.weight_decay = 0.0      # adamw only
+
+  config.loss = 'auto'           # 'bce' (num_classes=1), 'ce' (>=2), 'auto' picks by num_classes
+  config.dice_weight = 1.0       # loss = cross-entropy + dice_weight * (1 - soft Dice)
+  config.half_precision = False  # bfloat16 compute, float32 params and BatchNorm statistics
+
+  config.log_every_steps = 50
+  config.eval_every_steps = 250
+  config.checkpoint_every_steps = 250
+  config.keep_checkpoints = 2
+  config.num_sample_images = 4   # held-out examples drawn in each eval PNG
+  config.seed = 0
+  config.parallel = 'shard_map'  # or 'pmap'
+  return config

@@ -1,0 +1,233 @@
+"""Training: data parallelism equals one device, multi-process equals one process, resume is
+exact, and bad configs fail before any compute with one line."""
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from unet_jax import load_pretrained, parallel, train
+from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DP_TOL = 1e-5  # relative, per tensor: only the order of float summation differs
+
+
+def tiny_config(tmp_path, **overrides):
+  config = base.get_config()
+  config.model.base_features = 4
+  config.model.depth = 2
+  config.image_size = 16
+  config.batch_size = 16
+  config.num_train_steps = 6
+  config.log_every_steps = 1
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  config.num_sample_images = 2
+  config.data.data_dir = str(tmp_path / 'tfds')
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _random_batches(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.random((16, 16, 16, 1), np.float32),
+           'mask': (rng.random((16, 16, 16)) > 0.6).astype(np.int32)} for _ in range(n)]
+
+
+def _run_steps(config, devices, kind, batches):
+  mesh = parallel.make_mesh(devices)
+  model = train.build_model(config, parallel.AXIS)
+  state = train.create_train_state(config, model, mesh)
+  step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=1.0),
+                             mesh, kind)
+  metrics = []
+  for batch in batches:
+    state, m = step(state, batch)
+    metrics.append(m)
+  local = functools.partial(jax.tree.map, lambda x: np.asarray(x.addressable_data(0)))
+  return local(state.params), local(state.batch_stats), local(metrics)
+
+
+def _max_rel(a, b):
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-6)), a, b)))
+
+
+@pytest.mark.parametrize('kind', ['shard_map', 'pmap'])
+def test_eight_devices_equal_one_device(tmp_path, kind):
+  assert jax.device_count() == 8
+  config = tiny_config(tmp_path)
+  batches = _random_batches(3)
+  one = _run_steps(config, jax.devices()[:1], kind, batches)
+  eight = _run_steps(config, jax.devices(), kind, batches)
+  assert _max_rel(eight, one) <= DP_TOL
+  # The runs did train: parameters moved, BatchNorm statistics left 0/1.
+  start = _run_steps(config, jax.devices()[:1], kind, [])
+  assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
+
+
+def test_shard_map_and_pmap_agree(tmp_path):
+  config = tiny_config(tmp_path)
+  batches = _random_batches(2, seed=1)
+  a = _run_steps(config, jax.devices()[:4], 'shard_map', batches)
+  b = _run_steps(config, jax.devices()[:4], 'pmap', batches)
+  assert _max_rel(a, b) <= DP_TOL
+
+
+def test_half_precision_keeps_float32_state(tmp_path):
+  config = tiny_config(tmp_path, half_precision=True)
+  params, stats, metrics = _run_steps(config, jax.devices()[:2], 'shard_map',
+                                      _random_batches(2))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves((params, stats)))
+  assert np.isfinite(metrics[-1]['loss'])
+  full = _run_steps(tiny_config(tmp_path), jax.devices()[:2], 'shard_map', _random_batches(2))
+  # bf16 compute: the same training, not the same bits.
+  assert _max_rel(params, full[0]) > 0
+  for half, single in zip(metrics, full[2], strict=True):
+    assert abs(half['loss'] - single['loss']) <= 0.02 * single['loss']
+
+
+# --- the whole loop ---------------------------------------------------------------------------
+
+def _train_cmd(workdir, *flags):
+  return [sys.executable, os.path.join(REPO, 'train.py'), '--config',
+          os.path.join(REPO, 'configs', 'base.py'), '--workdir', str(workdir),
+          '--config.model.base_features=4', '--config.model.depth=2', '--config.image_size=16',
+          '--config.num_sample_images=2', '--config.log_every_steps=1', *flags]
+
+
+def _env(devices, tmp_path):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             TFDS_DATA_DIR=str(tmp_path / 'tfds'), PYTHONUNBUFFERED='1')
+  env.pop('CUDA_VISIBLE_DEVICES', None)
+  return env
+
+
+def _params(workdir):
+  _, variables = load_pretrained(str(workdir))
+  return jax.tree.map(np.asarray, variables)
+
+
+def test_train_end_to_end_outputs(tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny_config(tmp_path)
+  metrics = train.train_and_evaluate(config, str(workdir))
+  assert 0.0 <= metrics['dice'] <= 1.0
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert {'loss', 'ce_loss', 'dice_loss', 'images_per_sec', 'learning_rate'} <= set(rows[0])
+  assert {'eval_dice', 'eval_iou', 'eval_pixel_accuracy'} <= set(rows[2])
+  assert sorted(os.listdir(workdir / 'samples')) == ['step_0000003.png', 'step_0000006.png']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  model, variables, meta = load_pretrained_with_metadata(str(workdir))
+  assert meta['step'] == 6 and meta['mask_values'] == [0, 1]
+  assert model.base_features == 4 and model.depth == 2
+  out = model.apply(variables, np.zeros((1, 20, 24, 1), np.float32), train=False)
+  assert out.shape == (1, 20, 24, 1)
+
+
+def test_resume_after_sigterm_is_bit_identical(tmp_path):
+  flags = ['--config.num_train_steps=8', '--config.checkpoint_every_steps=100',
+           '--config.eval_every_steps=100']
+  env = _env(2, tmp_path)
+  straight = subprocess.run(_train_cmd(tmp_path / 'straight', *flags), env=env,
+                            capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  # Interrupt a second run once it has logged a few steps, then rerun the same command.
+  workdir = tmp_path / 'interrupted'
+  proc = subprocess.Popen(_train_cmd(workdir, *flags), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  log = workdir / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if log.exists() and len(log.read_text().splitlines()) >= 3:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  stopped_at = load_pretrained_with_metadata(str(workdir))[2]['step']
+  assert 3 <= stopped_at < 8, 'the run was not interrupted part-way'
+  assert 'SIGTERM: saved step' in out + err
+  resumed = subprocess.run(_train_cmd(workdir, *flags), env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'resumed from {workdir}/checkpoints/{stopped_at}' in resumed.stdout + resumed.stderr
+  a, b = _params(tmp_path / 'straight'), _params(workdir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  flags = ['--config.num_train_steps=3', '--config.batch_size=8', '--config.eval_every_steps=3',
+           '--config.checkpoint_every_steps=3']
+  single = subprocess.run(_train_cmd(tmp_path / 'single', *flags), env=_env(4, tmp_path),
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_cmd(tmp_path / 'multi', *flags, f'--coordinator_address=127.0.0.1:{port}',
+                 '--num_processes=2', f'--process_id={i}'),
+      env=_env(2, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  a, b = _params(tmp_path / 'single'), _params(tmp_path / 'multi')
+  assert _max_rel(a, b) <= DP_TOL
+
+
+# --- bad input: one line, before any compute --------------------------------------------------
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(batch_size=12), 'batch_size=12 is not divisible by the 8 devices'),
+    (dict(eval_batch_size=4), 'eval_batch_size=4 is not divisible by the 8 devices'),
+    ({'model.in_channels': 3}, "dataset 'synthetic_shapes' has 1-channel images but "
+     'model.in_channels=3'),
+    ({'data.name': 'image_folder', 'data.root': '/nonexistent/folder'},
+     '/nonexistent/folder: dataset folder not found'),
+    ({'data.name': 'oxford_iiit_pet'}, "dataset 'oxford_iiit_pet' is not prepared in"),
+    (dict(loss='bce', **{'model.num_classes': 3}), "loss='bce' does not fit model.num_classes=3"),
+    (dict(parallel='vmap'), "parallel='vmap': use 'shard_map' or 'pmap'"),
+    (dict(optimizer='lamb'), "unknown optimizer 'lamb'"),
+])
+def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
+  config = tiny_config(tmp_path, **overrides)
+  with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  env = _env(8, tmp_path)
+  proc = subprocess.run(_train_cmd(tmp_path / 'wd', '--config.batch_size=12'), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: batch_size=12 is not divisible')
+  proc = subprocess.run(_train_cmd(tmp_path / 'wd', '--config.modle.depth=3'), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and 'modle' in proc.stderr
+  assert not (tmp_path / 'wd').exists()

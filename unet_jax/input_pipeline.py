@@ -1,0 +1,197 @@
+"""TFDS data sources -> grain pipelines: augmentation, batching, per-process slices.
+
+The order of examples is a pure function of (seed, global position): global batch b holds
+positions [b*G, (b+1)*G) of an endless sequence of per-epoch permutations, and process p reads
+only its slice [p*L, (p+1)*L) of each global batch (L = G / processes). Augmentation randomness
+is keyed on the same global position. So 1 process x 4 devices and 2 processes x 2 devices see
+the very same global batches, and the grain iterator state (saved with each checkpoint) resumes
+the stream exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from unet_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  name: str
+  num_train: int
+  num_eval: int
+  channels: int
+  mask_values: list
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(config.data.data_dir or os.environ.get(
+      'TFDS_DATA_DIR', '~/tensorflow_datasets'))
+
+
+def _prepare(builder, process_count: int) -> None:
+  """Process 0 prepares the local builders; the others wait, then read the same files."""
+  if jax.process_index() == 0:
+    builder.download_and_prepare(file_format='array_record')
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('unet_jax: dataset prepared')
+
+
+def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]:
+  """(train source, eval source, info). Prepares built-in datasets on first use."""
+  import tensorflow_datasets as tfds
+  name = config.data.name
+  data_dir = _data_dir(config)
+  if name == 'synthetic_shapes':
+    from unet_jax.datasets.synthetic_shapes import SyntheticShapes
+    builder = SyntheticShapes(config=f'{config.data.native_size}px', data_dir=data_dir,
+                              file_format='array_record')
+    _prepare(builder, jax.process_count())
+  elif name == 'image_folder':
+    from unet_jax.datasets.image_folder import ImageFolder
+    if not config.data.root:
+      raise UserError('config.data.root is empty: set --config.data.root=/path/to/folder with '
+                      'images/ and masks/')
+    builder = ImageFolder(root=config.data.root, data_dir=data_dir, file_format='array_record')
+    _prepare(builder, jax.process_count())
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    except Exception as e:  # tfds raises several types for unknown names
+      raise UserError(f'unknown dataset {name!r} ({str(e).splitlines()[0][:120]})') from None
+    if not builder.is_prepared():
+      raise UserError(
+          f'dataset {name!r} is not prepared in {data_dir}; prepare it once (it needs TensorFlow '
+          f"and a network): pip install tensorflow && tfds build {name} "
+          f'--file_format=array_record --data_dir {data_dir}')
+  sources = builder.as_data_source()
+  train = sources[config.data.train_split]
+  evaluation = sources[config.data.eval_split]
+  first = _adapt(config, train[0])
+  mask_values = list(builder.info.metadata.get('mask_values', [])) if builder.info.metadata \
+      else []
+  if not mask_values:
+    mask_values = list(range(config.model.num_classes if config.model.num_classes > 1 else 2))
+  info = DataInfo(name=name, num_train=len(train), num_eval=len(evaluation),
+                  channels=first['image'].shape[-1], mask_values=mask_values)
+  return train, evaluation, info
+
+
+def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """A source record -> {'image': uint8 HxWxC, 'mask': uint8 HxW class ids}."""
+  image = np.asarray(record[config.data.image_key])
+  mask = np.asarray(record[config.data.mask_key])
+  if mask.ndim == 3:
+    mask = mask[..., 0]
+  if image.ndim == 2:
+    image = image[..., None]
+  if config.data.mask_offset:
+    mask = mask.astype(np.int32) - config.data.mask_offset
+  return {'image': image, 'mask': mask.astype(np.uint8)}
+
+
+def _resize(array: np.ndarray, size: int, resample: int) -> np.ndarray:
+  from PIL import Image
+  if array.shape[0] == size and array.shape[1] == size:
+    return array
+  if array.ndim == 3 and array.shape[-1] == 1:
+    return _resize(array[..., 0], size, resample)[..., None]
+  return np.asarray(Image.fromarray(array).resize((size, size), resample))
+
+
+def preprocess(example: dict[str, np.ndarray], image_size: int,
+               rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
+               ) -> dict[str, np.ndarray]:
+  """Random scale-crop and flips (when `rng` is given), resize, scale to [0, 1]."""
+  from PIL import Image
+  image, mask = example['image'], example['mask']
+  if rng is not None and aug is not None:
+    h, w = mask.shape
+    scale = rng.uniform(aug.min_scale, 1.0)
+    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    image, mask = image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
+    if aug.flip_horizontal and rng.random() < 0.5:
+      image, mask = image[:, ::-1], mask[:, ::-1]
+    if aug.flip_vertical and rng.random() < 0.5:
+      image, mask = image[::-1], mask[::-1]
+    image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
+  image = _resize(image, image_size, Image.BILINEAR)
+  mask = _resize(mask, image_size, Image.NEAREST)
+  return {'image': image.astype(np.float32) / 255.0, 'mask': mask.astype(np.int32)}
+
+
+class _Permutations:
+  """Per-epoch permutations of the training set, a pure function of (seed, epoch)."""
+
+  def __init__(self, n: int, seed: int):
+    self.n, self.seed = n, seed
+
+  @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs, freed with the pipeline
+  def __call__(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+
+class _TrainExample(grain.transforms.Map):
+  def __init__(self, source, config, process_index: int, process_count: int):
+    self.source, self.config = source, config
+    self.global_batch = config.batch_size
+    self.local_batch = config.batch_size // process_count
+    self.process_index = process_index
+    self.permutations = _Permutations(len(source), config.seed)
+
+  def map(self, j: int) -> dict[str, np.ndarray]:
+    g = (j // self.local_batch) * self.global_batch + self.process_index * self.local_batch \
+        + j % self.local_batch
+    epoch, pos = divmod(g, len(self.source))
+    record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
+    rng = np.random.default_rng([self.config.seed, 1, g])
+    return preprocess(record, self.config.image_size, rng, self.config.augment)
+
+
+class _EvalExample(grain.transforms.Map):
+  def __init__(self, source, config, global_batch: int, process_index: int, process_count: int):
+    self.source, self.config = source, config
+    self.global_batch, self.local_batch = global_batch, global_batch // process_count
+    self.process_index = process_index
+
+  def map(self, j: int) -> dict[str, np.ndarray]:
+    g = (j // self.local_batch) * self.global_batch + self.process_index * self.local_batch \
+        + j % self.local_batch
+    valid = g < len(self.source)  # the last global batch is padded with repeats, weighted 0
+    record = _adapt(self.config, self.source[min(g, len(self.source) - 1)])
+    out = preprocess(record, self.config.image_size, None, None)
+    out['valid'] = np.asarray(valid)
+    return out
+
+
+def train_dataset(source, config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """Endless-enough stream of this process's slices of global training batches."""
+  pc, pi = jax.process_count(), jax.process_index()
+  local_batch = config.batch_size // pc
+  ds = grain.MapDataset.range(config.num_train_steps * local_batch)
+  ds = ds.map(_TrainExample(source, config, pi, pc)).batch(local_batch, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
+                                            prefetch_buffer_size=2 * local_batch))
+  if config.data.worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+  return it
+
+
+def eval_dataset(source, config: ml_collections.ConfigDict) -> grain.MapDataset:
+  """This process's slices of the eval batches; the last one padded and marked by `valid`."""
+  pc, pi = jax.process_count(), jax.process_index()
+  global_batch = config.eval_batch_size or config.batch_size
+  local_batch = global_batch // pc
+  num_batches = -(-len(source) // global_batch)
+  ds = grain.MapDataset.range(num_batches * local_batch)
+  return ds.map(_EvalExample(source, config, global_batch, pi, pc)).batch(local_batch)

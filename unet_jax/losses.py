@@ -1,0 +1,99 @@
+"""Segmentation losses (BCE or softmax CE, plus soft Dice) and metrics (Dice, IoU, accuracy).
+
+Labels are integer class ids (N, H, W). With one output channel the model is binary (logit of
+the foreground); with K channels it is K-way softmax. Metrics are computed per image and then
+averaged, with the convention that a class absent from both truth and prediction scores 1 (an
+empty mask predicted as empty is a perfect answer, not a 0/0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_EPS = 1.0  # additive smoothing of the soft Dice, in pixels
+
+
+def probabilities_and_targets(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(probabilities, one-hot targets), both (N, H, W, C'), C' = classes that are scored."""
+  if logits.shape[-1] == 1:
+    return jax.nn.sigmoid(logits), (labels[..., None] == 1).astype(jnp.float32)
+  k = logits.shape[-1]
+  return jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels, k, dtype=jnp.float32)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean BCE-with-logits (1 channel) or softmax cross-entropy (K channels)."""
+  logits = logits.astype(jnp.float32)
+  if logits.shape[-1] == 1:
+    return optax.sigmoid_binary_cross_entropy(logits[..., 0], (labels == 1).astype(jnp.float32)
+                                              ).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """1 - soft Dice, per image and class, averaged; smoothed so empty masks are well defined."""
+  probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels)
+  inter = (probs * targets).sum(axis=(1, 2))
+  denom = probs.sum(axis=(1, 2)) + targets.sum(axis=(1, 2))
+  return 1.0 - ((2 * inter + _EPS) / (denom + _EPS)).mean()
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float,
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  ce = cross_entropy(logits, labels)
+  dice = soft_dice_loss(logits, labels)
+  loss = ce + dice_weight * dice
+  return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
+
+
+def predict_classes(logits: jax.Array) -> jax.Array:
+  """Class ids: threshold 0 on the logit (probability 0.5) for 1 channel, argmax otherwise."""
+  if logits.shape[-1] == 1:
+    return (logits[..., 0] > 0).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def per_image_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Dice, IoU and pixel accuracy per image and scored class, each (N, C').
+
+  For binary models the scored class is the foreground; for K classes, all K.
+  """
+  pred = predict_classes(logits)
+  classes = jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
+  p = pred[..., None] == classes
+  t = labels[..., None] == classes
+  tp = (p & t).sum(axis=(1, 2)).astype(jnp.float32)
+  fp = (p & ~t).sum(axis=(1, 2)).astype(jnp.float32)
+  fn = (~p & t).sum(axis=(1, 2)).astype(jnp.float32)
+  empty = (tp + fp + fn) == 0
+  dice = jnp.where(empty, 1.0, 2 * tp / jnp.maximum(2 * tp + fp + fn, 1))
+  iou = jnp.where(empty, 1.0, tp / jnp.maximum(tp + fp + fn, 1))
+  # Per-class pixel accuracy is recall: of this class's pixels, the share labelled right.
+  acc = jnp.where(tp + fn == 0, 1.0, tp / jnp.maximum(tp + fn, 1))
+  overall = (pred == labels).mean(axis=(1, 2))
+  return {'dice': dice, 'iou': iou, 'class_accuracy': acc, 'pixel_accuracy': overall}
+
+
+def summed_eval_metrics(logits: jax.Array, labels: jax.Array, valid: jax.Array,
+                        ) -> dict[str, jax.Array]:
+  """Sums over the valid images of each score (and the count), ready to psum and divide."""
+  scores = per_image_scores(logits, labels)
+  w = valid.astype(jnp.float32)
+  out = {'count': w.sum(), 'pixel_accuracy': (scores['pixel_accuracy'] * w).sum()}
+  for name in ('dice', 'iou', 'class_accuracy'):
+    out[name] = (scores[name] * w[:, None]).sum(axis=0)  # per class
+  return out
+
+
+def finalize_eval_metrics(sums: dict[str, jax.Array]) -> dict[str, float]:
+  """Means over images; `dice`, `iou`, `class_accuracy` also averaged over scored classes."""
+  count = float(sums['count'])
+  out: dict[str, float] = {'pixel_accuracy': float(sums['pixel_accuracy']) / count}
+  for name in ('dice', 'iou', 'class_accuracy'):
+    per_class = [float(v) / count for v in sums[name]]
+    out[name] = sum(per_class) / len(per_class)
+    if len(per_class) > 1:
+      out.update({f'{name}_class{c}': v for c, v in enumerate(per_class)})
+  return out

@@ -1,0 +1,93 @@
+"""What a training run shows: metrics.jsonl, TensorBoard events, sample PNGs, a progress bar.
+
+Only process 0 writes. TensorBoard files come from tensorboardX, so `tensorboard --logdir
+WORKDIR` reads them without TensorFlow installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+class Reporter:
+  def __init__(self, workdir: str, total_steps: int, start_step: int, images_per_step: int,
+               enabled: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    self.images_per_step = images_per_step
+    self._bar = None
+    self._tb = None
+    self._last_time, self._last_step = time.perf_counter(), start_step
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+    self._tb = SummaryWriter(workdir, flush_secs=30)
+    self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                     smoothing=0.1)
+
+  def step(self, step: int) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def throughput(self, step: int) -> float:
+    now = time.perf_counter()
+    rate = (step - self._last_step) * self.images_per_step / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    return rate
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """One JSON object per logged step; eval metrics arrive already prefixed with `eval_`."""
+    if not self.enabled or not metrics:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, **clean}) + '\n')
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    if self._bar is not None:
+      shown = {k: clean[k] for k in ('loss', 'images_per_sec', 'eval_dice') if k in clean}
+      self._bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()}, refresh=False)
+
+  def samples(self, step: int, images: np.ndarray, truth: np.ndarray, pred: np.ndarray,
+              num_classes: int) -> str | None:
+    """A PNG with one row per example: image | truth | prediction."""
+    if not self.enabled or len(images) == 0:
+      return None
+    from PIL import Image
+    levels = max(num_classes, 2) - 1
+    rows = []
+    for img, t, p in zip(images, truth, pred, strict=True):
+      img = np.clip(img * 255, 0, 255).astype(np.uint8)
+      img = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
+      def colour(m):
+        return np.repeat((m * (255 // levels)).astype(np.uint8)[..., None], 3, -1)
+      sep = np.full((img.shape[0], 2, 3), 128, np.uint8)
+      rows.append(np.concatenate([img, sep, colour(t), sep, colour(p)], axis=1))
+    grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 128, np.uint8)])
+                           for r in rows])
+    path = os.path.join(self.workdir, 'samples', f'step_{step:07d}.png')
+    Image.fromarray(grid).save(path)
+    self._tb.add_image('samples', grid, step, dataformats='HWC')
+    return path
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()

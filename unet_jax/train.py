@@ -1,0 +1,272 @@
+"""Training: TrainState, the per-device train and eval steps, and the loop.
+
+    from unet_jax.train import train_and_evaluate
+    train_and_evaluate(config, workdir)
+
+The steps are written once, per device, binding the mesh axis `data`; `parallel.distribute` runs
+them under shard_map (default) or pmap. BatchNorm statistics, gradients and metrics are averaged
+over all devices, so any device count computes what one device computes on the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from unet_jax import input_pipeline, losses, parallel
+from unet_jax.checkpoint import model_config
+from unet_jax.errors import UserError
+from unet_jax.model import UNet
+from unet_jax.reporting import Reporter
+from unet_jax.train_checkpoints import TrainCheckpoints
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def build_model(config: ml_collections.ConfigDict, axis_name: str | None) -> UNet:
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  if config.schedule == 'constant':
+    return optax.constant_schedule(config.learning_rate)
+  if config.schedule == 'cosine':
+    warmup = min(config.warmup_steps, max(config.num_train_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, max(warmup, 1), max(config.num_train_steps, warmup + 1),
+        end_value=config.learning_rate * 0.01)
+  raise UserError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  lr = learning_rate_schedule(config)
+  if config.optimizer == 'adam':
+    return optax.adam(lr)
+  if config.optimizer == 'adamw':
+    return optax.adamw(lr, weight_decay=config.weight_decay)
+  if config.optimizer == 'sgd':
+    return optax.sgd(lr, momentum=0.9)
+  raise UserError(f"unknown optimizer {config.optimizer!r}; use 'adam', 'adamw' or 'sgd'")
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: UNet,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+  """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice."""
+  tx = make_optimizer(config)
+  shape = (1, config.image_size, config.image_size, config.model.in_channels)
+
+  def init(rng):
+    init_model = model.clone(axis_name=None)  # init runs outside any mapped axis
+    variables = init_model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables['batch_stats'])
+
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
+               dice_weight: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on this device's share of the global batch (per-device code)."""
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                  batch['image'], train=True, mutable=['batch_stats'])
+    loss, metrics = losses.segmentation_loss(logits, batch['mask'], dice_weight=dice_weight)
+    return loss, (metrics, updates['batch_stats'])
+
+  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  metrics = jax.lax.pmean(metrics, parallel.AXIS)
+  # batch_stats are already identical on every device: BatchNorm averaged over the axis.
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
+              ) -> dict[str, jax.Array]:
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'], train=False)
+  return jax.lax.psum(losses.summed_eval_metrics(logits, batch['mask'], batch['valid']),
+                      parallel.AXIS)
+
+
+def _local(x: jax.Array) -> np.ndarray:
+  """The value of a replicated array, from this process's first copy (multi-process safe)."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, Any]]:
+  """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary."""
+  flag: dict[str, Any] = {'signal': None}
+
+  def handler(signum, frame):
+    del frame
+    flag['signal'] = signal.Signals(signum).name
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Checks that need no data: each failure is one line naming the field."""
+  parallel.check_batch_size(config.batch_size, mesh)
+  if config.eval_batch_size:
+    parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  if config.parallel not in ('shard_map', 'pmap'):
+    raise UserError(f"parallel={config.parallel!r}: use 'shard_map' or 'pmap'")
+  nc = config.model.num_classes
+  if config.loss not in ('auto', 'bce', 'ce'):
+    raise UserError(f"loss={config.loss!r}: use 'bce', 'ce' or 'auto'")
+  if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
+    raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
+                    'output channel, softmax CE two or more')
+  if config.model.upsample not in ('transpose', 'bilinear'):
+    raise UserError(f"model.upsample={config.model.upsample!r}: use 'transpose' or 'bilinear'")
+  if config.image_size < 2**config.model.depth:
+    raise UserError(f'image_size={config.image_size} is below 2**model.depth='
+                    f'{2**config.model.depth}')
+  for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[field] < 1:
+      raise UserError(f'{field}={config[field]} must be at least 1')
+  learning_rate_schedule(config)
+  make_optimizer(config)
+
+
+def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> None:
+  if info.channels != config.model.in_channels:
+    raise UserError(f'dataset {info.name!r} has {info.channels}-channel images but '
+                    f'model.in_channels={config.model.in_channels}; set '
+                    f'--config.model.in_channels={info.channels}')
+  classes = max(config.model.num_classes, 2)
+  if len(info.mask_values) > classes:
+    raise UserError(f'dataset {info.name!r} masks hold {len(info.mask_values)} values '
+                    f'{info.mask_values[:8]} but model.num_classes={config.model.num_classes}; '
+                    f'set --config.model.num_classes={len(info.mask_values)}')
+  if info.num_train < config.batch_size // jax.process_count():
+    raise UserError(f'dataset {info.name!r} has {info.num_train} training examples, fewer than '
+                    f'one batch ({config.batch_size}); lower --config.batch_size')
+
+
+def evaluate(p_eval, state, eval_ds, mesh) -> dict[str, float]:
+  sums = None
+  for batch in eval_ds:
+    out = p_eval(state, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return losses.finalize_eval_metrics(jax.tree.map(_local, sums))
+
+
+def _sample_predictions(config, model: UNet, state, eval_source) -> tuple[np.ndarray, ...]:
+  n = min(config.num_sample_images, len(eval_source))
+  examples = [input_pipeline.preprocess(input_pipeline._adapt(config, eval_source[i]),
+                                        config.image_size, None, None) for i in range(n)]
+  images = np.stack([e['image'] for e in examples])
+  truth = np.stack([e['mask'] for e in examples])
+  variables = {'params': jax.tree.map(_local, state.params),
+               'batch_stats': jax.tree.map(_local, state.batch_stats)}
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  return images, truth, np.asarray(losses.predict_classes(logits))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from WORKDIR's latest checkpoint if any); returns the last eval metrics."""
+  workdir = os.path.abspath(workdir)
+  mesh = parallel.make_mesh()
+  validate_config(config, mesh)
+  train_source, eval_source, info = input_pipeline.load_sources(config)
+  validate_data(config, info)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+
+  train_model = build_model(config, axis_name=parallel.AXIS)
+  eval_model = build_model(config, axis_name=None)
+  state = create_train_state(config, train_model, mesh)
+  train_iter = iter(input_pipeline.train_dataset(train_source, config))
+  eval_ds = input_pipeline.eval_dataset(eval_source, config)
+  checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
+  meta = {'model': model_config(train_model),
+          'metadata': {'mask_values': info.mask_values, 'dataset': info.name},
+          'config': config.to_dict()}
+
+  start = checkpoints.latest_step() or 0
+  if start:
+    state = checkpoints.restore(start, jax.eval_shape(lambda s: s, state), train_iter)
+    start = int(_local(state.step))
+
+  p_train = parallel.distribute(
+      functools.partial(train_step, model=train_model, dice_weight=config.dice_weight),
+      mesh, config.parallel)
+  p_eval = parallel.distribute(functools.partial(eval_step, model=eval_model), mesh,
+                               config.parallel, donate_state=False)
+  schedule = learning_rate_schedule(config)
+  reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
+  if start:
+    reporter.message(f'resumed from {checkpoints.directory}/{start}')
+  if start >= config.num_train_steps:
+    reporter.message(f'already trained for {start} steps (num_train_steps='
+                     f'{config.num_train_steps}); nothing to do')
+
+  eval_metrics: dict[str, float] = {}
+  pending: list[dict[str, jax.Array]] = []
+  step = start
+  t0 = time.perf_counter()
+  with _stop_on_signals() as stop:
+    for step in range(start + 1, config.num_train_steps + 1):
+      state, metrics = p_train(state, next(train_iter))
+      pending.append(metrics)
+      if step == start + 1 and is_main:
+        jax.block_until_ready(metrics)
+        reporter.message(f'first step (with compilation) took {time.perf_counter() - t0:.1f}s')
+      reporter.step(step)
+      last = step == config.num_train_steps
+      row: dict[str, float] = {}
+      if step % config.log_every_steps == 0 or last:
+        summed = jax.tree.map(lambda *xs: sum(_local(x) for x in xs) / len(xs), *pending)
+        pending = []
+        row.update({k: float(v) for k, v in summed.items()})
+        row['learning_rate'] = float(schedule(step - 1))
+        row['images_per_sec'] = reporter.throughput(step)
+      saved_metrics = None
+      if step % config.eval_every_steps == 0 or last:
+        eval_metrics = evaluate(p_eval, state, eval_ds, mesh)
+        saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
+        row.update(saved_metrics)
+        if is_main:
+          reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
+                           num_classes=config.model.num_classes)
+      reporter.write(step, row)
+      if step % config.checkpoint_every_steps == 0 or last or stop['signal']:
+        checkpoints.save(step, state, train_iter, meta, saved_metrics)
+      if stop['signal']:
+        reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
+                         'rerun the same command to resume')
+        break
+  checkpoints.wait()
+  checkpoints.close()
+  reporter.close()
+  if is_main and step >= config.num_train_steps:
+    print(f'checkpoint: {checkpoints.directory}/{step}\n'
+          f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)
+  return eval_metrics

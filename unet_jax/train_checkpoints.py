@@ -1,0 +1,93 @@
+"""Training checkpoints: Orbax CheckpointManager over WORKDIR/checkpoints/<step>/.
+
+Each step directory holds three items: `state` (params, optimizer state, batch_stats, step),
+`data` (each process's grain iterator state) and `meta` (model config, mask values, run config).
+Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so
+a step directory that exists is whole. Kept: the latest `keep` and the best by eval Dice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+CHECKPOINTS_DIR = 'checkpoints'
+BEST_METRIC = 'eval_dice'
+
+
+def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions:
+  return ocp.CheckpointManagerOptions(
+      preservation_policy=policies.AnyPreservationPolicy([
+          policies.LatestN(keep),
+          policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+                         keep_checkpoints_without_metrics=False),
+      ]),
+      enable_async_checkpointing=not read_only,
+      create=not read_only,
+      read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
+  )
+
+
+class TrainCheckpoints:
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+    self._manager = ocp.CheckpointManager(self.directory, options=_options(keep),
+                                          item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)),
+        metrics=metrics if metrics and BEST_METRIC in metrics else None, force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored['state']
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def read_workdir(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict]:
+  """(step, {'params', 'batch_stats'}, meta) of a training workdir's latest (or given) step.
+
+  Restores onto this process's first device whatever topology the run had (a multi-process
+  run's checkpoint loads in a single process).
+  """
+  import jax
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR),
+      options=_options(1, read_only=True),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'{workdir}: no complete checkpoint in {CHECKPOINTS_DIR}/')
+    tree = manager.item_metadata(step)['state'].tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  state = restored['state']
+  return step, {'params': state['params'], 'batch_stats': state['batch_stats']}, restored['meta']
