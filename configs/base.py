@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 64
   config.batch_size = 16         # global, over all devices and processes
   config.eval_batch_size = 0     # 0 -> batch_size
-  config.num_train_steps = 1000
+  config.num_train_steps = 500
 
   config.optimizer = 'adam'      # 'adam', 'adamw' or 'sgd' (momentum 0.9)
   config.learning_rate = 3e-3
@@ -48,8 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.half_precision = False  # bfloat16 compute, float32 params and BatchNorm statistics
 
   config.log_every_steps = 50
-  config.eval_every_steps = 250
-  config.checkpoint_every_steps = 250
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 100
   config.keep_checkpoints = 2
   config.num_sample_images = 4   # held-out examples drawn in each eval PNG
   config.seed = 0

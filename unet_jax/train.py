@@ -265,6 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
   checkpoints.wait()
   checkpoints.close()
+  if hasattr(train_iter, 'close'):
+    train_iter.close()  # stops grain's worker processes and frees their shared memory
   reporter.close()
   if is_main and step >= config.num_train_steps:
     print(f'checkpoint: {checkpoints.directory}/{step}\n'

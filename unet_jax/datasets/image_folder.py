@@ -133,8 +133,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(None, None, self._channels), dtype=np.uint8),
-            'mask': tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8),
+            'image': tfds.features.Tensor(shape=(None, None, self._channels), dtype=np.uint8,
+                                          encoding='zlib'),
+            'mask': tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding='zlib'),
         }),
         metadata=tfds.core.MetadataDict(mask_values=self._mask_values, root=self._root),
     )

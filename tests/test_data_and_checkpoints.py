@@ -1,0 +1,101 @@
+"""The image-folder dataset, the data order contract, and checkpoint retention."""
+
+import os
+
+import grain
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from test_train import tiny_config
+
+from unet_jax import train
+from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax.datasets.image_folder import find_pairs, scan
+from unet_jax.errors import UserError
+from unet_jax.input_pipeline import _TrainExample
+from unet_jax.train_checkpoints import TrainCheckpoints
+
+COLOURS = [(0, 0, 0), (255, 0, 0), (0, 128, 255)]
+
+
+def make_folder(root, n=12, size=(24, 20), rgb_masks=True):
+  os.makedirs(root / 'images'), os.makedirs(root / 'masks')
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    mask = np.zeros(size[::-1], np.uint8)
+    mask[rng.integers(0, 10):, rng.integers(0, 10):] = 1
+    mask[:4, :4] = 2
+    image = (rng.random(size[::-1] + (3,)) * 80 + mask[..., None] * 60).astype(np.uint8)
+    Image.fromarray(image).save(root / 'images' / f'im{i:02d}.jpg' if i % 2 else
+                                root / 'images' / f'im{i:02d}.png')
+    m = np.array(COLOURS, np.uint8)[mask] if rgb_masks else mask * 100
+    Image.fromarray(m).save(root / 'masks' / f'im{i:02d}.png')
+
+
+def test_image_folder_trains_and_keeps_the_mask_mapping(tmp_path):
+  make_folder(tmp_path / 'data')
+  config = tiny_config(tmp_path, **{'data.name': 'image_folder', 'data.root': str(
+      tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8,
+      'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2})
+  metrics = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert {'dice_class0', 'dice_class1', 'dice_class2'} <= set(metrics)
+  _, _, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
+  # Sorted by 0xRRGGBB: black, (0,128,255), red.
+  assert meta['mask_values'] == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
+
+
+def test_image_folder_gray_masks_and_holdout(tmp_path):
+  make_folder(tmp_path / 'd', n=11, rgb_masks=False)
+  splits, values, channels = scan(str(tmp_path / 'd'))
+  assert values == [0, 100, 200] and channels == 3
+  assert len(splits['test']) == 2 and len(splits['train']) == 9
+
+
+@pytest.mark.parametrize('breakage,message', [
+    (lambda r: os.remove(r / 'masks' / 'im03.png'), 'im03.jpg: has no mask'),
+    (lambda r: os.remove(r / 'images' / 'im04.png'), 'im04.png: has no image'),
+    (lambda r: Image.fromarray(np.zeros((5, 5), np.uint8)).save(r / 'masks' / 'im05.png'),
+     'im05.png: mask is 5x5 but its image is 24x20'),
+    (lambda r: (r / 'images' / 'im06.png').write_bytes(b'not an image'),
+     'im06.png: cannot read it as an image'),
+])
+def test_image_folder_errors_name_the_file(tmp_path, breakage, message):
+  make_folder(tmp_path / 'd')
+  breakage(tmp_path / 'd')
+  with pytest.raises(UserError, match=message):
+    scan(str(tmp_path / 'd'))
+
+
+def test_empty_folder(tmp_path):
+  os.makedirs(tmp_path / 'd' / 'images'), os.makedirs(tmp_path / 'd' / 'masks')
+  with pytest.raises(UserError, match='no PNG/JPEG/TIFF images found'):
+    find_pairs(str(tmp_path / 'd'))
+
+
+def test_each_process_reads_its_slice_of_the_same_global_batches(tmp_path):
+  """2 processes' slices, concatenated, are the 1-process batch, augmentation included."""
+  config = tiny_config(tmp_path, batch_size=8)
+  source = [{'image': np.full((16, 16, 1), i, np.uint8), 'mask': np.zeros((16, 16, 1), np.uint8)}
+            for i in range(20)]
+  one = _TrainExample(source, config, 0, 1)
+  two = [_TrainExample(source, config, p, 2) for p in range(2)]
+  for batch in range(5):                         # crosses an epoch boundary (20 examples)
+    whole = [one.map(batch * 8 + j)['image'] for j in range(8)]
+    parts = [two[p].map(batch * 4 + j)['image'] for p in range(2) for j in range(4)]
+    for a, b in zip(whole, parts, strict=True):
+      np.testing.assert_array_equal(a, b)
+  epoch0 = sorted(int(one.map(j)['image'].max() * 255 + 0.5) for j in range(20))
+  assert len(set(epoch0)) > 10  # a permutation, not one example repeated
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path):
+  ckpts = TrainCheckpoints(str(tmp_path), keep=1)
+  state = {'w': jax.numpy.zeros(3)}
+
+  iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+  for step, dice in [(1, 0.5), (2, 0.9), (3, 0.3), (4, None)]:
+    ckpts.save(step, state, iterator, {'m': 1}, None if dice is None else {'eval_dice': dice})
+  ckpts.wait()
+  assert sorted(int(d) for d in os.listdir(ckpts.directory) if d.isdigit()) == [2, 4]
+  ckpts.close()

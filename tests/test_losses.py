@@ -1,0 +1,58 @@
+"""Losses against PyTorch's, and metrics on cases worked out by hand (empty masks included)."""
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unet_jax import losses
+
+
+def test_bce_and_ce_match_torch():
+  logits = np.random.randn(2, 5, 6, 1).astype(np.float32) * 3
+  labels = (np.random.rand(2, 5, 6) > 0.5).astype(np.int32)
+  want = F.binary_cross_entropy_with_logits(torch.tensor(logits[..., 0]),
+                                            torch.tensor(labels, dtype=torch.float32))
+  np.testing.assert_allclose(losses.cross_entropy(jnp.asarray(logits), labels), want, rtol=1e-6)
+  logits = np.random.randn(2, 5, 6, 4).astype(np.float32) * 3
+  labels = np.random.randint(0, 4, (2, 5, 6))
+  want = F.cross_entropy(torch.tensor(logits).permute(0, 3, 1, 2), torch.tensor(labels))
+  np.testing.assert_allclose(losses.cross_entropy(jnp.asarray(logits), labels), want, rtol=1e-6)
+
+
+def test_soft_dice_loss_is_zero_for_confident_right_answers_and_empty_masks():
+  labels = np.zeros((2, 4, 4), np.int32)
+  labels[0, :2] = 1                     # image 1 has no foreground at all
+  logits = np.where(labels == 1, 50.0, -50.0)[..., None].astype(np.float32)
+  assert float(losses.soft_dice_loss(jnp.asarray(logits), labels)) < 1e-6
+  wrong = -logits
+  assert float(losses.soft_dice_loss(jnp.asarray(wrong), labels)) > 0.45
+
+
+def test_metrics_by_hand_binary():
+  labels = np.zeros((3, 2, 4), np.int32)
+  pred = np.zeros((3, 2, 4), np.int32)
+  labels[0, 0, :2] = 1
+  pred[0, 0, 1:3] = 1                         # image 0: tp=1 fp=1 fn=1 -> dice 0.5, iou 1/3
+  # image 1: empty truth, empty prediction -> perfect
+  pred[2, 1, 0] = 1                           # image 2: empty truth, one false positive -> 0
+  logits = np.where(pred == 1, 3.0, -3.0)[..., None].astype(np.float32)
+  s = losses.per_image_scores(jnp.asarray(logits), labels)
+  np.testing.assert_allclose(s['dice'][:, 0], [0.5, 1.0, 0.0])
+  np.testing.assert_allclose(s['iou'][:, 0], [1 / 3, 1.0, 0.0])
+  np.testing.assert_allclose(s['pixel_accuracy'], [6 / 8, 1.0, 7 / 8])
+  sums = losses.summed_eval_metrics(jnp.asarray(logits), labels, np.array([1, 1, 0]))
+  final = losses.finalize_eval_metrics(sums)
+  assert abs(final['dice'] - 0.75) < 1e-6   # padded image 2 is not counted
+  assert abs(final['pixel_accuracy'] - (6 / 8 + 1) / 2) < 1e-6
+
+
+def test_metrics_multiclass_report_per_class():
+  labels = np.array([[[0, 1, 2, 2]]])
+  logits = np.eye(3, dtype=np.float32)[np.array([[[0, 1, 2, 1]]])] * 5
+  final = losses.finalize_eval_metrics(losses.summed_eval_metrics(jnp.asarray(logits), labels,
+                                                                  np.array([1])))
+  assert final['dice_class0'] == 1.0
+  assert abs(final['dice_class1'] - 2 / 3) < 1e-6 and abs(final['dice_class2'] - 2 / 3) < 1e-6
+  assert abs(final['dice'] - (1 + 4 / 3) / 3) < 1e-6
+  assert final['pixel_accuracy'] == 0.75
