@@ -14,7 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       in_channels=1, num_classes=1, base_features=16, depth=4, upsample='transpose',
-      conv_bias=False))
+      conv_bias=False,
+      # Speed levers: same numbers either way (see README, "Benchmarks").
+      transpose_conv='gemm',     # or 'xla'
+      conv_weight_grad='banded',  # or 'xla'
+      remat=False,               # recompute activations in backward: less memory, same result
+  ))
 
   config.data = ml_collections.ConfigDict(dict(
       name='synthetic_shapes',   # or 'image_folder', or a TFDS catalog name
