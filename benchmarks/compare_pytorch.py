@@ -91,6 +91,9 @@ def run_jax(args, project: bool) -> dict:
     config = base.get_config()
     config.model.in_channels, config.model.num_classes = args.in_channels, args.num_classes
     config.model.base_features = args.base_features
+    config.model.transpose_conv = args.transpose_conv
+    config.model.conv_weight_grad = args.conv_weight_grad
+    config.model.remat = args.remat
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -112,7 +115,9 @@ def run_jax(args, project: bool) -> dict:
       s = holder['state']
       return float(eval_fn({'params': s.params, 'batch_stats': s.batch_stats}, x))
   else:
-    model = UNet(args.in_channels, args.num_classes, base_features=args.base_features)
+    model = UNet(args.in_channels, args.num_classes, base_features=args.base_features,
+                 transpose_conv=args.transpose_conv, conv_weight_grad=args.conv_weight_grad,
+                 remat=args.remat)
     variables = model.init(jax.random.key(0), jnp.zeros((1, args.size, args.size,
                                                          args.in_channels)), train=False)
     tx = optax.adam(1e-4)
@@ -161,7 +166,8 @@ def _spawn(side: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', side, '--size', str(args.size),
          '--batch', str(args.batch), '--steps', str(args.steps), '--in_channels',
          str(args.in_channels), '--num_classes', str(args.num_classes), '--base_features',
-         str(args.base_features)]
+         str(args.base_features), '--transpose_conv', args.transpose_conv,
+         '--conv_weight_grad', args.conv_weight_grad] + (['--remat'] if args.remat else [])
   out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
   lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
   if out.returncode != 0 or not lines:
@@ -179,6 +185,10 @@ def main() -> None:
   p.add_argument('--num_classes', type=int, default=1)
   p.add_argument('--base_features', type=int, default=64)
   p.add_argument('--sides', default=','.join(SIDES))
+  # The speed levers of unet_jax.UNet (jax sides only), to measure each on its own.
+  p.add_argument('--transpose_conv', default='gemm', choices=('gemm', 'xla'))
+  p.add_argument('--conv_weight_grad', default='banded', choices=('banded', 'xla'))
+  p.add_argument('--remat', action='store_true')
   p.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
@@ -205,7 +215,9 @@ def main() -> None:
     }
   ref = rows.get('torch')
   print(f'\n{args.batch}x{args.in_channels}x{args.size}x{args.size}, base_features='
-        f'{args.base_features}, Adam, float32, medians of {args.repeats} alternating rounds')
+        f'{args.base_features}, Adam, float32, medians of {args.repeats} alternating rounds; '
+        f'jax levers: transpose_conv={args.transpose_conv}, conv_weight_grad='
+        f'{args.conv_weight_grad}, remat={args.remat}')
   header = f'{"side":<12} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} ' \
            f'{"peak RSS MB":>12}'
   print(header)
@@ -225,6 +237,8 @@ def main() -> None:
       print(f'{side} / torch: train {ratios[side]["train_ratio"]:.2f}x, eval '
             f'{ratios[side]["eval_ratio"]:.2f}x, peak RSS {ratios[side]["peak_rss_ratio"]:.2f}x')
   print(json.dumps({'shape': [args.batch, args.in_channels, args.size, args.size],
+                    'levers': {'transpose_conv': args.transpose_conv,
+                               'conv_weight_grad': args.conv_weight_grad, 'remat': args.remat},
                     'base_features': args.base_features, 'repeats': args.repeats,
                     'results': rows, 'ratios_vs_torch': ratios}))
 
