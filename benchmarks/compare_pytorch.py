@@ -69,7 +69,7 @@ def run_torch(args) -> dict:
   train_step()
   first = time.perf_counter() - t
   return {'first_step_s': first, 'train_step_s': _timed(train_step, args.steps),
-          'eval_step_s': _timed(eval_step, args.steps)}
+          'eval_step_s': _timed(eval_step, args.steps) if not args.train_only else None}
 
 
 def run_jax(args, project: bool) -> dict:
@@ -149,6 +149,9 @@ def run_jax(args, project: bool) -> dict:
   t = time.perf_counter()
   train_step()
   first = time.perf_counter() - t
+  if args.train_only:
+    return {'first_step_s': first, 'train_step_s': _timed(train_step, args.steps),
+            'eval_step_s': None}
   eval_step()  # compile outside the timing
   return {'first_step_s': first, 'train_step_s': _timed(train_step, args.steps),
           'eval_step_s': _timed(eval_step, args.steps)}
@@ -167,7 +170,8 @@ def _spawn(side: str, args) -> dict:
          '--batch', str(args.batch), '--steps', str(args.steps), '--in_channels',
          str(args.in_channels), '--num_classes', str(args.num_classes), '--base_features',
          str(args.base_features), '--transpose_conv', args.transpose_conv,
-         '--conv_weight_grad', args.conv_weight_grad] + (['--remat'] if args.remat else [])
+         '--conv_weight_grad', args.conv_weight_grad] + (['--remat'] if args.remat else []) \
+      + (['--train_only'] if getattr(args, 'train_only', False) else [])
   out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
   lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
   if out.returncode != 0 or not lines:
@@ -189,6 +193,7 @@ def main() -> None:
   p.add_argument('--transpose_conv', default='gemm', choices=('gemm', 'xla'))
   p.add_argument('--conv_weight_grad', default='banded', choices=('banded', 'xla'))
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
