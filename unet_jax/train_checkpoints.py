@@ -73,6 +73,10 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
   run's checkpoint loads in a single process).
   """
   import jax
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
+  # Orbax warns that the `data` item is not restored: by design, it is only for resuming.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   manager = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR),
       options=_options(1, read_only=True),
@@ -89,5 +93,6 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
+    absl_logging.set_verbosity(verbosity)
   state = restored['state']
   return step, {'params': state['params'], 'batch_stats': state['batch_stats']}, restored['meta']

@@ -1,0 +1,104 @@
+"""Prediction: the array API, tiling equal to a whole-image pass, the CLI and its refusals."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_reference import SeedUNet
+
+import unet_jax
+from unet_jax import UNet
+from unet_jax.convert import torch_to_flax
+from unet_jax.predict import main, predict_logits
+
+
+def _moved_model():
+  model = UNet(base_features=4, depth=2)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 1)), train=False)
+  x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 1), np.float32))
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  return model, {**variables, **updates}
+
+
+def test_tiled_prediction_equals_whole_image():
+  model, variables = _moved_model()
+  image = np.random.default_rng(1).random((2, 160, 192, 1), np.float32)
+  whole = predict_logits(model, variables, image)
+  tiled = predict_logits(model, variables, image, tile=96, overlap=64)
+  assert np.abs(tiled - whole).max() <= 1e-4 * np.abs(whole).max()
+  np.testing.assert_array_equal(unet_jax.predict(model, variables, image, tile=96, overlap=64),
+                                unet_jax.predict(model, variables, image))
+  # Without enough overlap the seams show: the comparison above can fail.
+  seams = predict_logits(model, variables, image, tile=96, overlap=0)
+  assert np.abs(seams - whole).max() > 1e-3 * np.abs(whole).max()
+
+
+def test_predict_api_shapes_and_uint8():
+  model, variables = _moved_model()
+  img = (np.random.default_rng(2).random((37, 45, 1)) * 255).astype(np.uint8)
+  out = unet_jax.predict(model, variables, img)
+  assert out.shape == (37, 45) and out.dtype.kind == 'i'
+  with pytest.raises(unet_jax.errors.UserError, match=r'images must be \(N, H, W, 1\)'):
+    unet_jax.predict(model, variables, np.zeros((2, 32, 32, 3), np.float32))
+
+
+@pytest.fixture
+def converted(tmp_path):
+  ref = SeedUNet(1, 1, base=4, depth=2).eval()
+  state = ref.state_dict()
+  state['mask_values'] = [0, 200]
+  torch.save(state, tmp_path / 'm.pth')
+  torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'ckpt'))
+  return tmp_path / 'ckpt'
+
+
+def _write(path, array):
+  Image.fromarray(array).save(path)
+
+
+def test_cli_writes_masks_at_input_size(tmp_path, converted, capsys):
+  os.makedirs(tmp_path / 'in')
+  rng = np.random.default_rng(0)
+  _write(tmp_path / 'in' / 'a.png', (rng.random((37, 45)) * 255).astype(np.uint8))
+  _write(tmp_path / 'in' / 'b.tif', (rng.random((64, 20)) * 255).astype(np.uint8))
+  _write(tmp_path / 'c.jpg', (rng.random((30, 33)) * 255).astype(np.uint8))
+  code = main([str(tmp_path / 'in'), str(tmp_path / 'c.jpg'), '--checkpoint', str(converted),
+               '--output', str(tmp_path / 'out'), '--overlay'])
+  assert code == 0, capsys.readouterr().err
+  for stem, size in (('a', (45, 37)), ('b', (20, 64)), ('c', (33, 30))):
+    mask = Image.open(tmp_path / 'out' / f'{stem}_mask.png')
+    assert mask.size == size
+    assert set(np.unique(np.asarray(mask))) <= {0, 200}  # training mask values, not class ids
+    assert Image.open(tmp_path / 'out' / f'{stem}_overlay.png').size == size
+
+
+@pytest.mark.parametrize('setup,message', [
+    (lambda d: (d / 'x.png').write_bytes(b'garbage'), 'x.png: not an image PIL can read'),
+    (lambda d: _write(d / 'x.png', np.zeros((32, 32, 3), np.uint8)),
+     'x.png: is a colour (RGB) image but the model takes 1 channel'),
+    (lambda d: os.makedirs(d / 'empty'), 'empty: no PNG/JPEG/TIFF images in this folder'),
+    (lambda d: _write(d / 'x.png', np.zeros((3, 40), np.uint8)),
+     'x.png: 40x3 is smaller than the model\'s minimum 4x4'),
+])
+def test_cli_refusals(tmp_path, converted, capsys, setup, message):
+  os.makedirs(tmp_path / 'in')
+  setup(tmp_path / 'in')
+  target = tmp_path / 'in' / ('empty' if 'empty' in message else 'x.png')
+  code = main([str(target), '--checkpoint', str(converted), '--output', str(tmp_path / 'out')])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_cli_refuses_a_non_checkpoint(tmp_path, capsys):
+  _write(tmp_path / 'x.png', np.zeros((32, 32), np.uint8))
+  os.makedirs(tmp_path / 'notckpt')
+  code = main([str(tmp_path / 'x.png'), '--checkpoint', str(tmp_path / 'notckpt'), '--output',
+               str(tmp_path / 'out')])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and 'not a unet_jax checkpoint' in err and len(err.splitlines()) == 1
+  assert not (tmp_path / 'out').exists()

@@ -1,0 +1,216 @@
+"""Prediction on images: a Python API on arrays and a command line on files.
+
+    python -m unet_jax.predict --checkpoint WORKDIR_OR_CONVERTED img.png more/ --output masks/
+    masks = unet_jax.predict(model, variables, images)          # (N, H, W) class ids
+
+Masks come out at each input's own size: the UNet runs fully convolutionally on the whole image,
+or with `tile` on overlapping tiles blended so that every pixel is taken from tiles where it sits
+at least about overlap/2 from a tile edge. Where that distance covers the network's receptive
+field and H, W are multiples of 2**depth, the tiled mask equals the whole-image one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax.errors import UserError
+from unet_jax.losses import predict_classes
+from unet_jax.model import UNet
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+
+
+def _apply_fn(model: UNet):
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
+def _ramp(length: int, ramp: int, margin: int, at_start: bool, at_end: bool) -> np.ndarray:
+  """Weights along one tile axis: 0 within `margin` of an inner edge, rising over `ramp`."""
+  d = np.arange(length, dtype=np.float32)
+  w = np.ones(length, np.float32)
+  if not at_start:
+    w = np.minimum(w, np.clip((d + 1 - margin) / ramp, 0, 1))
+  if not at_end:
+    w = np.minimum(w, np.clip((length - d - margin) / ramp, 0, 1))
+  return w
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+  if size <= tile:
+    return [0]
+  starts = list(range(0, size - tile, stride)) + [size - tile]
+  return sorted(set(starts))
+
+
+def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, tile: int | None = None,
+                   overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
+  """Logits (N, H, W, classes) for float images (N, H, W, C) in [0, 1]."""
+  images = np.asarray(images, np.float32)
+  fn = _apply_fn(model)
+  n, h, w, _ = images.shape
+  if not tile or (h <= tile and w <= tile):
+    return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
+                           for i in range(0, n, batch_size)])
+  unit = 2**model.depth
+  if tile % unit:
+    raise UserError(f'tile={tile} must be a multiple of 2**depth={unit}')
+  overlap = tile // 2 if overlap is None else overlap
+  if not 0 <= overlap < tile:
+    raise UserError(f'overlap={overlap} must be in [0, tile={tile})')
+  # Tile starts on multiples of 2**depth keep the pooling grid of the whole image.
+  stride = max(unit, (tile - overlap) // unit * unit)
+  ramp = max(1, min(8, overlap // 4))
+  margin = max(0, overlap // 2 - ramp)
+  out = np.zeros((n, h, w, model.num_classes), np.float32)
+  weight = np.zeros((1, h, w, 1), np.float32)
+  th, tw = min(tile, h), min(tile, w)
+  windows = [(y, x) for y in _starts(h, th, stride) for x in _starts(w, tw, stride)]
+  for y, x in windows:
+    wy = _ramp(th, ramp, margin, y == 0, y + th == h)
+    wx = _ramp(tw, ramp, margin, x == 0, x + tw == w)
+    wt = (wy[:, None] * wx[None, :])[None, :, :, None]
+    crop = images[:, y:y + th, x:x + tw]
+    logits = np.concatenate([np.asarray(fn(variables, crop[i:i + batch_size]))
+                             for i in range(0, n, batch_size)])
+    out[:, y:y + th, x:x + tw] += logits * wt
+    weight[:, y:y + th, x:x + tw] += wt
+  return out / np.maximum(weight, 1e-12)
+
+
+def predict(model: UNet, variables: Any, images: np.ndarray, *, tile: int | None = None,
+            overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
+  """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
+
+  Binary models (1 output channel) threshold the logit at 0; others take the argmax.
+  """
+  images = np.asarray(images)
+  single = images.ndim == 3
+  if single:
+    images = images[None]
+  if images.ndim != 4 or images.shape[-1] != model.in_channels:
+    raise UserError(f'images must be (N, H, W, {model.in_channels}) for this model, got shape '
+                    f'{tuple(images.shape)}')
+  if images.dtype == np.uint8:
+    images = images.astype(np.float32) / 255.0
+  logits = predict_logits(model, variables, images, tile=tile, overlap=overlap,
+                          batch_size=batch_size)
+  classes = np.asarray(predict_classes(jnp.asarray(logits)))
+  return classes[0] if single else classes
+
+
+def _collect(inputs: Sequence[str]) -> list[str]:
+  files = []
+  for path in inputs:
+    if os.path.isdir(path):
+      found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                     if f.lower().endswith(IMAGE_SUFFIXES))
+      if not found:
+        raise UserError(f'{path}: no PNG/JPEG/TIFF images in this folder')
+      files += found
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise UserError(f'{path}: no such file or folder')
+  return files
+
+
+def _read_image(path: str, channels: int) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as im:
+      im.load()
+      gray = im.mode in ('L', 'I', 'I;16', 'F', '1', 'LA')
+      if channels == 1 and not gray:
+        raise UserError(f'{path}: is a colour ({im.mode}) image but the model takes 1 channel '
+                        '(grayscale); convert it or use a model trained on RGB')
+      if channels == 3 and gray:
+        raise UserError(f'{path}: is a grayscale image but the model takes 3 channels (RGB)')
+      if channels not in (1, 3):
+        raise UserError(f'the model takes {channels} channels; only 1 (gray) or 3 (RGB) images '
+                        'can be read from files')
+      arr = np.asarray(im.convert('L' if channels == 1 else 'RGB'))
+  except UnidentifiedImageError:
+    raise UserError(f'{path}: not an image PIL can read (PNG, JPEG, TIFF)') from None
+  except OSError as e:
+    raise UserError(f'{path}: cannot read it as an image ({e})') from None
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _mask_image(classes: np.ndarray, mask_values: list) -> np.ndarray:
+  """Class ids -> the training mask values (gray or RGB), as uint8."""
+  values = np.asarray(mask_values if mask_values else [0, 255], np.uint8)
+  if len(values) < int(classes.max()) + 1:
+    values = np.linspace(0, 255, int(classes.max()) + 1).astype(np.uint8)
+  return values[classes]
+
+
+def _overlay(image: np.ndarray, classes: np.ndarray) -> np.ndarray:
+  rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image[..., :3]
+  palette = np.array([[0, 0, 0], [255, 40, 40], [40, 200, 40], [40, 120, 255], [255, 200, 0]],
+                     np.float32)
+  colour = palette[np.clip(classes, 0, len(palette) - 1)]
+  alpha = np.where(classes[..., None] > 0, 0.45, 0.0)
+  return (rgb * (1 - alpha) + colour * alpha).astype(np.uint8)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog='python -m unet_jax.predict',
+                              description='Write a mask PNG for each input image.')
+  p.add_argument('inputs', nargs='+', help='image files or folders (PNG, JPEG, TIFF)')
+  p.add_argument('--checkpoint', required=True,
+                 help='training workdir or converted checkpoint directory')
+  p.add_argument('--output', required=True, help='folder for NAME_mask.png (created)')
+  p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
+  p.add_argument('--tile', type=int, default=None, help='tile size for large images')
+  p.add_argument('--overlap', type=int, default=None, help='tile overlap (default tile/2)')
+  args = p.parse_args(argv)
+  from PIL import Image
+  from tqdm import tqdm
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  try:
+    files = _collect(args.inputs)
+    model, variables, meta = load_pretrained_with_metadata(args.checkpoint)
+    images = [_read_image(f, model.in_channels) for f in files]  # all checked before writing
+    for f, im in zip(files, images, strict=True):
+      if min(im.shape[:2]) < 2**model.depth:
+        raise UserError(f'{f}: {im.shape[1]}x{im.shape[0]} is smaller than the model\'s '
+                        f'minimum {2**model.depth}x{2**model.depth}')
+    os.makedirs(args.output, exist_ok=True)
+    for f, im in tqdm(list(zip(files, images, strict=True)), unit='image',
+                      disable=len(files) < 4):
+      classes = predict(model, variables, im, tile=args.tile, overlap=args.overlap)
+      stem = os.path.splitext(os.path.basename(f))[0]
+      tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
+      Image.fromarray(_mask_image(classes, meta.get('mask_values', []))).save(tmp, format='PNG')
+      os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
+      if args.overlay:
+        Image.fromarray(_overlay(im, classes)).save(os.path.join(args.output,
+                                                                 f'{stem}_overlay.png'))
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {len(files)} mask(s) to {os.path.abspath(args.output)}')
+  return 0
+
+
+class _CallableModule(type(sys)):
+  """`unet_jax.predict` is both this module (`python -m unet_jax.predict`) and the function."""
+
+  def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+    return predict(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
+if __name__ == '__main__':
+  sys.exit(main())
