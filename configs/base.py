@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 2
   config.num_sample_images = 4   # held-out examples drawn in each eval PNG
+  config.on_nonfinite = 'skip'   # non-finite loss/gradient: 'skip' the update, or 'stop' the run
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
   return config

@@ -67,6 +67,14 @@ def test_image_folder_errors_name_the_file(tmp_path, breakage, message):
     scan(str(tmp_path / 'd'))
 
 
+def test_dataset_smaller_than_one_batch(tmp_path):
+  make_folder(tmp_path / 'data', n=4)
+  config = tiny_config(tmp_path, **{'data.name': 'image_folder', 'data.root': str(
+      tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8})
+  with pytest.raises(UserError, match='has 3 training examples, fewer than one batch'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+
+
 def test_empty_folder(tmp_path):
   os.makedirs(tmp_path / 'd' / 'images'), os.makedirs(tmp_path / 'd' / 'masks')
   with pytest.raises(UserError, match='no PNG/JPEG/TIFF images found'):

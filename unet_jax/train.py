@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -95,7 +96,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   grads = jax.lax.pmean(grads, parallel.AXIS)
   metrics = jax.lax.pmean(metrics, parallel.AXIS)
   # batch_stats are already identical on every device: BatchNorm averaged over the axis.
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # A non-finite loss or gradient leaves the state as it was (the host then skips or stops).
+  finite = jnp.isfinite(metrics['loss']) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
@@ -133,6 +140,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   parallel.check_batch_size(config.batch_size, mesh)
   if config.eval_batch_size:
     parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  if config.on_nonfinite not in ('skip', 'stop'):
+    raise UserError(f"on_nonfinite={config.on_nonfinite!r}: use 'skip' or 'stop'")
   if config.parallel not in ('shard_map', 'pmap'):
     raise UserError(f"parallel={config.parallel!r}: use 'shard_map' or 'pmap'")
   nc = config.model.num_classes
@@ -173,6 +182,16 @@ def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataIn
                     f'one batch ({config.batch_size}); lower --config.batch_size')
 
 
+def _check_writable(workdir: str) -> None:
+  """Fails early, in one line, if checkpoints could not be written to WORKDIR."""
+  parent = workdir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f'{workdir}: cannot write there ({parent} is not a writable directory); '
+                    'choose another --workdir')
+
+
 def evaluate(p_eval, state, eval_ds, mesh) -> dict[str, float]:
   sums = None
   for batch in eval_ds:
@@ -198,11 +217,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   mesh = parallel.make_mesh()
   validate_config(config, mesh)
+  _check_writable(workdir)
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise UserError(f'{workdir}: cannot write there ({e.strerror}); choose another '
+                      '--workdir') from None
 
   train_model = build_model(config, axis_name=parallel.AXIS)
   eval_model = build_model(config, axis_name=None)
@@ -214,10 +238,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'metadata': {'mask_values': info.mask_values, 'dataset': info.name},
           'config': config.to_dict()}
 
-  start = checkpoints.latest_step() or 0
-  if start:
-    state = checkpoints.restore(start, jax.eval_shape(lambda s: s, state), train_iter)
+  start = 0
+  abstract_state = jax.eval_shape(lambda s: s, state)
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      state = checkpoints.restore(step, abstract_state, train_iter)
+    except Exception as e:  # a damaged checkpoint: fall back to the one before it
+      reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+      moved = checkpoints.quarantine(step) if is_main else '(moved by process 0)'
+      print(f'warning: checkpoint {checkpoints.directory}/{step} is damaged ({reason}); '
+            f'falling back to the previous one; the damaged one is now in {moved}',
+            file=sys.stderr, flush=True)
+      continue
     start = int(_local(state.step))
+    break
 
   p_train = parallel.distribute(
       functools.partial(train_step, model=train_model, dice_weight=config.dice_weight),
@@ -233,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'{config.num_train_steps}); nothing to do')
 
   eval_metrics: dict[str, float] = {}
+  nonfinite_step = 0
   pending: list[dict[str, jax.Array]] = []
   step = start
   t0 = time.perf_counter()
@@ -240,6 +275,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start + 1, config.num_train_steps + 1):
       state, metrics = p_train(state, next(train_iter))
       pending.append(metrics)
+      if float(_local(metrics['nonfinite'])):
+        if config.on_nonfinite == 'stop':
+          nonfinite_step = step
+          break
+        reporter.message(f'skipped step {step}: non-finite loss or gradient')
       if step == start + 1 and is_main:
         jax.block_until_ready(metrics)
         reporter.message(f'first step (with compilation) took {time.perf_counter() - t0:.1f}s')
@@ -272,6 +312,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if hasattr(train_iter, 'close'):
     train_iter.close()  # stops grain's worker processes and frees their shared memory
   reporter.close()
+  if nonfinite_step:
+    raise UserError(f'non-finite loss or gradient at step {nonfinite_step}; its update was not '
+                    f'applied and the last good checkpoint is kept in {checkpoints.directory} '
+                    "(set --config.on_nonfinite=skip to skip such steps)")
   if is_main and step >= config.num_train_steps:
     print(f'checkpoint: {checkpoints.directory}/{step}\n'
           f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)

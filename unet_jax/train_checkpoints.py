@@ -9,6 +9,7 @@ a step directory that exists is whole. Kept: the latest `keep` and the best by e
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import grain
@@ -27,6 +28,7 @@ def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions
                          keep_checkpoints_without_metrics=False),
       ]),
       enable_async_checkpointing=not read_only,
+      cleanup_tmp_directories=not read_only,  # leftovers of a save cut short by a kill
       create=not read_only,
       read_only=read_only,
       save_interval_steps=0 if read_only else 1,
@@ -41,6 +43,19 @@ class TrainCheckpoints:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def quarantine(self, step: int) -> str:
+    """Moves a damaged step out of the way (to WORKDIR/damaged_checkpoints/) and returns where."""
+    import shutil
+    target_dir = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f'{step}-{int(time.time())}')
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:

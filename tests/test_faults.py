@@ -1,0 +1,118 @@
+"""Faults done for real: kill -9 mid-run (and mid-save), damaged checkpoints, non-finite losses."""
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_train import _env, _params, _random_batches, _run_steps, _train_cmd, tiny_config
+
+from unet_jax import input_pipeline, train
+from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax.errors import UserError
+
+FLAGS = ['--config.num_train_steps=60', '--config.checkpoint_every_steps=2',
+         '--config.eval_every_steps=1000', '--config.keep_checkpoints=2']
+
+
+def _kill_after(cmd, env, workdir, seconds):
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + seconds
+  while time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return proc.returncode
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
+  env = _env(2, tmp_path)
+  straight = subprocess.run(_train_cmd(tmp_path / 'straight', *FLAGS), env=env,
+                            capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  workdir = tmp_path / 'killed'
+  rng = np.random.default_rng(0)
+  killed = 0
+  # Startup takes a few seconds; kill between 7 and 11 s in, while steps and async saves run.
+  for _ in range(3):
+    code = _kill_after(_train_cmd(workdir, *FLAGS), env, workdir, rng.uniform(7, 11))
+    killed += code == -signal.SIGKILL
+  assert killed >= 2, 'the runs finished before they could be killed'
+  final = subprocess.run(_train_cmd(workdir, *FLAGS), env=env, capture_output=True, text=True,
+                         timeout=600)
+  assert final.returncode == 0, final.stderr[-2000:]
+  for x, y in zip(jax.tree.leaves(_params(tmp_path / 'straight')),
+                  jax.tree.leaves(_params(workdir)), strict=True):
+    np.testing.assert_array_equal(x, y)
+  leftovers = [d for d in os.listdir(workdir / 'checkpoints') if 'tmp' in d]
+  assert not leftovers, leftovers
+
+
+def _damage(step_dir):
+  """Truncate every data file of the saved train state."""
+  for root, _, files in os.walk(step_dir / 'state'):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, 'r+b') as fh:
+        fh.truncate(max(0, os.path.getsize(path) // 3))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capfd):
+  config = tiny_config(tmp_path, num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=10)
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  _damage(tmp_path / 'wd' / 'checkpoints' / '4')
+  with pytest.raises(UserError, match='cannot restore its latest checkpoint'):
+    load_pretrained_with_metadata(str(tmp_path / 'wd'))
+  capfd.readouterr()
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  err = capfd.readouterr().err
+  assert f'checkpoint {tmp_path}/wd/checkpoints/4 is damaged' in err
+  assert 'falling back to the previous one' in err
+  assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 6
+
+
+def test_nonfinite_step_leaves_the_state_unchanged(tmp_path):
+  config = tiny_config(tmp_path)
+  batches = _random_batches(2)
+  bad = dict(batches[1], image=np.full_like(batches[1]['image'], np.nan))
+  one = _run_steps(config, jax.devices()[:2], 'shard_map', batches[:1])
+  two = _run_steps(config, jax.devices()[:2], 'shard_map', [batches[0], bad])
+  assert two[2][1]['nonfinite'] == 1.0 and one[2][0]['nonfinite'] == 0.0
+  for a, b in zip(jax.tree.leaves(one[:2]), jax.tree.leaves(two[:2]), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('mode', ['skip', 'stop'])
+def test_nonfinite_loss_skip_or_stop(tmp_path, monkeypatch, mode):
+  real = input_pipeline._TrainExample.map
+
+  def poisoned(self, j):  # global step 4 (batch index 3) gets a NaN image
+    out = real(self, j)
+    if j // self.local_batch == 3:
+      out['image'] = np.full_like(out['image'], np.nan)
+    return out
+
+  monkeypatch.setattr(input_pipeline._TrainExample, 'map', poisoned)
+  config = tiny_config(tmp_path, on_nonfinite=mode, num_train_steps=6,
+                       checkpoint_every_steps=3, eval_every_steps=10)
+  if mode == 'stop':
+    with pytest.raises(UserError, match='non-finite loss or gradient at step 4'):
+      train.train_and_evaluate(config, str(tmp_path / 'wd'))
+    assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 3
+  else:
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+    _, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
+    assert meta['step'] == 6
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  (tmp_path / 'a_file').write_text('not a directory')
+  config = tiny_config(tmp_path)
+  with pytest.raises(UserError, match='cannot write there'):
+    train.train_and_evaluate(config, str(tmp_path / 'a_file' / 'wd'))
