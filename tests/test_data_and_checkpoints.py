@@ -75,6 +75,15 @@ def test_dataset_smaller_than_one_batch(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
+def test_more_mask_values_than_classes(tmp_path):
+  make_folder(tmp_path / 'data')
+  config = tiny_config(tmp_path, **{'data.name': 'image_folder', 'data.root': str(
+      tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 1, 'batch_size': 8})
+  with pytest.raises(UserError, match=r'masks hold 3 values .* but model.num_classes=1; set '
+                     r'--config.model.num_classes=3'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+
+
 def test_empty_folder(tmp_path):
   os.makedirs(tmp_path / 'd' / 'images'), os.makedirs(tmp_path / 'd' / 'masks')
   with pytest.raises(UserError, match='no PNG/JPEG/TIFF images found'):

@@ -192,7 +192,7 @@ def _check_writable(workdir: str) -> None:
                     'choose another --workdir')
 
 
-def evaluate(p_eval, state, eval_ds, mesh) -> dict[str, float]:
+def evaluate(p_eval, state, eval_ds) -> dict[str, float]:
   sums = None
   for batch in eval_ds:
     out = p_eval(state, batch)
@@ -294,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         row['images_per_sec'] = reporter.throughput(step)
       saved_metrics = None
       if step % config.eval_every_steps == 0 or last:
-        eval_metrics = evaluate(p_eval, state, eval_ds, mesh)
+        eval_metrics = evaluate(p_eval, state, eval_ds)
         saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
         row.update(saved_metrics)
         if is_main:
