@@ -29,6 +29,23 @@ def _kill_after(cmd, env, workdir, seconds):
   return proc.returncode
 
 
+def _kill_during_save(cmd, env, workdir, timeout=300):
+  """SIGKILL as soon as Orbax's temporary directory of an unfinished save appears."""
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = workdir / 'checkpoints'
+  deadline = time.time() + timeout
+  seen = None
+  while time.time() < deadline and proc.poll() is None:
+    names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
+    seen = next((n for n in names if 'tmp' in n), None)
+    if seen:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.0005)
+  proc.wait()
+  return seen
+
+
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
   env = _env(2, tmp_path)
   straight = subprocess.run(_train_cmd(tmp_path / 'straight', *FLAGS), env=env,
@@ -42,6 +59,8 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
     code = _kill_after(_train_cmd(workdir, *FLAGS), env, workdir, rng.uniform(7, 11))
     killed += code == -signal.SIGKILL
   assert killed >= 2, 'the runs finished before they could be killed'
+  # And once for certain in the middle of a save.
+  assert _kill_during_save(_train_cmd(workdir, *FLAGS), env, workdir), 'no save was caught'
   final = subprocess.run(_train_cmd(workdir, *FLAGS), env=env, capture_output=True, text=True,
                          timeout=600)
   assert final.returncode == 0, final.stderr[-2000:]
