@@ -135,3 +135,32 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   config = tiny_config(tmp_path)
   with pytest.raises(UserError, match='cannot write there'):
     train.train_and_evaluate(config, str(tmp_path / 'a_file' / 'wd'))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MiB tmpfs (root only): a real 'No space left on device'."""
+  mount = tmp_path / 'small'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip('cannot mount a small tmpfs here')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+def test_disk_full_is_a_clear_error_and_no_partial_checkpoint_counts(tmp_path, small_disk):
+  config = tiny_config(tmp_path, num_train_steps=400, checkpoint_every_steps=1,
+                       eval_every_steps=1000, log_every_steps=1, keep_checkpoints=1000)
+  workdir = small_disk / 'wd'
+  with pytest.raises(UserError, match='cannot write \\(No space left on device\\); the last '
+                                      'complete checkpoint'):
+    train.train_and_evaluate(config, str(workdir))
+  # Whatever was left: a checkpoint that loads is whole; nothing half-written is taken.
+  steps = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+  assert steps, 'expected some checkpoints before the disk filled'
+  model, variables, meta = load_pretrained_with_metadata(str(workdir))
+  assert meta['step'] == max(steps)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))

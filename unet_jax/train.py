@@ -192,6 +192,27 @@ def _check_writable(workdir: str) -> None:
                     'choose another --workdir')
 
 
+def _disk_error(e: BaseException) -> str | None:
+  """Why the disk refused a write, if that is what is behind `e` (Orbax wraps its writers'
+  errors, TensorStore's as ValueError text), else None."""
+  import errno
+  reasons = {errno.ENOSPC: 'No space left on device', errno.EROFS: 'Read-only file system',
+             errno.EDQUOT: 'Disk quota exceeded'}
+  seen, todo = set(), [e]
+  while todo:
+    err = todo.pop()
+    if err is None or id(err) in seen:
+      continue
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno in reasons:
+      return reasons[err.errno]
+    for reason in reasons.values():
+      if reason in str(err):
+        return reason
+    todo += [err.__cause__, err.__context__, *getattr(err, 'exceptions', ())]
+  return None
+
+
 def evaluate(p_eval, state, eval_ds) -> dict[str, float]:
   sums = None
   for batch in eval_ds:
@@ -271,43 +292,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[dict[str, jax.Array]] = []
   step = start
   t0 = time.perf_counter()
-  with _stop_on_signals() as stop:
-    for step in range(start + 1, config.num_train_steps + 1):
-      state, metrics = p_train(state, next(train_iter))
-      pending.append(metrics)
-      if float(_local(metrics['nonfinite'])):
-        if config.on_nonfinite == 'stop':
-          nonfinite_step = step
+  try:
+    with _stop_on_signals() as stop:
+      for step in range(start + 1, config.num_train_steps + 1):
+        state, metrics = p_train(state, next(train_iter))
+        pending.append(metrics)
+        if float(_local(metrics['nonfinite'])):
+          if config.on_nonfinite == 'stop':
+            nonfinite_step = step
+            break
+          reporter.message(f'skipped step {step}: non-finite loss or gradient')
+        if step == start + 1 and is_main:
+          jax.block_until_ready(metrics)
+          reporter.message(f'first step (with compilation) took {time.perf_counter() - t0:.1f}s')
+        reporter.step(step)
+        last = step == config.num_train_steps
+        row: dict[str, float] = {}
+        if step % config.log_every_steps == 0 or last:
+          summed = jax.tree.map(lambda *xs: sum(_local(x) for x in xs) / len(xs), *pending)
+          pending = []
+          row.update({k: float(v) for k, v in summed.items()})
+          row['learning_rate'] = float(schedule(step - 1))
+          row['images_per_sec'] = reporter.throughput(step)
+        saved_metrics = None
+        if step % config.eval_every_steps == 0 or last:
+          eval_metrics = evaluate(p_eval, state, eval_ds)
+          saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
+          row.update(saved_metrics)
+          if is_main:
+            reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
+                             num_classes=config.model.num_classes)
+        reporter.write(step, row)
+        if step % config.checkpoint_every_steps == 0 or last or stop['signal']:
+          checkpoints.save(step, state, train_iter, meta, saved_metrics)
+        if stop['signal']:
+          reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
+                           'rerun the same command to resume')
           break
-        reporter.message(f'skipped step {step}: non-finite loss or gradient')
-      if step == start + 1 and is_main:
-        jax.block_until_ready(metrics)
-        reporter.message(f'first step (with compilation) took {time.perf_counter() - t0:.1f}s')
-      reporter.step(step)
-      last = step == config.num_train_steps
-      row: dict[str, float] = {}
-      if step % config.log_every_steps == 0 or last:
-        summed = jax.tree.map(lambda *xs: sum(_local(x) for x in xs) / len(xs), *pending)
-        pending = []
-        row.update({k: float(v) for k, v in summed.items()})
-        row['learning_rate'] = float(schedule(step - 1))
-        row['images_per_sec'] = reporter.throughput(step)
-      saved_metrics = None
-      if step % config.eval_every_steps == 0 or last:
-        eval_metrics = evaluate(p_eval, state, eval_ds)
-        saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
-        row.update(saved_metrics)
-        if is_main:
-          reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
-                           num_classes=config.model.num_classes)
-      reporter.write(step, row)
-      if step % config.checkpoint_every_steps == 0 or last or stop['signal']:
-        checkpoints.save(step, state, train_iter, meta, saved_metrics)
-      if stop['signal']:
-        reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
-                         'rerun the same command to resume')
-        break
-  checkpoints.wait()
+    checkpoints.wait()
+  except Exception as e:
+    full = _disk_error(e)
+    if full is None:
+      raise
+    raise UserError(f'{workdir}: cannot write ({full}); the last complete checkpoint in '
+                    f'{checkpoints.directory} is kept, an unfinished one is never used; free '
+                    'space (or choose another --workdir) and rerun to resume') from None
   checkpoints.close()
   if hasattr(train_iter, 'close'):
     train_iter.close()  # stops grain's worker processes and frees their shared memory
