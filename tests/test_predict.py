@@ -66,10 +66,17 @@ def test_cli_writes_masks_at_input_size(tmp_path, converted, capsys):
   _write(tmp_path / 'in' / 'a.png', (rng.random((37, 45)) * 255).astype(np.uint8))
   _write(tmp_path / 'in' / 'b.tif', (rng.random((64, 20)) * 255).astype(np.uint8))
   _write(tmp_path / 'c.jpg', (rng.random((30, 33)) * 255).astype(np.uint8))
+  _write(tmp_path / 'in' / 'd.png', (rng.random((37, 45)) * 255).astype(np.uint8))  # same as a
   code = main([str(tmp_path / 'in'), str(tmp_path / 'c.jpg'), '--checkpoint', str(converted),
                '--output', str(tmp_path / 'out'), '--overlay'])
   assert code == 0, capsys.readouterr().err
-  for stem, size in (('a', (45, 37)), ('b', (20, 64)), ('c', (33, 30))):
+  # Batched or not, each mask is the one the model gives for that image alone.
+  model, variables = unet_jax.load_pretrained(str(converted))
+  image_d = np.asarray(Image.open(tmp_path / 'in' / 'd.png'))[..., None]
+  alone = unet_jax.predict(model, variables, image_d)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'd_mask.png')),
+                                np.where(alone == 1, 200, 0))
+  for stem, size in (('a', (45, 37)), ('b', (20, 64)), ('c', (33, 30)), ('d', (45, 37))):
     mask = Image.open(tmp_path / 'out' / f'{stem}_mask.png')
     assert mask.size == size
     assert set(np.unique(np.asarray(mask))) <= {0, 200}  # training mask values, not class ids

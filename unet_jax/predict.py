@@ -185,16 +185,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f'{f}: {im.shape[1]}x{im.shape[0]} is smaller than the model\'s '
                         f'minimum {2**model.depth}x{2**model.depth}')
     os.makedirs(args.output, exist_ok=True)
-    for f, im in tqdm(list(zip(files, images, strict=True)), unit='image',
-                      disable=len(files) < 4):
-      classes = predict(model, variables, im, tile=args.tile, overlap=args.overlap)
-      stem = os.path.splitext(os.path.basename(f))[0]
-      tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
-      Image.fromarray(_mask_image(classes, meta.get('mask_values', []))).save(tmp, format='PNG')
-      os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
-      if args.overlay:
-        Image.fromarray(_overlay(im, classes)).save(os.path.join(args.output,
-                                                                 f'{stem}_overlay.png'))
+    # Images of the same size go through the network together, in batches.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+      groups.setdefault(im.shape, []).append(i)
+    with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
+      for indices in groups.values():
+        batch = np.stack([images[i] for i in indices])
+        masks = predict(model, variables, batch, tile=args.tile, overlap=args.overlap)
+        for i, classes in zip(indices, masks, strict=True):
+          stem = os.path.splitext(os.path.basename(files[i]))[0]
+          tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
+          Image.fromarray(_mask_image(classes, meta.get('mask_values', []))).save(tmp,
+                                                                                  format='PNG')
+          os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
+          if args.overlay:
+            Image.fromarray(_overlay(images[i], classes)).save(
+                os.path.join(args.output, f'{stem}_overlay.png'))
+          bar.update(1)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
