@@ -90,4 +90,8 @@ class Reporter:
     if self._bar is not None:
       self._bar.close()
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError:  # a full disk: the events are lost, the run's error says why
+        pass

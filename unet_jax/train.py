@@ -334,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     full = _disk_error(e)
     if full is None:
       raise
+    reporter.close()
     raise UserError(f'{workdir}: cannot write ({full}); the last complete checkpoint in '
                     f'{checkpoints.directory} is kept, an unfinished one is never used; free '
                     'space (or choose another --workdir) and rerun to resume') from None
