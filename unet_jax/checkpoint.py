@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax.errors import UserError
+from unet_jax.errors import UserError, first_line
 from unet_jax.model import UNet
 
 FORMAT = 'unet_jax.pretrained'
@@ -142,9 +142,8 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
     with ocp.StandardCheckpointer() as ckptr:
       variables = ckptr.restore(os.path.join(path, VARIABLES_DIR))
   except Exception as e:  # Orbax raises many types for damaged trees; all mean the same here.
-    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    raise UserError(f'{path}: cannot restore the weights ({first}); the checkpoint is damaged') \
-        from None
+    raise UserError(f'{path}: cannot restore the weights ({first_line(e)}); the checkpoint is '
+                    'damaged') from None
   check_variables(variables, expected, path)
   variables = jax.tree.map(jnp.asarray, variables)
   return model, variables, dict(info.get('metadata') or {})
@@ -157,8 +156,7 @@ def _load_training_workdir(path: str, dtype: Any) -> tuple[UNet, dict[str, Any],
   except FileNotFoundError as e:
     raise UserError(str(e)) from None
   except Exception as e:  # Orbax raises many types for damaged trees; all mean the same here.
-    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    raise UserError(f'{path}: cannot restore its latest checkpoint ({first})') from None
+    raise UserError(f'{path}: cannot restore its latest checkpoint ({first_line(e)})') from None
   model = model_from_config(meta['model'], dtype=dtype)
   check_variables(variables, abstract_variables(model), path)
   metadata = dict(meta.get('metadata') or {}, step=step)

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unet_jax.errors import UserError
+from unet_jax.errors import UserError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
     try:
       builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     except Exception as e:  # tfds raises several types for unknown names
-      raise UserError(f'unknown dataset {name!r} ({str(e).splitlines()[0][:120]})') from None
+      raise UserError(f'unknown dataset {name!r} ({first_line(e, 120)})') from None
     if not builder.is_prepared():
       raise UserError(
           f'dataset {name!r} is not prepared in {data_dir}; prepare it once (it needs TensorFlow '

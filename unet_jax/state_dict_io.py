@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax.errors import UserError
+from unet_jax.errors import UserError, first_line
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 SAFETENSORS_SUFFIX = '.safetensors'
@@ -39,11 +39,6 @@ def _import_torch():
   return torch
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
-
-
 def _load_torch_file(path: str) -> Any:
   torch = _import_torch()
   try:
@@ -57,7 +52,7 @@ def _load_torch_file(path: str) -> Any:
         f'{path}: refused to load: {what}, which a plain state_dict of tensors never does; nothing '
         'from it was run. Re-save it with torch.save(model.state_dict(), ...).') from None
   except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-    raise UserError(f'{path}: cannot read it as a PyTorch file ({_first_line(e)[:160]}); '
+    raise UserError(f'{path}: cannot read it as a PyTorch file ({first_line(e)}); '
                     'is it truncated or not a checkpoint?') from None
 
 
@@ -70,7 +65,7 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]
       header_len = int.from_bytes(f.read(8), 'little')
       header = json.loads(f.read(header_len))
   except (SafetensorError, ValueError, OSError, TypeError) as e:
-    raise UserError(f'{path}: cannot read it as a .safetensors file ({_first_line(e)[:160]}); '
+    raise UserError(f'{path}: cannot read it as a .safetensors file ({first_line(e)}); '
                     'is it truncated?') from None
   meta = header.get('__metadata__') or {}
   extras = {}

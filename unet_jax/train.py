@@ -28,7 +28,7 @@ from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
-from unet_jax.errors import UserError
+from unet_jax.errors import UserError, first_line
 from unet_jax.model import UNet
 from unet_jax.reporting import Reporter
 from unet_jax.train_checkpoints import TrainCheckpoints
@@ -265,9 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       state = checkpoints.restore(step, abstract_state, train_iter)
     except Exception as e:  # a damaged checkpoint: fall back to the one before it
-      reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
       moved = checkpoints.quarantine(step) if is_main else '(moved by process 0)'
-      print(f'warning: checkpoint {checkpoints.directory}/{step} is damaged ({reason}); '
+      print(f'warning: checkpoint {checkpoints.directory}/{step} is damaged ({first_line(e)}); '
             f'falling back to the previous one; the damaged one is now in {moved}',
             file=sys.stderr, flush=True)
       continue
