@@ -12,6 +12,7 @@ field and H, W are multiples of 2**depth, the tiled mask equals the whole-image 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -28,7 +29,10 @@ from unet_jax.model import UNet
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 
 
-def _apply_fn(model: UNet):
+@functools.lru_cache(maxsize=8)
+def eval_apply(model: UNet):
+  """`model.apply(variables, x, train=False)`, jitted once per model config and reused, so
+  repeated calls (every file, every evaluation) do not compile it again."""
   return jax.jit(lambda v, x: model.apply(v, x, train=False))
 
 
@@ -54,7 +58,7 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, tile: int
                    overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
   """Logits (N, H, W, classes) for float images (N, H, W, C) in [0, 1]."""
   images = np.asarray(images, np.float32)
-  fn = _apply_fn(model)
+  fn = eval_apply(model)
   n, h, w, _ = images.shape
   if not tile or (h <= tile and w <= tile):
     return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))

@@ -30,6 +30,7 @@ from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
 from unet_jax.errors import UserError, first_line
 from unet_jax.model import UNet
+from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
 from unet_jax.train_checkpoints import TrainCheckpoints
 
@@ -229,7 +230,7 @@ def _sample_predictions(config, model: UNet, state, eval_source) -> tuple[np.nda
   truth = np.stack([e['mask'] for e in examples])
   variables = {'params': jax.tree.map(_local, state.params),
                'batch_stats': jax.tree.map(_local, state.batch_stats)}
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  logits = eval_apply(model)(variables, images)
   return images, truth, np.asarray(losses.predict_classes(logits))
 
 
