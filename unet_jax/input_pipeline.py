@@ -130,6 +130,11 @@ def preprocess(example: dict[str, np.ndarray], image_size: int,
   return {'image': image.astype(np.float32) / 255.0, 'mask': mask.astype(np.int32)}
 
 
+def _global_position(j: int, local_batch: int, global_batch: int, process_index: int) -> int:
+  """This process's j-th example -> its position in the global stream of batches."""
+  return (j // local_batch) * global_batch + process_index * local_batch + j % local_batch
+
+
 class _Permutations:
   """Per-epoch permutations of the training set, a pure function of (seed, epoch)."""
 
@@ -150,8 +155,7 @@ class _TrainExample(grain.transforms.Map):
     self.permutations = _Permutations(len(source), config.seed)
 
   def map(self, j: int) -> dict[str, np.ndarray]:
-    g = (j // self.local_batch) * self.global_batch + self.process_index * self.local_batch \
-        + j % self.local_batch
+    g = _global_position(j, self.local_batch, self.global_batch, self.process_index)
     epoch, pos = divmod(g, len(self.source))
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
@@ -165,8 +169,7 @@ class _EvalExample(grain.transforms.Map):
     self.process_index = process_index
 
   def map(self, j: int) -> dict[str, np.ndarray]:
-    g = (j // self.local_batch) * self.global_batch + self.process_index * self.local_batch \
-        + j % self.local_batch
+    g = _global_position(j, self.local_batch, self.global_batch, self.process_index)
     valid = g < len(self.source)  # the last global batch is padded with repeats, weighted 0
     record = _adapt(self.config, self.source[min(g, len(self.source) - 1)])
     out = preprocess(record, self.config.image_size, None, None)
