@@ -93,6 +93,9 @@ def run_jax(args, project: bool) -> dict:
     config.model.base_features = args.base_features
     config.model.transpose_conv = args.transpose_conv
     config.model.conv_weight_grad = args.conv_weight_grad
+    config.model.max_pool = args.max_pool
+    config.model.bn_relu = args.bn_relu
+    config.model.skip_concat = args.skip_concat
     config.model.remat = args.remat
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
@@ -117,6 +120,7 @@ def run_jax(args, project: bool) -> dict:
   else:
     model = UNet(args.in_channels, args.num_classes, base_features=args.base_features,
                  transpose_conv=args.transpose_conv, conv_weight_grad=args.conv_weight_grad,
+                 max_pool=args.max_pool, bn_relu=args.bn_relu, skip_concat=args.skip_concat,
                  remat=args.remat)
     variables = model.init(jax.random.key(0), jnp.zeros((1, args.size, args.size,
                                                          args.in_channels)), train=False)
@@ -170,8 +174,10 @@ def _spawn(side: str, args) -> dict:
          '--batch', str(args.batch), '--steps', str(args.steps), '--in_channels',
          str(args.in_channels), '--num_classes', str(args.num_classes), '--base_features',
          str(args.base_features), '--transpose_conv', args.transpose_conv,
-         '--conv_weight_grad', args.conv_weight_grad] + (['--remat'] if args.remat else []) \
-      + (['--train_only'] if getattr(args, 'train_only', False) else [])
+         '--conv_weight_grad', args.conv_weight_grad, '--max_pool', args.max_pool,
+         '--bn_relu', args.bn_relu, '--skip_concat', args.skip_concat]
+  cmd += ['--remat'] if args.remat else []
+  cmd += ['--train_only'] if getattr(args, 'train_only', False) else []
   out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
   lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
   if out.returncode != 0 or not lines:
@@ -192,6 +198,9 @@ def main() -> None:
   # The speed levers of unet_jax.UNet (jax sides only), to measure each on its own.
   p.add_argument('--transpose_conv', default='gemm', choices=('gemm', 'xla'))
   p.add_argument('--conv_weight_grad', default='banded', choices=('banded', 'xla'))
+  p.add_argument('--max_pool', default='masks', choices=('masks', 'xla'))
+  p.add_argument('--bn_relu', default='fused', choices=('fused', 'xla'))
+  p.add_argument('--skip_concat', default='split', choices=('split', 'concat'))
   p.add_argument('--remat', action='store_true')
   p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
@@ -222,7 +231,8 @@ def main() -> None:
   print(f'\n{args.batch}x{args.in_channels}x{args.size}x{args.size}, base_features='
         f'{args.base_features}, Adam, float32, medians of {args.repeats} alternating rounds; '
         f'jax levers: transpose_conv={args.transpose_conv}, conv_weight_grad='
-        f'{args.conv_weight_grad}, remat={args.remat}')
+        f'{args.conv_weight_grad}, max_pool={args.max_pool}, bn_relu={args.bn_relu}, '
+        f'skip_concat={args.skip_concat}, remat={args.remat}')
   header = f'{"side":<12} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} ' \
            f'{"peak RSS MB":>12}'
   print(header)
@@ -243,7 +253,9 @@ def main() -> None:
             f'{ratios[side]["eval_ratio"]:.2f}x, peak RSS {ratios[side]["peak_rss_ratio"]:.2f}x')
   print(json.dumps({'shape': [args.batch, args.in_channels, args.size, args.size],
                     'levers': {'transpose_conv': args.transpose_conv,
-                               'conv_weight_grad': args.conv_weight_grad, 'remat': args.remat},
+                               'conv_weight_grad': args.conv_weight_grad,
+                               'max_pool': args.max_pool, 'bn_relu': args.bn_relu,
+                               'skip_concat': args.skip_concat, 'remat': args.remat},
                     'base_features': args.base_features, 'repeats': args.repeats,
                     'results': rows, 'ratios_vs_torch': ratios}))
 

@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Speed levers: same numbers either way (see README, "Benchmarks").
       transpose_conv='gemm',     # or 'xla'
       conv_weight_grad='banded',  # or 'xla'
+      max_pool='masks',          # or 'xla'
+      bn_relu='fused',           # or 'xla'
+      skip_concat='split',       # or 'concat'
       remat=False,               # recompute activations in backward: less memory, same result
   ))
 

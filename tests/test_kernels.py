@@ -1,5 +1,6 @@
 """The speed levers compute what the plain XLA ops compute: each is switchable and checked here."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,9 @@ from conftest import max_rel_err
 
 from unet_jax import UNet
 from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3
-from unet_jax.model import ConvTranspose2x2
+from unet_jax.model import Conv1x1, ConvTranspose2x2
+from unet_jax.norm_kernels import batch_norm_relu
+from unet_jax.pool_kernels import max_pool_2x2
 
 
 @pytest.mark.parametrize('shape', [(2, 64, 64, 8, 16), (1, 67, 70, 3, 5), (2, 9, 130, 4, 4)])
@@ -43,6 +46,34 @@ def test_gemm_transpose_conv_matches_xla():
   assert max_rel_err(layer.apply(variables, x), want) < 1e-6
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 10, 3), (1, 9, 7, 2)])
+def test_max_pool_matches_torch_including_ties(shape):
+  import torch
+  rng = np.random.default_rng(4)
+  # Values from a small set, so that windows hold ties at non-zero values as well as at zero.
+  x = rng.integers(-2, 3, shape).astype(np.float32)
+  g = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+  y, vjp = jax.vjp(max_pool_2x2, jnp.asarray(x))
+  (dx,) = vjp(jnp.asarray(g))
+  xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  yt = torch.nn.functional.max_pool2d(xt, 2)
+  yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_array_equal(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1))
+  # Also what flax's reduce_window pool computes, gradient included.
+  want_y, want_vjp = jax.vjp(
+      lambda v: nn.max_pool(v, (2, 2), strides=(2, 2), padding='VALID'), jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+  np.testing.assert_array_equal(np.asarray(dx), np.asarray(want_vjp(jnp.asarray(g))[0]))
+
+
+def test_conv1x1_matches_flax_conv():
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5, 7, 6), np.float32))
+  variables = Conv1x1(3).init(jax.random.key(0), x)
+  want = nn.Conv(3, (1, 1)).apply(variables, x)
+  assert max_rel_err(Conv1x1(3).apply(variables, x), want) < 1e-6
+
+
 def _grads(model, variables, x):
   def loss(params):
     y, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
@@ -52,14 +83,47 @@ def _grads(model, variables, x):
 
 def test_levers_keep_training_gradients():
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 72, 66, 1), np.float32))
-  plain = UNet(base_features=4, depth=2, transpose_conv='xla', conv_weight_grad='xla')
+  plain = UNet(base_features=4, depth=2, transpose_conv='xla', conv_weight_grad='xla',
+               max_pool='xla', bn_relu='xla', skip_concat='concat')
   variables = plain.init(jax.random.key(0), x, train=False)
   want = _grads(plain, variables, x)
-  for levers in [dict(), dict(remat=True), dict(conv_weight_grad='xla'),
+  want_y, want_stats = _forward(plain, variables, x)
+  for levers in [dict(), dict(remat=True), dict(conv_weight_grad='xla'), dict(max_pool='xla'),
+                 dict(bn_relu='xla'), dict(skip_concat='concat'),
                  dict(transpose_conv='xla', remat=True)]:
-    got = _grads(UNet(base_features=4, depth=2, **levers), variables, x)
+    model = UNet(base_features=4, depth=2, **levers)
+    got = _grads(model, variables, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       assert max_rel_err(g, w) < 1e-4, levers
+    y, stats = _forward(model, variables, x)
+    assert max_rel_err(y, want_y) < 1e-5, levers
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
+      assert max_rel_err(a, b) < 1e-5, levers
+
+
+def _forward(model, variables, x):
+  y, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  return y, updates['batch_stats']
+
+
+def test_fused_batch_norm_relu_gradient_matches_autodiff():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 3), np.float32) * 3 + 1)
+  scale = jnp.asarray(rng.standard_normal(3, np.float32))
+  bias = jnp.asarray(rng.standard_normal(3, np.float32))
+  g = jnp.asarray(rng.standard_normal((2, 5, 6, 3), np.float32))
+
+  def plain(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return jax.nn.relu((x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias)
+
+  want_y, want_vjp = jax.vjp(plain, x, scale, bias)
+  (y, mean, var), vjp = jax.vjp(lambda *a: batch_norm_relu(*a, 1e-5, None), x, scale, bias)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y))
+  got = vjp((g, jnp.zeros_like(mean), jnp.zeros_like(var)))
+  for a, b in zip(got, want_vjp(g), strict=True):
+    assert max_rel_err(a, b) < 1e-5
 
 
 def test_remat_is_bit_identical():

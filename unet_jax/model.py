@@ -7,6 +7,8 @@ reproduce PyTorch's defaults, so a fresh `UNet` starts from the same distributio
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -15,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.conv_kernels import conv3x3
+from unet_jax.norm_kernels import batch_norm_relu
+from unet_jax.pool_kernels import max_pool_2x2
 
 Dtype = Any
 Upsample = Literal['transpose', 'bilinear']
@@ -44,14 +48,26 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
+  fused_relu: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, relu: bool = False) -> jax.Array:
+    """BatchNorm of x; with relu=True, relu(BatchNorm(x)) (fused when training, see below)."""
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+
+    if train and relu and self.fused_relu:
+      # norm_kernels.batch_norm_relu: same forward, a backward that keeps less and reads less.
+      y, mean, var = batch_norm_relu(x, scale, bias, self.epsilon, self.axis_name)
+      if not self.is_initializing():
+        count = np.prod(x.shape[:-1])
+        if self.axis_name is not None:
+          count = count * jax.lax.psum(1, self.axis_name)
+        self._update_running_stats(ra_mean, ra_var, mean, var, count)
+      return y.astype(self.dtype)
 
     if train:
       xf = x.astype(jnp.float32)
@@ -66,15 +82,19 @@ class BatchNorm(nn.Module):
       if self.axis_name is not None:
         var = jax.lax.pmean(var, self.axis_name)
       if not self.is_initializing():
-        unbiased = var * (count / max(count - 1, 1))
-        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        self._update_running_stats(ra_mean, ra_var, mean, var, count)
     else:
       mean, var = ra_mean.value, ra_var.value
 
     mul = jax.lax.rsqrt(var + self.epsilon) * scale
     y = (x.astype(jnp.float32) - mean) * mul + bias
-    return y.astype(self.dtype)
+    y = y.astype(self.dtype)
+    return nn.relu(y) if relu else y
+
+  def _update_running_stats(self, ra_mean, ra_var, mean, var, count) -> None:
+    unbiased = var * (count / max(count - 1, 1))
+    ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+    ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
 
 
 class Conv3x3(nn.Module):
@@ -83,6 +103,10 @@ class Conv3x3(nn.Module):
   weight_grad='banded' (default) uses `conv_kernels.conv3x3`, whose weight gradient is about 2x
   faster on CPU at high resolution; 'xla' is the plain `lax` convolution. Same numbers to
   float32 rounding.
+
+  The input may be a sequence of arrays standing for their concatenation along channels (the
+  decoder's [skip, upsampled]): each part is convolved with its slice of the one kernel and the
+  results summed, so the concatenation is never built (see `Up`).
   """
   features: int
   use_bias: bool = False
@@ -90,19 +114,27 @@ class Conv3x3(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    fan_in = x.shape[-1] * 9
-    kernel = self.param('kernel', _torch_kernel_init, (3, 3, x.shape[-1], self.features))
-    bias = (self.param('bias', _torch_bias_init(fan_in), (self.features,))
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    parts = [x] if isinstance(x, jax.Array | np.ndarray) else list(x)
+    cin = sum(p.shape[-1] for p in parts)
+    kernel = self.param('kernel', _torch_kernel_init, (3, 3, cin, self.features))
+    bias = (self.param('bias', _torch_bias_init(cin * 9), (self.features,))
             if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    *parts, kernel, bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
     if self.weight_grad == 'banded':
-      y = conv3x3(x, kernel)
+      conv = conv3x3
     elif self.weight_grad == 'xla':
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                               padding=((1, 1), (1, 1)),
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     else:
       raise ValueError(f"weight_grad must be 'banded' or 'xla', got {self.weight_grad!r}")
+    y, start = None, 0
+    for part in parts:
+      c = part.shape[-1]
+      term = conv(part, kernel[:, :, start:start + c] if len(parts) > 1 else kernel)
+      y = term if y is None else y + term
+      start += c
     return y if bias is None else y + bias
 
 
@@ -114,20 +146,25 @@ class DoubleConv(nn.Module):
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
   weight_grad: Literal['banded', 'xla'] = 'banded'
+  bn_relu: Literal['fused', 'xla'] = 'fused'
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array | Sequence[jax.Array], *, train: bool) -> jax.Array:
+    """x: an array, or parts standing for their channel concatenation (see Conv3x3)."""
+    if self.bn_relu not in ('fused', 'xla'):
+      raise ValueError(f"bn_relu must be 'fused' or 'xla', got {self.bn_relu!r}")
     mid = self.mid_features or self.features
     for i, feats in ((1, mid), (2, self.features)):
       x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, name=f'conv{i}')(x)
-      x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name=f'norm{i}')(x, train=train)
-      x = nn.relu(x)
+      x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, fused_relu=self.bn_relu == 'fused',
+                    name=f'norm{i}')(x, train=train, relu=True)
     return x
 
 
 class _PositionalDoubleConv(DoubleConv):
   # nn.remat needs `train` positional to mark it static; the public block keeps it keyword-only.
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # type: ignore[override]
+  def __call__(self, x: jax.Array | Sequence[jax.Array],  # type: ignore[override]
+               train: bool) -> jax.Array:
     return super().__call__(x, train=train)
 
 
@@ -146,13 +183,20 @@ class Down(nn.Module):
   axis_name: str | None = None
   weight_grad: Literal['banded', 'xla'] = 'banded'
   remat: bool = False
+  max_pool: Literal['masks', 'xla'] = 'masks'
+  bn_relu: Literal['fused', 'xla'] = 'fused'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+    if self.max_pool == 'masks':
+      x = max_pool_2x2(x)
+    elif self.max_pool == 'xla':
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+    else:
+      raise ValueError(f"max_pool must be 'masks' or 'xla', got {self.max_pool!r}")
     return _double_conv(self.remat)(
         self.features, conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
-        weight_grad=self.weight_grad, name='conv')(x, train)
+        weight_grad=self.weight_grad, bn_relu=self.bn_relu, name='conv')(x, train)
 
 
 def _resize_axis_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
@@ -232,6 +276,8 @@ class Up(nn.Module):
   transpose_conv: Literal['gemm', 'xla'] = 'gemm'
   weight_grad: Literal['banded', 'xla'] = 'banded'
   remat: bool = False
+  bn_relu: Literal['fused', 'xla'] = 'fused'
+  skip_concat: Literal['split', 'concat'] = 'split'
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool) -> jax.Array:
@@ -245,11 +291,34 @@ class Up(nn.Module):
       mid = (x.shape[-1] + skip.shape[-1]) // 2
     else:
       raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
-    x = pad_to_match(x, skip)
-    x = jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1)
+    x = pad_to_match(x, skip).astype(skip.dtype)
+    if self.skip_concat == 'split':  # conv1 takes the two parts; no concatenated copy is made
+      x = (skip, x)
+    elif self.skip_concat == 'concat':
+      x = jnp.concatenate([skip, x], axis=-1)
+    else:
+      raise ValueError(f"skip_concat must be 'split' or 'concat', got {self.skip_concat!r}")
     return _double_conv(self.remat)(
         self.features, mid, conv_bias=self.conv_bias, dtype=self.dtype,
-        axis_name=self.axis_name, weight_grad=self.weight_grad, name='conv')(x, train)
+        axis_name=self.axis_name, weight_grad=self.weight_grad, bn_relu=self.bn_relu,
+        name='conv')(x, train)
+
+
+class Conv1x1(nn.Module):
+  """`Conv2d(cin, features, 1)` with bias, stored as `flax.linen.Conv` stores it (1, 1, in, out).
+
+  Computed as one (N*H*W, in) x (in, out) matrix product: XLA's CPU convolution for a 1x1
+  kernel with one output channel took about 22 ms here against 2 ms for the product.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', _torch_kernel_init, (1, 1, x.shape[-1], self.features))
+    bias = self.param('bias', _torch_bias_init(x.shape[-1]), (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0]) + bias
 
 
 class OutConv(nn.Module):
@@ -259,8 +328,7 @@ class OutConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=_torch_kernel_init,
-                   bias_init=_torch_bias_init(x.shape[-1]), name='conv')(x)
+    return Conv1x1(self.num_classes, dtype=self.dtype, name='conv')(x)
 
 
 class UNet(nn.Module):
@@ -279,6 +347,13 @@ class UNet(nn.Module):
     transpose_conv: 'gemm' (default, fast on CPU) or 'xla' (lax.conv_transpose); same numbers.
     conv_weight_grad: 'banded' (default, fast on CPU) or 'xla': how 3x3 convs compute their
       weight gradient (see conv_kernels.py); same numbers to float32 rounding.
+    max_pool: 'masks' (default, fast on CPU; see pool_kernels.py) or 'xla' (flax's max_pool):
+      how the 2x2 max-pool routes its gradient; identical results, ties included.
+    bn_relu: 'fused' (default; see norm_kernels.py) or 'xla' (autodiff of BatchNorm then ReLU):
+      how training-mode BatchNorm+ReLU computes its gradient; same numbers to float32 rounding.
+    skip_concat: 'split' (default) convolves the skip and the upsampled map separately with
+      the two halves of the decoder's first kernel and sums them; 'concat' concatenates first, as
+      the seed does. Same numbers to float32 rounding; 'split' never builds the concatenation.
     remat: recompute each DoubleConv's activations in the backward pass instead of keeping
       them: less memory for larger batches, same results, about a third more compute.
   """
@@ -293,6 +368,9 @@ class UNet(nn.Module):
   transpose_conv: Literal['gemm', 'xla'] = 'gemm'
   conv_weight_grad: Literal['banded', 'xla'] = 'banded'
   remat: bool = False
+  max_pool: Literal['masks', 'xla'] = 'masks'
+  bn_relu: Literal['fused', 'xla'] = 'fused'
+  skip_concat: Literal['split', 'concat'] = 'split'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -307,7 +385,7 @@ class UNet(nn.Module):
       raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
     factor = 2 if self.upsample == 'bilinear' else 1
     common = dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
-                  weight_grad=self.conv_weight_grad, remat=self.remat)
+                  weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu)
 
     f = self.base_features
     x = x.astype(self.dtype)
@@ -316,13 +394,14 @@ class UNet(nn.Module):
     skips = [x]
     for k in range(1, self.depth + 1):
       features = f * 2**k // (factor if k == self.depth else 1)
-      x = Down(features, name=f'down{k}', **common)(x, train=train)
+      x = Down(features, max_pool=self.max_pool, name=f'down{k}', **common)(x, train=train)
       skips.append(x)
     skips.pop()  # the bottom of the U is not a skip
     for k in range(1, self.depth + 1):
       level = self.depth - k
       features = f * 2**level // factor if level > 0 else f
-      x = Up(features, self.upsample, transpose_conv=self.transpose_conv, name=f'up{k}',
+      x = Up(features, self.upsample, transpose_conv=self.transpose_conv,
+             skip_concat=self.skip_concat, name=f'up{k}',
              **common)(x, skips.pop(), train=train)
     logits = OutConv(self.num_classes, dtype=self.dtype, name='out_conv')(x)
     return logits.astype(jnp.float32)

@@ -154,7 +154,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.model.upsample not in ('transpose', 'bilinear'):
     raise UserError(f"model.upsample={config.model.upsample!r}: use 'transpose' or 'bilinear'")
   for field, allowed in (('transpose_conv', ('gemm', 'xla')),
-                         ('conv_weight_grad', ('banded', 'xla'))):
+                         ('conv_weight_grad', ('banded', 'xla')),
+                         ('max_pool', ('masks', 'xla')),
+                         ('bn_relu', ('fused', 'xla')),
+                         ('skip_concat', ('split', 'concat'))):
     if config.model.get(field, allowed[0]) not in allowed:
       raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')
   if config.image_size < 2**config.model.depth:
