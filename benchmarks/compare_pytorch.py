@@ -96,6 +96,7 @@ def run_jax(args, project: bool) -> dict:
     config.model.max_pool = args.max_pool
     config.model.bn_relu = args.bn_relu
     config.model.skip_concat = args.skip_concat
+    config.model.small_maps = args.small_maps
     config.model.remat = args.remat
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
@@ -121,7 +122,7 @@ def run_jax(args, project: bool) -> dict:
     model = UNet(args.in_channels, args.num_classes, base_features=args.base_features,
                  transpose_conv=args.transpose_conv, conv_weight_grad=args.conv_weight_grad,
                  max_pool=args.max_pool, bn_relu=args.bn_relu, skip_concat=args.skip_concat,
-                 remat=args.remat)
+                 small_maps=args.small_maps, remat=args.remat)
     variables = model.init(jax.random.key(0), jnp.zeros((1, args.size, args.size,
                                                          args.in_channels)), train=False)
     tx = optax.adam(1e-4)
@@ -175,7 +176,8 @@ def _spawn(side: str, args) -> dict:
          str(args.in_channels), '--num_classes', str(args.num_classes), '--base_features',
          str(args.base_features), '--transpose_conv', args.transpose_conv,
          '--conv_weight_grad', args.conv_weight_grad, '--max_pool', args.max_pool,
-         '--bn_relu', args.bn_relu, '--skip_concat', args.skip_concat]
+         '--bn_relu', args.bn_relu, '--skip_concat', args.skip_concat,
+         '--small_maps', args.small_maps]
   cmd += ['--remat'] if args.remat else []
   cmd += ['--train_only'] if getattr(args, 'train_only', False) else []
   out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -201,6 +203,7 @@ def main() -> None:
   p.add_argument('--max_pool', default='masks', choices=('masks', 'xla'))
   p.add_argument('--bn_relu', default='fused', choices=('fused', 'xla'))
   p.add_argument('--skip_concat', default='split', choices=('split', 'concat'))
+  p.add_argument('--small_maps', default='gemm', choices=('gemm', 'xla'))
   p.add_argument('--remat', action='store_true')
   p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
@@ -232,7 +235,7 @@ def main() -> None:
         f'{args.base_features}, Adam, float32, medians of {args.repeats} alternating rounds; '
         f'jax levers: transpose_conv={args.transpose_conv}, conv_weight_grad='
         f'{args.conv_weight_grad}, max_pool={args.max_pool}, bn_relu={args.bn_relu}, '
-        f'skip_concat={args.skip_concat}, remat={args.remat}')
+        f'skip_concat={args.skip_concat}, small_maps={args.small_maps}, remat={args.remat}')
   header = f'{"side":<12} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} ' \
            f'{"peak RSS MB":>12}'
   print(header)
@@ -255,7 +258,8 @@ def main() -> None:
                     'levers': {'transpose_conv': args.transpose_conv,
                                'conv_weight_grad': args.conv_weight_grad,
                                'max_pool': args.max_pool, 'bn_relu': args.bn_relu,
-                               'skip_concat': args.skip_concat, 'remat': args.remat},
+                               'skip_concat': args.skip_concat, 'small_maps': args.small_maps,
+                               'remat': args.remat},
                     'base_features': args.base_features, 'repeats': args.repeats,
                     'results': rows, 'ratios_vs_torch': ratios}))
 

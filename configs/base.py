@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
       max_pool='masks',          # or 'xla'
       bn_relu='fused',           # or 'xla'
       skip_concat='split',       # or 'concat'
+      small_maps='gemm',         # or 'xla'
       remat=False,               # recompute activations in backward: less memory, same result
   ))
 

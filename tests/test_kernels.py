@@ -8,7 +8,7 @@ import pytest
 from conftest import max_rel_err
 
 from unet_jax import UNet
-from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3
+from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3, im2col_conv3x3
 from unet_jax.model import Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
@@ -28,6 +28,20 @@ def test_banded_weight_grad_matches_xla(shape):
   got_dx, got_dw = jax.vjp(conv3x3, x, kernel)[1](dy)
   want_dx, want_dw = jax.vjp(_conv, x, kernel)[1](dy)
   assert max_rel_err(got_dx, want_dx) < 1e-6 and max_rel_err(got_dw, want_dw) < 1e-5
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 6, 5), (1, 3, 7, 4, 2)])
+def test_im2col_conv_matches_xla(shape):
+  n, h, w, c, o = shape
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((n, h, w, c), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32))
+  dy = jnp.asarray(rng.standard_normal((n, h, w, o), np.float32))
+  y, vjp = jax.vjp(im2col_conv3x3, x, kernel)
+  want_y, want_vjp = jax.vjp(_conv, x, kernel)
+  assert max_rel_err(y, want_y) < 1e-6
+  for got, want in zip(vjp(dy), want_vjp(dy), strict=True):
+    assert max_rel_err(got, want) < 1e-5
 
 
 def test_banded_weight_grad_is_sensitive():
@@ -83,15 +97,16 @@ def _grads(model, variables, x):
 
 def test_levers_keep_training_gradients():
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 72, 66, 1), np.float32))
-  plain = UNet(base_features=4, depth=2, transpose_conv='xla', conv_weight_grad='xla',
-               max_pool='xla', bn_relu='xla', skip_concat='concat')
+  # 72x66 takes the banded weight gradient at the top; depth 4 reaches a 4x4 map (im2col GEMM).
+  plain = UNet(base_features=4, depth=4, transpose_conv='xla', conv_weight_grad='xla',
+               max_pool='xla', bn_relu='xla', skip_concat='concat', small_maps='xla')
   variables = plain.init(jax.random.key(0), x, train=False)
   want = _grads(plain, variables, x)
   want_y, want_stats = _forward(plain, variables, x)
   for levers in [dict(), dict(remat=True), dict(conv_weight_grad='xla'), dict(max_pool='xla'),
-                 dict(bn_relu='xla'), dict(skip_concat='concat'),
+                 dict(bn_relu='xla'), dict(skip_concat='concat'), dict(small_maps='xla'),
                  dict(transpose_conv='xla', remat=True)]:
-    model = UNet(base_features=4, depth=2, **levers)
+    model = UNet(base_features=4, depth=4, **levers)
     got = _grads(model, variables, x)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       assert max_rel_err(g, w) < 1e-4, levers

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax.conv_kernels import conv3x3
+from unet_jax.conv_kernels import MAX_PIXELS_FOR_IM2COL, conv3x3, im2col_conv3x3
 from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
 
@@ -112,6 +112,7 @@ class Conv3x3(nn.Module):
   use_bias: bool = False
   weight_grad: Literal['banded', 'xla'] = 'banded'
   dtype: Dtype = jnp.float32
+  small_maps: Literal['gemm', 'xla'] = 'gemm'
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
@@ -129,6 +130,10 @@ class Conv3x3(nn.Module):
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     else:
       raise ValueError(f"weight_grad must be 'banded' or 'xla', got {self.weight_grad!r}")
+    if self.small_maps not in ('gemm', 'xla'):
+      raise ValueError(f"small_maps must be 'gemm' or 'xla', got {self.small_maps!r}")
+    if self.small_maps == 'gemm' and parts[0].shape[1] * parts[0].shape[2] <= MAX_PIXELS_FOR_IM2COL:
+      conv = im2col_conv3x3  # the bottom of the U: see conv_kernels.py
     y, start = None, 0
     for part in parts:
       c = part.shape[-1]
@@ -147,6 +152,7 @@ class DoubleConv(nn.Module):
   axis_name: str | None = None
   weight_grad: Literal['banded', 'xla'] = 'banded'
   bn_relu: Literal['fused', 'xla'] = 'fused'
+  small_maps: Literal['gemm', 'xla'] = 'gemm'
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -155,7 +161,8 @@ class DoubleConv(nn.Module):
       raise ValueError(f"bn_relu must be 'fused' or 'xla', got {self.bn_relu!r}")
     mid = self.mid_features or self.features
     for i, feats in ((1, mid), (2, self.features)):
-      x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, name=f'conv{i}')(x)
+      x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, self.small_maps,
+                  name=f'conv{i}')(x)
       x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, fused_relu=self.bn_relu == 'fused',
                     name=f'norm{i}')(x, train=train, relu=True)
     return x
@@ -185,6 +192,7 @@ class Down(nn.Module):
   remat: bool = False
   max_pool: Literal['masks', 'xla'] = 'masks'
   bn_relu: Literal['fused', 'xla'] = 'fused'
+  small_maps: Literal['gemm', 'xla'] = 'gemm'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -196,7 +204,8 @@ class Down(nn.Module):
       raise ValueError(f"max_pool must be 'masks' or 'xla', got {self.max_pool!r}")
     return _double_conv(self.remat)(
         self.features, conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
-        weight_grad=self.weight_grad, bn_relu=self.bn_relu, name='conv')(x, train)
+        weight_grad=self.weight_grad, bn_relu=self.bn_relu, small_maps=self.small_maps,
+        name='conv')(x, train)
 
 
 def _resize_axis_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
@@ -278,6 +287,7 @@ class Up(nn.Module):
   remat: bool = False
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
+  small_maps: Literal['gemm', 'xla'] = 'gemm'
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool) -> jax.Array:
@@ -301,7 +311,7 @@ class Up(nn.Module):
     return _double_conv(self.remat)(
         self.features, mid, conv_bias=self.conv_bias, dtype=self.dtype,
         axis_name=self.axis_name, weight_grad=self.weight_grad, bn_relu=self.bn_relu,
-        name='conv')(x, train)
+        small_maps=self.small_maps, name='conv')(x, train)
 
 
 class Conv1x1(nn.Module):
@@ -354,6 +364,9 @@ class UNet(nn.Module):
     skip_concat: 'split' (default) convolves the skip and the upsampled map separately with
       the two halves of the decoder's first kernel and sums them; 'concat' concatenates first, as
       the seed does. Same numbers to float32 rounding; 'split' never builds the concatenation.
+    small_maps: 'gemm' (default) computes 3x3 convs on maps of at most 8x8 pixels as one im2col
+      GEMM (see conv_kernels.py); 'xla' uses XLA's convolution there too. Same numbers to
+      float32 rounding.
     remat: recompute each DoubleConv's activations in the backward pass instead of keeping
       them: less memory for larger batches, same results, about a third more compute.
   """
@@ -371,6 +384,7 @@ class UNet(nn.Module):
   max_pool: Literal['masks', 'xla'] = 'masks'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
+  small_maps: Literal['gemm', 'xla'] = 'gemm'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -385,7 +399,8 @@ class UNet(nn.Module):
       raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
     factor = 2 if self.upsample == 'bilinear' else 1
     common = dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
-                  weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu)
+                  weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
+                  small_maps=self.small_maps)
 
     f = self.base_features
     x = x.astype(self.dtype)

@@ -157,7 +157,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                          ('conv_weight_grad', ('banded', 'xla')),
                          ('max_pool', ('masks', 'xla')),
                          ('bn_relu', ('fused', 'xla')),
-                         ('skip_concat', ('split', 'concat'))):
+                         ('skip_concat', ('split', 'concat')),
+                         ('small_maps', ('gemm', 'xla'))):
     if config.model.get(field, allowed[0]) not in allowed:
       raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')
   if config.image_size < 2**config.model.depth:
