@@ -32,7 +32,8 @@ def main() -> None:
   def probe(side, remat, batch):
     ns = argparse.Namespace(size=args.size, batch=batch, steps=1, in_channels=1, num_classes=1,
                             base_features=args.base_features, transpose_conv='gemm',
-                            conv_weight_grad='banded', remat=remat, train_only=True)
+                            conv_weight_grad='banded', max_pool='masks', bn_relu='fused',
+                            skip_concat='split', small_maps='gemm', remat=remat, train_only=True)
     return _spawn(side, ns)['peak_rss_mb']
 
   rows = {}
