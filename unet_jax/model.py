@@ -17,11 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.conv_kernels import MAX_PIXELS_FOR_IM2COL, conv3x3, im2col_conv3x3
-from unet_jax.norm_kernels import batch_norm_relu
+from unet_jax.norm_kernels import batch_norm_relu, batch_statistics, normalise
 from unet_jax.pool_kernels import max_pool_2x2
 
 Dtype = Any
 Upsample = Literal['transpose', 'bilinear']
+
+# UNet's speed levers and their choices, the default first. Every choice computes the same
+# numbers (tested); configs, train.py's checks and benchmarks/ read this table.
+LEVERS: dict[str, tuple[str, ...]] = {
+    'transpose_conv': ('gemm', 'xla'),
+    'conv_weight_grad': ('banded', 'xla'),
+    'max_pool': ('masks', 'xla'),
+    'bn_relu': ('fused', 'xla'),
+    'skip_concat': ('split', 'concat'),
+    'small_maps': ('gemm', 'xla'),
+}
 
 # PyTorch's Conv2d default (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # which is variance_scaling(1/3, fan_in, uniform).
@@ -63,35 +74,23 @@ class BatchNorm(nn.Module):
       # norm_kernels.batch_norm_relu: same forward, a backward that keeps less and reads less.
       y, mean, var = batch_norm_relu(x, scale, bias, self.epsilon, self.axis_name)
       if not self.is_initializing():
-        count = np.prod(x.shape[:-1])
-        if self.axis_name is not None:
-          count = count * jax.lax.psum(1, self.axis_name)
-        self._update_running_stats(ra_mean, ra_var, mean, var, count)
+        self._update_running_stats(ra_mean, ra_var, mean, var, x)
       return y.astype(self.dtype)
 
     if train:
-      xf = x.astype(jnp.float32)
-      axes = tuple(range(x.ndim - 1))
-      count = np.prod([x.shape[a] for a in axes])
-      mean = xf.mean(axes)
-      if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
-        count = count * jax.lax.psum(1, self.axis_name)
-      # Two passes (mean, then centred squares) as PyTorch does; E[x^2]-E[x]^2 loses digits.
-      var = jnp.square(xf - mean).mean(axes)
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
+      mean, var = batch_statistics(x.astype(jnp.float32), self.axis_name)
       if not self.is_initializing():
-        self._update_running_stats(ra_mean, ra_var, mean, var, count)
+        self._update_running_stats(ra_mean, ra_var, mean, var, x)
     else:
       mean, var = ra_mean.value, ra_var.value
 
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
-    y = (x.astype(jnp.float32) - mean) * mul + bias
-    y = y.astype(self.dtype)
+    y = normalise(x.astype(jnp.float32), scale, bias, mean, var, self.epsilon).astype(self.dtype)
     return nn.relu(y) if relu else y
 
-  def _update_running_stats(self, ra_mean, ra_var, mean, var, count) -> None:
+  def _update_running_stats(self, ra_mean, ra_var, mean, var, x) -> None:
+    count = np.prod(x.shape[:-1])  # values per channel in the batch (global with axis_name)
+    if self.axis_name is not None:
+      count = count * jax.lax.psum(1, self.axis_name)
     unbiased = var * (count / max(count - 1, 1))
     ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
     ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased

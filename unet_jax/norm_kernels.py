@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _stats(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-  """Per-channel mean and biased variance, two passes, over the global batch with axis_name."""
+def batch_statistics(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance, over the global batch with axis_name.
+
+  Two passes (mean, then centred squares) as PyTorch does; E[x^2]-E[x]^2 loses digits.
+  """
   axes = tuple(range(x.ndim - 1))
   mean = x.mean(axes)
   if axis_name is not None:
@@ -32,7 +35,9 @@ def _stats(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   return mean, var
 
 
-def _normalise(x, scale, bias, mean, var, epsilon):
+def normalise(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array,
+              epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias, in the arithmetic order BatchNorm uses."""
   mul = jax.lax.rsqrt(var + epsilon) * scale
   return (x - mean) * mul + bias
 
@@ -50,8 +55,8 @@ def batch_norm_relu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
 
 def _fwd(x, scale, bias, epsilon, axis_name):
   xf = x.astype(jnp.float32)
-  mean, var = _stats(xf, axis_name)
-  y = jax.nn.relu(_normalise(xf, scale, bias, mean, var, epsilon).astype(x.dtype))
+  mean, var = batch_statistics(xf, axis_name)
+  y = jax.nn.relu(normalise(xf, scale, bias, mean, var, epsilon).astype(x.dtype))
   return (y, mean, var), (x, y, scale, mean, var)
 
 
