@@ -24,7 +24,22 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# unet_jax.model.LEVERS, written out rather than imported: importing unet_jax loads JAX, which
+# would add its memory to the torch worker's peak RSS. tests/test_kernels.py checks they agree.
+LEVERS = {
+    'transpose_conv': ('gemm', 'xla'),
+    'conv_weight_grad': ('banded', 'xla'),
+    'max_pool': ('masks', 'xla'),
+    'bn_relu': ('fused', 'xla'),
+    'skip_concat': ('split', 'concat'),
+    'small_maps': ('gemm', 'xla'),
+}
 SIDES = ('torch', 'jax_plain', 'jax_project')
+
+
+def _levers(args) -> dict:
+  """The UNet speed-lever settings of this run, as UNet keyword arguments."""
+  return {**{name: getattr(args, name) for name in LEVERS}, 'remat': args.remat}
 
 
 def _peak_rss_mb() -> float:
@@ -91,13 +106,7 @@ def run_jax(args, project: bool) -> dict:
     config = base.get_config()
     config.model.in_channels, config.model.num_classes = args.in_channels, args.num_classes
     config.model.base_features = args.base_features
-    config.model.transpose_conv = args.transpose_conv
-    config.model.conv_weight_grad = args.conv_weight_grad
-    config.model.max_pool = args.max_pool
-    config.model.bn_relu = args.bn_relu
-    config.model.skip_concat = args.skip_concat
-    config.model.small_maps = args.small_maps
-    config.model.remat = args.remat
+    config.model.update(_levers(args))
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -120,9 +129,7 @@ def run_jax(args, project: bool) -> dict:
       return float(eval_fn({'params': s.params, 'batch_stats': s.batch_stats}, x))
   else:
     model = UNet(args.in_channels, args.num_classes, base_features=args.base_features,
-                 transpose_conv=args.transpose_conv, conv_weight_grad=args.conv_weight_grad,
-                 max_pool=args.max_pool, bn_relu=args.bn_relu, skip_concat=args.skip_concat,
-                 small_maps=args.small_maps, remat=args.remat)
+                 **_levers(args))
     variables = model.init(jax.random.key(0), jnp.zeros((1, args.size, args.size,
                                                          args.in_channels)), train=False)
     tx = optax.adam(1e-4)
@@ -174,10 +181,8 @@ def _spawn(side: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', side, '--size', str(args.size),
          '--batch', str(args.batch), '--steps', str(args.steps), '--in_channels',
          str(args.in_channels), '--num_classes', str(args.num_classes), '--base_features',
-         str(args.base_features), '--transpose_conv', args.transpose_conv,
-         '--conv_weight_grad', args.conv_weight_grad, '--max_pool', args.max_pool,
-         '--bn_relu', args.bn_relu, '--skip_concat', args.skip_concat,
-         '--small_maps', args.small_maps]
+         str(args.base_features)]
+  cmd += [f'--{name}={getattr(args, name)}' for name in LEVERS]
   cmd += ['--remat'] if args.remat else []
   cmd += ['--train_only'] if getattr(args, 'train_only', False) else []
   out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -198,12 +203,8 @@ def main() -> None:
   p.add_argument('--base_features', type=int, default=64)
   p.add_argument('--sides', default=','.join(SIDES))
   # The speed levers of unet_jax.UNet (jax sides only), to measure each on its own.
-  p.add_argument('--transpose_conv', default='gemm', choices=('gemm', 'xla'))
-  p.add_argument('--conv_weight_grad', default='banded', choices=('banded', 'xla'))
-  p.add_argument('--max_pool', default='masks', choices=('masks', 'xla'))
-  p.add_argument('--bn_relu', default='fused', choices=('fused', 'xla'))
-  p.add_argument('--skip_concat', default='split', choices=('split', 'concat'))
-  p.add_argument('--small_maps', default='gemm', choices=('gemm', 'xla'))
+  for name, choices in LEVERS.items():
+    p.add_argument(f'--{name}', default=choices[0], choices=choices)
   p.add_argument('--remat', action='store_true')
   p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
@@ -233,9 +234,7 @@ def main() -> None:
   ref = rows.get('torch')
   print(f'\n{args.batch}x{args.in_channels}x{args.size}x{args.size}, base_features='
         f'{args.base_features}, Adam, float32, medians of {args.repeats} alternating rounds; '
-        f'jax levers: transpose_conv={args.transpose_conv}, conv_weight_grad='
-        f'{args.conv_weight_grad}, max_pool={args.max_pool}, bn_relu={args.bn_relu}, '
-        f'skip_concat={args.skip_concat}, small_maps={args.small_maps}, remat={args.remat}')
+        f'jax levers: ' + ', '.join(f'{k}={v}' for k, v in _levers(args).items()))
   header = f'{"side":<12} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} ' \
            f'{"peak RSS MB":>12}'
   print(header)
@@ -255,11 +254,7 @@ def main() -> None:
       print(f'{side} / torch: train {ratios[side]["train_ratio"]:.2f}x, eval '
             f'{ratios[side]["eval_ratio"]:.2f}x, peak RSS {ratios[side]["peak_rss_ratio"]:.2f}x')
   print(json.dumps({'shape': [args.batch, args.in_channels, args.size, args.size],
-                    'levers': {'transpose_conv': args.transpose_conv,
-                               'conv_weight_grad': args.conv_weight_grad,
-                               'max_pool': args.max_pool, 'bn_relu': args.bn_relu,
-                               'skip_concat': args.skip_concat, 'small_maps': args.small_maps,
-                               'remat': args.remat},
+                    'levers': _levers(args),
                     'base_features': args.base_features, 'repeats': args.repeats,
                     'results': rows, 'ratios_vs_torch': ratios}))
 

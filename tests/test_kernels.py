@@ -9,7 +9,7 @@ from conftest import max_rel_err
 
 from unet_jax import UNet
 from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3, im2col_conv3x3
-from unet_jax.model import Conv1x1, ConvTranspose2x2
+from unet_jax.model import LEVERS, Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
 
@@ -149,3 +149,13 @@ def test_remat_is_bit_identical():
   b = _grads(model.clone(remat=True), variables, x)
   for g, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_benchmark_lever_table_matches_the_model():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'compare_pytorch.py')
+  spec = importlib.util.spec_from_file_location('compare_pytorch', path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench.LEVERS == LEVERS

@@ -29,7 +29,7 @@ from flax.training import train_state
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
 from unet_jax.errors import UserError, first_line
-from unet_jax.model import UNet
+from unet_jax.model import LEVERS, UNet
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
 from unet_jax.train_checkpoints import TrainCheckpoints
@@ -153,12 +153,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     'output channel, softmax CE two or more')
   if config.model.upsample not in ('transpose', 'bilinear'):
     raise UserError(f"model.upsample={config.model.upsample!r}: use 'transpose' or 'bilinear'")
-  for field, allowed in (('transpose_conv', ('gemm', 'xla')),
-                         ('conv_weight_grad', ('banded', 'xla')),
-                         ('max_pool', ('masks', 'xla')),
-                         ('bn_relu', ('fused', 'xla')),
-                         ('skip_concat', ('split', 'concat')),
-                         ('small_maps', ('gemm', 'xla'))):
+  for field, allowed in LEVERS.items():
     if config.model.get(field, allowed[0]) not in allowed:
       raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')
   if config.image_size < 2**config.model.depth:
