@@ -34,6 +34,7 @@ LEVERS = {
     'skip_concat': ('split', 'concat'),
     'small_maps': ('gemm', 'xla'),
 }
+CPU_SCHEDULERS = ('memory', 'concurrency')  # unet_jax.step_compilation.CPU_SCHEDULERS
 SIDES = ('torch', 'jax_plain', 'jax_project')
 
 
@@ -109,11 +110,12 @@ def run_jax(args, project: bool) -> dict:
     config.model.update(_levers(args))
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
+    config.cpu_scheduler = args.cpu_scheduler
     mesh = parallel.make_mesh(jax.devices()[:1])
     model = train.build_model(config, parallel.AXIS)
     state = train.create_train_state(config, model, mesh)
     step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=0.0),
-                               mesh)
+                               mesh, compiler_options=train.step_compiler_options(config, mesh))
     batch = {'image': x, 'mask': labels}
     holder = {'state': state}
 
@@ -184,6 +186,7 @@ def _spawn(side: str, args) -> dict:
          str(args.base_features)]
   cmd += [f'--{name}={getattr(args, name)}' for name in LEVERS]
   cmd += ['--remat'] if args.remat else []
+  cmd += [f'--cpu_scheduler={args.cpu_scheduler}']
   cmd += ['--train_only'] if getattr(args, 'train_only', False) else []
   out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
   lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
@@ -206,6 +209,8 @@ def main() -> None:
   for name, choices in LEVERS.items():
     p.add_argument(f'--{name}', default=choices[0], choices=choices)
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--cpu_scheduler', default=CPU_SCHEDULERS[0], choices=CPU_SCHEDULERS,
+                 help="jax_project only: XLA's CPU op order (unet_jax/step_compilation.py)")
   p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -234,7 +239,8 @@ def main() -> None:
   ref = rows.get('torch')
   print(f'\n{args.batch}x{args.in_channels}x{args.size}x{args.size}, base_features='
         f'{args.base_features}, Adam, float32, medians of {args.repeats} alternating rounds; '
-        f'jax levers: ' + ', '.join(f'{k}={v}' for k, v in _levers(args).items()))
+        f'jax levers: ' + ', '.join(f'{k}={v}' for k, v in _levers(args).items())
+        + f'; jax_project cpu_scheduler={args.cpu_scheduler}')
   header = f'{"side":<12} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} ' \
            f'{"peak RSS MB":>12}'
   print(header)
@@ -254,7 +260,7 @@ def main() -> None:
       print(f'{side} / torch: train {ratios[side]["train_ratio"]:.2f}x, eval '
             f'{ratios[side]["eval_ratio"]:.2f}x, peak RSS {ratios[side]["peak_rss_ratio"]:.2f}x')
   print(json.dumps({'shape': [args.batch, args.in_channels, args.size, args.size],
-                    'levers': _levers(args),
+                    'levers': _levers(args), 'cpu_scheduler': args.cpu_scheduler,
                     'base_features': args.base_features, 'repeats': args.repeats,
                     'results': rows, 'ratios_vs_torch': ratios}))
 

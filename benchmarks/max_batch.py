@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_pytorch import LEVERS, _spawn  # noqa: E402
+from compare_pytorch import CPU_SCHEDULERS, LEVERS, _spawn  # noqa: E402
 
 SIDES = (('torch', False), ('jax_project', False), ('jax_project', True))
 
@@ -33,6 +33,7 @@ def main() -> None:
     defaults = {name: choices[0] for name, choices in LEVERS.items()}
     ns = argparse.Namespace(size=args.size, batch=batch, steps=1, in_channels=1, num_classes=1,
                             base_features=args.base_features, remat=remat, train_only=True,
+                            cpu_scheduler=CPU_SCHEDULERS[0],
                             **defaults)
     return _spawn(side, ns)['peak_rss_mb']
 

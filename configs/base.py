@@ -64,4 +64,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.on_nonfinite = 'skip'   # non-finite loss/gradient: 'skip' the update, or 'stop' the run
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
+  config.cpu_scheduler = 'memory'  # XLA's CPU op order: 'memory' (less RAM) or 'concurrency'
   return config

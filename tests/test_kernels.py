@@ -12,6 +12,7 @@ from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3, im2col_con
 from unet_jax.model import LEVERS, Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
+from unet_jax.step_compilation import CPU_SCHEDULERS
 
 
 @pytest.mark.parametrize('shape', [(2, 64, 64, 8, 16), (1, 67, 70, 3, 5), (2, 9, 130, 4, 4)])
@@ -159,3 +160,4 @@ def test_benchmark_lever_table_matches_the_model():
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   assert bench.LEVERS == LEVERS
+  assert bench.CPU_SCHEDULERS == CPU_SCHEDULERS

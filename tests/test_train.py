@@ -214,6 +214,7 @@ def test_two_processes_equal_one_process(tmp_path):
     (dict(loss='bce', **{'model.num_classes': 3}), "loss='bce' does not fit model.num_classes=3"),
     (dict(parallel='vmap'), "parallel='vmap': use 'shard_map' or 'pmap'"),
     (dict(optimizer='lamb'), "unknown optimizer 'lamb'"),
+    (dict(cpu_scheduler='fast'), "cpu_scheduler='fast': use one of ('memory', 'concurrency')"),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(tmp_path, **overrides)

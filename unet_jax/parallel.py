@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unet_jax.errors import UserError
+from unet_jax.step_compilation import compile_per_signature
 
 AXIS = 'data'
 
@@ -61,11 +62,13 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 
 def distribute(per_device_fn: Callable, mesh: Mesh, kind: str = 'shard_map',
-               donate_state: bool = True) -> Callable[[Any, dict[str, np.ndarray]], Any]:
+               donate_state: bool = True, compiler_options: dict[str, Any] | None = None
+               ) -> Callable[[Any, dict[str, np.ndarray]], Any]:
   """Wraps `per_device_fn(state, batch) -> (state, metrics)` for all devices of `mesh`.
 
   The returned function takes the state (replicated; donated by default) and this process's
-  slice of the global batch as numpy arrays; everything it returns is replicated.
+  slice of the global batch as numpy arrays; everything it returns is replicated. It is compiled
+  ahead of time per input signature with `compiler_options` (see step_compilation.py).
   """
   donate = (0,) if donate_state else ()
   if kind == 'shard_map':
@@ -74,13 +77,15 @@ def distribute(per_device_fn: Callable, mesh: Mesh, kind: str = 'shard_map',
     # replicated input comes back already summed over the axis.)
     mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=(P(), P(AXIS)),
                            out_specs=P(), check_vma=False)
-    jitted = jax.jit(mapped, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                     out_shardings=replicated(mesh), donate_argnums=donate)
+    jitted = compile_per_signature(
+        jax.jit(mapped, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                out_shardings=replicated(mesh), donate_argnums=donate), compiler_options or {})
     return lambda state, local_batch: jitted(state, to_global(local_batch, mesh))
   if kind == 'pmap':
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    pmapped = jax.pmap(per_device_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
-                       devices=local, donate_argnums=donate)
+    pmapped = compile_per_signature(
+        jax.pmap(per_device_fn, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
+                 devices=local, donate_argnums=donate), compiler_options or {})
 
     def split(x: np.ndarray) -> np.ndarray:  # (local batch, ...) -> (devices, per device, ...)
       x = np.asarray(x)

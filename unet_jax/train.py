@@ -32,6 +32,7 @@ from unet_jax.errors import UserError, first_line
 from unet_jax.model import LEVERS, UNet
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
+from unet_jax.step_compilation import CPU_SCHEDULERS, compiler_options
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 
@@ -136,6 +137,13 @@ def _stop_on_signals() -> Iterator[dict[str, Any]]:
       signal.signal(s, h)
 
 
+def step_compiler_options(config: ml_collections.ConfigDict,
+                          mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """XLA options for the train and eval steps on `mesh`'s platform (see step_compilation.py)."""
+  return compiler_options(config.get('cpu_scheduler', CPU_SCHEDULERS[0]),
+                          mesh.devices.flat[0].platform)
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Checks that need no data: each failure is one line naming the field."""
   parallel.check_batch_size(config.batch_size, mesh)
@@ -145,6 +153,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f"on_nonfinite={config.on_nonfinite!r}: use 'skip' or 'stop'")
   if config.parallel not in ('shard_map', 'pmap'):
     raise UserError(f"parallel={config.parallel!r}: use 'shard_map' or 'pmap'")
+  if config.get('cpu_scheduler', CPU_SCHEDULERS[0]) not in CPU_SCHEDULERS:
+    raise UserError(f'cpu_scheduler={config.cpu_scheduler!r}: use one of {CPU_SCHEDULERS}')
   nc = config.model.num_classes
   if config.loss not in ('auto', 'bce', 'ce'):
     raise UserError(f"loss={config.loss!r}: use 'bce', 'ce' or 'auto'")
@@ -273,11 +283,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = int(_local(state.step))
     break
 
+  options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
       functools.partial(train_step, model=train_model, dice_weight=config.dice_weight),
-      mesh, config.parallel)
+      mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(functools.partial(eval_step, model=eval_model), mesh,
-                               config.parallel, donate_state=False)
+                               config.parallel, donate_state=False, compiler_options=options)
   schedule = learning_rate_schedule(config)
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
   if start:
