@@ -59,7 +59,8 @@ def main() -> None:
       best += 1
     confirmed = measured[best] if best >= 1 else None
     rows[name] = {'rss_batch1_mb': one, 'rss_batch2_mb': two, 'per_image_mb': per_image,
-                  'max_batch': best, 'rss_at_max_mb': confirmed}
+                  'max_batch': best, 'rss_at_max_mb': confirmed,
+                  'measured_mb': {str(b): measured[b] for b in sorted(measured)}}
     print(f'{name}: {rows[name]}', file=sys.stderr, flush=True)
 
   print(f'\n1x{args.size}x{args.size}, base_features={args.base_features}, Adam, float32, '

@@ -313,18 +313,6 @@ class Up(nn.Module):
         small_maps=self.small_maps, name='conv')(x, train)
 
 
-class _PositionalDown(Down):
-  # As _PositionalDoubleConv: nn.remat marks the positional `train` static.
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # type: ignore[override]
-    return super().__call__(x, train=train)
-
-
-class _PositionalUp(Up):
-  def __call__(self, x: jax.Array, skip: jax.Array,  # type: ignore[override]
-               train: bool) -> jax.Array:
-    return super().__call__(x, skip, train=train)
-
-
 class Conv1x1(nn.Module):
   """`Conv2d(cin, features, 1)` with bias, stored as `flax.linen.Conv` stores it (1, 1, in, out).
 
@@ -378,9 +366,8 @@ class UNet(nn.Module):
     small_maps: 'gemm' (default) computes 3x3 convs on maps of at most 8x8 pixels as one im2col
       GEMM (see conv_kernels.py); 'xla' uses XLA's convolution there too. Same numbers to
       float32 rounding.
-    remat: recompute each block's activations (in_conv; each Down with its pool; each Up with
-      its upsampling) in the backward pass, keeping only the blocks' inputs: less memory for
-      larger batches, bit-identical results, about a third more compute.
+    remat: recompute each DoubleConv's activations in the backward pass instead of keeping
+      them: less memory for larger batches, same results, about a third more compute.
   """
   in_channels: int = 1
   num_classes: int = 1
@@ -410,14 +397,9 @@ class UNet(nn.Module):
     if self.upsample not in ('transpose', 'bilinear'):
       raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
     factor = 2 if self.upsample == 'bilinear' else 1
-    # remat wraps whole Down and Up blocks (pool or upsample included), so that only the blocks'
-    # inputs are kept: the blocks' own per-DoubleConv remat would also keep the pooled and the
-    # upsampled maps. Inside a rematerialised block nothing is rematerialised again.
     common = dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
-                  weight_grad=self.conv_weight_grad, remat=False, bn_relu=self.bn_relu,
+                  weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
                   small_maps=self.small_maps)
-    down = nn.remat(_PositionalDown, static_argnums=(2,)) if self.remat else _PositionalDown
-    up = nn.remat(_PositionalUp, static_argnums=(3,)) if self.remat else _PositionalUp
 
     f = self.base_features
     x = x.astype(self.dtype)
@@ -426,13 +408,14 @@ class UNet(nn.Module):
     skips = [x]
     for k in range(1, self.depth + 1):
       features = f * 2**k // (factor if k == self.depth else 1)
-      x = down(features, max_pool=self.max_pool, name=f'down{k}', **common)(x, train)
+      x = Down(features, max_pool=self.max_pool, name=f'down{k}', **common)(x, train=train)
       skips.append(x)
     skips.pop()  # the bottom of the U is not a skip
     for k in range(1, self.depth + 1):
       level = self.depth - k
       features = f * 2**level // factor if level > 0 else f
-      x = up(features, self.upsample, transpose_conv=self.transpose_conv,
-             skip_concat=self.skip_concat, name=f'up{k}', **common)(x, skips.pop(), train)
+      x = Up(features, self.upsample, transpose_conv=self.transpose_conv,
+             skip_concat=self.skip_concat, name=f'up{k}',
+             **common)(x, skips.pop(), train=train)
     logits = OutConv(self.num_classes, dtype=self.dtype, name='out_conv')(x)
     return logits.astype(jnp.float32)
