@@ -4,7 +4,7 @@ Two things decide the peak memory of a CPU training process besides the model it
 - XLA's CPU scheduler. Its default orders the step for concurrency, which keeps many
   activations alive at once: for the seed UNet at 8x1x128x128 the step's buffers take 1091 MB.
   The memory-optimised order needs 606 MB for the same computation (same ops, same numbers; only
-  the order differs) at no measured cost in speed (README, "Benchmarks").
+  the order differs), at a speed cost within this machine's noise (README, "Benchmarks").
 - The compiler's scratch. Compiling the step takes a few hundred MB of heap that glibc keeps after
   it is freed, while the step's buffers come from fresh pages: without handing that heap back the
   first step's peak is the two stacked. `release_free_heap` hands it back (glibc's malloc_trim).
