@@ -15,6 +15,7 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -24,17 +25,19 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# unet_jax.model.LEVERS, written out rather than imported: importing unet_jax loads JAX, which
-# would add its memory to the torch worker's peak RSS. tests/test_kernels.py checks they agree.
-LEVERS = {
-    'transpose_conv': ('gemm', 'xla'),
-    'conv_weight_grad': ('banded', 'xla'),
-    'max_pool': ('masks', 'xla'),
-    'bn_relu': ('fused', 'xla'),
-    'skip_concat': ('split', 'concat'),
-    'small_maps': ('gemm', 'xla'),
-}
-CPU_SCHEDULERS = ('memory', 'concurrency')  # unet_jax.step_compilation.CPU_SCHEDULERS
+
+
+def _load_levers():
+  # By path, not `import unet_jax`: the package loads JAX, which would add its memory to the
+  # torch worker's peak RSS. unet_jax/levers.py imports nothing.
+  spec = importlib.util.spec_from_file_location('unet_jax_levers',
+                                                os.path.join(REPO, 'unet_jax', 'levers.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.LEVERS, module.CPU_SCHEDULERS
+
+
+LEVERS, CPU_SCHEDULERS = _load_levers()
 SIDES = ('torch', 'jax_plain', 'jax_project')
 
 

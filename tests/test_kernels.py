@@ -9,10 +9,10 @@ from conftest import max_rel_err
 
 from unet_jax import UNet
 from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3, im2col_conv3x3
-from unet_jax.model import LEVERS, Conv1x1, ConvTranspose2x2
+from unet_jax.levers import CPU_SCHEDULERS, LEVERS
+from unet_jax.model import Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
-from unet_jax.step_compilation import CPU_SCHEDULERS
 
 
 @pytest.mark.parametrize('shape', [(2, 64, 64, 8, 16), (1, 67, 70, 3, 5), (2, 9, 130, 4, 4)])

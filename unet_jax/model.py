@@ -23,17 +23,6 @@ from unet_jax.pool_kernels import max_pool_2x2
 Dtype = Any
 Upsample = Literal['transpose', 'bilinear']
 
-# UNet's speed levers and their choices, the default first. Every choice computes the same
-# numbers (tested); configs, train.py's checks and benchmarks/ read this table.
-LEVERS: dict[str, tuple[str, ...]] = {
-    'transpose_conv': ('gemm', 'xla'),
-    'conv_weight_grad': ('banded', 'xla'),
-    'max_pool': ('masks', 'xla'),
-    'bn_relu': ('fused', 'xla'),
-    'skip_concat': ('split', 'concat'),
-    'small_maps': ('gemm', 'xla'),
-}
-
 # PyTorch's Conv2d default (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # which is variance_scaling(1/3, fan_in, uniform).
 _torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')

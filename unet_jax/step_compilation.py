@@ -19,8 +19,7 @@ from typing import Any
 
 import jax
 
-# cpu_scheduler choices, the default first.
-CPU_SCHEDULERS = ('memory', 'concurrency')
+from unet_jax.levers import CPU_SCHEDULERS
 
 
 def compiler_options(cpu_scheduler: str, platform: str) -> dict[str, Any]:

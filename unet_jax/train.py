@@ -29,10 +29,11 @@ from flax.training import train_state
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
 from unet_jax.errors import UserError, first_line
-from unet_jax.model import LEVERS, UNet
+from unet_jax.levers import CPU_SCHEDULERS, LEVERS
+from unet_jax.model import UNet
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
-from unet_jax.step_compilation import CPU_SCHEDULERS, compiler_options
+from unet_jax.step_compilation import compiler_options
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 

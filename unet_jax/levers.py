@@ -1,0 +1,19 @@
+"""The speed settings' names and choices, the default first; plain data with no imports.
+
+Every choice computes the same numbers (tested). `model.UNet`, `step_compilation`, train.py's
+config checks and benchmarks/ all read these tables. benchmarks/compare_pytorch.py loads this
+file by path: importing the `unet_jax` package would load JAX into its PyTorch worker.
+"""
+
+# UNet's speed levers (model attributes).
+LEVERS: dict[str, tuple[str, ...]] = {
+    'transpose_conv': ('gemm', 'xla'),
+    'conv_weight_grad': ('banded', 'xla'),
+    'max_pool': ('masks', 'xla'),
+    'bn_relu': ('fused', 'xla'),
+    'skip_concat': ('split', 'concat'),
+    'small_maps': ('gemm', 'xla'),
+}
+
+# XLA's CPU op order for the train and eval steps (config.cpu_scheduler; step_compilation.py).
+CPU_SCHEDULERS: tuple[str, ...] = ('memory', 'concurrency')
