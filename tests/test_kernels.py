@@ -1,5 +1,7 @@
 """The speed levers compute what the plain XLA ops compute: each is switchable and checked here."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,9 @@ from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
 
 
+@pytest.mark.parametrize('stream_bands', [False, True])
 @pytest.mark.parametrize('shape', [(2, 64, 64, 8, 16), (1, 67, 70, 3, 5), (2, 9, 130, 4, 4)])
-def test_banded_weight_grad_matches_xla(shape):
+def test_banded_weight_grad_matches_xla(shape, stream_bands):
   n, h, w, c, o = shape
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, h, w, c), np.float32))
@@ -24,9 +27,12 @@ def test_banded_weight_grad_matches_xla(shape):
   kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32))
   _, vjp = jax.vjp(lambda k: _conv(x, k), kernel)
   want = vjp(dy)[0]
-  assert max_rel_err(banded_weight_grad(x, dy), want) < 1e-5
+  got = banded_weight_grad(x, dy, stream_bands=stream_bands)
+  assert max_rel_err(got, want) < 1e-5
+  # The two forms run the same GEMMs in the same order.
+  np.testing.assert_array_equal(got, banded_weight_grad(x, dy, stream_bands=not stream_bands))
   # Through the custom VJP, both gradients.
-  got_dx, got_dw = jax.vjp(conv3x3, x, kernel)[1](dy)
+  got_dx, got_dw = jax.vjp(functools.partial(conv3x3, stream_bands=stream_bands), x, kernel)[1](dy)
   want_dx, want_dw = jax.vjp(_conv, x, kernel)[1](dy)
   assert max_rel_err(got_dx, want_dx) < 1e-6 and max_rel_err(got_dw, want_dw) < 1e-5
 
@@ -45,12 +51,15 @@ def test_im2col_conv_matches_xla(shape):
     assert max_rel_err(got, want) < 1e-5
 
 
-def test_banded_weight_grad_is_sensitive():
+@pytest.mark.parametrize('stream_bands', [False, True])
+def test_banded_weight_grad_is_sensitive(stream_bands):
   x = jnp.ones((1, 16, 16, 2))
-  dy = jnp.zeros((1, 16, 16, 3)).at[0, 0, 0, 0].set(1.0)
-  dw = banded_weight_grad(x, dy)
-  # Output pixel (0, 0) sees only taps that land inside the image: kh, kw in {1, 2}.
-  np.testing.assert_array_equal(np.asarray(dw[:, :, 0, 0]), [[0, 0, 0], [0, 1, 1], [0, 1, 1]])
+  first, last = [[0, 0, 0], [0, 1, 1], [0, 1, 1]], [[0, 1, 1], [0, 1, 1], [0, 0, 0]]
+  for row, want in ((0, first), (15, last)):
+    dy = jnp.zeros((1, 16, 16, 3)).at[0, row, 0, 0].set(1.0)
+    dw = banded_weight_grad(x, dy, stream_bands=stream_bands)
+    # Output pixel (row, 0) sees only taps that land inside the image.
+    np.testing.assert_array_equal(np.asarray(dw[:, :, 0, 0]), want)
 
 
 def test_gemm_transpose_conv_matches_xla():

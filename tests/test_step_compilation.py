@@ -1,5 +1,6 @@
 """How the steps are compiled: the memory-ordered CPU schedule takes less memory for the same
-numbers, executables are built once per input signature, and freed heap goes back to the OS."""
+numbers, remat really recomputes, executables are built once per input signature, and freed heap
+goes back to the OS."""
 
 import ctypes
 import ctypes.util
@@ -34,16 +35,20 @@ def _setup(scheduler):
   return config, mesh, model, state, batch
 
 
+def _compiled_step(config, mesh, model, state, batch, options):
+  fn = functools.partial(train.train_step, model=model, dice_weight=1.0)
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P('data')),
+                                 out_specs=P(), check_vma=False))
+  return mapped.lower(state, parallel.to_global(batch, mesh)).compile(options or None)
+
+
 def test_memory_schedule_needs_less_memory_for_the_same_numbers():
   temp, params = {}, {}
   for scheduler in CPU_SCHEDULERS:
     config, mesh, model, state, batch = _setup(scheduler)
-    options = train.step_compiler_options(config, mesh)
-    fn = functools.partial(train.train_step, model=model, dice_weight=1.0)
-    mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P('data')),
-                                   out_specs=P(), check_vma=False))
+    executable = _compiled_step(config, mesh, model, state, batch,
+                                train.step_compiler_options(config, mesh))
     global_batch = parallel.to_global(batch, mesh)
-    executable = mapped.lower(state, global_batch).compile(options or None)
     temp[scheduler] = executable.memory_analysis().temp_size_in_bytes
     for _ in range(2):
       state, _ = executable(state, global_batch)
@@ -57,10 +62,11 @@ def test_memory_schedule_needs_less_memory_for_the_same_numbers():
 
 
 def test_compiler_options():
-  assert compiler_options('concurrency', 'cpu') == {}
+  keep_remat = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+  assert compiler_options('concurrency', 'cpu') == keep_remat
   assert compiler_options('memory', 'gpu') == {}
   assert compiler_options('memory', 'cpu') == {
-      'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+      **keep_remat, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
   with pytest.raises(ValueError, match="cpu_scheduler must be one of .* got 'fast'"):
     compiler_options('fast', 'cpu')
 
@@ -113,3 +119,23 @@ def test_release_free_heap_returns_freed_memory():
   after = _rss_mb()
   libc.free(keep)
   assert before - after > 128, (before, after)
+
+
+def test_remat_recomputes_under_the_project_options_with_the_same_numbers():
+  temp, params = {}, {}
+  for remat in (False, True):
+    config, mesh, _, _, batch = _setup('memory')
+    config.model.remat = remat
+    model = train.build_model(config, parallel.AXIS)
+    state = train.create_train_state(config, model, mesh)
+    executable = _compiled_step(config, mesh, model, state, batch,
+                                train.step_compiler_options(config, mesh))
+    temp[remat] = executable.memory_analysis().temp_size_in_bytes
+    for _ in range(2):
+      state, _ = executable(state, parallel.to_global(batch, mesh))
+    params[remat] = jax.tree.map(np.asarray, state.params)
+  # Measured with jax 0.10.2: 0.58x the buffers of the plain step. With XLA's
+  # cse_barrier_expander left in, the recomputation is merged back into the forward pass: 0.66x.
+  assert temp[True] < 0.62 * temp[False], temp
+  for a, b in zip(jax.tree.leaves(params[True]), jax.tree.leaves(params[False]), strict=True):
+    np.testing.assert_array_equal(a, b)

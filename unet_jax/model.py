@@ -101,6 +101,7 @@ class Conv3x3(nn.Module):
   weight_grad: Literal['banded', 'xla'] = 'banded'
   dtype: Dtype = jnp.float32
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  stream_bands: bool = False  # see conv_kernels.banded_weight_grad; set with remat
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
@@ -111,7 +112,7 @@ class Conv3x3(nn.Module):
             if self.use_bias else None)
     *parts, kernel, bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
     if self.weight_grad == 'banded':
-      conv = conv3x3
+      conv = functools.partial(conv3x3, stream_bands=self.stream_bands)
     elif self.weight_grad == 'xla':
       conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
                                padding=((1, 1), (1, 1)),
@@ -141,6 +142,7 @@ class DoubleConv(nn.Module):
   weight_grad: Literal['banded', 'xla'] = 'banded'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  stream_bands: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -150,7 +152,7 @@ class DoubleConv(nn.Module):
     mid = self.mid_features or self.features
     for i, feats in ((1, mid), (2, self.features)):
       x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, self.small_maps,
-                  name=f'conv{i}')(x)
+                  self.stream_bands, name=f'conv{i}')(x)
       x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, fused_relu=self.bn_relu == 'fused',
                     name=f'norm{i}')(x, train=train, relu=True)
     return x
@@ -164,10 +166,18 @@ class _PositionalDoubleConv(DoubleConv):
 
 
 def _double_conv(remat: bool):
-  """A DoubleConv class; with remat, its activations are recomputed in the backward pass."""
+  """A DoubleConv class; with remat, its activations are recomputed in the backward pass.
+
+  With remat each conv's input is recomputed right before its weight gradient, so the weight
+  gradient streams its bands from it rather than copying them (conv_kernels.banded_weight_grad).
+  """
   if remat:
-    return nn.remat(_PositionalDoubleConv, static_argnums=(2,))
+    return nn.remat(_StreamingDoubleConv, static_argnums=(2,))
   return _PositionalDoubleConv
+
+
+class _StreamingDoubleConv(_PositionalDoubleConv):
+  stream_bands: bool = True
 
 
 class Down(nn.Module):
@@ -385,26 +395,48 @@ class UNet(nn.Module):
                        f'got {x.shape[1]}x{x.shape[2]}')
     if self.upsample not in ('transpose', 'bilinear'):
       raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
-    factor = 2 if self.upsample == 'bilinear' else 1
-    common = dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
-                  weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
-                  small_maps=self.small_maps)
-
-    f = self.base_features
     x = x.astype(self.dtype)
-    x = _double_conv(self.remat)(f, name='in_conv', **{k: v for k, v in common.items()
-                                                       if k != 'remat'})(x, train)
-    skips = [x]
-    for k in range(1, self.depth + 1):
-      features = f * 2**k // (factor if k == self.depth else 1)
-      x = Down(features, max_pool=self.max_pool, name=f'down{k}', **common)(x, train=train)
-      skips.append(x)
-    skips.pop()  # the bottom of the U is not a skip
-    for k in range(1, self.depth + 1):
-      level = self.depth - k
-      features = f * 2**level // factor if level > 0 else f
-      x = Up(features, self.upsample, transpose_conv=self.transpose_conv,
-             skip_concat=self.skip_concat, name=f'up{k}',
-             **common)(x, skips.pop(), train=train)
+    x = _double_conv(self.remat)(self.base_features, name='in_conv',
+                                 **_without_remat(self._block_settings()))(x, train)
+    # Everything below full resolution is one piece. With remat that piece is recomputed in the
+    # backward pass as a whole, so none of its activations are held while the full-resolution
+    # blocks, whose maps are the largest, run their backward pass.
+    below = (nn.remat(_below_full_resolution, static_argnums=(2,)) if self.remat
+             else _below_full_resolution)
+    x = Up(self.base_features, self.upsample, transpose_conv=self.transpose_conv,
+           skip_concat=self.skip_concat, name=f'up{self.depth}',
+           **self._block_settings())(below(self, x, train), x, train=train)
     logits = OutConv(self.num_classes, dtype=self.dtype, name='out_conv')(x)
     return logits.astype(jnp.float32)
+
+  def _block_settings(self) -> dict[str, Any]:
+    """The settings every Down and Up block takes from the UNet."""
+    return dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
+                weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
+                small_maps=self.small_maps)
+
+
+def _without_remat(settings: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in settings.items() if k != 'remat'}
+
+
+def _below_full_resolution(unet: UNet, x: jax.Array, train: bool) -> jax.Array:
+  """down1 .. down{depth}, then up1 .. up{depth-1}: the full-resolution map x to the half-
+  resolution map that the last Up block upsamples. A function of the UNet (not a submodule), so
+  parameter names stay `down1`, `up1`, ... as in the seed."""
+  factor = 2 if unet.upsample == 'bilinear' else 1
+  f, depth = unet.base_features, unet.depth
+  settings = unet._block_settings()
+  skips = []
+  for k in range(1, depth + 1):
+    skips.append(x)
+    features = f * 2**k // (factor if k == depth else 1)
+    x = Down(features, max_pool=unet.max_pool, name=f'down{k}', parent=unet,
+             **settings)(x, train=train)
+  for k in range(1, depth):
+    level = depth - k
+    features = f * 2**level // factor
+    x = Up(features, unet.upsample, transpose_conv=unet.transpose_conv,
+           skip_concat=unet.skip_concat, name=f'up{k}', parent=unet,
+           **settings)(x, skips.pop(), train=train)
+  return x
