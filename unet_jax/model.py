@@ -429,12 +429,13 @@ def _below_full_resolution(unet: UNet, x: jax.Array, train: bool) -> jax.Array:
   factor = 2 if unet.upsample == 'bilinear' else 1
   f, depth = unet.base_features, unet.depth
   settings = unet._block_settings()
-  skips = []
+  skips = []  # the outputs of down1 .. down{depth-1}; the bottom of the U is not a skip
   for k in range(1, depth + 1):
-    skips.append(x)
     features = f * 2**k // (factor if k == depth else 1)
     x = Down(features, max_pool=unet.max_pool, name=f'down{k}', parent=unet,
              **settings)(x, train=train)
+    if k < depth:
+      skips.append(x)
   for k in range(1, depth):
     level = depth - k
     features = f * 2**level // factor
