@@ -44,7 +44,22 @@ def banded_weight_grad(x: jax.Array, dy: jax.Array, rows: int = BAND_ROWS,
   return _copied_bands_weight_grad(x, dy, rows)
 
 
-def _copied_bands_weight_grad(x: jax.Array, dy: jax.Array, rows: int = BAND_ROWS) -> jax.Array:
+def _band_weight_grad(xb: jax.Array, db: jax.Array) -> jax.Array:
+  """One band's share of the weight gradient, (9 * C_in, C_out) in (kh, kw, c) row order.
+
+  xb: the band's rows of x with one halo row and the conv's zero column on each side,
+  (rows + 2, w + 2, C_in); db: the band's rows of dy, (rows, w, C_out). The kw taps sit side by
+  side (3x the band, in cache) and each kernel row kh is one GEMM."""
+  rows, w, o = db.shape
+  c = xb.shape[-1]
+  cols = jnp.concatenate([xb[:, kw:kw + w, :] for kw in range(3)], axis=-1)  # rows+2, w, 3c
+  d2 = db.reshape(rows * w, o)
+  per_kh = [jnp.matmul(cols[kh:kh + rows].reshape(rows * w, 3 * c).T, d2,
+                       preferred_element_type=jnp.float32) for kh in range(3)]
+  return jnp.concatenate(per_kh)
+
+
+def _copied_bands_weight_grad(x: jax.Array, dy: jax.Array, rows: int) -> jax.Array:
   """The weight gradient from a banded copy of x (1.25x its size, with the halo rows).
 
   XLA builds the copy in one fusion with x's producer (BatchNorm+ReLU of the previous conv),
@@ -61,12 +76,7 @@ def _copied_bands_weight_grad(x: jax.Array, dy: jax.Array, rows: int = BAND_ROWS
   dy_bands = dy.reshape(n * bands, rows, w, o)
 
   def accumulate(acc, band):
-    xb, db = band
-    cols = jnp.concatenate([xb[:, kw:kw + w, :] for kw in range(3)], axis=-1)  # rows+2, w, 3c
-    d2 = db.reshape(rows * w, o)
-    per_kh = [jnp.matmul(cols[kh:kh + rows].reshape(rows * w, 3 * c).T, d2,
-                         preferred_element_type=jnp.float32) for kh in range(3)]
-    return acc + jnp.concatenate(per_kh), None
+    return acc + _band_weight_grad(*band), None
 
   acc, _ = lax.scan(accumulate, jnp.zeros((9 * c, o), jnp.float32), (x_bands, dy_bands))
   return acc.reshape(3, 3, c, o)
@@ -83,7 +93,7 @@ def _streamed_bands_weight_grad(x: jax.Array, dy: jax.Array, rows: int) -> jax.A
     extra = rows + 2 - x.shape[1]
     x = jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
     dy = jnp.pad(dy, ((0, 0), (0, extra), (0, 0), (0, 0)))  # zero rows add nothing
-  n, h, w, c = x.shape
+  n, h, _, c = x.shape
   o = dy.shape[-1]
   bands = -(-h // rows)
 
@@ -100,11 +110,7 @@ def _streamed_bands_weight_grad(x: jax.Array, dy: jax.Array, rows: int) -> jax.A
     xb = band_rows(x, image, band * rows - 1, rows + 2)  # the band and one halo row each side
     db = band_rows(dy, image, band * rows, rows)
     xb = jnp.pad(xb, ((0, 0), (1, 1), (0, 0)))  # the conv's zero columns
-    cols = jnp.concatenate([xb[:, kw:kw + w, :] for kw in range(3)], axis=-1)  # rows+2, w, 3c
-    d2 = db.reshape(rows * w, o)
-    per_kh = [jnp.matmul(cols[kh:kh + rows].reshape(rows * w, 3 * c).T, d2,
-                         preferred_element_type=jnp.float32) for kh in range(3)]
-    return acc + jnp.concatenate(per_kh), None
+    return acc + _band_weight_grad(xb, db), None
 
   acc, _ = lax.scan(accumulate, jnp.zeros((9 * c, o), jnp.float32), jnp.arange(n * bands))
   return acc.reshape(3, 3, c, o)
