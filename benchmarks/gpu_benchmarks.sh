@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of README "On a GPU", in one go (about 8 minutes on an H200):
+#   bash benchmarks/gpu_benchmarks.sh [LOG_DIR]
+# 1. bf16 at 16x1x480x480: PyTorch AMP (channels_last) eager and torch.compile against unet_jax's
+#    plain step and project step with their default levers ('auto' picks XLA's ops on a GPU where
+#    the CPU kernels would be slow), 2 alternating rounds.
+# 2. The project step with every lever on XLA's op (--no_levers), the levers' baseline.
+# 3. The project step with the CPU kernels named (banded weight gradient, mask max-pool).
+# 4. The project step with model.remat: device memory.
+# SIZE, BATCH, ROUNDS, BASE override the shape (small values make a quick CPU smoke test);
+# PYTHON the interpreter (python3).
+set -u
+LOG=${1:-benchmarks/gpu_logs}
+PY=${PYTHON:-python3}
+SIZE=${SIZE:-480} BATCH=${BATCH:-16} ROUNDS=${ROUNDS:-2} BASE=${BASE:-64}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1
+# Both sides may reuse compiled kernels across their processes (torch.compile does by default);
+# the table quotes the slowest round's first step, i.e. the cold one.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/unet_jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+common=(--size "$SIZE" --batch "$BATCH" --base_features "$BASE" --precision bf16)
+
+{ nvidia-smi -L 2>/dev/null || true
+  "$PY" -c 'import jax, flax, optax, torch; print("jax", jax.__version__, jax.devices(),
+"flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__)'
+} 2>&1 | tee "$LOG/versions.txt"
+
+sides=torch,torch_compile,jax_plain,jax_project
+if ! "$PY" -c 'import unet_jax.train' 2>"$LOG/import_error.txt"; then
+  echo "unet_jax.train does not import here (see import_error.txt): no jax_project side"
+  tail -3 "$LOG/import_error.txt"
+  sides=torch,torch_compile,jax_plain
+fi
+
+run() {  # name, seconds, args...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$PY" benchmarks/compare_pytorch.py "${common[@]}" "$@" >"$LOG/$name.log" 2>&1
+  echo "exit $?"; grep -v -e '^{' -e '^round' "$LOG/$name.log" | tail -12
+}
+run bf16_sides 360 --sides "$sides" --repeats "$ROUNDS"
+run bf16_all_xla 100 --sides jax_project --no_levers --repeats 1
+run bf16_cpu_kernels 100 --sides jax_project --conv_weight_grad banded --max_pool masks --repeats 1
+run bf16_remat 100 --sides jax_project --remat --repeats 1

@@ -1,0 +1,48 @@
+"""The benchmarks' FLOP count (benchmarks/model_flops.py), checked against PyTorch's counter."""
+
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torch_reference import SeedUNet
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+import model_flops  # noqa: E402
+
+
+@pytest.mark.parametrize('size,in_channels,num_classes,base,depth',
+                         [(32, 1, 1, 8, 4), (48, 3, 2, 4, 3), (64, 2, 3, 16, 2)])
+def test_seed_unet_flops_match_pytorch_flop_counter(size, in_channels, num_classes, base, depth):
+  torch.manual_seed(0)
+  model = SeedUNet(in_channels, num_classes, base=base, depth=depth)
+  x = torch.randn(2, in_channels, size, size)
+  with FlopCounterMode(display=False) as forward_only:
+    with torch.no_grad():
+      model(x)
+  with FlopCounterMode(display=False) as train:
+    model(x).sum().backward()
+  ours = model_flops.seed_unet_flops(size, in_channels, num_classes, base, depth)
+  assert forward_only.get_total_flops() == 2 * ours['forward']
+  assert train.get_total_flops() == 2 * ours['train']
+
+
+def test_seed_unet_flops_at_the_seed_setting():
+  # 1x480x480, base 64, depth 4: about 338 GFLOP forward, (480/128)**2 times the 128x128 count.
+  at_480 = model_flops.seed_unet_flops(480)
+  at_128 = model_flops.seed_unet_flops(128)
+  assert at_480['forward'] * 128**2 == at_128['forward'] * 480**2
+  assert 3.3e11 < at_480['forward'] < 3.45e11
+
+
+def test_size_not_divisible_is_refused():
+  with pytest.raises(ValueError, match='not divisible by 2\\*\\*depth = 16'):
+    model_flops.seed_unet_flops(100)
+
+
+@pytest.mark.parametrize('name,precision,expected', [
+    ('NVIDIA H100 80GB HBM3', 'bf16', 989.4), ('NVIDIA H100 PCIe', 'bf16', 756.0),
+    ('NVIDIA H200', 'fp32', 66.9), ('cpu', 'bf16', None)])
+def test_peak_tflops_by_device_name(name, precision, expected):
+  assert model_flops.peak_tflops(name, precision) == expected
