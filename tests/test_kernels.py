@@ -10,6 +10,7 @@ import pytest
 from conftest import max_rel_err
 
 from unet_jax import UNet
+from unet_jax import model as model_module
 from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3, im2col_conv3x3
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import Conv1x1, ConvTranspose2x2
@@ -124,6 +125,29 @@ def test_levers_keep_training_gradients():
     assert max_rel_err(y, want_y) < 1e-5, levers
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
       assert max_rel_err(a, b) < 1e-5, levers
+
+
+@pytest.mark.parametrize('platform,resolved', [
+    ('cpu', dict(conv_weight_grad='banded', max_pool='masks')),
+    ('gpu', dict(conv_weight_grad='xla', max_pool='xla')),
+    ('tpu', dict(conv_weight_grad='xla', max_pool='xla'))])
+def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform, resolved):
+  # The whole training gradient is traced: 'auto' must trace to exactly the named choice.
+  monkeypatch.setattr(model_module, '_platform', lambda: platform)
+  x = jnp.zeros((2, 32, 32, 1), jnp.float32)
+  auto = UNet(base_features=4, depth=2)
+  variables = auto.init(jax.random.key(0), x, train=False)
+
+  def traced(model):
+    def loss(params):
+      y, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return y.sum()
+    return str(jax.make_jaxpr(jax.grad(loss))(variables['params']))
+
+  assert traced(auto) == traced(UNet(base_features=4, depth=2, **resolved))
+  other = {k: 'xla' if v != 'xla' else {'conv_weight_grad': 'banded', 'max_pool': 'masks'}[k]
+           for k, v in resolved.items()}
+  assert traced(auto) != traced(UNet(base_features=4, depth=2, **other))
 
 
 def _forward(model, variables, x):

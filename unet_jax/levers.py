@@ -8,8 +8,9 @@ file by path: importing the `unet_jax` package would load JAX into its PyTorch w
 # UNet's speed levers (model attributes).
 LEVERS: dict[str, tuple[str, ...]] = {
     'transpose_conv': ('gemm', 'xla'),
-    'conv_weight_grad': ('banded', 'xla'),
-    'max_pool': ('masks', 'xla'),
+    # 'auto': the CPU kernel when JAX's default backend is the CPU, XLA's op elsewhere.
+    'conv_weight_grad': ('auto', 'banded', 'xla'),
+    'max_pool': ('auto', 'masks', 'xla'),
     'bn_relu': ('fused', 'xla'),
     'skip_concat': ('split', 'concat'),
     'small_maps': ('gemm', 'xla'),

@@ -22,6 +22,24 @@ from unet_jax.pool_kernels import max_pool_2x2
 
 Dtype = Any
 Upsample = Literal['transpose', 'bilinear']
+WeightGrad = Literal['auto', 'banded', 'xla']
+MaxPool = Literal['auto', 'masks', 'xla']
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def _on_this_platform(choice: str, cpu_kernel: str) -> str:
+  """Resolves an 'auto' lever: the CPU kernel on CPU, XLA's own op elsewhere.
+
+  Measured on an H200 (README, "Benchmarks on a GPU"): the banded weight gradient and the mask
+  max-pool, written for XLA's CPU backend, slow a GPU step to under half its speed, where XLA
+  hands convolutions to cuDNN. Decided by JAX's default backend when the model is traced.
+  """
+  if choice != 'auto':
+    return choice
+  return cpu_kernel if _platform() == 'cpu' else 'xla'
 
 # PyTorch's Conv2d default (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # which is variance_scaling(1/3, fan_in, uniform).
@@ -88,9 +106,9 @@ class BatchNorm(nn.Module):
 class Conv3x3(nn.Module):
   """`Conv2d(cin, features, 3, padding=1)`, stored as `flax.linen.Conv` stores it.
 
-  weight_grad='banded' (default) uses `conv_kernels.conv3x3`, whose weight gradient is about 2x
-  faster on CPU at high resolution; 'xla' is the plain `lax` convolution. Same numbers to
-  float32 rounding.
+  weight_grad='banded' uses `conv_kernels.conv3x3`, whose weight gradient is about 2x faster on
+  CPU at high resolution; 'xla' is the plain `lax` convolution; 'auto' (default) is 'banded' on
+  CPU and 'xla' elsewhere. Same numbers to float32 rounding.
 
   The input may be a sequence of arrays standing for their concatenation along channels (the
   decoder's [skip, upsampled]): each part is convolved with its slice of the one kernel and the
@@ -98,7 +116,7 @@ class Conv3x3(nn.Module):
   """
   features: int
   use_bias: bool = False
-  weight_grad: Literal['banded', 'xla'] = 'banded'
+  weight_grad: WeightGrad = 'auto'
   dtype: Dtype = jnp.float32
   small_maps: Literal['gemm', 'xla'] = 'gemm'
   stream_bands: bool = False  # see conv_kernels.banded_weight_grad; set with remat
@@ -111,14 +129,15 @@ class Conv3x3(nn.Module):
     bias = (self.param('bias', _torch_bias_init(cin * 9), (self.features,))
             if self.use_bias else None)
     *parts, kernel, bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
-    if self.weight_grad == 'banded':
+    weight_grad = _on_this_platform(self.weight_grad, 'banded')
+    if weight_grad == 'banded':
       conv = functools.partial(conv3x3, stream_bands=self.stream_bands)
-    elif self.weight_grad == 'xla':
+    elif weight_grad == 'xla':
       conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
                                padding=((1, 1), (1, 1)),
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     else:
-      raise ValueError(f"weight_grad must be 'banded' or 'xla', got {self.weight_grad!r}")
+      raise ValueError(f"weight_grad must be 'auto', 'banded' or 'xla', got {self.weight_grad!r}")
     if self.small_maps not in ('gemm', 'xla'):
       raise ValueError(f"small_maps must be 'gemm' or 'xla', got {self.small_maps!r}")
     if self.small_maps == 'gemm' and parts[0].shape[1] * parts[0].shape[2] <= MAX_PIXELS_FOR_IM2COL:
@@ -139,7 +158,7 @@ class DoubleConv(nn.Module):
   conv_bias: bool = False
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
-  weight_grad: Literal['banded', 'xla'] = 'banded'
+  weight_grad: WeightGrad = 'auto'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
   stream_bands: bool = False
@@ -186,20 +205,21 @@ class Down(nn.Module):
   conv_bias: bool = False
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
-  weight_grad: Literal['banded', 'xla'] = 'banded'
+  weight_grad: WeightGrad = 'auto'
   remat: bool = False
-  max_pool: Literal['masks', 'xla'] = 'masks'
+  max_pool: MaxPool = 'auto'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if self.max_pool == 'masks':
+    max_pool = _on_this_platform(self.max_pool, 'masks')
+    if max_pool == 'masks':
       x = max_pool_2x2(x)
-    elif self.max_pool == 'xla':
+    elif max_pool == 'xla':
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
     else:
-      raise ValueError(f"max_pool must be 'masks' or 'xla', got {self.max_pool!r}")
+      raise ValueError(f"max_pool must be 'auto', 'masks' or 'xla', got {self.max_pool!r}")
     return _double_conv(self.remat)(
         self.features, conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
         weight_grad=self.weight_grad, bn_relu=self.bn_relu, small_maps=self.small_maps,
@@ -281,7 +301,7 @@ class Up(nn.Module):
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
   transpose_conv: Literal['gemm', 'xla'] = 'gemm'
-  weight_grad: Literal['banded', 'xla'] = 'banded'
+  weight_grad: WeightGrad = 'auto'
   remat: bool = False
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
@@ -352,11 +372,14 @@ class UNet(nn.Module):
     conv_bias: bias on the 3x3 convs (older milesial checkpoints have it; the seed does not).
     dtype: computation dtype; parameters and BatchNorm statistics stay float32.
     axis_name: a bound mapped axis over which BatchNorm averages its statistics (SyncBN).
-    transpose_conv: 'gemm' (default, fast on CPU) or 'xla' (lax.conv_transpose); same numbers.
-    conv_weight_grad: 'banded' (default, fast on CPU) or 'xla': how 3x3 convs compute their
-      weight gradient (see conv_kernels.py); same numbers to float32 rounding.
-    max_pool: 'masks' (default, fast on CPU; see pool_kernels.py) or 'xla' (flax's max_pool):
-      how the 2x2 max-pool routes its gradient; identical results, ties included.
+    transpose_conv: 'gemm' (default; one GEMM, 1.4x the step speed on an H200 and 2x on CPU)
+      or 'xla' (lax.conv_transpose); same numbers.
+    conv_weight_grad: 'banded' (fast on CPU) or 'xla': how 3x3 convs compute their weight
+      gradient (see conv_kernels.py); same numbers to float32 rounding. 'auto' (default):
+      'banded' when JAX's default backend is the CPU, 'xla' (cuDNN's) on a GPU.
+    max_pool: 'masks' (fast on CPU; see pool_kernels.py) or 'xla' (flax's max_pool): how the
+      2x2 max-pool routes its gradient; identical results, ties included. 'auto' (default):
+      'masks' on CPU, 'xla' elsewhere.
     bn_relu: 'fused' (default; see norm_kernels.py) or 'xla' (autodiff of BatchNorm then ReLU):
       how training-mode BatchNorm+ReLU computes its gradient; same numbers to float32 rounding.
     skip_concat: 'split' (default) convolves the skip and the upsampled map separately with
@@ -379,9 +402,9 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
   transpose_conv: Literal['gemm', 'xla'] = 'gemm'
-  conv_weight_grad: Literal['banded', 'xla'] = 'banded'
+  conv_weight_grad: WeightGrad = 'auto'
   remat: bool = False
-  max_pool: Literal['masks', 'xla'] = 'masks'
+  max_pool: MaxPool = 'auto'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
