@@ -348,7 +348,7 @@ def main() -> None:
   for side, row in rows.items():
     print(f'{side:<14} {row["train_img_per_s"]:>12.2f} {row["eval_img_per_s"]:>11.2f} '
           f'{row["first_step_s"]:>13.2f} {row["peak_rss_mb"]:>12.0f} '
-          f'{fmt(row["peak_device_mb"], ".0f"):>12} {row["train_tflop_per_s"]:>8.1f} '
+          f'{fmt(row["peak_device_mb"], ".0f"):>12} {row["train_tflop_per_s"]:>8.3g} '
           f'{"-" if row["mfu"] is None else format(row["mfu"], ".1%"):>6}')
   ratios = {}
   for ref_side in ('torch', 'torch_compile'):
