@@ -33,13 +33,14 @@ def _platform() -> str:
 def _on_this_platform(choice: str, cpu_kernel: str) -> str:
   """Resolves an 'auto' lever: the CPU kernel on CPU, XLA's own op elsewhere.
 
-  Measured on an H200 (README, "Benchmarks on a GPU"): the banded weight gradient and the mask
+  Measured on an H200 (README, Benchmarks, "On a GPU"): the banded weight gradient and the mask
   max-pool, written for XLA's CPU backend, slow a GPU step to under half its speed, where XLA
   hands convolutions to cuDNN. Decided by JAX's default backend when the model is traced.
   """
   if choice != 'auto':
     return choice
   return cpu_kernel if _platform() == 'cpu' else 'xla'
+
 
 # PyTorch's Conv2d default (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # which is variance_scaling(1/3, fan_in, uniform).
