@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of README "On a GPU", in one go (about 8 minutes on an H200):
+# The GPU benchmarks of README "On a GPU", in one go (about 6 minutes on an H200):
 #   bash benchmarks/gpu_benchmarks.sh [LOG_DIR]
 # 1. bf16 at 16x1x480x480: PyTorch AMP (channels_last) eager and torch.compile against unet_jax's
 #    plain step and project step with their default levers ('auto' picks XLA's ops on a GPU where
