@@ -51,10 +51,14 @@ SIDES = ('torch', 'torch_compile', 'jax_plain', 'jax_project')
 DEFAULT_SIDES = ('torch', 'jax_plain', 'jax_project')
 
 
+# Every lever on XLA's own op (skip_concat has no 'xla': 'concat' is the plain form).
+ALL_XLA_LEVERS = {**{name: 'xla' for name in LEVERS}, 'skip_concat': 'concat'}
+
+
 def _levers(args) -> dict:
   """The UNet speed-lever settings of this run, as UNet keyword arguments."""
-  if args.no_levers:  # XLA's own ops throughout
-    return {**{name: 'xla' for name in LEVERS}, 'skip_concat': 'concat', 'remat': args.remat}
+  if args.no_levers:
+    return {**ALL_XLA_LEVERS, 'remat': args.remat}
   return {**{name: getattr(args, name) for name in LEVERS}, 'remat': args.remat}
 
 
@@ -98,7 +102,13 @@ def _measure(args, train_step, eval_step, sync, on_gpu: bool) -> dict:
   return result
 
 
-def run_torch(args) -> dict:
+def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base: int,
+                precision: str, compiled: bool):
+  """The seed model's training and eval steps in PyTorch, on the GPU when there is one.
+
+  Returns (train_step, eval_step, model, on_gpu); each step returns an unsynchronised tensor.
+  bf16 is PyTorch AMP as its docs recommend for convnets: autocast plus channels_last.
+  """
   import torch
   sys.path.insert(0, os.path.join(REPO, 'tests'))
   from torch_reference import SeedUNet
@@ -107,15 +117,15 @@ def run_torch(args) -> dict:
   if on_gpu:
     torch.backends.cudnn.benchmark = True  # what a PyTorch user tuning for speed sets
   torch.manual_seed(0)
-  model = SeedUNet(args.in_channels, args.num_classes, base=args.base_features).to(device)
-  x = torch.randn(args.batch, args.in_channels, args.size, args.size, device=device)
-  y = (torch.rand(args.batch, args.num_classes, args.size, args.size, device=device) > 0.5).float()
-  bf16 = args.precision == 'bf16'
-  if bf16:  # PyTorch AMP as its docs recommend for convnets: autocast plus channels_last
+  model = SeedUNet(in_channels, num_classes, base=base).to(device)
+  x = torch.randn(batch, in_channels, size, size, device=device)
+  y = (torch.rand(batch, num_classes, size, size, device=device) > 0.5).float()
+  bf16 = precision == 'bf16'
+  if bf16:
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-  forward = torch.compile(model) if args.worker == 'torch_compile' else model
+  forward = torch.compile(model) if compiled else model
   loss_fn = torch.nn.BCEWithLogitsLoss()
 
   def autocast():
@@ -135,11 +145,40 @@ def run_torch(args) -> dict:
     with torch.no_grad(), autocast():
       return forward(x).float().sum()
 
+  return train_step, eval_step, model, on_gpu
+
+
+def run_torch(args) -> dict:
+  import torch
+  train_step, eval_step, _, on_gpu = torch_steps(
+      args.size, args.batch, args.in_channels, args.num_classes, args.base_features,
+      args.precision, compiled=args.worker == 'torch_compile')
   result = _measure(args, train_step, eval_step, lambda t: t.item(), on_gpu)
   if on_gpu:
     result['peak_device_mb'] = torch.cuda.max_memory_allocated() / 2**20
     result['device_name'] = torch.cuda.get_device_name()
   return result
+
+
+def plain_jax_step(model, tx):
+  """What a researcher writes: (params, batch_stats, opt_state, x, y) -> the same, and the loss.
+
+  BCE-with-logits on float32 logits, Adam through optax; jit it (and donate) as you like."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def step(params, batch_stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, upd = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
+                                mutable=['batch_stats'])
+      loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), y).mean()
+      return loss, upd['batch_stats']
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  return step
 
 
 def run_jax(args, project: bool) -> dict:
@@ -195,17 +234,7 @@ def run_jax(args, project: bool) -> dict:
                                                          args.in_channels)), train=False)
     tx = optax.adam(1e-4)
     y = (labels[..., None] == 1).astype(jnp.float32)
-
-    @jax.jit
-    def plain_step(params, batch_stats, opt_state, x, y):
-      def loss_fn(p):
-        logits, upd = model.apply({'params': p, 'batch_stats': batch_stats}, x, train=True,
-                                  mutable=['batch_stats'])
-        loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), y).mean()
-        return loss, upd['batch_stats']
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), stats, opt_state, loss
+    plain_step = jax.jit(plain_jax_step(model, tx))
 
     holder = {'p': variables['params'], 's': variables['batch_stats'],
               'o': tx.init(variables['params'])}

@@ -30,9 +30,10 @@ BATCH = int(os.environ.get('BATCH', 16))
 BASE = int(os.environ.get('BASE', 64))
 PROFILED_STEPS = 3
 
-ALL_XLA = dict(transpose_conv='xla', conv_weight_grad='xla', max_pool='xla', bn_relu='xla',
-               skip_concat='concat', small_maps='xla')
-# name: (levers switched on from ALL_XLA, XLA compiler options)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_pytorch import ALL_XLA_LEVERS, plain_jax_step, torch_steps  # noqa: E402
+
+# name: (levers switched on from ALL_XLA_LEVERS, XLA compiler options)
 VARIANTS = {
     'xla': ({}, {}),
     'bn_fused': (dict(bn_relu='fused'), {}),
@@ -49,30 +50,9 @@ def log(*parts) -> None:
 
 
 def profile_torch(out: str, compiled: bool) -> None:
-  import torch
   from torch.profiler import ProfilerActivity, profile
-  sys.path.insert(0, os.path.join(REPO, 'tests'))
-  from torch_reference import SeedUNet
 
-  gpu = torch.cuda.is_available()
-  device = 'cuda' if gpu else 'cpu'
-  torch.backends.cudnn.benchmark = True
-  model = SeedUNet(1, 1, base=BASE).to(device).to(memory_format=torch.channels_last)
-  x = torch.randn(BATCH, 1, SIZE, SIZE, device=device).contiguous(
-      memory_format=torch.channels_last)
-  y = (torch.rand(BATCH, 1, SIZE, SIZE, device=device) > 0.5).float()
-  opt = torch.optim.Adam(model.parameters(), 1e-4)
-  forward = torch.compile(model) if compiled else model
-  loss_fn = torch.nn.BCEWithLogitsLoss()
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast(device, dtype=torch.bfloat16):
-      loss = loss_fn(forward(x).float(), y)
-    loss.backward()
-    opt.step()
-    return loss
-
+  step, _, _, gpu = torch_steps(SIZE, BATCH, 1, 1, BASE, 'bf16', compiled)
   for _ in range(3):
     step().item()
   with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
@@ -124,23 +104,12 @@ def profile_jax(out: str) -> None:
   speeds = {}
   for name, (levers, options) in variants.items():
     try:
-      model = UNet(1, 1, base_features=BASE, dtype=jnp.bfloat16, **{**ALL_XLA, **levers})
+      model = UNet(1, 1, base_features=BASE, dtype=jnp.bfloat16, **{**ALL_XLA_LEVERS, **levers})
       variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)), train=False)
-
-      def plain_step(params, batch_stats, opt_state, x, y, model=model):
-        def loss_fn(p):
-          logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, x,
-                                        train=True, mutable=['batch_stats'])
-          loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), y).mean()
-          return loss, updates['batch_stats']
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, loss
-
       state = [variables['params'], variables['batch_stats'], tx.init(variables['params'])]
       t = time.perf_counter()
-      compiled = jax.jit(plain_step, donate_argnums=(0, 1, 2)).lower(*state, x, y).compile(
-          options or None)
+      compiled = jax.jit(plain_jax_step(model, tx), donate_argnums=(0, 1, 2)).lower(
+          *state, x, y).compile(options or None)
       compile_s = time.perf_counter() - t
       if name == 'xla':
         with open(os.path.join(out, 'jax_hlo.txt'), 'w') as f:
