@@ -11,7 +11,8 @@ from conftest import max_rel_err
 
 from unet_jax import UNet
 from unet_jax import model as model_module
-from unet_jax.conv_kernels import _conv, banded_weight_grad, conv3x3, im2col_conv3x3
+from unet_jax.conv_kernels import (_conv, banded_weight_grad, conv3x3, im2col_conv3x3,
+                                   winograd_conv3x3)
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
@@ -48,6 +49,22 @@ def test_im2col_conv_matches_xla(shape):
   y, vjp = jax.vjp(im2col_conv3x3, x, kernel)
   want_y, want_vjp = jax.vjp(_conv, x, kernel)
   assert max_rel_err(y, want_y) < 1e-6
+  for got, want in zip(vjp(dy), want_vjp(dy), strict=True):
+    assert max_rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 10, 6, 5), (1, 9, 7, 4, 3), (2, 1, 1, 3, 2),
+                                   (1, 16, 12, 130, 129)])
+def test_winograd_conv_matches_xla(shape):
+  # Even and odd sizes (odd ones are padded, then cropped), a 1x1 map, and many channels.
+  n, h, w, c, o = shape
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((n, h, w, c), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32))
+  dy = jnp.asarray(rng.standard_normal((n, h, w, o), np.float32))
+  y, vjp = jax.vjp(winograd_conv3x3, x, kernel)
+  want_y, want_vjp = jax.vjp(_conv, x, kernel)
+  assert max_rel_err(y, want_y) < 1e-5
   for got, want in zip(vjp(dy), want_vjp(dy), strict=True):
     assert max_rel_err(got, want) < 1e-5
 
@@ -106,6 +123,26 @@ def _grads(model, variables, x):
   return jax.jit(jax.grad(loss))(variables['params'])
 
 
+def test_winograd_lever_keeps_training_gradients():
+  # base 16, depth 4 at 72x66: down3 (9x8 map, odd height) and up1 have 128-channel convs and
+  # parts, which take Winograd's conv; the 4x4 bottom takes the im2col GEMM.
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 72, 66, 1), np.float32))
+  plain = UNet(base_features=16, depth=4, wide_convs='xla')
+  variables = plain.init(jax.random.key(0), x, train=False)
+  model = UNet(base_features=16, depth=4, wide_convs='winograd')
+  assert 'winograd_conv3x3' in str(jax.make_jaxpr(
+      lambda v: model.apply(v, x, train=True, mutable=['batch_stats']))(variables))
+  for g, w in zip(jax.tree.leaves(_grads(model, variables, x)),
+                  jax.tree.leaves(_grads(plain, variables, x)), strict=True):
+    assert max_rel_err(g, w) < 1e-4
+  (y, stats), (want_y, want_stats) = _forward(model, variables, x), _forward(plain, variables, x)
+  assert max_rel_err(y, want_y) < 1e-5
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
+    assert max_rel_err(a, b) < 1e-5
+  eval_y = model.apply(variables, x, train=False)
+  assert max_rel_err(eval_y, plain.apply(variables, x, train=False)) < 1e-5
+
+
 def test_levers_keep_training_gradients():
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 72, 66, 1), np.float32))
   # 72x66 takes the banded weight gradient at the top; depth 4 reaches a 4x4 map (im2col GEMM).
@@ -127,15 +164,16 @@ def test_levers_keep_training_gradients():
       assert max_rel_err(a, b) < 1e-5, levers
 
 
-@pytest.mark.parametrize('platform,resolved', [
-    ('cpu', dict(conv_weight_grad='banded', max_pool='masks')),
-    ('gpu', dict(conv_weight_grad='xla', max_pool='xla')),
-    ('tpu', dict(conv_weight_grad='xla', max_pool='xla'))])
-def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform, resolved):
+_CPU_KERNELS = dict(conv_weight_grad='banded', max_pool='masks', wide_convs='winograd')
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'gpu', 'tpu'])
+def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform):
   # The whole training gradient is traced: 'auto' must trace to exactly the named choice.
   monkeypatch.setattr(model_module, '_platform', lambda: platform)
   x = jnp.zeros((2, 32, 32, 1), jnp.float32)
-  auto = UNet(base_features=4, depth=2)
+  # 128 channels at 16x16 (down1): Winograd's conv applies there.
+  auto = UNet(base_features=64, depth=2)
   variables = auto.init(jax.random.key(0), x, train=False)
 
   def traced(model):
@@ -144,10 +182,12 @@ def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform, res
       return y.sum()
     return str(jax.make_jaxpr(jax.grad(loss))(variables['params']))
 
-  assert traced(auto) == traced(UNet(base_features=4, depth=2, **resolved))
-  other = {k: 'xla' if v != 'xla' else {'conv_weight_grad': 'banded', 'max_pool': 'masks'}[k]
-           for k, v in resolved.items()}
-  assert traced(auto) != traced(UNet(base_features=4, depth=2, **other))
+  resolved = _CPU_KERNELS if platform == 'cpu' else {k: 'xla' for k in _CPU_KERNELS}
+  got = traced(auto)
+  assert got == traced(UNet(base_features=64, depth=2, **resolved))
+  for name in resolved:  # each lever on its own: the other choice traces differently
+    other = 'xla' if resolved[name] != 'xla' else _CPU_KERNELS[name]
+    assert got != traced(UNet(base_features=64, depth=2, **{**resolved, name: other})), name
 
 
 def _forward(model, variables, x):

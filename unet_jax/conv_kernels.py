@@ -1,4 +1,4 @@
-"""3x3 convolution with a faster weight gradient on CPU.
+"""3x3 convolutions that run faster on CPU than XLA's own, each computing the same numbers.
 
 XLA's CPU backend computes the weight gradient of a 3x3 convolution at high resolution and few
 channels far below the speed of the forward pass (about 45 against 170 GFLOP/s at 128x128x64
@@ -11,6 +11,13 @@ At the bottom of the U (8x8 maps, 512-1024 channels) XLA's convolution runs far 
 three directions; `im2col_conv3x3` writes the conv as one GEMM over the 9 shifted copies of the
 (small) input, so the forward, input gradient and weight gradient are all plain GEMMs: about
 1.6x faster there, slower from 16x16 up (measured with benchmarks/, see README).
+
+Convolutions with at least 128 input and output channels (for the seed UNet at 128x128 every
+level below the top but down1's first conv; at 480x480 likewise) use Winograd's F(2x2, 3x3) in
+`winograd_conv3x3` (maps above 8x8; im2col below): per 2x2 output block and per input and output
+channel 16 multiplies instead of 36, written as element-wise transforms around 16 GEMMs of
+(tiles, C_in) x (C_in, C_out); its input and weight gradients are GEMMs of the same size. With
+64 channels the transforms cost more than the products save (measured, see README).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ _DIMS = ('NHWC', 'HWIO', 'NHWC')
 BAND_ROWS = 8
 MIN_PIXELS_FOR_BANDS = 64 * 64  # below this XLA's own weight gradient is as fast
 MAX_PIXELS_FOR_IM2COL = 8 * 8  # above this the 9x copy of the input costs more than it saves
+MIN_CHANNELS_FOR_WINOGRAD = 128  # below this (in or out) the transforms cost more than they save
 
 
 def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -153,3 +161,117 @@ def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
   y = jnp.dot(cols.reshape(n * h * wd, 9 * c), w.reshape(9 * c, w.shape[-1]),
               preferred_element_type=jnp.float32)
   return y.reshape(n, h, wd, w.shape[-1]).astype(x.dtype)
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): y = A^T [(G g G^T) * (B^T d B)] A per 2x2 output
+# block, d its 4x4 input tile, g the 3x3 kernel. Each transform (and its transpose, for the
+# gradients) is applied along one spatial axis, then the other, to a list of arrays.
+
+def _input_transform(v: list) -> list:  # B^T
+  return [v[0] - v[2], v[1] + v[2], v[2] - v[1], v[1] - v[3]]
+
+
+def _kernel_transform(v: list) -> list:  # G
+  return [v[0], (v[0] + v[1] + v[2]) * 0.5, (v[0] - v[1] + v[2]) * 0.5, v[2]]
+
+
+def _kernel_transform_transposed(v: list) -> list:  # G^T
+  return [v[0] + (v[1] + v[2]) * 0.5, (v[1] - v[2]) * 0.5, (v[1] + v[2]) * 0.5 + v[3]]
+
+
+def _output_transform(v: list) -> list:  # A^T
+  return [v[0] + v[1] + v[2], v[1] - v[2] - v[3]]
+
+
+def _output_transform_transposed(v: list) -> list:  # A
+  return [v[0], v[0] + v[1], v[0] - v[1], -v[1]]
+
+
+# G applied to a spatially flipped kernel row gives G's rows in this order: the transformed
+# kernel of the input gradient's (flipped) kernel is a permutation of the forward's.
+_FLIPPED = (3, 1, 2, 0)
+
+
+def _transform_2d(transform, grid: list) -> list:
+  """out[a][b] = sum_rs T[a, r] T[b, s] grid[r][s], for a transform T given as a function."""
+  inner = [transform(row) for row in grid]  # inner[r][b]
+  out = [transform([inner[r][b] for r in range(len(grid))]) for b in range(len(inner[0]))]
+  return [[out[b][a] for b in range(len(out))] for a in range(len(out[0]))]
+
+
+def _stack16(grid: list) -> jax.Array:
+  return jnp.stack([grid[a][b] for a in range(4) for b in range(4)])
+
+
+def _tile_views(x: jax.Array, size: int) -> list:
+  """views[r][s]: element (r, s) of each size x size tile, tiles 2 apart, as (N, H/2, W/2, C).
+
+  x's H and W are padded with zeros to even sizes (size 4: plus the conv's one pixel each
+  side)."""
+  _, h, w, _ = x.shape
+  th, tw = -(-h // 2), -(-w // 2)
+  before = 1 if size == 4 else 0
+  xp = jnp.pad(x, ((0, 0), (before, 2 * th + size - 2 - before - h),
+                   (before, 2 * tw + size - 2 - before - w), (0, 0)))
+  return [[xp[:, r:r + 2 * th:2, s:s + 2 * tw:2] for s in range(size)] for r in range(size)]
+
+
+def _transformed_tiles(x: jax.Array) -> list:
+  """B^T d B for every 4x4 input tile d of x: u[a][b] is (tiles, C)."""
+  u = _transform_2d(_input_transform, _tile_views(x, 4))
+  return [[t.reshape(-1, x.shape[-1]) for t in row] for row in u]
+
+
+def _winograd(x: jax.Array, v: jax.Array) -> jax.Array:
+  """The conv of x with the kernel whose transform is v (16, C_in, C_out).
+
+  16 separate GEMMs rather than one batched GEMM over stacked tiles: stacking copies the
+  transformed tiles once more, which measured slower (README)."""
+  n, h, w, _ = x.shape
+  th, tw = -(-h // 2), -(-w // 2)
+  u = _transformed_tiles(x)
+  m = [[jnp.matmul(u[a][b], v[4 * a + b], preferred_element_type=jnp.float32)
+        .astype(x.dtype).reshape(n, th, tw, -1) for b in range(4)] for a in range(4)]
+  y = _transform_2d(_output_transform, m)
+  # y[p][q] holds output pixel (2i + p, 2j + q) of tile (i, j).
+  y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)  # n, th, 2, tw, 2, o
+  return y.reshape(n, 2 * th, 2 * tw, v.shape[-1])[:, :h, :w]
+
+
+def _kernel_tiles(w: jax.Array) -> jax.Array:
+  """G g G^T for the 3x3 kernel: (16, C_in, C_out)."""
+  return _stack16(_transform_2d(_kernel_transform, [[w[i, j] for j in range(3)]
+                                                      for i in range(3)]))
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+  """3x3 conv, stride 1, zero padding 1, NHWC x HWIO, by Winograd's F(2x2, 3x3).
+
+  Agrees with the direct convolution to float32 rounding (about 1e-6 relative); float32 only
+  (the transforms' additions would cost bfloat16 its few bits). Odd sizes get one more zero row
+  or column, whose output is cropped. The gradients are written out rather than left to
+  autodiff, whose transposed strided slices XLA fused into neighbouring transposes at a high
+  cost: the input gradient is the same Winograd conv with the flipped kernel, the weight
+  gradient a GEMM in the transformed domain."""
+  return _winograd(x, _kernel_tiles(w))
+
+
+def _winograd_fwd(x, w):
+  return winograd_conv3x3(x, w), (x, w)
+
+
+def _winograd_bwd(residuals, dy):
+  x, w = residuals
+  v = _kernel_tiles(w)
+  flipped = [4 * _FLIPPED[a] + _FLIPPED[b] for a in range(4) for b in range(4)]
+  dx = _winograd(dy, jnp.swapaxes(v[jnp.array(flipped)], 1, 2))
+  dm = _transform_2d(_output_transform_transposed, _tile_views(dy, 2))
+  u = _transformed_tiles(x)
+  dv = [[jnp.matmul(u[a][b].T, dm[a][b].reshape(-1, dy.shape[-1]),
+                    preferred_element_type=jnp.float32) for b in range(4)] for a in range(4)]
+  dw = _transform_2d(_kernel_transform_transposed, dv)
+  return dx, jnp.stack([jnp.stack(row) for row in dw]).astype(w.dtype)
+
+
+winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)

@@ -14,6 +14,7 @@ LEVERS: dict[str, tuple[str, ...]] = {
     'bn_relu': ('fused', 'xla'),
     'skip_concat': ('split', 'concat'),
     'small_maps': ('gemm', 'xla'),
+    'wide_convs': ('auto', 'winograd', 'xla'),
 }
 
 # XLA's CPU op order for the train and eval steps (config.cpu_scheduler; step_compilation.py).

@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax.conv_kernels import MAX_PIXELS_FOR_IM2COL, conv3x3, im2col_conv3x3
+from unet_jax.conv_kernels import (
+  MAX_PIXELS_FOR_IM2COL,
+  MIN_CHANNELS_FOR_WINOGRAD,
+  conv3x3,
+  im2col_conv3x3,
+  winograd_conv3x3,
+)
 from unet_jax.norm_kernels import batch_norm_relu, batch_statistics, normalise
 from unet_jax.pool_kernels import max_pool_2x2
 
@@ -24,6 +30,7 @@ Dtype = Any
 Upsample = Literal['transpose', 'bilinear']
 WeightGrad = Literal['auto', 'banded', 'xla']
 MaxPool = Literal['auto', 'masks', 'xla']
+WideConvs = Literal['auto', 'winograd', 'xla']
 
 
 def _platform() -> str:
@@ -114,6 +121,10 @@ class Conv3x3(nn.Module):
   The input may be a sequence of arrays standing for their concatenation along channels (the
   decoder's [skip, upsampled]): each part is convolved with its slice of the one kernel and the
   results summed, so the concatenation is never built (see `Up`).
+
+  wide_convs='winograd' computes a float32 conv (or part) with at least 128 input and output
+  channels by Winograd's F(2x2, 3x3) (`conv_kernels.winograd_conv3x3`); 'auto' (default) does so
+  on CPU only.
   """
   features: int
   use_bias: bool = False
@@ -121,6 +132,7 @@ class Conv3x3(nn.Module):
   dtype: Dtype = jnp.float32
   small_maps: Literal['gemm', 'xla'] = 'gemm'
   stream_bands: bool = False  # see conv_kernels.banded_weight_grad; set with remat
+  wide_convs: WideConvs = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
@@ -141,8 +153,13 @@ class Conv3x3(nn.Module):
       raise ValueError(f"weight_grad must be 'auto', 'banded' or 'xla', got {self.weight_grad!r}")
     if self.small_maps not in ('gemm', 'xla'):
       raise ValueError(f"small_maps must be 'gemm' or 'xla', got {self.small_maps!r}")
+    wide_convs = _on_this_platform(self.wide_convs, 'winograd')
+    if wide_convs not in ('winograd', 'xla'):
+      raise ValueError(f"wide_convs must be 'auto', 'winograd' or 'xla', got {self.wide_convs!r}")
     if self.small_maps == 'gemm' and parts[0].shape[1] * parts[0].shape[2] <= MAX_PIXELS_FOR_IM2COL:
       conv = im2col_conv3x3  # the bottom of the U: see conv_kernels.py
+    elif wide_convs == 'winograd' and parts[0].dtype == jnp.float32:
+      conv = functools.partial(_winograd_if_wide, otherwise=conv)
     y, start = None, 0
     for part in parts:
       c = part.shape[-1]
@@ -150,6 +167,13 @@ class Conv3x3(nn.Module):
       y = term if y is None else y + term
       start += c
     return y if bias is None else y + bias
+
+
+def _winograd_if_wide(x: jax.Array, kernel: jax.Array, otherwise) -> jax.Array:
+  """Winograd's F(2x2, 3x3) where it pays (see conv_kernels.py), `otherwise` elsewhere."""
+  if min(kernel.shape[2:]) >= MIN_CHANNELS_FOR_WINOGRAD:
+    return winograd_conv3x3(x, kernel)
+  return otherwise(x, kernel)
 
 
 class DoubleConv(nn.Module):
@@ -163,6 +187,7 @@ class DoubleConv(nn.Module):
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
   stream_bands: bool = False
+  wide_convs: WideConvs = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array], *, train: bool) -> jax.Array:
@@ -172,7 +197,7 @@ class DoubleConv(nn.Module):
     mid = self.mid_features or self.features
     for i, feats in ((1, mid), (2, self.features)):
       x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, self.small_maps,
-                  self.stream_bands, name=f'conv{i}')(x)
+                  self.stream_bands, self.wide_convs, name=f'conv{i}')(x)
       x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, fused_relu=self.bn_relu == 'fused',
                     name=f'norm{i}')(x, train=train, relu=True)
     return x
@@ -211,6 +236,7 @@ class Down(nn.Module):
   max_pool: MaxPool = 'auto'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  wide_convs: WideConvs = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -224,7 +250,7 @@ class Down(nn.Module):
     return _double_conv(self.remat)(
         self.features, conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
         weight_grad=self.weight_grad, bn_relu=self.bn_relu, small_maps=self.small_maps,
-        name='conv')(x, train)
+        wide_convs=self.wide_convs, name='conv')(x, train)
 
 
 def _resize_axis_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
@@ -307,6 +333,7 @@ class Up(nn.Module):
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  wide_convs: WideConvs = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool) -> jax.Array:
@@ -330,7 +357,7 @@ class Up(nn.Module):
     return _double_conv(self.remat)(
         self.features, mid, conv_bias=self.conv_bias, dtype=self.dtype,
         axis_name=self.axis_name, weight_grad=self.weight_grad, bn_relu=self.bn_relu,
-        small_maps=self.small_maps, name='conv')(x, train)
+        small_maps=self.small_maps, wide_convs=self.wide_convs, name='conv')(x, train)
 
 
 class Conv1x1(nn.Module):
@@ -389,6 +416,10 @@ class UNet(nn.Module):
     small_maps: 'gemm' (default) computes 3x3 convs on maps of at most 8x8 pixels as one im2col
       GEMM (see conv_kernels.py); 'xla' uses XLA's convolution there too. Same numbers to
       float32 rounding.
+    wide_convs: 'winograd' computes float32 3x3 convs with at least 128 input and output channels
+      by Winograd's F(2x2, 3x3) (2.25x fewer multiplies; see conv_kernels.py) or 'xla'; same
+      numbers to float32 rounding (about 1e-6 relative). 'auto' (default): 'winograd' when JAX's
+      default backend is the CPU, 'xla' elsewhere (not measured on a GPU).
     remat: recompute activations in the backward pass instead of keeping them (each
       DoubleConv's, and the sub-U below full resolution as one piece): same results, about
       half the memory per image, about 1.4x the step time on CPU. On CPU, compile the step with
@@ -409,6 +440,7 @@ class UNet(nn.Module):
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  wide_convs: WideConvs = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -439,7 +471,7 @@ class UNet(nn.Module):
     """The settings every Down and Up block takes from the UNet."""
     return dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
                 weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
-                small_maps=self.small_maps)
+                small_maps=self.small_maps, wide_convs=self.wide_convs)
 
 
 def _without_remat(settings: dict[str, Any]) -> dict[str, Any]:
