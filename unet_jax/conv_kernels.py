@@ -267,7 +267,9 @@ def _winograd_bwd(residuals, dy):
   flipped = [4 * _FLIPPED[a] + _FLIPPED[b] for a in range(4) for b in range(4)]
   dx = _winograd(dy, jnp.swapaxes(v[jnp.array(flipped)], 1, 2))
   dm = _transform_2d(_output_transform_transposed, _tile_views(dy, 2))
-  u = _transformed_tiles(x)
+  # The transformed tiles are recomputed from x here. The barrier keeps XLA from merging them
+  # with the forward pass's identical ones, which would keep those (4x x) alive until now.
+  u = _transformed_tiles(lax.optimization_barrier(x))
   dv = [[jnp.matmul(u[a][b].T, dm[a][b].reshape(-1, dy.shape[-1]),
                     preferred_element_type=jnp.float32) for b in range(4)] for a in range(4)]
   dw = _transform_2d(_kernel_transform_transposed, dv)
