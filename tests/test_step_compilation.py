@@ -62,7 +62,8 @@ def test_memory_schedule_needs_less_memory_for_the_same_numbers():
 
 
 def test_compiler_options():
-  keep_remat = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+  keep_remat = {'xla_disable_hlo_passes': 'cse_barrier_expander',
+                'xla_cpu_use_fusion_emitters': False}
   assert compiler_options('concurrency', 'cpu') == keep_remat
   assert compiler_options('memory', 'gpu') == {}
   assert compiler_options('memory', 'cpu') == {

@@ -1,6 +1,6 @@
 """How the train and eval steps are compiled: XLA's CPU scheduler, remat, the compiler's scratch.
 
-Three things decide the peak memory of a CPU training process besides the model itself:
+Four things decide the peak memory of a CPU training process besides the model itself:
 - XLA's CPU scheduler. Its default orders the step for concurrency, which keeps many
   activations alive at once: for the seed UNet at 8x1x128x128 the step's buffers take 1091 MB.
   The memory-optimised order needs 606 MB for the same computation (same ops, same numbers; only
@@ -11,6 +11,10 @@ Three things decide the peak memory of a CPU training process besides the model 
   by common-subexpression elimination: the forward's activations are kept after all. Skipping
   that pass keeps the recomputation: for the seed UNet at 1x480x480 with `model.remat`, 593
   instead of 758 MiB of step buffers per image. It changes nothing in a step without barriers.
+- The compiler itself. With XLA's newer CPU fusion emitters, compiling the seed UNet's step at
+  8x1x128x128 peaks at 2.0 GB RSS (about 100 MB per distinct Winograd conv, whose transforms
+  are many small fusions), above the step's own peak; with the older emitters 1.1 GB, for steps
+  of the same speed (README, "Benchmarks").
 - The compiler's scratch. Compiling the step takes a few hundred MB of heap that glibc keeps after
   it is freed, while the step's buffers come from fresh pages: without handing that heap back the
   first step's peak is the two stacked. `release_free_heap` hands it back (glibc's malloc_trim).
@@ -34,7 +38,10 @@ def compiler_options(cpu_scheduler: str, platform: str) -> dict[str, Any]:
     raise ValueError(f'cpu_scheduler must be one of {CPU_SCHEDULERS}, got {cpu_scheduler!r}')
   if platform != 'cpu':
     return {}
-  options = {'xla_disable_hlo_passes': 'cse_barrier_expander'}  # keeps remat's recomputation
+  options = {'xla_disable_hlo_passes': 'cse_barrier_expander',  # keeps remat's recomputation
+             # XLA's older loop-fusion emitters: same speed, and compiling the seed UNet's step
+             # (with Winograd's convs, many small fusions) peaks at 1.1 GB RSS instead of 2.0.
+             'xla_cpu_use_fusion_emitters': False}
   if cpu_scheduler == 'memory':
     # (The boolean xla_cpu_enable_concurrency_optimized_scheduler=False is accepted here but,
     # measured with jax 0.10.2, changes nothing; the scheduler type does.)
