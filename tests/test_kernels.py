@@ -11,8 +11,13 @@ from conftest import max_rel_err
 
 from unet_jax import UNet
 from unet_jax import model as model_module
-from unet_jax.conv_kernels import (_conv, banded_weight_grad, conv3x3, im2col_conv3x3,
-                                   winograd_conv3x3)
+from unet_jax.conv_kernels import (
+  _conv,
+  banded_weight_grad,
+  conv3x3,
+  im2col_conv3x3,
+  winograd_conv3x3,
+)
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
@@ -188,6 +193,9 @@ def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform):
   for name in resolved:  # each lever on its own: the other choice traces differently
     other = 'xla' if resolved[name] != 'xla' else _CPU_KERNELS[name]
     assert got != traced(UNet(base_features=64, depth=2, **{**resolved, name: other})), name
+  assert ('winograd_conv3x3' in got) == (platform == 'cpu')
+  # With remat (the memory setting) 'auto' leaves Winograd's conv out on every platform.
+  assert 'winograd_conv3x3' not in traced(UNet(base_features=64, depth=2, remat=True))
 
 
 def _forward(model, variables, x):

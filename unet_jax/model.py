@@ -419,7 +419,8 @@ class UNet(nn.Module):
     wide_convs: 'winograd' computes float32 3x3 convs with at least 128 input and output channels
       by Winograd's F(2x2, 3x3) (2.25x fewer multiplies; see conv_kernels.py) or 'xla'; same
       numbers to float32 rounding (about 1e-6 relative). 'auto' (default): 'winograd' when JAX's
-      default backend is the CPU, 'xla' elsewhere (not measured on a GPU).
+      default backend is the CPU, 'xla' elsewhere (not measured on a GPU) and with remat (its
+      transforms need memory).
     remat: recompute activations in the backward pass instead of keeping them (each
       DoubleConv's, and the sub-U below full resolution as one piece): same results, about
       half the memory per image, about 1.4x the step time on CPU. On CPU, compile the step with
@@ -471,7 +472,12 @@ class UNet(nn.Module):
     """The settings every Down and Up block takes from the UNet."""
     return dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
                 weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
-                small_maps=self.small_maps, wide_convs=self.wide_convs)
+                small_maps=self.small_maps, wide_convs=self._wide_convs())
+
+  def _wide_convs(self) -> str:
+    # remat is the memory setting: Winograd's transforms (4x a conv's input and output, at the
+    # peak of the backward pass) took the remat step at 480x480 from 600 to 825 MB per image.
+    return 'xla' if self.remat and self.wide_convs == 'auto' else self.wide_convs
 
 
 def _without_remat(settings: dict[str, Any]) -> dict[str, Any]:
