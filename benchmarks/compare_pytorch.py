@@ -200,7 +200,7 @@ def run_jax(args, project: bool) -> dict:
   x, labels = jax.device_put(x), jax.device_put(labels)
   if project:
     from configs import base
-    from unet_jax import parallel, train
+    from unet_jax import parallel, step_compilation, train
     config = base.get_config()
     config.model.in_channels, config.model.num_classes = args.in_channels, args.num_classes
     config.model.base_features = args.base_features
@@ -222,7 +222,10 @@ def run_jax(args, project: bool) -> dict:
       return metrics['loss']
 
     eval_model = train.build_model(config, None)
-    eval_fn = jax.jit(lambda v, x: eval_model.apply(v, x, train=False).astype(jnp.float32).sum())
+    # Compiled as train.py compiles its eval step: with the project's compiler options.
+    eval_fn = step_compilation.compile_per_signature(
+        jax.jit(lambda v, x: eval_model.apply(v, x, train=False).astype(jnp.float32).sum()),
+        train.step_compiler_options(config, mesh))
 
     def eval_step():
       s = holder['state']
