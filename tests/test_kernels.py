@@ -44,32 +44,21 @@ def test_banded_weight_grad_matches_xla(shape, stream_bands):
   assert max_rel_err(got_dx, want_dx) < 1e-6 and max_rel_err(got_dw, want_dw) < 1e-5
 
 
-@pytest.mark.parametrize('shape', [(2, 8, 8, 6, 5), (1, 3, 7, 4, 2)])
-def test_im2col_conv_matches_xla(shape):
+# im2col: small maps, even and odd. Winograd: even and odd sizes (odd ones are padded, then
+# cropped), a 1x1 map, and more than 128 channels.
+@pytest.mark.parametrize('conv,shape,forward_tol', [
+    (im2col_conv3x3, (2, 8, 8, 6, 5), 1e-6), (im2col_conv3x3, (1, 3, 7, 4, 2), 1e-6),
+    (winograd_conv3x3, (2, 8, 10, 6, 5), 1e-5), (winograd_conv3x3, (1, 9, 7, 4, 3), 1e-5),
+    (winograd_conv3x3, (2, 1, 1, 3, 2), 1e-5), (winograd_conv3x3, (1, 16, 12, 130, 129), 1e-5)])
+def test_gemm_convs_match_xla(conv, shape, forward_tol):
   n, h, w, c, o = shape
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((n, h, w, c), np.float32))
   kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32))
   dy = jnp.asarray(rng.standard_normal((n, h, w, o), np.float32))
-  y, vjp = jax.vjp(im2col_conv3x3, x, kernel)
+  y, vjp = jax.vjp(conv, x, kernel)
   want_y, want_vjp = jax.vjp(_conv, x, kernel)
-  assert max_rel_err(y, want_y) < 1e-6
-  for got, want in zip(vjp(dy), want_vjp(dy), strict=True):
-    assert max_rel_err(got, want) < 1e-5
-
-
-@pytest.mark.parametrize('shape', [(2, 8, 10, 6, 5), (1, 9, 7, 4, 3), (2, 1, 1, 3, 2),
-                                   (1, 16, 12, 130, 129)])
-def test_winograd_conv_matches_xla(shape):
-  # Even and odd sizes (odd ones are padded, then cropped), a 1x1 map, and many channels.
-  n, h, w, c, o = shape
-  rng = np.random.default_rng(8)
-  x = jnp.asarray(rng.standard_normal((n, h, w, c), np.float32))
-  kernel = jnp.asarray(rng.standard_normal((3, 3, c, o), np.float32))
-  dy = jnp.asarray(rng.standard_normal((n, h, w, o), np.float32))
-  y, vjp = jax.vjp(winograd_conv3x3, x, kernel)
-  want_y, want_vjp = jax.vjp(_conv, x, kernel)
-  assert max_rel_err(y, want_y) < 1e-5
+  assert max_rel_err(y, want_y) < forward_tol
   for got, want in zip(vjp(dy), want_vjp(dy), strict=True):
     assert max_rel_err(got, want) < 1e-5
 
