@@ -197,10 +197,13 @@ class DoubleConv(nn.Module):
     mid = self.mid_features or self.features
     for i, feats in ((1, mid), (2, self.features)):
       x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, self.small_maps,
-                  self.stream_bands, self.wide_convs, name=f'conv{i}')(x)
+                  self.stream_bands, self._wide_convs(), name=f'conv{i}')(x)
       x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, fused_relu=self.bn_relu == 'fused',
                     name=f'norm{i}')(x, train=train, relu=True)
     return x
+
+  def _wide_convs(self) -> str:
+    return self.wide_convs
 
 
 class _PositionalDoubleConv(DoubleConv):
@@ -214,7 +217,8 @@ def _double_conv(remat: bool):
   """A DoubleConv class; with remat, its activations are recomputed in the backward pass.
 
   With remat each conv's input is recomputed right before its weight gradient, so the weight
-  gradient streams its bands from it rather than copying them (conv_kernels.banded_weight_grad).
+  gradient streams its bands from it rather than copying them (conv_kernels.banded_weight_grad),
+  and 'auto' leaves Winograd's conv out.
   """
   if remat:
     return nn.remat(_StreamingDoubleConv, static_argnums=(2,))
@@ -223,6 +227,11 @@ def _double_conv(remat: bool):
 
 class _StreamingDoubleConv(_PositionalDoubleConv):
   stream_bands: bool = True
+
+  def _wide_convs(self) -> str:
+    # remat is the memory setting: Winograd's transforms (4x a conv's input and output, at the
+    # peak of the backward pass) took the remat step at 480x480 from 600 to 825 MB per image.
+    return 'xla' if self.wide_convs == 'auto' else self.wide_convs
 
 
 class Down(nn.Module):
@@ -472,12 +481,7 @@ class UNet(nn.Module):
     """The settings every Down and Up block takes from the UNet."""
     return dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
                 weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
-                small_maps=self.small_maps, wide_convs=self._wide_convs())
-
-  def _wide_convs(self) -> str:
-    # remat is the memory setting: Winograd's transforms (4x a conv's input and output, at the
-    # peak of the backward pass) took the remat step at 480x480 from 600 to 825 MB per image.
-    return 'xla' if self.remat and self.wide_convs == 'auto' else self.wide_convs
+                small_maps=self.small_maps, wide_convs=self.wide_convs)
 
 
 def _without_remat(settings: dict[str, Any]) -> dict[str, Any]:
