@@ -78,8 +78,13 @@ def test_gemm_transpose_conv_matches_xla():
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 7, 6), np.float32))
   layer = ConvTranspose2x2(4, 'gemm')
   variables = layer.init(jax.random.key(0), x)
-  want = ConvTranspose2x2(4, 'xla').apply(variables, x)
-  assert max_rel_err(layer.apply(variables, x), want) < 1e-6
+  g = jnp.asarray(np.random.default_rng(2).standard_normal((2, 10, 14, 4), np.float32))
+  got, got_vjp = jax.vjp(layer.apply, variables, x)
+  want, want_vjp = jax.vjp(ConvTranspose2x2(4, 'xla').apply, variables, x)
+  assert max_rel_err(got, want) < 1e-6
+  for got_grad, want_grad in zip(jax.tree.leaves(got_vjp(g)), jax.tree.leaves(want_vjp(g)),
+                                 strict=True):
+    assert max_rel_err(got_grad, want_grad) < 1e-6
 
 
 @pytest.mark.parametrize('shape', [(2, 8, 10, 3), (1, 9, 7, 2)])
