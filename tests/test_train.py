@@ -215,6 +215,9 @@ def test_two_processes_equal_one_process(tmp_path):
     (dict(parallel='vmap'), "parallel='vmap': use 'shard_map' or 'pmap'"),
     (dict(optimizer='lamb'), "unknown optimizer 'lamb'"),
     (dict(cpu_scheduler='fast'), "cpu_scheduler='fast': use one of ('memory', 'concurrency')"),
+    (dict(batch_size=-8), 'batch_size=-8 must be at least 1'),
+    (dict(eval_batch_size=-8), 'eval_batch_size=-8 must be at least 1 '),
+    ({'model.depth': 0}, 'model.depth=0 must be at least 1'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(tmp_path, **overrides)

@@ -147,6 +147,15 @@ def step_compiler_options(config: ml_collections.ConfigDict,
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Checks that need no data: each failure is one line naming the field."""
+  for field in ('batch_size', 'image_size'):
+    if config[field] < 1:
+      raise UserError(f'{field}={config[field]} must be at least 1')
+  if config.eval_batch_size < 0:
+    raise UserError(f'eval_batch_size={config.eval_batch_size} must be at least 1 '
+                    '(or 0: the same as batch_size)')
+  for field in ('in_channels', 'num_classes', 'base_features', 'depth'):
+    if config.model[field] < 1:
+      raise UserError(f'model.{field}={config.model[field]} must be at least 1')
   parallel.check_batch_size(config.batch_size, mesh)
   if config.eval_batch_size:
     parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
