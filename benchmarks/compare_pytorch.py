@@ -33,17 +33,19 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_levers():
+def _load_module(name: str):
   # By path, not `import unet_jax`: the package loads JAX, which would add its memory to the
-  # torch worker's peak RSS. unet_jax/levers.py imports nothing.
-  spec = importlib.util.spec_from_file_location('unet_jax_levers',
-                                                os.path.join(REPO, 'unet_jax', 'levers.py'))
+  # torch worker's peak RSS. unet_jax/levers.py and huge_pages.py import nothing of ours.
+  spec = importlib.util.spec_from_file_location(f'unet_jax_{name}',
+                                                os.path.join(REPO, 'unet_jax', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.LEVERS, module.CPU_SCHEDULERS
+  return module
 
 
-LEVERS, CPU_SCHEDULERS = _load_levers()
+_levers_module = _load_module('levers')
+LEVERS, CPU_SCHEDULERS = _levers_module.LEVERS, _levers_module.CPU_SCHEDULERS
+huge_pages = _load_module('huge_pages')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_flops  # noqa: E402
 
@@ -280,7 +282,10 @@ def _spawn(side: str, args) -> dict:
   cmd += [f'--precision={getattr(args, "precision", "fp32")}',
           f'--block={getattr(args, "block", 0)}']
   cmd += ['--train_only'] if getattr(args, 'train_only', False) else []
-  out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+  env = dict(os.environ)
+  if getattr(args, 'huge_pages', 'on') == 'on':  # every side alike, as train.py runs
+    env = huge_pages.environ_with_huge_pages(env) or env
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   lines = [line for line in out.stdout.splitlines() if line.startswith('RESULT ')]
   if out.returncode != 0 or not lines:
     raise SystemExit(f'{side} failed:\n{out.stderr[-3000:]}')
@@ -310,6 +315,9 @@ def main() -> None:
   p.add_argument('--remat', action='store_true')
   p.add_argument('--cpu_scheduler', default=CPU_SCHEDULERS[0], choices=CPU_SCHEDULERS,
                  help="jax_project only: XLA's CPU op order (unet_jax/step_compilation.py)")
+  p.add_argument('--huge_pages', default='on', choices=('on', 'off'),
+                 help="every side's heap on transparent huge pages (glibc), as train.py sets "
+                      'it (unet_jax/huge_pages.py); off: the environment as it is')
   p.add_argument('--peak_tflops', type=float, default=0,
                  help="the device's peak for MFU (0: NVIDIA's datasheet figure for known GPUs)")
   p.add_argument('--train_only', action='store_true', help=argparse.SUPPRESS)
@@ -367,7 +375,8 @@ def main() -> None:
         f'{args.base_features}, Adam, {args.precision}, on {rows[sides[0]]["device"]}, medians '
         f'of {args.repeats} alternating rounds; jax levers: '
         + ', '.join(f'{k}={v}' for k, v in _levers(args).items())
-        + f'; jax_project cpu_scheduler={args.cpu_scheduler}; {flops["train"] / 1e9:.1f} GFLOP '
+        + f'; jax_project cpu_scheduler={args.cpu_scheduler}; huge pages {args.huge_pages}'
+        + f' (every side); {flops["train"] / 1e9:.1f} GFLOP '
         'per image per training step (convolutions)')
   print(f'{"side":<14} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} '
         f'{"peak RSS MB":>12} {"peak dev MB":>12} {"TFLOP/s":>8} {"MFU":>6}')
@@ -400,7 +409,8 @@ def main() -> None:
             f'{memory} {r["memory_ratio"]:.2f}x')
   print(json.dumps({'shape': [args.batch, args.in_channels, args.size, args.size],
                     'precision': args.precision, 'levers': _levers(args),
-                    'cpu_scheduler': args.cpu_scheduler, 'base_features': args.base_features,
+                    'cpu_scheduler': args.cpu_scheduler, 'huge_pages': args.huge_pages,
+                    'base_features': args.base_features,
                     'repeats': args.repeats, 'train_gflop_per_image': flops['train'] / 1e9,
                     'results': rows, 'ratios': ratios,
                     'failed': {side: error[-300:] for side, error in failed.items()}}))

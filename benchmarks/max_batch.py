@@ -35,7 +35,7 @@ def main() -> None:
     defaults = {name: choices[0] for name, choices in LEVERS.items()}
     ns = argparse.Namespace(size=args.size, batch=batch, steps=1, in_channels=1, num_classes=1,
                             base_features=args.base_features, remat=remat, train_only=True,
-                            cpu_scheduler=CPU_SCHEDULERS[0],
+                            cpu_scheduler=CPU_SCHEDULERS[0], huge_pages='on',
                             **defaults)
     return _spawn(side, ns)['peak_rss_mb']
 
