@@ -147,7 +147,8 @@ def step_compiler_options(config: ml_collections.ConfigDict,
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Checks that need no data: each failure is one line naming the field."""
-  for field in ('batch_size', 'image_size'):
+  for field in ('batch_size', 'image_size', 'num_train_steps', 'log_every_steps',
+                'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] < 1:
       raise UserError(f'{field}={config[field]} must be at least 1')
   if config.eval_batch_size < 0:
@@ -179,10 +180,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.image_size < 2**config.model.depth:
     raise UserError(f'image_size={config.image_size} is below 2**model.depth='
                     f'{2**config.model.depth}')
-  for field in ('num_train_steps', 'log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps', 'keep_checkpoints'):
-    if config[field] < 1:
-      raise UserError(f'{field}={config[field]} must be at least 1')
   learning_rate_schedule(config)
   make_optimizer(config)
 
