@@ -5,7 +5,7 @@ training step at 8x1x128x128, one 660 MB block. glibc hands an allocation that l
 worker thread's arena) straight to the kernel as a fresh mapping and unmaps it when freed, so
 every step faults in about 180,000 new 4 KiB pages. With glibc's `glibc.malloc.hugetlb=1`
 tunable malloc asks the kernel for transparent huge pages (madvise), and the same step faults
-about a thousand times: 2.8 s per step here instead of 3.0-4.0 s (README, "Benchmarks").
+about a thousand times: 2.8 s per step here instead of 3.1-4.0 s (README, "Benchmarks").
 PyTorch's step measured the same either way. Only the heap's page size changes, not a number
 computed.
 
