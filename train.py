@@ -3,7 +3,6 @@
 Only flags live here; the work is in unet_jax.train.train_and_evaluate.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -39,16 +38,8 @@ def main(argv):
     sys.exit(2)
 
 
-def _reexec_with_huge_pages() -> None:
-  """unet_jax/huge_pages.py, loaded by path: importing the package would load JAX first."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'unet_jax', 'huge_pages.py')
-  spec = importlib.util.spec_from_file_location('unet_jax_huge_pages', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  module.reexec_with_huge_pages()
-
-
 if __name__ == '__main__':
-  _reexec_with_huge_pages()  # XLA's per-step buffers on huge pages: see that module
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from configs import base`
+  from unet_jax import huge_pages  # standard library only: JAX is not loaded yet
+  huge_pages.reexec_with_huge_pages()  # XLA's per-step buffers on huge pages: see that module
   app.run(main)

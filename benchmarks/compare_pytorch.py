@@ -21,7 +21,6 @@ one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -33,21 +32,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_module(name: str):
-  # By path, not `import unet_jax`: the package loads JAX, which would add its memory to the
-  # torch worker's peak RSS. unet_jax/levers.py and huge_pages.py import nothing of ours.
-  spec = importlib.util.spec_from_file_location(f'unet_jax_{name}',
-                                                os.path.join(REPO, 'unet_jax', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_levers_module = _load_module('levers')
-LEVERS, CPU_SCHEDULERS = _levers_module.LEVERS, _levers_module.CPU_SCHEDULERS
-huge_pages = _load_module('huge_pages')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+# Neither loads JAX (unet_jax's names load lazily), which would add its memory to the torch
+# worker's peak RSS.
 import model_flops  # noqa: E402
+
+from unet_jax import huge_pages  # noqa: E402
+from unet_jax.levers import CPU_SCHEDULERS, LEVERS  # noqa: E402
 
 SIDES = ('torch', 'torch_compile', 'jax_plain', 'jax_project')
 DEFAULT_SIDES = ('torch', 'jax_plain', 'jax_project')
@@ -263,7 +254,6 @@ def run_jax(args, project: bool) -> dict:
 
 
 def worker(args) -> None:
-  sys.path.insert(0, REPO)
   result = run_torch(args) if args.worker.startswith('torch') else run_jax(
       args, project=args.worker == 'jax_project')
   result['peak_rss_mb'] = _peak_rss_mb()

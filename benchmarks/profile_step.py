@@ -40,6 +40,10 @@ VARIANTS = {
     'tconv_gemm': (dict(transpose_conv='gemm'), {}),
     'split': (dict(skip_concat='split'), {}),
     'small_gemm': (dict(small_maps='gemm'), {}),
+    # The CPU kernels and Winograd's conv, each alone ('auto' picks XLA's op on a GPU).
+    'pool_masks': (dict(max_pool='masks'), {}),
+    'banded_wgrad': (dict(conv_weight_grad='banded'), {}),
+    'winograd': (dict(wide_convs='winograd'), {}),
     'no_cmdbuf': ({}, {'xla_gpu_enable_command_buffer': ''}),
     'runtime_fusion': ({}, {'xla_gpu_use_runtime_fusion': True}),
 }
@@ -91,8 +95,8 @@ def profile_jax(out: str) -> None:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  sys.path.insert(0, REPO)
-  from unet_jax import UNet
+
+  from unet_jax import UNet  # compare_pytorch put the repository on sys.path
 
   gpu = jax.default_backend() == 'gpu'
   rng = np.random.default_rng(0)

@@ -46,3 +46,25 @@ def test_size_not_divisible_is_refused():
     ('NVIDIA H200', 'fp32', 66.9), ('cpu', 'bf16', None)])
 def test_peak_tflops_by_device_name(name, precision, expected):
   assert model_flops.peak_tflops(name, precision) == expected
+
+
+def test_benchmark_and_train_entry_load_no_jax_before_their_work():
+  # The torch worker's peak RSS must not include JAX, and train.py re-executes itself (huge
+  # pages) before JAX loads: both import unet_jax modules that rely on the lazy package.
+  import subprocess
+  import textwrap
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = textwrap.dedent(f"""
+      import importlib.util, sys
+      path = {repo!r} + '/benchmarks/compare_pytorch.py'
+      spec = importlib.util.spec_from_file_location('bench', path)
+      bench = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(bench)
+      import unet_jax, unet_jax.huge_pages
+      print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))
+      from unet_jax import UNet
+      import unet_jax.model
+      print(UNet is unet_jax.model.UNet, 'jax' in sys.modules, unet_jax.predict.__name__)
+  """)
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=repo)
+  assert out.stdout.splitlines() == ['[]', 'True True unet_jax.predict'], out.stderr[-2000:]

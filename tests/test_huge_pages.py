@@ -40,11 +40,9 @@ def _run(script: str, *args: str, **env: str) -> str:
 
 
 _REEXEC = textwrap.dedent(f"""
-    import importlib.util, os, sys
-    spec = importlib.util.spec_from_file_location(
-        'hp', os.path.join({REPO!r}, 'unet_jax', 'huge_pages.py'))
-    hp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hp)
+    import os, sys
+    sys.path.insert(0, {REPO!r})
+    from unet_jax import huge_pages as hp
     print('before', flush=True)
     hp.reexec_with_huge_pages()
     print('after', sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))

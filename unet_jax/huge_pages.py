@@ -13,9 +13,9 @@ glibc reads its tunables once, when the process starts, so `python train.py` re-
 with the tunable added (`reexec_with_huge_pages`). Off with UNET_JAX_HUGE_PAGES=0; a
 GLIBC_TUNABLES that already sets glibc.malloc.hugetlb is left as it is.
 
-Standard library only: train.py and benchmarks/ load this file by path, before anything that
-would load JAX (importing the `unet_jax` package does), so the re-executed process is the only
-one that pays for that import.
+Standard library only, and the `unet_jax` package loads its names lazily: train.py imports
+this module before anything loads JAX, so the re-executed process is the only one that pays for
+that import.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The speed settings' names and choices, the default first; plain data with no imports.
 
 Every choice computes the same numbers (tested). `model.UNet`, `step_compilation`, train.py's
-config checks and benchmarks/ all read these tables. benchmarks/compare_pytorch.py loads this
-file by path: importing the `unet_jax` package would load JAX into its PyTorch worker.
+config checks and benchmarks/ all read these tables. Importing it loads no JAX (the package's
+names load lazily), so benchmarks/compare_pytorch.py's PyTorch worker can read it.
 """
 
 # UNet's speed levers (model attributes).
