@@ -140,3 +140,17 @@ def test_remat_recomputes_under_the_project_options_with_the_same_numbers():
   assert temp[True] < 0.62 * temp[False], temp
   for a, b in zip(jax.tree.leaves(params[True]), jax.tree.leaves(params[False]), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_finite_check_is_computed_once_not_copied_into_every_update():
+  # train_step's all-finite flag ANDs one flag per gradient leaf; the barrier keeps XLA from
+  # copying that chain into each of the state's update fusions (the program grew by 15,000 ANDs
+  # at the seed's size, and compiled 3 s slower).
+  config, mesh, model, state, batch = _setup('memory')
+  executable = _compiled_step(config, mesh, model, state, batch,
+                              train.step_compiler_options(config, mesh))
+  leaves = len(jax.tree.leaves(state.params))
+  ands = executable.as_text().count(' and(')
+  # Each leaf's all() reduction has one AND in its reducer and one joins it to the chain:
+  # 113 for this model's 50 leaves; 9,163 when the chain is copied.
+  assert ands <= 3 * leaves, (ands, leaves)
