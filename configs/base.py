@@ -66,4 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
   config.cpu_scheduler = 'memory'  # XLA's CPU op order: 'memory' (less RAM) or 'concurrency'
+  # Compiled steps kept on disk: a rerun or resume loads them instead of compiling. '' turns it
+  # off; the environment's JAX_COMPILATION_CACHE_DIR, when set, is used instead.
+  config.compilation_cache_dir = '~/.cache/unet_jax/jax'
   return config

@@ -18,6 +18,7 @@ from unet_jax.step_compilation import (
   compile_per_signature,
   compiler_options,
   release_free_heap,
+  use_persistent_cache,
 )
 
 
@@ -154,3 +155,14 @@ def test_finite_check_is_computed_once_not_copied_into_every_update():
   # Each leaf's all() reduction has one AND in its reducer and one joins it to the chain:
   # 113 for this model's 50 leaves; 9,163 when the chain is copied.
   assert ands <= 3 * leaves, (ands, leaves)
+
+
+def test_unusable_compilation_cache_is_skipped_with_one_warning(tmp_path, capsys):
+  # (Its use is tested end to end in test_train: a rerun loads its steps, same bits.)
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  assert use_persistent_cache(str(blocker / 'cache')) is None
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'a_file/cache is not writable; compiling without it' in err
+  assert use_persistent_cache('') is None
+  assert not jax.config.jax_compilation_cache_dir  # JAX left as it was

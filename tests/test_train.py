@@ -35,6 +35,7 @@ def tiny_config(tmp_path, **overrides):
   config.checkpoint_every_steps = 3
   config.num_sample_images = 2
   config.data.data_dir = str(tmp_path / 'tfds')
+  config.compilation_cache_dir = ''  # hermetic: each test compiles its own steps
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')
@@ -109,7 +110,8 @@ def _train_cmd(workdir, *flags):
   return [sys.executable, os.path.join(REPO, 'train.py'), '--config',
           os.path.join(REPO, 'configs', 'base.py'), '--workdir', str(workdir),
           '--config.model.base_features=4', '--config.model.depth=2', '--config.image_size=16',
-          '--config.num_sample_images=2', '--config.log_every_steps=1', *flags]
+          '--config.num_sample_images=2', '--config.log_every_steps=1',
+          '--config.compilation_cache_dir=', *flags]  # hermetic: no cache unless a test asks
 
 
 def _env(devices, tmp_path):
@@ -172,6 +174,31 @@ def test_resume_after_sigterm_is_bit_identical(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'resumed from {workdir}/checkpoints/{stopped_at}' in resumed.stdout + resumed.stderr
   a, b = _params(tmp_path / 'straight'), _params(workdir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_compilation_cache_lets_a_rerun_load_its_steps(tmp_path):
+  cache = tmp_path / 'cache'
+  flags = ['--config.num_train_steps=3', '--config.eval_every_steps=3',
+           '--config.checkpoint_every_steps=3', f'--config.compilation_cache_dir={cache}']
+  # JAX logs cache hits at WARNING with log_compiles; tiny steps compile in under its default
+  # 1 s threshold for writing an entry.
+  env = dict(_env(1, tmp_path), JAX_LOG_COMPILES='1',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  first = subprocess.run(_train_cmd(tmp_path / 'a', *flags), env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-2000:]
+  entries = os.listdir(cache)
+  assert any('train_step' in name for name in entries), entries
+  assert 'Persistent compilation cache hit' not in first.stderr
+  second = subprocess.run(_train_cmd(tmp_path / 'b', *flags), env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
+  assert sorted(os.listdir(cache)) == sorted(entries)  # nothing compiled afresh
+  # The loaded executables compute what the compiled ones did, to the bit.
+  a, b = _params(tmp_path / 'a'), _params(tmp_path / 'b')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 

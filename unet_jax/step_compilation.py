@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,35 @@ def compiler_options(cpu_scheduler: str, platform: str) -> dict[str, Any]:
     # measured with jax 0.10.2, changes nothing; the scheduler type does.)
     options['xla_cpu_scheduler_type'] = 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'
   return options
+
+
+def use_persistent_cache(path: str) -> str | None:
+  """Keeps compiled executables on disk (JAX's persistent compilation cache) under `path`.
+
+  A rerun or a resume of the same config then loads its steps instead of compiling them: for
+  the seed UNet at 8x1x128x128 on this project's CPU, initialisation 8 -> 1.3 s and the first
+  step 25 -> 7.7 s, with identical results (README, "Door 1"). '' leaves JAX as it is, and a
+  JAX_COMPILATION_CACHE_DIR in the environment wins. JAX keys each entry on the program, the
+  compiler options and its own version, and only process 0 writes. Returns the directory in
+  use, or None; a directory that cannot be created or written is skipped with a warning.
+  Call before the first compilation: JAX opens its cache once per process.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current or not path:
+    return current or None
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+    writable = os.access(path, os.W_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    print(f'warning: compilation cache {path} is not writable; compiling without it (set '
+          'compilation_cache_dir to a writable folder, or to "" to silence this)',
+          file=sys.stderr, flush=True)
+    return None
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
 
 
 def release_free_heap() -> None:

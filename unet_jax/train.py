@@ -33,7 +33,7 @@ from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
-from unet_jax.step_compilation import compiler_options
+from unet_jax.step_compilation import compiler_options, use_persistent_cache
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 
@@ -260,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   validate_config(config, mesh)
   _check_writable(workdir)
+  use_persistent_cache(config.compilation_cache_dir)  # before anything compiles
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
   is_main = jax.process_index() == 0
