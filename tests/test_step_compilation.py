@@ -166,3 +166,15 @@ def test_unusable_compilation_cache_is_skipped_with_one_warning(tmp_path, capsys
   assert err.count('\n') == 1 and 'a_file/cache is not writable; compiling without it' in err
   assert use_persistent_cache('') is None
   assert not jax.config.jax_compilation_cache_dir  # JAX left as it was
+
+
+def test_initialisation_compiled_cheaper_draws_the_same_parameters():
+  # create_train_state compiles at init_compiler_options' lower LLVM level; the parameters must
+  # be those of a plain jitted model.init with the same key, to the bit.
+  config, mesh, model, state, _ = _setup('memory')
+  x = jax.numpy.zeros((1, config.image_size, config.image_size, config.model.in_channels))
+  plain = jax.jit(lambda key: model.clone(axis_name=None).init(key, x, train=False))(
+      jax.random.key(config.seed))
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain['params']),
+                       strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

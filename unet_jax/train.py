@@ -33,7 +33,11 @@ from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
-from unet_jax.step_compilation import compiler_options, use_persistent_cache
+from unet_jax.step_compilation import (
+  compiler_options,
+  init_compiler_options,
+  use_persistent_cache,
+)
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 
@@ -80,9 +84,10 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet,
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
 
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  key = jax.random.key(config.seed)
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init, key))
+  options = init_compiler_options(mesh.devices.flat[0].platform)
+  return jax.jit(init, out_shardings=shardings).lower(key).compile(options or None)(key)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
