@@ -1,4 +1,5 @@
-"""How the train and eval steps are compiled: XLA's CPU scheduler, remat, the compiler's scratch.
+"""How the train and eval steps are compiled: XLA's CPU scheduler, remat, the compiler's scratch;
+also the initialisation's options and JAX's persistent compilation cache (their functions say why).
 
 Four things decide the peak memory of a CPU training process besides the model itself:
 - XLA's CPU scheduler. Its default orders the step for concurrency, which keeps many
