@@ -1,6 +1,7 @@
 """Faults done for real: kill -9 mid-run (and mid-save), damaged checkpoints, non-finite losses."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -164,3 +165,19 @@ def test_disk_full_is_a_clear_error_and_no_partial_checkpoint_counts(tmp_path, s
   model, variables, meta = load_pretrained_with_metadata(str(workdir))
   assert meta['step'] == max(steps)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_disk_full_in_train_py_is_one_line_on_stderr(tmp_path, small_disk):
+  # Before: about 1,070 lines of Orbax's ERROR logs and 'Event loop is closed' tracebacks from
+  # the failed save's threads, and tensorboardX's failed flush again at exit.
+  cmd = _train_cmd(small_disk / 'wd', '--config.num_train_steps=400',
+                   '--config.checkpoint_every_steps=1', '--config.eval_every_steps=1000',
+                   '--config.keep_checkpoints=1000')
+  proc = subprocess.run(cmd, env=_env(1, tmp_path), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  # Progress bars aside (training's, and the dataset generation's nested ones, which move the
+  # cursor up), stderr is the error line alone.
+  lines = [line for line in re.split(r'[\r\n]', proc.stderr)
+           if line.strip() and not re.search(r'\d+%\||\x1b\[', line)]
+  assert len(lines) == 1, [repr(x) for x in lines[:30]]
+  assert lines[0].startswith('error: ') and 'cannot write (No space left on device)' in lines[0]

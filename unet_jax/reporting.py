@@ -94,4 +94,20 @@ class Reporter:
       try:
         tb.close()
       except OSError:  # a full disk: the events are lost, the run's error says why
-        pass
+        _abandon(tb)
+
+
+def _abandon(tb: Any) -> None:
+  """Stops a tensorboardX writer whose final flush failed, without flushing again.
+
+  tensorboardX marks a writer closed only after a successful flush, and closes every writer once
+  more at exit, printing the same error with a traceback; its background thread would also
+  retry the flush. The attributes are tensorboardX 2.x's; if they change, only that noise
+  returns."""
+  for writer in (getattr(tb, 'all_writers', None) or {}).values():
+    events = getattr(writer, 'event_writer', None)
+    worker = getattr(events, '_worker', None)
+    if worker is not None:
+      worker.stop()
+    if events is not None:
+      events._closed = True

@@ -28,7 +28,7 @@ from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
-from unet_jax.errors import UserError, first_line
+from unet_jax.errors import UserError, disk_error, first_line
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet
 from unet_jax.predict import eval_apply
@@ -38,7 +38,7 @@ from unet_jax.step_compilation import (
   init_compiler_options,
   use_persistent_cache,
 )
-from unet_jax.train_checkpoints import TrainCheckpoints
+from unet_jax.train_checkpoints import TrainCheckpoints, quiet_failed_saves
 
 
 class TrainState(train_state.TrainState):
@@ -218,27 +218,6 @@ def _check_writable(workdir: str) -> None:
                     'choose another --workdir')
 
 
-def _disk_error(e: BaseException) -> str | None:
-  """Why the disk refused a write, if that is what is behind `e` (Orbax wraps its writers'
-  errors, TensorStore's as ValueError text), else None."""
-  import errno
-  reasons = {errno.ENOSPC: 'No space left on device', errno.EROFS: 'Read-only file system',
-             errno.EDQUOT: 'Disk quota exceeded'}
-  seen, todo = set(), [e]
-  while todo:
-    err = todo.pop()
-    if err is None or id(err) in seen:
-      continue
-    seen.add(id(err))
-    if isinstance(err, OSError) and err.errno in reasons:
-      return reasons[err.errno]
-    for reason in reasons.values():
-      if reason in str(err):
-        return reason
-    todo += [err.__cause__, err.__context__, *getattr(err, 'exceptions', ())]
-  return None
-
-
 def evaluate(p_eval, state, eval_ds) -> dict[str, float]:
   sums = None
   for batch in eval_ds:
@@ -320,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start
   t0 = time.perf_counter()
   try:
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop, quiet_failed_saves():
       for step in range(start + 1, config.num_train_steps + 1):
         state, metrics = p_train(state, next(train_iter))
         pending.append(metrics)
@@ -356,9 +335,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
                            'rerun the same command to resume')
           break
-    checkpoints.wait()
+      checkpoints.wait()
   except Exception as e:
-    full = _disk_error(e)
+    full = disk_error(e)
     if full is None:
       raise
     reporter.close()

@@ -8,13 +8,19 @@ a step directory that exists is whole. Kept: the latest `keep` and the best by e
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from unet_jax.errors import disk_error
 
 CHECKPOINTS_DIR = 'checkpoints'
 BEST_METRIC = 'eval_dice'
@@ -33,6 +39,43 @@ def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions
       read_only=read_only,
       save_interval_steps=0 if read_only else 1,
   )
+
+
+class _DiskErrorFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None and disk_error(record.exc_info[1]):
+      return False
+    return disk_error(Exception(record.getMessage())) is None
+
+
+@contextlib.contextmanager
+def quiet_failed_saves() -> Iterator[None]:
+  """Keeps a save that the disk refuses (full, read-only, over quota) to train.py's one line.
+
+  The main thread sees the failure at its next save or wait and reports it, so what the save's
+  background threads print is held back: Orbax's ERROR logs with their tracebacks (a refused
+  write, measured on a full 2 MiB disk: three of them, about 250 lines) and TensorStore's
+  callbacks that arrive after the failed save closed its event loop ('Event loop is closed',
+  each an unraisable exception with a traceback: 249 of them, about 800 lines). Logs about
+  anything else, and any other unraisable exception, are shown as usual.
+  """
+  absl_logger = logging.getLogger('absl')
+  log_filter = _DiskErrorFilter()
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous_hook(unraisable)
+
+  absl_logger.addFilter(log_filter)
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(log_filter)
+    sys.unraisablehook = previous_hook
 
 
 class TrainCheckpoints:
