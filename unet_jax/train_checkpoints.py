@@ -42,10 +42,16 @@ def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions
 
 
 class _DiskErrorFilter(logging.Filter):
+  """Drops log records about a write the disk refused (in the message or the exception)."""
+
   def filter(self, record: logging.LogRecord) -> bool:
     if record.exc_info and record.exc_info[1] is not None and disk_error(record.exc_info[1]):
       return False
-    return disk_error(Exception(record.getMessage())) is None
+    try:
+      message = record.getMessage()
+    except Exception:  # a malformed record: let the handler report it as it would
+      return True
+    return disk_error(Exception(message)) is None
 
 
 @contextlib.contextmanager
