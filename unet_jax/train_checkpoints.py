@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,9 +64,14 @@ def quiet_failed_saves() -> Iterator[None]:
   write, measured on a full 2 MiB disk: three of them, about 250 lines) and TensorStore's
   callbacks that arrive after the failed save closed its event loop ('Event loop is closed',
   each an unraisable exception with a traceback: 249 of them, about 800 lines). Logs about
-  anything else, and any other unraisable exception, are shown as usual.
+  anything else, and any other unraisable exception, are shown as usual. When the block ends
+  in a refused write the filters stay for the rest of the process, which is about to report it:
+  the failed save's threads and its abandoned futures can print after the main thread has seen
+  the error (asyncio's 'Future exception was never retrieved' logs and an un-awaited
+  coroutine's warning as the process ends, 320-680 lines after train.py's error line in one run
+  of six).
   """
-  absl_logger = logging.getLogger('absl')
+  loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]  # Orbax's, the loops'
   log_filter = _DiskErrorFilter()
   previous_hook = sys.unraisablehook
 
@@ -75,13 +81,23 @@ def quiet_failed_saves() -> Iterator[None]:
       return
     previous_hook(unraisable)
 
-  absl_logger.addFilter(log_filter)
+  def restore():
+    for logger in loggers:
+      logger.removeFilter(log_filter)
+    sys.unraisablehook = previous_hook
+
+  for logger in loggers:
+    logger.addFilter(log_filter)
   sys.unraisablehook = hook
   try:
     yield
-  finally:
-    absl_logger.removeFilter(log_filter)
-    sys.unraisablehook = previous_hook
+  except BaseException as e:
+    if disk_error(e) is None:
+      restore()
+    else:
+      warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
+    raise
+  restore()
 
 
 class TrainCheckpoints:
