@@ -34,6 +34,7 @@ from unet_jax.model import UNet
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
 from unet_jax.step_compilation import (
+  compile_per_signature,
   compiler_options,
   init_compiler_options,
   use_persistent_cache,
@@ -87,7 +88,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet,
   key = jax.random.key(config.seed)
   shardings = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init, key))
   options = init_compiler_options(mesh.devices.flat[0].platform)
-  return jax.jit(init, out_shardings=shardings).lower(key).compile(options or None)(key)
+  return compile_per_signature(jax.jit(init, out_shardings=shardings), options)(key)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
