@@ -6,10 +6,13 @@
 
 The seed UNet, Adam, bfloat16 compute (PyTorch: autocast + channels_last), SIZE x SIZE images in
 batches of BATCH (environment; 480 and 16 by default). `jax` compiles the plain jitted step once
-per variant (every lever on XLA's op, then each lever switched on alone, then two XLA GPU
-options), times 5 x 5 steps of each (median), and profiles the all-XLA step: `jax_kernels.txt`
-lists each kernel's time per step, `jax_hlo.txt` is the compiled step. Compilation caches are
-shared inside the process, so variants after the first compile fast. The torch sides write
+per variant (every lever on XLA's op, the project's defaults as 'auto' resolves them on this
+platform, then each lever switched on alone from all-XLA, then two XLA GPU options), times 5 x 5
+steps of each (median), and profiles the all-XLA and the defaults step: `jax_kernels_xla.txt`
+and `jax_kernels_defaults.txt` list each kernel's time per step, under a summary by kind
+(convolution, BatchNorm's reductions, element-wise, layout, ...; device kernels only),
+`jax_hlo_*.txt` are the compiled steps. VARIANTS=a,b picks some. Compilation caches are shared
+inside the process, so variants after the first compile fast. The torch sides write
 `*_kernels.txt`, PyTorch profiler's table sorted by device time. Made for a GPU; runs on CPU too.
 """
 
@@ -33,9 +36,15 @@ PROFILED_STEPS = 3
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_pytorch import ALL_XLA_LEVERS, plain_jax_step, torch_steps  # noqa: E402
 
+from unet_jax.levers import LEVERS  # noqa: E402
+
+# The model's defaults ('auto' resolves to the platform's choice when the step is traced).
+DEFAULT_LEVERS = {name: choices[0] for name, choices in LEVERS.items()}
+
 # name: (levers switched on from ALL_XLA_LEVERS, XLA compiler options)
 VARIANTS = {
     'xla': ({}, {}),
+    'defaults': (DEFAULT_LEVERS, {}),
     'bn_fused': (dict(bn_relu='fused'), {}),
     'tconv_gemm': (dict(transpose_conv='gemm'), {}),
     'split': (dict(skip_concat='split'), {}),
@@ -71,8 +80,46 @@ def profile_torch(out: str, compiled: bool) -> None:
   log(table[:6000])
 
 
-def _kernel_times(trace_dir: str) -> list[str]:
-  """Per (device, kernel name): time per step, from the perfetto trace jax.profiler wrote."""
+PROFILED = ('xla', 'defaults')
+
+# (kind, substrings of a kernel's name), tried in order: XLA:GPU's fusion names and cuDNN's and
+# cuBLAS's kernel names as the H200 profile showed them.
+KERNEL_KINDS = (
+    ('layout', ('transpose', 'nchwToNhwc', 'nhwcToNchw')),
+    ('convolution', ('implicit_gemm', 'fprop', 'dgrad', 'wgrad', 'onvolution', 'cudnn')),
+    ('matmul', ('gemm', 'nvjet', 'cublas', 'triton')),
+    ('max-pool', ('reduce_window', 'scatter')),
+    ('reduction', ('reduce',)),
+    ('pad/concat/slice', ('pad', 'concatenate', 'slice')),
+    ('element-wise', ('loop_', 'convert')),
+)
+
+
+def kernel_kind(name: str) -> str:
+  """What a device kernel does, from its name (see KERNEL_KINDS); 'other' if none matches."""
+  for kind, parts in KERNEL_KINDS:
+    if any(part in name for part in parts):
+      return kind
+  return 'other'
+
+
+def kind_summary(rows: list[tuple[float, int, str, str]]) -> list[str]:
+  """Device time per step by kernel kind, largest first, from _kernel_times' rows."""
+  totals: dict[str, float] = collections.defaultdict(float)
+  for ms, _, where, name in rows:
+    if where.startswith('/device:'):
+      totals[kernel_kind(name)] += ms
+  total = sum(totals.values())
+  if not total:
+    return ['(no device kernels in the trace: the summary by kind is for a GPU)']
+  lines = [f'{ms:10.3f} ms/step {ms / total:6.1%}  {kind}'
+           for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+  return lines + [f'{total:10.3f} ms/step in device kernels']
+
+
+def _kernel_times(trace_dir: str) -> list[tuple[float, int, str, str]]:
+  """Per (device, kernel name): (ms per step, calls per step, device, name), largest first, from
+  the perfetto trace jax.profiler wrote."""
   traces = sorted(glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True))
   with gzip.open(traces[-1]) as f:
     trace = json.load(f)
@@ -86,8 +133,8 @@ def _kernel_times(trace_dir: str) -> list[str]:
       totals[key][0] += e.get('dur', 0)
       totals[key][1] += 1
   ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
-  return [f'{us / PROFILED_STEPS / 1e3:10.3f} ms/step {n // PROFILED_STEPS:5d}x  {where[:30]:30s} '
-          f'{name[:110]}' for (where, name), (us, n) in ranked]
+  return [(us / PROFILED_STEPS / 1e3, n // PROFILED_STEPS, where, name)
+          for (where, name), (us, n) in ranked]
 
 
 def profile_jax(out: str) -> None:
@@ -115,8 +162,8 @@ def profile_jax(out: str) -> None:
       compiled = jax.jit(plain_jax_step(model, tx), donate_argnums=(0, 1, 2)).lower(
           *state, x, y).compile(options or None)
       compile_s = time.perf_counter() - t
-      if name == 'xla':
-        with open(os.path.join(out, 'jax_hlo.txt'), 'w') as f:
+      if name in PROFILED:
+        with open(os.path.join(out, f'jax_hlo_{name}.txt'), 'w') as f:
           f.write(compiled.as_text())
 
       def run(state=state, compiled=compiled):
@@ -136,16 +183,19 @@ def profile_jax(out: str) -> None:
       peak = jax.devices()[0].memory_stats()['peak_bytes_in_use'] / 2**20 if gpu else 0
       log(f'{name}: compile {compile_s:.1f} s, {speeds[name]:.1f} img/s, peak {peak:.0f} MB '
           '(process peak so far)')
-      if name == 'xla':
-        trace_dir = os.path.join(out, 'jax_trace')
+      if name in PROFILED:
+        trace_dir = os.path.join(out, f'jax_trace_{name}')
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
           for _ in range(PROFILED_STEPS):
             loss = run()
           float(loss)
-        lines = _kernel_times(trace_dir)
-        with open(os.path.join(out, 'jax_kernels.txt'), 'w') as f:
+        rows = _kernel_times(trace_dir)
+        lines = kind_summary(rows) + [''] + [
+            f'{ms:10.3f} ms/step {n:5d}x  {where[:30]:30s} {kernel[:110]}'
+            for ms, n, where, kernel in rows]
+        with open(os.path.join(out, f'jax_kernels_{name}.txt'), 'w') as f:
           f.write('\n'.join(lines))
-        log('\n'.join(lines[:50]))
+        log('\n'.join(lines[:60]))
     except Exception as e:  # an XLA option this jax does not know: report, go on
       log(f'{name} failed: {type(e).__name__}: {str(e)[:300]}')
   log(json.dumps({'img_per_s': speeds, 'size': SIZE, 'batch': BATCH}))

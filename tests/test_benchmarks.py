@@ -68,3 +68,42 @@ def test_benchmark_and_train_entry_load_no_jax_before_their_work():
   """)
   out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=repo)
   assert out.stdout.splitlines() == ['[]', 'True True unet_jax.predict'], out.stderr[-2000:]
+
+
+# Device kernels of the all-XLA step's profile on an H200 (README, "On a GPU"), ms per step.
+H200_KERNELS = [
+    (18.739, 'sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc'),
+    (5.709, 'sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64'),
+    (1.507, 'sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc'),
+    (0.538, 'void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16>'),
+    (1.225, 'input_reduce_select_fusion_16'),
+    (0.281, 'loop_convert_fusion'),
+    (0.986, 'loop_add_fusion'),
+    (0.861, 'input_scatter_fusion'),
+    (0.411, 'loop_reduce_window_fusion'),
+    (0.558, 'loop_pad_fusion'),
+    (0.447, 'input_concatenate_fusion'),
+    (0.286, 'wrapped_slice_3'),
+    (0.322, 'input_transpose_fusion'),
+    (0.318, 'void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16>'),
+    (0.259, 'input_add_transpose_fusion'),
+    (0.120, 'gemm_fusion_dot_7'),
+    (0.206, 'memcpy128'),
+]
+
+
+def test_profile_sorts_device_kernels_by_kind():
+  import profile_step
+  kinds = [profile_step.kernel_kind(name) for _, name in H200_KERNELS]
+  assert kinds == ['convolution'] * 4 + ['reduction'] + ['element-wise'] * 2 + ['max-pool'] * 2 + [
+      'pad/concat/slice'] * 3 + ['layout'] * 3 + ['matmul', 'other']
+  rows = [(ms, 1, '/device:GPU:0', name) for ms, name in H200_KERNELS]
+  rows.append((60.0, 1, '/host:CPU', 'np.asarray(jax.Array)'))  # host time is not a kernel's
+  summary = profile_step.kind_summary(rows)
+  total = sum(ms for ms, _ in H200_KERNELS)
+  conv = 18.739 + 5.709 + 1.507 + 0.538
+  assert summary[0].split() == [f'{conv:.3f}', 'ms/step', f'{conv / total:.1%}', 'convolution']
+  assert summary[-1].split()[0] == f'{total:.3f}'
+  assert len(summary) == len(set(kinds)) + 1
+  assert profile_step.kind_summary(rows[-1:]) == [
+      '(no device kernels in the trace: the summary by kind is for a GPU)']
