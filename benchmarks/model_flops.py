@@ -1,4 +1,10 @@
-"""Floating-point operations of the seed UNet, counted from its layers (for MFU).
+"""Floating-point operations of the seed UNet, counted from its layers (for MFU), and a bound.
+
+    python benchmarks/model_flops.py [--size 480] [--batch 16] [--gemm_tflops 790] ...
+
+prints the training step's FLOPs and the fastest step a GPU could run if every convolution ran at
+the matrix-product rate and BatchNorm's passes over memory were the only other cost (see
+`step_time_bound`): the MFU ceiling of a UNet whose BatchNorms are kernels of their own.
 
 Only the convolutions are counted (3x3, 2x2 transposed, 1x1 out_conv), two operations per
 multiply-add, as PyTorch's `torch.utils.flop_counter` and MFU conventions do; BatchNorm, ReLU,
@@ -9,6 +15,8 @@ PyTorch's flop counter on the reference model.
 """
 
 from __future__ import annotations
+
+import argparse
 
 
 def _conv(pixels: int, cin: int, cout: int, taps: int) -> int:
@@ -40,6 +48,37 @@ def seed_unet_flops(size: int, in_channels: int = 1, num_classes: int = 1, base:
   return {'forward': forward, 'train': 3 * forward - first_conv, 'first_conv': first_conv}
 
 
+def seed_unet_norm_elements(size: int, base: int = 64, depth: int = 4) -> int:
+  """Values normalised per image: the sum of the BatchNorm inputs' sizes (each 3x3 conv's output).
+
+  The decoder's DoubleConvs output base << level channels at their level, as the encoder's do.
+  """
+  if size % 2**depth:
+    raise ValueError(f'size {size} is not divisible by 2**depth = {2**depth}')
+  per_level = [2 * (size >> level) ** 2 * (base << level) for level in range(depth + 1)]
+  return 2 * sum(per_level[:depth]) + per_level[depth]  # encoder and decoder; the bottom once
+
+
+# Full passes over each BatchNorm's input (or a tensor of its size) in a training step when
+# BatchNorm+ReLU is computed apart from the convolutions, at the least: forward, read x once for
+# both statistics, read x and write y; backward, read the output gradient, y and x for the two
+# reductions, then again to write the input gradient. (The project's kernel reads x twice for
+# the statistics, two-pass as PyTorch's CPU kernel: 11.)
+NORM_PASSES = 10
+
+
+def step_time_bound(size: int, batch: int, gemm_tflops: float, bandwidth_tbs: float,
+                    bytes_per_value: int = 2, passes: int = NORM_PASSES) -> dict[str, float]:
+  """Seconds per training step if the convolutions ran at `gemm_tflops` and BatchNorm's memory
+  passes at `bandwidth_tbs`, everything else free. A lower bound for a step whose BatchNorms
+  are not fused into its convolutions (max-pooling, the loss and Adam are left out)."""
+  conv_s = seed_unet_flops(size)['train'] * batch / (gemm_tflops * 1e12)
+  norm_bytes = seed_unet_norm_elements(size) * batch * bytes_per_value
+  norm_s = passes * norm_bytes / (bandwidth_tbs * 1e12)
+  return {'conv_s': conv_s, 'norm_s': norm_s, 'step_s': conv_s + norm_s,
+          'norm_bytes_per_pass': norm_bytes}
+
+
 # Dense bf16 / fp32 (non-tensor-core) peaks of the SXM parts, TFLOP/s, from NVIDIA's datasheets;
 # matched against the device name that PyTorch or JAX reports.
 PEAK_TFLOPS = {
@@ -56,3 +95,30 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     if key in device_name.upper():
       return peaks.get(precision)
   return None
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--size', type=int, default=480)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--gemm_tflops', type=float, default=790.0,
+                      help='the matrix-product rate reached (790: a bf16 GEMM on an H200)')
+  parser.add_argument('--bandwidth_tbs', type=float, default=4.8,
+                      help='memory bandwidth, TB/s (4.8: the H200 datasheet; H100 SXM 3.35)')
+  parser.add_argument('--peak_tflops', type=float, default=PEAK_TFLOPS['H200']['bf16'])
+  args = parser.parse_args()
+  flops = seed_unet_flops(args.size)['train'] * args.batch
+  print(f'training step: {flops / 1e12:.2f} TFLOP ({args.batch} images of {args.size}x{args.size})')
+  for passes in (NORM_PASSES, NORM_PASSES + 1):
+    b = step_time_bound(args.size, args.batch, args.gemm_tflops, args.bandwidth_tbs,
+                        passes=passes)
+    mfu = flops / b['step_s'] / 1e12 / args.peak_tflops
+    print(f'{passes} BatchNorm passes of {b["norm_bytes_per_pass"] / 1e9:.2f} GB: convolutions '
+          f'{b["conv_s"] * 1e3:.1f} ms + BatchNorm {b["norm_s"] * 1e3:.1f} ms = '
+          f'{b["step_s"] * 1e3:.1f} ms, MFU at most {mfu:.1%}')
+  need = flops / (0.5 * args.peak_tflops * 1e12)
+  print(f'MFU 50% needs a step of {need * 1e3:.1f} ms')
+
+
+if __name__ == '__main__':
+  main()

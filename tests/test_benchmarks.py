@@ -70,6 +70,27 @@ def test_benchmark_and_train_entry_load_no_jax_before_their_work():
   assert out.stdout.splitlines() == ['[]', 'True True unet_jax.predict'], out.stderr[-2000:]
 
 
+@pytest.mark.parametrize('size,base,depth', [(32, 8, 4), (48, 4, 3), (64, 16, 2)])
+def test_seed_unet_norm_elements_match_the_reference_batch_norms(size, base, depth):
+  model = SeedUNet(1, 1, base=base, depth=depth)
+  seen = []
+  for m in model.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0][0].numel()))
+  with torch.no_grad():
+    model(torch.randn(1, 1, size, size))
+  assert len(seen) == 4 * depth + 2
+  assert sum(seen) == model_flops.seed_unet_norm_elements(size, base, depth)
+
+
+def test_step_time_bound_adds_convolutions_and_batch_norm_passes():
+  b = model_flops.step_time_bound(480, 16, gemm_tflops=790, bandwidth_tbs=4.8)
+  assert b['conv_s'] == pytest.approx(16 * model_flops.seed_unet_flops(480)['train'] / 790e12)
+  assert b['norm_bytes_per_pass'] == 16 * 2 * model_flops.seed_unet_norm_elements(480)
+  assert b['norm_s'] == pytest.approx(10 * b['norm_bytes_per_pass'] / 4.8e12)
+  assert b['step_s'] == pytest.approx(b['conv_s'] + b['norm_s'])
+
+
 # Device kernels of the all-XLA step's profile on an H200 (README, "On a GPU"), ms per step.
 H200_KERNELS = [
     (18.739, 'sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc'),
