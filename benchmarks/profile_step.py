@@ -10,7 +10,7 @@ per variant (every lever on XLA's op, the project's defaults as 'auto' resolves 
 platform, then each lever switched on alone from all-XLA, then two XLA GPU options), times 5 x 5
 steps of each (median), and profiles the all-XLA and the defaults step: `jax_kernels_xla.txt`
 and `jax_kernels_defaults.txt` list each kernel's time per step, under a summary by kind
-(convolution, BatchNorm's reductions, element-wise, layout, ...; device kernels only),
+(convolution, reduction, element-wise, layout, ...; device kernels only),
 `jax_hlo_*.txt` are the compiled steps. VARIANTS=a,b picks some. Compilation caches are shared
 inside the process, so variants after the first compile fast. The torch sides write
 `*_kernels.txt`, PyTorch profiler's table sorted by device time. Made for a GPU; runs on CPU too.
