@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of README "On a GPU", in one go (about 6 minutes on an H200):
+# The GPU benchmarks of README "On a GPU", in one go (about 10 minutes on an H200):
 #   bash benchmarks/gpu_benchmarks.sh [LOG_DIR]
 # 1. bf16 at 16x1x480x480: PyTorch AMP (channels_last) eager and torch.compile against unet_jax's
 #    plain step and project step with their default levers ('auto' picks XLA's ops on a GPU where
 #    the CPU kernels would be slow), 2 alternating rounds.
-# 2. The project step with every lever on XLA's op (--no_levers), the levers' baseline.
-# 3. The project step with the CPU kernels named (banded weight gradient, mask max-pool).
-# 4. The project step with model.remat: device memory.
+# 2. profile_step.py jax on the plain step: the all-XLA and the defaults steps' kernel profiles
+#    (by kind: convolution, reduction, ...) and the CPU kernels not yet measured alone on a GPU
+#    (mask max-pool, banded weight gradient), in LOG_DIR/profile/.
+# 3. The project step with every lever on XLA's op (--no_levers), the levers' baseline.
+# 4. The project step with the CPU kernels named (banded weight gradient, mask max-pool).
+# 5. The project step with model.remat: device memory.
+# 1, 3, 4, 5 took about 6 minutes on an H200; 2 is limited to 4 more. 3-5 repeat rows measured
+# before: a call with a 10-minute limit gets 1 and 2 first.
 # SIZE, BATCH, ROUNDS, BASE override the shape (small values make a quick CPU smoke test);
 # PYTHON the interpreter (python3).
 set -u
@@ -40,6 +45,10 @@ run() {  # name, seconds, args...
   echo "exit $?"; grep -v -e '^{' -e '^round' "$LOG/$name.log" | tail -12
 }
 run bf16_sides 360 --sides "$sides" --repeats "$ROUNDS"
+echo "== profile: plain step, kernel profiles and single levers"
+SIZE=$SIZE BATCH=$BATCH BASE=$BASE VARIANTS=xla,defaults,pool_masks,banded_wgrad \
+  timeout 240 "$PY" benchmarks/profile_step.py jax "$LOG/profile" >"$LOG/profile.log" 2>&1
+echo "exit $?"; grep -E '^[a-z_]+: compile|failed|^\{' "$LOG/profile.log"
 run bf16_all_xla 100 --sides jax_project --no_levers --repeats 1
 run bf16_cpu_kernels 100 --sides jax_project --conv_weight_grad banded --max_pool masks --repeats 1
 run bf16_remat 100 --sides jax_project --remat --repeats 1
