@@ -263,3 +263,15 @@ def test_cli_errors_are_one_line(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'modle' in proc.stderr
   assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.parametrize('steps', [1, 2, 3, 50, 51, 500])
+def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):
+  # Default warmup is 50 steps; a one-step smoke run once raised inside optax (empty decay).
+  config = base.get_config()
+  config.num_train_steps, config.warmup_steps, config.learning_rate = steps, 50, 1e-3
+  schedule = train.learning_rate_schedule(config)
+  rates = np.array([float(schedule(s)) for s in range(steps + 1)])
+  assert np.all(np.isfinite(rates)) and rates[0] == 0.0 and rates.max() <= np.float32(1e-3)
+  if steps > 50:
+    assert rates[50] == pytest.approx(1e-3) and rates[-1] < 1e-4

@@ -55,9 +55,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   if config.schedule == 'constant':
     return optax.constant_schedule(config.learning_rate)
   if config.schedule == 'cosine':
-    warmup = min(config.warmup_steps, max(config.num_train_steps - 1, 0))
+    # Warmup leaves at least one step of decay, and optax wants both phases non-empty: a run
+    # shorter than its warmup (a one-step smoke test) gets a one-step warmup.
+    warmup = max(min(config.warmup_steps, config.num_train_steps - 1), 1)
     return optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, max(warmup, 1), max(config.num_train_steps, warmup + 1),
+        0.0, config.learning_rate, warmup, max(config.num_train_steps, warmup + 1),
         end_value=config.learning_rate * 0.01)
   raise UserError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
 
