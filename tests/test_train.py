@@ -144,6 +144,16 @@ def test_train_end_to_end_outputs(tmp_path):
   assert out.shape == (1, 20, 24, 1)
 
 
+def test_one_step_run_without_sample_images(tmp_path):
+  # A smoke run: one step (shorter than the warmup) and num_sample_images=0 (no PNGs).
+  workdir = tmp_path / 'run'
+  config = tiny_config(tmp_path, num_train_steps=1, num_sample_images=0)
+  metrics = train.train_and_evaluate(config, str(workdir))
+  assert 0.0 <= metrics['dice'] <= 1.0
+  assert os.listdir(workdir / 'samples') == []
+  assert load_pretrained_with_metadata(str(workdir))[2]['step'] == 1
+
+
 def test_resume_after_sigterm_is_bit_identical(tmp_path):
   # Enough steps that the run is still going when the signal lands.
   flags = ['--config.num_train_steps=150', '--config.checkpoint_every_steps=1000',
@@ -245,6 +255,12 @@ def test_two_processes_equal_one_process(tmp_path):
     (dict(batch_size=-8), 'batch_size=-8 must be at least 1'),
     (dict(eval_batch_size=-8), 'eval_batch_size=-8 must be at least 1 '),
     ({'model.depth': 0}, 'model.depth=0 must be at least 1'),
+    (dict(num_sample_images=-1), 'num_sample_images=-1 must be at least 0 (0: no sample images)'),
+    (dict(learning_rate=-0.001), 'learning_rate=-0.001 must be positive'),
+    (dict(learning_rate=float('nan')), 'learning_rate=nan must be positive'),
+    (dict(warmup_steps=-5), 'warmup_steps=-5 must be at least 0'),
+    (dict(optimizer='adamw', weight_decay=-0.1), 'weight_decay=-0.1 must be at least 0'),
+    (dict(dice_weight=-1.0), 'dice_weight=-1.0 must be at least 0'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(tmp_path, **overrides)

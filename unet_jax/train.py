@@ -166,6 +166,14 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.eval_batch_size < 0:
     raise UserError(f'eval_batch_size={config.eval_batch_size} must be at least 1 '
                     '(or 0: the same as batch_size)')
+  if config.num_sample_images < 0:
+    raise UserError(f'num_sample_images={config.num_sample_images} must be at least 0 '
+                    '(0: no sample images)')
+  if not config.learning_rate > 0:  # also refuses NaN
+    raise UserError(f'learning_rate={config.learning_rate} must be positive')
+  for field in ('warmup_steps', 'weight_decay', 'dice_weight'):
+    if not config[field] >= 0:
+      raise UserError(f'{field}={config[field]} must be at least 0')
   for field in ('in_channels', 'num_classes', 'base_features', 'depth'):
     if config.model[field] < 1:
       raise UserError(f'model.{field}={config.model[field]} must be at least 1')
@@ -328,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_metrics = evaluate(p_eval, state, eval_ds)
           saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
           row.update(saved_metrics)
-          if is_main:
+          if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
                              num_classes=config.model.num_classes)
         reporter.write(step, row)
