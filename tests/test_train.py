@@ -213,6 +213,22 @@ def test_compilation_cache_lets_a_rerun_load_its_steps(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_worker_processes_load_the_same_batches(tmp_path):
+  # grain's worker processes (data.worker_count) decode the same examples in the same order, and
+  # their shared memory is freed before exit (Python's resource tracker warned of leaks).
+  flags = ['--config.num_train_steps=3', '--config.eval_every_steps=3',
+           '--config.checkpoint_every_steps=3', f'--config.compilation_cache_dir={tmp_path}/c']
+  for workers in (0, 2):
+    run = subprocess.run(_train_cmd(tmp_path / f'w{workers}', *flags,
+                                    f'--config.data.worker_count={workers}'),
+                         env=_env(1, tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'leaked' not in run.stderr, run.stderr[-2000:]
+  a, b = _params(tmp_path / 'w0'), _params(tmp_path / 'w2')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -261,6 +277,18 @@ def test_two_processes_equal_one_process(tmp_path):
     (dict(warmup_steps=-5), 'warmup_steps=-5 must be at least 0'),
     (dict(optimizer='adamw', weight_decay=-0.1), 'weight_decay=-0.1 must be at least 0'),
     (dict(dice_weight=-1.0), 'dice_weight=-1.0 must be at least 0'),
+    (dict(seed=-3), 'seed=-3 must be at least 0'),
+    ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
+    ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
+    ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
+    ({'data.native_size': 100}, 'data.native_size=100: synthetic_shapes comes in 64, 128, 480'),
+    ({'data.eval_split': 'validation'},
+     "dataset 'synthetic_shapes' has no split 'validation' (it has test, train); set "
+     '--config.data.eval_split'),
+    ({'data.image_key': 'img'},
+     "dataset 'synthetic_shapes' has no feature 'img' (it has image, mask); set "
+     '--config.data.image_key'),
+    ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 below 0'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(tmp_path, **overrides)

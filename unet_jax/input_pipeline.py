@@ -53,6 +53,10 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
   data_dir = _data_dir(config)
   if name == 'synthetic_shapes':
     from unet_jax.datasets.synthetic_shapes import SyntheticShapes
+    sizes = [int(c.name[:-2]) for c in SyntheticShapes.BUILDER_CONFIGS]
+    if config.data.native_size not in sizes:
+      raise UserError(f'data.native_size={config.data.native_size}: synthetic_shapes comes in '
+                      f"{', '.join(map(str, sizes))} pixels")
     builder = SyntheticShapes(config=f'{config.data.native_size}px', data_dir=data_dir,
                               file_format='array_record')
     _prepare(builder, jax.process_count())
@@ -74,9 +78,18 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
           f"and a network): pip install tensorflow && tfds build {name} "
           f'--file_format=array_record --data_dir {data_dir}')
   sources = builder.as_data_source()
+  for field in ('train_split', 'eval_split'):
+    if config.data[field] not in sources:
+      raise UserError(f'dataset {name!r} has no split {config.data[field]!r} (it has '
+                      f"{', '.join(sorted(sources))}); set --config.data.{field}")
   train = sources[config.data.train_split]
   evaluation = sources[config.data.eval_split]
-  first = _adapt(config, train[0])
+  record = train[0]
+  for field in ('image_key', 'mask_key'):
+    if config.data[field] not in record:
+      raise UserError(f'dataset {name!r} has no feature {config.data[field]!r} (it has '
+                      f"{', '.join(sorted(record))}); set --config.data.{field}")
+  first = _adapt(config, record)
   mask_values = list(builder.info.metadata.get('mask_values', [])) if builder.info.metadata \
       else []
   if not mask_values:
@@ -96,6 +109,10 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
     image = image[..., None]
   if config.data.mask_offset:
     mask = mask.astype(np.int32) - config.data.mask_offset
+    if mask.min() < 0:  # would wrap to 255 as uint8 and train on it silently
+      raise UserError(f'data.mask_offset={config.data.mask_offset} takes mask value '
+                      f'{mask.min() + config.data.mask_offset} below 0; set it to the smallest '
+                      'mask value (or 0)')
   return {'image': image, 'mask': mask.astype(np.uint8)}
 
 

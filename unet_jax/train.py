@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import signal
 import sys
@@ -171,9 +172,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     '(0: no sample images)')
   if not config.learning_rate > 0:  # also refuses NaN
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
-  for field in ('warmup_steps', 'weight_decay', 'dice_weight'):
+  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed'):
     if not config[field] >= 0:
       raise UserError(f'{field}={config[field]} must be at least 0')
+  for field in ('worker_count', 'num_threads'):
+    if config.data[field] < 0:
+      raise UserError(f'data.{field}={config.data[field]} must be at least 0')
+  if not 0 < config.augment.min_scale <= 1:
+    raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
+                    "smallest random crop's side, as a fraction of the image's")
   for field in ('in_channels', 'num_classes', 'base_features', 'depth'):
     if config.model[field] < 1:
       raise UserError(f'model.{field}={config.model[field]} must be at least 1')
@@ -357,7 +364,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     'space (or choose another --workdir) and rerun to resume') from None
   checkpoints.close()
   if hasattr(train_iter, 'close'):
-    train_iter.close()  # stops grain's worker processes and frees their shared memory
+    train_iter.close()  # stops grain's worker processes
+    # Their batches reach this process in shared memory, freed when the arrays are; some of those
+    # sit in reference cycles, and without a collection here the interpreter exits first and
+    # Python's resource tracker warns of "leaked shared_memory objects" (worker_count > 0).
+    gc.collect()
   reporter.close()
   if nonfinite_step:
     raise UserError(f'non-finite loss or gradient at step {nonfinite_step}; its update was not '
