@@ -59,6 +59,14 @@ def test_too_small_input_is_a_clear_error():
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 15, 40, 1)), train=False))
 
 
+@pytest.mark.parametrize('field', ['in_channels', 'num_classes', 'base_features', 'depth'])
+def test_empty_model_sizes_are_a_clear_error(field):
+  # num_classes=0 raised ZeroDivisionError in an initialiser, depth=0 an indexing error.
+  model = UNet(**{'in_channels': 1, field: 0})
+  with pytest.raises(ValueError, match=f'UNet {field} must be at least 1, got 0'):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False))
+
+
 def test_batchnorm_matches_torch_over_several_train_steps():
   torch_bn = torch.nn.BatchNorm2d(5)
   with torch.no_grad():

@@ -461,6 +461,9 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for field in ('in_channels', 'num_classes', 'base_features', 'depth'):
+      if getattr(self, field) < 1:
+        raise ValueError(f'UNet {field} must be at least 1, got {getattr(self, field)}')
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f'UNet expects NHWC input with {self.in_channels} channels, '
                        f'got shape {tuple(x.shape)}')
