@@ -52,6 +52,19 @@ def test_image_folder_gray_masks_and_holdout(tmp_path):
   assert len(splits['test']) == 2 and len(splits['train']) == 9
 
 
+def test_image_folder_reads_16_bit_images_as_their_8_bit_values(tmp_path):
+  from unet_jax.datasets.image_folder import _read
+  eight = (np.random.default_rng(4).random((20, 24)) * 255).astype(np.uint8)
+  Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / 'im16.png')
+  np.testing.assert_array_equal(_read(str(tmp_path / 'im16.png')), eight)
+  labels = (eight % 3).astype(np.uint16)  # a 16-bit mask keeps its values
+  Image.fromarray(labels).save(tmp_path / 'm16.png')
+  np.testing.assert_array_equal(_read(str(tmp_path / 'm16.png'), mask=True), labels)
+  Image.fromarray(labels * 1000).save(tmp_path / 'wide.png')
+  with pytest.raises(UserError, match=r'wide.png: mask values 0..2000 do not fit 8 bits'):
+    _read(str(tmp_path / 'wide.png'), mask=True)
+
+
 @pytest.mark.parametrize('breakage,message', [
     (lambda r: os.remove(r / 'masks' / 'im03.png'), 'im03.jpg: has no mask'),
     (lambda r: os.remove(r / 'images' / 'im04.png'), 'im04.png: has no image'),

@@ -83,6 +83,23 @@ def test_cli_writes_masks_at_input_size(tmp_path, converted, capsys):
     assert Image.open(tmp_path / 'out' / f'{stem}_overlay.png').size == size
 
 
+def test_cli_reads_16_bit_gray_as_its_8_bit_values(tmp_path, converted, capsys):
+  # PIL's own conversion clipped 16-bit values at 255: the image came in almost white.
+  os.makedirs(tmp_path / 'in')
+  eight = (np.random.default_rng(3).random((40, 36)) * 255).astype(np.uint8)
+  _write(tmp_path / 'in' / 'a8.png', eight)
+  _write(tmp_path / 'in' / 'a16.png', eight.astype(np.uint16) * 257)
+  assert Image.open(tmp_path / 'in' / 'a16.png').mode.startswith('I')
+  code = main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out')])
+  assert code == 0, capsys.readouterr().err
+  mask8 = np.asarray(Image.open(tmp_path / 'out' / 'a8_mask.png'))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a16_mask.png')), mask8)
+  model, variables = unet_jax.load_pretrained(str(converted))
+  white = unet_jax.predict(model, variables, np.full((40, 36, 1), 255, np.uint8))
+  assert not np.array_equal(np.where(white == 1, 200, 0), mask8)  # the test can tell
+
+
 @pytest.mark.parametrize('setup,message', [
     (lambda d: (d / 'x.png').write_bytes(b'garbage'), 'x.png: not an image PIL can read'),
     (lambda d: _write(d / 'x.png', np.zeros((32, 32, 3), np.uint8)),
@@ -90,11 +107,13 @@ def test_cli_writes_masks_at_input_size(tmp_path, converted, capsys):
     (lambda d: os.makedirs(d / 'empty'), 'empty: no PNG/JPEG/TIFF images in this folder'),
     (lambda d: _write(d / 'x.png', np.zeros((3, 40), np.uint8)),
      'x.png: 40x3 is smaller than the model\'s minimum 4x4'),
+    (lambda d: Image.fromarray(np.zeros((32, 32), np.float32)).save(d / 'x.tif'),
+     'x.tif: a 32-bit float image, whose value range is unknown'),
 ])
 def test_cli_refusals(tmp_path, converted, capsys, setup, message):
   os.makedirs(tmp_path / 'in')
   setup(tmp_path / 'in')
-  target = tmp_path / 'in' / ('empty' if 'empty' in message else 'x.png')
+  target = tmp_path / 'in' / ('empty' if 'empty' in message else message.split(':')[0])
   code = main([str(target), '--checkpoint', str(converted), '--output', str(tmp_path / 'out')])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and message in err, err
@@ -109,3 +128,12 @@ def test_cli_refuses_a_non_checkpoint(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert code == 2 and 'not a unet_jax checkpoint' in err and len(err.splitlines()) == 1
   assert not (tmp_path / 'out').exists()
+
+
+def test_cli_refuses_an_output_that_is_a_file(tmp_path, converted, capsys):
+  _write(tmp_path / 'x.png', np.zeros((32, 32), np.uint8))
+  code = main([str(tmp_path / 'x.png'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'x.png')])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert err.endswith('x.png: exists and is not a folder; choose another --output'), err

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.errors import UserError
+from unet_jax.image_io import eight_bit
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 
@@ -140,7 +141,7 @@ def _read_image(path: str, channels: int) -> np.ndarray:
       if channels not in (1, 3):
         raise UserError(f'the model takes {channels} channels; only 1 (gray) or 3 (RGB) images '
                         'can be read from files')
-      arr = np.asarray(im.convert('L' if channels == 1 else 'RGB'))
+      arr = np.asarray(eight_bit(im, path).convert('L' if channels == 1 else 'RGB'))
   except UnidentifiedImageError:
     raise UserError(f'{path}: not an image PIL can read (PNG, JPEG, TIFF)') from None
   except OSError as e:
@@ -188,7 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       if min(im.shape[:2]) < 2**model.depth:
         raise UserError(f'{f}: {im.shape[1]}x{im.shape[0]} is smaller than the model\'s '
                         f'minimum {2**model.depth}x{2**model.depth}')
-    os.makedirs(args.output, exist_ok=True)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+      raise UserError(f'{args.output}: exists and is not a folder; choose another --output')
+    try:
+      os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+      raise UserError(f'{args.output}: cannot create the output folder ({e.strerror})') from None
     # Images of the same size go through the network together, in batches.
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from unet_jax.errors import UserError
+from unet_jax.image_io import eight_bit
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 HOLDOUT_EVERY = 10
@@ -62,10 +63,20 @@ def find_pairs(root: str) -> dict[str, list[tuple[str, str]]]:
   return splits
 
 
-def _read(path: str) -> np.ndarray:
+def _read(path: str, mask: bool = False) -> np.ndarray:
+  """An image as 8-bit gray or RGB (16-bit gray scaled to 8); a mask keeps its values, which
+  must fit 8 bits."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
+      if not mask:
+        im = eight_bit(im, path)
+      elif im.mode == 'I' or im.mode.startswith('I;16'):
+        values = np.asarray(im)
+        if values.min() < 0 or values.max() > 255:
+          raise UserError(f'{path}: mask values {values.min()}..{values.max()} do not fit 8 bits; '
+                          'save masks with values 0..255 (one per class)')
+        im = Image.fromarray(values.astype(np.uint8), 'L')
       if im.mode in ('RGBA', 'P', 'CMYK', 'LA', 'YCbCr'):
         im = im.convert('RGB')
       elif im.mode not in ('L', 'RGB'):
@@ -91,7 +102,7 @@ def scan(root: str) -> tuple[dict[str, list[tuple[str, str]]], list, int]:
   rgb_masks = False
   for pairs in splits.values():
     for image_path, mask_path in pairs:
-      image, mask = _read(image_path), _read(mask_path)
+      image, mask = _read(image_path), _read(mask_path, mask=True)
       if image.shape[:2] != mask.shape[:2]:
         raise UserError(f'{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is '
                         f'{image.shape[1]}x{image.shape[0]}')
@@ -152,7 +163,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         image = image[..., None]
       if image.shape[-1] != self._channels:
         image = np.repeat(image, 3, axis=-1)
-      mask_keys = _mask_keys(_read(mask_path))
+      mask_keys = _mask_keys(_read(mask_path, mask=True))
       ids = np.searchsorted(sorted_keys, mask_keys).astype(np.uint8)  # all keys are known
       yield os.path.basename(image_path), {'image': image, 'mask': ids[..., None]}
 
