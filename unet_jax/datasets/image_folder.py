@@ -131,8 +131,10 @@ def fingerprint(root: str) -> str:
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image + mask folders as a TFDS dataset; one builder config per folder content."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  # A new version makes folders prepared by an older reader be prepared again.
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).'}
 
   def __init__(self, *, root: str, **kwargs):
     self._root = os.path.abspath(root)
