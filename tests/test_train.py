@@ -288,7 +288,7 @@ def test_two_processes_equal_one_process(tmp_path):
     ({'data.image_key': 'img'},
      "dataset 'synthetic_shapes' has no feature 'img' (it has image, mask); set "
      '--config.data.image_key'),
-    ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 below 0'),
+    ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 to -1, below 0'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(tmp_path, **overrides)

@@ -111,8 +111,8 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
     mask = mask.astype(np.int32) - config.data.mask_offset
     if mask.min() < 0:  # would wrap to 255 as uint8 and train on it silently
       raise UserError(f'data.mask_offset={config.data.mask_offset} takes mask value '
-                      f'{mask.min() + config.data.mask_offset} below 0; set it to the smallest '
-                      'mask value (or 0)')
+                      f'{mask.min() + config.data.mask_offset} to {mask.min()}, below 0; set it '
+                      'to the smallest mask value (or 0)')
   return {'image': image, 'mask': mask.astype(np.uint8)}
 
 
