@@ -139,6 +139,17 @@ def test_train_end_to_end_outputs(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   model, variables, meta = load_pretrained_with_metadata(str(workdir))
   assert meta['step'] == 6 and meta['mask_values'] == [0, 1]
+  # A given step (kept: 3 and 6), and the checkpoints folder itself (the latest).
+  _, at_3, meta_3 = load_pretrained_with_metadata(str(workdir / 'checkpoints' / '3'))
+  assert meta_3['step'] == 3
+  assert not np.array_equal(at_3['params']['out_conv']['conv']['kernel'],
+                            variables['params']['out_conv']['conv']['kernel'])
+  _, latest, meta_c = load_pretrained_with_metadata(str(workdir / 'checkpoints'))
+  assert meta_c['step'] == 6
+  np.testing.assert_array_equal(latest['params']['out_conv']['conv']['kernel'],
+                                variables['params']['out_conv']['conv']['kernel'])
+  with pytest.raises(UserError, match='metrics.jsonl: is a file; pass a converted checkpoint'):
+    load_pretrained_with_metadata(str(workdir / 'metrics.jsonl'))
   assert model.base_features == 4 and model.depth == 2
   out = model.apply(variables, np.zeros((1, 20, 24, 1), np.float32), train=False)
   assert out.shape == (1, 20, 24, 1)

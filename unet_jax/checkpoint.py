@@ -127,8 +127,17 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
   """Like `load_pretrained`, also returning the metadata saved with the weights."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
+  if os.path.isfile(path):
+    raise UserError(f'{path}: is a file; pass a converted checkpoint directory or a training '
+                    'workdir (PyTorch weights: `python -m unet_jax.convert torch-to-flax SRC '
+                    'DEST`)')
   if not os.path.isdir(path):
     raise UserError(f'{path}: no such checkpoint directory')
+  parent, name = os.path.split(path)
+  if os.path.basename(parent) == 'checkpoints' and name.isdigit():  # WORKDIR/checkpoints/STEP
+    return _load_training_workdir(os.path.dirname(parent), dtype, int(name))
+  if name == 'checkpoints' and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    path = parent  # WORKDIR/checkpoints: the workdir's latest step
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     return _load_training_workdir(path, dtype)
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
@@ -149,14 +158,16 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
   return model, variables, dict(info.get('metadata') or {})
 
 
-def _load_training_workdir(path: str, dtype: Any) -> tuple[UNet, dict[str, Any], dict[str, Any]]:
+def _load_training_workdir(path: str, dtype: Any, step: int | None = None,
+                           ) -> tuple[UNet, dict[str, Any], dict[str, Any]]:
   from unet_jax.train_checkpoints import read_workdir
+  which = 'its latest checkpoint' if step is None else f'its checkpoint of step {step}'
   try:
-    step, variables, meta = read_workdir(path)
+    step, variables, meta = read_workdir(path, step)
   except FileNotFoundError as e:
     raise UserError(str(e)) from None
   except Exception as e:  # Orbax raises many types for damaged trees; all mean the same here.
-    raise UserError(f'{path}: cannot restore its latest checkpoint ({first_line(e)})') from None
+    raise UserError(f'{path}: cannot restore {which} ({first_line(e)})') from None
   model = model_from_config(meta['model'], dtype=dtype)
   check_variables(variables, abstract_variables(model), path)
   metadata = dict(meta.get('metadata') or {}, step=step)
@@ -166,7 +177,8 @@ def _load_training_workdir(path: str, dtype: Any) -> tuple[UNet, dict[str, Any],
 def load_pretrained(path: str, dtype: Any = jnp.float32) -> tuple[UNet, dict[str, Any]]:
   """Loads a converted checkpoint directory or a training workdir: returns `(model, variables)`.
 
-  For a workdir, the latest complete checkpoint is used.
+  For a workdir, the latest complete checkpoint is used; `WORKDIR/checkpoints/STEP` loads that
+  step's.
 
   `variables` is `{'params': ..., 'batch_stats': ...}`, ready for
   `model.apply(variables, x, train=False)`. `dtype` is the computation dtype of the model.
