@@ -14,14 +14,23 @@ import numpy as np
 from unet_jax.errors import UserError
 
 
-def eight_bit(im: Any, path: str) -> Any:
-  """A PIL image of 16-bit or 32-bit integer gray values as 8-bit gray ('L'), rounding v / 257
-  (values outside 0..65535 clipped); 32-bit float images are refused; others pass unchanged."""
+def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
+  """A PIL image of 16-bit or 32-bit integer gray values as 8-bit gray ('L'); others unchanged.
+
+  An image's values are scaled, rounding v / 257 (values outside 0..65535 clipped), and a 32-bit
+  float image is refused; a mask's values are class labels, kept as they are, and must fit 8
+  bits."""
   from PIL import Image
-  if im.mode == 'F':
+  if im.mode == 'F' and not mask:
     raise UserError(f'{path}: a 32-bit float image, whose value range is unknown; save it as an '
                     '8- or 16-bit image')
-  if im.mode == 'I' or im.mode.startswith('I;16'):
-    values = np.clip(np.asarray(im, np.float64), 0, 65535)
-    return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')
-  return im
+  if not (im.mode == 'I' or im.mode.startswith('I;16')):
+    return im
+  if mask:
+    values = np.asarray(im)
+    if values.min() < 0 or values.max() > 255:
+      raise UserError(f'{path}: mask values {values.min()}..{values.max()} do not fit 8 bits; '
+                      'save masks with values 0..255 (one per class)')
+    return Image.fromarray(values.astype(np.uint8), 'L')
+  values = np.clip(np.asarray(im, np.float64), 0, 65535)
+  return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')

@@ -69,14 +69,7 @@ def _read(path: str, mask: bool = False) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
-      if not mask:
-        im = eight_bit(im, path)
-      elif im.mode == 'I' or im.mode.startswith('I;16'):
-        values = np.asarray(im)
-        if values.min() < 0 or values.max() > 255:
-          raise UserError(f'{path}: mask values {values.min()}..{values.max()} do not fit 8 bits; '
-                          'save masks with values 0..255 (one per class)')
-        im = Image.fromarray(values.astype(np.uint8), 'L')
+      im = eight_bit(im, path, mask=mask)
       if im.mode in ('RGBA', 'P', 'CMYK', 'LA', 'YCbCr'):
         im = im.convert('RGB')
       elif im.mode not in ('L', 'RGB'):
