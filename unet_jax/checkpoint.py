@@ -28,6 +28,7 @@ from unet_jax.model import UNet
 FORMAT = 'unet_jax.pretrained'
 CONFIG_FILE = 'unet_jax.json'
 VARIABLES_DIR = 'variables'
+CHECKPOINTS_DIR = 'checkpoints'  # a training workdir's Orbax steps: WORKDIR/checkpoints/<step>/
 MODEL_FIELDS = ('in_channels', 'num_classes', 'base_features', 'depth', 'upsample', 'conv_bias')
 
 
@@ -134,11 +135,11 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
   if not os.path.isdir(path):
     raise UserError(f'{path}: no such checkpoint directory')
   parent, name = os.path.split(path)
-  if os.path.basename(parent) == 'checkpoints' and name.isdigit():  # WORKDIR/checkpoints/STEP
+  if os.path.basename(parent) == CHECKPOINTS_DIR and name.isdigit():  # WORKDIR/checkpoints/STEP
     return _load_training_workdir(os.path.dirname(parent), dtype, int(name))
-  if name == 'checkpoints' and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+  if name == CHECKPOINTS_DIR and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
     path = parent  # WORKDIR/checkpoints: the workdir's latest step
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
     return _load_training_workdir(path, dtype)
   if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
     raise UserError(f'{path}: not a unet_jax checkpoint (no {CONFIG_FILE}, no checkpoints/); '

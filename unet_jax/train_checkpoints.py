@@ -21,9 +21,9 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from unet_jax.checkpoint import CHECKPOINTS_DIR
 from unet_jax.errors import disk_error
 
-CHECKPOINTS_DIR = 'checkpoints'
 BEST_METRIC = 'eval_dice'
 
 
