@@ -224,18 +224,35 @@ def test_compilation_cache_lets_a_rerun_load_its_steps(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+_SLOW_UNLINK = """
+import time
+from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+_unlink = SharedMemoryArray.close_shm_async.__func__
+def _slow(cls, shm, unlink):
+  time.sleep(0.3)
+  _unlink(cls, shm, unlink)
+SharedMemoryArray.close_shm_async = classmethod(_slow)
+"""
+
+
 def test_worker_processes_load_the_same_batches(tmp_path):
-  # grain's worker processes (data.worker_count) decode the same examples in the same order.
-  # (train.py frees their shared memory before exit, or Python's resource tracker warns of 4
-  # leaked objects; a CI run once still saw 1, a race in the workers' shutdown, so the warning
-  # is not asserted here.)
+  # grain's worker processes (data.worker_count) decode the same examples in the same order, and
+  # the run frees the shared memory their batches came in before it exits. grain unlinks that
+  # memory on a background thread; slowed down here (a sitecustomize), that thread is still busy
+  # at exit unless train.py waits for it, and Python's resource tracker then warns of leaked
+  # shared_memory objects (seen once in CI without the slowdown).
+  hooks = tmp_path / 'hooks'
+  hooks.mkdir()
+  (hooks / 'sitecustomize.py').write_text(_SLOW_UNLINK)
+  env = dict(_env(1, tmp_path), PYTHONPATH=str(hooks))
   flags = ['--config.num_train_steps=3', '--config.eval_every_steps=3',
            '--config.checkpoint_every_steps=3', f'--config.compilation_cache_dir={tmp_path}/c']
   for workers in (0, 2):
     run = subprocess.run(_train_cmd(tmp_path / f'w{workers}', *flags,
                                     f'--config.data.worker_count={workers}'),
-                         env=_env(1, tmp_path), capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert 'leaked shared_memory' not in run.stderr, run.stderr[-2000:]
   a, b = _params(tmp_path / 'w0'), _params(tmp_path / 'w2')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)

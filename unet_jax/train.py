@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import os
 import signal
 import sys
@@ -363,14 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f'{checkpoints.directory} is kept, an unfinished one is never used; free '
                     'space (or choose another --workdir) and rerun to resume') from None
   checkpoints.close()
-  if hasattr(train_iter, 'close'):
-    train_iter.close()  # stops grain's worker processes
-    # Their batches reach this process in shared memory, freed when the arrays are; some of those
-    # sit in reference cycles, and without a collection here the interpreter exits first and
-    # Python's resource tracker warns of "leaked shared_memory objects" (worker_count > 0; it
-    # frees them itself). One object was still reported once in CI: a race in the workers'
-    # shutdown that this does not cover.
-    gc.collect()
+  input_pipeline.close_train_iterator(train_iter)
   reporter.close()
   if nonfinite_step:
     raise UserError(f'non-finite loss or gradient at step {nonfinite_step}; its update was not '
