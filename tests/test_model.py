@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import max_rel_err, nchw, nhwc
 from torch_reference import MilesialUNet, SeedUNet
 
-from unet_jax import UNet
+from unet_jax import UNet, init_variables
 from unet_jax.checkpoint import abstract_variables
 from unet_jax.model import BatchNorm, upsample_bilinear_align_corners
 
@@ -44,6 +44,21 @@ def test_output_has_input_size_for_any_size(hw, upsample):
   variables = abstract_variables(model)
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   assert out.shape == (2, *hw, 4)
+
+
+def test_init_variables_equals_model_init():
+  # The compiled initialisation (smallest input, lower LLVM level on CPU) draws the variables of
+  # a plain jitted model.init on another input, to the bit. (Traced inside a caller's jit, as
+  # train.create_train_state does, it is tested in test_step_compilation.)
+  model = UNet(in_channels=3, num_classes=2, base_features=4, depth=2, upsample='bilinear',
+               conv_bias=True, axis_name='data')
+  key = jax.random.key(7)
+  x = jnp.zeros((2, 20, 24, model.in_channels))
+  want = jax.jit(lambda k: model.clone(axis_name=None).init(k, x, train=False))(key)
+  got = init_variables(model, key)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_wrong_channel_count_is_a_clear_error():

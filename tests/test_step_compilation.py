@@ -169,8 +169,9 @@ def test_unusable_compilation_cache_is_skipped_with_one_warning(tmp_path, capsys
 
 
 def test_initialisation_compiled_cheaper_draws_the_same_parameters():
-  # create_train_state compiles at init_compiler_options' lower LLVM level; the parameters must
-  # be those of a plain jitted model.init with the same key, to the bit.
+  # create_train_state compiles at init_compiler_options' lower LLVM level, with init_variables
+  # (the smallest input) traced inside; the parameters must be those of a plain jitted
+  # model.init on the training input with the same key, to the bit.
   config, mesh, model, state, _ = _setup('memory')
   x = jax.numpy.zeros((1, config.image_size, config.image_size, config.model.in_channels))
   plain = jax.jit(lambda key: model.clone(axis_name=None).init(key, x, train=False))(

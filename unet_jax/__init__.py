@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
   from unet_jax.checkpoint import load_pretrained
-  from unet_jax.model import DoubleConv, Down, OutConv, UNet, Up
+  from unet_jax.model import DoubleConv, Down, OutConv, UNet, Up, init_variables
 
-__all__ = ['UNet', 'DoubleConv', 'Down', 'Up', 'OutConv', 'load_pretrained', 'predict']
+__all__ = ['UNet', 'DoubleConv', 'Down', 'Up', 'OutConv', 'init_variables', 'load_pretrained',
+           'predict']
 __version__ = '0.1.0'
 
 _HOMES = {'UNet': 'model', 'DoubleConv': 'model', 'Down': 'model', 'Up': 'model',
-          'OutConv': 'model', 'load_pretrained': 'checkpoint'}
+          'OutConv': 'model', 'init_variables': 'model', 'load_pretrained': 'checkpoint'}
 
 
 def __getattr__(name: str) -> Any:

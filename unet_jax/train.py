@@ -30,7 +30,7 @@ from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
 from unet_jax.errors import UserError, disk_error, first_line
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
-from unet_jax.model import UNet
+from unet_jax.model import UNet, init_variables
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
 from unet_jax.step_compilation import (
@@ -79,11 +79,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet,
                        mesh: jax.sharding.Mesh) -> TrainState:
   """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice."""
   tx = make_optimizer(config)
-  shape = (1, config.image_size, config.image_size, config.model.in_channels)
 
   def init(rng):
-    init_model = model.clone(axis_name=None)  # init runs outside any mapped axis
-    variables = init_model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+    variables = init_variables(model, rng)  # outside any mapped axis, on the smallest input
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
 
