@@ -1,7 +1,10 @@
 """Shared helpers: the PyTorch reference is in tests/torch_reference.py, written from SEED.md."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -49,9 +52,39 @@ def _seeded():
   np.random.seed(0)
 
 
+# One persistent compilation cache per test process (each pytest-xdist worker has its own), for
+# the tests and the train.py runs they start (JAX_COMPILATION_CACHE_DIR wins over the config):
+# the tests compile the same small steps many times over. A loaded executable computes what a
+# compiled one does, to the bit (tested in test_train). Tests of the cache itself, and of timing,
+# take it out of their environment.
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+_cache = tempfile.mkdtemp(prefix='unet_jax_tests_xla_cache_')
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ[CACHE_ENV] = _cache
+# JAX's default writes only programs that took over 1 s to compile; the tiny test models' steps
+# take less.
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
+
 # Eight CPU devices for the data-parallel tests; must happen before JAX picks its backend.
 # Tests that need one device take the first one.
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+jax.config.update('jax_compilation_cache_dir', _cache)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+
+
+@pytest.fixture
+def no_compilation_cache():
+  """JAX as a user's process starts: no persistent cache configured (restored afterwards)."""
+  jax.config.update('jax_compilation_cache_dir', None)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_compilation_cache_dir', _cache)
+
+
+def without_compilation_cache(env: dict) -> dict:
+  """A subprocess environment without the tests' shared compilation cache."""
+  return {k: v for k, v in env.items() if k != CACHE_ENV}
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/

@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import without_compilation_cache
 from test_train import _env, _params, _random_batches, _run_steps, _train_cmd, tiny_config
 
 from unet_jax import input_pipeline, train
@@ -48,7 +49,7 @@ def _kill_during_save(cmd, env, workdir, timeout=300):
 
 
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
-  env = _env(2, tmp_path)
+  env = without_compilation_cache(_env(2, tmp_path))  # the kill times assume a full start-up
   straight = subprocess.run(_train_cmd(tmp_path / 'straight', *FLAGS), env=env,
                             capture_output=True, text=True, timeout=600)
   assert straight.returncode == 0, straight.stderr[-2000:]

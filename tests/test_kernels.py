@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import max_rel_err
 
-from unet_jax import UNet
+from unet_jax import UNet, init_variables
 from unet_jax import model as model_module
 from unet_jax.conv_kernels import (
   _conv,
@@ -122,12 +122,22 @@ def _grads(model, variables, x):
   return jax.jit(jax.grad(loss))(variables['params'])
 
 
+def _grads_and_forward(model, variables, x):
+  """_grads and _forward together, as one jitted program."""
+  def loss(params):
+    y, updates = model.apply({**variables, 'params': params}, x, train=True,
+                             mutable=['batch_stats'])
+    return jnp.mean(jnp.square(y - 0.5)), (y, updates['batch_stats'])
+  grads, forward = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+  return grads, forward
+
+
 def test_winograd_lever_keeps_training_gradients():
   # base 16, depth 4 at 72x66: down3 (9x8 map, odd height) and up1 have 128-channel convs and
   # parts, which take Winograd's conv; the 4x4 bottom takes the im2col GEMM.
   x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 72, 66, 1), np.float32))
   plain = UNet(base_features=16, depth=4, wide_convs='xla')
-  variables = plain.init(jax.random.key(0), x, train=False)
+  variables = init_variables(plain, jax.random.key(0))
   model = UNet(base_features=16, depth=4, wide_convs='winograd')
   assert 'winograd_conv3x3' in str(jax.make_jaxpr(
       lambda v: model.apply(v, x, train=True, mutable=['batch_stats']))(variables))
@@ -138,8 +148,7 @@ def test_winograd_lever_keeps_training_gradients():
   assert max_rel_err(y, want_y) < 1e-5
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
     assert max_rel_err(a, b) < 1e-5
-  eval_y = model.apply(variables, x, train=False)
-  assert max_rel_err(eval_y, plain.apply(variables, x, train=False)) < 1e-5
+  assert max_rel_err(_eval(model, variables, x), _eval(plain, variables, x)) < 1e-5
 
 
 def test_levers_keep_training_gradients():
@@ -147,17 +156,16 @@ def test_levers_keep_training_gradients():
   # 72x66 takes the banded weight gradient at the top; depth 4 reaches a 4x4 map (im2col GEMM).
   plain = UNet(base_features=4, depth=4, transpose_conv='xla', conv_weight_grad='xla',
                max_pool='xla', bn_relu='xla', skip_concat='concat', small_maps='xla')
-  variables = plain.init(jax.random.key(0), x, train=False)
+  variables = init_variables(plain, jax.random.key(0))
   want = _grads(plain, variables, x)
   want_y, want_stats = _forward(plain, variables, x)
   for levers in [dict(), dict(remat=True), dict(conv_weight_grad='xla'), dict(max_pool='xla'),
                  dict(bn_relu='xla'), dict(skip_concat='concat'), dict(small_maps='xla'),
                  dict(transpose_conv='xla', remat=True)]:
     model = UNet(base_features=4, depth=4, **levers)
-    got = _grads(model, variables, x)
+    got, (y, stats) = _grads_and_forward(model, variables, x)  # one compilation per model
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       assert max_rel_err(g, w) < 1e-4, levers
-    y, stats = _forward(model, variables, x)
     assert max_rel_err(y, want_y) < 1e-5, levers
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
       assert max_rel_err(a, b) < 1e-5, levers
@@ -173,7 +181,7 @@ def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform):
   x = jnp.zeros((2, 32, 32, 1), jnp.float32)
   # 128 channels at 16x16 (down1): Winograd's conv applies there.
   auto = UNet(base_features=64, depth=2)
-  variables = auto.init(jax.random.key(0), x, train=False)
+  variables = init_variables(auto, jax.random.key(0))
 
   def traced(model):
     def loss(params):
@@ -193,8 +201,13 @@ def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform):
 
 
 def _forward(model, variables, x):
-  y, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  y, updates = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
+      variables, x)
   return y, updates['batch_stats']
+
+
+def _eval(model, variables, x):
+  return jax.jit(functools.partial(model.apply, train=False))(variables, x)
 
 
 def test_fused_batch_norm_relu_gradient_matches_autodiff():
@@ -220,7 +233,7 @@ def test_fused_batch_norm_relu_gradient_matches_autodiff():
 def test_remat_is_bit_identical():
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 64, 1), np.float32))
   model = UNet(base_features=4, depth=2)
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = init_variables(model, jax.random.key(0))
   a = _grads(model, variables, x)
   b = _grads(model.clone(remat=True), variables, x)
   for g, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

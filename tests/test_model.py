@@ -120,7 +120,7 @@ def test_bilinear_upsample_is_align_corners_true(hw):
 
 def test_model_runs_in_bfloat16_with_float32_state():
   model = UNet(base_features=4, depth=2, dtype=jnp.bfloat16)
-  variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)), train=False)
+  variables = init_variables(model, jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   out, updates = model.apply(variables, jnp.ones((2, 16, 16, 1)), train=True,
                              mutable=['batch_stats'])

@@ -11,14 +11,14 @@ from PIL import Image
 from torch_reference import SeedUNet
 
 import unet_jax
-from unet_jax import UNet
+from unet_jax import UNet, init_variables
 from unet_jax.convert import torch_to_flax
 from unet_jax.predict import main, predict_logits
 
 
 def _moved_model():
   model = UNet(base_features=4, depth=2)
-  variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 1)), train=False)
+  variables = init_variables(model, jax.random.key(1))
   x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 1), np.float32))
   _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
   return model, {**variables, **updates}

@@ -157,7 +157,8 @@ def test_finite_check_is_computed_once_not_copied_into_every_update():
   assert ands <= 3 * leaves, (ands, leaves)
 
 
-def test_unusable_compilation_cache_is_skipped_with_one_warning(tmp_path, capsys):
+def test_unusable_compilation_cache_is_skipped_with_one_warning(tmp_path, capsys,
+                                                              no_compilation_cache):
   # (Its use is tested end to end in test_train: a rerun loads its steps, same bits.)
   blocker = tmp_path / 'a_file'
   blocker.write_text('')

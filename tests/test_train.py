@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import without_compilation_cache
 
 from configs import base
 from unet_jax import load_pretrained, parallel, train
@@ -35,7 +36,7 @@ def tiny_config(tmp_path, **overrides):
   config.checkpoint_every_steps = 3
   config.num_sample_images = 2
   config.data.data_dir = str(tmp_path / 'tfds')
-  config.compilation_cache_dir = ''  # hermetic: each test compiles its own steps
+  config.compilation_cache_dir = ''  # (the tests' shared cache is set up in conftest.py)
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')
@@ -111,7 +112,7 @@ def _train_cmd(workdir, *flags):
           os.path.join(REPO, 'configs', 'base.py'), '--workdir', str(workdir),
           '--config.model.base_features=4', '--config.model.depth=2', '--config.image_size=16',
           '--config.num_sample_images=2', '--config.log_every_steps=1',
-          '--config.compilation_cache_dir=', *flags]  # hermetic: no cache unless a test asks
+          '--config.compilation_cache_dir=', *flags]  # conftest's shared cache applies
 
 
 def _env(devices, tmp_path):
@@ -205,7 +206,7 @@ def test_compilation_cache_lets_a_rerun_load_its_steps(tmp_path):
            '--config.checkpoint_every_steps=3', f'--config.compilation_cache_dir={cache}']
   # JAX logs cache hits at WARNING with log_compiles; tiny steps compile in under its default
   # 1 s threshold for writing an entry.
-  env = dict(_env(1, tmp_path), JAX_LOG_COMPILES='1',
+  env = dict(without_compilation_cache(_env(1, tmp_path)), JAX_LOG_COMPILES='1',
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   first = subprocess.run(_train_cmd(tmp_path / 'a', *flags), env=env, capture_output=True,
                          text=True, timeout=600)
