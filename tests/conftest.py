@@ -63,7 +63,8 @@ atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ[CACHE_ENV] = _cache
 # JAX's default writes only programs that took over 1 s to compile; the tiny test models' steps
 # take less.
-os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
+MIN_COMPILE_SECS = 0.2
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = str(MIN_COMPILE_SECS)
 
 # Eight CPU devices for the data-parallel tests; must happen before JAX picks its backend.
 # Tests that need one device take the first one.
@@ -71,7 +72,7 @@ import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_compilation_cache_dir', _cache)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECS)
 
 
 @pytest.fixture
