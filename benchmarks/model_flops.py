@@ -1,10 +1,13 @@
 """Floating-point operations of the seed UNet, counted from its layers (for MFU), and a bound.
 
     python benchmarks/model_flops.py [--size 480] [--batch 16] [--gemm_tflops 790] ...
+    python benchmarks/model_flops.py --measure      # the rates of this machine's card (torch)
 
 prints the training step's FLOPs and the fastest step a GPU could run if every convolution ran at
 the matrix-product rate and BatchNorm's passes over memory were the only other cost (see
 `step_time_bound`): the MFU ceiling of a UNet whose BatchNorms are kernels of their own.
+`--measure` times a bf16 matrix product and a device-to-device copy first (`measure_rates`) and
+bounds the step with what they reached instead of the defaults.
 
 Only the convolutions are counted (3x3, 2x2 transposed, 1x1 out_conv), two operations per
 multiply-add, as PyTorch's `torch.utils.flop_counter` and MFU conventions do; BatchNorm, ReLU,
@@ -97,6 +100,40 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
   return None
 
 
+def measure_rates(gemm_size: int = 8192, copy_mib: int = 2048, repeats: int = 10
+                  ) -> dict[str, float | str]:
+  """A bf16 matrix product's TFLOP/s and a copy's TB/s (bytes read plus written) on torch's
+  device (CUDA if there is one), each the mean of `repeats` after three warm-ups."""
+  import time
+
+  import torch
+
+  cuda = torch.cuda.is_available()
+  device = 'cuda' if cuda else 'cpu'
+
+  def seconds(fn) -> float:
+    for _ in range(3):
+      fn()
+    if cuda:
+      torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+      fn()
+    if cuda:
+      torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+  a = torch.randn(gemm_size, gemm_size, device=device, dtype=torch.bfloat16)
+  b = torch.randn(gemm_size, gemm_size, device=device, dtype=torch.bfloat16)
+  gemm_s = seconds(lambda: a @ b)
+  src = torch.empty(copy_mib << 20, device=device, dtype=torch.uint8).fill_(1)
+  dst = torch.empty_like(src)
+  copy_s = seconds(lambda: dst.copy_(src))
+  name = torch.cuda.get_device_name() if cuda else 'cpu'
+  return {'device': name, 'gemm_tflops': 2 * gemm_size**3 / gemm_s / 1e12,
+          'bandwidth_tbs': 2 * src.numel() / copy_s / 1e12}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', type=int, default=480)
@@ -106,7 +143,20 @@ def main() -> None:
   parser.add_argument('--bandwidth_tbs', type=float, default=4.8,
                       help='memory bandwidth, TB/s (4.8: the H200 datasheet; H100 SXM 3.35)')
   parser.add_argument('--peak_tflops', type=float, default=PEAK_TFLOPS['H200']['bf16'])
+  parser.add_argument('--measure', action='store_true',
+                      help='time a bf16 matrix product and a copy on this machine (torch) and '
+                           'use their rates, and the datasheet peak of the card found')
+  parser.add_argument('--gemm_size', type=int, default=8192, help='with --measure')
+  parser.add_argument('--copy_mib', type=int, default=2048, help='with --measure')
   args = parser.parse_args()
+  if args.measure:
+    rates = measure_rates(args.gemm_size, args.copy_mib)
+    args.gemm_tflops, args.bandwidth_tbs = rates['gemm_tflops'], rates['bandwidth_tbs']
+    known = peak_tflops(rates['device'], 'bf16')
+    args.peak_tflops = known or args.peak_tflops
+    print(f'{rates["device"]}: bf16 matrix product {args.gemm_tflops:.4g} TFLOP/s, copy '
+          f'{args.bandwidth_tbs:.3g} TB/s; bf16 peak {args.peak_tflops:.1f} TFLOP/s '
+          f'({"datasheet" if known else "not a known card: --peak_tflops"})')
   flops = seed_unet_flops(args.size)['train'] * args.batch
   print(f'training step: {flops / 1e12:.2f} TFLOP ({args.batch} images of {args.size}x{args.size})')
   for passes in (NORM_PASSES, NORM_PASSES + 1):

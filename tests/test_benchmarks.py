@@ -91,6 +91,24 @@ def test_step_time_bound_adds_convolutions_and_batch_norm_passes():
   assert b['step_s'] == pytest.approx(b['conv_s'] + b['norm_s'])
 
 
+
+def test_measured_rates_bound_the_step_on_this_machine():
+  """--measure times torch's matrix product and copy here (the CPU: no datasheet peak known) and
+  bounds the step with those rates."""
+  import subprocess
+  script = os.path.join(os.path.dirname(model_flops.__file__), 'model_flops.py')
+  out = subprocess.run([sys.executable, script, '--measure', '--gemm_size', '256', '--copy_mib',
+                        '16', '--size', '32', '--batch', '2'],
+                       capture_output=True, text=True, check=True).stdout
+  head, flops_line, ten, eleven, need = out.strip().split('\n')
+  assert head.startswith('cpu: bf16 matrix product ') and 'not a known card' in head
+  gemm = float(head.split('product ')[1].split(' TFLOP/s')[0])
+  bandwidth = float(head.split('copy ')[1].split(' TB/s')[0])
+  assert gemm > 0 and bandwidth > 0
+  bound = model_flops.step_time_bound(32, 2, gemm, bandwidth)
+  step_ms = float(ten.split(' = ')[1].split(' ms')[0])
+  assert step_ms == pytest.approx(bound['step_s'] * 1e3, rel=5e-3)  # the rates print rounded
+
 # Device kernels of the all-XLA step's profile on an H200 (README, "On a GPU"), ms per step.
 H200_KERNELS = [
     (18.739, 'sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc'),
