@@ -7,13 +7,14 @@
 #    plain step and project step with their default levers ('auto' picks XLA's ops on a GPU where
 #    the CPU kernels would be slow), 2 alternating rounds.
 # 2. profile_step.py jax on the plain step: the all-XLA and the defaults steps' kernel profiles
-#    (by kind: convolution, reduction, ...) and the CPU kernels not yet measured alone on a GPU
-#    (mask max-pool, banded weight gradient), in LOG_DIR/profile/.
+#    (by kind: convolution, reduction, ...) and the CPU kernels alone on a GPU (mask max-pool,
+#    measured on an H100: 1.03x; banded weight gradient, not yet alone), in LOG_DIR/profile/.
 # 3. The project step with every lever on XLA's op (--no_levers), the levers' baseline.
 # 4. The project step with the CPU kernels named (banded weight gradient, mask max-pool).
 # 5. The project step with model.remat: device memory.
 # 1, 3, 4, 5 took about 6 minutes on an H200; 2 is limited to 4 more. 3-5 repeat rows measured
-# before: a call with a 10-minute limit gets 1 and 2 first.
+# before: a call with a 10-minute limit gets 0-2 first (PARTS=rates,sides,profile with
+# VARIANTS=xla,defaults,pool_masks: 6.5 minutes on a fresh H100).
 # SIZE, BATCH, ROUNDS, BASE override the shape (small values make a quick CPU smoke test);
 # PYTHON the interpreter (python3); PARTS picks parts (rates,sides,profile,all_xla,cpu_kernels,
 # remat: all by default) and VARIANTS the profile's variants (profile_step.py).

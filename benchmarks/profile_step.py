@@ -7,7 +7,8 @@
 The seed UNet, Adam, bfloat16 compute (PyTorch: autocast + channels_last), SIZE x SIZE images in
 batches of BATCH (environment; 480 and 16 by default). `jax` compiles the plain jitted step once
 per variant (every lever on XLA's op, the project's defaults as 'auto' resolves them on this
-platform, then each lever switched on alone from all-XLA, then two XLA GPU options), times 5 x 5
+platform, then each lever switched on alone from all-XLA, the defaults with XLA's max-pool, then
+two XLA GPU options), times 5 x 5
 steps of each (median), and profiles the all-XLA and the defaults step: `jax_kernels_xla.txt`
 and `jax_kernels_defaults.txt` list each kernel's time per step, under a summary by kind
 (convolution, reduction, element-wise, layout, ...; device kernels only),
@@ -52,6 +53,8 @@ VARIANTS = {
     # The CPU kernels, each alone ('auto' picks XLA's op on a GPU). Winograd's conv has no row:
     # it computes float32 convs only, and this step is bfloat16.
     'pool_masks': (dict(max_pool='masks'), {}),
+    # max_pool's choice on a GPU: the defaults (masks) against XLA's reduce_window.
+    'defaults_pool_xla': ({**DEFAULT_LEVERS, 'max_pool': 'xla'}, {}),
     'banded_wgrad': (dict(conv_weight_grad='banded'), {}),
     'no_cmdbuf': ({}, {'xla_gpu_enable_command_buffer': ''}),
     'runtime_fusion': ({}, {'xla_gpu_use_runtime_fusion': True}),

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
       # Speed levers: same numbers either way (see README, "Benchmarks").
       transpose_conv='gemm',     # or 'xla'
       conv_weight_grad='auto',   # 'banded' on CPU, 'xla' on GPU; or name one
-      max_pool='auto',           # 'masks' on CPU, 'xla' on GPU; or name one
+      max_pool='masks',          # or 'xla'
       bn_relu='fused',           # or 'xla'
       skip_concat='split',       # or 'concat'
       small_maps='gemm',         # or 'xla'

@@ -10,7 +10,7 @@ LEVERS: dict[str, tuple[str, ...]] = {
     'transpose_conv': ('gemm', 'xla'),
     # 'auto': the CPU kernel when JAX's default backend is the CPU, XLA's op elsewhere.
     'conv_weight_grad': ('auto', 'banded', 'xla'),
-    'max_pool': ('auto', 'masks', 'xla'),
+    'max_pool': ('masks', 'xla'),
     'bn_relu': ('fused', 'xla'),
     'skip_concat': ('split', 'concat'),
     'small_maps': ('gemm', 'xla'),
