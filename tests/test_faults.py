@@ -9,7 +9,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import without_compilation_cache
 from test_train import _env, _params, _random_batches, _run_steps, _train_cmd, tiny_config
 
 from unet_jax import input_pipeline, train
@@ -20,11 +19,22 @@ FLAGS = ['--config.num_train_steps=60', '--config.checkpoint_every_steps=2',
          '--config.eval_every_steps=1000', '--config.keep_checkpoints=2']
 
 
-def _kill_after(cmd, env, workdir, seconds):
+def _finished_steps(workdir):
+  ckpt_dir = workdir / 'checkpoints'
+  return {n for n in os.listdir(ckpt_dir) if n.isdigit()} if ckpt_dir.is_dir() else set()
+
+
+def _kill_after_progress(cmd, env, workdir, seconds, timeout=300):
+  """SIGKILL `seconds` after the run's first new finished checkpoint, i.e. while it trains and
+  saves, whatever its start-up took (a compilation cache makes that vary)."""
+  before = _finished_steps(workdir)
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and _finished_steps(workdir) <= before:
+    time.sleep(0.005)
   deadline = time.time() + seconds
   while time.time() < deadline and proc.poll() is None:
-    time.sleep(0.02)
+    time.sleep(0.005)
   if proc.poll() is None:
     proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -49,16 +59,17 @@ def _kill_during_save(cmd, env, workdir, timeout=300):
 
 
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
-  env = without_compilation_cache(_env(2, tmp_path))  # the kill times assume a full start-up
+  env = _env(2, tmp_path)
   straight = subprocess.run(_train_cmd(tmp_path / 'straight', *FLAGS), env=env,
                             capture_output=True, text=True, timeout=600)
   assert straight.returncode == 0, straight.stderr[-2000:]
   workdir = tmp_path / 'killed'
   rng = np.random.default_rng(0)
   killed = 0
-  # Startup takes a few seconds; kill between 7 and 11 s in, while steps and async saves run.
+  # Kill at a random moment up to a second after a run's first new checkpoint, while steps and
+  # async saves run.
   for _ in range(2):
-    code = _kill_after(_train_cmd(workdir, *FLAGS), env, workdir, rng.uniform(7, 11))
+    code = _kill_after_progress(_train_cmd(workdir, *FLAGS), env, workdir, rng.uniform(0, 1))
     killed += code == -signal.SIGKILL
   assert killed >= 1, 'the runs finished before they could be killed'
   # And once for certain in the middle of a save.
