@@ -146,3 +146,39 @@ def test_profile_sorts_device_kernels_by_kind():
   assert len(summary) == len(set(kinds)) + 1
   assert profile_step.kind_summary(rows[-1:]) == [
       '(no device kernels in the trace: the summary by kind is for a GPU)']
+
+
+def test_auto_layout_step_computes_what_the_plain_step_does():
+  """profile_step's defaults_auto_layout variant: the state moved into the layouts XLA chose,
+  fed back each step, gives the plain jitted step's numbers."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import profile_step
+
+  def step(params, stats, opt, x, y):
+    def loss_fn(w):
+      out = jax.lax.conv_general_dilated(x, w['k'], (1, 1), 'SAME',
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jnp.mean((out - y) ** 2)
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    new = {'k': params['k'] - 0.1 * g['k']}
+    return new, {'n': stats['n'] + 1}, {'m': 0.9 * opt['m'] + g['k']}, loss
+
+  rng = np.random.default_rng(0)
+  k = rng.standard_normal((3, 3, 4, 8), np.float32)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4), np.float32))
+  y = jnp.asarray(rng.standard_normal((2, 8, 8, 8), np.float32))
+
+  def fresh():
+    return [{'k': jnp.asarray(k)}, {'n': jnp.zeros(())}, {'m': jnp.zeros_like(jnp.asarray(k))}]
+
+  compiled, state = profile_step._compile_with_auto_layouts(step, fresh(), x, y)
+  plain = jax.jit(step)
+  want = fresh()
+  for _ in range(3):
+    *state, loss = compiled(*state, x, y)
+    *want, want_loss = plain(*want, x, y)
+    np.testing.assert_array_equal(loss, want_loss)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
