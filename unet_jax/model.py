@@ -544,7 +544,9 @@ def _init_on_smallest_input(model: UNet, key: jax.Array) -> dict[str, Any]:
   return model.init(key, x, train=False)
 
 
-@functools.cache
+# Bounded: a process that builds many model configurations (a sweep) keeps only the recent
+# compiled initialisations alive.
+@functools.lru_cache(maxsize=16)
 def _compiled_init(model: UNet, platform: str) -> Any:
   return jax.jit(functools.partial(_init_on_smallest_input, model),
                  compiler_options=init_compiler_options(platform) or None)
