@@ -152,10 +152,12 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 2 MiB tmpfs (root only): a real 'No space left on device'."""
+  """A 4 MiB tmpfs (root only): a real 'No space left on device'. Room for a dozen of the tiny
+  run's checkpoints (about 300 KiB each): with 2 MiB, a run once filled it before its first
+  checkpoint was complete."""
   mount = tmp_path / 'small'
   mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(mount)],
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)],
                     capture_output=True).returncode != 0:
     pytest.skip('cannot mount a small tmpfs here')
   try:
