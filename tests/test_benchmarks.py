@@ -91,7 +91,6 @@ def test_step_time_bound_adds_convolutions_and_batch_norm_passes():
   assert b['step_s'] == pytest.approx(b['conv_s'] + b['norm_s'])
 
 
-
 def test_measured_rates_bound_the_step_on_this_machine():
   """--measure times torch's matrix product and copy here (the CPU: no datasheet peak known) and
   bounds the step with those rates."""
@@ -108,6 +107,7 @@ def test_measured_rates_bound_the_step_on_this_machine():
   bound = model_flops.step_time_bound(32, 2, gemm, bandwidth)
   step_ms = float(ten.split(' = ')[1].split(' ms')[0])
   assert step_ms == pytest.approx(bound['step_s'] * 1e3, rel=5e-3)  # the rates print rounded
+
 
 # Device kernels of the all-XLA step's profile on an H200 (README, "On a GPU"), ms per step.
 H200_KERNELS = [
