@@ -1,6 +1,7 @@
 """The image-folder dataset, the data order contract, and checkpoint retention."""
 
 import os
+import tempfile
 
 import grain
 import jax
@@ -43,6 +44,21 @@ def test_image_folder_trains_and_keeps_the_mask_mapping(tmp_path):
   _, _, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
   # Sorted by 0xRRGGBB: black, (0,128,255), red.
   assert meta['mask_values'] == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
+
+
+def test_builders_of_unprepared_datasets_leave_no_temporary_directories(tmp_path, monkeypatch):
+  # tfds looks up a builder's info on its GCS bucket when the dataset is not prepared yet, and
+  # leaves an empty temporary directory behind each time; these datasets are never there.
+  from unet_jax.datasets.image_folder import ImageFolder
+  from unet_jax.datasets.synthetic_shapes import SyntheticShapes
+  make_folder(tmp_path / 'data', n=3)
+  (tmp_path / 'tmp').mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+  for builder in (SyntheticShapes(config='64px', data_dir=str(tmp_path / 'tfds')),
+                  ImageFolder(root=str(tmp_path / 'data'), data_dir=str(tmp_path / 'tfds'))):
+    assert not builder.is_prepared()
+    assert builder.info.features['image'].shape[-1] in (1, 3)
+  assert os.listdir(tmp_path / 'tmp') == []
 
 
 def test_image_folder_gray_masks_and_holdout(tmp_path):

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
 from unet_jax.image_io import eight_bit
 
@@ -137,7 +138,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     super().__init__(config=config, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    return LocalDatasetInfo(
+        builder=self,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Tensor(shape=(None, None, self._channels), dtype=np.uint8,
                                           encoding='zlib'),

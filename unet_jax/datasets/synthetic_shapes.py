@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from unet_jax.datasets.local_info import LocalDatasetInfo
+
 _SPLITS = {'train': (0, 1.0), 'test': (1, 0.1)}  # split -> (seed, size relative to train)
 _SIZES = {64: 2048, 128: 1024, 480: 200}           # image side -> number of training examples
 
@@ -67,7 +69,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.size
-    return self.dataset_info_from_configs(
+    return LocalDatasetInfo(
+        builder=self,
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Tensor(shape=(s, s, 1), dtype=np.uint8),
             'mask': tfds.features.Tensor(shape=(s, s, 1), dtype=np.uint8),
