@@ -66,6 +66,12 @@ os.environ[CACHE_ENV] = _cache
 MIN_COMPILE_SECS = 0.2
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = str(MIN_COMPILE_SECS)
 
+# The built-in dataset, shared by the tests of each test process: the first run to need it
+# prepares it there (about 5 s, more under load) and the others read it. test_train's end-to-end
+# test prepares its own, as a user's first run does.
+TFDS_DIR = tempfile.mkdtemp(prefix='unet_jax_tests_tfds_')
+atexit.register(shutil.rmtree, TFDS_DIR, ignore_errors=True)
+
 # Eight CPU devices for the data-parallel tests; must happen before JAX picks its backend.
 # Tests that need one device take the first one.
 import jax  # noqa: E402

@@ -1,4 +1,5 @@
-"""Faults done for real: kill -9 mid-run (and mid-save), damaged checkpoints, non-finite losses."""
+"""Faults done for real: kill -9 mid-run (and mid-save), SIGTERM, damaged checkpoints, non-finite
+losses."""
 
 import os
 import re
@@ -58,25 +59,53 @@ def _kill_during_save(cmd, env, workdir, timeout=300):
   return seen
 
 
-def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path):
-  env = _env(2, tmp_path)
+def _lines(path):
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _terminate_after_progress(cmd, env, workdir, timeout=300):
+  """SIGTERM once the run has logged two new steps; (return code, stdout + stderr)."""
+  log = workdir / 'metrics.jsonl'
+  before = _lines(log)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and _lines(log) < before + 2:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out + err
+
+
+def test_interrupted_runs_resume_bit_identical(tmp_path):
+  # One run, interrupted four times and rerun each time with the same command, ends where an
+  # uninterrupted run ends, to the bit.
+  env = _env(2)
   straight = subprocess.run(_train_cmd(tmp_path / 'straight', *FLAGS), env=env,
                             capture_output=True, text=True, timeout=600)
   assert straight.returncode == 0, straight.stderr[-2000:]
-  workdir = tmp_path / 'killed'
+  workdir = tmp_path / 'interrupted'
   rng = np.random.default_rng(0)
   killed = 0
-  # Kill at a random moment up to a second after a run's first new checkpoint, while steps and
-  # async saves run.
+  # kill -9 at a random moment up to a second after a run's first new checkpoint, while steps
+  # and async saves run.
   for _ in range(2):
     code = _kill_after_progress(_train_cmd(workdir, *FLAGS), env, workdir, rng.uniform(0, 1))
     killed += code == -signal.SIGKILL
   assert killed >= 1, 'the runs finished before they could be killed'
-  # And once for certain in the middle of a save.
+  # kill -9 once for certain in the middle of a save.
   assert _kill_during_save(_train_cmd(workdir, *FLAGS), env, workdir), 'no save was caught'
+  # SIGTERM: the run saves the step it is at, says so, and exits cleanly. (Here with no
+  # scheduled checkpoints, so that the one found next can only be SIGTERM's.)
+  code, output = _terminate_after_progress(
+      _train_cmd(workdir, *FLAGS, '--config.checkpoint_every_steps=1000'), env, workdir)
+  assert code == 0, output[-2000:]
+  stopped_at = load_pretrained_with_metadata(str(workdir))[2]['step']
+  assert stopped_at < 60, 'the run finished before SIGTERM landed'
+  assert f'SIGTERM: saved step {stopped_at} to {workdir}/checkpoints' in output, output[-2000:]
   final = subprocess.run(_train_cmd(workdir, *FLAGS), env=env, capture_output=True, text=True,
                          timeout=600)
   assert final.returncode == 0, final.stderr[-2000:]
+  assert f'resumed from {workdir}/checkpoints/{stopped_at}' in final.stdout + final.stderr
   for x, y in zip(jax.tree.leaves(_params(tmp_path / 'straight')),
                   jax.tree.leaves(_params(workdir)), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -187,7 +216,7 @@ def test_disk_full_in_train_py_is_one_line_on_stderr(tmp_path, small_disk):
   cmd = _train_cmd(small_disk / 'wd', '--config.num_train_steps=400',
                    '--config.checkpoint_every_steps=1', '--config.eval_every_steps=1000',
                    '--config.keep_checkpoints=1000')
-  proc = subprocess.run(cmd, env=_env(1, tmp_path), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2, proc.stderr[-2000:]
   # Progress bars aside (training's, and the dataset generation's nested ones, which move the
   # cursor up), stderr is the error line alone.
