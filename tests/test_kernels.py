@@ -132,12 +132,12 @@ def _grads_and_forward(model, variables, x):
 
 
 def test_winograd_lever_keeps_training_gradients():
-  # base 16, depth 4 at 72x66: down3 (9x8 map, odd height) and up1 have 128-channel convs and
+  # base 32, depth 3 at 38x34: down2 (9x8 map, odd height) and up1 have 128-channel convs and
   # parts, which take Winograd's conv; the 4x4 bottom takes the im2col GEMM.
-  x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 72, 66, 1), np.float32))
-  plain = UNet(base_features=16, depth=4, wide_convs='xla')
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 38, 34, 1), np.float32))
+  plain = UNet(base_features=32, depth=3, wide_convs='xla')
   variables = init_variables(plain, jax.random.key(0))
-  model = UNet(base_features=16, depth=4, wide_convs='winograd')
+  model = UNet(base_features=32, depth=3, wide_convs='winograd')
   assert 'winograd_conv3x3' in str(jax.make_jaxpr(
       lambda v: model.apply(v, x, train=True, mutable=['batch_stats']))(variables))
   for g, w in zip(jax.tree.leaves(_grads(model, variables, x)),
@@ -151,9 +151,10 @@ def test_winograd_lever_keeps_training_gradients():
 
 
 def test_levers_keep_training_gradients():
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 72, 66, 1), np.float32))
-  # 72x66 takes the banded weight gradient at the top; depth 4 reaches a 4x4 map (im2col GEMM).
-  plain = UNet(base_features=4, depth=4, transpose_conv='xla', conv_weight_grad='xla',
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 66, 64, 1), np.float32))
+  # 66x64 takes the banded weight gradient at the top (66 rows: the last band part empty), 33x32
+  # an odd height, and depth 3 reaches an 8x8 map (im2col GEMM).
+  plain = UNet(base_features=4, depth=3, transpose_conv='xla', conv_weight_grad='xla',
                max_pool='xla', bn_relu='xla', skip_concat='concat', small_maps='xla')
   variables = init_variables(plain, jax.random.key(0))
   want = _grads(plain, variables, x)
@@ -162,7 +163,7 @@ def test_levers_keep_training_gradients():
   for levers in [dict(), dict(conv_weight_grad='xla'), dict(max_pool='xla'),
                  dict(bn_relu='xla'), dict(skip_concat='concat'), dict(small_maps='xla'),
                  dict(transpose_conv='xla', remat=True)]:
-    model = UNet(base_features=4, depth=4, **levers)
+    model = UNet(base_features=4, depth=3, **levers)
     got, (y, stats) = _grads_and_forward(model, variables, x)  # one compilation per model
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       assert max_rel_err(g, w) < 1e-4, levers
