@@ -77,8 +77,8 @@ def _terminate_after_progress(cmd, env, workdir, timeout=300):
 
 
 def test_interrupted_runs_resume_bit_identical(tmp_path):
-  # One run, interrupted four times and rerun each time with the same command, ends where an
-  # uninterrupted run ends, to the bit.
+  # One run, interrupted four times and rerun after each, ends where an uninterrupted run ends,
+  # to the bit.
   env = _env(2)
   straight = subprocess.run(_train_cmd(tmp_path / 'straight', *FLAGS), env=env,
                             capture_output=True, text=True, timeout=600)
