@@ -36,7 +36,7 @@ def make_folder(root, n=12, size=(24, 20), rgb_masks=True):
 
 def test_image_folder_trains_and_keeps_the_mask_mapping(tmp_path):
   make_folder(tmp_path / 'data')
-  config = tiny_config(tmp_path, **{'data.name': 'image_folder', 'data.root': str(
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(
       tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8,
       'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2})
   metrics = train.train_and_evaluate(config, str(tmp_path / 'wd'))
@@ -98,7 +98,7 @@ def test_image_folder_errors_name_the_file(tmp_path, breakage, message):
 
 def test_dataset_smaller_than_one_batch(tmp_path):
   make_folder(tmp_path / 'data', n=4)
-  config = tiny_config(tmp_path, **{'data.name': 'image_folder', 'data.root': str(
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(
       tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8})
   with pytest.raises(UserError, match='has 3 training examples, fewer than one batch'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
@@ -106,7 +106,7 @@ def test_dataset_smaller_than_one_batch(tmp_path):
 
 def test_more_mask_values_than_classes(tmp_path):
   make_folder(tmp_path / 'data')
-  config = tiny_config(tmp_path, **{'data.name': 'image_folder', 'data.root': str(
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(
       tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 1, 'batch_size': 8})
   with pytest.raises(UserError, match=r'masks hold 3 values .* but model.num_classes=1; set '
                      r'--config.model.num_classes=3'):
@@ -119,9 +119,9 @@ def test_empty_folder(tmp_path):
     find_pairs(str(tmp_path / 'd'))
 
 
-def test_each_process_reads_its_slice_of_the_same_global_batches(tmp_path):
+def test_each_process_reads_its_slice_of_the_same_global_batches():
   """2 processes' slices, concatenated, are the 1-process batch, augmentation included."""
-  config = tiny_config(tmp_path, batch_size=8)
+  config = tiny_config(batch_size=8)
   source = [{'image': np.full((16, 16, 1), i, np.uint8), 'mask': np.zeros((16, 16, 1), np.uint8)}
             for i in range(20)]
   one = _TrainExample(source, config, 0, 1)

@@ -25,17 +25,20 @@ def _finished_steps(workdir):
   return {n for n in os.listdir(ckpt_dir) if n.isdigit()} if ckpt_dir.is_dir() else set()
 
 
+def _wait_while_running(proc, seconds, until=lambda: False):
+  """Returns once `until()` holds, the process has exited, or `seconds` have passed."""
+  deadline = time.time() + seconds
+  while time.time() < deadline and proc.poll() is None and not until():
+    time.sleep(0.005)
+
+
 def _kill_after_progress(cmd, env, workdir, seconds, timeout=300):
   """SIGKILL `seconds` after the run's first new finished checkpoint, i.e. while it trains and
   saves, whatever its start-up took (a compilation cache makes that vary)."""
   before = _finished_steps(workdir)
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None and _finished_steps(workdir) <= before:
-    time.sleep(0.005)
-  deadline = time.time() + seconds
-  while time.time() < deadline and proc.poll() is None:
-    time.sleep(0.005)
+  _wait_while_running(proc, timeout, until=lambda: not _finished_steps(workdir) <= before)
+  _wait_while_running(proc, seconds)
   if proc.poll() is None:
     proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -68,9 +71,7 @@ def _terminate_after_progress(cmd, env, workdir, timeout=300):
   log = workdir / 'metrics.jsonl'
   before = _lines(log)
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None and _lines(log) < before + 2:
-    time.sleep(0.005)
+  _wait_while_running(proc, timeout, until=lambda: _lines(log) >= before + 2)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=timeout)
   return proc.returncode, out + err
@@ -123,7 +124,7 @@ def _damage(step_dir):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capfd):
-  config = tiny_config(tmp_path, num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=10)
+  config = tiny_config(num_train_steps=4, checkpoint_every_steps=2, eval_every_steps=10)
   train.train_and_evaluate(config, str(tmp_path / 'wd'))
   _damage(tmp_path / 'wd' / 'checkpoints' / '4')
   with pytest.raises(UserError, match='cannot restore its latest checkpoint'):
@@ -137,8 +138,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capf
   assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 6
 
 
-def test_nonfinite_step_leaves_the_state_unchanged(tmp_path):
-  config = tiny_config(tmp_path)
+def test_nonfinite_step_leaves_the_state_unchanged():
+  config = tiny_config()
   batches = _random_batches(2)
   bad = dict(batches[1], image=np.full_like(batches[1]['image'], np.nan))
   one = _run_steps(config, jax.devices()[:2], 'shard_map', batches[:1])
@@ -159,7 +160,7 @@ def test_nonfinite_loss_skip_or_stop(tmp_path, monkeypatch, mode):
     return out
 
   monkeypatch.setattr(input_pipeline._TrainExample, 'map', poisoned)
-  config = tiny_config(tmp_path, on_nonfinite=mode, num_train_steps=6,
+  config = tiny_config(on_nonfinite=mode, num_train_steps=6,
                        checkpoint_every_steps=3, eval_every_steps=10)
   if mode == 'stop':
     with pytest.raises(UserError, match='non-finite loss or gradient at step 4'):
@@ -174,7 +175,7 @@ def test_nonfinite_loss_skip_or_stop(tmp_path, monkeypatch, mode):
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   (tmp_path / 'a_file').write_text('not a directory')
-  config = tiny_config(tmp_path)
+  config = tiny_config()
   with pytest.raises(UserError, match='cannot write there'):
     train.train_and_evaluate(config, str(tmp_path / 'a_file' / 'wd'))
 
@@ -195,8 +196,8 @@ def small_disk(tmp_path):
     subprocess.run(['umount', '-l', str(mount)], capture_output=True)
 
 
-def test_disk_full_is_a_clear_error_and_no_partial_checkpoint_counts(tmp_path, small_disk):
-  config = tiny_config(tmp_path, num_train_steps=400, checkpoint_every_steps=1,
+def test_disk_full_is_a_clear_error_and_no_partial_checkpoint_counts(small_disk):
+  config = tiny_config(num_train_steps=400, checkpoint_every_steps=1,
                        eval_every_steps=1000, log_every_steps=1, keep_checkpoints=1000)
   workdir = small_disk / 'wd'
   with pytest.raises(UserError, match='cannot write \\(No space left on device\\); the last '
@@ -210,7 +211,7 @@ def test_disk_full_is_a_clear_error_and_no_partial_checkpoint_counts(tmp_path, s
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 
 
-def test_disk_full_in_train_py_is_one_line_on_stderr(tmp_path, small_disk):
+def test_disk_full_in_train_py_is_one_line_on_stderr(small_disk):
   # Before: about 1,070 lines of Orbax's ERROR logs and 'Event loop is closed' tracebacks from
   # the failed save's threads, and tensorboardX's failed flush again at exit.
   cmd = _train_cmd(small_disk / 'wd', '--config.num_train_steps=400',

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP_TOL = 1e-5  # relative, per tensor: only the order of float summation differs
 
 
-def tiny_config(tmp_path, **overrides):
+def tiny_config(**overrides):
   config = base.get_config()
   config.model.base_features = 4
   config.model.depth = 1  # the model is tested in test_parity; these test the loop around it
@@ -70,9 +70,9 @@ def _max_rel(a, b):
 
 
 @pytest.mark.parametrize('kind', ['shard_map', 'pmap'])
-def test_eight_devices_equal_one_device(tmp_path, kind):
+def test_eight_devices_equal_one_device(kind):
   assert jax.device_count() == 8
-  config = tiny_config(tmp_path)
+  config = tiny_config()
   batches = _random_batches(3)
   one = _run_steps(config, jax.devices()[:1], kind, batches)
   eight = _run_steps(config, jax.devices(), kind, batches)
@@ -82,21 +82,21 @@ def test_eight_devices_equal_one_device(tmp_path, kind):
   assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
 
 
-def test_shard_map_and_pmap_agree(tmp_path):
-  config = tiny_config(tmp_path)
+def test_shard_map_and_pmap_agree():
+  config = tiny_config()
   batches = _random_batches(2, seed=1)
   a = _run_steps(config, jax.devices()[:4], 'shard_map', batches)
   b = _run_steps(config, jax.devices()[:4], 'pmap', batches)
   assert _max_rel(a, b) <= DP_TOL
 
 
-def test_half_precision_keeps_float32_state(tmp_path):
-  config = tiny_config(tmp_path, half_precision=True)
+def test_half_precision_keeps_float32_state():
+  config = tiny_config(half_precision=True)
   params, stats, metrics = _run_steps(config, jax.devices()[:2], 'shard_map',
                                       _random_batches(2))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves((params, stats)))
   assert np.isfinite(metrics[-1]['loss'])
-  full = _run_steps(tiny_config(tmp_path), jax.devices()[:2], 'shard_map', _random_batches(2))
+  full = _run_steps(tiny_config(), jax.devices()[:2], 'shard_map', _random_batches(2))
   # bf16 compute: the same training, not the same bits.
   assert _max_rel(params, full[0]) > 0
   for half, single in zip(metrics, full[2], strict=True):
@@ -128,7 +128,7 @@ def _params(workdir):
 def test_train_end_to_end_outputs(tmp_path):
   workdir = tmp_path / 'run'
   # Its own data folder: the run prepares the built-in dataset, as a user's first run does.
-  config = tiny_config(tmp_path, **{'data.data_dir': str(tmp_path / 'tfds')})
+  config = tiny_config(**{'data.data_dir': str(tmp_path / 'tfds')})
   metrics = train.train_and_evaluate(config, str(workdir))
   assert 0.0 <= metrics['dice'] <= 1.0
   assert (tmp_path / 'tfds' / 'synthetic_shapes' / '64px').is_dir()
@@ -159,7 +159,7 @@ def test_train_end_to_end_outputs(tmp_path):
 def test_one_step_run_without_sample_images(tmp_path):
   # A smoke run: one step (shorter than the warmup) and num_sample_images=0 (no PNGs).
   workdir = tmp_path / 'run'
-  config = tiny_config(tmp_path, num_train_steps=1, num_sample_images=0)
+  config = tiny_config(num_train_steps=1, num_sample_images=0)
   metrics = train.train_and_evaluate(config, str(workdir))
   assert 0.0 <= metrics['dice'] <= 1.0
   assert os.listdir(workdir / 'samples') == []
@@ -287,7 +287,7 @@ def test_two_processes_equal_one_process(tmp_path):
     ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 to -1, below 0'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
-  config = tiny_config(tmp_path, **overrides)
+  config = tiny_config(**overrides)
   with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists()
