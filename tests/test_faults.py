@@ -1,6 +1,7 @@
 """Faults done for real: kill -9 mid-run (and mid-save), SIGTERM, damaged checkpoints, non-finite
 losses."""
 
+import json
 import os
 import re
 import signal
@@ -138,19 +139,22 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capf
   assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 6
 
 
-def test_nonfinite_step_leaves_the_state_unchanged():
+def test_nonfinite_step_leaves_the_state_unchanged_but_counts():
   config = tiny_config()
   batches = _random_batches(2)
   bad = dict(batches[1], image=np.full_like(batches[1]['image'], np.nan))
-  one = _run_steps(config, jax.devices()[:2], 'shard_map', batches[:1])
-  two = _run_steps(config, jax.devices()[:2], 'shard_map', [batches[0], bad])
+  one = _run_steps(config, jax.devices()[:2], 'shard_map', batches[:1], with_state=True)
+  two = _run_steps(config, jax.devices()[:2], 'shard_map', [batches[0], bad], with_state=True)
   assert two[2][1]['nonfinite'] == 1.0 and one[2][0]['nonfinite'] == 0.0
   for a, b in zip(jax.tree.leaves(one[:2]), jax.tree.leaves(two[:2]), strict=True):
     np.testing.assert_array_equal(a, b)
+  # The step numbers the batches consumed; the optimizer (and its schedule) counts updates.
+  assert int(two[3].step) == 2 and train._updates_applied(two[3]) == 1
+  assert int(one[3].step) == 1 and train._updates_applied(one[3]) == 1
 
 
-@pytest.mark.parametrize('mode', ['skip', 'stop'])
-def test_nonfinite_loss_skip_or_stop(tmp_path, monkeypatch, mode):
+@pytest.fixture
+def nan_at_step_4(monkeypatch):
   real = input_pipeline._TrainExample.map
 
   def poisoned(self, j):  # global step 4 (batch index 3) gets a NaN image
@@ -160,17 +164,35 @@ def test_nonfinite_loss_skip_or_stop(tmp_path, monkeypatch, mode):
     return out
 
   monkeypatch.setattr(input_pipeline._TrainExample, 'map', poisoned)
-  config = tiny_config(on_nonfinite=mode, num_train_steps=6,
-                       checkpoint_every_steps=3, eval_every_steps=10)
-  if mode == 'stop':
-    with pytest.raises(UserError, match='non-finite loss or gradient at step 4'):
-      train.train_and_evaluate(config, str(tmp_path / 'wd'))
-    assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 3
-  else:
+
+
+def test_nonfinite_loss_stop(tmp_path, nan_at_step_4):
+  config = tiny_config(on_nonfinite='stop', num_train_steps=6, checkpoint_every_steps=3,
+                       eval_every_steps=10)
+  with pytest.raises(UserError, match='non-finite loss or gradient at step 4'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
-    _, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
-    assert meta['step'] == 6
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+  assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 3
+
+
+def test_nonfinite_loss_skip_logs_it_and_resumes_exactly(tmp_path, nan_at_step_4):
+  """The skipped step still counts (it consumed a batch): a run resumed after it ends where an
+  uninterrupted one does, and only that step's row lacks the train metrics."""
+  config = tiny_config(on_nonfinite='skip', num_train_steps=8, checkpoint_every_steps=3,
+                       eval_every_steps=10, schedule='constant')
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  config.num_train_steps = 8
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  _, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
+  assert meta['step'] == 8
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+  for x, y in zip(jax.tree.leaves(_params(tmp_path / 'straight')),
+                  jax.tree.leaves(_params(tmp_path / 'wd')), strict=True):
+    np.testing.assert_array_equal(x, y)
+  rows = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').open()]
+  assert [r['skipped_steps'] for r in rows] == [0, 0, 0, 1, 0, 0, 0, 0]
+  assert 'loss' not in rows[3] and all(np.isfinite(r['loss']) for r in rows[:3] + rows[4:])
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):

@@ -50,7 +50,7 @@ def _random_batches(n, seed=0):
            'mask': (rng.random((16, 16, 16)) > 0.6).astype(np.int32)} for _ in range(n)]
 
 
-def _run_steps(config, devices, kind, batches):
+def _run_steps(config, devices, kind, batches, with_state=False):
   mesh = parallel.make_mesh(devices)
   model = train.build_model(config, parallel.AXIS)
   state = train.create_train_state(config, model, mesh)
@@ -61,7 +61,8 @@ def _run_steps(config, devices, kind, batches):
     state, m = step(state, batch)
     metrics.append(m)
   local = functools.partial(jax.tree.map, lambda x: np.asarray(x.addressable_data(0)))
-  return local(state.params), local(state.batch_stats), local(metrics)
+  out = local(state.params), local(state.batch_stats), local(metrics)
+  return (*out, state) if with_state else out
 
 
 def _max_rel(a, b):

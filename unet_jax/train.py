@@ -114,6 +114,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   # step's HLO), and the larger program cost 3 s of compilation and 50 MB of resident memory.
   finite = jax.lax.optimization_barrier(finite)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  # The step still counts: it numbers the batches consumed, which checkpoints and resuming go by
+  # (the optimizer's own count, and so its schedule, stays where it was, as under
+  # optax.apply_if_finite).
+  new_state = new_state.replace(step=state.step + 1)
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
 
@@ -129,6 +133,15 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
 def _local(x: jax.Array) -> np.ndarray:
   """The value of a replicated array, from this process's first copy (multi-process safe)."""
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _updates_applied(state: TrainState) -> int:
+  """The optimizer's count of applied updates, which its schedule follows: `state.step` less
+  the skipped non-finite steps."""
+  count = optax.tree_utils.tree_get(
+      state.opt_state, 'count',
+      filtering=lambda path, _: getattr(path[-1], 'tuple_name', '') == 'ScaleByScheduleState')
+  return int(_local(count))
 
 
 @contextlib.contextmanager
@@ -310,19 +323,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   eval_metrics: dict[str, float] = {}
   nonfinite_step = 0
-  pending: list[dict[str, jax.Array]] = []
+  pending: list[dict[str, jax.Array]] = []  # metrics of the applied steps since the last row
+  skipped = 0
   step = start
   t0 = time.perf_counter()
   try:
     with _stop_on_signals() as stop, quiet_failed_saves():
       for step in range(start + 1, config.num_train_steps + 1):
         state, metrics = p_train(state, next(train_iter))
-        pending.append(metrics)
-        if float(_local(metrics['nonfinite'])):
+        if float(_local(metrics.pop('nonfinite'))):
           if config.on_nonfinite == 'stop':
             nonfinite_step = step
             break
           reporter.message(f'skipped step {step}: non-finite loss or gradient')
+          skipped += 1
+        else:  # a skipped step's NaN would make its whole logging window's averages NaN
+          pending.append(metrics)
         if step == start + 1 and is_main:
           jax.block_until_ready(metrics)
           reporter.message(f'first step (with compilation) took {time.perf_counter() - t0:.1f}s')
@@ -330,10 +346,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last = step == config.num_train_steps
         row: dict[str, float] = {}
         if step % config.log_every_steps == 0 or last:
-          summed = jax.tree.map(lambda *xs: sum(_local(x) for x in xs) / len(xs), *pending)
-          pending = []
-          row.update({k: float(v) for k, v in summed.items()})
-          row['learning_rate'] = float(schedule(step - 1))
+          if pending:
+            row.update({k: float(v) for k, v in jax.tree.map(
+                lambda *xs: sum(_local(x) for x in xs) / len(xs), *pending).items()})
+          row['skipped_steps'] = skipped
+          pending, skipped = [], 0
+          row['learning_rate'] = float(schedule(_updates_applied(state) - 1))
           row['images_per_sec'] = reporter.throughput(step)
         saved_metrics = None
         if step % config.eval_every_steps == 0 or last:
