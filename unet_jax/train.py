@@ -135,6 +135,50 @@ def _local(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+class _TrainMetrics:
+  """The train metrics of the steps since the last logged row, and which steps were skipped.
+
+  Reading a step's non-finite flag waits for that step to finish, so the loop reads each flag
+  one step late, with the next step already queued (the device does not wait for the host
+  between steps), and at once only before a row, an evaluation or a save.
+  """
+
+  def __init__(self):
+    self._unread: list[tuple[int, dict[str, jax.Array]]] = []
+    self._applied: list[dict[str, jax.Array]] = []
+    self._skipped = 0
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._unread.append((step, metrics))
+
+  def read(self, upto: int) -> list[int]:
+    """Reads the flags of the steps up to `upto`; returns the skipped ones among them."""
+    skipped = []
+    while self._unread and self._unread[0][0] <= upto:
+      step, metrics = self._unread.pop(0)
+      if float(_local(metrics.pop('nonfinite'))):
+        skipped.append(step)
+      else:  # a skipped step's NaN would make its whole window's averages NaN
+        self._applied.append(metrics)
+    self._skipped += len(skipped)
+    return skipped
+
+  def row(self) -> dict[str, float]:
+    """Averages over the applied steps read so far, the count of skipped ones; starts anew."""
+    row = {}
+    if self._applied:
+      row.update({k: float(v) for k, v in jax.tree.map(
+          lambda *xs: sum(_local(x) for x in xs) / len(xs), *self._applied).items()})
+    row['skipped_steps'] = self._skipped
+    self._applied, self._skipped = [], 0
+    return row
+
+
+def _save_due(config: ml_collections.ConfigDict, step: int, stop: dict[str, Any]) -> bool:
+  return (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
+          or bool(stop['signal']))
+
+
 def _updates_applied(state: TrainState) -> int:
   """The optimizer's count of applied updates, which its schedule follows: `state.step` less
   the skipped non-finite steps."""
@@ -323,38 +367,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   eval_metrics: dict[str, float] = {}
   nonfinite_step = 0
-  pending: list[dict[str, jax.Array]] = []  # metrics of the applied steps since the last row
-  skipped = 0
+  window = _TrainMetrics()
   step = start
   t0 = time.perf_counter()
+
+  def settle(upto: int) -> bool:
+    """Reads the non-finite flags of the steps up to `upto`; True if the run must stop."""
+    nonlocal nonfinite_step
+    for bad in window.read(upto):
+      if config.on_nonfinite == 'stop':
+        nonfinite_step = bad
+        return True
+      reporter.message(f'skipped step {bad}: non-finite loss or gradient')
+    return False
+
   try:
     with _stop_on_signals() as stop, quiet_failed_saves():
       for step in range(start + 1, config.num_train_steps + 1):
         state, metrics = p_train(state, next(train_iter))
-        if float(_local(metrics.pop('nonfinite'))):
-          if config.on_nonfinite == 'stop':
-            nonfinite_step = step
-            break
-          reporter.message(f'skipped step {step}: non-finite loss or gradient')
-          skipped += 1
-        else:  # a skipped step's NaN would make its whole logging window's averages NaN
-          pending.append(metrics)
+        window.add(step, metrics)
         if step == start + 1 and is_main:
           jax.block_until_ready(metrics)
           reporter.message(f'first step (with compilation) took {time.perf_counter() - t0:.1f}s')
         reporter.step(step)
         last = step == config.num_train_steps
+        log = step % config.log_every_steps == 0 or last
+        evaluate_now = step % config.eval_every_steps == 0 or last
+        # A row, an evaluation or a save must know about this step; otherwise the previous
+        # step's flag will do, and this one stays queued on the device meanwhile.
+        if settle(step if log or evaluate_now or _save_due(config, step, stop) else step - 1):
+          break
         row: dict[str, float] = {}
-        if step % config.log_every_steps == 0 or last:
-          if pending:
-            row.update({k: float(v) for k, v in jax.tree.map(
-                lambda *xs: sum(_local(x) for x in xs) / len(xs), *pending).items()})
-          row['skipped_steps'] = skipped
-          pending, skipped = [], 0
+        if log:
+          row.update(window.row())
           row['learning_rate'] = float(schedule(_updates_applied(state) - 1))
           row['images_per_sec'] = reporter.throughput(step)
         saved_metrics = None
-        if step % config.eval_every_steps == 0 or last:
+        if evaluate_now:
           eval_metrics = evaluate(p_eval, state, eval_ds)
           saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
           row.update(saved_metrics)
@@ -362,7 +411,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
                              num_classes=config.model.num_classes)
         reporter.write(step, row)
-        if step % config.checkpoint_every_steps == 0 or last or stop['signal']:
+        if _save_due(config, step, stop):
+          if settle(step):  # (a signal may have come since the check above)
+            break
           checkpoints.save(step, state, train_iter, meta, saved_metrics)
         if stop['signal']:
           reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
