@@ -120,6 +120,24 @@ def test_cli_refusals(tmp_path, converted, capsys, setup, message):
   assert not (tmp_path / 'out').exists()
 
 
+def test_cli_refuses_two_inputs_with_one_mask_name(tmp_path, converted, capsys):
+  for folder in ('a', 'b'):
+    os.makedirs(tmp_path / folder)
+    _write(tmp_path / folder / 'x.png', np.zeros((32, 32), np.uint8))
+  code = main([str(tmp_path / 'a'), str(tmp_path / 'b' / 'x.png'), '--checkpoint',
+               str(converted), '--output', str(tmp_path / 'out')])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert err == (f'error: {tmp_path}/a/x.png and {tmp_path}/b/x.png would both be written as '
+                 'x_mask.png; rename one, or predict them into separate --output folders')
+  assert not (tmp_path / 'out').exists()
+  # The same file named twice (itself and through its folder) is one input, not a clash.
+  code = main([str(tmp_path / 'a'), str(tmp_path / 'a' / 'x.png'), '--checkpoint',
+               str(converted), '--output', str(tmp_path / 'out')])
+  assert code == 0 and os.listdir(tmp_path / 'out') == ['x_mask.png']
+  assert 'wrote 1 mask(s)' in capsys.readouterr().out
+
+
 def test_cli_refuses_a_non_checkpoint(tmp_path, capsys):
   _write(tmp_path / 'x.png', np.zeros((32, 32), np.uint8))
   os.makedirs(tmp_path / 'notckpt')

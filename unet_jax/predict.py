@@ -124,7 +124,19 @@ def _collect(inputs: Sequence[str]) -> list[str]:
       files.append(path)
     else:
       raise UserError(f'{path}: no such file or folder')
-  return files
+  unique, seen = [], set()
+  for f in files:  # a file named twice (also through its folder) is one input
+    if os.path.realpath(f) not in seen:
+      seen.add(os.path.realpath(f))
+      unique.append(f)
+  written_by: dict[str, str] = {}
+  for f in unique:  # NAME_mask.png per input: two inputs must not share a NAME
+    stem = os.path.splitext(os.path.basename(f))[0]
+    if stem in written_by:
+      raise UserError(f'{written_by[stem]} and {f} would both be written as {stem}_mask.png; '
+                      'rename one, or predict them into separate --output folders')
+    written_by[stem] = f
+  return unique
 
 
 def _read_image(path: str, channels: int) -> np.ndarray:
