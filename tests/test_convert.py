@@ -256,6 +256,31 @@ def test_cli_round_trip_in_a_subprocess(tmp_path):
   assert_same_state_dict(ref.state_dict(), torch.load(tmp_path / 'b.pth', weights_only=True))
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_half_precision_files_convert_to_their_exact_float32_values(tmp_path, dtype, suffix):
+  half = {k: v.to(dtype) if v.is_floating_point() else v
+          for k, v in small_seed().state_dict().items()}
+  path = tmp_path / f'm{suffix}'
+  torch.save(half, path) if suffix == '.pth' else save_safetensors(half, str(path))
+  torch_to_flax(str(path), str(tmp_path / 'flax'))
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'back.pth'))
+  back = torch.load(tmp_path / 'back.pth', weights_only=True)
+  assert_same_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()},
+                         back)
+
+
+def test_bfloat16_safetensors_read_without_jax_loaded(tmp_path):
+  """unet_jax loads lazily: the reader must not rely on JAX having taught numpy bfloat16."""
+  save_safetensors({'w': torch.arange(4, dtype=torch.bfloat16)}, str(tmp_path / 'w.safetensors'))
+  code = ('import sys; from unet_jax.state_dict_io import read_state_dict; '
+          'w = read_state_dict(sys.argv[1])[0]["w"]; '
+          'assert "jax" not in sys.modules; print(w.astype("float32").tolist())')
+  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'w.safetensors')],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == '[0.0, 1.0, 2.0, 3.0]', proc.stderr
+
+
 def test_converted_weights_are_float32_numpy_free_jax_arrays(tmp_path):
   ref = small_seed()
   torch.save(ref.state_dict(), tmp_path / 'm.pth')

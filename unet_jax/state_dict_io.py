@@ -57,6 +57,7 @@ def _load_torch_file(path: str) -> Any:
 
 
 def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  import ml_dtypes  # noqa: F401 - numpy knows bfloat16 (BF16 tensors) only once this is loaded
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
   try:
