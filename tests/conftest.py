@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -95,3 +96,19 @@ def without_compilation_cache(env: dict) -> dict:
   """A subprocess environment without the tests' shared compilation cache."""
   return {k: v for k, v in env.items() if k != CACHE_ENV}
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MiB tmpfs (root only): a real 'No space left on device'. Room for a dozen of the tiny
+  run's checkpoints (about 300 KiB each): with 2 MiB, a run once filled it before its first
+  checkpoint was complete."""
+  mount = tmp_path / 'small'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip('cannot mount a small tmpfs here')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', '-l', str(mount)], capture_output=True)

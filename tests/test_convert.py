@@ -281,6 +281,22 @@ def test_bfloat16_safetensors_read_without_jax_loaded(tmp_path):
   assert proc.returncode == 0 and proc.stdout.strip() == '[0.0, 1.0, 2.0, 3.0]', proc.stderr
 
 
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
+  # 1.9 M parameters, 7.8 MB: more than the 4 MiB disk holds, in either direction. Run as a
+  # user does: in-process, pytest's log capture would hide Orbax's writer threads' logs.
+  torch.save(SeedUNet(1, 1, base=16, depth=4).state_dict(), tmp_path / 'm.pth')
+  torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'flax'))
+  for argv in (['torch-to-flax', str(tmp_path / 'm.pth'), str(small_disk / 'out')],
+               ['flax-to-torch', str(tmp_path / 'flax'), str(small_disk / 'back.pth')],
+               ['flax-to-torch', str(tmp_path / 'flax'), str(small_disk / 'back.safetensors')]):
+    proc = subprocess.run([sys.executable, '-m', 'unet_jax.convert', *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f'error: {argv[2]}: cannot write (No space left on device); nothing was written; free '
+        'space or choose another destination'), proc.stderr[-3000:]
+    assert os.listdir(small_disk) == []
+
+
 def test_converted_weights_are_float32_numpy_free_jax_arrays(tmp_path):
   ref = small_seed()
   torch.save(ref.state_dict(), tmp_path / 'm.pth')

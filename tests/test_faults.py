@@ -203,22 +203,6 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'a_file' / 'wd'))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 4 MiB tmpfs (root only): a real 'No space left on device'. Room for a dozen of the tiny
-  run's checkpoints (about 300 KiB each): with 2 MiB, a run once filled it before its first
-  checkpoint was complete."""
-  mount = tmp_path / 'small'
-  mount.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount)],
-                    capture_output=True).returncode != 0:
-    pytest.skip('cannot mount a small tmpfs here')
-  try:
-    yield mount
-  finally:
-    subprocess.run(['umount', '-l', str(mount)], capture_output=True)
-
-
 def test_disk_full_is_a_clear_error_and_no_partial_checkpoint_counts(small_disk):
   config = tiny_config(num_train_steps=400, checkpoint_every_steps=1,
                        eval_every_steps=1000, log_every_steps=1, keep_checkpoints=1000)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax.errors import UserError
+from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -177,15 +177,27 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    if args.command == 'torch-to-flax':
-      out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
-      print(f'wrote {out}; load it with unet_jax.load_pretrained({out!r})')
-    else:
-      out = flax_to_torch(args.src, args.dest, layout=args.layout, overwrite=args.overwrite)
-      print(f'wrote {out}')
+    with quiet_failed_saves():  # a full disk: this function's line, not Orbax's thread logs
+      return _run(args)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except Exception as e:
+    full = disk_error(e)
+    if full is None:
+      raise
+    print(f'error: {args.dest}: cannot write ({full}); nothing was written; free space or '
+          'choose another destination', file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+  if args.command == 'torch-to-flax':
+    out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
+    print(f'wrote {out}; load it with unet_jax.load_pretrained({out!r})')
+  else:
+    out = flax_to_torch(args.src, args.dest, layout=args.layout, overwrite=args.overwrite)
+    print(f'wrote {out}')
   return 0
 
 

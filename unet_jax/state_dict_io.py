@@ -7,6 +7,7 @@ torch at all.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -133,16 +134,22 @@ def write_state_dict(path: str, tensors: Mapping[str, np.ndarray],
                      extras: Mapping[str, Any]) -> None:
   """Writes tensors (+ metadata entries) as .pth/.pt/.bin or .safetensors, chosen by suffix."""
   lower = path.lower()
+  # Serialised in memory, then written by Python: a full disk is then an OSError saying so
+  # (torch.save's own writer reports only "iostream error").
   if lower.endswith(SAFETENSORS_SUFFIX):
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
     meta = {'format': 'pt', **{k: json.dumps(v) for k, v in extras.items()}}
-    save_file({k: np.array(v, copy=True) for k, v in tensors.items()}, path, metadata=meta)
+    data = save({k: np.array(v, copy=True) for k, v in tensors.items()}, metadata=meta)
   elif lower.endswith(TORCH_SUFFIXES):
     torch = _import_torch()
     from collections import OrderedDict
     state = OrderedDict((k, torch.from_numpy(np.array(v, copy=True))) for k, v in tensors.items())
     for key, value in extras.items():
       state[key] = value
-    torch.save(state, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
   else:
     raise UserError(f'{path}: unknown output type; use a .pth or .safetensors file name')
+  with open(path, 'wb') as f:
+    f.write(data)

@@ -28,7 +28,7 @@ from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import model_config
-from unet_jax.errors import UserError, disk_error, first_line
+from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet, init_variables
 from unet_jax.predict import eval_apply
@@ -39,7 +39,7 @@ from unet_jax.step_compilation import (
   init_compiler_options,
   use_persistent_cache,
 )
-from unet_jax.train_checkpoints import TrainCheckpoints, quiet_failed_saves
+from unet_jax.train_checkpoints import TrainCheckpoints
 
 
 class TrainState(train_state.TrainState):

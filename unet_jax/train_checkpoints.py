@@ -8,13 +8,8 @@ a step directory that exists is whole. Kept: the latest `keep` and the best by e
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import sys
 import time
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -22,7 +17,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from unet_jax.checkpoint import CHECKPOINTS_DIR
-from unet_jax.errors import disk_error
 
 BEST_METRIC = 'eval_dice'
 
@@ -40,64 +34,6 @@ def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions
       read_only=read_only,
       save_interval_steps=0 if read_only else 1,
   )
-
-
-class _DiskErrorFilter(logging.Filter):
-  """Drops log records about a write the disk refused (in the message or the exception)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and record.exc_info[1] is not None and disk_error(record.exc_info[1]):
-      return False
-    try:
-      message = record.getMessage()
-    except Exception:  # a malformed record: let the handler report it as it would
-      return True
-    return disk_error(Exception(message)) is None
-
-
-@contextlib.contextmanager
-def quiet_failed_saves() -> Iterator[None]:
-  """Keeps a save that the disk refuses (full, read-only, over quota) to train.py's one line.
-
-  The main thread sees the failure at its next save or wait and reports it, so what the save's
-  background threads print is held back: Orbax's ERROR logs with their tracebacks (a refused
-  write, measured on a full 2 MiB disk: three of them, about 250 lines) and TensorStore's
-  callbacks that arrive after the failed save closed its event loop ('Event loop is closed',
-  each an unraisable exception with a traceback: 249 of them, about 800 lines). Logs about
-  anything else, and any other unraisable exception, are shown as usual. When the block ends
-  in a refused write the filters stay for the rest of the process, which is about to report it:
-  the failed save's threads and its abandoned futures can print after the main thread has seen
-  the error (asyncio's 'Future exception was never retrieved' logs and an un-awaited
-  coroutine's warning as the process ends, 320-680 lines after train.py's error line in one run
-  of six).
-  """
-  loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]  # Orbax's, the loops'
-  log_filter = _DiskErrorFilter()
-  previous_hook = sys.unraisablehook
-
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-      return
-    previous_hook(unraisable)
-
-  def restore():
-    for logger in loggers:
-      logger.removeFilter(log_filter)
-    sys.unraisablehook = previous_hook
-
-  for logger in loggers:
-    logger.addFilter(log_filter)
-  sys.unraisablehook = hook
-  try:
-    yield
-  except BaseException as e:
-    if disk_error(e) is None:
-      restore()
-    else:
-      warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
-    raise
-  restore()
 
 
 class TrainCheckpoints:
