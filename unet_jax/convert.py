@@ -177,28 +177,28 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    with quiet_failed_saves():  # a full disk: this function's line, not Orbax's thread logs
-      return _run(args)
+    with quiet_failed_saves():  # a full disk: the line below, not Orbax's thread logs
+      _run(args)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+  try:
+    if args.command == 'torch-to-flax':
+      out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
+      print(f'wrote {out}; load it with unet_jax.load_pretrained({out!r})')
+    else:
+      out = flax_to_torch(args.src, args.dest, layout=args.layout, overwrite=args.overwrite)
+      print(f'wrote {out}')
   except Exception as e:
     full = disk_error(e)
     if full is None:
       raise
-    print(f'error: {args.dest}: cannot write ({full}); nothing was written; free space or '
-          'choose another destination', file=sys.stderr)
-    return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-  if args.command == 'torch-to-flax':
-    out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
-    print(f'wrote {out}; load it with unet_jax.load_pretrained({out!r})')
-  else:
-    out = flax_to_torch(args.src, args.dest, layout=args.layout, overwrite=args.overwrite)
-    print(f'wrote {out}')
-  return 0
+    raise UserError(f'{args.dest}: cannot write ({full}); nothing was written; free space or '
+                    'choose another destination') from None
 
 
 if __name__ == '__main__':

@@ -126,8 +126,9 @@ def _collect(inputs: Sequence[str]) -> list[str]:
       raise UserError(f'{path}: no such file or folder')
   unique, seen = [], set()
   for f in files:  # a file named twice (also through its folder) is one input
-    if os.path.realpath(f) not in seen:
-      seen.add(os.path.realpath(f))
+    real = os.path.realpath(f)
+    if real not in seen:
+      seen.add(real)
       unique.append(f)
   written_by: dict[str, str] = {}
   for f in unique:  # NAME_mask.png per input: two inputs must not share a NAME
