@@ -11,10 +11,12 @@ import time
 import jax
 import numpy as np
 import pytest
+import torch
 from test_train import _env, _params, _random_batches, _run_steps, _train_cmd, tiny_config
 
 from unet_jax import input_pipeline, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax.convert import flax_to_torch
 from unet_jax.errors import UserError
 
 FLAGS = ['--config.num_train_steps=60', '--config.checkpoint_every_steps=2',
@@ -193,7 +195,13 @@ def test_nonfinite_loss_skip_logs_it_and_resumes_exactly(tmp_path, nan_at_step_4
     np.testing.assert_array_equal(x, y)
   rows = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').open()]
   assert [(r['step'], r['skipped_steps']) for r in rows] == [(3, 0), (6, 1), (8, 0)]
+  assert all(type(r['skipped_steps']) is int for r in rows)  # a count, not 1.0
   assert all(np.isfinite(r['loss']) for r in rows)  # step 6's row: the mean of steps 5 and 6
+  # In PyTorch, num_batches_tracked counts the batches BatchNorm was updated with: the skipped
+  # step left the statistics as they were, so the export counts 7 of the 8 steps.
+  flax_to_torch(str(tmp_path / 'straight'), str(tmp_path / 'straight.pth'))
+  state_dict = torch.load(tmp_path / 'straight.pth', weights_only=True)
+  assert {int(v) for k, v in state_dict.items() if k.endswith('num_batches_tracked')} == {7}
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):

@@ -11,12 +11,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TFDS_DIR, without_compilation_cache
+import torch
+from conftest import TFDS_DIR, max_rel_err, nchw, nhwc, without_compilation_cache
+from torch_reference import SeedUNet
 
 from configs import base
 from unet_jax import load_pretrained, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax.convert import flax_to_torch
 from unet_jax.errors import UserError
+from unet_jax.state_dict_io import read_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP_TOL = 1e-5  # relative, per tensor: only the order of float summation differs
@@ -155,6 +159,23 @@ def test_train_end_to_end_outputs(tmp_path):
   assert model.base_features == 4 and model.depth == 1
   out = model.apply(variables, np.zeros((1, 20, 24, 1), np.float32), train=False)
   assert out.shape == (1, 20, 24, 1)
+  # The workdir exported to PyTorch: the seed's class loads it strictly and computes what the
+  # trained Flax model computes; each BatchNorm counted the 6 batches it was updated with.
+  flax_to_torch(str(workdir), str(tmp_path / 'trained.pth'))
+  state_dict = torch.load(tmp_path / 'trained.pth', weights_only=True)
+  assert {int(v) for k, v in state_dict.items() if k.endswith('num_batches_tracked')} == {6}
+  ref = SeedUNet(1, 1, base=4, depth=1)
+  ref.load_state_dict(state_dict, strict=True)
+  x = np.random.default_rng(0).random((2, 16, 24, 1), np.float32)
+  with torch.no_grad():
+    want = nhwc(ref.eval()(nchw(x)))
+  assert max_rel_err(model.apply(variables, x, train=False), want) <= 1e-4
+  # The mask values travel where a strict load does not see them: milesial's state_dict entry
+  # (its predict.py pops it) and a .safetensors header.
+  flax_to_torch(str(workdir), str(tmp_path / 'milesial.pth'), layout='milesial')
+  assert torch.load(tmp_path / 'milesial.pth', weights_only=True)['mask_values'] == [0, 1]
+  flax_to_torch(str(workdir), str(tmp_path / 'trained.safetensors'))
+  assert read_state_dict(str(tmp_path / 'trained.safetensors'))[1] == {'mask_values': [0, 1]}
 
 
 def test_one_step_run_without_sample_images(tmp_path):

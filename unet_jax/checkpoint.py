@@ -164,14 +164,14 @@ def _load_training_workdir(path: str, dtype: Any, step: int | None = None,
   from unet_jax.train_checkpoints import read_workdir
   which = 'its latest checkpoint' if step is None else f'its checkpoint of step {step}'
   try:
-    step, variables, meta = read_workdir(path, step)
+    step, variables, meta, updates = read_workdir(path, step)
   except FileNotFoundError as e:
     raise UserError(str(e)) from None
   except Exception as e:  # Orbax raises many types for damaged trees; all mean the same here.
     raise UserError(f'{path}: cannot restore {which} ({first_line(e)})') from None
   model = model_from_config(meta['model'], dtype=dtype)
   check_variables(variables, abstract_variables(model), path)
-  metadata = dict(meta.get('metadata') or {}, step=step)
+  metadata = dict(meta.get('metadata') or {}, step=step, applied_updates=updates)
   return model, jax.tree.map(jnp.asarray, variables), metadata
 
 

@@ -96,7 +96,7 @@ def flax_to_state_dict(config: Mapping[str, Any], variables: Mapping[str, Any], 
   """The inverse of `state_dict_to_flax`: ordered as PyTorch lists it, float32 + int64 counters.
 
   BatchNorm counters come from `num_batches_tracked` (kept by torch-to-flax), else
-  `default_count` (the training step for weights trained here).
+  `default_count` (for weights trained here, the updates applied: what PyTorch would count).
   """
   counters = dict(num_batches_tracked or {})
   rows: list[Row] = key_table(layout=layout, depth=config['depth'], upsample=config['upsample'],
@@ -140,8 +140,16 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   if layout == 'auto':
     layout = metadata.get('source_layout', 'seed')
   tensors = flax_to_state_dict(model_config(model), variables, layout,  # type: ignore[arg-type]
-                               metadata.get('num_batches_tracked'), metadata.get('step', 0))
+                               metadata.get('num_batches_tracked'),
+                               metadata.get('applied_updates', 0))
   extras = {k: metadata[k] for k in ('mask_values',) if k in metadata}
+  # In a .pth, mask_values is an entry of the state_dict itself: milesial's predict.py pops it
+  # before load_state_dict, but the seed's class would refuse it in a strict load. So a
+  # seed-layout .pth carries it only if the file it was converted from did (the way back stays
+  # exact); .safetensors keep it in their header, which load_state_dict never sees.
+  if (layout == 'seed' and not dest.lower().endswith(SAFETENSORS_SUFFIX)
+      and 'source_layout' not in metadata):
+    extras.pop('mask_values', None)
   dest_dir = os.path.dirname(os.path.abspath(dest))
   if not os.path.isdir(dest_dir):
     raise UserError(f'{dest_dir}: no such directory for the destination')

@@ -46,7 +46,7 @@ class Reporter:
     """One JSON object per logged step; eval metrics arrive already prefixed with `eval_`."""
     if not self.enabled or not metrics:
       return
-    clean = {k: float(v) for k, v in metrics.items()}
+    clean = {k: _number(v) for k, v in metrics.items()}
     with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, **clean}) + '\n')
     for k, v in clean.items():
@@ -95,6 +95,13 @@ class Reporter:
         tb.close()
       except OSError:  # a full disk: the events are lost, the run's error says why
         _abandon(tb)
+
+
+def _number(value: Any) -> int | float:
+  """Counts stay integers in metrics.jsonl (`skipped_steps`: 1, not 1.0); the rest are floats."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value)
+  return float(value)
 
 
 def _abandon(tb: Any) -> None:

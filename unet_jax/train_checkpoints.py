@@ -82,8 +82,12 @@ class TrainCheckpoints:
     self._manager.close()
 
 
-def read_workdir(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any], dict]:
-  """(step, {'params', 'batch_stats'}, meta) of a training workdir's latest (or given) step.
+def read_workdir(workdir: str, step: int | None = None,
+                 ) -> tuple[int, dict[str, Any], dict, int]:
+  """(step, {'params', 'batch_stats'}, meta, updates) of a workdir's latest (or given) step.
+
+  `step` counts the batches the run consumed, `updates` the ones applied: a step skipped as
+  non-finite consumed its batch but changed neither the weights nor the BatchNorm statistics.
 
   Restores onto this process's first device whatever topology the run had (a multi-process
   run's checkpoint loads in a single process).
@@ -111,4 +115,5 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
     manager.close()
     absl_logging.set_verbosity(verbosity)
   state = restored['state']
-  return step, {'params': state['params'], 'batch_stats': state['batch_stats']}, restored['meta']
+  return (step, {'params': state['params'], 'batch_stats': state['batch_stats']},
+          restored['meta'], int(state['step']))
