@@ -4,6 +4,7 @@ exact, and bad configs fail before any compute with one line."""
 import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import TFDS_DIR, max_rel_err, nchw, nhwc, without_compilation_cache
+from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc, without_compilation_cache
 from torch_reference import SeedUNet
 
 from configs import base
 from unet_jax import load_pretrained, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
-from unet_jax.convert import flax_to_torch
+from unet_jax.convert import flax_to_torch, torch_to_flax
 from unet_jax.errors import UserError
 from unet_jax.state_dict_io import read_state_dict
 
@@ -254,8 +255,10 @@ def _free_port():
 
 
 def test_two_processes_equal_one_process(tmp_path):
+  # Both start from the same converted weights (init_from: each process reads the whole tree).
   flags = ['--config.num_train_steps=3', '--config.batch_size=8', '--config.eval_every_steps=3',
-           '--config.checkpoint_every_steps=3']
+           '--config.checkpoint_every_steps=3',
+           f'--config.init_from={_converted_reference(tmp_path)}']
   single = subprocess.run(_train_cmd(tmp_path / 'single', *flags), env=_env(4),
                           capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-2000:]
@@ -307,6 +310,8 @@ def test_two_processes_equal_one_process(tmp_path):
      "dataset 'synthetic_shapes' has no feature 'img' (it has image, mask); set "
      '--config.data.image_key'),
     ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 to -1, below 0'),
+    (dict(init_from='/nonexistent/ckpt'), 'init_from: /nonexistent/ckpt: no such checkpoint '
+     'directory'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(**overrides)
@@ -337,3 +342,45 @@ def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):
   assert np.all(np.isfinite(rates)) and rates[0] == 0.0 and rates.max() <= np.float32(1e-3)
   if steps > 50:
     assert rates[50] == pytest.approx(1e-3) and rates[-1] < 1e-4
+
+
+def _converted_reference(tmp_path):
+  """A PyTorch reference UNet of tiny_config's shape, off its initialisation, converted."""
+  ref = move_off_init(SeedUNet(1, 1, base=4, depth=1), 1, 1, hw=(16, 16))
+  torch.save(ref.state_dict(), tmp_path / 'ref.pth')
+  return torch_to_flax(str(tmp_path / 'ref.pth'), str(tmp_path / 'converted'))
+
+
+def test_init_from_starts_from_those_weights_and_a_resume_from_its_own(tmp_path):
+  converted = _converted_reference(tmp_path)
+  _, want = load_pretrained(converted)
+  config = tiny_config(init_from=converted, num_train_steps=1, schedule='constant',
+                       learning_rate=1e-12)
+  mesh = parallel.make_mesh(jax.devices()[:2])
+  state = train.create_train_state(config, train.build_model(config, parallel.AXIS), mesh,
+                                   train.load_initial_weights(config, train.build_model(
+                                       config, parallel.AXIS)))
+  assert int(state.step) == 0
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                  jax.tree.leaves((want['params'], want['batch_stats'])), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Through the loop: one step at a vanishing learning rate stays at the converted weights.
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  for a, b in zip(jax.tree.leaves(_params(tmp_path / 'wd')['params']),
+                  jax.tree.leaves(want['params']), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
+  # A resume takes its own checkpoint, and does not need init_from any more.
+  shutil.rmtree(converted)
+  config.num_train_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 2
+
+
+def test_init_from_a_different_model_is_one_line_before_compute(tmp_path):
+  converted = _converted_reference(tmp_path)
+  config = tiny_config(init_from=converted, **{'model.base_features': 8, 'model.depth': 2})
+  with pytest.raises(UserError, match=r'its weights are for a UNet with base_features=4, '
+                     r"depth=1, this config's has base_features=8, depth=2; set "
+                     r'--config.model.base_features=4 --config.model.depth=1$'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists()

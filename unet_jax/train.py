@@ -27,7 +27,7 @@ import optax
 from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
-from unet_jax.checkpoint import model_config
+from unet_jax.checkpoint import CHECKPOINTS_DIR, model_config
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet, init_variables
@@ -75,20 +75,47 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   raise UserError(f"unknown optimizer {config.optimizer!r}; use 'adam', 'adamw' or 'sgd'")
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: UNet,
-                       mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice."""
+def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax.sharding.Mesh,
+                       initial: dict[str, Any] | None = None) -> TrainState:
+  """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice.
+
+  `initial`: variables to start from (`config.init_from`) instead of a random draw; the
+  optimizer state is new either way."""
   tx = make_optimizer(config)
 
-  def init(rng):
-    variables = init_variables(model, rng)  # outside any mapped axis, on the smallest input
+  def init(rng, initial):
+    # outside any mapped axis, on the smallest input
+    variables = init_variables(model, rng) if initial is None else initial
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
 
   key = jax.random.key(config.seed)
-  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), jax.eval_shape(init, key))
+  if initial is not None:  # every process holds the whole tree: a replicated global array
+    initial = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        parallel.replicated(mesh), np.asarray(x)), dict(initial))
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh),
+                           jax.eval_shape(init, key, initial))
   options = init_compiler_options(mesh.devices.flat[0].platform)
-  return compile_per_signature(jax.jit(init, out_shardings=shardings), options)(key)
+  return compile_per_signature(jax.jit(init, out_shardings=shardings), options)(key, initial)
+
+
+def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict[str, Any]:
+  """The variables of `config.init_from` (a converted checkpoint or a workdir) for `model`."""
+  from unet_jax.checkpoint import load_pretrained
+  path = os.path.expanduser(config.init_from)
+  try:
+    loaded, variables = load_pretrained(path)
+  except UserError as e:
+    raise UserError(f'init_from: {e}') from None
+  theirs, ours = model_config(loaded), model_config(model)
+  differ = [f for f in ours if theirs[f] != ours[f]]
+  if differ:
+    raise UserError(
+        f'init_from={config.init_from}: its weights are for a UNet with '
+        f"{', '.join(f'{f}={theirs[f]}' for f in differ)}, this config's has "
+        f"{', '.join(f'{f}={ours[f]}' for f in differ)}; set "
+        + ' '.join(f'--config.model.{f}={theirs[f]}' for f in differ))
+  return {k: variables[k] for k in ('params', 'batch_stats')}
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
@@ -271,6 +298,10 @@ def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataIn
                     f'one batch ({config.batch_size}); lower --config.batch_size')
 
 
+def _listdir(path: str) -> list[str]:
+  return os.listdir(path) if os.path.isdir(path) else []
+
+
 def _check_writable(workdir: str) -> None:
   """Fails early, in one line, if checkpoints could not be written to WORKDIR."""
   parent = workdir
@@ -310,6 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   use_persistent_cache(config.compilation_cache_dir)  # before anything compiles
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
+  train_model = build_model(config, axis_name=parallel.AXIS)
+  # init_from is read for a new run only (a resume takes the weights from its checkpoint).
+  resuming = any(d.isdigit() for d in _listdir(os.path.join(workdir, CHECKPOINTS_DIR)))
+  initial = (load_initial_weights(config, train_model) if config.get('init_from') and not resuming
+             else None)
   is_main = jax.process_index() == 0
   if is_main:
     try:
@@ -318,9 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise UserError(f'{workdir}: cannot write there ({e.strerror}); choose another '
                       '--workdir') from None
 
-  train_model = build_model(config, axis_name=parallel.AXIS)
   eval_model = build_model(config, axis_name=None)
-  state = create_train_state(config, train_model, mesh)
+  state = create_train_state(config, train_model, mesh, initial)
   train_iter = iter(input_pipeline.train_dataset(train_source, config))
   eval_ds = input_pipeline.eval_dataset(eval_source, config)
   checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
@@ -341,6 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       continue
     start = step  # batches consumed; state.step counts only the updates applied
     break
+  if not start and config.get('init_from') and initial is None:  # every checkpoint was damaged
+    state = create_train_state(config, train_model, mesh,
+                               load_initial_weights(config, train_model))
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
