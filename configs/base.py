@@ -47,11 +47,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 0     # 0 -> batch_size
   config.num_train_steps = 500
 
-  config.optimizer = 'adam'      # 'adam', 'adamw' or 'sgd' (momentum 0.9)
+  # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
+  # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0.
+  config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
   config.schedule = 'cosine'     # 'cosine' (linear warmup, cosine decay) or 'constant'
   config.warmup_steps = 50
-  config.weight_decay = 0.0      # adamw only
+  config.weight_decay = 0.0      # L2 added to the gradient; adamw: decoupled, as torch's AdamW
+  config.momentum = 0.9          # sgd and rmsprop (0: none)
+  config.grad_clip_norm = 0.0    # > 0: clip the global gradient norm, as clip_grad_norm_
 
   config.loss = 'auto'           # 'bce' (num_classes=1), 'ce' (>=2), 'auto' picks by num_classes
   config.dice_weight = 1.0       # loss = cross-entropy + dice_weight * (1 - soft Dice)

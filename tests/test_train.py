@@ -4,6 +4,7 @@ exact, and bad configs fail before any compute with one line."""
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -299,6 +300,8 @@ def test_two_processes_equal_one_process(tmp_path):
     (dict(optimizer='adamw', weight_decay=-0.1), 'weight_decay=-0.1 must be at least 0'),
     (dict(dice_weight=-1.0), 'dice_weight=-1.0 must be at least 0'),
     (dict(seed=-3), 'seed=-3 must be at least 0'),
+    (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be at least 0'),
+    (dict(optimizer='rmsprop', momentum=1.0), 'momentum=1.0 must be in [0, 1)'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
@@ -315,7 +318,7 @@ def test_two_processes_equal_one_process(tmp_path):
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(**overrides)
-  with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
+  with pytest.raises(UserError, match=re.escape(message)):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists()
 
@@ -330,18 +333,6 @@ def test_cli_errors_are_one_line(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'modle' in proc.stderr
   assert not (tmp_path / 'wd').exists()
-
-
-@pytest.mark.parametrize('steps', [1, 2, 3, 50, 51, 500])
-def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):
-  # Default warmup is 50 steps; a one-step smoke run once raised inside optax (empty decay).
-  config = base.get_config()
-  config.num_train_steps, config.warmup_steps, config.learning_rate = steps, 50, 1e-3
-  schedule = train.learning_rate_schedule(config)
-  rates = np.array([float(schedule(s)) for s in range(steps + 1)])
-  assert np.all(np.isfinite(rates)) and rates[0] == 0.0 and rates.max() <= np.float32(1e-3)
-  if steps > 50:
-    assert rates[50] == pytest.approx(1e-3) and rates[-1] < 1e-4
 
 
 def _converted_reference(tmp_path):

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
@@ -31,6 +30,7 @@ from unet_jax.checkpoint import CHECKPOINTS_DIR, model_config
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet, init_variables
+from unet_jax.optimizers import learning_rate_schedule, make_optimizer
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
 from unet_jax.step_compilation import (
@@ -49,30 +49,6 @@ class TrainState(train_state.TrainState):
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None) -> UNet:
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  if config.schedule == 'constant':
-    return optax.constant_schedule(config.learning_rate)
-  if config.schedule == 'cosine':
-    # Warmup leaves at least one step of decay, and optax wants both phases non-empty: a run
-    # shorter than its warmup (a one-step smoke test) gets a one-step warmup.
-    warmup = max(min(config.warmup_steps, config.num_train_steps - 1), 1)
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, warmup, max(config.num_train_steps, warmup + 1),
-        end_value=config.learning_rate * 0.01)
-  raise UserError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  lr = learning_rate_schedule(config)
-  if config.optimizer == 'adam':
-    return optax.adam(lr)
-  if config.optimizer == 'adamw':
-    return optax.adamw(lr, weight_decay=config.weight_decay)
-  if config.optimizer == 'sgd':
-    return optax.sgd(lr, momentum=0.9)
-  raise UserError(f"unknown optimizer {config.optimizer!r}; use 'adam', 'adamw' or 'sgd'")
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax.sharding.Mesh,
@@ -244,9 +220,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     '(0: no sample images)')
   if not config.learning_rate > 0:  # also refuses NaN
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
-  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed'):
+  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed', 'grad_clip_norm'):
     if not config[field] >= 0:
       raise UserError(f'{field}={config[field]} must be at least 0')
+  if not 0 <= config.momentum < 1:
+    raise UserError(f'momentum={config.momentum} must be in [0, 1)')
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')
