@@ -124,6 +124,40 @@ def test_wrapped_and_prefixed_state_dicts(tmp_path, wrap):
   assert_same_state_dict(ref.state_dict(), torch.load(tmp_path / 'back.bin', weights_only=True))
 
 
+def test_unet_inside_a_lightning_module_checkpoint(tmp_path, capsys):
+  # A LightningModule holding the UNet as self.model and a loss with a weight: its .ckpt nests
+  # the state_dict under 'state_dict', each key under the attribute's name.
+  ref = move_off_init(MilesialUNet(3, 2, bilinear=True, base=8, depth=3), 3, 2)
+  opt = torch.optim.Adam(ref.parameters())
+  state = {f'model.{k}': v for k, v in ref.state_dict().items()}
+  state['criterion.pos_weight'] = torch.tensor([2.0])
+  torch.save({'epoch': 3, 'global_step': 120, 'state_dict': state,
+              'optimizer_states': [opt.state_dict()], 'hyper_parameters': {'lr': 1e-3}},
+             tmp_path / 'last.ckpt')
+  assert main(['torch-to-flax', str(tmp_path / 'last.ckpt'), str(tmp_path / 'flax')]) == 0
+  assert "(the UNet under 'model.' in " in capsys.readouterr().out
+  model, variables = load_pretrained(str(tmp_path / 'flax'))
+  x = torch.randn(2, 3, 37, 45)
+  with torch.no_grad():
+    want = ref.eval()(x).numpy().transpose(0, 2, 3, 1)
+  got = model.apply(variables, x.numpy().transpose(0, 2, 3, 1), train=False)
+  assert np.abs(np.asarray(got) - want).max() <= 1e-4 * np.abs(want).max()
+  # The way back writes the UNet's own state_dict, which its class loads strictly.
+  flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / 'unet.pth'))
+  assert_same_state_dict(ref.state_dict(),
+                         torch.load(tmp_path / 'unet.pth', weights_only=True))
+
+
+def test_two_unets_in_one_file_are_refused(tmp_path, capsys):
+  unet = SeedUNet(1, 1, base=4, depth=1).state_dict()
+  torch.save({**{f'student.{k}': v for k, v in unet.items()},
+              **{f'teacher.{k}': v for k, v in unet.items()}}, tmp_path / 'kd.pth')
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'kd.pth'),
+                                   str(tmp_path / 'o')],
+                "kd.pth: holds 2 UNets (under 'student.', 'teacher.'); save the one to convert "
+                'on its own', tmp_path / 'o')
+
+
 # --- refusals: one line on stderr, exit status 2, nothing written --------------------------
 
 def run_cli(capsys, *argv):

@@ -112,7 +112,8 @@ def save_pretrained(dest: str, model: UNet, variables: Mapping[str, Any],
   return os.path.abspath(dest)
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def read_checkpoint_info(path: str) -> dict[str, Any]:
+  """The unet_jax.json of a converted checkpoint directory: format, model config, metadata."""
   try:
     with open(os.path.join(path, CONFIG_FILE)) as f:
       info = json.load(f)
@@ -145,7 +146,7 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
     raise UserError(f'{path}: not a unet_jax checkpoint (no {CONFIG_FILE}, no checkpoints/); '
                     'convert PyTorch weights with `python -m unet_jax.convert torch-to-flax SRC '
                     'DEST`, or pass a training workdir')
-  info = _read_config(path)
+  info = read_checkpoint_info(path)
   model = model_from_config(info['model'], dtype=dtype)
   expected = abstract_variables(model)
   try:

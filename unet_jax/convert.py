@@ -25,6 +25,7 @@ from unet_jax.torch_keys import (
   detect_layout,
   infer_model_config,
   key_table,
+  nested_unet_prefix,
   to_flax,
   to_torch,
 )
@@ -53,6 +54,11 @@ def state_dict_to_flax(tensors: Mapping[str, np.ndarray], source: str = 'state_d
     source layout and each BatchNorm's num_batches_tracked, so the way back is exact.
   """
   from unet_jax.checkpoint import abstract_variables, check_variables, model_from_config
+  # A UNet inside a larger module (a Lightning module, a model with a loss that has weights):
+  # its own tensors are taken, the other modules' left out.
+  prefix = nested_unet_prefix(tensors.keys(), source)
+  if prefix:
+    tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
   layout = detect_layout(tensors.keys(), source)
   config = infer_model_config(tensors, layout, source)
   rows = key_table(layout=layout, **{k: config[k] for k in ('depth', 'upsample', 'conv_bias')})
@@ -87,6 +93,8 @@ def state_dict_to_flax(tensors: Mapping[str, np.ndarray], source: str = 'state_d
     _set(variables[row.collection], row.path, array)
   check_variables(variables, expected, source)
   metadata = {'source_layout': layout, 'num_batches_tracked': counters}
+  if prefix:
+    metadata['source_prefix'] = prefix
   return config, variables, metadata
 
 
@@ -197,7 +205,10 @@ def _run(args: argparse.Namespace) -> None:
   try:
     if args.command == 'torch-to-flax':
       out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
-      print(f'wrote {out}; load it with unet_jax.load_pretrained({out!r})')
+      from unet_jax.checkpoint import read_checkpoint_info
+      prefix = read_checkpoint_info(out)['metadata'].get('source_prefix')
+      taken = f" (the UNet under '{prefix}' in {args.src})" if prefix else ''
+      print(f'wrote {out}{taken}; load it with unet_jax.load_pretrained({out!r})')
     else:
       out = flax_to_torch(args.src, args.dest, layout=args.layout, overwrite=args.overwrite)
       print(f'wrote {out}')

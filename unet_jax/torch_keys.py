@@ -90,11 +90,27 @@ def key_table(*, depth: int, upsample: str, conv_bias: bool, layout: Layout) -> 
   return rows
 
 
+_FIRST_KEYS: dict[Layout, str] = {'seed': 'in_conv.double_conv.0.weight',
+                                  'milesial': 'inc.double_conv.0.weight'}
+
+
+def nested_unet_prefix(keys: Mapping[str, object] | set[str], source: str) -> str:
+  """'' for a UNet's own state_dict; else the module path one UNet sits under in a larger
+  module's (a Lightning module's `self.model` gives 'model.'), which its keys start with."""
+  if any(first in keys for first in _FIRST_KEYS.values()):
+    return ''
+  found = sorted({k[:-len(first)] for k in keys for first in _FIRST_KEYS.values()
+                  if k.endswith('.' + first)})
+  if len(found) > 1:
+    raise UserError(f"{source}: holds {len(found)} UNets (under {', '.join(map(repr, found))}); "
+                    'save the one to convert on its own: torch.save(unet.state_dict(), ...)')
+  return found[0] if found else ''
+
+
 def detect_layout(keys: Mapping[str, object] | set[str], source: str) -> Layout:
-  if 'in_conv.double_conv.0.weight' in keys:
-    return 'seed'
-  if 'inc.double_conv.0.weight' in keys:
-    return 'milesial'
+  for layout, first in _FIRST_KEYS.items():
+    if first in keys:
+      return layout
   sample = ', '.join(sorted(keys)[:3])
   raise UserError(f"{source}: not a UNet state_dict: found neither 'in_conv.double_conv.0.weight' "
                   f"(seed) nor 'inc.double_conv.0.weight' (milesial/Pytorch-UNet); keys start "
