@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import max_rel_err, nchw, nhwc
 from PIL import Image
 from torch_reference import SeedUNet
 
 import unet_jax
-from unet_jax import UNet, init_variables
+from unet_jax import UNet, init_variables, input_pipeline
 from unet_jax.convert import torch_to_flax
 from unet_jax.predict import main, predict_logits
 
@@ -44,6 +45,23 @@ def test_predict_api_shapes_and_uint8():
   assert out.shape == (37, 45) and out.dtype.kind == 'i'
   with pytest.raises(unet_jax.errors.UserError, match=r'images must be \(N, H, W, 1\)'):
     unet_jax.predict(model, variables, np.zeros((2, 32, 32, 3), np.float32))
+
+
+def test_predict_at_a_size_sees_what_training_saw_and_resizes_back_as_milesial():
+  model, variables = _moved_model()
+  image = (np.random.default_rng(4).random((40, 24, 1)) * 255).astype(np.uint8)
+  got = predict_logits(model, variables, image[None], size=16)
+  assert got.shape == (1, 40, 24, 1)
+  # The network's input is training's preprocessing of the image at image_size=16 ...
+  x = input_pipeline.preprocess({'image': image, 'mask': np.zeros((40, 24), np.uint8)}, 16,
+                                None, None)['image']
+  logits = np.array(model.apply(variables, x[None], train=False))  # (writable, for torch)
+  # ... and the logits go back to 40x24 as milesial's predict.py takes them (F.interpolate).
+  want = nhwc(torch.nn.functional.interpolate(nchw(logits), size=(40, 24), mode='bilinear'))
+  assert max_rel_err(got, want) <= 1e-5
+  assert max_rel_err(predict_logits(model, variables, image[None]), want) > 1e-2  # not native
+  np.testing.assert_array_equal(unet_jax.predict(model, variables, image, size=16),
+                                (got[0, ..., 0] > 0).astype(np.int32))
 
 
 @pytest.fixture
@@ -136,6 +154,17 @@ def test_cli_refuses_two_inputs_with_one_mask_name(tmp_path, converted, capsys):
                str(converted), '--output', str(tmp_path / 'out')])
   assert code == 0 and os.listdir(tmp_path / 'out') == ['x_mask.png']
   assert 'wrote 1 mask(s)' in capsys.readouterr().out
+
+
+def test_cli_size_below_the_model_minimum_is_refused(tmp_path, converted, capsys):
+  _write(tmp_path / 'x.png', np.zeros((3, 40), np.uint8))  # fine once resized to 8x8
+  argv = [str(tmp_path / 'x.png'), '--checkpoint', str(converted), '--output']
+  assert main([*argv, str(tmp_path / 'ok'), '--size', '8']) == 0
+  assert np.asarray(Image.open(tmp_path / 'ok' / 'x_mask.png')).shape == (3, 40)
+  assert main([*argv, str(tmp_path / 'out'), '--size', '2']) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == "error: --size=2 is below the model's minimum 4 (or 0: each image at its own size)"
+  assert not (tmp_path / 'out').exists()
 
 
 def test_cli_refuses_a_non_checkpoint(tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc, without_compilation_cache
+from PIL import Image
 from torch_reference import SeedUNet
 
 from configs import base
@@ -22,6 +23,8 @@ from unet_jax import load_pretrained, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch, torch_to_flax
 from unet_jax.errors import UserError
+from unet_jax.predict import main as predict_main
+from unet_jax.predict import predict
 from unet_jax.state_dict_io import read_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,7 +135,7 @@ def _params(workdir):
   return jax.tree.map(np.asarray, variables)
 
 
-def test_train_end_to_end_outputs(tmp_path):
+def test_train_end_to_end_outputs(tmp_path, capsys):
   workdir = tmp_path / 'run'
   # Its own data folder: the run prepares the built-in dataset, as a user's first run does.
   config = tiny_config(**{'data.data_dir': str(tmp_path / 'tfds')})
@@ -161,6 +164,17 @@ def test_train_end_to_end_outputs(tmp_path):
   assert model.base_features == 4 and model.depth == 1
   out = model.apply(variables, np.zeros((1, 20, 24, 1), np.float32), train=False)
   assert out.shape == (1, 20, 24, 1)
+  # predict on a workdir sees images as training did, at image_size (16) unless told otherwise.
+  image = (np.random.default_rng(1).random((40, 24)) * 255).astype(np.uint8)
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  for flags, size, said in (([], 16, 'at 16x16, the training image_size'),
+                            (['--size', '0'], None, 'each image at its own size')):
+    assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', str(workdir), '--output',
+                         str(tmp_path / 'masks'), *flags]) == 0
+    assert said in capsys.readouterr().out
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / 'masks' / 'x_mask.png')),
+        np.asarray([0, 255], np.uint8)[predict(model, variables, image[..., None], size=size)])
   # The workdir exported to PyTorch: the seed's class loads it strictly and computes what the
   # trained Flax model computes; each BatchNorm counted the 6 batches it was updated with.
   flax_to_torch(str(workdir), str(tmp_path / 'trained.pth'))

@@ -173,6 +173,8 @@ def _load_training_workdir(path: str, dtype: Any, step: int | None = None,
   model = model_from_config(meta['model'], dtype=dtype)
   check_variables(variables, abstract_variables(model), path)
   metadata = dict(meta.get('metadata') or {}, step=step, applied_updates=updates)
+  if 'image_size' in (meta.get('config') or {}):  # what the network saw in training
+    metadata['image_size'] = int(meta['config']['image_size'])
   return model, jax.tree.map(jnp.asarray, variables), metadata
 
 

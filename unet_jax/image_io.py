@@ -1,4 +1,4 @@
-"""Image files to 8-bit arrays, one rule for training (image_folder) and prediction.
+"""Image files to 8-bit arrays, and resizing, one rule for training and prediction.
 
 PIL's own `convert('L')` clips 16-bit gray values at 255, which turned a 16-bit microscopy or
 medical image into an almost white one; here 16 bits are scaled to 8 (65535 -> 255), as the
@@ -34,3 +34,19 @@ def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
     return Image.fromarray(values.astype(np.uint8), 'L')
   values = np.clip(np.asarray(im, np.float64), 0, 65535)
   return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')
+
+
+def resize(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+  """H x W (x C) -> height x width with PIL's `resample` filter, as training resizes.
+
+  uint8 gray or RGB arrays are resized as PIL images of that kind (training's images and masks);
+  others (float images, logits) channel by channel as 32-bit float images."""
+  from PIL import Image
+  if array.shape[:2] == (height, width):
+    return array
+  if array.ndim == 3 and (array.shape[-1] == 1 or array.dtype != np.uint8):
+    return np.stack([resize(array[..., c], height, width, resample)
+                     for c in range(array.shape[-1])], axis=-1)
+  if array.dtype != np.uint8:
+    array = array.astype(np.float32)
+  return np.asarray(Image.fromarray(array).resize((width, height), resample))

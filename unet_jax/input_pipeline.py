@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax.errors import UserError, first_line
+from unet_jax.image_io import resize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,15 +118,6 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
   return {'image': image, 'mask': mask.astype(np.uint8)}
 
 
-def _resize(array: np.ndarray, size: int, resample: int) -> np.ndarray:
-  from PIL import Image
-  if array.shape[0] == size and array.shape[1] == size:
-    return array
-  if array.ndim == 3 and array.shape[-1] == 1:
-    return _resize(array[..., 0], size, resample)[..., None]
-  return np.asarray(Image.fromarray(array).resize((size, size), resample))
-
-
 def preprocess(example: dict[str, np.ndarray], image_size: int,
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                ) -> dict[str, np.ndarray]:
@@ -143,8 +135,8 @@ def preprocess(example: dict[str, np.ndarray], image_size: int,
     if aug.flip_vertical and rng.random() < 0.5:
       image, mask = image[::-1], mask[::-1]
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
-  image = _resize(image, image_size, Image.BILINEAR)
-  mask = _resize(mask, image_size, Image.NEAREST)
+  image = resize(image, image_size, image_size, Image.BILINEAR)
+  mask = resize(mask, image_size, image_size, Image.NEAREST)
   return {'image': image.astype(np.float32) / 255.0, 'mask': mask.astype(np.int32)}
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.errors import UserError
-from unet_jax.image_io import eight_bit
+from unet_jax.image_io import eight_bit, resize
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 
@@ -55,10 +55,24 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
   return sorted(set(starts))
 
 
-def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, tile: int | None = None,
-                   overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
-  """Logits (N, H, W, classes) for float images (N, H, W, C) in [0, 1]."""
-  images = np.asarray(images, np.float32)
+def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
+                   tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
+                   ) -> np.ndarray:
+  """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
+
+  `size`: run the network on each image resized to size x size, as training resizes its
+  examples to `image_size` (PIL's bilinear filter, on the 8-bit image when it is one), and resize
+  the logits back to H x W (bilinear, as milesial's predict.py does); None runs at H x W.
+  """
+  images = np.asarray(images)
+  if size:
+    from PIL import Image
+    logits = predict_logits(
+        model, variables, np.stack([resize(im, size, size, Image.BILINEAR) for im in images]),
+        tile=tile, overlap=overlap, batch_size=batch_size)
+    return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
+                     for x in logits])
+  images = images / np.float32(255) if images.dtype == np.uint8 else images.astype(np.float32)
   fn = eval_apply(model)
   n, h, w, _ = images.shape
   if not tile or (h <= tile and w <= tile):
@@ -90,10 +104,12 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, tile: int
   return out / np.maximum(weight, 1e-12)
 
 
-def predict(model: UNet, variables: Any, images: np.ndarray, *, tile: int | None = None,
-            overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
+def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
+            tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
+            ) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
+  `size`: the network sees each image at size x size, as in training (see `predict_logits`).
   Binary models (1 output channel) threshold the logit at 0; others take the argmax.
   """
   images = np.asarray(images)
@@ -103,9 +119,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *, tile: int | None
   if images.ndim != 4 or images.shape[-1] != model.in_channels:
     raise UserError(f'images must be (N, H, W, {model.in_channels}) for this model, got shape '
                     f'{tuple(images.shape)}')
-  if images.dtype == np.uint8:
-    images = images.astype(np.float32) / 255.0
-  logits = predict_logits(model, variables, images, tile=tile, overlap=overlap,
+  logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size)
   classes = np.asarray(predict_classes(jnp.asarray(logits)))
   return classes[0] if single else classes
@@ -189,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
   p.add_argument('--tile', type=int, default=None, help='tile size for large images')
   p.add_argument('--overlap', type=int, default=None, help='tile overlap (default tile/2)')
+  p.add_argument('--size', type=int, default=None,
+                 help="resize images to SIZE x SIZE for the network, masks back (default: a "
+                      "training workdir's image_size, as it trained; 0: each image's own size)")
   args = p.parse_args(argv)
   from PIL import Image
   from tqdm import tqdm
@@ -197,9 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     files = _collect(args.inputs)
     model, variables, meta = load_pretrained_with_metadata(args.checkpoint)
+    size = meta.get('image_size', 0) if args.size is None else args.size
+    if size and size < 2**model.depth or size < 0:
+      raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
+                      'each image at its own size)')
     images = [_read_image(f, model.in_channels) for f in files]  # all checked before writing
     for f, im in zip(files, images, strict=True):
-      if min(im.shape[:2]) < 2**model.depth:
+      if not size and min(im.shape[:2]) < 2**model.depth:
         raise UserError(f'{f}: {im.shape[1]}x{im.shape[0]} is smaller than the model\'s '
                         f'minimum {2**model.depth}x{2**model.depth}')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -215,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
       for indices in groups.values():
         batch = np.stack([images[i] for i in indices])
-        masks = predict(model, variables, batch, tile=args.tile, overlap=args.overlap)
+        masks = predict(model, variables, batch, size=size or None, tile=args.tile,
+                        overlap=args.overlap)
         for i, classes in zip(indices, masks, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
@@ -229,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'wrote {len(files)} mask(s) to {os.path.abspath(args.output)}')
+  how = (f'the network saw each image at {size}x{size}' + (
+      ", the training image_size (--size 0: each at its own size)" if args.size is None else '')
+         if size else 'each image at its own size')
+  print(f'wrote {len(files)} mask(s) to {os.path.abspath(args.output)} ({how})')
   return 0
 
 
