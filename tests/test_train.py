@@ -329,6 +329,8 @@ def test_two_processes_equal_one_process(tmp_path):
     ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 to -1, below 0'),
     (dict(init_from='/nonexistent/ckpt'), 'init_from: /nonexistent/ckpt: no such checkpoint '
      'directory'),
+    (dict(init_from=__file__), f'init_from: {__file__}: unknown file type; expected one of '
+     '.pth, .pt, .bin, .ckpt, .safetensors'),
 ])
 def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   config = tiny_config(**overrides)
@@ -368,6 +370,11 @@ def test_init_from_starts_from_those_weights_and_a_resume_from_its_own(tmp_path)
   assert int(state.step) == 0
   for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
                   jax.tree.leaves((want['params'], want['batch_stats'])), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The PyTorch file itself, converted in memory, gives the same.
+  from_file = train.load_initial_weights(tiny_config(init_from=str(tmp_path / 'ref.pth')),
+                                         train.build_model(config, parallel.AXIS))
+  for a, b in zip(jax.tree.leaves(from_file), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
   # Through the loop: one step at a vanishing learning rate stays at the converted weights.
   train.train_and_evaluate(config, str(tmp_path / 'wd'))

@@ -76,14 +76,21 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax
 
 
 def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict[str, Any]:
-  """The variables of `config.init_from` (a converted checkpoint or a workdir) for `model`."""
+  """The variables of `config.init_from` for `model`: a converted checkpoint, a workdir, or a
+  PyTorch state_dict file (.pth, .safetensors, ...), converted in memory."""
   from unet_jax.checkpoint import load_pretrained
   path = os.path.expanduser(config.init_from)
   try:
-    loaded, variables = load_pretrained(path)
+    if os.path.isfile(path):
+      from unet_jax.convert import state_dict_to_flax
+      from unet_jax.state_dict_io import read_state_dict
+      theirs, variables, _ = state_dict_to_flax(read_state_dict(path)[0], path)
+    else:
+      loaded, variables = load_pretrained(path)
+      theirs = model_config(loaded)
   except UserError as e:
     raise UserError(f'init_from: {e}') from None
-  theirs, ours = model_config(loaded), model_config(model)
+  ours = model_config(model)
   differ = [f for f in ours if theirs[f] != ours[f]]
   if differ:
     raise UserError(
