@@ -1,5 +1,7 @@
 """The Flax modules on their own: sizes, shapes, and the pieces PyTorch defines precisely."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,24 @@ def test_model_runs_in_bfloat16_with_float32_state():
 def test_nchw_helper_roundtrip():
   x = np.random.randn(2, 3, 4, 5).astype(np.float32)
   np.testing.assert_array_equal(nhwc(nchw(x.transpose(0, 2, 3, 1))), x.transpose(0, 2, 3, 1))
+
+
+def test_readme_door_2_block_runs():
+  # The newcomer's block, run as the README has it but on a small model (the full-size run is
+  # a minute of compiling): its API calls must keep working.
+  readme = open(os.path.join(os.path.dirname(__file__), '..', 'README.md')).read()
+  start = readme.index('```python', readme.index('## Door 2')) + len('```python')
+  block = readme[start:readme.index('```', start)]
+  small = {'UNet(in_channels=1, num_classes=1)':
+           'UNet(in_channels=1, num_classes=1, base_features=4, depth=2)',
+           '(2, 128, 128, 1)': '(2, 32, 32, 1)'}
+  for full, reduced in small.items():
+    assert full in block, f'README Door 2 changed: update this test ({full!r})'
+    block = block.replace(full, reduced)
+  scope: dict = {}
+  exec(compile(block, 'README.md (Door 2)', 'exec'), scope)  # noqa: S102 - our own README
+  assert scope['logits'].shape == (2, 32, 32, 1)
+  assert np.isfinite(float(scope['loss']))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), scope['params'],
+                         init_variables(scope['model'], jax.random.key(0))['params'])
+  assert all(jax.tree.leaves(changed))  # the step updated every parameter
