@@ -67,9 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.num_sample_images = 4   # held-out examples drawn in each eval PNG
   config.on_nonfinite = 'skip'   # non-finite loss/gradient: 'skip' the update, or 'stop' the run
-  # Start from these weights instead of random ones (fine-tuning): a converted checkpoint
-  # directory or a training workdir, its model fields equal to config.model's. A resumed run
-  # takes its own checkpoint's weights instead.
+  # Start from these weights instead of random ones (fine-tuning): a PyTorch state_dict file, a
+  # converted checkpoint directory or a training workdir, its model fields equal to
+  # config.model's. A resumed run takes its own checkpoint's weights instead.
   config.init_from = ''
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'

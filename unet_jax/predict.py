@@ -3,10 +3,12 @@
     python -m unet_jax.predict --checkpoint WORKDIR_OR_CONVERTED img.png more/ --output masks/
     masks = unet_jax.predict(model, variables, images)          # (N, H, W) class ids
 
-Masks come out at each input's own size: the UNet runs fully convolutionally on the whole image,
-or with `tile` on overlapping tiles blended so that every pixel is taken from tiles where it sits
-at least about overlap/2 from a tile edge. Where that distance covers the network's receptive
-field and H, W are multiples of 2**depth, the tiled mask equals the whole-image one.
+Masks come out at each input's own size. The UNet runs fully convolutionally on the whole image
+(resized to `size` x `size` first if given, as training resizes; the command line's default for
+a training workdir), or with `tile` on overlapping tiles blended so that every pixel is taken
+from tiles where it sits at least about overlap/2 from a tile edge. Where that distance covers
+the network's receptive field and H, W are multiples of 2**depth, the tiled mask equals the
+whole-image one.
 """
 
 from __future__ import annotations
