@@ -141,6 +141,45 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capf
   assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 6
 
 
+def test_every_checkpoint_damaged_starts_over_from_the_first_batch(tmp_path, capfd):
+  # A failed restore may have moved the data iterator already: the new run must not start there.
+  config = tiny_config(num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=10,
+                       schedule='constant')
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  _damage(tmp_path / 'wd' / 'checkpoints' / '2')
+  config.num_train_steps = 4
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert f'checkpoint {tmp_path}/wd/checkpoints/2 is damaged' in capfd.readouterr().err
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  for x, y in zip(jax.tree.leaves(_params(tmp_path / 'straight')),
+                  jax.tree.leaves(_params(tmp_path / 'wd')), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('change,message', [
+    ({'model.base_features': 8}, 'was saved by a run with model.base_features=4, this config has '
+     'model.base_features=8; rerun with its settings to resume it, or choose another --workdir'),
+    (dict(weight_decay=1e-4), 'was saved by a run with weight_decay=0.0, this config has '
+     'weight_decay=0.0001;'),
+    (dict(optimizer='sgd'), 'was saved by a run with optimizer=adam, this config has '
+     'optimizer=sgd;'),
+])
+def test_resuming_with_another_model_or_optimizer_is_refused(tmp_path, change, message):
+  # Before, the restore failed, the good checkpoint was moved to damaged_checkpoints/ as if
+  # damaged, and the run started over (then crashed: the data iterator had been moved).
+  config = tiny_config(num_train_steps=2, checkpoint_every_steps=2, eval_every_steps=10)
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  with pytest.raises(UserError, match=re.escape(message)):
+    train.train_and_evaluate(tiny_config(num_train_steps=4, checkpoint_every_steps=2,
+                                         eval_every_steps=10, **change), str(tmp_path / 'wd'))
+  assert sorted(os.listdir(tmp_path / 'wd' / 'checkpoints')) == ['2']
+  assert not (tmp_path / 'wd' / 'damaged_checkpoints').exists()
+  # Other fields may change: a longer run at another learning rate resumes.
+  config.num_train_steps, config.learning_rate = 4, 1e-4
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 4
+
+
 def test_nonfinite_step_leaves_the_state_unchanged():
   config = tiny_config()
   batches = _random_batches(2)

@@ -101,6 +101,43 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict
   return {k: variables[k] for k in ('params', 'batch_stats')}
 
 
+_OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum')
+
+
+def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, model: UNet,
+                    state: TrainState, where: str) -> None:
+  """Refuses to resume from a checkpoint whose state cannot fit this run's (it would otherwise
+  fail to restore and be taken for a damaged one): another model, or an optimizer whose state
+  has another form."""
+  theirs, ours = saved.get('model') or {}, model_config(model)
+  differ = [f for f in ours if theirs.get(f) != ours[f]]
+  if not differ:
+    saved_config = ml_collections.ConfigDict(saved.get('config') or {})
+    try:
+      saved_tx = make_optimizer(saved_config)
+    except (UserError, AttributeError, KeyError):
+      return  # (an unknown run config: the restore decides)
+
+    def form(tx: Any) -> Any:
+      return jax.tree.structure(jax.eval_shape(tx.init, state.params))
+
+    if form(saved_tx) == form(state.tx):
+      return
+    theirs, ours = saved_config, config
+    differ = [f for f in _OPTIMIZER_FIELDS if saved_config.get(f) != config.get(f)]
+    if not differ:
+      raise UserError(f"{where}: its optimizer state does not fit this config's optimizer; "
+                      'rerun with its settings to resume it, or choose another --workdir')
+    prefix = ''
+  else:
+    prefix = 'model.'
+  raise UserError(
+      f'{where} was saved by a run with '
+      f"{', '.join(f'{prefix}{f}={theirs.get(f)}' for f in differ)}, this config has "
+      f"{', '.join(f'{prefix}{f}={ours.get(f)}' for f in differ)}; rerun with its settings to "
+      'resume it, or choose another --workdir for a new run')
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                dice_weight: float) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code)."""
@@ -350,10 +387,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   start = 0
   abstract_state = jax.eval_shape(lambda s: s, state)
+  damaged = False
   for step in sorted(checkpoints.all_steps(), reverse=True):
+    saved = checkpoints.saved_meta(step)
+    if saved is not None:
+      try:
+        check_resumable(saved, config, train_model, state, f'{checkpoints.directory}/{step}')
+      except UserError:
+        checkpoints.close()
+        input_pipeline.close_train_iterator(train_iter)
+        raise
     try:
       state = checkpoints.restore(step, abstract_state, train_iter)
     except Exception as e:  # a damaged checkpoint: fall back to the one before it
+      damaged = True
       moved = checkpoints.quarantine(step) if is_main else '(moved by process 0)'
       print(f'warning: checkpoint {checkpoints.directory}/{step} is damaged ({first_line(e)}); '
             f'falling back to the previous one; the damaged one is now in {moved}',
@@ -361,9 +408,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       continue
     start = step  # batches consumed; state.step counts only the updates applied
     break
-  if not start and config.get('init_from') and initial is None:  # every checkpoint was damaged
-    state = create_train_state(config, train_model, mesh,
-                               load_initial_weights(config, train_model))
+  if not start and damaged:  # every checkpoint was damaged: a new run, from the first batch
+    input_pipeline.close_train_iterator(train_iter)  # (a failed restore may have moved it)
+    train_iter = iter(input_pipeline.train_dataset(train_source, config))
+    if config.get('init_from') and initial is None:
+      state = create_train_state(config, train_model, mesh,
+                                 load_initial_weights(config, train_model))
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(

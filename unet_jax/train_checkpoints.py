@@ -72,6 +72,14 @@ class TrainCheckpoints:
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored['state']
 
+  def saved_meta(self, step: int) -> dict[str, Any] | None:
+    """The `meta` item of `step` (model config, run config), or None if it cannot be read."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception:  # a damaged step: restoring it says so
+      return None
+
   def best_step(self) -> int | None:
     return self._manager.best_step()
 
