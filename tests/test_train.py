@@ -290,6 +290,25 @@ def test_two_processes_equal_one_process(tmp_path):
   assert _max_rel(a, b) <= DP_TOL
 
 
+def test_resume_on_other_devices_and_data_workers(tmp_path):
+  # A checkpoint saved on 2 devices resumes on 4 with 2 data workers (before: restored onto the
+  # old devices, then refused by the step; a changed worker count made the data stream's saved
+  # state unreadable, so the checkpoint was taken for damaged). It ends where a straight run on
+  # 4 devices ends, to the float summation order of the first two steps.
+  flags = ['--config.batch_size=8', '--config.checkpoint_every_steps=2',
+           '--config.eval_every_steps=10', '--config.schedule=constant']
+  for workdir, devices, more in ((tmp_path / 'straight', 4, ['--config.num_train_steps=4']),
+                                 (tmp_path / 'moved', 2, ['--config.num_train_steps=2']),
+                                 (tmp_path / 'moved', 4, ['--config.num_train_steps=4',
+                                                          '--config.data.worker_count=2'])):
+    proc = subprocess.run(_train_cmd(workdir, *flags, *more), env=_env(devices),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f'resumed from {tmp_path}/moved/checkpoints/2' in proc.stdout + proc.stderr
+  assert 'damaged' not in proc.stderr
+  assert _max_rel(_params(tmp_path / 'straight'), _params(tmp_path / 'moved')) <= DP_TOL
+
+
 # --- bad input: one line, before any compute --------------------------------------------------
 
 @pytest.mark.parametrize('overrides,message', [

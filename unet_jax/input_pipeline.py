@@ -4,8 +4,8 @@ The order of examples is a pure function of (seed, global position): global batc
 positions [b*G, (b+1)*G) of an endless sequence of per-epoch permutations, and process p reads
 only its slice [p*L, (p+1)*L) of each global batch (L = G / processes). Augmentation randomness
 is keyed on the same global position. So 1 process x 4 devices and 2 processes x 2 devices see
-the very same global batches, and the grain iterator state (saved with each checkpoint) resumes
-the stream exactly.
+the very same global batches, and a run resumed from the checkpoint of step s reads on from
+global batch s, whatever devices, processes or grain workers the run before it had.
 """
 
 from __future__ import annotations
@@ -187,11 +187,13 @@ class _EvalExample(grain.transforms.Map):
     return out
 
 
-def train_dataset(source, config: ml_collections.ConfigDict) -> grain.IterDataset:
-  """Endless-enough stream of this process's slices of global training batches."""
+def train_dataset(source, config: ml_collections.ConfigDict, start_step: int = 0,
+                  ) -> grain.IterDataset:
+  """This process's slices of the global training batches of steps start_step+1 to
+  num_train_steps (a resumed run starts where its checkpoint's step left off)."""
   pc, pi = jax.process_count(), jax.process_index()
   local_batch = config.batch_size // pc
-  ds = grain.MapDataset.range(config.num_train_steps * local_batch)
+  ds = grain.MapDataset.range(start_step * local_batch, config.num_train_steps * local_batch)
   ds = ds.map(_TrainExample(source, config, pi, pc)).batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
                                             prefetch_buffer_size=2 * local_batch))

@@ -378,7 +378,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   eval_model = build_model(config, axis_name=None)
   state = create_train_state(config, train_model, mesh, initial)
-  train_iter = iter(input_pipeline.train_dataset(train_source, config))
   eval_ds = input_pipeline.eval_dataset(eval_source, config)
   checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
   meta = {'model': model_config(train_model),
@@ -386,7 +385,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'config': config.to_dict()}
 
   start = 0
-  abstract_state = jax.eval_shape(lambda s: s, state)
+  # Restored with this run's shardings, not the saved ones: a run may resume on other devices.
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   damaged = False
   for step in sorted(checkpoints.all_steps(), reverse=True):
     saved = checkpoints.saved_meta(step)
@@ -395,10 +396,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         check_resumable(saved, config, train_model, state, f'{checkpoints.directory}/{step}')
       except UserError:
         checkpoints.close()
-        input_pipeline.close_train_iterator(train_iter)
         raise
     try:
-      state = checkpoints.restore(step, abstract_state, train_iter)
+      state = checkpoints.restore(step, abstract_state)
     except Exception as e:  # a damaged checkpoint: fall back to the one before it
       damaged = True
       moved = checkpoints.quarantine(step) if is_main else '(moved by process 0)'
@@ -408,12 +408,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       continue
     start = step  # batches consumed; state.step counts only the updates applied
     break
-  if not start and damaged:  # every checkpoint was damaged: a new run, from the first batch
-    input_pipeline.close_train_iterator(train_iter)  # (a failed restore may have moved it)
-    train_iter = iter(input_pipeline.train_dataset(train_source, config))
-    if config.get('init_from') and initial is None:
-      state = create_train_state(config, train_model, mesh,
-                                 load_initial_weights(config, train_model))
+  if not start and damaged and config.get('init_from') and initial is None:
+    # every checkpoint was damaged: a new run, from init_from's weights
+    state = create_train_state(config, train_model, mesh,
+                               load_initial_weights(config, train_model))
+  # A checkpoint's number is its place in the data stream (batches consumed), which is a pure
+  # function of the position: the stream resumes there whatever the devices, processes or
+  # data workers of the run before.
+  train_iter = iter(input_pipeline.train_dataset(train_source, config, start))
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
@@ -479,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if _save_due(config, step, stop):
           if settle(step):  # (a signal may have come since the check above)
             break
-          checkpoints.save(step, state, train_iter, meta, saved_metrics)
+          checkpoints.save(step, state, meta, saved_metrics)
         if stop['signal']:
           reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
                            'rerun the same command to resume')

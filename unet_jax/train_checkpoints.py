@@ -1,7 +1,8 @@
 """Training checkpoints: Orbax CheckpointManager over WORKDIR/checkpoints/<step>/.
 
-Each step directory holds three items: `state` (params, optimizer state, batch_stats, step),
-`data` (each process's grain iterator state) and `meta` (model config, mask values, run config).
+Each step directory holds two items: `state` (params, optimizer state, batch_stats, step) and
+`meta` (model config, mask values, run config). The data stream needs no state of its own: the
+step number is its position (input_pipeline.py).
 Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so
 a step directory that exists is whole. Kept: the latest `keep` and the best by eval Dice.
 """
@@ -12,7 +13,6 @@ import os
 import time
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -40,7 +40,7 @@ class TrainCheckpoints:
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(self.directory, options=_options(keep),
-                                          item_names=('state', 'data', 'meta'))
+                                          item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -58,18 +58,15 @@ class TrainCheckpoints:
     self._manager.reload()
     return target
 
-  def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any],
+  def save(self, step: int, state: Any, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)),
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         metrics=metrics if metrics and BEST_METRIC in metrics else None, force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+  def restore(self, step: int, abstract_state: Any) -> Any:
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state=ocp.args.StandardRestore(abstract_state)))
     return restored['state']
 
   def saved_meta(self, step: int) -> dict[str, Any] | None:
