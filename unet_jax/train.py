@@ -75,6 +75,15 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax
   return compile_per_signature(jax.jit(init, out_shardings=shardings), options)(key, initial)
 
 
+def _differing(theirs: Any, ours: Any, fields: Any) -> list[str]:
+  """The fields whose values differ between two settings (dicts or ConfigDicts)."""
+  return [f for f in fields if theirs.get(f) != ours.get(f)]
+
+
+def _settings(values: Any, fields: list[str], prefix: str = '') -> str:
+  return ', '.join(f'{prefix}{f}={values.get(f)}' for f in fields)
+
+
 def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict[str, Any]:
   """The variables of `config.init_from` for `model`: a converted checkpoint, a workdir, or a
   PyTorch state_dict file (.pth, .safetensors, ...), converted in memory."""
@@ -91,12 +100,11 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict
   except UserError as e:
     raise UserError(f'init_from: {e}') from None
   ours = model_config(model)
-  differ = [f for f in ours if theirs[f] != ours[f]]
+  differ = _differing(theirs, ours, ours)
   if differ:
     raise UserError(
         f'init_from={config.init_from}: its weights are for a UNet with '
-        f"{', '.join(f'{f}={theirs[f]}' for f in differ)}, this config's has "
-        f"{', '.join(f'{f}={ours[f]}' for f in differ)}; set "
+        f"{_settings(theirs, differ)}, this config's has {_settings(ours, differ)}; set "
         + ' '.join(f'--config.model.{f}={theirs[f]}' for f in differ))
   return {k: variables[k] for k in ('params', 'batch_stats')}
 
@@ -109,33 +117,33 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   """Refuses to resume from a checkpoint whose state cannot fit this run's (it would otherwise
   fail to restore and be taken for a damaged one): another model, or an optimizer whose state
   has another form."""
+
+  def refusal(theirs: Any, ours: Any, differ: list[str], prefix: str = '') -> UserError:
+    return UserError(
+        f'{where} was saved by a run with {_settings(theirs, differ, prefix)}, this config has '
+        f'{_settings(ours, differ, prefix)}; rerun with its settings to resume it, or choose '
+        'another --workdir for a new run')
+
   theirs, ours = saved.get('model') or {}, model_config(model)
-  differ = [f for f in ours if theirs.get(f) != ours[f]]
+  differ = _differing(theirs, ours, ours)
+  if differ:
+    raise refusal(theirs, ours, differ, 'model.')
+  saved_config = ml_collections.ConfigDict(saved.get('config') or {})
+  try:
+    saved_tx = make_optimizer(saved_config)
+  except (UserError, AttributeError, KeyError):
+    return  # (an unknown run config: the restore decides)
+
+  def form(tx: Any) -> Any:
+    return jax.tree.structure(jax.eval_shape(tx.init, state.params))
+
+  if form(saved_tx) == form(state.tx):
+    return
+  differ = _differing(saved_config, config, _OPTIMIZER_FIELDS)
   if not differ:
-    saved_config = ml_collections.ConfigDict(saved.get('config') or {})
-    try:
-      saved_tx = make_optimizer(saved_config)
-    except (UserError, AttributeError, KeyError):
-      return  # (an unknown run config: the restore decides)
-
-    def form(tx: Any) -> Any:
-      return jax.tree.structure(jax.eval_shape(tx.init, state.params))
-
-    if form(saved_tx) == form(state.tx):
-      return
-    theirs, ours = saved_config, config
-    differ = [f for f in _OPTIMIZER_FIELDS if saved_config.get(f) != config.get(f)]
-    if not differ:
-      raise UserError(f"{where}: its optimizer state does not fit this config's optimizer; "
-                      'rerun with its settings to resume it, or choose another --workdir')
-    prefix = ''
-  else:
-    prefix = 'model.'
-  raise UserError(
-      f'{where} was saved by a run with '
-      f"{', '.join(f'{prefix}{f}={theirs.get(f)}' for f in differ)}, this config has "
-      f"{', '.join(f'{prefix}{f}={ours.get(f)}' for f in differ)}; rerun with its settings to "
-      'resume it, or choose another --workdir for a new run')
+    raise UserError(f"{where}: its optimizer state does not fit this config's optimizer; "
+                    'rerun with its settings to resume it, or choose another --workdir')
+  raise refusal(saved_config, config, differ)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
