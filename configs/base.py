@@ -48,10 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 500
 
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
-  # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0.
+  # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,
+  # learning_rate=1e-5, schedule='plateau', plateau.patience=5.
   config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
-  config.schedule = 'cosine'     # 'cosine' (linear warmup, cosine decay) or 'constant'
+  # 'cosine' (linear warmup, cosine decay), 'constant', or 'plateau': constant, times
+  # plateau.factor whenever the eval Dice has not improved for more than plateau.patience
+  # evaluations (torch's ReduceLROnPlateau, mode='max'; its defaults below).
+  config.schedule = 'cosine'
+  config.plateau = ml_collections.ConfigDict(dict(
+      patience=10, factor=0.1, threshold=1e-4, cooldown=0, min_learning_rate=0.0))
   config.warmup_steps = 50
   config.weight_decay = 0.0      # L2 added to the gradient; adamw: decoupled, as torch's AdamW
   config.momentum = 0.9          # sgd and rmsprop (0: none)

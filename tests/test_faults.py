@@ -168,7 +168,9 @@ def test_resuming_with_another_model_or_optimizer_is_refused(tmp_path):
       (dict(weight_decay=1e-4), 'was saved by a run with weight_decay=0.0, this config has '
        'weight_decay=0.0001;'),
       (dict(optimizer='sgd'), 'was saved by a run with optimizer=adam, this config has '
-       'optimizer=sgd;')]:
+       'optimizer=sgd;'),
+      (dict(schedule='plateau'), 'was saved by a run with schedule=cosine, this config has '
+       'schedule=plateau;')]:
     with pytest.raises(UserError, match=re.escape(message)):
       train.train_and_evaluate(tiny_config(num_train_steps=4, checkpoint_every_steps=2,
                                            eval_every_steps=10, **change), str(tmp_path / 'wd'))

@@ -1,4 +1,5 @@
-"""The optimizers and schedule against torch.optim and clip_grad_norm_, step by step, float32."""
+"""The optimizers and schedules against torch.optim, clip_grad_norm_ and ReduceLROnPlateau,
+step by step, float32."""
 
 import numpy as np
 import optax
@@ -6,7 +7,13 @@ import pytest
 import torch
 
 from configs import base
-from unet_jax.optimizers import learning_rate_schedule, make_optimizer
+from unet_jax.optimizers import (
+  find_plateau_state,
+  learning_rate_schedule,
+  make_optimizer,
+  plateau_update,
+  replace_plateau_state,
+)
 
 STEP_TOL = 2e-6  # per tensor, relative to its scale, after each step
 
@@ -18,13 +25,25 @@ CASES = [
     dict(optimizer='sgd', momentum=0.0, grad_clip_norm=0.5),
     dict(optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0),  # milesial
     dict(optimizer='rmsprop', momentum=0.0),
+    # The rate lowered on plateaus: milesial's whole recipe, and decoupled decay under it.
+    dict(optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,
+         schedule='plateau', **{'plateau.patience': 1}),
+    dict(optimizer='adamw', weight_decay=0.1, schedule='plateau', **{'plateau.patience': 0}),
+    dict(optimizer='sgd', weight_decay=0.01, schedule='plateau', **{'plateau.patience': 0}),
 ]
+# An eval Dice per step for the plateau cases: up, flat, a gain below the 1e-4 threshold, up.
+METRICS = [0.2, 0.4, 0.4, 0.4, 0.40001, 0.5, 0.5, 0.6]
 
 
 def _config(**overrides):
   config = base.get_config()
   config.num_train_steps, config.warmup_steps, config.learning_rate = 8, 3, 1e-2
-  config.update(overrides)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
   return config
 
 
@@ -50,6 +69,11 @@ def test_optimizer_steps_match_torch(overrides):
   schedule = learning_rate_schedule(config)
   tx = make_optimizer(config)
   state = tx.init(params)
+  plateau = config.schedule == 'plateau'
+  if plateau:
+    torch_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        torch_opt, 'max', patience=config.plateau.patience)
+    update_plateau = plateau_update(config)
   for step in range(config.num_train_steps):
     # Gradients now above, now below the clipping norm.
     grads = {k: rng.standard_normal(v.shape, np.float32) * (0.02 if step % 2 else 1.0)
@@ -57,7 +81,8 @@ def test_optimizer_steps_match_torch(overrides):
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     for group in torch_opt.param_groups:
-      group['lr'] = float(schedule(step))
+      if not plateau:  # (ReduceLROnPlateau sets it)
+        group['lr'] = float(schedule(step))
     for k, p in torch_params.items():
       p.grad = torch.from_numpy(grads[k].copy())
     if config.grad_clip_norm:
@@ -67,7 +92,47 @@ def test_optimizer_steps_match_torch(overrides):
       want = p.detach().numpy()
       err = np.abs(np.asarray(params[k]) - want).max() / np.abs(want).max()
       assert err <= STEP_TOL, (step, k, err)
+    if plateau:
+      torch_plateau.step(METRICS[step])
+      state = replace_plateau_state(
+          state, update_plateau(find_plateau_state(state), METRICS[step]))
+  if plateau:  # the rate did come down
+    assert torch_opt.param_groups[0]['lr'] < config.learning_rate
 
+
+PLATEAU_CASES = [
+    dict(),  # torch's defaults
+    dict(patience=2, cooldown=2),
+    dict(patience=0, factor=0.5, threshold=0.05, min_learning_rate=1.5e-3),
+    dict(patience=1, factor=0.1),  # down to where a change would be below eps (1e-8)
+]
+
+
+@pytest.mark.parametrize('plateau', PLATEAU_CASES, ids=lambda c: '-'.join(
+    f'{k}={v}' for k, v in c.items()) or 'defaults')
+def test_plateau_schedule_matches_reduce_lr_on_plateau(plateau):
+  config = _config(schedule='plateau', learning_rate=1e-2,
+                   **{f'plateau.{k}': v for k, v in plateau.items()})
+  rng = np.random.default_rng(0)
+  # Gains, a long plateau, noise, a NaN, gains below and above the threshold, a long decline.
+  metrics = np.concatenate([np.linspace(0.1, 0.5, 5), np.full(13, 0.5),
+                            0.45 + 0.1 * rng.random(10), [np.nan],
+                            [0.56, 0.56002, 0.7, 0.7 * 1.01, 0.75], np.linspace(0.7, 0.1, 30)])
+  p = config.plateau
+  torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  torch_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+      torch_opt, 'max', factor=p.factor, patience=p.patience, threshold=p.threshold,
+      cooldown=p.cooldown, min_lr=p.min_learning_rate)
+  update = plateau_update(config)
+  state = find_plateau_state(make_optimizer(config).init({'w': np.zeros(1, np.float32)}))
+  want, got = [], []
+  for metric in metrics:
+    torch_plateau.step(float(metric))
+    state = update(state, metric)
+    want.append(torch_opt.param_groups[0]['lr'])
+    got.append(config.learning_rate * float(state.lr_scale))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert len(set(want)) >= 3  # (the sequence did lower the rate, more than once)
 
 @pytest.mark.parametrize('steps', [1, 2, 3, 50, 51, 500])
 def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):

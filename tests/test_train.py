@@ -335,6 +335,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(seed=-3), 'seed=-3 must be at least 0'),
     (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be at least 0'),
     (dict(optimizer='rmsprop', momentum=1.0), 'momentum=1.0 must be in [0, 1)'),
+    (dict(schedule='step'), "unknown schedule 'step'; use one of cosine, constant, plateau"),
+    ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
+    ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
@@ -415,3 +418,36 @@ def test_init_from_a_different_model_is_one_line_before_compute(tmp_path):
                      r'--config.model.base_features=4 --config.model.depth=1$'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists()
+
+
+def test_plateau_schedule_follows_reduce_lr_on_plateau_and_resumes_exactly(tmp_path, capfd):
+  # An evaluation every step, patience 1: at this rate the tiny model's Dice jumps, then falls
+  # back and climbs slowly, so the rate halves every other step after the first two.
+  flags = {'schedule': 'plateau', 'learning_rate': 0.1, 'eval_every_steps': 1,
+           'checkpoint_every_steps': 2, 'num_sample_images': 0, 'plateau.patience': 1,
+           'plateau.factor': 0.5}
+  config = tiny_config(**flags)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  assert 'learning rate 0.1 -> 0.05' in capfd.readouterr().out
+
+  def rows(workdir):
+    return [{k: r[k] for k in ('step', 'learning_rate', 'eval_dice')}
+            for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())]
+
+  # torch's ReduceLROnPlateau, told the run's eval Dice after each step, sets the rates the
+  # run logged (each row's rate is the one its step used).
+  torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  torch_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+      torch_opt, 'max', factor=0.5, patience=1)
+  straight = rows(tmp_path / 'straight')
+  for row in straight:
+    np.testing.assert_allclose(row['learning_rate'], torch_opt.param_groups[0]['lr'], rtol=1e-6)
+    torch_plateau.step(row['eval_dice'])
+  assert straight[-1]['learning_rate'] <= config.learning_rate / 4
+  # 3 steps, then resumed to 6: the plateau's state comes back with the checkpoint.
+  train.train_and_evaluate(tiny_config(**flags, num_train_steps=3), str(tmp_path / 'resumed'))
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert rows(tmp_path / 'resumed') == straight
+  for a, b in zip(jax.tree.leaves(_params(tmp_path / 'resumed')),
+                  jax.tree.leaves(_params(tmp_path / 'straight')), strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -5,10 +5,18 @@ A recipe written for PyTorch gives the same updates here (tested against `torch.
 and `RMSprop` do) except for `adamw`, which decays the weights directly, as `AdamW` does;
 `grad_clip_norm` scales the gradient as `torch.nn.utils.clip_grad_norm_` does, before the
 optimizer sees it. milesial/Pytorch-UNet's recipe, for instance: optimizer='rmsprop',
-momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0.
+momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0, schedule='plateau' with patience 5.
+
+schedule='plateau' is `torch.optim.lr_scheduler.ReduceLROnPlateau(mode='max')` on the eval Dice:
+the loop calls `plateau_update` after each evaluation, as milesial's loop calls
+`scheduler.step(val_score)`. Its state (the rate's factor so far, the best Dice, the counters)
+lives in the optimizer state, so checkpoints carry it and a resumed run goes on exactly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +26,12 @@ import optax
 from unet_jax.errors import UserError
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
+SCHEDULES = ('cosine', 'constant', 'plateau')
+_PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: a smaller change of the rate is not made
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  if config.schedule == 'constant':
+  if config.schedule in ('constant', 'plateau'):  # (plateau: scaled by PlateauState.lr_scale)
     return optax.constant_schedule(config.learning_rate)
   if config.schedule == 'cosine':
     # Warmup leaves at least one step of decay, and optax wants both phases non-empty: a run
@@ -30,7 +40,65 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, warmup, max(config.num_train_steps, warmup + 1),
         end_value=config.learning_rate * 0.01)
-  raise UserError(f"unknown schedule {config.schedule!r}; use 'cosine' or 'constant'")
+  raise UserError(f'unknown schedule {config.schedule!r}; use one of {", ".join(SCHEDULES)}')
+
+
+class PlateauState(NamedTuple):
+  """ReduceLROnPlateau's state. All updates are scaled by `lr_scale`, which equals scaling the
+  learning rate for every optimizer here: each applies the rate last, as a factor."""
+  lr_scale: jax.Array   # the rate's factor so far (1, then factor, factor**2, ...)
+  best: jax.Array       # the best eval Dice so far (-inf before the first evaluation)
+  bad_evals: jax.Array  # evaluations since the last improvement
+  cooldown: jax.Array   # evaluations left before bad ones count again
+
+
+def scale_by_plateau() -> optax.GradientTransformation:
+  def init(params):
+    del params
+    return PlateauState(jnp.ones([], jnp.float32), jnp.full([], -jnp.inf, jnp.float32),
+                        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def plateau_update(config: ml_collections.ConfigDict
+                   ) -> Callable[[PlateauState, jax.Array], PlateauState]:
+  """`ReduceLROnPlateau.step(metric)` with mode='max', threshold_mode='rel', on a PlateauState."""
+  lr, p = config.learning_rate, config.plateau
+
+  def update(s: PlateauState, metric: jax.Array) -> PlateauState:
+    metric = jnp.asarray(metric, jnp.float32)
+    better = metric > s.best * (1 + p.threshold)  # (a NaN is never better)
+    best = jnp.where(better, metric, s.best)
+    bad = jnp.where(better, 0, s.bad_evals + 1)
+    in_cooldown = s.cooldown > 0
+    cooldown = jnp.where(in_cooldown, s.cooldown - 1, s.cooldown)
+    bad = jnp.where(in_cooldown, 0, bad)  # bad evaluations in the cooldown do not count
+    reduce = bad > p.patience
+    new_scale = jnp.maximum(s.lr_scale * p.factor, p.min_learning_rate / lr)
+    changed = reduce & (lr * (s.lr_scale - new_scale) > _PLATEAU_EPS)
+    return PlateauState(jnp.where(changed, new_scale, s.lr_scale), best,
+                        jnp.where(reduce, 0, bad).astype(jnp.int32),
+                        jnp.where(reduce, p.cooldown, cooldown).astype(jnp.int32))
+
+  return update
+
+
+def _is_plateau(x: Any) -> bool:
+  return isinstance(x, PlateauState)
+
+
+def find_plateau_state(opt_state: Any) -> PlateauState | None:
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_plateau) if _is_plateau(x)]
+  return found[0] if found else None
+
+
+def replace_plateau_state(opt_state: Any, new: PlateauState) -> Any:
+  return jax.tree.map(lambda x: new if _is_plateau(x) else x, opt_state, is_leaf=_is_plateau)
 
 
 def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
@@ -70,4 +138,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     parts.append(clip_grad_norm(config.grad_clip_norm))
   if wd and name != 'adamw':
     parts.append(optax.add_decayed_weights(wd))  # L2: torch adds wd * param to the gradient
+  if config.schedule == 'plateau':
+    return optax.chain(*parts, core, scale_by_plateau())
   return optax.chain(*parts, core) if parts else core

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -30,7 +30,13 @@ from unet_jax.checkpoint import CHECKPOINTS_DIR, model_config
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet, init_variables
-from unet_jax.optimizers import learning_rate_schedule, make_optimizer
+from unet_jax.optimizers import (
+  find_plateau_state,
+  learning_rate_schedule,
+  make_optimizer,
+  plateau_update,
+  replace_plateau_state,
+)
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter
 from unet_jax.step_compilation import (
@@ -109,7 +115,7 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict
   return {k: variables[k] for k in ('params', 'batch_stats')}
 
 
-_OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum')
+_OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule')
 
 
 def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, model: UNet,
@@ -277,6 +283,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
       raise UserError(f'{field}={config[field]} must be at least 0')
   if not 0 <= config.momentum < 1:
     raise UserError(f'momentum={config.momentum} must be in [0, 1)')
+  for field in ('patience', 'cooldown', 'threshold', 'min_learning_rate'):
+    if not config.plateau[field] >= 0:
+      raise UserError(f'plateau.{field}={config.plateau[field]} must be at least 0')
+  if not 0 < config.plateau.factor < 1:
+    raise UserError(f'plateau.factor={config.plateau.factor} must be in (0, 1): the learning '
+                    "rate's factor on a plateau")
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')
@@ -340,6 +352,28 @@ def _check_writable(workdir: str) -> None:
   if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
     raise UserError(f'{workdir}: cannot write there ({parent} is not a writable directory); '
                     'choose another --workdir')
+
+
+def _plateau_stepper(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                     ) -> Callable[[TrainState, float], tuple[TrainState, float, float]]:
+  """For schedule='plateau': (state, eval Dice) -> (state, old rate, new rate), after each
+  evaluation (ReduceLROnPlateau.step). Every process computes the same: the Dice is global."""
+  update = jax.jit(plateau_update(config), out_shardings=parallel.replicated(mesh))
+
+  def step(state: TrainState, dice: float) -> tuple[TrainState, float, float]:
+    old = find_plateau_state(state.opt_state)
+    new = update(old, dice)
+    rates = (config.learning_rate * float(_local(s.lr_scale)) for s in (old, new))
+    return state.replace(opt_state=replace_plateau_state(state.opt_state, new)), *rates
+
+  return step
+
+
+def _learning_rate(schedule: Callable[[int], Any], state: TrainState) -> float:
+  """The rate the last applied update used (its position: the updates applied before it)."""
+  rate = float(schedule(max(int(_local(state.step)) - 1, 0)))
+  plateau = find_plateau_state(state.opt_state)
+  return rate if plateau is None else rate * float(_local(plateau.lr_scale))
 
 
 def evaluate(p_eval, state, eval_ds) -> dict[str, float]:
@@ -432,6 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p_eval = parallel.distribute(functools.partial(eval_step, model=eval_model), mesh,
                                config.parallel, donate_state=False, compiler_options=options)
   schedule = learning_rate_schedule(config)
+  plateau_step = _plateau_stepper(config, mesh) if config.schedule == 'plateau' else None
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
   if start:
     reporter.message(f'resumed from {checkpoints.directory}/{start}')
@@ -474,14 +509,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         row: dict[str, float] = {}
         if log:
           row.update(window.row())
-          updates = int(_local(state.step))  # applied ones: the schedule's position
-          row['learning_rate'] = float(schedule(max(updates - 1, 0)))
+          row['learning_rate'] = _learning_rate(schedule, state)
           row['images_per_sec'] = reporter.throughput(step)
         saved_metrics = None
         if evaluate_now:
           eval_metrics = evaluate(p_eval, state, eval_ds)
           saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
           row.update(saved_metrics)
+          if plateau_step is not None:
+            state, old_rate, new_rate = plateau_step(state, eval_metrics['dice'])
+            if new_rate != old_rate:
+              reporter.message(
+                  f'eval Dice has not improved for more than {config.plateau.patience} '
+                  f'evaluations: learning rate {old_rate:.3g} -> {new_rate:.3g}')
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
                              num_classes=config.model.num_classes)
