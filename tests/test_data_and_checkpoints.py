@@ -142,4 +142,21 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
     ckpts.save(step, state, {'m': 1}, None if dice is None else {'eval_dice': dice})
   ckpts.wait()
   assert sorted(int(d) for d in os.listdir(ckpts.directory) if d.isdigit()) == [2, 4]
+  assert ckpts.best_step() == 2
   ckpts.close()
+  # A resumed run (a new manager on the same folder) still knows which one is best: the Dice
+  # is saved with each step (before, it lived only in the first run's memory, and step 2 was
+  # deleted by the resumed run's first save).
+  ckpts = TrainCheckpoints(str(tmp_path), keep=1)
+  assert ckpts.best_step() == 2
+  ckpts.save(5, state, {'m': 1}, {'eval_dice': 0.4})
+  ckpts.wait()
+  assert sorted(int(d) for d in os.listdir(ckpts.directory) if d.isdigit()) == [2, 5]
+  ckpts.close()
+  # No step scored (no evaluation fell on a checkpoint): `checkpoints/best` says so.
+  unscored = TrainCheckpoints(str(tmp_path / 'unscored'), keep=1)
+  unscored.save(1, state, {'m': 1})
+  unscored.close()
+  with pytest.raises(UserError, match='none of its checkpoints has an eval Dice saved with it '
+                     r'.*; name a step instead: checkpoints/STEP$'):
+    load_pretrained_with_metadata(str(tmp_path / 'unscored' / 'checkpoints' / 'best'))

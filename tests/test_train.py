@@ -420,15 +420,18 @@ def test_init_from_a_different_model_is_one_line_before_compute(tmp_path):
   assert not (tmp_path / 'wd').exists()
 
 
-def test_plateau_schedule_follows_reduce_lr_on_plateau_and_resumes_exactly(tmp_path, capfd):
-  # An evaluation every step, patience 1: at this rate the tiny model's Dice jumps, then falls
-  # back and climbs slowly, so the rate halves every other step after the first two.
+def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
+  # An evaluation and a checkpoint every step, patience 1: at this rate the tiny model's Dice
+  # jumps, then falls back and climbs slowly, so the rate halves every other step after the
+  # first two, and the best checkpoint is the first.
   flags = {'schedule': 'plateau', 'learning_rate': 0.1, 'eval_every_steps': 1,
-           'checkpoint_every_steps': 2, 'num_sample_images': 0, 'plateau.patience': 1,
-           'plateau.factor': 0.5}
+           'checkpoint_every_steps': 1, 'keep_checkpoints': 1, 'num_sample_images': 0,
+           'plateau.patience': 1, 'plateau.factor': 0.5}
   config = tiny_config(**flags)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  assert 'learning rate 0.1 -> 0.05' in capfd.readouterr().out
+  out = capfd.readouterr().out
+  assert 'learning rate 0.1 -> 0.05' in out
+  assert 'best by eval Dice: step 1, as ' in out
 
   def rows(workdir):
     return [{k: r[k] for k in ('step', 'learning_rate', 'eval_dice')}
@@ -451,3 +454,13 @@ def test_plateau_schedule_follows_reduce_lr_on_plateau_and_resumes_exactly(tmp_p
   for a, b in zip(jax.tree.leaves(_params(tmp_path / 'resumed')),
                   jax.tree.leaves(_params(tmp_path / 'straight')), strict=True):
     np.testing.assert_array_equal(a, b)
+  # The best step outlives the resume (before, only the run that scored it knew it was best,
+  # and the resumed run's first save deleted it), and `checkpoints/best` names it.
+  assert max(straight, key=lambda r: r['eval_dice'])['step'] == 1
+  for run in ('straight', 'resumed'):
+    assert sorted(os.listdir(tmp_path / run / 'checkpoints')) == ['1', '6']
+    _, best, meta = load_pretrained_with_metadata(str(tmp_path / run / 'checkpoints' / 'best'))
+    assert meta['step'] == 1
+    _, first, _ = load_pretrained_with_metadata(str(tmp_path / 'straight' / 'checkpoints' / '1'))
+    for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(first), strict=True):
+      np.testing.assert_array_equal(a, b)

@@ -29,6 +29,7 @@ FORMAT = 'unet_jax.pretrained'
 CONFIG_FILE = 'unet_jax.json'
 VARIABLES_DIR = 'variables'
 CHECKPOINTS_DIR = 'checkpoints'  # a training workdir's Orbax steps: WORKDIR/checkpoints/<step>/
+BEST_STEP = 'best'  # WORKDIR/checkpoints/best: not a folder, a name for the best-scored step
 MODEL_FIELDS = ('in_channels', 'num_classes', 'base_features', 'depth', 'upsample', 'conv_bias')
 
 
@@ -133,11 +134,14 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
     raise UserError(f'{path}: is a file; pass a converted checkpoint directory or a training '
                     'workdir (PyTorch weights: `python -m unet_jax.convert torch-to-flax SRC '
                     'DEST`)')
+  parent, name = os.path.split(path)
+  if os.path.basename(parent) == CHECKPOINTS_DIR and os.path.isdir(parent):
+    if name == BEST_STEP:  # WORKDIR/checkpoints/best: the step with the highest eval Dice
+      return _load_training_workdir(os.path.dirname(parent), dtype, BEST_STEP)
+    if name.isdigit() and os.path.isdir(path):  # WORKDIR/checkpoints/STEP
+      return _load_training_workdir(os.path.dirname(parent), dtype, int(name))
   if not os.path.isdir(path):
     raise UserError(f'{path}: no such checkpoint directory')
-  parent, name = os.path.split(path)
-  if os.path.basename(parent) == CHECKPOINTS_DIR and name.isdigit():  # WORKDIR/checkpoints/STEP
-    return _load_training_workdir(os.path.dirname(parent), dtype, int(name))
   if name == CHECKPOINTS_DIR and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
     path = parent  # WORKDIR/checkpoints: the workdir's latest step
   if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
@@ -160,10 +164,11 @@ def load_pretrained_with_metadata(path: str, dtype: Any = jnp.float32,
   return model, variables, dict(info.get('metadata') or {})
 
 
-def _load_training_workdir(path: str, dtype: Any, step: int | None = None,
+def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
                            ) -> tuple[UNet, dict[str, Any], dict[str, Any]]:
   from unet_jax.train_checkpoints import read_workdir
-  which = 'its latest checkpoint' if step is None else f'its checkpoint of step {step}'
+  which = ('its latest checkpoint' if step is None else 'its best checkpoint'
+           if step == BEST_STEP else f'its checkpoint of step {step}')
   try:
     step, variables, meta, updates = read_workdir(path, step)
   except FileNotFoundError as e:
@@ -182,7 +187,7 @@ def load_pretrained(path: str, dtype: Any = jnp.float32) -> tuple[UNet, dict[str
   """Loads a converted checkpoint directory or a training workdir: returns `(model, variables)`.
 
   For a workdir, the latest complete checkpoint is used; `WORKDIR/checkpoints/STEP` loads that
-  step's.
+  step's, `WORKDIR/checkpoints/best` the one with the highest eval Dice.
 
   `variables` is `{'params': ..., 'batch_stats': ...}`, ready for
   `model.apply(variables, x, train=False)`. `dtype` is the computation dtype of the model.

@@ -543,6 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise UserError(f'{workdir}: cannot write ({full}); the last complete checkpoint in '
                     f'{checkpoints.directory} is kept, an unfinished one is never used; free '
                     'space (or choose another --workdir) and rerun to resume') from None
+  best = checkpoints.best_step()
   checkpoints.close()
   input_pipeline.close_train_iterator(train_iter)
   reporter.close()
@@ -553,4 +554,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main and step >= config.num_train_steps:
     print(f'checkpoint: {checkpoints.directory}/{step}\n'
           f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)
+    if best is not None and best != step:
+      print(f'best by eval Dice: step {best}, as {checkpoints.directory}/best', flush=True)
   return eval_metrics

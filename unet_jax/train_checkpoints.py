@@ -16,16 +16,24 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from unet_jax.checkpoint import CHECKPOINTS_DIR
+from unet_jax.checkpoint import BEST_STEP, CHECKPOINTS_DIR
 
 BEST_METRIC = 'eval_dice'
 
 
+def _best_metric(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
 def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions:
   return ocp.CheckpointManagerOptions(
+      # best_fn makes Orbax write each step's metrics beside it (without it they lived only in
+      # the saving run's memory: a resumed run's first save deleted the best step) and gives
+      # best_step(); which steps are kept is the preservation policy's alone.
+      best_fn=_best_metric, best_mode='max',
       preservation_policy=policies.AnyPreservationPolicy([
           policies.LatestN(keep),
-          policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+          policies.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
                          keep_checkpoints_without_metrics=False),
       ]),
       enable_async_checkpointing=not read_only,
@@ -87,9 +95,10 @@ class TrainCheckpoints:
     self._manager.close()
 
 
-def read_workdir(workdir: str, step: int | None = None,
+def read_workdir(workdir: str, step: int | str | None = None,
                  ) -> tuple[int, dict[str, Any], dict, int]:
-  """(step, {'params', 'batch_stats'}, meta, updates) of a workdir's latest (or given) step.
+  """(step, {'params', 'batch_stats'}, meta, updates) of a workdir's latest step, or the given
+  one, or with step='best' the one with the highest eval Dice.
 
   `step` counts the batches the run consumed, `updates` the ones applied: a step skipped as
   non-finite consumed its batch but changed neither the weights nor the BatchNorm statistics.
@@ -108,6 +117,13 @@ def read_workdir(workdir: str, step: int | None = None,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'meta': ocp.JsonCheckpointHandler()})
   try:
+    if step == BEST_STEP:
+      step = manager.best_step()
+      if step is None:
+        raise FileNotFoundError(
+            f'{workdir}: none of its checkpoints has an eval Dice saved with it (a step is '
+            'scored when an evaluation falls on it; runs before unet_jax saved the score have '
+            'none); name a step instead: checkpoints/STEP')
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'{workdir}: no complete checkpoint in {CHECKPOINTS_DIR}/')
