@@ -180,6 +180,8 @@ def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
   metadata = dict(meta.get('metadata') or {}, step=step, applied_updates=updates)
   if 'image_size' in (meta.get('config') or {}):  # what the network saw in training
     metadata['image_size'] = int(meta['config']['image_size'])
+  if meta.get('config'):
+    metadata['run_config'] = meta['config']  # the training config (data settings included)
   return model, jax.tree.map(jnp.asarray, variables), metadata
 
 

@@ -32,6 +32,7 @@ class DataInfo:
   num_eval: int
   channels: int
   mask_values: list
+  splits: tuple[str, ...] = ()
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -97,7 +98,8 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
   if not mask_values:
     mask_values = list(range(config.model.num_classes if config.model.num_classes > 1 else 2))
   info = DataInfo(name=name, num_train=len(train), num_eval=len(evaluation),
-                  channels=first['image'].shape[-1], mask_values=mask_values)
+                  channels=first['image'].shape[-1], mask_values=mask_values,
+                  splits=tuple(sorted(sources)))
   return train, evaluation, info
 
 

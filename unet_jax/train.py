@@ -183,10 +183,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: UNet,
               ) -> dict[str, jax.Array]:
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], train=False)
+  """Summed scores of this device's share of an eval batch, summed over all devices."""
+  logits = model.apply(variables, batch['image'], train=False)
   return jax.lax.psum(losses.summed_eval_metrics(logits, batch['mask'], batch['valid']),
                       parallel.AXIS)
 
@@ -376,12 +376,18 @@ def _learning_rate(schedule: Callable[[int], Any], state: TrainState) -> float:
   return rate if plateau is None else rate * float(_local(plateau.lr_scale))
 
 
-def evaluate(p_eval, state, eval_ds) -> dict[str, float]:
+def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.ndarray]:
+  """The scores of every example of `eval_ds`, summed (losses.summed_eval_metrics)."""
   sums = None
   for batch in eval_ds:
-    out = p_eval(state, batch)
+    out = p_eval(variables, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return losses.finalize_eval_metrics(jax.tree.map(_local, sums))
+  return jax.tree.map(_local, sums)
+
+
+def evaluate(p_eval, state: TrainState, eval_ds) -> dict[str, float]:
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return losses.finalize_eval_metrics(evaluation_sums(p_eval, variables, eval_ds))
 
 
 def _sample_predictions(config, model: UNet, state, eval_source) -> tuple[np.ndarray, ...]:
