@@ -45,6 +45,40 @@ def test_image_folder_trains_and_keeps_the_mask_mapping(tmp_path):
   assert meta['mask_values'] == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
 
 
+def test_image_folder_with_an_ignored_mask_value(tmp_path):
+  make_folder(tmp_path / 'data')
+  overrides = {'data.name': 'image_folder', 'data.root': str(tmp_path / 'data'),
+               'model.in_channels': 3, 'model.num_classes': 2, 'batch_size': 8,
+               'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2}
+  # (0, 128, 255), 0x0080FF, is left out: two classes remain, black and red.
+  config = tiny_config(**overrides, **{'data.ignore_value': 0x0080FF})
+  metrics = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert {'dice_class0', 'dice_class1'} <= set(metrics) and 'dice_class2' not in metrics
+  _, _, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
+  assert meta['mask_values'] == [[0, 0, 0], [255, 0, 0]]  # predict writes these two
+  # The sample PNG draws the ignored pixels (each mask's top-left 4x4 corner) in magenta.
+  grid = np.asarray(Image.open(tmp_path / 'wd' / 'samples' / 'step_0000002.png'))
+  truth = grid[:16, 18:34]
+  assert (truth[:2, :2] == [255, 0, 255]).all() and not (truth[8:] == [255, 0, 255]).all(-1).any()
+  with pytest.raises(UserError, match=r"data.ignore_value=255 is not a mask value of dataset "
+                     r"'image_folder' \(its masks hold \[\[0, 0, 0\], \[0, 128, 255\]"):
+    train.train_and_evaluate(tiny_config(**overrides, **{'data.ignore_value': 255}),
+                             str(tmp_path / 'wd2'))
+
+
+def test_ignored_value_of_a_dataset_without_listed_mask_values():
+  from unet_jax.input_pipeline import _ignored_label
+  # oxford_iiit_pet's trimap 1, 2, 3 with mask_offset 1: the border, 3, is label id 2.
+  config = tiny_config(**{'data.mask_offset': 1, 'data.ignore_value': 3})
+  assert _ignored_label(config, 'oxford_iiit_pet', []) == 2
+  config.data.ignore_value = -1
+  assert _ignored_label(config, 'oxford_iiit_pet', []) is None
+  config.data.ignore_value = 0
+  with pytest.raises(UserError, match=r'data.ignore_value=0 minus data.mask_offset=1 is not a '
+                     r'mask value of 0..255'):
+    _ignored_label(config, 'oxford_iiit_pet', [])
+
+
 def test_builders_of_unprepared_datasets_leave_no_temporary_directories(tmp_path, monkeypatch):
   # tfds looks up a builder's info on its GCS bucket when the dataset is not prepared yet, and
   # leaves an empty temporary directory behind each time; these datasets are never there.

@@ -56,3 +56,45 @@ def test_metrics_multiclass_report_per_class():
   assert abs(final['dice_class1'] - 2 / 3) < 1e-6 and abs(final['dice_class2'] - 2 / 3) < 1e-6
   assert abs(final['dice'] - (1 + 4 / 3) / 3) < 1e-6
   assert final['pixel_accuracy'] == 0.75
+
+
+def test_ignored_pixels_match_torch_ignore_index():
+  rng = np.random.default_rng(0)
+  # K=4 classes plus an ignored label id 2 in the middle: ids 3 and 4 are classes 2 and 3.
+  logits = rng.standard_normal((3, 5, 6, 4)).astype(np.float32) * 3
+  labels = rng.integers(0, 5, (3, 5, 6))
+  labels[1] = 2                                           # an image with nothing to score
+  torch_labels = np.where(labels == 2, -100, np.where(labels > 2, labels - 1, labels))
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                        ignore_id=2)
+  want = F.cross_entropy(torch.tensor(logits).permute(0, 3, 1, 2), torch.tensor(torch_labels),
+                         ignore_index=-100)
+  np.testing.assert_allclose(metrics['ce_loss'], want, rtol=1e-6)
+  # Soft Dice over the valid pixels only, per image and class, then meaned.
+  valid = (torch_labels >= 0)[..., None]
+  probs = torch.softmax(torch.tensor(logits), -1).numpy() * valid
+  onehot = np.eye(4)[np.maximum(torch_labels, 0)] * valid
+  dice = (2 * (probs * onehot).sum((1, 2)) + 1) / (probs.sum((1, 2)) + onehot.sum((1, 2)) + 1)
+  np.testing.assert_allclose(metrics['dice_loss'], 1 - dice.mean(), rtol=1e-6)
+  # Binary: BCE meaned over the valid pixels.
+  logits = rng.standard_normal((2, 5, 6, 1)).astype(np.float32) * 3
+  labels = rng.integers(0, 3, (2, 5, 6))                 # 0, 1, and 2 ignored
+  per_pixel = F.binary_cross_entropy_with_logits(
+      torch.tensor(logits[..., 0]), torch.tensor(labels == 1, dtype=torch.float32),
+      reduction='none')
+  want = per_pixel[torch.tensor(labels != 2)].mean()
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                        ignore_id=2)
+  np.testing.assert_allclose(metrics['ce_loss'], want, rtol=1e-6)
+
+
+def test_metrics_leave_ignored_pixels_out():
+  labels = np.array([[[0, 1, 1, 2, 2, 0]]])               # 2: ignored
+  pred = np.array([[[0, 1, 0, 1, 0, 1]]])                 # a foreground guess on an ignored pixel
+  logits = np.where(pred == 1, 3.0, -3.0)[..., None].astype(np.float32)
+  s = losses.per_image_scores(jnp.asarray(logits), *losses.valid_labels(labels, 2))
+  np.testing.assert_allclose(s['dice'][:, 0], [2 / (2 + 1 + 1)])  # tp 1, fp 1, fn 1
+  np.testing.assert_allclose(s['pixel_accuracy'], [2 / 4])
+  final = losses.finalize_eval_metrics(losses.summed_eval_metrics(
+      jnp.asarray(logits), np.full((1, 1, 6), 2), np.array([1]), ignore_id=2))
+  assert final['dice'] == 1.0 and final['pixel_accuracy'] == 1.0  # nothing to score

@@ -59,12 +59,12 @@ def _random_batches(n, seed=0):
            'mask': (rng.random((16, 16, 16)) > 0.6).astype(np.int32)} for _ in range(n)]
 
 
-def _run_steps(config, devices, kind, batches, with_state=False):
+def _run_steps(config, devices, kind, batches, with_state=False, ignore_id=None):
   mesh = parallel.make_mesh(devices)
   model = train.build_model(config, parallel.AXIS)
   state = train.create_train_state(config, model, mesh)
-  step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=1.0),
-                             mesh, kind)
+  step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=1.0,
+                                               ignore_id=ignore_id), mesh, kind)
   metrics = []
   for batch in batches:
     state, m = step(state, batch)
@@ -90,6 +90,22 @@ def test_eight_devices_equal_one_device(kind):
   # The runs did train: parameters moved, BatchNorm statistics left 0/1.
   start = _run_steps(config, jax.devices()[:1], kind, [])
   assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
+
+
+def test_eight_devices_equal_one_device_with_ignored_pixels():
+  # Ignored pixels (label 2) spread unevenly: one device's share has none, another's is all
+  # ignored, so a loss meaned per device would weigh the devices' pixels differently.
+  batches = _random_batches(2, seed=2)
+  for b in batches:
+    b['mask'][2:6] = np.where(np.random.default_rng(3).random((4, 16, 16)) < 0.5, 2,
+                              b['mask'][2:6])
+    b['mask'][8:10] = 2
+  config = tiny_config()
+  one = _run_steps(config, jax.devices()[:1], 'shard_map', batches, ignore_id=2)
+  eight = _run_steps(config, jax.devices(), 'shard_map', batches, ignore_id=2)
+  assert _max_rel(eight, one) <= DP_TOL
+  plain = _run_steps(config, jax.devices()[:1], 'shard_map', batches)  # 2 as a class of its own
+  assert _max_rel(one[0], plain[0]) > 1e-3
 
 
 def test_shard_map_and_pmap_agree():

@@ -73,8 +73,9 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
                     f'{info.mask_values[:8]} but the checkpoint\'s model has '
                     f'{model.num_classes} output class(es)')
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  p_eval = parallel.distribute(functools.partial(eval_step, model=build_model(config, None)),
-                               mesh, config.get('parallel', 'shard_map'), donate_state=False)
+  p_eval = parallel.distribute(
+      functools.partial(eval_step, model=build_model(config, None), ignore_id=info.ignore_id),
+      mesh, config.get('parallel', 'shard_map'), donate_state=False)
   sums = None
   for name in info.splits if split == ALL_SPLITS else (split,):
     config.data.eval_split = name

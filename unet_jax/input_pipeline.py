@@ -31,8 +31,9 @@ class DataInfo:
   num_train: int
   num_eval: int
   channels: int
-  mask_values: list
+  mask_values: list  # the classes' mask values, in class-id order (an ignored one left out)
   splits: tuple[str, ...] = ()
+  ignore_id: int | None = None  # the label id of data.ignore_value's pixels, if any
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -95,12 +96,37 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
   first = _adapt(config, record)
   mask_values = list(builder.info.metadata.get('mask_values', [])) if builder.info.metadata \
       else []
+  ignore_id = _ignored_label(config, name, mask_values)
+  if mask_values and ignore_id is not None:
+    mask_values.pop(ignore_id)
   if not mask_values:
     mask_values = list(range(config.model.num_classes if config.model.num_classes > 1 else 2))
   info = DataInfo(name=name, num_train=len(train), num_eval=len(evaluation),
                   channels=first['image'].shape[-1], mask_values=mask_values,
-                  splits=tuple(sorted(sources)))
+                  splits=tuple(sorted(sources)), ignore_id=ignore_id)
   return train, evaluation, info
+
+
+def _ignored_label(config: ml_collections.ConfigDict, name: str, mask_values: list) -> int | None:
+  """The label id that data.ignore_value's pixels have after _adapt, or None.
+
+  A dataset that lists its mask values (image_folder) has label ids = their positions (RGB
+  values compare as 0xRRGGBB); others have label ids = mask values - data.mask_offset."""
+  value = config.data.get('ignore_value', -1)
+  if value < 0:
+    return None
+  if mask_values:
+    packed = [v if isinstance(v, int) else (v[0] << 16) | (v[1] << 8) | v[2]
+              for v in mask_values]
+    if value not in packed:
+      raise UserError(f'data.ignore_value={value} is not a mask value of dataset {name!r} (its '
+                      f'masks hold {mask_values[:8]}; RGB values as 0xRRGGBB)')
+    return packed.index(value)
+  label = value - config.data.mask_offset
+  if not 0 <= label <= 255:
+    raise UserError(f'data.ignore_value={value} minus data.mask_offset='
+                    f'{config.data.mask_offset} is not a mask value of 0..255')
+  return label
 
 
 def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -4,6 +4,11 @@ Labels are integer class ids (N, H, W). With one output channel the model is bin
 the foreground); with K channels it is K-way softmax. Metrics are computed per image and then
 averaged, with the convention that a class absent from both truth and prediction scores 1 (an
 empty mask predicted as empty is a perfect answer, not a 0/0).
+
+`ignore_id` (data.ignore_value): pixels of that label id count in neither the losses nor the
+metrics, as torch's `CrossEntropyLoss(ignore_index=...)`; the ids above it move down by one, so
+the model's K classes are the others. The cross-entropy is the mean over the valid pixels of
+the whole global batch (psum over `axis_name`), so any device count computes what one does.
 """
 
 from __future__ import annotations
@@ -15,6 +20,15 @@ import optax
 _EPS = 1.0  # additive smoothing of the soft Dice, in pixels
 
 
+def valid_labels(labels: jax.Array, ignore_id: int | None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+  """(labels with `ignore_id` taken out, the ids above it moved down; valid-pixel mask or None)."""
+  if ignore_id is None:
+    return labels, None
+  valid = labels != ignore_id
+  return jnp.where(labels > ignore_id, labels - 1, jnp.where(valid, labels, 0)), valid
+
+
 def probabilities_and_targets(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(probabilities, one-hot targets), both (N, H, W, C'), C' = classes that are scored."""
   if logits.shape[-1] == 1:
@@ -23,27 +37,50 @@ def probabilities_and_targets(logits: jax.Array, labels: jax.Array) -> tuple[jax
   return jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels, k, dtype=jnp.float32)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean BCE-with-logits (1 channel) or softmax cross-entropy (K channels)."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
+                  num_valid: jax.Array | None = None) -> jax.Array:
+  """Mean BCE-with-logits (1 channel) or softmax cross-entropy (K channels).
+
+  With `valid`, the sum over valid pixels divided by `num_valid` (default: their count here)."""
   logits = logits.astype(jnp.float32)
   if logits.shape[-1] == 1:
-    return optax.sigmoid_binary_cross_entropy(logits[..., 0], (labels == 1).astype(jnp.float32)
-                                              ).mean()
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    per_pixel = optax.sigmoid_binary_cross_entropy(logits[..., 0],
+                                                   (labels == 1).astype(jnp.float32))
+  else:
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if valid is None:
+    return per_pixel.mean()
+  if num_valid is None:
+    num_valid = valid.sum()
+  return jnp.where(valid, per_pixel, 0.0).sum() / jnp.maximum(num_valid, 1)
 
 
-def soft_dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
+                   ) -> jax.Array:
   """1 - soft Dice, per image and class, averaged; smoothed so empty masks are well defined."""
   probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels)
+  if valid is not None:
+    probs, targets = probs * valid[..., None], targets * valid[..., None]
   inter = (probs * targets).sum(axis=(1, 2))
   denom = probs.sum(axis=(1, 2)) + targets.sum(axis=(1, 2))
   return 1.0 - ((2 * inter + _EPS) / (denom + _EPS)).mean()
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float,
+                      ignore_id: int | None = None, axis_name: str | None = None,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  ce = cross_entropy(logits, labels)
-  dice = soft_dice_loss(logits, labels)
+  """Cross-entropy + dice_weight * (1 - soft Dice) on this device's share of the batch.
+
+  Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
+  labels, valid = valid_labels(labels, ignore_id)
+  num_valid = None
+  if valid is not None and axis_name is not None:
+    # This share of the global sum over valid pixels, scaled so that the mean over devices
+    # is the sum divided by the global count: the devices' valid counts differ.
+    devices = jax.lax.psum(1, axis_name)
+    num_valid = jax.lax.psum(valid.sum(), axis_name) / devices
+  ce = cross_entropy(logits, labels, valid, num_valid)
+  dice = soft_dice_loss(logits, labels, valid)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 
@@ -55,15 +92,19 @@ def predict_classes(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def per_image_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
+                     ) -> dict[str, jax.Array]:
   """Dice, IoU and pixel accuracy per image and scored class, each (N, C').
 
-  For binary models the scored class is the foreground; for K classes, all K.
+  For binary models the scored class is the foreground; for K classes, all K. Pixels outside
+  `valid` (ignored ones) are left out.
   """
   pred = predict_classes(logits)
+  if valid is None:
+    valid = jnp.ones(labels.shape, bool)
   classes = jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
-  p = pred[..., None] == classes
-  t = labels[..., None] == classes
+  p = (pred[..., None] == classes) & valid[..., None]
+  t = (labels[..., None] == classes) & valid[..., None]
   tp = (p & t).sum(axis=(1, 2)).astype(jnp.float32)
   fp = (p & ~t).sum(axis=(1, 2)).astype(jnp.float32)
   fn = (~p & t).sum(axis=(1, 2)).astype(jnp.float32)
@@ -72,14 +113,16 @@ def per_image_scores(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arra
   iou = jnp.where(empty, 1.0, tp / jnp.maximum(tp + fp + fn, 1))
   # Per-class pixel accuracy is recall: of this class's pixels, the share labelled right.
   acc = jnp.where(tp + fn == 0, 1.0, tp / jnp.maximum(tp + fn, 1))
-  overall = (pred == labels).mean(axis=(1, 2))
+  right = ((pred == labels) & valid).sum(axis=(1, 2))
+  total = valid.sum(axis=(1, 2))
+  overall = jnp.where(total == 0, 1.0, right / jnp.maximum(total, 1))
   return {'dice': dice, 'iou': iou, 'class_accuracy': acc, 'pixel_accuracy': overall}
 
 
 def summed_eval_metrics(logits: jax.Array, labels: jax.Array, valid: jax.Array,
-                        ) -> dict[str, jax.Array]:
+                        ignore_id: int | None = None) -> dict[str, jax.Array]:
   """Sums over the valid images of each score (and the count), ready to psum and divide."""
-  scores = per_image_scores(logits, labels)
+  scores = per_image_scores(logits, *valid_labels(labels, ignore_id))
   w = valid.astype(jnp.float32)
   out = {'count': w.sum(), 'pixel_accuracy': (scores['pixel_accuracy'] * w).sum()}
   for name in ('dice', 'iou', 'class_accuracy'):

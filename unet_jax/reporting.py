@@ -67,8 +67,9 @@ class Reporter:
     for img, t, p in zip(images, truth, pred, strict=True):
       img = np.clip(img * 255, 0, 255).astype(np.uint8)
       img = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
-      def colour(m):
-        return np.repeat((m * (255 // levels)).astype(np.uint8)[..., None], 3, -1)
+      def colour(m):  # classes as gray levels; ignored pixels (-1, data.ignore_value) magenta
+        gray = np.repeat((np.maximum(m, 0) * (255 // levels)).astype(np.uint8)[..., None], 3, -1)
+        return np.where((m < 0)[..., None], np.array([255, 0, 255], np.uint8), gray)
       sep = np.full((img.shape[0], 2, 3), 128, np.uint8)
       rows.append(np.concatenate([img, sep, colour(t), sep, colour(p)], axis=1))
     grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 128, np.uint8)])

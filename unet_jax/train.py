@@ -153,13 +153,15 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
-               dice_weight: float) -> tuple[TrainState, dict[str, jax.Array]]:
+               dice_weight: float, ignore_id: int | None = None,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code)."""
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                   batch['image'], train=True, mutable=['batch_stats'])
-    loss, metrics = losses.segmentation_loss(logits, batch['mask'], dice_weight=dice_weight)
+    loss, metrics = losses.segmentation_loss(logits, batch['mask'], dice_weight=dice_weight,
+                                             ignore_id=ignore_id, axis_name=parallel.AXIS)
     return loss, (metrics, updates['batch_stats'])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -184,11 +186,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: UNet,
-              ) -> dict[str, jax.Array]:
+              ignore_id: int | None = None) -> dict[str, jax.Array]:
   """Summed scores of this device's share of an eval batch, summed over all devices."""
   logits = model.apply(variables, batch['image'], train=False)
-  return jax.lax.psum(losses.summed_eval_metrics(logits, batch['mask'], batch['valid']),
-                      parallel.AXIS)
+  return jax.lax.psum(losses.summed_eval_metrics(logits, batch['mask'], batch['valid'],
+                                                 ignore_id), parallel.AXIS)
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -289,6 +291,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 < config.plateau.factor < 1:
     raise UserError(f'plateau.factor={config.plateau.factor} must be in (0, 1): the learning '
                     "rate's factor on a plateau")
+  if config.data.get('ignore_value', -1) < -1:
+    raise UserError(f'data.ignore_value={config.data.ignore_value} must be a mask value '
+                    '(or -1: none)')
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')
@@ -390,12 +395,14 @@ def evaluate(p_eval, state: TrainState, eval_ds) -> dict[str, float]:
   return losses.finalize_eval_metrics(evaluation_sums(p_eval, variables, eval_ds))
 
 
-def _sample_predictions(config, model: UNet, state, eval_source) -> tuple[np.ndarray, ...]:
+def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int | None,
+                        ) -> tuple[np.ndarray, ...]:
   n = min(config.num_sample_images, len(eval_source))
   examples = [input_pipeline.preprocess(input_pipeline._adapt(config, eval_source[i]),
                                         config.image_size, None, None) for i in range(n)]
   images = np.stack([e['image'] for e in examples])
-  truth = np.stack([e['mask'] for e in examples])
+  labels, valid = losses.valid_labels(np.stack([e['mask'] for e in examples]), ignore_id)
+  truth = np.asarray(labels) if valid is None else np.where(valid, labels, -1)  # -1: ignored
   variables = {'params': jax.tree.map(_local, state.params),
                'batch_stats': jax.tree.map(_local, state.batch_stats)}
   logits = eval_apply(model)(variables, images)
@@ -467,10 +474,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
-      functools.partial(train_step, model=train_model, dice_weight=config.dice_weight),
+      functools.partial(train_step, model=train_model, dice_weight=config.dice_weight,
+                        ignore_id=info.ignore_id),
       mesh, config.parallel, compiler_options=options)
-  p_eval = parallel.distribute(functools.partial(eval_step, model=eval_model), mesh,
-                               config.parallel, donate_state=False, compiler_options=options)
+  p_eval = parallel.distribute(
+      functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,
+      config.parallel, donate_state=False, compiler_options=options)
   schedule = learning_rate_schedule(config)
   plateau_step = _plateau_stepper(config, mesh) if config.schedule == 'plateau' else None
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
@@ -529,7 +538,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f'eval Dice has not improved for more than {config.plateau.patience} '
                   f'evaluations: learning rate {old_rate:.3g} -> {new_rate:.3g}')
           if is_main and config.num_sample_images:
-            reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source),
+            reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
+                                                        info.ignore_id),
                              num_classes=config.model.num_classes)
         reporter.write(step, row)
         if _save_due(config, step, stop):
