@@ -13,6 +13,7 @@ from unet_jax import train
 from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.datasets.image_folder import find_pairs, scan
 from unet_jax.errors import UserError
+from unet_jax.evaluate import evaluate_checkpoint
 from unet_jax.input_pipeline import _TrainExample
 from unet_jax.train_checkpoints import TrainCheckpoints
 
@@ -56,6 +57,18 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
   assert {'dice_class0', 'dice_class1'} <= set(metrics) and 'dice_class2' not in metrics
   _, _, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
   assert meta['mask_values'] == [[0, 0, 0], [255, 0, 0]]  # predict writes these two
+  # `python -m unet_jax.evaluate` scores what the run's evaluation did; every split together
+  # is the image-weighted mean of the splits'.
+  assert {k: v for k, v in evaluate_checkpoint(str(tmp_path / 'wd')).items()
+          if k in metrics} == metrics
+  parts = [evaluate_checkpoint(str(tmp_path / 'wd'), split=s) for s in ('train', 'test')]
+  both = evaluate_checkpoint(str(tmp_path / 'wd'), split='all')
+  assert both['images'] == sum(p['images'] for p in parts) == 12
+  for k in metrics:
+    assert both[k] == pytest.approx(sum(p[k] * p['images'] for p in parts) / 12, rel=1e-6)
+  with pytest.raises(UserError, match=r"has no split 'val' \(it has test, train\); choose one "
+                     'with --split, or --split all$'):
+    evaluate_checkpoint(str(tmp_path / 'wd'), split='val')
   # The sample PNG draws the ignored pixels (each mask's top-left 4x4 corner) in magenta.
   grid = np.asarray(Image.open(tmp_path / 'wd' / 'samples' / 'step_0000002.png'))
   truth = grid[:16, 18:34]

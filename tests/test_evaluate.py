@@ -1,5 +1,6 @@
-"""`python -m unet_jax.evaluate`: a workdir scores what its run logged; a converted checkpoint
-scores what the PyTorch model it came from scores, computed in torch."""
+"""`python -m unet_jax.evaluate` on a converted checkpoint scores what the PyTorch model it came
+from scores, computed in torch. (That a workdir scores what its run logged is tested with the
+runs: tests/test_train.py, tests/test_data_and_checkpoints.py.)"""
 
 import json
 import os
@@ -13,33 +14,10 @@ from conftest import TFDS_DIR, move_off_init, nchw, nhwc
 from test_train import REPO, _env, tiny_config
 from torch_reference import SeedUNet
 
-from unet_jax import input_pipeline, train
+from unet_jax import input_pipeline
 from unet_jax.convert import torch_to_flax
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
-
-SCORES = ('dice', 'iou', 'pixel_accuracy', 'class_accuracy')
-
-
-def test_a_workdir_scores_what_its_run_logged(tmp_path):
-  workdir = tmp_path / 'run'
-  train.train_and_evaluate(tiny_config(num_sample_images=0), str(workdir))
-  logged = {r['step']: r for r in map(json.loads,
-                                      (workdir / 'metrics.jsonl').read_text().splitlines())}
-  for path, step in ((workdir, 6), (workdir / 'checkpoints' / '3', 3)):
-    got = evaluate_checkpoint(str(path))
-    assert (got['step'], got['split'], got['images'], got['image_size']) == (step, 'test', 204, 16)
-    assert {k: got[k] for k in SCORES} == {k: logged[step][f'eval_{k}'] for k in SCORES}
-  # Every split together: the image-weighted mean of the splits' scores.
-  parts = [evaluate_checkpoint(str(workdir), split=s) for s in ('train', 'test')]
-  both = evaluate_checkpoint(str(workdir), split='all')
-  assert both['images'] == sum(p['images'] for p in parts) == 2048 + 204
-  for k in SCORES:
-    want = sum(p[k] * p['images'] for p in parts) / both['images']
-    assert both[k] == pytest.approx(want, rel=1e-6)
-  with pytest.raises(UserError, match=r"has no split 'val' \(it has test, train\); choose one "
-                     'with --split, or --split all$'):
-    evaluate_checkpoint(str(workdir), split='val')
 
 
 def _torch_scores(ref, config):

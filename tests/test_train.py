@@ -23,6 +23,7 @@ from unet_jax import load_pretrained, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch, torch_to_flax
 from unet_jax.errors import UserError
+from unet_jax.evaluate import evaluate_checkpoint
 from unet_jax.predict import main as predict_main
 from unet_jax.predict import predict
 from unet_jax.state_dict_io import read_state_dict
@@ -84,28 +85,18 @@ def test_eight_devices_equal_one_device(kind):
   assert jax.device_count() == 8
   config = tiny_config()
   batches = _random_batches(3)
-  one = _run_steps(config, jax.devices()[:1], kind, batches)
-  eight = _run_steps(config, jax.devices(), kind, batches)
-  assert _max_rel(eight, one) <= DP_TOL
-  # The runs did train: parameters moved, BatchNorm statistics left 0/1.
-  start = _run_steps(config, jax.devices()[:1], kind, [])
-  assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
-
-
-def test_eight_devices_equal_one_device_with_ignored_pixels():
-  # Ignored pixels (label 2) spread unevenly: one device's share has none, another's is all
-  # ignored, so a loss meaned per device would weigh the devices' pixels differently.
-  batches = _random_batches(2, seed=2)
+  # With ignored pixels (label 2, data.ignore_value) spread unevenly: one device's share has
+  # none, another's is all ignored, so a loss meaned per device would weigh pixels unequally.
   for b in batches:
     b['mask'][2:6] = np.where(np.random.default_rng(3).random((4, 16, 16)) < 0.5, 2,
                               b['mask'][2:6])
     b['mask'][8:10] = 2
-  config = tiny_config()
-  one = _run_steps(config, jax.devices()[:1], 'shard_map', batches, ignore_id=2)
-  eight = _run_steps(config, jax.devices(), 'shard_map', batches, ignore_id=2)
+  one = _run_steps(config, jax.devices()[:1], kind, batches, ignore_id=2)
+  eight = _run_steps(config, jax.devices(), kind, batches, ignore_id=2)
   assert _max_rel(eight, one) <= DP_TOL
-  plain = _run_steps(config, jax.devices()[:1], 'shard_map', batches)  # 2 as a class of its own
-  assert _max_rel(one[0], plain[0]) > 1e-3
+  # The runs did train: parameters moved, BatchNorm statistics left 0/1.
+  start = _run_steps(config, jax.devices()[:1], kind, [])
+  assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
 
 
 def test_shard_map_and_pmap_agree():
@@ -163,6 +154,13 @@ def test_train_end_to_end_outputs(tmp_path, capsys):
   assert {'loss', 'ce_loss', 'dice_loss', 'images_per_sec', 'learning_rate'} <= set(rows[0])
   assert {'eval_dice', 'eval_iou', 'eval_pixel_accuracy'} <= set(rows[2])
   assert sorted(os.listdir(workdir / 'samples')) == ['step_0000003.png', 'step_0000006.png']
+  # `python -m unet_jax.evaluate` scores what the run logged, for the latest and a kept step.
+  logged = {r['step']: r for r in rows}
+  for path, step in ((workdir, 6), (workdir / 'checkpoints' / '3', 3)):
+    got = evaluate_checkpoint(str(path))
+    assert (got['step'], got['split'], got['images'], got['image_size']) == (step, 'test', 204, 16)
+    assert {k: got[k] for k in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy')} == {
+        k: logged[step][f'eval_{k}'] for k in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy')}
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   model, variables, meta = load_pretrained_with_metadata(str(workdir))
   assert meta['step'] == 6 and meta['mask_values'] == [0, 1]
@@ -438,11 +436,11 @@ def test_init_from_a_different_model_is_one_line_before_compute(tmp_path):
 
 def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
   # An evaluation and a checkpoint every step, patience 1: at this rate the tiny model's Dice
-  # jumps, then falls back and climbs slowly, so the rate halves every other step after the
-  # first two, and the best checkpoint is the first.
+  # jumps, then falls back and climbs slowly, so the rate halves after the third step, and
+  # the best checkpoint is the first.
   flags = {'schedule': 'plateau', 'learning_rate': 0.1, 'eval_every_steps': 1,
            'checkpoint_every_steps': 1, 'keep_checkpoints': 1, 'num_sample_images': 0,
-           'plateau.patience': 1, 'plateau.factor': 0.5}
+           'plateau.patience': 1, 'plateau.factor': 0.5, 'num_train_steps': 4}
   config = tiny_config(**flags)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   out = capfd.readouterr().out
@@ -462,9 +460,10 @@ def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
   for row in straight:
     np.testing.assert_allclose(row['learning_rate'], torch_opt.param_groups[0]['lr'], rtol=1e-6)
     torch_plateau.step(row['eval_dice'])
-  assert straight[-1]['learning_rate'] <= config.learning_rate / 4
-  # 3 steps, then resumed to 6: the plateau's state comes back with the checkpoint.
-  train.train_and_evaluate(tiny_config(**flags, num_train_steps=3), str(tmp_path / 'resumed'))
+  assert straight[-1]['learning_rate'] <= config.learning_rate / 2
+  # 3 steps, then resumed to 4: the plateau's state comes back with the checkpoint.
+  train.train_and_evaluate(tiny_config(**dict(flags, num_train_steps=3)),
+                           str(tmp_path / 'resumed'))
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert rows(tmp_path / 'resumed') == straight
   for a, b in zip(jax.tree.leaves(_params(tmp_path / 'resumed')),
@@ -474,7 +473,7 @@ def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
   # and the resumed run's first save deleted it), and `checkpoints/best` names it.
   assert max(straight, key=lambda r: r['eval_dice'])['step'] == 1
   for run in ('straight', 'resumed'):
-    assert sorted(os.listdir(tmp_path / run / 'checkpoints')) == ['1', '6']
+    assert sorted(os.listdir(tmp_path / run / 'checkpoints')) == ['1', '4']
     _, best, meta = load_pretrained_with_metadata(str(tmp_path / run / 'checkpoints' / 'best'))
     assert meta['step'] == 1
     _, first, _ = load_pretrained_with_metadata(str(tmp_path / 'straight' / 'checkpoints' / '1'))
