@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc, without_compilation_cache
 from PIL import Image
-from torch_reference import SeedUNet
+from torch_reference import MilesialUNet, SeedUNet
 
 from configs import base
 from unet_jax import load_pretrained, parallel, train
@@ -387,29 +387,32 @@ def test_cli_errors_are_one_line(tmp_path):
   assert not (tmp_path / 'wd').exists()
 
 
-def _converted_reference(tmp_path):
+def _converted_reference(tmp_path, cls=SeedUNet):
   """A PyTorch reference UNet of tiny_config's shape, off its initialisation, converted."""
-  ref = move_off_init(SeedUNet(1, 1, base=4, depth=1), 1, 1, hw=(16, 16))
+  ref = move_off_init(cls(1, 1, base=4, depth=1), 1, 1, hw=(16, 16))
   torch.save(ref.state_dict(), tmp_path / 'ref.pth')
   return torch_to_flax(str(tmp_path / 'ref.pth'), str(tmp_path / 'converted'))
 
 
 def test_init_from_starts_from_those_weights_and_a_resume_from_its_own(tmp_path):
-  converted = _converted_reference(tmp_path)
+  # milesial's layout, which the way back (flax-to-torch) then takes by default.
+  converted = _converted_reference(tmp_path, MilesialUNet)
   _, want = load_pretrained(converted)
   config = tiny_config(init_from=converted, num_train_steps=1, schedule='constant',
                        learning_rate=1e-12)
   mesh = parallel.make_mesh(jax.devices()[:2])
+  initial, layout = train.load_initial_weights(config, train.build_model(config, parallel.AXIS))
+  assert layout == 'milesial'
   state = train.create_train_state(config, train.build_model(config, parallel.AXIS), mesh,
-                                   train.load_initial_weights(config, train.build_model(
-                                       config, parallel.AXIS)))
+                                   initial)
   assert int(state.step) == 0
   for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
                   jax.tree.leaves((want['params'], want['batch_stats'])), strict=True):
     np.testing.assert_array_equal(a, b)
   # The PyTorch file itself, converted in memory, gives the same.
-  from_file = train.load_initial_weights(tiny_config(init_from=str(tmp_path / 'ref.pth')),
-                                         train.build_model(config, parallel.AXIS))
+  from_file, layout = train.load_initial_weights(
+      tiny_config(init_from=str(tmp_path / 'ref.pth')), train.build_model(config, parallel.AXIS))
+  assert layout == 'milesial'
   for a, b in zip(jax.tree.leaves(from_file), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
   # Through the loop: one step at a vanishing learning rate stays at the converted weights.
@@ -422,6 +425,12 @@ def test_init_from_starts_from_those_weights_and_a_resume_from_its_own(tmp_path)
   config.num_train_steps = 2
   train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['step'] == 2
+  # Back to PyTorch in the layout it came from (kept through the resume): milesial's class
+  # loads it strictly (its predict.py pops mask_values first, as here).
+  flax_to_torch(str(tmp_path / 'wd'), str(tmp_path / 'back.pth'))
+  state_dict = torch.load(tmp_path / 'back.pth', weights_only=True)
+  assert state_dict.pop('mask_values') == [0, 1]
+  MilesialUNet(1, 1, base=4, depth=1).load_state_dict(state_dict, strict=True)
 
 
 def test_init_from_a_different_model_is_one_line_before_compute(tmp_path):

@@ -30,6 +30,8 @@ CONFIG_FILE = 'unet_jax.json'
 VARIABLES_DIR = 'variables'
 CHECKPOINTS_DIR = 'checkpoints'  # a training workdir's Orbax steps: WORKDIR/checkpoints/<step>/
 BEST_STEP = 'best'  # WORKDIR/checkpoints/best: not a folder, a name for the best-scored step
+# A workdir's metadata: the PyTorch layout of the weights its run started from (init_from)
+INIT_LAYOUT = 'init_from_layout'
 MODEL_FIELDS = ('in_channels', 'num_classes', 'base_features', 'depth', 'upsample', 'conv_bias')
 
 

@@ -134,9 +134,10 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False) -> str:
 def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = False) -> str:
   """Writes a checkpoint directory as a PyTorch state_dict (.pth/.pt/.bin or .safetensors).
 
-  layout: 'seed', 'milesial', or 'auto' (the layout it was converted from; else 'seed').
+  layout: 'seed', 'milesial', or 'auto' (the layout it was converted from, or for a workdir
+  the layout of the PyTorch weights its run started from; else 'seed').
   """
-  from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
+  from unet_jax.checkpoint import INIT_LAYOUT, load_pretrained_with_metadata, model_config
   from unet_jax.state_dict_io import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, write_state_dict
   if not dest.lower().endswith(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)):
     raise UserError(f'{dest}: unknown output type; use a .pth or .safetensors file name')
@@ -146,7 +147,7 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
     raise UserError(f"unknown layout {layout!r}; use 'seed', 'milesial' or 'auto'")
   model, variables, metadata = load_pretrained_with_metadata(src)
   if layout == 'auto':
-    layout = metadata.get('source_layout', 'seed')
+    layout = metadata.get('source_layout') or metadata.get(INIT_LAYOUT) or 'seed'
   tensors = flax_to_state_dict(model_config(model), variables, layout,  # type: ignore[arg-type]
                                metadata.get('num_batches_tracked'),
                                metadata.get('applied_updates', 0))

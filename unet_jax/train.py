@@ -26,7 +26,7 @@ import numpy as np
 from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
-from unet_jax.checkpoint import CHECKPOINTS_DIR, model_config
+from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.model import UNet, init_variables
@@ -90,18 +90,20 @@ def _settings(values: Any, fields: list[str], prefix: str = '') -> str:
   return ', '.join(f'{prefix}{f}={values.get(f)}' for f in fields)
 
 
-def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict[str, Any]:
-  """The variables of `config.init_from` for `model`: a converted checkpoint, a workdir, or a
-  PyTorch state_dict file (.pth, .safetensors, ...), converted in memory."""
-  from unet_jax.checkpoint import load_pretrained
+def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
+                         ) -> tuple[dict[str, Any], str | None]:
+  """The variables of `config.init_from` for `model` (a converted checkpoint, a workdir, or a
+  PyTorch state_dict file (.pth, .safetensors, ...), converted in memory), and the PyTorch
+  layout they came from, if known ('seed' or 'milesial': flax-to-torch's default way back)."""
+  from unet_jax.checkpoint import load_pretrained_with_metadata
   path = os.path.expanduser(config.init_from)
   try:
     if os.path.isfile(path):
       from unet_jax.convert import state_dict_to_flax
       from unet_jax.state_dict_io import read_state_dict
-      theirs, variables, _ = state_dict_to_flax(read_state_dict(path)[0], path)
+      theirs, variables, metadata = state_dict_to_flax(read_state_dict(path)[0], path)
     else:
-      loaded, variables = load_pretrained(path)
+      loaded, variables, metadata = load_pretrained_with_metadata(path)
       theirs = model_config(loaded)
   except UserError as e:
     raise UserError(f'init_from: {e}') from None
@@ -112,7 +114,8 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet) -> dict
         f'init_from={config.init_from}: its weights are for a UNet with '
         f"{_settings(theirs, differ)}, this config's has {_settings(ours, differ)}; set "
         + ' '.join(f'--config.model.{f}={theirs[f]}' for f in differ))
-  return {k: variables[k] for k in ('params', 'batch_stats')}
+  layout = metadata.get('source_layout') or metadata.get(INIT_LAYOUT)
+  return {k: variables[k] for k in ('params', 'batch_stats')}, layout
 
 
 _OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule')
@@ -421,8 +424,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_model = build_model(config, axis_name=parallel.AXIS)
   # init_from is read for a new run only (a resume takes the weights from its checkpoint).
   resuming = any(d.isdigit() for d in _listdir(os.path.join(workdir, CHECKPOINTS_DIR)))
-  initial = (load_initial_weights(config, train_model) if config.get('init_from') and not resuming
-             else None)
+  initial, init_layout = (load_initial_weights(config, train_model)
+                          if config.get('init_from') and not resuming else (None, None))
   is_main = jax.process_index() == 0
   if is_main:
     try:
@@ -438,6 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   meta = {'model': model_config(train_model),
           'metadata': {'mask_values': info.mask_values, 'dataset': info.name},
           'config': config.to_dict()}
+  if init_layout:
+    meta['metadata'][INIT_LAYOUT] = init_layout
 
   start = 0
   # Restored with this run's shardings, not the saved ones: a run may resume on other devices.
@@ -462,11 +467,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             file=sys.stderr, flush=True)
       continue
     start = step  # batches consumed; state.step counts only the updates applied
+    if (saved or {}).get('metadata', {}).get(INIT_LAYOUT):  # (kept through resumes)
+      meta['metadata'][INIT_LAYOUT] = saved['metadata'][INIT_LAYOUT]
     break
   if not start and damaged and config.get('init_from') and initial is None:
     # every checkpoint was damaged: a new run, from init_from's weights
-    state = create_train_state(config, train_model, mesh,
-                               load_initial_weights(config, train_model))
+    initial, init_layout = load_initial_weights(config, train_model)
+    state = create_train_state(config, train_model, mesh, initial)
+    if init_layout:
+      meta['metadata'][INIT_LAYOUT] = init_layout
   # A checkpoint's number is its place in the data stream (batches consumed), which is a pure
   # function of the position: the stream resumes there whatever the devices, processes or
   # data workers of the run before.
