@@ -68,6 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.loss = 'auto'           # 'bce' (num_classes=1), 'ce' (>=2), 'auto' picks by num_classes
   config.dice_weight = 1.0       # loss = cross-entropy + dice_weight * (1 - soft Dice)
+  # Imbalanced classes, as torch's losses take them: softmax CE's per-class weights
+  # (CrossEntropyLoss(weight=...)), one per class, () for none; BCE's foreground weight
+  # (BCEWithLogitsLoss(pos_weight=...)).
+  config.class_weights = ()
+  config.pos_weight = 1.0
   config.half_precision = False  # bfloat16 compute, float32 params and BatchNorm statistics
 
   config.log_every_steps = 50

@@ -98,3 +98,43 @@ def test_metrics_leave_ignored_pixels_out():
   final = losses.finalize_eval_metrics(losses.summed_eval_metrics(
       jnp.asarray(logits), np.full((1, 1, 6), 2), np.array([1]), ignore_id=2))
   assert final['dice'] == 1.0 and final['pixel_accuracy'] == 1.0  # nothing to score
+
+
+def test_class_weights_and_pos_weight_match_torch():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((3, 5, 6, 3)).astype(np.float32) * 3
+  labels = rng.integers(0, 4, (3, 5, 6))                 # 3: ignored in the second case
+  weights = (0.2, 1.0, 3.5)
+  t_logits = torch.tensor(logits).permute(0, 3, 1, 2)
+  for ignore_id in (None, 3):
+    ours = np.minimum(labels, 2) if ignore_id is None else labels
+    theirs = ours if ignore_id is None else np.where(labels == 3, -100, labels)
+    want = F.cross_entropy(t_logits, torch.tensor(theirs), weight=torch.tensor(weights),
+                           ignore_index=-100)
+    _, metrics = losses.segmentation_loss(jnp.asarray(logits), ours, dice_weight=1.0,
+                                          ignore_id=ignore_id, class_weights=weights)
+    np.testing.assert_allclose(metrics['ce_loss'], want, rtol=1e-6)
+  # BCE's pos_weight, also over the valid pixels only.
+  logits = torch.tensor(rng.standard_normal((2, 5, 6)).astype(np.float32) * 3)
+  labels = rng.integers(0, 3, (2, 5, 6))                 # 2: ignored in the second case
+  binary = np.minimum(labels, 1)
+  want = F.binary_cross_entropy_with_logits(logits, torch.tensor(binary, dtype=torch.float32),
+                                            pos_weight=torch.tensor(4.0))
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits[..., None]), binary, dice_weight=1.0,
+                                        pos_weight=4.0)
+  np.testing.assert_allclose(metrics['ce_loss'], want, rtol=1e-6)
+  per_pixel = F.binary_cross_entropy_with_logits(
+      logits, torch.tensor(labels == 1, dtype=torch.float32), pos_weight=torch.tensor(4.0),
+      reduction='none')
+  want = per_pixel[torch.tensor(labels != 2)].mean()
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits[..., None]), labels, dice_weight=1.0,
+                                        ignore_id=2, pos_weight=4.0)
+  np.testing.assert_allclose(metrics['ce_loss'], want, rtol=1e-6)
+
+
+def test_a_batch_with_every_pixel_ignored_has_a_finite_zero_gradient():
+  import jax
+  labels = np.full((2, 4, 4), 2)
+  grad = jax.grad(lambda x: losses.segmentation_loss(x, labels, dice_weight=1.0,
+                                                     ignore_id=2)[0])(jnp.ones((2, 4, 4, 2)))
+  assert np.all(np.asarray(grad) == 0)

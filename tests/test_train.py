@@ -19,7 +19,7 @@ from PIL import Image
 from torch_reference import MilesialUNet, SeedUNet
 
 from configs import base
-from unet_jax import load_pretrained, parallel, train
+from unet_jax import load_pretrained, losses, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch, torch_to_flax
 from unet_jax.errors import UserError
@@ -97,6 +97,25 @@ def test_eight_devices_equal_one_device(kind):
   # The runs did train: parameters moved, BatchNorm statistics left 0/1.
   start = _run_steps(config, jax.devices()[:1], kind, [])
   assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
+
+
+def test_the_step_takes_the_loss_weights():
+  # The step's cross-entropy is the weighted one (pos_weight 4 on the foreground), and a
+  # weighted step trains differently from a plain one.
+  config = tiny_config()
+  batch = _random_batches(1)[0]
+  model = train.build_model(config, None)
+  variables = train.init_variables(model, jax.random.key(config.seed))
+  logits, _ = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = train.create_train_state(config, train.build_model(config, parallel.AXIS), mesh)
+  step = parallel.distribute(functools.partial(
+      train.train_step, model=train.build_model(config, parallel.AXIS), dice_weight=1.0,
+      pos_weight=4.0), mesh, 'shard_map')
+  _, metrics = step(state, batch)
+  want = losses.segmentation_loss(logits, batch['mask'], dice_weight=1.0, pos_weight=4.0)[1]
+  np.testing.assert_allclose(metrics['ce_loss'], want['ce_loss'], rtol=1e-5)
+  assert abs(float(want['ce_loss']) - float(losses.cross_entropy(logits, batch['mask']))) > 0.1
 
 
 def test_shard_map_and_pmap_agree():
@@ -350,6 +369,15 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be at least 0'),
     (dict(optimizer='rmsprop', momentum=1.0), 'momentum=1.0 must be in [0, 1)'),
     (dict(schedule='step'), "unknown schedule 'step'; use one of cosine, constant, plateau"),
+    (dict(class_weights=(1.0, 2.0)), 'class_weights=(1.0, 2.0) weigh the softmax cross-entropy '
+     'of 2 or more classes; with model.num_classes=1 (BCE) set --config.pos_weight instead'),
+    ({'class_weights': (1.0, 2.0), 'model.num_classes': 3},
+     'class_weights has 2 values but model.num_classes=3: give one weight per class'),
+    ({'class_weights': (0.0, 0.0), 'model.num_classes': 2},
+     'class_weights=(0.0, 0.0) must be at least 0, and not all 0'),
+    ({'pos_weight': 2.0, 'model.num_classes': 2}, 'pos_weight=2.0 weighs the foreground of BCE '
+     '(model.num_classes=1); with 2 classes set --config.class_weights instead'),
+    (dict(pos_weight=0.0), 'pos_weight=0.0 must be positive'),
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),

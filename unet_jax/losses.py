@@ -13,6 +13,8 @@ the whole global batch (psum over `axis_name`), so any device count computes wha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -37,22 +39,40 @@ def probabilities_and_targets(logits: jax.Array, labels: jax.Array) -> tuple[jax
   return jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels, k, dtype=jnp.float32)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
-                  num_valid: jax.Array | None = None) -> jax.Array:
-  """Mean BCE-with-logits (1 channel) or softmax cross-entropy (K channels).
+def pixel_weights(labels: jax.Array, valid: jax.Array | None,
+                  class_weights: Sequence[float] | None) -> jax.Array | None:
+  """Each pixel's weight in the cross-entropy: 0 if ignored, else its class's weight (torch's
+  CrossEntropyLoss `weight`), else 1; None when all are 1."""
+  if valid is None and not class_weights:
+    return None
+  w = jnp.ones(labels.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+  if class_weights:
+    w = w * jnp.asarray(class_weights, jnp.float32)[labels]
+  return w
 
-  With `valid`, the sum over valid pixels divided by `num_valid` (default: their count here)."""
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
+                  total_weight: jax.Array | None = None, pos_weight: float = 1.0) -> jax.Array:
+  """BCE-with-logits (1 channel) or softmax cross-entropy (K channels): the mean, or with
+  per-pixel `weights` the weighted sum divided by `total_weight` (default: the weights' sum
+  here), as torch's losses with `weight`/`ignore_index` reduce. `pos_weight`: BCE's, as in
+  `BCEWithLogitsLoss(pos_weight=...)`."""
   logits = logits.astype(jnp.float32)
   if logits.shape[-1] == 1:
-    per_pixel = optax.sigmoid_binary_cross_entropy(logits[..., 0],
-                                                   (labels == 1).astype(jnp.float32))
+    x, y = logits[..., 0], (labels == 1).astype(jnp.float32)
+    if pos_weight == 1.0:
+      per_pixel = optax.sigmoid_binary_cross_entropy(x, y)
+    else:
+      per_pixel = -(pos_weight * y * jax.nn.log_sigmoid(x) + (1 - y) * jax.nn.log_sigmoid(-x))
   else:
     per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if valid is None:
+  if weights is None:
     return per_pixel.mean()
-  if num_valid is None:
-    num_valid = valid.sum()
-  return jnp.where(valid, per_pixel, 0.0).sum() / jnp.maximum(num_valid, 1)
+  if total_weight is None:
+    total_weight = weights.sum()
+  # Everything ignored: 0 (torch gives NaN). The guard is on the divisor, not the result: a
+  # `where` after a division by 0 would still send NaN into the gradient.
+  return (weights * per_pixel).sum() / jnp.where(total_weight > 0, total_weight, 1.0)
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
@@ -68,18 +88,20 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float,
                       ignore_id: int | None = None, axis_name: str | None = None,
+                      class_weights: Sequence[float] | None = None, pos_weight: float = 1.0,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy + dice_weight * (1 - soft Dice) on this device's share of the batch.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
-  num_valid = None
-  if valid is not None and axis_name is not None:
-    # This share of the global sum over valid pixels, scaled so that the mean over devices
-    # is the sum divided by the global count: the devices' valid counts differ.
+  weights = pixel_weights(labels, valid, class_weights if logits.shape[-1] > 1 else None)
+  total = None
+  if weights is not None and axis_name is not None:
+    # This share of the global weighted sum, scaled so that the mean over devices is that sum
+    # divided by the global total weight: the devices' totals differ.
     devices = jax.lax.psum(1, axis_name)
-    num_valid = jax.lax.psum(valid.sum(), axis_name) / devices
-  ce = cross_entropy(logits, labels, valid, num_valid)
+    total = jax.lax.psum(weights.sum(), axis_name) / devices
+  ce = cross_entropy(logits, labels, weights, total, pos_weight)
   dice = soft_dice_loss(logits, labels, valid)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}

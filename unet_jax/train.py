@@ -157,14 +157,16 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                dice_weight: float, ignore_id: int | None = None,
+               class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code)."""
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                   batch['image'], train=True, mutable=['batch_stats'])
-    loss, metrics = losses.segmentation_loss(logits, batch['mask'], dice_weight=dice_weight,
-                                             ignore_id=ignore_id, axis_name=parallel.AXIS)
+    loss, metrics = losses.segmentation_loss(
+        logits, batch['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
+        axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight)
     return loss, (metrics, updates['batch_stats'])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -318,6 +320,21 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   nc = config.model.num_classes
   if config.loss not in ('auto', 'bce', 'ce'):
     raise UserError(f"loss={config.loss!r}: use 'bce', 'ce' or 'auto'")
+  weights = tuple(config.get('class_weights', ()))
+  if weights and nc < 2:
+    raise UserError(f'class_weights={weights} weigh the softmax cross-entropy of 2 or more '
+                    'classes; with model.num_classes=1 (BCE) set --config.pos_weight instead')
+  if weights and len(weights) != nc:
+    raise UserError(f'class_weights has {len(weights)} values but model.num_classes={nc}: '
+                    'give one weight per class')
+  if weights and not (all(w >= 0 for w in weights) and sum(weights) > 0):
+    raise UserError(f'class_weights={weights} must be at least 0, and not all 0')
+  pos_weight = config.get('pos_weight', 1.0)
+  if not 0 < pos_weight < float('inf'):
+    raise UserError(f'pos_weight={pos_weight} must be positive')
+  if pos_weight != 1.0 and nc > 1:
+    raise UserError(f'pos_weight={pos_weight} weighs the foreground of BCE (model.num_classes=1); '
+                    f'with {nc} classes set --config.class_weights instead')
   if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
     raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
                     'output channel, softmax CE two or more')
@@ -484,7 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
       functools.partial(train_step, model=train_model, dice_weight=config.dice_weight,
-                        ignore_id=info.ignore_id),
+                        ignore_id=info.ignore_id,
+                        class_weights=tuple(config.get('class_weights', ())) or None,
+                        pos_weight=config.get('pos_weight', 1.0)),
       mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(
       functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,
