@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 2
   config.num_sample_images = 4   # held-out examples drawn in each eval PNG
+  # > 0: stop (and save) once the eval Dice has not improved for this many evaluations in a row
+  config.early_stop_patience = 0
   config.on_nonfinite = 'skip'   # non-finite loss/gradient: 'skip' the update, or 'stop' the run
   # Start from these weights instead of random ones (fine-tuning): a PyTorch state_dict file, a
   # converted checkpoint directory or a training workdir, its model fields equal to

@@ -516,3 +516,30 @@ def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
     _, first, _ = load_pretrained_with_metadata(str(tmp_path / 'straight' / 'checkpoints' / '1'))
     for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(first), strict=True):
       np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_saves_stops_and_counts_on_after_a_resume(tmp_path, capfd):
+  # At this rate the tiny model's Dice jumps at step 1, then falls back (as in the plateau
+  # test): patience 2 stops the run at step 3, with a checkpoint there.
+  config = tiny_config(learning_rate=0.1, schedule='constant', eval_every_steps=1,
+                       checkpoint_every_steps=10, num_sample_images=0, early_stop_patience=2)
+  workdir = tmp_path / 'wd'
+  train.train_and_evaluate(config, str(workdir))
+  rows = [json.loads(r) for r in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3]
+  best = rows[0]['eval_dice']
+  assert max(r['eval_dice'] for r in rows) == best
+  assert (f'eval Dice has not improved on {best:.4f} for 2 evaluations: stopped early at '
+          'step 3') in capfd.readouterr().out
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  # The same command again: still stopped, nothing trained.
+  train.train_and_evaluate(config, str(workdir))
+  assert 'stopped early at step 3 (early_stop_patience=2); nothing to do' in capfd.readouterr().out
+  assert len((workdir / 'metrics.jsonl').read_text().splitlines()) == 3
+  # A larger patience trains on, counting on from the checkpoint's 2 evaluations without a
+  # gain: the next one without makes 3 (a count started afresh would not stop there).
+  config.early_stop_patience = 3
+  train.train_and_evaluate(config, str(workdir))
+  rows = [json.loads(r) for r in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4] and rows[3]['eval_dice'] < best
+  assert 'for 3 evaluations: stopped early at step 4' in capfd.readouterr().out

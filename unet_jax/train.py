@@ -242,6 +242,33 @@ class _TrainMetrics:
     return row
 
 
+class _EarlyStopping:
+  """Stops a run whose eval Dice has not improved for `patience` evaluations in a row
+  (Lightning's EarlyStopping with mode='max'; patience 0: never). Its counters travel in each
+  checkpoint's meta, so a resumed run counts on, and a rerun of a stopped one stops again
+  (unless given a larger patience)."""
+
+  def __init__(self, patience: int, saved: dict[str, Any] | None = None):
+    self.patience = patience
+    self.best: float | None = (saved or {}).get('best')
+    self.bad_evals: int = (saved or {}).get('bad_evals', 0)
+
+  def update(self, dice: float) -> bool:
+    """After an evaluation: True if the run must stop here."""
+    if self.best is None or dice > self.best:
+      self.best, self.bad_evals = dice, 0
+    else:
+      self.bad_evals += 1
+    return self.due
+
+  @property
+  def due(self) -> bool:
+    return self.patience > 0 and self.bad_evals >= self.patience
+
+  def state(self) -> dict[str, Any]:
+    return {'best': self.best, 'bad_evals': self.bad_evals}
+
+
 def _save_due(config: ml_collections.ConfigDict, step: int, stop: dict[str, Any]) -> bool:
   return (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
           or bool(stop['signal']))
@@ -285,7 +312,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     '(0: no sample images)')
   if not config.learning_rate > 0:  # also refuses NaN
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
-  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed', 'grad_clip_norm'):
+  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed', 'grad_clip_norm',
+                'early_stop_patience'):
     if not config[field] >= 0:
       raise UserError(f'{field}={config[field]} must be at least 0')
   if not 0 <= config.momentum < 1:
@@ -462,6 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meta['metadata'][INIT_LAYOUT] = init_layout
 
   start = 0
+  early = _EarlyStopping(config.get('early_stop_patience', 0))
   # Restored with this run's shardings, not the saved ones: a run may resume on other devices.
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -486,6 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = step  # batches consumed; state.step counts only the updates applied
     if (saved or {}).get('metadata', {}).get(INIT_LAYOUT):  # (kept through resumes)
       meta['metadata'][INIT_LAYOUT] = saved['metadata'][INIT_LAYOUT]
+    early = _EarlyStopping(early.patience, (saved or {}).get('early_stop'))
     break
   if not start and damaged and config.get('init_from') and initial is None:
     # every checkpoint was damaged: a new run, from init_from's weights
@@ -516,6 +546,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start >= config.num_train_steps:
     reporter.message(f'already trained for {start} steps (num_train_steps='
                      f'{config.num_train_steps}); nothing to do')
+  elif early.due:
+    reporter.message(f'stopped early at step {start} (early_stop_patience='
+                     f'{early.patience}); nothing to do')
+  end = start if early.due else config.num_train_steps
+  meta['early_stop'] = early.state()
 
   eval_metrics: dict[str, float] = {}
   nonfinite_step = 0
@@ -535,7 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   try:
     with _stop_on_signals() as stop, quiet_failed_saves():
-      for step in range(start + 1, config.num_train_steps + 1):
+      for step in range(start + 1, end + 1):
         state, metrics = p_train(state, next(train_iter))
         window.add(step, metrics)
         if step == start + 1 and is_main:
@@ -555,6 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           row['learning_rate'] = _learning_rate(schedule, state)
           row['images_per_sec'] = reporter.throughput(step)
         saved_metrics = None
+        stopping = False
         if evaluate_now:
           eval_metrics = evaluate(p_eval, state, eval_ds)
           saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
@@ -565,15 +601,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               reporter.message(
                   f'eval Dice has not improved for more than {config.plateau.patience} '
                   f'evaluations: learning rate {old_rate:.3g} -> {new_rate:.3g}')
+          stopping = early.update(eval_metrics['dice'])
+          meta['early_stop'] = early.state()
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
                                                         info.ignore_id),
                              num_classes=config.model.num_classes)
         reporter.write(step, row)
-        if _save_due(config, step, stop):
+        if _save_due(config, step, stop) or stopping:
           if settle(step):  # (a signal may have come since the check above)
             break
           checkpoints.save(step, state, meta, saved_metrics)
+        if stopping:
+          reporter.message(f'eval Dice has not improved on {early.best:.4f} for '
+                           f'{early.patience} evaluations: stopped early at step {step}')
+          break
         if stop['signal']:
           reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
                            'rerun the same command to resume')
@@ -595,7 +637,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise UserError(f'non-finite loss or gradient at step {nonfinite_step}; its update was not '
                     f'applied and the last good checkpoint is kept in {checkpoints.directory} '
                     "(set --config.on_nonfinite=skip to skip such steps)")
-  if is_main and step >= config.num_train_steps:
+  if is_main and (step >= config.num_train_steps or early.due):
     print(f'checkpoint: {checkpoints.directory}/{step}\n'
           f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)
     if best is not None and best != step:
