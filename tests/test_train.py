@@ -60,12 +60,12 @@ def _random_batches(n, seed=0):
            'mask': (rng.random((16, 16, 16)) > 0.6).astype(np.int32)} for _ in range(n)]
 
 
-def _run_steps(config, devices, kind, batches, with_state=False, ignore_id=None):
+def _run_steps(config, devices, kind, batches, with_state=False, **loss):
   mesh = parallel.make_mesh(devices)
   model = train.build_model(config, parallel.AXIS)
   state = train.create_train_state(config, model, mesh)
   step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=1.0,
-                                               ignore_id=ignore_id), mesh, kind)
+                                               **loss), mesh, kind)
   metrics = []
   for batch in batches:
     state, m = step(state, batch)
@@ -91,31 +91,21 @@ def test_eight_devices_equal_one_device(kind):
     b['mask'][2:6] = np.where(np.random.default_rng(3).random((4, 16, 16)) < 0.5, 2,
                               b['mask'][2:6])
     b['mask'][8:10] = 2
-  one = _run_steps(config, jax.devices()[:1], kind, batches, ignore_id=2)
-  eight = _run_steps(config, jax.devices(), kind, batches, ignore_id=2)
+  loss = dict(ignore_id=2, pos_weight=4.0)  # (BCE's foreground weight, as torch's)
+  one = _run_steps(config, jax.devices()[:1], kind, batches, **loss)
+  eight = _run_steps(config, jax.devices(), kind, batches, **loss)
+  # The step's cross-entropy is the weighted one, over the valid pixels.
+  model = train.build_model(config, None)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
+      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, **loss)[1]
+  np.testing.assert_allclose(one[2][0]['ce_loss'], want['ce_loss'], rtol=1e-5)
+  plain = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, ignore_id=2)[1]
+  assert abs(float(want['ce_loss']) - float(plain['ce_loss'])) > 0.1
   assert _max_rel(eight, one) <= DP_TOL
   # The runs did train: parameters moved, BatchNorm statistics left 0/1.
   start = _run_steps(config, jax.devices()[:1], kind, [])
   assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
-
-
-def test_the_step_takes_the_loss_weights():
-  # The step's cross-entropy is the weighted one (pos_weight 4 on the foreground), and a
-  # weighted step trains differently from a plain one.
-  config = tiny_config()
-  batch = _random_batches(1)[0]
-  model = train.build_model(config, None)
-  variables = train.init_variables(model, jax.random.key(config.seed))
-  logits, _ = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  state = train.create_train_state(config, train.build_model(config, parallel.AXIS), mesh)
-  step = parallel.distribute(functools.partial(
-      train.train_step, model=train.build_model(config, parallel.AXIS), dice_weight=1.0,
-      pos_weight=4.0), mesh, 'shard_map')
-  _, metrics = step(state, batch)
-  want = losses.segmentation_loss(logits, batch['mask'], dice_weight=1.0, pos_weight=4.0)[1]
-  np.testing.assert_allclose(metrics['ce_loss'], want['ce_loss'], rtol=1e-5)
-  assert abs(float(want['ce_loss']) - float(losses.cross_entropy(logits, batch['mask']))) > 0.1
 
 
 def test_shard_map_and_pmap_agree():
