@@ -27,8 +27,9 @@ from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
+from unet_jax.config_checks import validate_config, validate_data
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
-from unet_jax.levers import CPU_SCHEDULERS, LEVERS
+from unet_jax.levers import CPU_SCHEDULERS
 from unet_jax.model import UNet, init_variables
 from unet_jax.optimizers import (
   find_plateau_state,
@@ -296,101 +297,6 @@ def step_compiler_options(config: ml_collections.ConfigDict,
   """XLA options for the train and eval steps on `mesh`'s platform (see step_compilation.py)."""
   return compiler_options(config.get('cpu_scheduler', CPU_SCHEDULERS[0]),
                           mesh.devices.flat[0].platform)
-
-
-def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Checks that need no data: each failure is one line naming the field."""
-  for field in ('batch_size', 'image_size', 'num_train_steps', 'log_every_steps',
-                'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if config[field] < 1:
-      raise UserError(f'{field}={config[field]} must be at least 1')
-  if config.eval_batch_size < 0:
-    raise UserError(f'eval_batch_size={config.eval_batch_size} must be at least 1 '
-                    '(or 0: the same as batch_size)')
-  if config.num_sample_images < 0:
-    raise UserError(f'num_sample_images={config.num_sample_images} must be at least 0 '
-                    '(0: no sample images)')
-  if not config.learning_rate > 0:  # also refuses NaN
-    raise UserError(f'learning_rate={config.learning_rate} must be positive')
-  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed', 'grad_clip_norm',
-                'early_stop_patience'):
-    if not config[field] >= 0:
-      raise UserError(f'{field}={config[field]} must be at least 0')
-  if not 0 <= config.momentum < 1:
-    raise UserError(f'momentum={config.momentum} must be in [0, 1)')
-  for field in ('patience', 'cooldown', 'threshold', 'min_learning_rate'):
-    if not config.plateau[field] >= 0:
-      raise UserError(f'plateau.{field}={config.plateau[field]} must be at least 0')
-  if not 0 < config.plateau.factor < 1:
-    raise UserError(f'plateau.factor={config.plateau.factor} must be in (0, 1): the learning '
-                    "rate's factor on a plateau")
-  if config.data.get('ignore_value', -1) < -1:
-    raise UserError(f'data.ignore_value={config.data.ignore_value} must be a mask value '
-                    '(or -1: none)')
-  for field in ('worker_count', 'num_threads'):
-    if config.data[field] < 0:
-      raise UserError(f'data.{field}={config.data[field]} must be at least 0')
-  if not 0 < config.augment.min_scale <= 1:
-    raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
-                    "smallest random crop's side, as a fraction of the image's")
-  for field in ('in_channels', 'num_classes', 'base_features', 'depth'):
-    if config.model[field] < 1:
-      raise UserError(f'model.{field}={config.model[field]} must be at least 1')
-  parallel.check_batch_size(config.batch_size, mesh)
-  if config.eval_batch_size:
-    parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  if config.on_nonfinite not in ('skip', 'stop'):
-    raise UserError(f"on_nonfinite={config.on_nonfinite!r}: use 'skip' or 'stop'")
-  if config.parallel not in ('shard_map', 'pmap'):
-    raise UserError(f"parallel={config.parallel!r}: use 'shard_map' or 'pmap'")
-  if config.get('cpu_scheduler', CPU_SCHEDULERS[0]) not in CPU_SCHEDULERS:
-    raise UserError(f'cpu_scheduler={config.cpu_scheduler!r}: use one of {CPU_SCHEDULERS}')
-  nc = config.model.num_classes
-  if config.loss not in ('auto', 'bce', 'ce'):
-    raise UserError(f"loss={config.loss!r}: use 'bce', 'ce' or 'auto'")
-  weights = tuple(config.get('class_weights', ()))
-  if weights and nc < 2:
-    raise UserError(f'class_weights={weights} weigh the softmax cross-entropy of 2 or more '
-                    'classes; with model.num_classes=1 (BCE) set --config.pos_weight instead')
-  if weights and len(weights) != nc:
-    raise UserError(f'class_weights has {len(weights)} values but model.num_classes={nc}: '
-                    'give one weight per class')
-  if weights and not (all(w >= 0 for w in weights) and sum(weights) > 0):
-    raise UserError(f'class_weights={weights} must be at least 0, and not all 0')
-  pos_weight = config.get('pos_weight', 1.0)
-  if not 0 < pos_weight < float('inf'):
-    raise UserError(f'pos_weight={pos_weight} must be positive')
-  if pos_weight != 1.0 and nc > 1:
-    raise UserError(f'pos_weight={pos_weight} weighs the foreground of BCE (model.num_classes=1); '
-                    f'with {nc} classes set --config.class_weights instead')
-  if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
-    raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
-                    'output channel, softmax CE two or more')
-  if config.model.upsample not in ('transpose', 'bilinear'):
-    raise UserError(f"model.upsample={config.model.upsample!r}: use 'transpose' or 'bilinear'")
-  for field, allowed in LEVERS.items():
-    if config.model.get(field, allowed[0]) not in allowed:
-      raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')
-  if config.image_size < 2**config.model.depth:
-    raise UserError(f'image_size={config.image_size} is below 2**model.depth='
-                    f'{2**config.model.depth}')
-  learning_rate_schedule(config)
-  make_optimizer(config)
-
-
-def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> None:
-  if info.channels != config.model.in_channels:
-    raise UserError(f'dataset {info.name!r} has {info.channels}-channel images but '
-                    f'model.in_channels={config.model.in_channels}; set '
-                    f'--config.model.in_channels={info.channels}')
-  classes = max(config.model.num_classes, 2)
-  if len(info.mask_values) > classes:
-    raise UserError(f'dataset {info.name!r} masks hold {len(info.mask_values)} values '
-                    f'{info.mask_values[:8]} but model.num_classes={config.model.num_classes}; '
-                    f'set --config.model.num_classes={len(info.mask_values)}')
-  if info.num_train < config.batch_size // jax.process_count():
-    raise UserError(f'dataset {info.name!r} has {info.num_train} training examples, fewer than '
-                    f'one batch ({config.batch_size}); lower --config.batch_size')
 
 
 def _listdir(path: str) -> list[str]:
