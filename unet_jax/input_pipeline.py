@@ -116,8 +116,8 @@ def _ignored_label(config: ml_collections.ConfigDict, name: str, mask_values: li
   if value < 0:
     return None
   if mask_values:
-    packed = [v if isinstance(v, int) else (v[0] << 16) | (v[1] << 8) | v[2]
-              for v in mask_values]
+    from unet_jax.datasets.image_folder import mask_value_key
+    packed = [mask_value_key(v) for v in mask_values]
     if value not in packed:
       raise UserError(f'data.ignore_value={value} is not a mask value of dataset {name!r} (its '
                       f'masks hold {mask_values[:8]}; RGB values as 0xRRGGBB)')

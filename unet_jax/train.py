@@ -392,8 +392,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   meta = {'model': model_config(train_model),
           'metadata': {'mask_values': info.mask_values, 'dataset': info.name},
           'config': config.to_dict()}
-  if init_layout:
-    meta['metadata'][INIT_LAYOUT] = init_layout
 
   start = 0
   early = _EarlyStopping(config.get('early_stop_patience', 0))
@@ -419,16 +417,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             file=sys.stderr, flush=True)
       continue
     start = step  # batches consumed; state.step counts only the updates applied
-    if (saved or {}).get('metadata', {}).get(INIT_LAYOUT):  # (kept through resumes)
-      meta['metadata'][INIT_LAYOUT] = saved['metadata'][INIT_LAYOUT]
+    init_layout = (saved or {}).get('metadata', {}).get(INIT_LAYOUT)  # (kept through resumes)
     early = _EarlyStopping(early.patience, (saved or {}).get('early_stop'))
     break
   if not start and damaged and config.get('init_from') and initial is None:
     # every checkpoint was damaged: a new run, from init_from's weights
     initial, init_layout = load_initial_weights(config, train_model)
     state = create_train_state(config, train_model, mesh, initial)
-    if init_layout:
-      meta['metadata'][INIT_LAYOUT] = init_layout
+  if init_layout:
+    meta['metadata'][INIT_LAYOUT] = init_layout
   # A checkpoint's number is its place in the data stream (batches consumed), which is a pure
   # function of the position: the stream resumes there whatever the devices, processes or
   # data workers of the run before.
@@ -456,7 +453,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporter.message(f'stopped early at step {start} (early_stop_patience='
                      f'{early.patience}); nothing to do')
   end = start if early.due else config.num_train_steps
-  meta['early_stop'] = early.state()
 
   eval_metrics: dict[str, float] = {}
   nonfinite_step = 0
@@ -508,7 +504,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f'eval Dice has not improved for more than {config.plateau.patience} '
                   f'evaluations: learning rate {old_rate:.3g} -> {new_rate:.3g}')
           stopping = early.update(eval_metrics['dice'])
-          meta['early_stop'] = early.state()
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
                                                         info.ignore_id),
@@ -517,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if _save_due(config, step, stop) or stopping:
           if settle(step):  # (a signal may have come since the check above)
             break
-          checkpoints.save(step, state, meta, saved_metrics)
+          checkpoints.save(step, state, dict(meta, early_stop=early.state()), saved_metrics)
         if stopping:
           reporter.message(f'eval Dice has not improved on {early.best:.4f} for '
                            f'{early.patience} evaluations: stopped early at step {step}')

@@ -80,6 +80,11 @@ def _read(path: str, mask: bool = False) -> np.ndarray:
     raise UserError(f'{path}: cannot read it as an image ({e})') from None
 
 
+def mask_value_key(value: int | list[int]) -> int:
+  """A saved mask value's integer key: the gray value, or 0xRRGGBB for an [R, G, B] one."""
+  return ((value[0] << 16) | (value[1] << 8) | value[2]) if isinstance(value, list) else value
+
+
 def _mask_keys(mask: np.ndarray) -> np.ndarray:
   """Per-pixel integer key: the gray value, or 0xRRGGBB for colour masks."""
   if mask.ndim == 2:
@@ -165,5 +170,4 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       yield os.path.basename(image_path), {'image': image, 'mask': ids[..., None]}
 
   def _sorted_keys(self) -> list[int]:
-    return [((v[0] << 16) | (v[1] << 8) | v[2]) if isinstance(v, list) else v
-            for v in self._mask_values]
+    return [mask_value_key(v) for v in self._mask_values]
