@@ -19,7 +19,7 @@ from PIL import Image
 from torch_reference import MilesialUNet, SeedUNet
 
 from configs import base
-from unet_jax import load_pretrained, losses, parallel, train
+from unet_jax import input_pipeline, load_pretrained, losses, optimizers, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch, torch_to_flax
 from unet_jax.errors import UserError
@@ -27,6 +27,7 @@ from unet_jax.evaluate import evaluate_checkpoint
 from unet_jax.predict import main as predict_main
 from unet_jax.predict import predict
 from unet_jax.state_dict_io import read_state_dict
+from unet_jax.train_checkpoints import TrainCheckpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP_TOL = 1e-5  # relative, per tensor: only the order of float summation differs
@@ -533,3 +534,40 @@ def test_early_stopping_saves_stops_and_counts_on_after_a_resume(tmp_path, capfd
   rows = [json.loads(r) for r in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows] == [1, 2, 3, 4] and rows[3]['eval_dice'] < best
   assert 'for 3 evaluations: stopped early at step 4' in capfd.readouterr().out
+
+
+def test_a_resume_with_another_batch_size_continues_the_data_stream(tmp_path, monkeypatch, capfd):
+  # The checkpoint records the examples consumed: 2 steps of 8, then steps of 16 from example
+  # 16 (before, the stream restarted at step x the new batch size, skipping examples 16 to 31).
+  first_batches = []
+  real = input_pipeline.train_dataset
+
+  def spy(source, config, *args):
+    first_batches.append(None)
+
+    def batches():
+      for i, batch in enumerate(real(source, config, *args)):
+        if i == 0:
+          first_batches[-1] = (source, batch)
+        yield batch
+    return batches()
+
+  monkeypatch.setattr(input_pipeline, 'train_dataset', spy)
+  config = tiny_config(batch_size=8, eval_batch_size=16, num_train_steps=2,
+                       checkpoint_every_steps=2, eval_every_steps=10, num_sample_images=0)
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(config, workdir)
+  config.batch_size, config.num_train_steps = 16, 3
+  train.train_and_evaluate(config, workdir)
+  assert ('batch_size is now 16: the data continues after the 16 examples the checkpoint '
+          'consumed') in capfd.readouterr().out
+  source, resumed = first_batches[-1]
+  config.batch_size, config.num_train_steps = 8, 4
+  stream = list(real(source, config))  # batches of 8 from the start
+  np.testing.assert_array_equal(resumed['image'], np.concatenate(
+      [stream[2]['image'], stream[3]['image']]))
+  np.testing.assert_array_equal(resumed['mask'], np.concatenate(
+      [stream[2]['mask'], stream[3]['mask']]))
+  saved = TrainCheckpoints(workdir, 2)
+  assert saved.saved_meta(3)['examples_seen'] == 16 + 16
+  saved.close()

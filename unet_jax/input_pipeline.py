@@ -185,15 +185,18 @@ class _Permutations:
 
 
 class _TrainExample(grain.transforms.Map):
-  def __init__(self, source, config, process_index: int, process_count: int):
-    self.source, self.config = source, config
+  """This process's j-th example after the first `offset` of the global stream."""
+
+  def __init__(self, source, config, process_index: int, process_count: int, offset: int = 0):
+    self.source, self.config, self.offset = source, config, offset
     self.global_batch = config.batch_size
     self.local_batch = config.batch_size // process_count
     self.process_index = process_index
     self.permutations = _Permutations(len(source), config.seed)
 
   def map(self, j: int) -> dict[str, np.ndarray]:
-    g = _global_position(j, self.local_batch, self.global_batch, self.process_index)
+    g = self.offset + _global_position(j, self.local_batch, self.global_batch,
+                                       self.process_index)
     epoch, pos = divmod(g, len(self.source))
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
@@ -216,13 +219,18 @@ class _EvalExample(grain.transforms.Map):
 
 
 def train_dataset(source, config: ml_collections.ConfigDict, start_step: int = 0,
-                  ) -> grain.IterDataset:
+                  examples_seen: int | None = None) -> grain.IterDataset:
   """This process's slices of the global training batches of steps start_step+1 to
-  num_train_steps (a resumed run starts where its checkpoint's step left off)."""
+  num_train_steps, which begin after the first `examples_seen` examples of the stream
+  (default: start_step batches of this batch_size; a resumed run passes what its checkpoint
+  consumed, so a changed batch_size continues the stream where it stopped)."""
   pc, pi = jax.process_count(), jax.process_index()
   local_batch = config.batch_size // pc
-  ds = grain.MapDataset.range(start_step * local_batch, config.num_train_steps * local_batch)
-  ds = ds.map(_TrainExample(source, config, pi, pc)).batch(local_batch, drop_remainder=True)
+  if examples_seen is None:
+    examples_seen = start_step * config.batch_size
+  ds = grain.MapDataset.range(max(0, config.num_train_steps - start_step) * local_batch)
+  ds = ds.map(_TrainExample(source, config, pi, pc, examples_seen))
+  ds = ds.batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
                                             prefetch_buffer_size=2 * local_batch))
   if config.data.worker_count > 0:

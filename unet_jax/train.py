@@ -393,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'metadata': {'mask_values': info.mask_values, 'dataset': info.name},
           'config': config.to_dict()}
 
-  start = 0
+  start = start_examples = 0
   early = _EarlyStopping(config.get('early_stop_patience', 0))
   # Restored with this run's shardings, not the saved ones: a run may resume on other devices.
   abstract_state = jax.tree.map(
@@ -425,11 +425,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     initial, init_layout = load_initial_weights(config, train_model)
     state = create_train_state(config, train_model, mesh, initial)
   if init_layout:
+    # Examples consumed; a checkpoint from before this was recorded consumed batches of its
+    # own run's batch_size.
+    start_examples = (saved or {}).get(
+        'examples_seen', step * (saved or {}).get('config', {}).get('batch_size',
+                                                                    config.batch_size))
     meta['metadata'][INIT_LAYOUT] = init_layout
-  # A checkpoint's number is its place in the data stream (batches consumed), which is a pure
-  # function of the position: the stream resumes there whatever the devices, processes or
-  # data workers of the run before.
-  train_iter = iter(input_pipeline.train_dataset(train_source, config, start))
+  # Each example of the stream is a pure function of its position, and a checkpoint records the
+  # examples consumed: the stream resumes there whatever the devices, processes, data workers
+  # or batch size of the run before.
+  train_iter = iter(input_pipeline.train_dataset(train_source, config, start, start_examples))
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
@@ -454,6 +459,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'{early.patience}); nothing to do')
   end = start if early.due else config.num_train_steps
 
+    if start_examples != start * config.batch_size:
+      reporter.message(f'batch_size is now {config.batch_size}: the data continues after the '
+                       f'{start_examples} examples the checkpoint consumed')
   eval_metrics: dict[str, float] = {}
   nonfinite_step = 0
   window = _TrainMetrics()
@@ -512,7 +520,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if _save_due(config, step, stop) or stopping:
           if settle(step):  # (a signal may have come since the check above)
             break
-          checkpoints.save(step, state, dict(meta, early_stop=early.state()), saved_metrics)
+          seen = start_examples + (step - start) * config.batch_size
+          checkpoints.save(step, state, dict(meta, early_stop=early.state(), examples_seen=seen),
+                           saved_metrics)
         if stopping:
           reporter.message(f'eval Dice has not improved on {early.best:.4f} for '
                            f'{early.patience} evaluations: stopped early at step {step}')
