@@ -163,6 +163,11 @@ def test_train_end_to_end_outputs(tmp_path, capsys):
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert {'loss', 'ce_loss', 'dice_loss', 'images_per_sec', 'learning_rate'} <= set(rows[0])
   assert {'eval_dice', 'eval_iou', 'eval_pixel_accuracy'} <= set(rows[2])
+  # The cosine schedule's float32 rates, each logged as the schedule's value in its shortest
+  # decimal form (not float32's long expansion, 0.0030000000260770321 for 0.003)
+  schedule = optimizers.learning_rate_schedule(config)
+  assert [r['learning_rate'] for r in rows] == [
+      float(str(np.float32(schedule(s)))) for s in range(6)]
   assert sorted(os.listdir(workdir / 'samples')) == ['step_0000003.png', 'step_0000006.png']
   # `python -m unet_jax.evaluate` scores what the run logged, for the latest and a kept step.
   logged = {r['step']: r for r in rows}
@@ -472,7 +477,7 @@ def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
   config = tiny_config(**flags)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   out = capfd.readouterr().out
-  assert 'learning rate 0.1 -> 0.05' in out
+  assert 'not improved for more than 1 evaluation: learning rate 0.1 -> 0.05' in out
   assert 'best by eval Dice: step 1, as ' in out
 
   def rows(workdir):

@@ -328,11 +328,19 @@ def _plateau_stepper(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   return step
 
 
+def _evaluations(n: int) -> str:
+  return f'{n} evaluation' + ('' if n == 1 else 's')
+
+
 def _learning_rate(schedule: Callable[[int], Any], state: TrainState) -> float:
   """The rate the last applied update used (its position: the updates applied before it)."""
   rate = float(schedule(max(int(_local(state.step)) - 1, 0)))
   plateau = find_plateau_state(state.opt_state)
-  return rate if plateau is None else rate * float(_local(plateau.lr_scale))
+  if plateau is not None:
+    rate *= float(_local(plateau.lr_scale))
+  # The optimizer's rate is a float32: logged as its shortest decimal (1e-3 x 0.1 is 0.0001,
+  # not float32's 0.00010000000149011612).
+  return float(str(np.float32(rate)))
 
 
 def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.ndarray]:
@@ -417,6 +425,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             file=sys.stderr, flush=True)
       continue
     start = step  # batches consumed; state.step counts only the updates applied
+    # Examples consumed; a checkpoint from before this was recorded consumed batches of its
+    # own run's batch_size.
+    start_examples = (saved or {}).get(
+        'examples_seen', step * (saved or {}).get('config', {}).get('batch_size',
+                                                                    config.batch_size))
     init_layout = (saved or {}).get('metadata', {}).get(INIT_LAYOUT)  # (kept through resumes)
     early = _EarlyStopping(early.patience, (saved or {}).get('early_stop'))
     break
@@ -425,11 +438,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     initial, init_layout = load_initial_weights(config, train_model)
     state = create_train_state(config, train_model, mesh, initial)
   if init_layout:
-    # Examples consumed; a checkpoint from before this was recorded consumed batches of its
-    # own run's batch_size.
-    start_examples = (saved or {}).get(
-        'examples_seen', step * (saved or {}).get('config', {}).get('batch_size',
-                                                                    config.batch_size))
     meta['metadata'][INIT_LAYOUT] = init_layout
   # Each example of the stream is a pure function of its position, and a checkpoint records the
   # examples consumed: the stream resumes there whatever the devices, processes, data workers
@@ -451,6 +459,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
   if start:
     reporter.message(f'resumed from {checkpoints.directory}/{start}')
+    if start_examples != start * config.batch_size:
+      reporter.message(f'batch_size is now {config.batch_size}: the data continues after the '
+                       f'{start_examples} examples the checkpoint consumed')
   if start >= config.num_train_steps:
     reporter.message(f'already trained for {start} steps (num_train_steps='
                      f'{config.num_train_steps}); nothing to do')
@@ -459,9 +470,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'{early.patience}); nothing to do')
   end = start if early.due else config.num_train_steps
 
-    if start_examples != start * config.batch_size:
-      reporter.message(f'batch_size is now {config.batch_size}: the data continues after the '
-                       f'{start_examples} examples the checkpoint consumed')
   eval_metrics: dict[str, float] = {}
   nonfinite_step = 0
   window = _TrainMetrics()
@@ -509,8 +517,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, old_rate, new_rate = plateau_step(state, eval_metrics['dice'])
             if new_rate != old_rate:
               reporter.message(
-                  f'eval Dice has not improved for more than {config.plateau.patience} '
-                  f'evaluations: learning rate {old_rate:.3g} -> {new_rate:.3g}')
+                  'eval Dice has not improved for more than '
+                  f'{_evaluations(config.plateau.patience)}: learning rate {old_rate:.3g} -> '
+                  f'{new_rate:.3g}')
           stopping = early.update(eval_metrics['dice'])
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
@@ -525,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            saved_metrics)
         if stopping:
           reporter.message(f'eval Dice has not improved on {early.best:.4f} for '
-                           f'{early.patience} evaluations: stopped early at step {step}')
+                           f'{_evaluations(early.patience)}: stopped early at step {step}')
           break
         if stop['signal']:
           reporter.message(f'{stop["signal"]}: saved step {step} to {checkpoints.directory}; '
