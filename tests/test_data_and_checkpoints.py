@@ -62,10 +62,23 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
   assert {k: v for k, v in evaluate_checkpoint(str(tmp_path / 'wd')).items()
           if k in metrics} == metrics
   parts = [evaluate_checkpoint(str(tmp_path / 'wd'), split=s) for s in ('train', 'test')]
-  both = evaluate_checkpoint(str(tmp_path / 'wd'), split='all')
+  both = evaluate_checkpoint(str(tmp_path / 'wd'), split='all', per_image=True)
   assert both['images'] == sum(p['images'] for p in parts) == 12
   for k in metrics:
     assert both[k] == pytest.approx(sum(p[k] * p['images'] for p in parts) / 12, rel=1e-6)
+  # Per image: every file once, by name, in its split's order; the rows' means are the scores.
+  rows = both.pop('per_image')
+  held_out = {f'im{i:02d}.{"jpg" if i % 2 else "png"}' for i in range(0, 12, 10)}
+  assert {r['file_name'] for r in rows if r['split'] == 'test'} == held_out
+  assert sorted(r['file_name'] for r in rows) == sorted(os.listdir(tmp_path / 'data' / 'images'))
+  assert [(r['split'], r['index']) for r in rows] == [('test', i) for i in range(2)] + [
+      ('train', i) for i in range(10)]
+  assert set(rows[0]) == {'split', 'index', 'file_name', 'pixel_accuracy', 'dice', 'iou',
+                          'class_accuracy', 'dice_class0', 'dice_class1', 'iou_class0',
+                          'iou_class1', 'class_accuracy_class0', 'class_accuracy_class1'}
+  for k in metrics:
+    assert np.mean([r[k] for r in rows]) == pytest.approx(both[k], rel=1e-6), k
+  assert len({r['dice'] for r in rows}) > 1  # (scores of each image, not one repeated)
   with pytest.raises(UserError, match=r"has no split 'val' \(it has test, train\); choose one "
                      'with --split, or --split all$'):
     evaluate_checkpoint(str(tmp_path / 'wd'), split='val')

@@ -2,6 +2,7 @@
 from scores, computed in torch. (That a workdir scores what its run logged is tested with the
 runs: tests/test_train.py, tests/test_data_and_checkpoints.py.)"""
 
+import csv
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from unet_jax.evaluate import evaluate_checkpoint
 
 
 def _torch_scores(ref, config):
-  """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split, meaned."""
+  """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split."""
   source = input_pipeline.load_sources(config)[1]
   dice, iou, acc = [], [], []
   for i in range(len(source)):
@@ -34,7 +35,7 @@ def _torch_scores(ref, config):
     dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     iou.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
     acc.append((pred == truth).mean())
-  return {'dice': np.mean(dice), 'iou': np.mean(iou), 'pixel_accuracy': np.mean(acc)}
+  return {'dice': np.array(dice), 'iou': np.array(iou), 'pixel_accuracy': np.array(acc)}
 
 
 def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
@@ -52,16 +53,39 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
   with pytest.raises(UserError, match='a converted checkpoint records no dataset; name one with '
                      '--config'):
     evaluate_checkpoint(converted)
+  # On 3 devices: the eval batch (16) rounded up to 18, the last one padded.
+  csv_path = tmp_path / 'scores.csv'
   out = subprocess.run(
       [sys.executable, '-m', 'unet_jax.evaluate', '--checkpoint', converted, '--config',
        os.path.join(REPO, 'configs', 'base.py'), '--config.image_size=16',
-       f'--config.data.data_dir={TFDS_DIR}'],
+       f'--config.data.data_dir={TFDS_DIR}', '--per_image', str(csv_path)],
       cwd=REPO, env=_env(3), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
   assert lines[0] == f"{converted} on 'synthetic_shapes', split test: 204 images at 16x16"
-  got = json.loads(lines[-1])
+  assert lines[-1] == f'per-image scores: {csv_path} (204 rows)'
+  got = json.loads(lines[-2])
   want = _torch_scores(ref, config)
-  assert 0.05 < want['dice'] < 0.95
+  assert 0.05 < want['dice'].mean() < 0.95
   for k, v in want.items():  # (a pixel within float rounding of the threshold may flip)
-    assert got[k] == pytest.approx(v, abs=1e-3), k
+    assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
+  # The CSV: each image's scores, in the split's order, as torch computes them.
+  with open(csv_path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['index']) for r in rows] == list(range(204))
+  assert {r['split'] for r in rows} == {'test'} and {r['file_name'] for r in rows} == {''}
+  for k, v in want.items():
+    per_image = np.array([float(r[k]) for r in rows])
+    assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k  # (the rare flipped pixel)
+    assert per_image.mean() == pytest.approx(got[k], abs=1e-6), k
+
+
+def test_cli_per_image_destination_is_checked_before_compute(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'unet_jax.evaluate', '--checkpoint', str(tmp_path / 'nowhere'),
+       '--per_image', str(tmp_path / 'no' / 'scores.csv')],
+      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2
+  assert out.stderr.strip() == (f'error: --per_image {tmp_path}/no/scores.csv: no such folder '
+                                f'{tmp_path}/no; create it or choose another path')
+  assert not os.listdir(tmp_path)

@@ -3,22 +3,30 @@
     python -m unet_jax.evaluate --checkpoint workdirs/base/checkpoints/best
     python -m unet_jax.evaluate --checkpoint converted/ --config configs/folder.py \\
         --config.data.root=my_data --config.image_size=256 --split all
+    python -m unet_jax.evaluate --checkpoint workdirs/base --per_image scores.csv
 
 A training workdir's own run config says which dataset, split and image size it was evaluated
 on, so a checkpoint scores here exactly what the run logged for it. A converted checkpoint
 records no dataset: `--config` names one (any training config; its model fields are ignored,
-the checkpoint's are used).
+the checkpoint's are used). `--per_image FILE.csv` also writes each image's scores, one row per
+image in the dataset's order, with its file name where the dataset has one (image folders do):
+sorted by Dice, it lists the images the model fails on.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
+import os
 import sys
+import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.errors import UserError
@@ -37,14 +45,69 @@ def _run_config(meta: dict[str, Any], config: ml_collections.ConfigDict | None,
   return ml_collections.ConfigDict(meta['run_config'])
 
 
+def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: Any,
+                 ignore_id: int | None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """eval_step's sums, and every image's scores with its `valid` flag, gathered from all
+  devices in the global batch's order."""
+  logits = model.apply(variables, batch['image'], train=False)
+  sums = losses.summed_eval_metrics(logits, batch['mask'], batch['valid'], ignore_id)
+  scores = losses.per_image_scores(logits, *losses.valid_labels(batch['mask'], ignore_id))
+  scores['valid'] = batch['valid']
+  return (jax.lax.psum(sums, parallel.AXIS),
+          jax.lax.all_gather(scores, parallel.AXIS, tiled=True))
+
+
+def _file_name(record: dict[str, Any]) -> str:
+  name = np.asarray(record.get('file_name', '')).item()
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _image_rows(split: str, source: Any, first: int, scores: dict[str, np.ndarray],
+                ) -> list[dict[str, Any]]:
+  """One row per valid image of a gathered batch whose first image is `first` in `split`."""
+  rows = []
+  for r in np.flatnonzero(scores['valid']):
+    index = first + int(r)
+    row: dict[str, Any] = {'split': split, 'index': index, 'file_name': _file_name(source[index])}
+    classes: dict[str, float] = {}
+    for name in losses.PER_CLASS_SCORES:
+      per_class = scores[name][r]
+      row[name] = _shortest(per_class.mean())
+      if len(per_class) > 1:
+        classes.update({f'{name}_class{c}': _shortest(v) for c, v in enumerate(per_class)})
+    row['pixel_accuracy'] = _shortest(scores['pixel_accuracy'][r])
+    rows.append(row | classes)
+  return rows
+
+
+def _shortest(x: Any) -> float:
+  """A float32 score as its shortest decimal (0.6122027, not 0.6122027039527893)."""
+  return float(str(np.float32(x)))
+
+
+def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
+                   global_batch: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+  """evaluation_sums, and the rows of every image (single-process: the gathered scores are
+  read whole)."""
+  sums, rows = None, []
+  for b, batch in enumerate(batches):
+    batch_sums, scores = p_scores(variables, batch)
+    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+    rows += _image_rows(split, source, b * global_batch, jax.tree.map(np.asarray, scores))
+  return jax.tree.map(np.asarray, sums), rows
+
+
 def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | None = None,
-                        split: str | None = None) -> dict[str, Any]:
+                        split: str | None = None, per_image: bool = False) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices.
 
   `config`: the data settings (a training config); None takes a workdir's own.
   Returns the metrics (as in metrics.jsonl, without the `eval_` prefix) plus `images`,
   `image_size`, `split`, `dataset` and `step` (None for a converted checkpoint).
+  `per_image`: also `per_image`, one dict per image in the dataset's order: `split`, `index`
+  (in the split), `file_name` (the dataset's, '' where it has none) and the image's scores,
+  whose means are the metrics.
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
@@ -73,19 +136,55 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
                     f'{info.mask_values[:8]} but the checkpoint\'s model has '
                     f'{model.num_classes} output class(es)')
   variables = jax.device_put(variables, parallel.replicated(mesh))
+  step_fn = _scores_step if per_image else eval_step
   p_eval = parallel.distribute(
-      functools.partial(eval_step, model=build_model(config, None), ignore_id=info.ignore_id),
+      functools.partial(step_fn, model=build_model(config, None), ignore_id=info.ignore_id),
       mesh, config.get('parallel', 'shard_map'), donate_state=False)
-  sums = None
+  sums, rows = None, []
   for name in info.splits if split == ALL_SPLITS else (split,):
     config.data.eval_split = name
     source = input_pipeline.load_sources(config)[1]
-    part = evaluation_sums(p_eval, variables, input_pipeline.eval_dataset(source, config))
+    batches = input_pipeline.eval_dataset(source, config)
+    if per_image:
+      part, split_rows = _sums_and_rows(p_eval, variables, batches, name, source,
+                                        config.eval_batch_size)
+      rows += split_rows
+    else:
+      part = evaluation_sums(p_eval, variables, batches)
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums)
   metrics.update(images=int(sums['count']), image_size=config.image_size, split=split,
                  dataset=info.name, step=meta.get('step'))
+  if per_image:
+    metrics['per_image'] = rows
   return metrics
+
+
+def _check_csv_destination(path: str) -> None:
+  """Refuses, before any compute, a CSV path that cannot be written."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise UserError(f'--per_image {path}: no such folder {folder}; create it or choose another '
+                    'path')
+  if os.path.isdir(path):
+    raise UserError(f'--per_image {path}: is a folder; name a .csv file')
+
+
+def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+  """The rows as CSV, written whole or not at all (a temporary file, renamed)."""
+  fd, tmp = tempfile.mkstemp(prefix='.per_image-', suffix='.csv',
+                             dir=os.path.dirname(os.path.abspath(path)))
+  try:
+    with os.fdopen(fd, 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['split', 'index'])
+      writer.writeheader()
+      writer.writerows(rows)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise UserError(f'--per_image {path}: cannot write ({e.strerror})') from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _report(checkpoint: str, metrics: dict[str, Any]) -> str:
@@ -102,17 +201,24 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  csv_path = flags.FLAGS.per_image
   try:
-    metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.split)
+    if csv_path:
+      _check_csv_destination(csv_path)
+    metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.split,
+                                  per_image=bool(csv_path))
+    if csv_path:
+      write_csv(csv_path, metrics.pop('per_image'))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(_report(flags.FLAGS.checkpoint, metrics), flush=True)
+  if csv_path:
+    print(f'per-image scores: {os.path.abspath(csv_path)} ({metrics["images"]} rows)',
+          flush=True)
 
 
 if __name__ == '__main__':
-  import os
-
   from absl import app, flags
   from ml_collections import config_flags
   sys.path.insert(0, os.getcwd())  # a config file's `from configs import base`
@@ -122,4 +228,6 @@ if __name__ == '__main__':
                                   '(default: a workdir\'s own)', lock_config=True)
   flags.DEFINE_string('split', None, "the split to score (default: the config's "
                       "data.eval_split; 'all': every split together)")
+  flags.DEFINE_string('per_image', None, 'also write each image\'s scores to this CSV file '
+                      '(split, index, file_name, dice, iou, class_accuracy, pixel_accuracy)')
   app.run(main)

@@ -141,13 +141,16 @@ def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | No
   return {'dice': dice, 'iou': iou, 'class_accuracy': acc, 'pixel_accuracy': overall}
 
 
+PER_CLASS_SCORES = ('dice', 'iou', 'class_accuracy')  # reported as their mean over classes
+
+
 def summed_eval_metrics(logits: jax.Array, labels: jax.Array, valid: jax.Array,
                         ignore_id: int | None = None) -> dict[str, jax.Array]:
   """Sums over the valid images of each score (and the count), ready to psum and divide."""
   scores = per_image_scores(logits, *valid_labels(labels, ignore_id))
   w = valid.astype(jnp.float32)
   out = {'count': w.sum(), 'pixel_accuracy': (scores['pixel_accuracy'] * w).sum()}
-  for name in ('dice', 'iou', 'class_accuracy'):
+  for name in PER_CLASS_SCORES:
     out[name] = (scores[name] * w[:, None]).sum(axis=0)  # per class
   return out
 
@@ -156,7 +159,7 @@ def finalize_eval_metrics(sums: dict[str, jax.Array]) -> dict[str, float]:
   """Means over images; `dice`, `iou`, `class_accuracy` also averaged over scored classes."""
   count = float(sums['count'])
   out: dict[str, float] = {'pixel_accuracy': float(sums['pixel_accuracy']) / count}
-  for name in ('dice', 'iou', 'class_accuracy'):
+  for name in PER_CLASS_SCORES:
     per_class = [float(v) / count for v in sums[name]]
     out[name] = sum(per_class) / len(per_class)
     if len(per_class) > 1:

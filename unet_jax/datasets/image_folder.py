@@ -131,9 +131,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image + mask folders as a TFDS dataset; one builder config per folder content."""
 
   # A new version makes folders prepared by an older reader be prepared again.
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
-                   '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).'}
+                   '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).',
+                   '1.2.0': "Each example's image file name, as `file_name`."}
 
   def __init__(self, *, root: str, **kwargs):
     self._root = os.path.abspath(root)
@@ -149,6 +150,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             'image': tfds.features.Tensor(shape=(None, None, self._channels), dtype=np.uint8,
                                           encoding='zlib'),
             'mask': tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding='zlib'),
+            'file_name': tfds.features.Text(),  # (as oxford_iiit_pet's: per-image reports)
         }),
         metadata=tfds.core.MetadataDict(mask_values=self._mask_values, root=self._root),
     )
@@ -167,7 +169,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         image = np.repeat(image, 3, axis=-1)
       mask_keys = _mask_keys(_read(mask_path, mask=True))
       ids = np.searchsorted(sorted_keys, mask_keys).astype(np.uint8)  # all keys are known
-      yield os.path.basename(image_path), {'image': image, 'mask': ids[..., None]}
+      name = os.path.basename(image_path)
+      yield name, {'image': image, 'mask': ids[..., None], 'file_name': name}
 
   def _sorted_keys(self) -> list[int]:
     return [mask_value_key(v) for v in self._mask_values]
