@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (BCEWithLogitsLoss(pos_weight=...)).
   config.class_weights = ()
   config.pos_weight = 1.0
+  # > 0: focal loss instead of plain cross-entropy, each pixel's term times (1 - p_t)^gamma
+  # (p_t: its probability of the true class); 2 is the paper's. The weights above still apply.
+  config.focal_gamma = 0.0
   config.half_precision = False  # bfloat16 compute, float32 params and BatchNorm statistics
 
   config.log_every_steps = 50

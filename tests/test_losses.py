@@ -138,3 +138,64 @@ def test_a_batch_with_every_pixel_ignored_has_a_finite_zero_gradient():
   grad = jax.grad(lambda x: losses.segmentation_loss(x, labels, dice_weight=1.0,
                                                      ignore_id=2)[0])(jnp.ones((2, 4, 4, 2)))
   assert np.all(np.asarray(grad) == 0)
+
+
+def _torch_sigmoid_focal(logits, targets, gamma, alpha=-1.0):
+  """torchvision.ops.sigmoid_focal_loss's formula, reduction='none'."""
+  p = torch.sigmoid(logits)
+  ce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
+  p_t = p * targets + (1 - p) * (1 - targets)
+  loss = ce * (1 - p_t) ** gamma
+  if alpha >= 0:
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+  return loss
+
+
+def test_focal_loss_matches_torch():
+  rng = np.random.default_rng(2)
+  for gamma in (0.5, 2.0):
+    # Softmax: the focal term of the true class's log-probability, class weights and ignored
+    # pixels reduced as F.cross_entropy reduces them.
+    logits = rng.standard_normal((3, 5, 6, 3)).astype(np.float32) * 3
+    labels = rng.integers(0, 4, (3, 5, 6))               # 3: ignored
+    weights = torch.tensor((0.2, 1.0, 3.5))
+    t_logits = torch.tensor(logits).permute(0, 3, 1, 2)
+    t_labels = torch.tensor(np.where(labels == 3, -100, labels))
+    ce = F.cross_entropy(t_logits, t_labels, reduction='none')   # 0 where ignored
+    p_t = torch.exp(-ce)
+    w = torch.where(t_labels >= 0, weights[t_labels.clamp(min=0)], 0.0)
+    want = (w * ce * (1 - p_t) ** gamma).sum() / w.sum()
+    _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                          ignore_id=3, class_weights=tuple(weights.tolist()),
+                                          focal_gamma=gamma)
+    np.testing.assert_allclose(metrics['ce_loss'], want, rtol=2e-6)
+    # Binary: torchvision's sigmoid focal loss; its alpha is (1 - alpha) x ours with
+    # pos_weight = alpha / (1 - alpha).
+    x = torch.tensor(rng.standard_normal((2, 5, 6)).astype(np.float32) * 3)
+    y = rng.integers(0, 2, (2, 5, 6))
+    t = torch.tensor(y, dtype=torch.float32)
+    _, metrics = losses.segmentation_loss(jnp.asarray(x[..., None]), y, dice_weight=1.0,
+                                          focal_gamma=gamma)
+    np.testing.assert_allclose(metrics['ce_loss'], _torch_sigmoid_focal(x, t, gamma).mean(),
+                               rtol=2e-6)
+    _, metrics = losses.segmentation_loss(jnp.asarray(x[..., None]), y, dice_weight=1.0,
+                                          focal_gamma=gamma, pos_weight=0.25 / 0.75)
+    np.testing.assert_allclose(0.75 * metrics['ce_loss'],
+                               _torch_sigmoid_focal(x, t, gamma, alpha=0.25).mean(), rtol=2e-6)
+    # gamma 0 is the plain cross-entropy; the focal one is smaller
+    plain = losses.segmentation_loss(jnp.asarray(x[..., None]), y, dice_weight=1.0)[1]
+    np.testing.assert_allclose(plain['ce_loss'], F.binary_cross_entropy_with_logits(x, t),
+                               rtol=1e-6)
+    assert metrics['ce_loss'] < plain['ce_loss']
+
+
+def test_focal_loss_gradient_is_finite_where_the_answer_is_certain():
+  import jax
+  # p_t is 1 in float32 at these logits: (1 - p_t)^0.5 has an infinite slope at 0 unfloored.
+  labels = np.asarray([[[1, 0]]])
+  for logits in (jnp.asarray([[[[200.0], [-200.0]]]]),              # binary
+                 jnp.asarray([[[[-200.0, 200.0], [200.0, -200.0]]]])):  # softmax
+    for gamma in (0.5, 2.0):
+      grad = jax.grad(lambda x, g=gamma: losses.segmentation_loss(
+          x, labels, dice_weight=0.0, focal_gamma=g)[0])(logits)
+      assert np.all(np.isfinite(np.asarray(grad))), gamma

@@ -92,7 +92,8 @@ def test_eight_devices_equal_one_device(kind):
     b['mask'][2:6] = np.where(np.random.default_rng(3).random((4, 16, 16)) < 0.5, 2,
                               b['mask'][2:6])
     b['mask'][8:10] = 2
-  loss = dict(ignore_id=2, pos_weight=4.0)  # (BCE's foreground weight, as torch's)
+  # (BCE's foreground weight, as torch's, and the focal loss's factor)
+  loss = dict(ignore_id=2, pos_weight=4.0, focal_gamma=2.0)
   one = _run_steps(config, jax.devices()[:1], kind, batches, **loss)
   eight = _run_steps(config, jax.devices(), kind, batches, **loss)
   # The step's cross-entropy is the weighted one, over the valid pixels.
@@ -374,6 +375,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'pos_weight': 2.0, 'model.num_classes': 2}, 'pos_weight=2.0 weighs the foreground of BCE '
      '(model.num_classes=1); with 2 classes set --config.class_weights instead'),
     (dict(pos_weight=0.0), 'pos_weight=0.0 must be positive'),
+    (dict(focal_gamma=-1.0), 'focal_gamma=-1.0 must be at least 0 (0: plain cross-entropy; '
+     'the focal loss paper uses 2)'),
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),

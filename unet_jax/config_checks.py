@@ -79,6 +79,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if pos_weight != 1.0 and nc > 1:
     raise UserError(f'pos_weight={pos_weight} weighs the foreground of BCE (model.num_classes=1); '
                     f'with {nc} classes set --config.class_weights instead')
+  gamma = config.get('focal_gamma', 0.0)
+  if not 0 <= gamma < float('inf'):
+    raise UserError(f'focal_gamma={gamma} must be at least 0 (0: plain cross-entropy; the focal '
+                    'loss paper uses 2)')
   if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
     raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
                     'output channel, softmax CE two or more')

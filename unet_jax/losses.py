@@ -52,20 +52,32 @@ def pixel_weights(labels: jax.Array, valid: jax.Array | None,
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
-                  total_weight: jax.Array | None = None, pos_weight: float = 1.0) -> jax.Array:
+                  total_weight: jax.Array | None = None, pos_weight: float = 1.0,
+                  focal_gamma: float = 0.0) -> jax.Array:
   """BCE-with-logits (1 channel) or softmax cross-entropy (K channels): the mean, or with
   per-pixel `weights` the weighted sum divided by `total_weight` (default: the weights' sum
   here), as torch's losses with `weight`/`ignore_index` reduce. `pos_weight`: BCE's, as in
-  `BCEWithLogitsLoss(pos_weight=...)`."""
+  `BCEWithLogitsLoss(pos_weight=...)`.
+
+  `focal_gamma` > 0: the focal loss (Lin et al. 2017): each pixel's term times
+  (1 - p_t)^focal_gamma, p_t the probability it gives the true class, so confident right
+  answers count less. For BCE that is torchvision's `sigmoid_focal_loss` without `alpha`."""
   logits = logits.astype(jnp.float32)
   if logits.shape[-1] == 1:
     x, y = logits[..., 0], (labels == 1).astype(jnp.float32)
+    log_p_true = y * jax.nn.log_sigmoid(x) + (1 - y) * jax.nn.log_sigmoid(-x)
     if pos_weight == 1.0:
       per_pixel = optax.sigmoid_binary_cross_entropy(x, y)
     else:
       per_pixel = -(pos_weight * y * jax.nn.log_sigmoid(x) + (1 - y) * jax.nn.log_sigmoid(-x))
   else:
     per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    log_p_true = -per_pixel
+  if focal_gamma:
+    # 1 - p_t without cancellation; floored above 0 so that a gamma below 1 keeps a finite
+    # gradient where p_t rounds to 1 (there the factor is 0 to float precision anyway).
+    miss = jnp.maximum(-jnp.expm1(log_p_true), jnp.finfo(jnp.float32).tiny)
+    per_pixel = per_pixel * miss ** focal_gamma
   if weights is None:
     return per_pixel.mean()
   if total_weight is None:
@@ -89,8 +101,9 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float,
                       ignore_id: int | None = None, axis_name: str | None = None,
                       class_weights: Sequence[float] | None = None, pos_weight: float = 1.0,
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Cross-entropy + dice_weight * (1 - soft Dice) on this device's share of the batch.
+                      focal_gamma: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy (focal when focal_gamma > 0) + dice_weight * (1 - soft Dice) on this
+  device's share of the batch.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
@@ -101,7 +114,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     # divided by the global total weight: the devices' totals differ.
     devices = jax.lax.psum(1, axis_name)
     total = jax.lax.psum(weights.sum(), axis_name) / devices
-  ce = cross_entropy(logits, labels, weights, total, pos_weight)
+  ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma)
   dice = soft_dice_loss(logits, labels, valid)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}

@@ -159,7 +159,7 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                dice_weight: float, ignore_id: int | None = None,
                class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               focal_gamma: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code)."""
 
   def loss_fn(params):
@@ -167,7 +167,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                                   batch['image'], train=True, mutable=['batch_stats'])
     loss, metrics = losses.segmentation_loss(
         logits, batch['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
-        axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight)
+        axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
+        focal_gamma=focal_gamma)
     return loss, (metrics, updates['batch_stats'])
 
   grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -449,7 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(train_step, model=train_model, dice_weight=config.dice_weight,
                         ignore_id=info.ignore_id,
                         class_weights=tuple(config.get('class_weights', ())) or None,
-                        pos_weight=config.get('pos_weight', 1.0)),
+                        pos_weight=config.get('pos_weight', 1.0),
+                        focal_gamma=config.get('focal_gamma', 0.0)),
       mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(
       functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,
