@@ -110,6 +110,40 @@ def test_eight_devices_equal_one_device(kind):
   assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
 
 
+def test_ema_of_the_weights_follows_torch_averaged_model():
+  # torch's AveragedModel(get_ema_multi_avg_fn(decay), use_buffers=True), told the weights
+  # after each step (its first update copies them: the average starts at the initial weights),
+  # holds what the step's average holds, BatchNorm statistics included.
+  from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+  decay = 0.8
+  config = tiny_config(ema_decay=decay)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = train.build_model(config, parallel.AXIS)
+  state = train.create_train_state(config, model, mesh)
+  step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=1.0,
+                                               ema_decay=decay), mesh, 'shard_map')
+  holder = torch.nn.Module()
+  holder.weights = torch.nn.ParameterList(
+      [torch.nn.Parameter(torch.tensor(np.asarray(x))) for x in jax.tree.leaves(state.params)])
+  for i, x in enumerate(jax.tree.leaves(state.batch_stats)):
+    holder.register_buffer(f'stat{i}', torch.tensor(np.asarray(x)))
+  averaged = AveragedModel(holder, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+  averaged.update_parameters(holder)
+  for batch in _random_batches(3):
+    state, _ = step(state, batch)
+    with torch.no_grad():
+      for t, x in zip([*holder.weights, *holder.buffers()],
+                      jax.tree.leaves((state.params, state.batch_stats)), strict=True):
+        t.copy_(torch.tensor(np.asarray(x)))
+    averaged.update_parameters(holder)
+  want = [t.detach().numpy() for t in [*averaged.module.weights, *averaged.module.buffers()]]
+  got = jax.tree.leaves((state.ema['params'], state.ema['batch_stats']))
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert train.variables_of(state) is state.ema
+  assert _max_rel(state.ema['params'], state.params) > 1e-3  # an average, not the weights
+
+
 def test_shard_map_and_pmap_agree():
   config = tiny_config()
   batches = _random_batches(2, seed=1)
@@ -579,3 +613,34 @@ def test_a_resume_with_another_batch_size_continues_the_data_stream(tmp_path, mo
   saved = TrainCheckpoints(workdir, 2)
   assert saved.saved_meta(3)['examples_seen'] == 16 + 16
   saved.close()
+
+
+def test_ema_run_evaluates_serves_and_resumes_its_average(tmp_path):
+  import orbax.checkpoint as ocp
+  flags = dict(ema_decay=0.5, schedule='constant', eval_every_steps=2, checkpoint_every_steps=1,
+               num_sample_images=2)
+  workdir = tmp_path / 'wd'
+  train.train_and_evaluate(tiny_config(num_train_steps=1, **flags), str(workdir))
+  train.train_and_evaluate(tiny_config(num_train_steps=2, **flags), str(workdir))
+  first, last = (ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / n / 'state')
+                 for n in ('1', '2'))
+  # The resumed run averaged on from the saved average: step 2's is 0.5 x step 1's + 0.5 x
+  # step 2's weights (BatchNorm statistics too).
+  for avg, before, now in zip(jax.tree.leaves(last['ema']), jax.tree.leaves(first['ema']),
+                              jax.tree.leaves({k: last[k] for k in ('batch_stats', 'params')}),
+                              strict=True):
+    np.testing.assert_allclose(avg, 0.5 * before + 0.5 * now, rtol=1e-6, atol=1e-7)
+  # What readers load is the average, not the last weights: the checkpoint holds both.
+  _, served, _ = load_pretrained_with_metadata(str(workdir))
+  for a, b in zip(jax.tree.leaves(served), jax.tree.leaves(last['ema']), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert _max_rel(last['ema']['params'], last['params']) > 1e-3
+  # ... and the run's evaluation scored the same weights.
+  logged = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  got = evaluate_checkpoint(str(workdir))
+  assert {k: got[k] for k in ('dice', 'iou')} == {k: logged[f'eval_{k}'] for k in ('dice', 'iou')}
+  # Turning the average off (or on) for a resume is refused: the state has another form.
+  with pytest.raises(UserError, match='was saved by a run with ema_decay=0.5, this config has '
+                     'ema_decay=0.0; rerun with its settings'):
+    train.train_and_evaluate(tiny_config(num_train_steps=3, **dict(flags, ema_decay=0.0)),
+                             str(workdir))

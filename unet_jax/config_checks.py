@@ -79,6 +79,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if pos_weight != 1.0 and nc > 1:
     raise UserError(f'pos_weight={pos_weight} weighs the foreground of BCE (model.num_classes=1); '
                     f'with {nc} classes set --config.class_weights instead')
+  decay = config.get('ema_decay', 0.0)
+  if not 0 <= decay < 1:
+    raise UserError(f'ema_decay={decay} must be in [0, 1) (0: no moving average; e.g. 0.999)')
   gamma = config.get('focal_gamma', 0.0)
   if not 0 <= gamma < float('inf'):
     raise UserError(f'focal_gamma={gamma} must be at least 0 (0: plain cross-entropy; the focal '

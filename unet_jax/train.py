@@ -53,6 +53,20 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
+class EmaTrainState(TrainState):
+  """With `ema`: {'params', 'batch_stats'} averaged over the steps (config.ema_decay > 0), the
+  weights that evaluation, checkpoints' readers and conversion use. A class of its own so that
+  the state of a run without it, and its checkpoints, keep their form."""
+  ema: Any
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """The weights a run is evaluated with and serves: the moving average when it keeps one."""
+  if isinstance(state, EmaTrainState):
+    return state.ema
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None) -> UNet:
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name)
@@ -69,6 +83,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax
   def init(rng, initial):
     # outside any mapped axis, on the smallest input
     variables = init_variables(model, rng) if initial is None else initial
+    if config.get('ema_decay', 0.0):  # the average starts at the initial weights
+      return EmaTrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                                  batch_stats=variables['batch_stats'], ema=dict(variables))
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
 
@@ -147,6 +164,9 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   def form(tx: Any) -> Any:
     return jax.tree.structure(jax.eval_shape(tx.init, state.params))
 
+  averaged = [bool(c.get('ema_decay', 0.0)) for c in (saved_config, config)]
+  if averaged[0] != averaged[1]:  # (the state has the average, or not)
+    raise refusal({'ema_decay': saved_config.get('ema_decay', 0.0)}, config, ['ema_decay'])
   if form(saved_tx) == form(state.tx):
     return
   differ = _differing(saved_config, config, _OPTIMIZER_FIELDS)
@@ -159,8 +179,13 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                dice_weight: float, ignore_id: int | None = None,
                class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
-               focal_gamma: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on this device's share of the global batch (per-device code)."""
+               focal_gamma: float = 0.0, ema_decay: float = 0.0,
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on this device's share of the global batch (per-device code).
+
+  `ema_decay` > 0 (an EmaTrainState): then ema = decay * ema + (1 - decay) * the new weights,
+  BatchNorm statistics included (timm's ModelEmaV2; torch's AveragedModel with
+  get_ema_multi_avg_fn and use_buffers=True)."""
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
@@ -176,6 +201,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   metrics = jax.lax.pmean(metrics, parallel.AXIS)
   # batch_stats are already identical on every device: BatchNorm averaged over the axis.
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if ema_decay:
+    new_state = new_state.replace(ema=jax.tree.map(
+        lambda avg, x: ema_decay * avg + (1.0 - ema_decay) * x, state.ema,
+        {'params': new_state.params, 'batch_stats': new_state.batch_stats}))
   # A non-finite loss or gradient leaves the state as it was (the host then skips or stops).
   finite = jnp.isfinite(metrics['loss']) & jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -354,7 +383,7 @@ def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.
 
 
 def evaluate(p_eval, state: TrainState, eval_ds) -> dict[str, float]:
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = variables_of(state)
   return losses.finalize_eval_metrics(evaluation_sums(p_eval, variables, eval_ds))
 
 
@@ -366,8 +395,7 @@ def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int 
   images = np.stack([e['image'] for e in examples])
   labels, valid = losses.valid_labels(np.stack([e['mask'] for e in examples]), ignore_id)
   truth = np.asarray(labels) if valid is None else np.where(valid, labels, -1)  # -1: ignored
-  variables = {'params': jax.tree.map(_local, state.params),
-               'batch_stats': jax.tree.map(_local, state.batch_stats)}
+  variables = jax.tree.map(_local, variables_of(state))
   logits = eval_apply(model)(variables, images)
   return images, truth, np.asarray(losses.predict_classes(logits))
 
@@ -451,7 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         ignore_id=info.ignore_id,
                         class_weights=tuple(config.get('class_weights', ())) or None,
                         pos_weight=config.get('pos_weight', 1.0),
-                        focal_gamma=config.get('focal_gamma', 0.0)),
+                        focal_gamma=config.get('focal_gamma', 0.0),
+                        ema_decay=config.get('ema_decay', 0.0)),
       mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(
       functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,

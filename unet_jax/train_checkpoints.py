@@ -98,7 +98,8 @@ class TrainCheckpoints:
 def read_workdir(workdir: str, step: int | str | None = None,
                  ) -> tuple[int, dict[str, Any], dict, int]:
   """(step, {'params', 'batch_stats'}, meta, updates) of a workdir's latest step, or the given
-  one, or with step='best' the one with the highest eval Dice.
+  one, or with step='best' the one with the highest eval Dice. The variables are the moving
+  average of a run with config.ema_decay > 0.
 
   `step` counts the batches the run consumed, `updates` the ones applied: a step skipped as
   non-finite consumed its batch but changed neither the weights nor the BatchNorm statistics.
@@ -136,5 +137,6 @@ def read_workdir(workdir: str, step: int | str | None = None,
     manager.close()
     absl_logging.set_verbosity(verbosity)
   state = restored['state']
-  return (step, {'params': state['params'], 'batch_stats': state['batch_stats']},
-          restored['meta'], int(state['step']))
+  # A run that kept a moving average of its weights serves that (train.variables_of).
+  variables = state.get('ema') or {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return step, variables, restored['meta'], int(state['step'])
