@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TFDS_DIR, move_off_init, nchw, nhwc
+from test_predict import torch_flip_tta
 from test_train import REPO, _env, tiny_config
 from torch_reference import SeedUNet
 
@@ -21,15 +22,17 @@ from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 
 
-def _torch_scores(ref, config):
-  """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split."""
+def _torch_scores(ref, config, tta=False):
+  """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split (`tta`:
+  of its mean logits over flips)."""
   source = input_pipeline.load_sources(config)[1]
   dice, iou, acc = [], [], []
   for i in range(len(source)):
     example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]),
                                         config.image_size, None, None)
+    x = nchw(example['image'][None])
     with torch.no_grad():
-      pred = nhwc(ref(nchw(example['image'][None])))[0, ..., 0] > 0
+      pred = nhwc(torch_flip_tta(ref, x) if tta else ref(x))[0, ..., 0] > 0
     truth = example['mask'] == 1
     tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
     dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
@@ -78,6 +81,12 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
     per_image = np.array([float(r[k]) for r in rows])
     assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k  # (the rare flipped pixel)
     assert per_image.mean() == pytest.approx(got[k], abs=1e-6), k
+  # With flip TTA (here in-process, on 8 devices), the scores of torch's mean logits over flips.
+  got = evaluate_checkpoint(converted, config, tta=True)
+  want_tta = _torch_scores(ref, config, tta=True)
+  assert got['tta'] and abs(got['dice'] - want['dice'].mean()) > 2e-3  # (another prediction)
+  for k, v in want_tta.items():
+    assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
 
 
 def test_cli_per_image_destination_is_checked_before_compute(tmp_path):

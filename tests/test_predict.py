@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err, nchw, nhwc
+from conftest import max_rel_err, move_off_init, nchw, nhwc
 from PIL import Image
 from torch_reference import SeedUNet
 
@@ -62,6 +62,31 @@ def test_predict_at_a_size_sees_what_training_saw_and_resizes_back_as_milesial()
   assert max_rel_err(predict_logits(model, variables, image[None]), want) > 1e-2  # not native
   np.testing.assert_array_equal(unet_jax.predict(model, variables, image, size=16),
                                 (got[0, ..., 0] > 0).astype(np.int32))
+
+
+def torch_flip_tta(ref, x):
+  """The mean over flips of a torch model's logits, each flipped back (NCHW)."""
+  with torch.no_grad():
+    return sum(torch.flip(ref(torch.flip(x, dims)), dims) if dims else ref(x)
+               for dims in ((), (2,), (3,), (2, 3))) / 4
+
+
+def test_flip_tta_is_the_mean_of_torch_logits_over_flips(tmp_path):
+  ref = move_off_init(SeedUNet(1, 2, base=4, depth=2), 1, 2, hw=(32, 48)).eval()
+  torch.save(ref.state_dict(), tmp_path / 'm.pth')
+  model, variables = unet_jax.load_pretrained(torch_to_flax(str(tmp_path / 'm.pth'),
+                                                            str(tmp_path / 'ckpt')))
+  image = np.random.default_rng(5).random((2, 32, 48, 1), np.float32)
+  got = predict_logits(model, variables, image, tta=True)
+  want = nhwc(torch_flip_tta(ref, nchw(image)))
+  assert max_rel_err(got, want) <= 1e-5
+  plain = predict_logits(model, variables, image)
+  assert max_rel_err(plain, want) > 1e-3  # (the network alone is not flip-equivariant)
+  # Its masks, and a flipped image's, are the flipped masks.
+  masks = unet_jax.predict(model, variables, image, tta=True)
+  np.testing.assert_array_equal(masks, np.argmax(want, axis=-1))
+  np.testing.assert_array_equal(unet_jax.predict(model, variables, image[:, ::-1], tta=True),
+                                masks[:, ::-1])
 
 
 @pytest.fixture

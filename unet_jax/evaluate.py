@@ -30,6 +30,7 @@ import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.errors import UserError
+from unet_jax.flip_tta import eval_logits
 
 ALL_SPLITS = 'all'
 
@@ -46,10 +47,11 @@ def _run_config(meta: dict[str, Any], config: ml_collections.ConfigDict | None,
 
 
 def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: Any,
-                 ignore_id: int | None) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+                 ignore_id: int | None, tta: bool = False,
+                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """eval_step's sums, and every image's scores with its `valid` flag, gathered from all
   devices in the global batch's order."""
-  logits = model.apply(variables, batch['image'], train=False)
+  logits = eval_logits(model, variables, batch['image'], tta)
   sums = losses.summed_eval_metrics(logits, batch['mask'], batch['valid'], ignore_id)
   scores = losses.per_image_scores(logits, *losses.valid_labels(batch['mask'], ignore_id))
   scores['valid'] = batch['valid']
@@ -98,7 +100,8 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
 
 
 def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | None = None,
-                        split: str | None = None, per_image: bool = False) -> dict[str, Any]:
+                        split: str | None = None, per_image: bool = False, tta: bool = False,
+                        ) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices.
 
@@ -108,6 +111,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   `per_image`: also `per_image`, one dict per image in the dataset's order: `split`, `index`
   (in the split), `file_name` (the dataset's, '' where it has none) and the image's scores,
   whose means are the metrics.
+  `tta`: score the mean logits over flips (flip_tta.py), as `predict --tta` masks.
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
@@ -138,7 +142,8 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   variables = jax.device_put(variables, parallel.replicated(mesh))
   step_fn = _scores_step if per_image else eval_step
   p_eval = parallel.distribute(
-      functools.partial(step_fn, model=build_model(config, None), ignore_id=info.ignore_id),
+      functools.partial(step_fn, model=build_model(config, None), ignore_id=info.ignore_id,
+                        tta=tta),
       mesh, config.get('parallel', 'shard_map'), donate_state=False)
   sums, rows = None, []
   for name in info.splits if split == ALL_SPLITS else (split,):
@@ -154,7 +159,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums)
   metrics.update(images=int(sums['count']), image_size=config.image_size, split=split,
-                 dataset=info.name, step=meta.get('step'))
+                 dataset=info.name, step=meta.get('step'), tta=tta)
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -193,7 +198,9 @@ def _report(checkpoint: str, metrics: dict[str, Any]) -> str:
   size = metrics['image_size']
   scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
   return (f'{checkpoint}{step} on {metrics["dataset"]!r}, split {metrics["split"]}: '
-          f'{metrics["images"]} images at {size}x{size}\n{scores}\n{json.dumps(metrics)}')
+          f'{metrics["images"]} images at {size}x{size}'
+          f'{", logits averaged over flips" if metrics["tta"] else ""}\n{scores}\n'
+          f'{json.dumps(metrics)}')
 
 
 def main(argv: list[str]) -> None:
@@ -206,7 +213,7 @@ def main(argv: list[str]) -> None:
     if csv_path:
       _check_csv_destination(csv_path)
     metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.split,
-                                  per_image=bool(csv_path))
+                                  per_image=bool(csv_path), tta=flags.FLAGS.tta)
     if csv_path:
       write_csv(csv_path, metrics.pop('per_image'))
   except UserError as e:
@@ -228,6 +235,7 @@ if __name__ == '__main__':
                                   '(default: a workdir\'s own)', lock_config=True)
   flags.DEFINE_string('split', None, "the split to score (default: the config's "
                       "data.eval_split; 'all': every split together)")
+  flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_string('per_image', None, 'also write each image\'s scores to this CSV file '
                       '(split, index, file_name, dice, iou, class_accuracy, pixel_accuracy)')
   app.run(main)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.errors import UserError
+from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import eight_bit, resize
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
@@ -33,10 +34,11 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 
 
 @functools.lru_cache(maxsize=8)
-def eval_apply(model: UNet):
+def eval_apply(model: UNet, tta: bool = False):
   """`model.apply(variables, x, train=False)`, jitted once per model config and reused, so
-  repeated calls (every file, every evaluation) do not compile it again."""
-  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+  repeated calls (every file, every evaluation) do not compile it again. `tta`: the mean over
+  flips (flip_tta.py)."""
+  return jax.jit(lambda v, x: eval_logits(model, v, x, tta))
 
 
 def _ramp(length: int, ramp: int, margin: int, at_start: bool, at_end: bool) -> np.ndarray:
@@ -59,23 +61,24 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
 
 def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
                    tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-                   ) -> np.ndarray:
+                   tta: bool = False) -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
 
   `size`: run the network on each image resized to size x size, as training resizes its
   examples to `image_size` (PIL's bilinear filter, on the 8-bit image when it is one), and resize
   the logits back to H x W (bilinear, as milesial's predict.py does); None runs at H x W.
+  `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
   """
   images = np.asarray(images)
   if size:
     from PIL import Image
     logits = predict_logits(
         model, variables, np.stack([resize(im, size, size, Image.BILINEAR) for im in images]),
-        tile=tile, overlap=overlap, batch_size=batch_size)
+        tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
   images = images / np.float32(255) if images.dtype == np.uint8 else images.astype(np.float32)
-  fn = eval_apply(model)
+  fn = eval_apply(model, tta)
   n, h, w, _ = images.shape
   if not tile or (h <= tile and w <= tile):
     return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
@@ -108,10 +111,11 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, size: int
 
 def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
             tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-            ) -> np.ndarray:
+            tta: bool = False) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
   `size`: the network sees each image at size x size, as in training (see `predict_logits`).
+  `tta`: the mean logits over flips (four forward passes; flip_tta.py).
   Binary models (1 output channel) threshold the logit at 0; others take the argmax.
   """
   images = np.asarray(images)
@@ -122,7 +126,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None
     raise UserError(f'images must be (N, H, W, {model.in_channels}) for this model, got shape '
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
-                          batch_size=batch_size)
+                          batch_size=batch_size, tta=tta)
   classes = np.asarray(predict_classes(jnp.asarray(logits)))
   return classes[0] if single else classes
 
@@ -205,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
   p.add_argument('--tile', type=int, default=None, help='tile size for large images')
   p.add_argument('--overlap', type=int, default=None, help='tile overlap (default tile/2)')
+  p.add_argument('--tta', action='store_true',
+                 help='average the logits over flips (4 forward passes per image)')
   p.add_argument('--size', type=int, default=None,
                  help="resize images to SIZE x SIZE for the network, masks back (default: a "
                       "training workdir's image_size, as it trained; 0: each image's own size)")
@@ -239,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       for indices in groups.values():
         batch = np.stack([images[i] for i in indices])
         masks = predict(model, variables, batch, size=size or None, tile=args.tile,
-                        overlap=args.overlap)
+                        overlap=args.overlap, tta=args.tta)
         for i, classes in zip(indices, masks, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
@@ -255,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   how = (f'the network saw each image at {size}x{size}' + (
       ", the training image_size (--size 0: each at its own size)" if args.size is None else '')
-         if size else 'each image at its own size')
+         if size else 'each image at its own size') + (', its logits averaged over flips'
+                                                       if args.tta else '')
   print(f'wrote {len(files)} mask(s) to {os.path.abspath(args.output)} ({how})')
   return 0
 

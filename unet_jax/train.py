@@ -29,6 +29,7 @@ from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
 from unet_jax.config_checks import validate_config, validate_data
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
+from unet_jax.flip_tta import eval_logits
 from unet_jax.levers import CPU_SCHEDULERS
 from unet_jax.model import UNet, init_variables
 from unet_jax.optimizers import (
@@ -222,9 +223,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: UNet,
-              ignore_id: int | None = None) -> dict[str, jax.Array]:
-  """Summed scores of this device's share of an eval batch, summed over all devices."""
-  logits = model.apply(variables, batch['image'], train=False)
+              ignore_id: int | None = None, tta: bool = False) -> dict[str, jax.Array]:
+  """Summed scores of this device's share of an eval batch, summed over all devices.
+  `tta`: of the mean logits over flips (flip_tta.py)."""
+  logits = eval_logits(model, variables, batch['image'], tta)
   return jax.lax.psum(losses.summed_eval_metrics(logits, batch['mask'], batch['valid'],
                                                  ignore_id), parallel.AXIS)
 
