@@ -209,3 +209,45 @@ def test_cli_refuses_an_output_that_is_a_file(tmp_path, converted, capsys):
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1, err
   assert err.endswith('x.png: exists and is not a folder; choose another --output'), err
+
+
+def _probabilities_and_thresholds(model, variables, image):
+  """sigmoid of the logits, and two thresholds halfway between neighbouring probabilities
+  about a quarter from each end (no pixel sits on them)."""
+  prob = torch.sigmoid(torch.tensor(predict_logits(model, variables, image[None])))[0, ..., 0]
+  values = np.unique(prob.numpy())
+  return prob, [float(values[k] + values[k + 1]) / 2 for k in (len(values) // 4,
+                                                                3 * len(values) // 4)]
+
+
+def test_threshold_is_milesials_mask_threshold(tmp_path, converted, capsys):
+  # milesial's predict.py: mask = sigmoid(output) > out_threshold, on the same logits.
+  model, variables = _moved_model()
+  image = (np.random.default_rng(6).random((32, 48, 1)) * 255).astype(np.uint8)
+  prob, (low, high) = _probabilities_and_thresholds(model, variables, image)
+  for t in (low, 0.5, high):
+    want = (prob > t).numpy()
+    assert t == 0.5 or 0.1 < want.mean() < 0.9, t
+    np.testing.assert_array_equal(unet_jax.predict(model, variables, image, threshold=t), want)
+  assert not np.array_equal(unet_jax.predict(model, variables, image, threshold=high),
+                            unet_jax.predict(model, variables, image))
+  # The command line writes those masks (in the checkpoint's mask values); a threshold out of
+  # range writes nothing.
+  model, variables = unet_jax.load_pretrained(str(converted))
+  prob, (_, high) = _probabilities_and_thresholds(model, variables, image)
+  os.makedirs(tmp_path / 'in')
+  _write(tmp_path / 'in' / 'a.png', image[..., 0])
+  assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out'), '--threshold', repr(high)]) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_mask.png')),
+                                np.where(prob.numpy() > high, 200, 0))
+  capsys.readouterr()
+  assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out2'), '--threshold', '1.5']) == 2
+  assert capsys.readouterr().err == ('error: threshold=1.5 must be in (0, 1): the probability '
+                                     'above which a pixel is foreground\n')
+  assert not (tmp_path / 'out2').exists()
+  two = UNet(num_classes=2, base_features=4, depth=2)
+  with pytest.raises(unet_jax.errors.UserError, match=r'threshold=0.7 is for binary models \(1 '
+                     r'output channel\); this one has 2 classes and takes the argmax'):
+    unet_jax.predict(two, init_variables(two, jax.random.key(0)), image, threshold=0.7)

@@ -109,15 +109,26 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, size: int
   return out / np.maximum(weight, 1e-12)
 
 
+def _check_threshold(model: UNet, threshold: float) -> None:
+  if not 0 < threshold < 1:
+    raise UserError(f'threshold={threshold} must be in (0, 1): the probability above which a '
+                    'pixel is foreground')
+  if threshold != 0.5 and model.num_classes != 1:
+    raise UserError(f'threshold={threshold} is for binary models (1 output channel); this one '
+                    f'has {model.num_classes} classes and takes the argmax')
+
+
 def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
             tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-            tta: bool = False) -> np.ndarray:
+            tta: bool = False, threshold: float = 0.5) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
   `size`: the network sees each image at size x size, as in training (see `predict_logits`).
   `tta`: the mean logits over flips (four forward passes; flip_tta.py).
-  Binary models (1 output channel) threshold the logit at 0; others take the argmax.
+  Binary models (1 output channel): foreground where the probability exceeds `threshold`
+  (milesial's --mask-threshold); others take the argmax.
   """
+  _check_threshold(model, threshold)
   images = np.asarray(images)
   single = images.ndim == 3
   if single:
@@ -127,7 +138,10 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta)
-  classes = np.asarray(predict_classes(jnp.asarray(logits)))
+  if threshold == 0.5:  # the logit above 0, as training's evaluation takes it
+    classes = np.asarray(predict_classes(jnp.asarray(logits)))
+  else:  # sigmoid(logit) > threshold
+    classes = (logits[..., 0] > np.log(threshold / (1 - threshold))).astype(np.int32)
   return classes[0] if single else classes
 
 
@@ -209,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
   p.add_argument('--tile', type=int, default=None, help='tile size for large images')
   p.add_argument('--overlap', type=int, default=None, help='tile overlap (default tile/2)')
+  p.add_argument('--threshold', type=float, default=0.5,
+                 help='binary models: foreground where its probability exceeds this (default '
+                      '0.5; milesial\'s --mask-threshold)')
   p.add_argument('--tta', action='store_true',
                  help='average the logits over flips (4 forward passes per image)')
   p.add_argument('--size', type=int, default=None,
@@ -226,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if size and size < 2**model.depth or size < 0:
       raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
                       'each image at its own size)')
+    _check_threshold(model, args.threshold)
     images = [_read_image(f, model.in_channels) for f in files]  # all checked before writing
     for f, im in zip(files, images, strict=True):
       if not size and min(im.shape[:2]) < 2**model.depth:
@@ -245,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       for indices in groups.values():
         batch = np.stack([images[i] for i in indices])
         masks = predict(model, variables, batch, size=size or None, tile=args.tile,
-                        overlap=args.overlap, tta=args.tta)
+                        overlap=args.overlap, tta=args.tta, threshold=args.threshold)
         for i, classes in zip(indices, masks, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
