@@ -43,7 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
       num_threads=2,             # grain reader threads
   ))
   config.augment = ml_collections.ConfigDict(dict(
-      min_scale=0.6, flip_horizontal=True, flip_vertical=True))
+      min_scale=0.6, flip_horizontal=True, flip_vertical=True,
+      rotate90=False,            # random quarter turns (for data without an up, e.g. aerial)
+      # torchvision's ColorJitter: factors drawn from [1 - x, 1 + x]; 0: off
+      brightness=0.0, contrast=0.0))
 
   config.image_size = 64
   config.batch_size = 16         # global, over all devices and processes

@@ -14,7 +14,7 @@ from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.datasets.image_folder import find_pairs, scan
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
-from unet_jax.input_pipeline import _TrainExample
+from unet_jax.input_pipeline import _TrainExample, preprocess
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 COLOURS = [(0, 0, 0), (255, 0, 0), (0, 128, 255)]
@@ -220,3 +220,58 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
   with pytest.raises(UserError, match='none of its checkpoints has an eval Dice saved with it '
                      r'.*; name a step instead: checkpoints/STEP$'):
     load_pretrained_with_metadata(str(tmp_path / 'unscored' / 'checkpoints' / 'best'))
+
+
+def _augmented(seed, image, mask, **augment):
+  """preprocess at the source's own size (no resize, no crop) with these augment settings."""
+  import ml_collections
+  aug = ml_collections.ConfigDict(dict(min_scale=1.0, flip_horizontal=False,
+                                       flip_vertical=False, **augment))
+  return preprocess({'image': image, 'mask': mask}, mask.shape[0],
+                    np.random.default_rng(seed), aug)
+
+
+def test_quarter_turns_turn_image_and_mask_together():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (16, 16, 1), np.uint8)
+  mask = (rng.random((16, 16)) > 0.5).astype(np.uint8)
+  seen = set()
+  for seed in range(24):
+    out = _augmented(seed, image, mask, rotate90=True)
+    k = [k for k in range(4) if np.array_equal(out['mask'], np.rot90(mask, k))]
+    assert len(k) == 1
+    np.testing.assert_array_equal(out['image'], np.rot90(image, k[0]) / np.float32(255))
+    seen.add(k[0])
+  assert seen == {0, 1, 2, 3}
+  # Off (the default), nothing turns, and the other draws are those of a stream without it.
+  for seed in range(4):
+    np.testing.assert_array_equal(_augmented(seed, image, mask, rotate90=False)['image'],
+                                  _augmented(seed, image, mask)['image'])
+
+
+def test_brightness_and_contrast_as_torchvision_color_jitter():
+  rng = np.random.default_rng(1)
+  for channels in (1, 3):
+    image = rng.integers(40, 200, (16, 16, channels), np.uint8)
+    mask = (rng.random((16, 16)) > 0.5).astype(np.uint8)
+    base = image / np.float32(255)
+    factors = []
+    for seed in range(8):
+      # brightness alone: image x factor, factor in [0.6, 1.4] (clipped at 1)
+      out = _augmented(seed, image, mask, brightness=0.4)
+      factor = float(out['image'].max() / base.max()) if out['image'].max() < 1 else None
+      if factor is not None:
+        assert 0.6 <= factor <= 1.4
+        np.testing.assert_allclose(out['image'], np.clip(base * factor, 0, 1), atol=1e-6)
+        factors.append(factor)
+      np.testing.assert_array_equal(out['mask'], mask)
+      # contrast alone: torchvision's blend with the mean of the grayscale image
+      out = _augmented(seed, image, mask, contrast=0.4)
+      gray = base[..., 0] if channels == 1 else (
+          0.299 * base[..., 0] + 0.587 * base[..., 1] + 0.114 * base[..., 2])
+      mean = gray.mean()
+      c = float((out['image'][0, 0, 0] - mean) / (base[0, 0, 0] - mean))
+      assert 0.6 - 1e-4 <= c <= 1.4 + 1e-4
+      np.testing.assert_allclose(out['image'], np.clip(c * base + (1 - c) * mean, 0, 1),
+                                 atol=1e-5)
+    assert len(set(np.round(factors, 4))) > 3  # drawn, not fixed

@@ -46,6 +46,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')
+  for name in ('brightness', 'contrast'):
+    value = config.augment.get(name, 0.0)
+    if not 0 <= value < 1:
+      raise UserError(f'augment.{name}={value} must be in [0, 1): factors are drawn from '
+                      f'[1 - {name}, 1 + {name}]')
   if not 0 < config.augment.min_scale <= 1:
     raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
                     "smallest random crop's side, as a fraction of the image's")

@@ -149,10 +149,15 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
 def preprocess(example: dict[str, np.ndarray], image_size: int,
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                ) -> dict[str, np.ndarray]:
-  """Random scale-crop and flips (when `rng` is given), resize, scale to [0, 1]."""
+  """Random scale-crop, flips, quarter turns (when `rng` is given), resize, scale to [0, 1],
+  random brightness and contrast.
+
+  Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
+  draws of the others, and a stream without it, as they were."""
   from PIL import Image
   image, mask = example['image'], example['mask']
-  if rng is not None and aug is not None:
+  augment = rng is not None and aug is not None
+  if augment:
     h, w = mask.shape
     scale = rng.uniform(aug.min_scale, 1.0)
     ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -162,10 +167,30 @@ def preprocess(example: dict[str, np.ndarray], image_size: int,
       image, mask = image[:, ::-1], mask[:, ::-1]
     if aug.flip_vertical and rng.random() < 0.5:
       image, mask = image[::-1], mask[::-1]
+    if aug.get('rotate90', False):
+      k = int(rng.integers(0, 4))  # counter-clockwise quarter turns
+      image, mask = np.rot90(image, k), np.rot90(mask, k)
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
   image = resize(image, image_size, image_size, Image.BILINEAR)
   mask = resize(mask, image_size, image_size, Image.NEAREST)
-  return {'image': image.astype(np.float32) / 255.0, 'mask': mask.astype(np.int32)}
+  image = image.astype(np.float32) / 255.0
+  if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
+    image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
+  return {'image': image, 'mask': mask.astype(np.int32)}
+
+
+def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
+            ) -> np.ndarray:
+  """torchvision's ColorJitter brightness then contrast: factors drawn from [1 - b, 1 + b],
+  `image * factor`, then the blend `factor * image + (1 - factor) * mean`, the mean of the
+  image's grayscale (ITU-R 601 weights for RGB); each clipped to [0, 1]."""
+  if brightness:
+    image = np.clip(image * np.float32(rng.uniform(1 - brightness, 1 + brightness)), 0, 1)
+  if contrast:
+    factor = np.float32(rng.uniform(1 - contrast, 1 + contrast))
+    gray = image[..., 0] if image.shape[-1] == 1 else image @ np.float32([0.299, 0.587, 0.114])
+    image = np.clip(factor * image + (1 - factor) * gray.mean(dtype=np.float32), 0, 1)
+  return image.astype(np.float32)
 
 
 def _global_position(j: int, local_batch: int, global_batch: int, process_index: int) -> int:
