@@ -416,6 +416,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
+    ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '
+     'from [1 - contrast, 1 + contrast]'),
+    (dict(ema_decay=1.0), 'ema_decay=1.0 must be in [0, 1) (0: no moving average'),
     ({'data.native_size': 100}, 'data.native_size=100: synthetic_shapes comes in 64, 128, 480'),
     ({'data.eval_split': 'validation'},
      "dataset 'synthetic_shapes' has no split 'validation' (it has test, train); set "
