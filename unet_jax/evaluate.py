@@ -31,6 +31,7 @@ import numpy as np
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
+from unet_jax.reporting import float32_decimal
 
 ALL_SPLITS = 'all'
 
@@ -74,17 +75,14 @@ def _image_rows(split: str, source: Any, first: int, scores: dict[str, np.ndarra
     classes: dict[str, float] = {}
     for name in losses.PER_CLASS_SCORES:
       per_class = scores[name][r]
-      row[name] = _shortest(per_class.mean())
+      row[name] = float32_decimal(per_class.mean())
       if len(per_class) > 1:
-        classes.update({f'{name}_class{c}': _shortest(v) for c, v in enumerate(per_class)})
-    row['pixel_accuracy'] = _shortest(scores['pixel_accuracy'][r])
+        classes.update({f'{name}_class{c}': float32_decimal(v)
+                        for c, v in enumerate(per_class)})
+    row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'][r])
     rows.append(row | classes)
   return rows
 
-
-def _shortest(x: Any) -> float:
-  """A float32 score as its shortest decimal (0.6122027, not 0.6122027039527893)."""
-  return float(str(np.float32(x)))
 
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,

@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 
 
+def float32_decimal(x: Any) -> float:
+  """A float32 value as its shortest decimal: 0.0006, not 0.000599999912083149 (the float32
+  nearest 0.0006 written out as a float64)."""
+  return float(str(np.float32(x)))
+
+
 class Reporter:
   def __init__(self, workdir: str, total_steps: int, start_step: int, images_per_step: int,
                enabled: bool = True):

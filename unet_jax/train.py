@@ -40,7 +40,7 @@ from unet_jax.optimizers import (
   replace_plateau_state,
 )
 from unet_jax.predict import eval_apply
-from unet_jax.reporting import Reporter
+from unet_jax.reporting import Reporter, float32_decimal
 from unet_jax.step_compilation import (
   compile_per_signature,
   compiler_options,
@@ -370,9 +370,7 @@ def _learning_rate(schedule: Callable[[int], Any], state: TrainState) -> float:
   plateau = find_plateau_state(state.opt_state)
   if plateau is not None:
     rate *= float(_local(plateau.lr_scale))
-  # The optimizer's rate is a float32: logged as its shortest decimal (1e-3 x 0.1 is 0.0001,
-  # not float32's 0.00010000000149011612).
-  return float(str(np.float32(rate)))
+  return float32_decimal(rate)  # the optimizer's rate is a float32 (1e-3 x 0.1: 0.0001)
 
 
 def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.ndarray]:
