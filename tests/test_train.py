@@ -193,6 +193,13 @@ def test_train_end_to_end_outputs(tmp_path, capsys):
   config = tiny_config(**{'data.data_dir': str(tmp_path / 'tfds')})
   metrics = train.train_and_evaluate(config, str(workdir))
   assert 0.0 <= metrics['dice'] <= 1.0
+  # Its first line says what trains on what, where.
+  params = sum(x.size for x in jax.tree.leaves(load_pretrained(str(workdir))[1]['params']))
+  assert re.search(
+      rf'^{params:,} parameters \(base_features=4, depth=1, 1 output channel\(s\)\) \| '
+      r'synthetic_shapes: \d+ training, 204 eval images at 16x16 \| 8 cpu device\(s\) in 1 '
+      rf'process\(es\), batch 16 \| 6 steps -> {re.escape(str(workdir))}$',
+      capsys.readouterr().out, re.M)
   assert (tmp_path / 'tfds' / 'synthetic_shapes' / '64px').is_dir()
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]

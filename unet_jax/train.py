@@ -360,6 +360,19 @@ def _plateau_stepper(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   return step
 
 
+def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainState,
+                 info: input_pipeline.DataInfo, mesh: jax.sharding.Mesh, workdir: str) -> str:
+  """One line at the start: what trains on what, where, into which workdir."""
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  devices = mesh.devices.size
+  kind = mesh.devices.flat[0].platform
+  return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
+          f'{model.num_classes} output channel(s)) | {info.name}: {info.num_train} training, '
+          f'{info.num_eval} eval images at {config.image_size}x{config.image_size} | '
+          f'{devices} {kind} device(s) in {jax.process_count()} process(es), batch '
+          f'{config.batch_size} | {config.num_train_steps} steps -> {os.path.abspath(workdir)}')
+
+
 def _evaluations(n: int) -> str:
   return f'{n} evaluation' + ('' if n == 1 else 's')
 
@@ -488,6 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = learning_rate_schedule(config)
   plateau_step = _plateau_stepper(config, mesh) if config.schedule == 'plateau' else None
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
+  reporter.message(_run_summary(config, train_model, state, info, mesh, workdir))
   if start:
     reporter.message(f'resumed from {checkpoints.directory}/{start}')
     if start_examples != start * config.batch_size:
