@@ -14,7 +14,7 @@ from torch_reference import SeedUNet
 import unet_jax
 from unet_jax import UNet, init_variables, input_pipeline
 from unet_jax.convert import torch_to_flax
-from unet_jax.predict import main, predict_logits
+from unet_jax.predict import main, predict_logits, probabilities
 
 
 def _moved_model():
@@ -85,6 +85,9 @@ def test_flip_tta_is_the_mean_of_torch_logits_over_flips(tmp_path):
   # Its masks, and a flipped image's, are the flipped masks.
   masks = unet_jax.predict(model, variables, image, tta=True)
   np.testing.assert_array_equal(masks, np.argmax(want, axis=-1))
+  # (and the probabilities predict --probabilities writes: torch's softmax of them)
+  np.testing.assert_allclose(probabilities(got), torch.softmax(torch.tensor(want), -1).numpy(),
+                             atol=1e-6)
   np.testing.assert_array_equal(unet_jax.predict(model, variables, image[:, ::-1], tta=True),
                                 masks[:, ::-1])
 
@@ -238,9 +241,13 @@ def test_threshold_is_milesials_mask_threshold(tmp_path, converted, capsys):
   os.makedirs(tmp_path / 'in')
   _write(tmp_path / 'in' / 'a.png', image[..., 0])
   assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
-               str(tmp_path / 'out'), '--threshold', repr(high)]) == 0
+               str(tmp_path / 'out'), '--threshold', repr(high), '--probabilities']) == 0
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_mask.png')),
                                 np.where(prob.numpy() > high, 200, 0))
+  # --probabilities: the sigmoid the threshold was applied to, (H, W, 1) float32
+  saved = np.load(tmp_path / 'out' / 'a_prob.npy', allow_pickle=False)
+  assert saved.shape == (32, 48, 1) and saved.dtype == np.float32
+  np.testing.assert_allclose(saved[..., 0], prob.numpy(), rtol=1e-6)
   capsys.readouterr()
   assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
                str(tmp_path / 'out2'), '--threshold', '1.5']) == 2

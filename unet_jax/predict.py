@@ -138,11 +138,23 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta)
-  if threshold == 0.5:  # the logit above 0, as training's evaluation takes it
-    classes = np.asarray(predict_classes(jnp.asarray(logits)))
-  else:  # sigmoid(logit) > threshold
-    classes = (logits[..., 0] > np.log(threshold / (1 - threshold))).astype(np.int32)
+  classes = classes_from_logits(logits, threshold)
   return classes[0] if single else classes
+
+
+def classes_from_logits(logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """Class ids (N, H, W): for one channel sigmoid(logit) > threshold, else the argmax."""
+  if threshold == 0.5:  # the logit above 0, as training's evaluation takes it
+    return np.asarray(predict_classes(jnp.asarray(logits)))
+  return (logits[..., 0] > np.log(threshold / (1 - threshold))).astype(np.int32)
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) float32: the foreground's sigmoid for one channel, the softmax otherwise."""
+  logits = jnp.asarray(logits, jnp.float32)
+  if logits.shape[-1] == 1:
+    return np.asarray(jax.nn.sigmoid(logits))
+  return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
 def _collect(inputs: Sequence[str]) -> list[str]:
@@ -226,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--threshold', type=float, default=0.5,
                  help='binary models: foreground where its probability exceeds this (default '
                       '0.5; milesial\'s --mask-threshold)')
+  p.add_argument('--probabilities', action='store_true',
+                 help='also write NAME_prob.npy: float32 (H, W, C) probabilities (sigmoid of '
+                      'the one channel, or softmax over the classes)')
   p.add_argument('--tta', action='store_true',
                  help='average the logits over flips (4 forward passes per image)')
   p.add_argument('--size', type=int, default=None,
@@ -262,14 +277,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
       for indices in groups.values():
         batch = np.stack([images[i] for i in indices])
-        masks = predict(model, variables, batch, size=size or None, tile=args.tile,
-                        overlap=args.overlap, tta=args.tta, threshold=args.threshold)
-        for i, classes in zip(indices, masks, strict=True):
+        logits = predict_logits(model, variables, batch, size=size or None, tile=args.tile,
+                                overlap=args.overlap, tta=args.tta)
+        masks = classes_from_logits(logits, args.threshold)
+        probs = probabilities(logits) if args.probabilities else [None] * len(indices)
+        for i, classes, prob in zip(indices, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
           Image.fromarray(_mask_image(classes, meta.get('mask_values', []))).save(tmp,
                                                                                   format='PNG')
           os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
+          if prob is not None:
+            tmp = os.path.join(args.output, f'.{stem}_prob.npy.tmp')
+            with open(tmp, 'wb') as f:
+              np.save(f, prob)
+            os.replace(tmp, os.path.join(args.output, f'{stem}_prob.npy'))
           if args.overlay:
             Image.fromarray(_overlay(images[i], classes)).save(
                 os.path.join(args.output, f'{stem}_overlay.png'))
