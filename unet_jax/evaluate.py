@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -60,18 +61,25 @@ def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, mode
           jax.lax.all_gather(scores, parallel.AXIS, tiled=True))
 
 
-def _file_name(record: dict[str, Any]) -> str:
-  name = np.asarray(record.get('file_name', '')).item()
-  return name.decode() if isinstance(name, bytes) else str(name)
+def _file_names(source: Any) -> Callable[[int], str]:
+  """index -> the record's `file_name` feature; '' for every index of a dataset without one
+  (found from the first record, not by decoding each again)."""
+  if len(source) == 0 or 'file_name' not in source[0]:
+    return lambda index: ''
+
+  def name(index: int) -> str:
+    value = np.asarray(source[index]['file_name']).item()
+    return value.decode() if isinstance(value, bytes) else str(value)
+  return name
 
 
-def _image_rows(split: str, source: Any, first: int, scores: dict[str, np.ndarray],
-                ) -> list[dict[str, Any]]:
+def _image_rows(split: str, file_name: Callable[[int], str], first: int,
+                scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
   """One row per valid image of a gathered batch whose first image is `first` in `split`."""
   rows = []
   for r in np.flatnonzero(scores['valid']):
     index = first + int(r)
-    row: dict[str, Any] = {'split': split, 'index': index, 'file_name': _file_name(source[index])}
+    row: dict[str, Any] = {'split': split, 'index': index, 'file_name': file_name(index)}
     classes: dict[str, float] = {}
     for name in losses.PER_CLASS_SCORES:
       per_class = scores[name][r]
@@ -89,11 +97,11 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
                    global_batch: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
   read whole)."""
-  sums, rows = None, []
+  sums, rows, file_name = None, [], _file_names(source)
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-    rows += _image_rows(split, source, b * global_batch, jax.tree.map(np.asarray, scores))
+    rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores))
   return jax.tree.map(np.asarray, sums), rows
 
 
