@@ -183,14 +183,23 @@ def test_resuming_with_another_model_or_optimizer_is_refused(tmp_path):
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():
-  config = tiny_config()
+  # (with a weight average kept, ema_decay: it stays as it was too)
+  config = tiny_config(ema_decay=0.5, schedule='constant')  # (cosine's first rate is 0)
   batches = _random_batches(2)
   bad = dict(batches[1], image=np.full_like(batches[1]['image'], np.nan))
-  one = _run_steps(config, jax.devices()[:2], 'shard_map', batches[:1], with_state=True)
-  two = _run_steps(config, jax.devices()[:2], 'shard_map', [batches[0], bad], with_state=True)
+  one = _run_steps(config, jax.devices()[:2], 'shard_map', batches[:1], with_state=True,
+                   ema_decay=0.5)
+  two = _run_steps(config, jax.devices()[:2], 'shard_map', [batches[0], bad], with_state=True,
+                   ema_decay=0.5)
   assert two[2][1]['nonfinite'] == 1.0 and one[2][0]['nonfinite'] == 0.0
   for a, b in zip(jax.tree.leaves(one[:2]), jax.tree.leaves(two[:2]), strict=True):
     np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(one[3].ema), jax.tree.leaves(two[3].ema), strict=True):
+    np.testing.assert_array_equal(np.asarray(a.addressable_data(0)),
+                                  np.asarray(b.addressable_data(0)))
+  # (the good step moved it: halfway from the initial weights to the new ones)
+  assert not np.array_equal(np.asarray(jax.tree.leaves(one[3].ema['params'])[0]),
+                            np.asarray(jax.tree.leaves(one[3].params)[0]))
   assert int(two[3].step) == int(one[3].step) == 1  # it counts applied updates (the loop: batches)
 
 
@@ -199,8 +208,8 @@ def nan_at_step_4(monkeypatch):
   real = input_pipeline._TrainExample.map
 
   def poisoned(self, j):  # global step 4 (batch index 3) gets a NaN image
-    out = real(self, j)
-    if j // self.local_batch == 3:
+    out = real(self, j)  # (j counts from the run's start; `offset` is the examples before it)
+    if self.offset // self.global_batch + j // self.local_batch == 3:
       out['image'] = np.full_like(out['image'], np.nan)
     return out
 
