@@ -1,4 +1,4 @@
-"""Training: the per-device train and eval steps, and the loop (the state: train_state.py).
+"""Training: TrainState, the per-device train and eval steps, and the loop.
 
     from unet_jax.train import train_and_evaluate
     train_and_evaluate(config, workdir)
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
@@ -30,7 +31,7 @@ from unet_jax.config_checks import validate_config, validate_data
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.flip_tta import eval_logits
 from unet_jax.levers import CPU_SCHEDULERS
-from unet_jax.model import UNet
+from unet_jax.model import UNet, init_variables
 from unet_jax.optimizers import (
   find_plateau_state,
   learning_rate_schedule,
@@ -41,11 +42,62 @@ from unet_jax.optimizers import (
 from unet_jax.predict import eval_apply
 from unet_jax.reporting import Reporter, float32_decimal
 from unet_jax.step_compilation import (
+  compile_per_signature,
   compiler_options,
+  init_compiler_options,
   use_persistent_cache,
 )
 from unet_jax.train_checkpoints import TrainCheckpoints
-from unet_jax.train_state import TrainState, build_model, create_train_state, variables_of
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+class EmaTrainState(TrainState):
+  """With `ema`: {'params', 'batch_stats'} averaged over the steps (config.ema_decay > 0), the
+  weights that evaluation, checkpoints' readers and conversion use. A class of its own so that
+  the state of a run without it, and its checkpoints, keep their form."""
+  ema: Any
+
+
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """The weights a run is evaluated with and serves: the moving average when it keeps one."""
+  if isinstance(state, EmaTrainState):
+    return state.ema
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def build_model(config: ml_collections.ConfigDict, axis_name: str | None) -> UNet:
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax.sharding.Mesh,
+                       initial: dict[str, Any] | None = None) -> TrainState:
+  """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice.
+
+  `initial`: variables to start from (`config.init_from`) instead of a random draw; the
+  optimizer state is new either way."""
+  tx = make_optimizer(config)
+
+  def init(rng, initial):
+    # outside any mapped axis, on the smallest input
+    variables = init_variables(model, rng) if initial is None else initial
+    if config.get('ema_decay', 0.0):  # the average starts at the initial weights
+      return EmaTrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                                  batch_stats=variables['batch_stats'], ema=dict(variables))
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables['batch_stats'])
+
+  key = jax.random.key(config.seed)
+  if initial is not None:  # every process holds the whole tree: a replicated global array
+    initial = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        parallel.replicated(mesh), np.asarray(x)), dict(initial))
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh),
+                           jax.eval_shape(init, key, initial))
+  options = init_compiler_options(mesh.devices.flat[0].platform)
+  return compile_per_signature(jax.jit(init, out_shardings=shardings), options)(key, initial)
 
 
 def _differing(theirs: Any, ours: Any, fields: Any) -> list[str]:
