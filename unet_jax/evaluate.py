@@ -54,8 +54,8 @@ def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, mode
   """eval_step's sums, and every image's scores with its `valid` flag, gathered from all
   devices in the global batch's order."""
   logits = eval_logits(model, variables, batch['image'], tta)
-  sums = losses.summed_eval_metrics(logits, batch['mask'], batch['valid'], ignore_id)
   scores = losses.per_image_scores(logits, *losses.valid_labels(batch['mask'], ignore_id))
+  sums = losses.summed_scores(scores, batch['valid'])  # (eval_step's summed_eval_metrics)
   scores['valid'] = batch['valid']
   return (jax.lax.psum(sums, parallel.AXIS),
           jax.lax.all_gather(scores, parallel.AXIS, tiled=True))
@@ -90,7 +90,6 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
     row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'][r])
     rows.append(row | classes)
   return rows
-
 
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,

@@ -160,7 +160,11 @@ PER_CLASS_SCORES = ('dice', 'iou', 'class_accuracy')  # reported as their mean o
 def summed_eval_metrics(logits: jax.Array, labels: jax.Array, valid: jax.Array,
                         ignore_id: int | None = None) -> dict[str, jax.Array]:
   """Sums over the valid images of each score (and the count), ready to psum and divide."""
-  scores = per_image_scores(logits, *valid_labels(labels, ignore_id))
+  return summed_scores(per_image_scores(logits, *valid_labels(labels, ignore_id)), valid)
+
+
+def summed_scores(scores: dict[str, jax.Array], valid: jax.Array) -> dict[str, jax.Array]:
+  """per_image_scores summed over the images where `valid` (and their count)."""
   w = valid.astype(jnp.float32)
   out = {'count': w.sum(), 'pixel_accuracy': (scores['pixel_accuracy'] * w).sum()}
   for name in PER_CLASS_SCORES:

@@ -467,13 +467,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             file=sys.stderr, flush=True)
       continue
     start = step  # batches consumed; state.step counts only the updates applied
+    saved = saved or {}
     # Examples consumed; a checkpoint from before this was recorded consumed batches of its
     # own run's batch_size.
-    start_examples = (saved or {}).get(
-        'examples_seen', step * (saved or {}).get('config', {}).get('batch_size',
-                                                                    config.batch_size))
-    init_layout = (saved or {}).get('metadata', {}).get(INIT_LAYOUT)  # (kept through resumes)
-    early = _EarlyStopping(early.patience, (saved or {}).get('early_stop'))
+    start_examples = saved.get(
+        'examples_seen', step * saved.get('config', {}).get('batch_size', config.batch_size))
+    init_layout = saved.get('metadata', {}).get(INIT_LAYOUT)  # (kept through resumes)
+    early = _EarlyStopping(early.patience, saved.get('early_stop'))
     break
   if not start and damaged and config.get('init_from') and initial is None:
     # every checkpoint was damaged: a new run, from init_from's weights
