@@ -62,7 +62,7 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
   assert {k: v for k, v in evaluate_checkpoint(str(tmp_path / 'wd')).items()
           if k in metrics} == metrics
   parts = [evaluate_checkpoint(str(tmp_path / 'wd'), split=s) for s in ('train', 'test')]
-  both = evaluate_checkpoint(str(tmp_path / 'wd'), split='all', per_image=True)
+  both = evaluate_checkpoint(str(tmp_path / 'wd'), split='all', per_image=True, surface=True)
   assert both['images'] == sum(p['images'] for p in parts) == 12
   for k in metrics:
     assert both[k] == pytest.approx(sum(p[k] * p['images'] for p in parts) / 12, rel=1e-6)
@@ -75,9 +75,14 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
       ('train', i) for i in range(10)]
   assert set(rows[0]) == {'split', 'index', 'file_name', 'pixel_accuracy', 'dice', 'iou',
                           'class_accuracy', 'dice_class0', 'dice_class1', 'iou_class0',
-                          'iou_class1', 'class_accuracy_class0', 'class_accuracy_class1'}
+                          'iou_class1', 'class_accuracy_class0', 'class_accuracy_class1',
+                          'hd95', 'assd', 'hd95_class0', 'hd95_class1', 'assd_class0',
+                          'assd_class1'}
   for k in metrics:
     assert np.mean([r[k] for r in rows]) == pytest.approx(both[k], rel=1e-6), k
+  for k in ('hd95', 'assd', 'hd95_class0', 'hd95_class1', 'assd_class0', 'assd_class1'):
+    # (Surface scores: the mean over the images where the class is in truth or prediction.)
+    assert np.mean([r[k] for r in rows if r[k] is not None]) == pytest.approx(both[k]), k
   assert len({r['dice'] for r in rows}) > 1  # (scores of each image, not one repeated)
   with pytest.raises(UserError, match=r"has no split 'val' \(it has test, train\); choose one "
                      'with --split, or --split all$'):

@@ -22,11 +22,11 @@ from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 
 
-def _torch_scores(ref, config, tta=False):
+def _torch_scores(ref, config, tta=False, surface=False):
   """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split (`tta`:
-  of its mean logits over flips)."""
+  of its mean logits over flips; `surface`: also HD95 and ASSD by MONAI)."""
   source = input_pipeline.load_sources(config)[1]
-  dice, iou, acc = [], [], []
+  dice, iou, acc, hd95, assd = [], [], [], [], []
   for i in range(len(source)):
     example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]),
                                         config.image_size, None, None)
@@ -38,7 +38,23 @@ def _torch_scores(ref, config, tta=False):
     dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     iou.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
     acc.append((pred == truth).mean())
-  return {'dice': np.array(dice), 'iou': np.array(iou), 'pixel_accuracy': np.array(acc)}
+    if surface:
+      hd95.append(_monai_surface(pred, truth)[0])
+      assd.append(_monai_surface(pred, truth)[1])
+  scores = {'dice': np.array(dice), 'iou': np.array(iou), 'pixel_accuracy': np.array(acc)}
+  return scores | ({'hd95': np.array(hd95), 'assd': np.array(assd)} if surface else {})
+
+
+def _monai_surface(pred, truth):
+  """MONAI's HD95 and ASSD of one image's boolean masks; where it gives NaN or infinity (one
+  mask or both empty), unet_jax's convention: NaN for both, the diagonal for one."""
+  from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+  if not pred.any() or not truth.any():
+    return (np.nan,) * 2 if pred.any() == truth.any() else (np.hypot(*truth.shape),) * 2
+  p, t = (torch.tensor(np.asarray(m))[None, None] for m in (pred, truth))
+  return (float(compute_hausdorff_distance(p, t, include_background=True, percentile=95)),
+          float(compute_average_surface_distance(p, t, include_background=True,
+                                                 symmetric=True)))
 
 
 def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
@@ -81,12 +97,17 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
     per_image = np.array([float(r[k]) for r in rows])
     assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k  # (the rare flipped pixel)
     assert per_image.mean() == pytest.approx(got[k], abs=1e-6), k
-  # With flip TTA (here in-process, on 8 devices), the scores of torch's mean logits over flips.
-  got = evaluate_checkpoint(converted, config, tta=True)
-  want_tta = _torch_scores(ref, config, tta=True)
+  # With flip TTA (here in-process, on 8 devices), the scores of torch's mean logits over flips,
+  # and their boundary distances as MONAI computes them.
+  got = evaluate_checkpoint(converted, config, tta=True, per_image=True, surface=True)
+  want_tta = _torch_scores(ref, config, tta=True, surface=True)
   assert got['tta'] and abs(got['dice'] - want['dice'].mean()) > 2e-3  # (another prediction)
   for k, v in want_tta.items():
-    assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
+    assert got[k] == pytest.approx(np.nanmean(v), rel=1e-2, abs=1e-3), k
+  for k in ('hd95', 'assd'):
+    per_image = np.array([np.nan if r[k] is None else r[k] for r in got['per_image']])
+    assert np.mean(np.isclose(per_image, want_tta[k], rtol=1e-6, equal_nan=True)) > 0.97, k
+  assert 1 < got['hd95'] < np.hypot(16, 16)  # (not the empty masks' diagonal throughout)
 
 
 def test_cli_per_image_destination_is_checked_before_compute(tmp_path):

@@ -4,13 +4,15 @@
     python -m unet_jax.evaluate --checkpoint converted/ --config configs/folder.py \\
         --config.data.root=my_data --config.image_size=256 --split all
     python -m unet_jax.evaluate --checkpoint workdirs/base --per_image scores.csv
+    python -m unet_jax.evaluate --checkpoint workdirs/base --surface
 
 A training workdir's own run config says which dataset, split and image size it was evaluated
 on, so a checkpoint scores here exactly what the run logged for it. A converted checkpoint
 records no dataset: `--config` names one (any training config; its model fields are ignored,
 the checkpoint's are used). `--per_image FILE.csv` also writes each image's scores, one row per
 image in the dataset's order, with its file name where the dataset has one (image folders do):
-sorted by Dice, it lists the images the model fails on.
+sorted by Dice, it lists the images the model fails on. `--surface` adds boundary distances
+(HD95, ASSD: surface_distance.py), as medical segmentation reports them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unet_jax import input_pipeline, losses, parallel
+from unet_jax import input_pipeline, losses, parallel, surface_distance
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.reporting import float32_decimal
@@ -49,14 +51,19 @@ def _run_config(meta: dict[str, Any], config: ml_collections.ConfigDict | None,
 
 
 def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: Any,
-                 ignore_id: int | None, tta: bool = False,
+                 ignore_id: int | None, tta: bool = False, maps: bool = False,
                  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """eval_step's sums, and every image's scores with its `valid` flag, gathered from all
-  devices in the global batch's order."""
+  devices in the global batch's order. `maps`: also each image's predicted and true class
+  ids (`pred`, `labels`) and the pixels that count (`pixels`), for surface distances."""
   logits = eval_logits(model, variables, batch['image'], tta)
-  scores = losses.per_image_scores(logits, *losses.valid_labels(batch['mask'], ignore_id))
+  labels, pixels = losses.valid_labels(batch['mask'], ignore_id)
+  scores = losses.per_image_scores(logits, labels, pixels)
   sums = losses.summed_scores(scores, batch['valid'])  # (eval_step's summed_eval_metrics)
   scores['valid'] = batch['valid']
+  if maps:
+    scores.update(pred=losses.predict_classes(logits), labels=labels,
+                  pixels=jnp.ones(labels.shape, bool) if pixels is None else pixels)
   return (jax.lax.psum(sums, parallel.AXIS),
           jax.lax.all_gather(scores, parallel.AXIS, tiled=True))
 
@@ -73,9 +80,23 @@ def _file_names(source: Any) -> Callable[[int], str]:
   return name
 
 
+def _surface_row(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
+  """An image's HD95 and ASSD (the mean over its classes that are not NaN) and, with several
+  classes, each class's; None for NaN (an empty CSV cell)."""
+  row, classes = {}, {}
+  for name in surface_distance.SURFACE_SCORES:
+    row[name] = surface_distance.nan_mean(scores[name])
+    if len(scores[name]) > 1:
+      classes.update({f'{name}_class{c}': surface_distance.nan_mean(v[None])
+                      for c, v in enumerate(scores[name])})
+  return row | classes
+
+
 def _image_rows(split: str, file_name: Callable[[int], str], first: int,
-                scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-  """One row per valid image of a gathered batch whose first image is `first` in `split`."""
+                scores: dict[str, np.ndarray], surface: list[dict[str, np.ndarray]],
+                ) -> list[dict[str, Any]]:
+  """One row per valid image of a gathered batch whose first image is `first` in `split`.
+  With `maps` in the batch, also appends each image's surface scores to `surface`."""
   rows = []
   for r in np.flatnonzero(scores['valid']):
     index = first + int(r)
@@ -88,25 +109,34 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
         classes.update({f'{name}_class{c}': float32_decimal(v)
                         for c, v in enumerate(per_class)})
     row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'][r])
-    rows.append(row | classes)
+    row |= classes
+    if 'pred' in scores:
+      n = scores['dice'].shape[1]
+      surface.append(surface_distance.surface_scores(
+          scores['pred'][r], scores['labels'][r], [1] if n == 1 else range(n),
+          scores['pixels'][r]))
+      row |= _surface_row(surface[-1])
+    rows.append(row)
   return rows
 
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
-                   global_batch: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+                   global_batch: int, surface: list[dict[str, np.ndarray]],
+                   ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
-  read whole)."""
+  read whole); each image's surface scores appended to `surface` when the step gives maps."""
   sums, rows, file_name = None, [], _file_names(source)
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-    rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores))
+    rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores),
+                        surface)
   return jax.tree.map(np.asarray, sums), rows
 
 
 def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | None = None,
                         split: str | None = None, per_image: bool = False, tta: bool = False,
-                        ) -> dict[str, Any]:
+                        surface: bool = False) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices.
 
@@ -117,6 +147,8 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   (in the split), `file_name` (the dataset's, '' where it has none) and the image's scores,
   whose means are the metrics.
   `tta`: score the mean logits over flips (flip_tta.py), as `predict --tta` masks.
+  `surface`: also the boundary distances `hd95` and `assd` (surface_distance.py), in pixels
+  at image_size; per class too with several classes; in the per-image rows as well.
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
@@ -145,24 +177,27 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
                     f'{info.mask_values[:8]} but the checkpoint\'s model has '
                     f'{model.num_classes} output class(es)')
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  step_fn = _scores_step if per_image else eval_step
+  step_fn = (functools.partial(_scores_step, maps=surface) if per_image or surface
+             else eval_step)
   p_eval = parallel.distribute(
       functools.partial(step_fn, model=build_model(config, None), ignore_id=info.ignore_id,
                         tta=tta),
       mesh, config.get('parallel', 'shard_map'), donate_state=False)
-  sums, rows = None, []
+  sums, rows, surface_scores = None, [], []
   for name in info.splits if split == ALL_SPLITS else (split,):
     config.data.eval_split = name
     source = input_pipeline.load_sources(config)[1]
     batches = input_pipeline.eval_dataset(source, config)
-    if per_image:
+    if per_image or surface:
       part, split_rows = _sums_and_rows(p_eval, variables, batches, name, source,
-                                        config.eval_batch_size)
+                                        config.eval_batch_size, surface_scores)
       rows += split_rows
     else:
       part = evaluation_sums(p_eval, variables, batches)
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums)
+  if surface:
+    metrics.update(surface_distance.mean_surface_scores(surface_scores))
   metrics.update(images=int(sums['count']), image_size=config.image_size, split=split,
                  dataset=info.name, step=meta.get('step'), tta=tta)
   if per_image:
@@ -218,7 +253,8 @@ def main(argv: list[str]) -> None:
     if csv_path:
       _check_csv_destination(csv_path)
     metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.split,
-                                  per_image=bool(csv_path), tta=flags.FLAGS.tta)
+                                  per_image=bool(csv_path), tta=flags.FLAGS.tta,
+                                  surface=flags.FLAGS.surface)
     if csv_path:
       write_csv(csv_path, metrics.pop('per_image'))
   except UserError as e:
@@ -241,6 +277,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('split', None, "the split to score (default: the config's "
                       "data.eval_split; 'all': every split together)")
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
+  flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
+                    'Hausdorff) and assd (average symmetric surface distance), in pixels')
   flags.DEFINE_string('per_image', None, 'also write each image\'s scores to this CSV file '
                       '(split, index, file_name, dice, iou, class_accuracy, pixel_accuracy)')
   app.run(main)
