@@ -96,11 +96,12 @@ def _measure(args, train_step, eval_step, sync, on_gpu: bool) -> dict:
 
 
 def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base: int,
-                precision: str, compiled: bool):
+                precision: str, compiled: bool, grad_accum: int = 1):
   """The seed model's training and eval steps in PyTorch, on the GPU when there is one.
 
   Returns (train_step, eval_step, model, on_gpu); each step returns an unsynchronised tensor.
   bf16 is PyTorch AMP as its docs recommend for convnets: autocast plus channels_last.
+  `grad_accum` > 1: each step's batch in that many chunks, (loss / k).backward() on each.
   """
   import torch
   sys.path.insert(0, os.path.join(REPO, 'tests'))
@@ -127,9 +128,10 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
   def train_step():
     model.train()
     opt.zero_grad(set_to_none=True)
-    with autocast():
-      loss = loss_fn(forward(x).float(), y)
-    loss.backward()
+    for x_part, y_part in zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True):
+      with autocast():
+        loss = loss_fn(forward(x_part).float(), y_part)
+      (loss / grad_accum if grad_accum > 1 else loss).backward()
     opt.step()
     return loss
 
@@ -145,7 +147,7 @@ def run_torch(args) -> dict:
   import torch
   train_step, eval_step, _, on_gpu = torch_steps(
       args.size, args.batch, args.in_channels, args.num_classes, args.base_features,
-      args.precision, compiled=args.worker == 'torch_compile')
+      args.precision, compiled=args.worker == 'torch_compile', grad_accum=args.grad_accum)
   result = _measure(args, train_step, eval_step, lambda t: t.item(), on_gpu)
   if on_gpu:
     result['peak_device_mb'] = torch.cuda.max_memory_allocated() / 2**20
@@ -205,7 +207,8 @@ def run_jax(args, project: bool) -> dict:
     mesh = parallel.make_mesh(jax.devices()[:1])
     model = train.build_model(config, parallel.AXIS)
     state = train.create_train_state(config, model, mesh)
-    step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=0.0),
+    step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=0.0,
+                                                 grad_accum_steps=args.grad_accum),
                                mesh, compiler_options=train.step_compiler_options(config, mesh))
     batch = {'image': x, 'mask': labels}
     holder = {'state': state}
@@ -267,6 +270,7 @@ def _spawn(side: str, args) -> dict:
          str(args.base_features)]
   cmd += [f'--{name}={getattr(args, name)}' for name in LEVERS]
   cmd += ['--remat'] if args.remat else []
+  cmd += [f'--grad_accum={getattr(args, "grad_accum", 1)}']
   cmd += ['--no_levers'] if getattr(args, 'no_levers', False) else []
   cmd += [f'--cpu_scheduler={args.cpu_scheduler}']
   cmd += [f'--precision={getattr(args, "precision", "fp32")}',
@@ -303,6 +307,8 @@ def main() -> None:
   p.add_argument('--no_levers', action='store_true',
                  help="every lever above set to XLA's own op (on a GPU, XLA's ops are cuDNN's)")
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--grad_accum', type=int, default=1,
+                 help='each training step in this many microbatches (torch, jax_project)')
   p.add_argument('--cpu_scheduler', default=CPU_SCHEDULERS[0], choices=CPU_SCHEDULERS,
                  help="jax_project only: XLA's CPU op order (unet_jax/step_compilation.py)")
   p.add_argument('--huge_pages', default='on', choices=('on', 'off'),
@@ -320,6 +326,12 @@ def main() -> None:
   unknown = [s for s in sides if s not in SIDES]
   if unknown:
     raise SystemExit(f'unknown side {unknown[0]!r}; use any of {", ".join(SIDES)}')
+  if args.grad_accum > 1 and 'jax_plain' in sides:
+    raise SystemExit('--grad_accum: the jax_plain side has no accumulation; leave it out '
+                     '(--sides torch,jax_project)')
+  if args.grad_accum < 1 or args.batch % args.grad_accum:
+    raise SystemExit(f'--grad_accum={args.grad_accum} must be at least 1 and divide '
+                     f'--batch={args.batch}')
   runs: dict[str, list[dict]] = {s: [] for s in sides}
   failed: dict[str, str] = {}
   for r in range(args.repeats):
@@ -366,6 +378,7 @@ def main() -> None:
         f'of {args.repeats} alternating rounds; jax levers: '
         + ', '.join(f'{k}={v}' for k, v in _levers(args).items())
         + f'; jax_project cpu_scheduler={args.cpu_scheduler}; huge pages {args.huge_pages}'
+        + (f'; {args.grad_accum} microbatches per step' if args.grad_accum > 1 else '')
         + f' (every side); {flops["train"] / 1e9:.1f} GFLOP '
         'per image per training step (convolutions)')
   print(f'{"side":<14} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} '
@@ -400,7 +413,7 @@ def main() -> None:
   print(json.dumps({'shape': [args.batch, args.in_channels, args.size, args.size],
                     'precision': args.precision, 'levers': _levers(args),
                     'cpu_scheduler': args.cpu_scheduler, 'huge_pages': args.huge_pages,
-                    'base_features': args.base_features,
+                    'base_features': args.base_features, 'grad_accum': args.grad_accum,
                     'repeats': args.repeats, 'train_gflop_per_image': flops['train'] / 1e9,
                     'results': rows, 'ratios': ratios,
                     'failed': {side: error[-300:] for side, error in failed.items()}}))

@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 64
   config.batch_size = 16         # global, over all devices and processes
   config.eval_batch_size = 0     # 0 -> batch_size
+  # > 1: each step takes its batch in this many microbatches (of batch_size / grad_accum_steps),
+  # one after another, and applies their mean gradient: the memory of the smaller batch, the
+  # examples per step of the larger (BatchNorm sees each microbatch, as torch's loop does).
+  config.grad_accum_steps = 1
   config.num_train_steps = 500
 
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:

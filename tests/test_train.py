@@ -21,7 +21,7 @@ from torch_reference import MilesialUNet, SeedUNet
 from configs import base
 from unet_jax import input_pipeline, load_pretrained, losses, optimizers, parallel, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
-from unet_jax.convert import flax_to_torch, torch_to_flax
+from unet_jax.convert import flax_to_torch, state_dict_to_flax, torch_to_flax
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 from unet_jax.predict import main as predict_main
@@ -142,6 +142,73 @@ def test_ema_of_the_weights_follows_torch_averaged_model():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert train.variables_of(state) is state.ema
   assert _max_rel(state.ema['params'], state.params) > 1e-3  # an average, not the weights
+
+
+def test_gradient_accumulation_matches_torch_on_any_device_count():
+  # torch's loop: each microbatch a batch of its own for BatchNorm (running statistics updated
+  # per microbatch), (loss / k).backward() on each, then one step (SGD with momentum: unlike
+  # Adam's, its update scales with the gradient, so a sum in place of the mean would show).
+  k, steps = 2, 2
+  ref = move_off_init(SeedUNet(1, 1, base=4, depth=1), 1, 1, hw=(16, 16))
+  model_fields, initial, _ = state_dict_to_flax(
+      {key: v.detach().numpy().copy() for key, v in ref.state_dict().items()})
+  config = tiny_config(grad_accum_steps=k, schedule='constant', learning_rate=0.1,
+                       optimizer='sgd')
+  config.model.update(model_fields)
+  batches = _random_batches(steps, seed=2)
+  opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+  ref.train()
+  for batch in batches:
+    opt.zero_grad()
+    for x, t in zip(np.split(batch['image'], k), np.split(batch['mask'], k), strict=True):
+      logits = ref(nchw(x))
+      loss = torch.nn.functional.binary_cross_entropy_with_logits(
+          logits, torch.tensor(t[:, None], dtype=torch.float32))
+      probs, target = torch.sigmoid(logits), torch.tensor(t[:, None], dtype=torch.float32)
+      inter, denom = (probs * target).sum((2, 3)), (probs + target).sum((2, 3))
+      dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()  # (per image, smoothed by 1 pixel)
+      ((loss + dice) / k).backward()
+    opt.step()
+  _, want, _ = state_dict_to_flax(
+      {key: v.detach().numpy().copy() for key, v in ref.state_dict().items()})
+
+  def run(devices, accumulate):
+    mesh = parallel.make_mesh(devices)
+    model = train.build_model(config, parallel.AXIS)
+    state = train.create_train_state(config, model, mesh, initial)
+    step = parallel.distribute(functools.partial(
+        train.train_step, model=model, dice_weight=1.0, grad_accum_steps=accumulate), mesh,
+        'shard_map')
+    # The input pipeline's order: each device's slice holds its share of every microbatch.
+    order = input_pipeline.microbatch_order(16, accumulate, len(devices))
+    for batch in batches:
+      state, _ = step(state, jax.tree.map(lambda x: x[order], batch))
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                        {'params': state.params, 'batch_stats': state.batch_stats})
+
+  one = run(jax.devices()[:1], k)
+  for path, x in jax.tree_util.tree_leaves_with_path(want):
+    got = one
+    for key in path:
+      got = got[key.key]
+    assert max_rel_err(got, x) <= 2e-5, jax.tree_util.keystr(path)
+  assert _max_rel(run(jax.devices(), k), one) <= DP_TOL  # 8 devices, 1 example each per micro
+  assert _max_rel(run(jax.devices()[:1], 1), one) > 1e-3  # (not the whole batch at once)
+
+
+def test_gradient_accumulation_through_the_loop(tmp_path, capsys):
+  # The loop gives the step its batches in microbatch order for its 8 devices: 2 steps there
+  # equal the step on 1 device fed the stream as it comes (microbatch m: examples 8m to 8m+7).
+  config = tiny_config(grad_accum_steps=2, num_train_steps=2, eval_every_steps=2,
+                       checkpoint_every_steps=2, num_sample_images=0, schedule='constant')
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert ' process(es), batch 16 in 2 microbatches of 8 | 2 steps -> ' in capsys.readouterr().out
+  source = input_pipeline.load_sources(config)[0]
+  stream = list(input_pipeline.train_dataset(source, config, devices=1))
+  params, stats, _ = _run_steps(config, jax.devices()[:1], 'shard_map', stream,
+                                grad_accum_steps=2)
+  got = _params(tmp_path / 'wd')
+  assert _max_rel((got['params'], got['batch_stats']), (params, stats)) <= DP_TOL
 
 
 def test_shard_map_and_pmap_agree():
@@ -385,6 +452,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
 @pytest.mark.parametrize('overrides,message', [
     (dict(batch_size=12), 'batch_size=12 is not divisible by the 8 devices'),
     (dict(eval_batch_size=4), 'eval_batch_size=4 is not divisible by the 8 devices'),
+    (dict(grad_accum_steps=3), 'batch_size=16 is not divisible by grad_accum_steps=3 x the 8 '
+     'device(s): each microbatch must split evenly over the devices; use a multiple of 24 '
+     '(e.g. --config.batch_size=24)'),
+    (dict(grad_accum_steps=0), 'grad_accum_steps=0 must be at least 1 (1: no accumulation)'),
     ({'model.in_channels': 3}, "dataset 'synthetic_shapes' has 1-channel images but "
      'model.in_channels=3'),
     ({'data.name': 'image_folder', 'data.root': '/nonexistent/folder'},

@@ -58,6 +58,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     if config.model[field] < 1:
       raise UserError(f'model.{field}={config.model[field]} must be at least 1')
   parallel.check_batch_size(config.batch_size, mesh)
+  k = config.get('grad_accum_steps', 1)
+  if k < 1:
+    raise UserError(f'grad_accum_steps={k} must be at least 1 (1: no accumulation)')
+  n = mesh.devices.size
+  if config.batch_size % (k * n):
+    raise UserError(f'batch_size={config.batch_size} is not divisible by grad_accum_steps={k} '
+                    f'x the {n} device(s): each microbatch must split evenly over the devices; '
+                    f'use a multiple of {k * n} (e.g. --config.batch_size='
+                    f'{max(k * n, config.batch_size // (k * n) * (k * n))})')
   if config.eval_batch_size:
     parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   if config.on_nonfinite not in ('skip', 'stop'):

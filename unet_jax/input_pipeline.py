@@ -198,6 +198,16 @@ def _global_position(j: int, local_batch: int, global_batch: int, process_index:
   return (j // local_batch) * global_batch + process_index * local_batch + j % local_batch
 
 
+def microbatch_order(global_batch: int, microbatches: int, devices: int) -> np.ndarray:
+  """The stream position (within its step) of each slot of a global batch split over
+  `devices`, for a step that takes it in `microbatches` (grad_accum_steps): device d's slice
+  holds its share of microbatch 0, then of microbatch 1, ..., so that microbatch m is the
+  examples [m * M, (m + 1) * M) of the step (M = global_batch / microbatches) whatever the
+  device count. One microbatch: the identity."""
+  share = global_batch // microbatches // devices
+  return np.arange(global_batch).reshape(microbatches, devices, share).transpose(1, 0, 2).ravel()
+
+
 class _Permutations:
   """Per-epoch permutations of the training set, a pure function of (seed, epoch)."""
 
@@ -212,16 +222,18 @@ class _Permutations:
 class _TrainExample(grain.transforms.Map):
   """This process's j-th example after the first `offset` of the global stream."""
 
-  def __init__(self, source, config, process_index: int, process_count: int, offset: int = 0):
+  def __init__(self, source, config, process_index: int, process_count: int, offset: int = 0,
+               devices: int = 1):
     self.source, self.config, self.offset = source, config, offset
     self.global_batch = config.batch_size
     self.local_batch = config.batch_size // process_count
     self.process_index = process_index
     self.permutations = _Permutations(len(source), config.seed)
+    self.order = microbatch_order(config.batch_size, config.get('grad_accum_steps', 1), devices)
 
   def map(self, j: int) -> dict[str, np.ndarray]:
-    g = self.offset + _global_position(j, self.local_batch, self.global_batch,
-                                       self.process_index)
+    slot = _global_position(j, self.local_batch, self.global_batch, self.process_index)
+    g = self.offset + slot - slot % self.global_batch + int(self.order[slot % self.global_batch])
     epoch, pos = divmod(g, len(self.source))
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
@@ -244,17 +256,21 @@ class _EvalExample(grain.transforms.Map):
 
 
 def train_dataset(source, config: ml_collections.ConfigDict, start_step: int = 0,
-                  examples_seen: int | None = None) -> grain.IterDataset:
+                  examples_seen: int | None = None, devices: int | None = None,
+                  ) -> grain.IterDataset:
   """This process's slices of the global training batches of steps start_step+1 to
   num_train_steps, which begin after the first `examples_seen` examples of the stream
   (default: start_step batches of this batch_size; a resumed run passes what its checkpoint
-  consumed, so a changed batch_size continues the stream where it stopped)."""
+  consumed, so a changed batch_size continues the stream where it stopped). With
+  grad_accum_steps > 1 each batch's examples are ordered for the step's `devices` (default:
+  all) by microbatch_order."""
   pc, pi = jax.process_count(), jax.process_index()
+  devices = devices or jax.device_count()
   local_batch = config.batch_size // pc
   if examples_seen is None:
     examples_seen = start_step * config.batch_size
   ds = grain.MapDataset.range(max(0, config.num_train_steps - start_step) * local_batch)
-  ds = ds.map(_TrainExample(source, config, pi, pc, examples_seen))
+  ds = ds.map(_TrainExample(source, config, pi, pc, examples_seen, devices))
   ds = ds.batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
                                             prefetch_buffer_size=2 * local_batch))

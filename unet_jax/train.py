@@ -180,24 +180,46 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                dice_weight: float, ignore_id: int | None = None,
                class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
-               focal_gamma: float = 0.0, ema_decay: float = 0.0,
+               focal_gamma: float = 0.0, ema_decay: float = 0.0, grad_accum_steps: int = 1,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
 
+  `grad_accum_steps` > 1: the share is taken in that many microbatches, one after another
+  (input_pipeline.microbatch_order puts each microbatch's examples there), each a batch of its
+  own for the loss and BatchNorm (whose running statistics update once per microbatch), and the
+  step applies the mean of their gradients: torch's loop of `(loss / k).backward()` per
+  microbatch, then `optimizer.step()`. Only one microbatch's activations are alive at a time.
   `ema_decay` > 0 (an EmaTrainState): then ema = decay * ema + (1 - decay) * the new weights,
   BatchNorm statistics included (timm's ModelEmaV2; torch's AveragedModel with
   get_ema_multi_avg_fn and use_buffers=True)."""
 
-  def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                  batch['image'], train=True, mutable=['batch_stats'])
+  def loss_fn(params, batch_stats, micro):
+    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                  micro['image'], train=True, mutable=['batch_stats'])
     loss, metrics = losses.segmentation_loss(
-        logits, batch['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
+        logits, micro['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
         focal_gamma=focal_gamma)
     return loss, (metrics, updates['batch_stats'])
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, batch)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, one):
+      sums, batch_stats = carry
+      grads, (metrics, batch_stats) = grad_fn(state.params, batch_stats, one)
+      return (jax.tree.map(jnp.add, sums, (grads, metrics)), batch_stats), None
+
+    # From zeros, every microbatch in the scan's one body: one copy of the network's backward
+    # to compile and one set of its buffers (0 + g is g, so the sums are as from the first).
+    shapes = jax.eval_shape(grad_fn, state.params, state.batch_stats,
+                            jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[1][0]))
+    (sums, batch_stats), _ = jax.lax.scan(accumulate, (zeros, state.batch_stats), micro)
+    grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, sums)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   metrics = jax.lax.pmean(metrics, parallel.AXIS)
   # batch_stats are already identical on every device: BatchNorm averaged over the axis.
@@ -366,11 +388,14 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   devices = mesh.devices.size
   kind = mesh.devices.flat[0].platform
+  k = config.get('grad_accum_steps', 1)
+  micro = f' in {k} microbatches of {config.batch_size // k}' if k > 1 else ''
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s)) | {info.name}: {info.num_train} training, '
           f'{info.num_eval} eval images at {config.image_size}x{config.image_size} | '
           f'{devices} {kind} device(s) in {jax.process_count()} process(es), batch '
-          f'{config.batch_size} | {config.num_train_steps} steps -> {os.path.abspath(workdir)}')
+          f'{config.batch_size}{micro} | {config.num_train_steps} steps -> '
+          f'{os.path.abspath(workdir)}')
 
 
 def _evaluations(n: int) -> str:
@@ -484,7 +509,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Each example of the stream is a pure function of its position, and a checkpoint records the
   # examples consumed: the stream resumes there whatever the devices, processes, data workers
   # or batch size of the run before.
-  train_iter = iter(input_pipeline.train_dataset(train_source, config, start, start_examples))
+  train_iter = iter(input_pipeline.train_dataset(train_source, config, start, start_examples,
+                                                 mesh.devices.size))
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
@@ -493,7 +519,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         class_weights=tuple(config.get('class_weights', ())) or None,
                         pos_weight=config.get('pos_weight', 1.0),
                         focal_gamma=config.get('focal_gamma', 0.0),
-                        ema_decay=config.get('ema_decay', 0.0)),
+                        ema_decay=config.get('ema_decay', 0.0),
+                        grad_accum_steps=config.get('grad_accum_steps', 1)),
       mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(
       functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,
