@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import stat
 import subprocess
 import sys
 
@@ -59,6 +60,21 @@ def test_seed_full_size_state_dict_has_118_entries_and_round_trips(tmp_path):
   back = torch.load(tmp_path / 'back.pth', weights_only=True)
   assert len(back) == 118
   assert_same_state_dict(ref.state_dict(), back)
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_written_files_have_the_umasks_permissions(tmp_path, suffix):
+  # Written under a temporary name (mkstemp: 0600, mkdtemp: 0700) and renamed; the result has
+  # what open() and mkdir() give under the umask, so a group can read a converted checkpoint.
+  torch.save(small_seed().state_dict(), tmp_path / 'a.pth')
+  old = os.umask(0o027)
+  try:
+    torch_to_flax(str(tmp_path / 'a.pth'), str(tmp_path / 'flax'))
+    flax_to_torch(str(tmp_path / 'flax'), str(tmp_path / f'b{suffix}'))
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / 'flax').st_mode) == 0o750
+  assert stat.S_IMODE(os.stat(tmp_path / f'b{suffix}').st_mode) == 0o640
 
 
 @pytest.mark.parametrize('src_suffix,dest_suffix', [('.pth', '.pth'), ('.safetensors',

@@ -5,6 +5,7 @@ runs: tests/test_train.py, tests/test_data_and_checkpoints.py.)"""
 import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -89,6 +90,9 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
   for k, v in want.items():  # (a pixel within float rounding of the threshold may flip)
     assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
   # The CSV: each image's scores, in the split's order, as torch computes them.
+  umask = os.umask(0o022)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(csv_path).st_mode) == 0o666 & ~umask  # (not mkstemp's 0600)
   with open(csv_path, newline='') as f:
     rows = list(csv.DictReader(f))
   assert [int(r['index']) for r in rows] == list(range(204))

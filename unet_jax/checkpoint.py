@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.errors import UserError, first_line
+from unet_jax.file_modes import as_created
 from unet_jax.model import UNet
 
 FORMAT = 'unet_jax.pretrained'
@@ -84,6 +85,7 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
     raise UserError(f'{parent}: no such directory for the destination')
   try:
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(dest)}.tmp-', dir=parent)
+    as_created(tmp)
   except OSError as e:
     raise UserError(f'{parent}: cannot write there ({e.strerror})') from None
   try:

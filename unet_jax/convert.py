@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from unet_jax.errors import UserError, disk_error, quiet_failed_saves
+from unet_jax.file_modes import as_created
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -166,6 +167,7 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   os.close(fd)
   try:
     write_state_dict(tmp, tensors, extras)
+    as_created(tmp)
     os.replace(tmp, dest)
   finally:
     if os.path.exists(tmp):

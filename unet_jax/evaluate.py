@@ -33,6 +33,7 @@ import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel, surface_distance
 from unet_jax.errors import UserError
+from unet_jax.file_modes import as_created
 from unet_jax.flip_tta import eval_logits
 from unet_jax.reporting import float32_decimal
 
@@ -224,6 +225,7 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
       writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['split', 'index'])
       writer.writeheader()
       writer.writerows(rows)
+    as_created(tmp)
     os.replace(tmp, path)
   except OSError as e:
     raise UserError(f'--per_image {path}: cannot write ({e.strerror})') from None
