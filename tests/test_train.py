@@ -24,6 +24,7 @@ from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch, state_dict_to_flax, torch_to_flax
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
+from unet_jax.export import export_checkpoint
 from unet_jax.predict import main as predict_main
 from unet_jax.predict import predict
 from unet_jax.state_dict_io import read_state_dict
@@ -720,6 +721,13 @@ def test_ema_run_evaluates_serves_and_resumes_its_average(tmp_path):
   logged = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
   got = evaluate_checkpoint(str(workdir))
   assert {k: got[k] for k in ('dice', 'iou')} == {k: logged[f'eval_{k}'] for k in ('dice', 'iou')}
+  # An export serves the average too, at the run's image_size by default.
+  data, about = export_checkpoint(str(workdir))
+  assert about['size'] == 16 and about['step'] == 2
+  x = np.random.default_rng(0).random((2, 16, 16, 1), np.float32)
+  model = train.build_model(tiny_config(), None)
+  np.testing.assert_allclose(jax.export.deserialize(data).call(x),
+                             model.apply(last['ema'], x, train=False), rtol=1e-5, atol=1e-6)
   # Turning the average off (or on) for a resume is refused: the state has another form.
   with pytest.raises(UserError, match='was saved by a run with ema_decay=0.5, this config has '
                      'ema_decay=0.0; rerun with its settings'):

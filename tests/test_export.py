@@ -1,0 +1,96 @@
+"""`python -m unet_jax.export`: one file that JAX alone runs, computing what the PyTorch network
+it came from computes, at any batch size; bad requests write nothing."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_rel_err, move_off_init, nchw
+from test_train import _env
+from torch_reference import SeedUNet
+
+from unet_jax.convert import torch_to_flax
+from unet_jax.export import main
+
+# Runs where unet_jax is not installed: plain JAX, the artifact and the images.
+SERVE = """
+import sys, jax, numpy as np
+exp = jax.export.deserialize(open(sys.argv[1], 'rb').read())
+for i, path in enumerate(sys.argv[2:]):
+  np.save(path + '.out.npy', np.asarray(exp.call(np.load(path))))
+assert not {'unet_jax', 'flax'} & set(sys.modules), 'the artifact needs no unet_jax'
+"""
+
+
+@pytest.fixture
+def converted(tmp_path):
+  ref = move_off_init(SeedUNet(1, 2, base=4, depth=2), 1, 2, hw=(16, 16)).eval()
+  state = ref.state_dict()
+  state['mask_values'] = [0, 200]
+  torch.save(state, tmp_path / 'm.pth')
+  return ref, torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'ckpt'))
+
+
+@pytest.mark.parametrize('platforms', [None, 'cpu,cuda'])
+def test_the_exported_file_computes_what_torch_computes(tmp_path, converted, capsys,
+                                                        platforms):
+  ref, ckpt = converted
+  out = tmp_path / 'out' / 'model.jax'
+  out.parent.mkdir()
+  assert main([ckpt, str(out), '--size', '20'] + (['--platforms', platforms] if platforms else
+                                                  [])) == 0
+  assert capsys.readouterr().out.startswith(f'wrote {out} (')
+  about = json.loads((tmp_path / 'out' / 'model.json').read_text())
+  assert about['size'] == 20 and about['num_classes'] == 2 and about['mask_values'] == [0, 200]
+  assert about['platforms'] == (platforms or 'cpu').split(',')
+  assert sorted(os.listdir(tmp_path / 'out')) == ['model.jax', 'model.json']
+  umask = os.umask(0o022)
+  os.umask(umask)
+  for name in ('model.jax', 'model.json'):  # as open() makes them, not mkstemp's 0600
+    assert stat.S_IMODE(os.stat(tmp_path / 'out' / name).st_mode) == 0o666 & ~umask
+  # Any batch size, in a process that imports only JAX.
+  rng = np.random.default_rng(0)
+  images = [rng.random((n, 20, 20, 1), np.float32) for n in (1, 3)]
+  paths = []
+  for i, x in enumerate(images):
+    paths.append(str(tmp_path / f'x{i}.npy'))
+    np.save(paths[-1], x)
+  proc = subprocess.run([sys.executable, '-c', SERVE, str(out), *paths], env=_env(1),
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for x, path in zip(images, paths, strict=True):
+    with torch.no_grad():
+      want = ref(nchw(x)).permute(0, 2, 3, 1).numpy()
+    got = np.load(path + '.out.npy')
+    assert got.shape == want.shape and max_rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], "a converted checkpoint records no image size; give one with --size"),
+    (['--size', '2'], "--size 2 is below the model's minimum 4 (2**depth, depth=2)"),
+    (['--size', '16', '--platforms', 'cpu,gpu'], '--platforms cpu,gpu: choose among cpu, cuda, '
+     'rocm, tpu'),
+])
+def test_bad_requests_write_nothing(tmp_path, converted, capsys, args, message):
+  _, ckpt = converted
+  (tmp_path / 'out').mkdir()
+  assert main([ckpt, str(tmp_path / 'out' / 'model.jax'), *args]) == 2
+  assert message in capsys.readouterr().err.strip().splitlines()[-1]
+  assert os.listdir(tmp_path / 'out') == []
+
+
+def test_an_existing_file_is_kept_unless_overwrite(tmp_path, converted, capsys):
+  _, ckpt = converted
+  (tmp_path / 'model.json').write_text('mine')
+  assert main([ckpt, str(tmp_path / 'model.jax'), '--size', '16']) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'error: {tmp_path}/model.json: exists; pass --overwrite to replace it')
+  assert (tmp_path / 'model.json').read_text() == 'mine'
+  assert not (tmp_path / 'model.jax').exists()
+  assert main([ckpt, str(tmp_path / 'model.jax'), '--size', '16', '--overwrite']) == 0
+  assert json.loads((tmp_path / 'model.json').read_text())['size'] == 16

@@ -1,0 +1,148 @@
+"""Exports a checkpoint's network as one self-contained file for serving: a serialized
+`jax.export` artifact (StableHLO) with the weights inside, callable with JAX alone.
+
+    python -m unet_jax.export workdirs/base model.jax [--size 64] [--platforms cpu,cuda]
+
+and wherever it is served (no unet_jax, no flax, no checkpoint):
+
+    exp = jax.export.deserialize(open('model.jax', 'rb').read())
+    logits = exp.call(images)  # (N, S, S, C) float32 in [0, 1] -> (N, S, S, classes), any N
+
+Beside it, `model.json` says what the artifact takes and gives: size, channels, classes, the
+mask values that class ids stand for, the platforms, the checkpoint it came from. The batch
+dimension is symbolic; height and width are fixed at `--size` (default: the run's image_size,
+the size the network saw in training), since the network's kernels are chosen per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from unet_jax.errors import UserError
+from unet_jax.file_modes import as_created
+
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+
+def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or not platforms:
+    raise UserError(f'--platforms {",".join(platforms)}: choose among {", ".join(PLATFORMS)} '
+                    '(e.g. --platforms cpu,cuda)')
+  return tuple(dict.fromkeys(platforms))
+
+
+def export_checkpoint(checkpoint: str, size: int | None = None,
+                      platforms: Sequence[str] | None = None) -> tuple[bytes, dict[str, Any]]:
+  """The serialized artifact of `checkpoint`'s eval-mode network (logits) at `size` x `size`,
+  any batch, and its description. `platforms`: the ones it runs on (default: this machine's)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import export
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
+  platforms = _check_platforms(platforms or (jax.default_backend(),))
+  model, variables, meta = load_pretrained_with_metadata(checkpoint)
+  size = size or meta.get('image_size')
+  if not size:
+    raise UserError(f'{checkpoint}: a converted checkpoint records no image size; give one '
+                    'with --size (a multiple of 2**depth is exact, as in training)')
+  if size < 2**model.depth:
+    raise UserError(f'--size {size} is below the model\'s minimum {2**model.depth} '
+                    f'(2**depth, depth={model.depth})')
+  if platforms != ('cpu',):
+    # Winograd's conv is the CPU's kernel; XLA's own conv computes the same on every platform.
+    model = model.clone(wide_convs='xla')
+  (batch,) = export.symbolic_shape('n')
+  images = jax.ShapeDtypeStruct((batch, size, size, model.in_channels), jnp.float32)
+  # The weights are closed over, so they travel inside the artifact as constants.
+  forward = jax.jit(lambda x: model.apply(variables, x, train=False).astype(jnp.float32))
+  exported = export.export(forward, platforms=platforms)(images)
+  description = {
+      'format': 'jax.export', 'input': f'(N, {size}, {size}, {model.in_channels}) float32, '
+      'images scaled to [0, 1]', 'output': f'(N, {size}, {size}, {model.num_classes}) float32 '
+      'logits (one channel: sigmoid; several: softmax)', 'size': size,
+      'in_channels': model.in_channels, 'num_classes': model.num_classes,
+      'mask_values': meta.get('mask_values') or [], 'platforms': list(platforms),
+      'model': model_config(model), 'checkpoint': os.path.abspath(checkpoint),
+      'step': meta.get('step'), 'jax_version': jax.__version__}
+  return bytes(exported.serialize()), description
+
+
+def _write_atomically(files: dict[str, bytes]) -> None:
+  """Each file written to a temporary name first; renamed only once all are complete."""
+  temps = {}
+  try:
+    for path, data in files.items():
+      fd, tmp = tempfile.mkstemp(prefix='.export-', dir=os.path.dirname(os.path.abspath(path)))
+      temps[path] = tmp
+      with os.fdopen(fd, 'wb') as f:
+        f.write(data)
+      as_created(tmp)
+    for path, tmp in temps.items():
+      os.replace(tmp, path)
+  except OSError as e:
+    raise UserError(f'{next(iter(files))}: cannot write ({e.strerror}); nothing was '
+                    'written') from None
+  finally:
+    for tmp in temps.values():
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+def description_path(dest: str) -> str:
+  """model.jax -> model.json (the artifact's description beside it)."""
+  return os.path.splitext(dest)[0] + '.json'
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m unet_jax.export',
+      description='Export a checkpoint as one jax.export file, callable with JAX alone.')
+  parser.add_argument('checkpoint', help='training workdir (or WORKDIR/checkpoints/STEP, '
+                      '.../best) or converted checkpoint directory')
+  parser.add_argument('dest', help='file to create, e.g. model.jax (model.json beside it)')
+  parser.add_argument('--size', type=int, default=None,
+                      help="input height and width (default: the run's image_size)")
+  parser.add_argument('--platforms', default=None,
+                      help="comma-separated, of cpu, cuda, rocm, tpu (default: this machine's)")
+  parser.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    dest, about = os.path.abspath(args.dest), description_path(os.path.abspath(args.dest))
+    if not os.path.isdir(os.path.dirname(dest)):
+      raise UserError(f'{os.path.dirname(dest)}: no such directory for the destination')
+    if dest == about:
+      raise UserError(f'{args.dest}: name the artifact with a suffix, e.g. model.jax (its '
+                      'description goes to model.json)')
+    existing = [p for p in (dest, about) if os.path.exists(p)]
+    if existing and not args.overwrite:
+      raise UserError(f'{existing[0]}: exists; pass --overwrite to replace it')
+    if args.platforms is not None:
+      _check_platforms(args.platforms.split(','))
+    data, description = export_checkpoint(
+        args.checkpoint, args.size, args.platforms.split(',') if args.platforms else None)
+    _write_atomically({dest: data,
+                       about: (json.dumps(description, indent=2) + '\n').encode()})
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  size = description['size']
+  print(f'wrote {dest} ({len(data) / 2**20:.1f} MiB; {", ".join(description["platforms"])}; '
+        f'(N, {size}, {size}, {description["in_channels"]}) float32 images -> logits) and '
+        f'{about}\nload it with: jax.export.deserialize(open({dest!r}, "rb").read()).call(images)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
