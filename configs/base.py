@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: focal loss instead of plain cross-entropy, each pixel's term times (1 - p_t)^gamma
   # (p_t: its probability of the true class); 2 is the paper's. The weights above still apply.
   config.focal_gamma = 0.0
+  # (alpha, beta): the Dice term becomes 1 - the Tversky index, TP / (TP + alpha FP + beta FN)
+  # (MONAI's TverskyLoss): beta > alpha, e.g. (0.3, 0.7), costs missed foreground more than
+  # false alarms, for small structures. (): the soft Dice.
+  config.tversky = ()
   # > 0: also keep an exponential moving average of the weights (BatchNorm statistics too),
   # ema = decay * ema + (1 - decay) * weights after each step, and evaluate, save for use and
   # convert that (timm's ModelEmaV2); e.g. 0.999. 0: none.

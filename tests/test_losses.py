@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -199,3 +200,30 @@ def test_focal_loss_gradient_is_finite_where_the_answer_is_certain():
       grad = jax.grad(lambda x, g=gamma: losses.segmentation_loss(
           x, labels, dice_weight=0.0, focal_gamma=g)[0])(logits)
       assert np.all(np.isfinite(np.asarray(grad))), gamma
+
+
+@pytest.mark.parametrize('alpha,beta', [(0.3, 0.7), (0.8, 0.1)])
+def test_tversky_term_matches_monai(alpha, beta):
+  from monai.losses import TverskyLoss
+  rng = np.random.default_rng(2)
+  common = dict(alpha=alpha, beta=beta, smooth_nr=1.0, smooth_dr=1.0)  # (ours: 1 pixel)
+  # Softmax over 3 classes, every class scored, per image and class, then the mean.
+  logits = rng.standard_normal((3, 6, 7, 3)).astype(np.float32) * 2
+  labels = rng.integers(0, 3, (3, 6, 7))
+  want = TverskyLoss(softmax=True, to_onehot_y=True, **common)(
+      torch.tensor(logits).permute(0, 3, 1, 2), torch.tensor(labels)[:, None])
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                        tversky=(alpha, beta))
+  np.testing.assert_allclose(metrics['dice_loss'], want, rtol=1e-6)
+  # BCE's foreground, with ignored pixels (label 2): MONAI has no mask, but a pixel with
+  # probability 0 and target 0 adds to no count, which is what leaving it out does.
+  logits = rng.standard_normal((2, 6, 7)).astype(np.float32) * 2
+  labels = rng.integers(0, 3, (2, 6, 7))
+  shown = torch.tensor(np.where(labels == 2, -1e4, logits))[:, None]
+  want = TverskyLoss(sigmoid=True, **common)(shown, torch.tensor(labels == 1).float()[:, None])
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits[..., None]), labels, dice_weight=1.0,
+                                        ignore_id=2, tversky=(alpha, beta))
+  np.testing.assert_allclose(metrics['dice_loss'], want, rtol=1e-6)
+  plain = losses.segmentation_loss(jnp.asarray(logits[..., None]), labels, dice_weight=1.0,
+                                   ignore_id=2)[1]
+  assert abs(float(plain['dice_loss']) - float(metrics['dice_loss'])) > 1e-2

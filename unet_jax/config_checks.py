@@ -100,6 +100,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 <= gamma < float('inf'):
     raise UserError(f'focal_gamma={gamma} must be at least 0 (0: plain cross-entropy; the focal '
                     'loss paper uses 2)')
+  tversky = tuple(config.get('tversky', ()))
+  if tversky and not (len(tversky) == 2 and all(0 <= v < float('inf') for v in tversky)
+                      and sum(tversky) > 0):
+    raise UserError(f'tversky={tversky} must be two weights (alpha, beta), at least 0 and not '
+                    "both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice")
   if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
     raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
                     'output channel, softmax CE two or more')
