@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from unet_jax.errors import UserError, disk_error, quiet_failed_saves
-from unet_jax.file_modes import as_created
+from unet_jax.file_modes import replaced_on_success
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -163,15 +162,8 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   dest_dir = os.path.dirname(os.path.abspath(dest))
   if not os.path.isdir(dest_dir):
     raise UserError(f'{dest_dir}: no such directory for the destination')
-  fd, tmp = tempfile.mkstemp(prefix='.convert-', suffix=os.path.basename(dest), dir=dest_dir)
-  os.close(fd)
-  try:
+  with replaced_on_success(dest, '.convert-') as tmp:
     write_state_dict(tmp, tensors, extras)
-    as_created(tmp)
-    os.replace(tmp, dest)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return os.path.abspath(dest)
 
 

@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel, surface_distance
 from unet_jax.errors import UserError
-from unet_jax.file_modes import as_created
+from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.reporting import float32_decimal
 
@@ -218,20 +217,14 @@ def _check_csv_destination(path: str) -> None:
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
   """The rows as CSV, written whole or not at all (a temporary file, renamed)."""
-  fd, tmp = tempfile.mkstemp(prefix='.per_image-', suffix='.csv',
-                             dir=os.path.dirname(os.path.abspath(path)))
   try:
-    with os.fdopen(fd, 'w', newline='') as f:
+    with (replaced_on_success(path, '.per_image-') as tmp,
+          open(tmp, 'w', newline='') as f):
       writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['split', 'index'])
       writer.writeheader()
       writer.writerows(rows)
-    as_created(tmp)
-    os.replace(tmp, path)
   except OSError as e:
     raise UserError(f'--per_image {path}: cannot write ({e.strerror})') from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _report(checkpoint: str, metrics: dict[str, Any]) -> str:

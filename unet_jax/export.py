@@ -17,15 +17,15 @@ the size the network saw in training), since the network's kernels are chosen pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 from unet_jax.errors import UserError
-from unet_jax.file_modes import as_created
+from unet_jax.file_modes import replaced_on_success
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -77,23 +77,14 @@ def export_checkpoint(checkpoint: str, size: int | None = None,
 
 def _write_atomically(files: dict[str, bytes]) -> None:
   """Each file written to a temporary name first; renamed only once all are complete."""
-  temps = {}
   try:
-    for path, data in files.items():
-      fd, tmp = tempfile.mkstemp(prefix='.export-', dir=os.path.dirname(os.path.abspath(path)))
-      temps[path] = tmp
-      with os.fdopen(fd, 'wb') as f:
-        f.write(data)
-      as_created(tmp)
-    for path, tmp in temps.items():
-      os.replace(tmp, path)
+    with contextlib.ExitStack() as renames:
+      for path, data in files.items():
+        with open(renames.enter_context(replaced_on_success(path, '.export-')), 'wb') as f:
+          f.write(data)
   except OSError as e:
     raise UserError(f'{next(iter(files))}: cannot write ({e.strerror}); nothing was '
                     'written') from None
-  finally:
-    for tmp in temps.values():
-      if os.path.exists(tmp):
-        os.remove(tmp)
 
 
 def description_path(dest: str) -> str:
