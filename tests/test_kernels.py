@@ -233,6 +233,30 @@ def test_fused_batch_norm_relu_gradient_matches_autodiff():
     assert max_rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_fused_batch_norm_relu_backward_masks_where_the_forward_output_is_zero(dtype):
+  # The backward recomputes the ReLU mask from x; it must be exactly the forward output's, also
+  # in bfloat16 where values near zero round (the bias puts many of them there).
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((4, 9, 7, 5)), dtype)
+  scale = jnp.asarray(rng.standard_normal(5), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(5) * 1e-3, jnp.float32)
+  g = rng.standard_normal((4, 9, 7, 5)).astype(np.float32)
+  (y, mean, var), vjp = jax.vjp(lambda *a: batch_norm_relu(*a, 1e-5, None), x, scale, bias)
+  dx, dscale, dbias = vjp((jnp.asarray(g, dtype), jnp.zeros_like(mean), jnp.zeros_like(var)))
+  # float64 textbook gradient with the mask taken from the forward's output.
+  dz = np.where(np.asarray(y, np.float32) > 0, np.asarray(jnp.asarray(g, dtype), np.float64), 0)
+  xf = np.asarray(x, np.float64)
+  rstd = 1 / np.sqrt(np.asarray(var, np.float64) + 1e-5)
+  xhat = (xf - np.asarray(mean, np.float64)) * rstd
+  want_dx = np.asarray(scale, np.float64) * rstd * (
+      dz - dz.mean((0, 1, 2)) - xhat * (dz * xhat).mean((0, 1, 2)))
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  assert max_rel_err(dbias, dz.sum((0, 1, 2))) < 1e-5
+  assert max_rel_err(dscale, (dz * xhat).sum((0, 1, 2))) < 1e-4
+  assert max_rel_err(dx, want_dx) < tol
+
+
 def test_remat_is_bit_identical():
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 64, 1), np.float32))
   model = UNet(base_features=4, depth=2)
