@@ -2,16 +2,13 @@
 
 Autodiff of `relu(batch_norm(x))` keeps several full-size intermediates alive until the backward
 pass (the centred input, the normalised input, the ReLU mask) and walks the activation many
-times. `batch_norm_relu` keeps only its input (its output is the next conv's input, kept by that
-conv) and computes the input gradient in two passes over the cotangent and the input, the textbook
+times. `batch_norm_relu` keeps only its input and its output (the output is the next conv's
+input, which is kept anyway) and computes the input gradient in two passes, the textbook
 
     dx = scale * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)),   dz = g * (y > 0)
 
 with the means taken over the global batch when `axis_name` is given (SyncBN), as the forward
-statistics are. The ReLU mask (y > 0) is recomputed from x with the forward's own expression
-rather than read from y: each backward pass then reads two full-size arrays instead of three
-(the backward is memory-bound; on a GPU that is 2 of BatchNorm's 11 passes over memory).
-The forward arithmetic is the same expression as `model.BatchNorm`'s.
+statistics are. The forward arithmetic is the same expression as `model.BatchNorm`'s.
 """
 
 from __future__ import annotations
@@ -56,24 +53,20 @@ def batch_norm_relu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
   return _fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
-def _pre_relu(x, scale, bias, mean, var, epsilon):
-  """BatchNorm(x) in x's dtype: the forward's value before the ReLU, bit for bit."""
-  return normalise(x.astype(jnp.float32), scale, bias, mean, var, epsilon).astype(x.dtype)
-
-
 def _fwd(x, scale, bias, epsilon, axis_name):
-  mean, var = batch_statistics(x.astype(jnp.float32), axis_name)
-  y = jax.nn.relu(_pre_relu(x, scale, bias, mean, var, epsilon))
-  return (y, mean, var), (x, scale, bias, mean, var)
+  xf = x.astype(jnp.float32)
+  mean, var = batch_statistics(xf, axis_name)
+  y = jax.nn.relu(normalise(xf, scale, bias, mean, var, epsilon).astype(x.dtype))
+  return (y, mean, var), (x, y, scale, mean, var)
 
 
 def _bwd(epsilon, axis_name, residuals, cotangents):
-  x, scale, bias, mean, var = residuals
+  x, y, scale, mean, var = residuals
   # The statistics feed only the running averages, which are not differentiated.
   g = cotangents[0].astype(jnp.float32)
   axes = tuple(range(x.ndim - 1))
   rstd = jax.lax.rsqrt(var + epsilon)
-  dz = jnp.where(_pre_relu(x, scale, bias, mean, var, epsilon) > 0, g, jnp.zeros_like(g))
+  dz = jnp.where(y > 0, g, jnp.zeros_like(g))
   xhat = (x.astype(jnp.float32) - mean) * rstd
   dbias = dz.sum(axes)
   dscale = (dz * xhat).sum(axes)
