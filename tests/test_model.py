@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import max_rel_err, nchw, nhwc
+from conftest import USER_LEVEL, max_rel_err, nchw, nhwc
 from torch_reference import MilesialUNet, SeedUNet
 
 from unet_jax import UNet, init_variables
@@ -56,7 +56,8 @@ def test_init_variables_equals_model_init():
                conv_bias=True, axis_name='data')
   key = jax.random.key(7)
   x = jnp.zeros((2, 20, 24, model.in_channels))
-  want = jax.jit(lambda k: model.clone(axis_name=None).init(k, x, train=False))(key)
+  want = jax.jit(lambda k: model.clone(axis_name=None).init(k, x, train=False)).lower(
+      key).compile(USER_LEVEL)(key)
   got = init_variables(model, key)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -9,6 +9,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from conftest import USER_LEVEL
 from jax.sharding import PartitionSpec as P
 
 from configs import base
@@ -48,7 +49,7 @@ def test_memory_schedule_needs_less_memory_for_the_same_numbers():
   for scheduler in CPU_SCHEDULERS:
     config, mesh, model, state, batch = _setup(scheduler)
     executable = _compiled_step(config, mesh, model, state, batch,
-                                train.step_compiler_options(config, mesh))
+                                {**train.step_compiler_options(config, mesh), **USER_LEVEL})
     global_batch = parallel.to_global(batch, mesh)
     temp[scheduler] = executable.memory_analysis().temp_size_in_bytes
     for _ in range(2):
@@ -131,7 +132,7 @@ def test_remat_recomputes_under_the_project_options_with_the_same_numbers():
     model = train.build_model(config, parallel.AXIS)
     state = train.create_train_state(config, model, mesh)
     executable = _compiled_step(config, mesh, model, state, batch,
-                                train.step_compiler_options(config, mesh))
+                                {**train.step_compiler_options(config, mesh), **USER_LEVEL})
     temp[remat] = executable.memory_analysis().temp_size_in_bytes
     for _ in range(2):
       state, _ = executable(state, parallel.to_global(batch, mesh))
@@ -175,8 +176,9 @@ def test_initialisation_compiled_cheaper_draws_the_same_parameters():
   # model.init on the training input with the same key, to the bit.
   config, mesh, model, state, _ = _setup('memory')
   x = jax.numpy.zeros((1, config.image_size, config.image_size, config.model.in_channels))
-  plain = jax.jit(lambda key: model.clone(axis_name=None).init(key, x, train=False))(
-      jax.random.key(config.seed))
+  key = jax.random.key(config.seed)
+  plain = jax.jit(lambda key: model.clone(axis_name=None).init(key, x, train=False)).lower(
+      key).compile(USER_LEVEL)(key)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain['params']),
                        strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -15,7 +15,15 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc, without_compilation_cache
+from conftest import (
+  TEST_XLA_FLAGS,
+  TFDS_DIR,
+  max_rel_err,
+  move_off_init,
+  nchw,
+  nhwc,
+  without_compilation_cache,
+)
 from PIL import Image
 from torch_reference import MilesialUNet, SeedUNet
 
@@ -250,8 +258,9 @@ def _train_cmd(workdir, *flags):
 
 
 def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             TFDS_DATA_DIR=TFDS_DIR, PYTHONUNBUFFERED='1')
+  devices_flag = f'--xla_force_host_platform_device_count={devices}'
+  env = dict(os.environ, XLA_FLAGS=f'{TEST_XLA_FLAGS} {devices_flag}', TFDS_DATA_DIR=TFDS_DIR,
+             PYTHONUNBUFFERED='1')
   env.pop('CUDA_VISIBLE_DEVICES', None)
   return env
 
