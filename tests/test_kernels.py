@@ -235,8 +235,8 @@ def test_fused_batch_norm_relu_gradient_matches_autodiff():
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_fused_batch_norm_relu_backward_masks_where_the_forward_output_is_zero(dtype):
-  # The backward recomputes the ReLU mask from x; it must be exactly the forward output's, also
-  # in bfloat16 where values near zero round (the bias puts many of them there).
+  # The backward's ReLU mask must be exactly the forward output's (y > 0), also in bfloat16
+  # where values near zero round (the small bias puts many of them there).
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((4, 9, 7, 5)), dtype)
   scale = jnp.asarray(rng.standard_normal(5), jnp.float32)
