@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -98,7 +99,13 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
     else:
       os.rename(tmp, dest)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    # After a failed save Orbax's writer threads can still add files while rmtree runs (a CI run
+    # left one '.out.tmp-*' behind on a full disk): remove until it is gone, for up to 5 s.
+    for _ in range(50):
+      shutil.rmtree(tmp, ignore_errors=True)
+      if not os.path.exists(tmp):
+        break
+      time.sleep(0.1)
 
 
 def save_pretrained(dest: str, model: UNet, variables: Mapping[str, Any],
