@@ -451,10 +451,13 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize('grad_accum_steps', [1, 2])
+def test_two_processes_equal_one_process(tmp_path, grad_accum_steps):
   # Both start from the same converted weights (init_from: each process reads the whole tree).
+  # With accumulation each process loads its half of every microbatch, in the order its two
+  # devices take them (batch 8 in 2 microbatches over 4 devices: one example per device each).
   flags = ['--config.num_train_steps=3', '--config.batch_size=8', '--config.eval_every_steps=3',
-           '--config.checkpoint_every_steps=3',
+           '--config.checkpoint_every_steps=3', f'--config.grad_accum_steps={grad_accum_steps}',
            f'--config.init_from={_converted_reference(tmp_path)}']
   single = subprocess.run(_train_cmd(tmp_path / 'single', *flags), env=_env(4),
                           capture_output=True, text=True, timeout=600)
