@@ -31,12 +31,19 @@ def valid_labels(labels: jax.Array, ignore_id: int | None
   return jnp.where(labels > ignore_id, labels - 1, jnp.where(valid, labels, 0)), valid
 
 
+def probabilities(logits: jax.Array) -> jax.Array:
+  """The foreground's sigmoid for one channel, the softmax over the classes otherwise."""
+  if logits.shape[-1] == 1:
+    return jax.nn.sigmoid(logits)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 def probabilities_and_targets(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(probabilities, one-hot targets), both (N, H, W, C'), C' = classes that are scored."""
-  if logits.shape[-1] == 1:
-    return jax.nn.sigmoid(logits), (labels[..., None] == 1).astype(jnp.float32)
   k = logits.shape[-1]
-  return jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels, k, dtype=jnp.float32)
+  targets = ((labels[..., None] == 1).astype(jnp.float32) if k == 1
+             else jax.nn.one_hot(labels, k, dtype=jnp.float32))
+  return probabilities(logits), targets
 
 
 def pixel_weights(labels: jax.Array, valid: jax.Array | None,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax import losses
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import eight_bit, resize
@@ -151,10 +152,7 @@ def classes_from_logits(logits: np.ndarray, threshold: float = 0.5) -> np.ndarra
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
   """(N, H, W, C) float32: the foreground's sigmoid for one channel, the softmax otherwise."""
-  logits = jnp.asarray(logits, jnp.float32)
-  if logits.shape[-1] == 1:
-    return np.asarray(jax.nn.sigmoid(logits))
-  return np.asarray(jax.nn.softmax(logits, axis=-1))
+  return np.asarray(losses.probabilities(jnp.asarray(logits, jnp.float32)))
 
 
 def _collect(inputs: Sequence[str]) -> list[str]:
