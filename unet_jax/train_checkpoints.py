@@ -9,6 +9,7 @@ a step directory that exists is whole. Kept: the latest `keep` and the best by e
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -44,8 +45,20 @@ def _options(keep: int, read_only: bool = False) -> ocp.CheckpointManagerOptions
   )
 
 
+class _UnscoredSaveNotice(logging.Filter):
+  """Drops Orbax's warning at every save without metrics when best_fn is set: a step no
+  evaluation fell on is saved without a score by design (it printed at most saves of a run)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in str(record.msg)
+
+
+_UNSCORED_SAVE_NOTICE = _UnscoredSaveNotice()
+
+
 class TrainCheckpoints:
   def __init__(self, workdir: str, keep: int):
+    logging.getLogger('absl').addFilter(_UNSCORED_SAVE_NOTICE)  # Orbax's logger (once: a set)
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(self.directory, options=_options(keep),
                                           item_names=('state', 'meta'))
