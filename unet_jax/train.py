@@ -412,25 +412,11 @@ def _learning_rate(schedule: Callable[[int], Any], state: TrainState) -> float:
   return float32_decimal(rate)  # the optimizer's rate is a float32 (1e-3 x 0.1: 0.0001)
 
 
-def one_program_in_flight() -> bool:
-  """Whether the loops wait for each step before dispatching the next: across processes on CPU.
-
-  Seen with jax 0.10.2 over gloo: the 2-process test run hung in evaluation in 5 of about 30
-  runs (2 of 4 with a busy loop beside it), one device of a process waiting in a gloo all-reduce
-  while the process's other device waited to launch its share, several eval programs in flight.
-  Waiting for each program: none of 18 runs with the busy loop hung. On CPU running ahead gains
-  little."""
-  return jax.process_count() > 1 and jax.default_backend() == 'cpu'
-
-
 def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.ndarray]:
   """The scores of every example of `eval_ds`, summed (losses.summed_eval_metrics)."""
   sums = None
-  wait = one_program_in_flight()
   for batch in eval_ds:
     out = p_eval(variables, batch)
-    if wait:
-      jax.block_until_ready(out)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return jax.tree.map(_local, sums)
 
@@ -574,13 +560,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       reporter.message(f'skipped step {bad}: non-finite loss or gradient')
     return False
 
-  wait = one_program_in_flight()
   try:
     with _stop_on_signals() as stop, quiet_failed_saves():
       for step in range(start + 1, end + 1):
         state, metrics = p_train(state, next(train_iter))
-        if wait:  # (the train steps too: they were in flight two at a time)
-          jax.block_until_ready(metrics)
         window.add(step, metrics)
         if step == start + 1 and is_main:
           jax.block_until_ready(metrics)
