@@ -23,7 +23,7 @@ LOG=${1:-benchmarks/gpu_logs}
 PY=${PYTHON:-python3}
 SIZE=${SIZE:-480} BATCH=${BATCH:-16} ROUNDS=${ROUNDS:-2} BASE=${BASE:-64}
 PARTS=${PARTS:-rates,sides,profile,all_xla,cpu_kernels,remat}
-VARIANTS=${VARIANTS:-xla,defaults,defaults_auto_layout,pool_masks,banded_wgrad}
+VARIANTS=${VARIANTS:-xla,defaults,defaults_few_xla,defaults_auto_layout,pool_masks,banded_wgrad}
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1

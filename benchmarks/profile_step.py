@@ -7,8 +7,8 @@
 The seed UNet, Adam, bfloat16 compute (PyTorch: autocast + channels_last), SIZE x SIZE images in
 batches of BATCH (environment; 480 and 16 by default). `jax` compiles the plain jitted step once
 per variant (every lever on XLA's op, the project's defaults as 'auto' resolves them on this
-platform, then each lever switched on alone from all-XLA, the defaults with XLA's max-pool, then
-two XLA GPU options), times 5 x 5
+platform, then each lever switched on alone from all-XLA, the defaults with XLA's max-pool or
+XLA's conv of the image, then XLA GPU options), times 5 x 5
 steps of each (median), and profiles the all-XLA and the defaults step: `jax_kernels_xla.txt`
 and `jax_kernels_defaults.txt` list each kernel's time per step, under a summary by kind
 (convolution, reduction, element-wise, layout, ...; device kernels only),
@@ -60,6 +60,14 @@ VARIANTS = {
     # Layout.AUTO; see AUTO_LAYOUT): on a GPU, cuDNN's weight gradient comes out-in-last and
     # Adam's update of flax's HWIO kernels then runs as a transpose (1.6 ms of an H100 step).
     'defaults_auto_layout': (DEFAULT_LEVERS, {}),
+    # few_channels's choice on a GPU: the defaults (the image's conv as an im2col GEMM) against
+    # cuDNN's conv of one input channel.
+    'defaults_few_xla': ({**DEFAULT_LEVERS, 'few_channels': 'xla'}, {}),
+    # XLA options on the defaults: cuDNN's convolutions as XLA fusions (which may take in their
+    # neighbours), and Triton's multi-output fusions (BatchNorm's reductions with their inputs).
+    'defaults_conv_fusion': (DEFAULT_LEVERS, {'xla_gpu_experimental_enable_conv_fusion': True}),
+    'defaults_triton_multi_output': (
+        DEFAULT_LEVERS, {'xla_gpu_unsupported_enable_triton_multi_output_fusion': True}),
     'no_cmdbuf': ({}, {'xla_gpu_enable_command_buffer': ''}),
     'runtime_fusion': ({}, {'xla_gpu_use_runtime_fusion': True}),
 }

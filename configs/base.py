@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
       bn_relu='fused',           # or 'xla'
       skip_concat='split',       # or 'concat'
       small_maps='gemm',         # or 'xla'
+      few_channels='gemm',       # or 'xla'
       wide_convs='auto',         # 'winograd' on CPU, 'xla' on GPU; or name one
       remat=False,               # recompute activations in backward: less memory, same result
   ))

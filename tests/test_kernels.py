@@ -155,13 +155,15 @@ def test_levers_keep_training_gradients():
   # 66x64 takes the banded weight gradient at the top (66 rows: the last band part empty), 33x32
   # an odd height, and depth 3 reaches an 8x8 map (im2col GEMM).
   plain = UNet(base_features=4, depth=3, transpose_conv='xla', conv_weight_grad='xla',
-               max_pool='xla', bn_relu='xla', skip_concat='concat', small_maps='xla')
+               max_pool='xla', bn_relu='xla', skip_concat='concat', small_maps='xla',
+               few_channels='xla')
   variables = init_variables(plain, jax.random.key(0))
   want = _grads(plain, variables, x)
   want_y, want_stats = _forward(plain, variables, x)
   # (remat with the default levers: test_remat_is_bit_identical.)
   for levers in [dict(), dict(conv_weight_grad='xla'), dict(max_pool='xla'),
                  dict(bn_relu='xla'), dict(skip_concat='concat'), dict(small_maps='xla'),
+                 dict(few_channels='xla'),
                  dict(transpose_conv='xla', remat=True)]:
     model = UNet(base_features=4, depth=3, **levers)
     got, (y, stats) = _grads_and_forward(model, variables, x)  # one compilation per model
@@ -170,6 +172,23 @@ def test_levers_keep_training_gradients():
     assert max_rel_err(y, want_y) < 1e-5, levers
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats), strict=True):
       assert max_rel_err(a, b) < 1e-5, levers
+
+
+@pytest.mark.parametrize('in_channels', [1, 3])
+def test_few_channels_takes_the_image_conv_and_no_other(in_channels):
+  # The image's conv (1 or 3 channels, full resolution) becomes a GEMM; every other conv keeps
+  # XLA's (8 channels and up here; 16x16 maps, so small_maps leaves them alone).
+  x = jnp.zeros((2, 32, 32, in_channels), jnp.float32)
+
+  def convs(few_channels):
+    model = UNet(in_channels, base_features=8, depth=1, conv_weight_grad='xla',
+                 few_channels=few_channels)
+    variables = init_variables(model, jax.random.key(0))
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables))
+    return jaxpr.count('conv_general_dilated['), jaxpr.count('dot_general[')
+
+  (gemm_convs, gemm_dots), (xla_convs, xla_dots) = convs('gemm'), convs('xla')
+  assert (gemm_convs, gemm_dots) == (xla_convs - 1, xla_dots + 1)
 
 
 _CPU_KERNELS = dict(conv_weight_grad='banded', wide_convs='winograd')

@@ -10,7 +10,8 @@ That measured about 2x XLA at 128x128 and 1.5x at 64x64; lower resolutions use X
 At the bottom of the U (8x8 maps, 512-1024 channels) XLA's convolution runs far below peak in all
 three directions; `im2col_conv3x3` writes the conv as one GEMM over the 9 shifted copies of the
 (small) input, so the forward, input gradient and weight gradient are all plain GEMMs: about
-1.6x faster there, slower from 16x16 up (measured with benchmarks/, see README).
+1.6x faster there, slower from 16x16 up (measured with benchmarks/, see README). The same GEMM
+serves the UNet's first conv, whose input has only the image's few channels at full resolution.
 
 Convolutions with at least 128 input and output channels (for the seed UNet at 128x128 every
 level below the top but down1's first conv; at 480x480 likewise) use Winograd's F(2x2, 3x3) in
@@ -32,6 +33,9 @@ _DIMS = ('NHWC', 'HWIO', 'NHWC')
 BAND_ROWS = 8
 MIN_PIXELS_FOR_BANDS = 64 * 64  # below this XLA's own weight gradient is as fast
 MAX_PIXELS_FOR_IM2COL = 8 * 8  # above this the 9x copy of the input costs more than it saves
+# At most this many input channels (the image's), the 9x copy is small at any resolution: 9
+# columns for a grey image, where XLA's conv of one channel runs far below its rate (model.py).
+MAX_CHANNELS_FOR_IM2COL = 4
 MIN_CHANNELS_FOR_WINOGRAD = 128  # below this (in or out) the transforms cost more than they save
 
 
@@ -156,11 +160,16 @@ conv3x3.defvjp(_fwd, _bwd)
 
 def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
   """3x3 conv, stride 1, zero padding 1, NHWC x HWIO, as one (N*H*W, 9*C_in) x (9*C_in, C_out)
-  GEMM; autodiff turns it into GEMMs for both gradients. For small maps only (9x the input)."""
+  GEMM; autodiff turns it into GEMMs for both gradients. For small maps or few input channels
+  only: it copies the input 9 times."""
   n, h, wd, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  # Column order (kh, kw, c) matches the row-major reshape of the HWIO kernel.
-  cols = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], axis=-1)
+  # Column order (kh, kw, c) matches the row-major reshape of the HWIO kernel. The taps are
+  # stacked on an axis of their own, not concatenated along channels: that concatenation, with
+  # the image as input, came out wrong (0.06-0.4 relative in 2 steps) from XLA's CPU backend on 8
+  # devices with LLVM at -O0 (the tests' setting), the legacy fusion emitters and the memory
+  # scheduler together (step_compilation.py); the stacked form is the same numbers either way.
+  cols = jnp.stack([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], axis=3)
   y = jnp.dot(cols.reshape(n * h * wd, 9 * c), w.reshape(9 * c, w.shape[-1]),
               preferred_element_type=jnp.float32)
   return y.reshape(n, h, wd, w.shape[-1]).astype(x.dtype)

@@ -14,6 +14,7 @@ LEVERS: dict[str, tuple[str, ...]] = {
     'bn_relu': ('fused', 'xla'),
     'skip_concat': ('split', 'concat'),
     'small_maps': ('gemm', 'xla'),
+    'few_channels': ('gemm', 'xla'),
     'wide_convs': ('auto', 'winograd', 'xla'),
 }
 

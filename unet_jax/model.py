@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax.conv_kernels import (
+  MAX_CHANNELS_FOR_IM2COL,
   MAX_PIXELS_FOR_IM2COL,
   MIN_CHANNELS_FOR_WINOGRAD,
   conv3x3,
@@ -125,13 +126,15 @@ class Conv3x3(nn.Module):
 
   wide_convs='winograd' computes a float32 conv (or part) with at least 128 input and output
   channels by Winograd's F(2x2, 3x3) (`conv_kernels.winograd_conv3x3`); 'auto' (default) does so
-  on CPU only.
+  on CPU only. small_maps='gemm' (maps of at most 8x8 pixels) and few_channels='gemm' (at most 4
+  input channels) compute it as one im2col GEMM (`conv_kernels.im2col_conv3x3`).
   """
   features: int
   use_bias: bool = False
   weight_grad: WeightGrad = 'auto'
   dtype: Dtype = jnp.float32
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  few_channels: Literal['gemm', 'xla'] = 'gemm'
   stream_bands: bool = False  # see conv_kernels.banded_weight_grad; set with remat
   wide_convs: WideConvs = 'auto'
 
@@ -157,8 +160,12 @@ class Conv3x3(nn.Module):
     wide_convs = _on_this_platform(self.wide_convs, 'winograd')
     if wide_convs not in ('winograd', 'xla'):
       raise ValueError(f"wide_convs must be 'auto', 'winograd' or 'xla', got {self.wide_convs!r}")
+    if self.few_channels not in ('gemm', 'xla'):
+      raise ValueError(f"few_channels must be 'gemm' or 'xla', got {self.few_channels!r}")
     if self.small_maps == 'gemm' and parts[0].shape[1] * parts[0].shape[2] <= MAX_PIXELS_FOR_IM2COL:
       conv = im2col_conv3x3  # the bottom of the U: see conv_kernels.py
+    elif self.few_channels == 'gemm' and cin <= MAX_CHANNELS_FOR_IM2COL:
+      conv = im2col_conv3x3  # the image's conv: see conv_kernels.py
     elif wide_convs == 'winograd' and parts[0].dtype == jnp.float32:
       conv = functools.partial(_winograd_if_wide, otherwise=conv)
     y, start = None, 0
@@ -187,6 +194,7 @@ class DoubleConv(nn.Module):
   weight_grad: WeightGrad = 'auto'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  few_channels: Literal['gemm', 'xla'] = 'gemm'
   stream_bands: bool = False
   wide_convs: WideConvs = 'auto'
 
@@ -198,7 +206,7 @@ class DoubleConv(nn.Module):
     mid = self.mid_features or self.features
     for i, feats in ((1, mid), (2, self.features)):
       x = Conv3x3(feats, self.conv_bias, self.weight_grad, self.dtype, self.small_maps,
-                  self.stream_bands, self._wide_convs(), name=f'conv{i}')(x)
+                  self.few_channels, self.stream_bands, self._wide_convs(), name=f'conv{i}')(x)
       x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, fused_relu=self.bn_relu == 'fused',
                     name=f'norm{i}')(x, train=train, relu=True)
     return x
@@ -246,6 +254,7 @@ class Down(nn.Module):
   max_pool: MaxPool = 'masks'
   bn_relu: Literal['fused', 'xla'] = 'fused'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  few_channels: Literal['gemm', 'xla'] = 'gemm'
   wide_convs: WideConvs = 'auto'
 
   @nn.compact
@@ -259,7 +268,7 @@ class Down(nn.Module):
     return _double_conv(self.remat)(
         self.features, conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
         weight_grad=self.weight_grad, bn_relu=self.bn_relu, small_maps=self.small_maps,
-        wide_convs=self.wide_convs, name='conv')(x, train)
+        few_channels=self.few_channels, wide_convs=self.wide_convs, name='conv')(x, train)
 
 
 def _resize_axis_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
@@ -349,6 +358,7 @@ class Up(nn.Module):
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  few_channels: Literal['gemm', 'xla'] = 'gemm'
   wide_convs: WideConvs = 'auto'
 
   @nn.compact
@@ -373,7 +383,8 @@ class Up(nn.Module):
     return _double_conv(self.remat)(
         self.features, mid, conv_bias=self.conv_bias, dtype=self.dtype,
         axis_name=self.axis_name, weight_grad=self.weight_grad, bn_relu=self.bn_relu,
-        small_maps=self.small_maps, wide_convs=self.wide_convs, name='conv')(x, train)
+        small_maps=self.small_maps, few_channels=self.few_channels, wide_convs=self.wide_convs,
+        name='conv')(x, train)
 
 
 class Conv1x1(nn.Module):
@@ -432,6 +443,10 @@ class UNet(nn.Module):
     small_maps: 'gemm' (default) computes 3x3 convs on maps of at most 8x8 pixels as one im2col
       GEMM (see conv_kernels.py); 'xla' uses XLA's convolution there too. Same numbers to
       float32 rounding.
+    few_channels: 'gemm' (default) computes 3x3 convs with at most 4 input channels (the
+      image's conv) as the same im2col GEMM, its copy of the input 9 channels for a grey image;
+      'xla' uses XLA's convolution, which runs far below its rate on one channel. Same numbers
+      to float32 rounding.
     wide_convs: 'winograd' computes float32 3x3 convs with at least 128 input and output channels
       by Winograd's F(2x2, 3x3) (2.25x fewer multiplies; see conv_kernels.py) or 'xla'; same
       numbers to float32 rounding (about 1e-6 relative). 'auto' (default): 'winograd' when JAX's
@@ -457,6 +472,7 @@ class UNet(nn.Module):
   bn_relu: Literal['fused', 'xla'] = 'fused'
   skip_concat: Literal['split', 'concat'] = 'split'
   small_maps: Literal['gemm', 'xla'] = 'gemm'
+  few_channels: Literal['gemm', 'xla'] = 'gemm'
   wide_convs: WideConvs = 'auto'
 
   @nn.compact
@@ -491,7 +507,8 @@ class UNet(nn.Module):
     """The settings every Down and Up block takes from the UNet."""
     return dict(conv_bias=self.conv_bias, dtype=self.dtype, axis_name=self.axis_name,
                 weight_grad=self.conv_weight_grad, remat=self.remat, bn_relu=self.bn_relu,
-                small_maps=self.small_maps, wide_convs=self.wide_convs)
+                small_maps=self.small_maps, few_channels=self.few_channels,
+                wide_convs=self.wide_convs)
 
 
 def _without_remat(settings: dict[str, Any]) -> dict[str, Any]:
