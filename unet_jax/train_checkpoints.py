@@ -58,7 +58,8 @@ _UNSCORED_SAVE_NOTICE = _UnscoredSaveNotice()
 
 class TrainCheckpoints:
   def __init__(self, workdir: str, keep: int):
-    logging.getLogger('absl').addFilter(_UNSCORED_SAVE_NOTICE)  # Orbax's logger (once: a set)
+    # Orbax's logger; addFilter skips a filter it already holds, so each run adds it once.
+    logging.getLogger('absl').addFilter(_UNSCORED_SAVE_NOTICE)
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(self.directory, options=_options(keep),
                                           item_names=('state', 'meta'))
