@@ -18,7 +18,7 @@ from unet_jax.conv_kernels import (
   im2col_conv3x3,
   winograd_conv3x3,
 )
-from unet_jax.levers import CPU_SCHEDULERS, LEVERS
+from unet_jax.levers import CPU_SCHEDULERS, FORWARD_MODE, LEVERS
 from unet_jax.model import Conv1x1, ConvTranspose2x2
 from unet_jax.norm_kernels import batch_norm_relu
 from unet_jax.pool_kernels import max_pool_2x2
@@ -220,6 +220,75 @@ def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform):
   assert ('winograd_conv3x3' in got) == (platform == 'cpu')
   # With remat (the memory setting) 'auto' leaves Winograd's conv out on every platform.
   assert 'winograd_conv3x3' not in traced(UNet(base_features=64, depth=2, remat=True))
+
+
+
+def _dot(a, b):
+  return sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_forward_mode_levers_let_jax_jvp_differentiate_the_unet():
+  # Forward mode through FORWARD_MODE's levers against reverse mode through the default ones
+  # (their custom VJPs; the other levers as default in both) on the same weights. 16x16 at
+  # depth 2 takes the image's GEMM conv, the 8x8 and 4x4 GEMM convs and the split concat.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16, 1), np.float32))
+  weights = jnp.asarray(rng.standard_normal((2, 16, 16, 1), np.float32))
+  forward = UNet(base_features=4, depth=2, **FORWARD_MODE)
+  default = UNet(base_features=4, depth=2)
+  variables = init_variables(default, jax.random.key(0))
+  params = variables['params']
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  tangent = treedef.unflatten(
+      [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)])
+
+  def loss_of(model):
+    def loss(params):
+      y, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.tanh(y) * weights)
+    return loss
+
+  # The training loss's derivative along `tangent`, and a Hessian-vector product (forward over
+  # reverse, as HVPs are usually taken, against reverse over reverse).
+  derivative, hvp = jax.jit(lambda p, t: (jax.jvp(loss_of(forward), (p,), (t,))[1],
+                                          jax.jvp(jax.grad(loss_of(forward)), (p,), (t,))[1]))(
+      params, tangent)
+  want_derivative, want_hvp = jax.jit(lambda p, t: (
+      _dot(jax.grad(loss_of(default))(p), t),
+      jax.grad(lambda q: _dot(jax.grad(loss_of(default))(q), t))(p)))(params, tangent)
+  assert max_rel_err(derivative, want_derivative) < 1e-5
+  for got, want in zip(jax.tree.leaves(hvp), jax.tree.leaves(want_hvp), strict=True):
+    assert max_rel_err(got, want) < 1e-4
+  # The input Jacobian in eval mode: <u, J t> = <J^T u, t>.
+  t, u = (jnp.asarray(rng.standard_normal(x.shape, np.float32)) for _ in range(2))
+  jt = jax.jit(lambda a, b: jax.jvp(lambda z: forward.apply(variables, z, train=False), (a,),
+                                    (b,))[1])(x, t)
+  jtu = jax.vjp(jax.jit(lambda z: default.apply(variables, z, train=False)), x)[1](u)[0]
+  assert max_rel_err(jnp.vdot(jt, u), jnp.vdot(jtu, t)) < 1e-5
+
+
+def test_forward_mode_switches_exactly_the_custom_vjp_levers():
+  hand_written = {'conv_weight_grad': 'banded', 'max_pool': 'masks', 'bn_relu': 'fused',
+                  'wide_convs': 'winograd'}
+  assert FORWARD_MODE.keys() == hand_written.keys()
+  # Traced and lowered, not compiled. 128 channels at 16x16 (down1): Winograd's conv applies.
+  x = jnp.zeros((2, 32, 32, 1), jnp.float32)
+
+  def lower_jvp(model):
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+    def loss(params, batch_stats):
+      y, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                         mutable=['batch_stats'])
+      return y.sum()
+    jax.jit(lambda p, b: jax.jvp(lambda q: loss(q, b), (p,), (p,))).lower(
+        variables['params'], variables['batch_stats'])
+
+  lower_jvp(UNet(base_features=64, depth=1, **FORWARD_MODE))
+  for name, choice in hand_written.items():
+    with pytest.raises(TypeError, match='forward-mode autodiff'):
+      lower_jvp(UNet(base_features=64, depth=1, **{**FORWARD_MODE, name: choice}))
 
 
 def _forward(model, variables, x):

@@ -18,5 +18,12 @@ LEVERS: dict[str, tuple[str, ...]] = {
     'wide_convs': ('auto', 'winograd', 'xla'),
 }
 
+# Forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian, jax.linearize) through the UNet:
+# these levers' hand-written choices are custom VJPs, which JAX differentiates in reverse mode
+# only; XLA's ops serve both modes. The other levers' choices are plain JAX ops and stay.
+# `UNet(..., **FORWARD_MODE)`, or `model.clone(**FORWARD_MODE)`: the same weights and numbers.
+FORWARD_MODE: dict[str, str] = {
+    'conv_weight_grad': 'xla', 'max_pool': 'xla', 'bn_relu': 'xla', 'wide_convs': 'xla'}
+
 # XLA's CPU op order for the train and eval steps (config.cpu_scheduler; step_compilation.py).
 CPU_SCHEDULERS: tuple[str, ...] = ('memory', 'concurrency')
