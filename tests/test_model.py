@@ -131,6 +131,33 @@ def test_model_runs_in_bfloat16_with_float32_state():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(updates))
 
 
+
+def test_model_stays_float32_under_jax_enable_x64():
+  # Code that turns on 64-bit types for other work gets the same float32 UNet: flax's
+  # initialisers default to float64 there, which made the kernels float64 and every conv with
+  # them (and the ratio of integer counts in pixel accuracy).
+  from unet_jax.losses import per_image_scores
+  model = UNet(base_features=4, depth=2)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 1)), jnp.float32)
+  init = jax.jit(lambda key: model.init(key, x, train=False))  # traced anew in each mode
+  want = init(jax.random.key(0))
+  with jax.enable_x64(True):
+    variables = init(jax.random.key(0))
+    for got, w in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True):
+      assert got.dtype == jnp.float32
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+
+    def loss(params):
+      y, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return jnp.mean(jnp.square(y))
+    grads = jax.jit(jax.grad(loss))(variables['params'])
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    logits = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
+    assert logits.dtype == jnp.float32
+    scores = per_image_scores(logits, (x[..., 0] > 0).astype(jnp.int32))
+    assert {k: v.dtype for k, v in scores.items()} == dict.fromkeys(scores, jnp.float32)
+
+
 def test_nchw_helper_roundtrip():
   x = np.random.randn(2, 3, 4, 5).astype(np.float32)
   np.testing.assert_array_equal(nhwc(nchw(x.transpose(0, 2, 3, 1))), x.transpose(0, 2, 3, 1))

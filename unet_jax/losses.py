@@ -167,7 +167,8 @@ def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | No
   iou = jnp.where(empty, 1.0, tp / jnp.maximum(tp + fp + fn, 1))
   # Per-class pixel accuracy is recall: of this class's pixels, the share labelled right.
   acc = jnp.where(tp + fn == 0, 1.0, tp / jnp.maximum(tp + fn, 1))
-  right = ((pred == labels) & valid).sum(axis=(1, 2))
+  # Counted in float32: a ratio of integer counts is float64 under jax_enable_x64.
+  right = ((pred == labels) & valid).sum(axis=(1, 2)).astype(jnp.float32)
   total = valid.sum(axis=(1, 2))
   overall = jnp.where(total == 0, 1.0, right / jnp.maximum(total, 1))
   return {'dice': dice, 'iou': iou, 'class_accuracy': acc, 'pixel_accuracy': overall}

@@ -52,7 +52,8 @@ def _on_this_platform(choice: str, cpu_kernel: str) -> str:
 
 
 # PyTorch's Conv2d default (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-# which is variance_scaling(1/3, fan_in, uniform).
+# which is variance_scaling(1/3, fan_in, uniform). Every parameter is created float32 by name:
+# flax's initializers default to JAX's widest float, float64 under jax_enable_x64.
 _torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 # ConvTranspose2d computes fan_in from its weight's dim 1, i.e. the *output* channels times k*k.
 _torch_transpose_kernel_init = nn.initializers.variance_scaling(
@@ -142,7 +143,7 @@ class Conv3x3(nn.Module):
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
     parts = [x] if isinstance(x, jax.Array | np.ndarray) else list(x)
     cin = sum(p.shape[-1] for p in parts)
-    kernel = self.param('kernel', _torch_kernel_init, (3, 3, cin, self.features))
+    kernel = self.param('kernel', _torch_kernel_init, (3, 3, cin, self.features), jnp.float32)
     bias = (self.param('bias', _torch_bias_init(cin * 9), (self.features,))
             if self.use_bias else None)
     *parts, kernel, bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
@@ -324,7 +325,8 @@ class ConvTranspose2x2(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cin = x.shape[-1]
-    kernel = self.param('kernel', _torch_transpose_kernel_init, (2, 2, cin, self.features))
+    kernel = self.param('kernel', _torch_transpose_kernel_init, (2, 2, cin, self.features),
+                        jnp.float32)
     bias = self.param('bias', _torch_bias_init(self.features * 4), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.impl == 'xla':  # what flax.linen.ConvTranspose computes
@@ -398,7 +400,8 @@ class Conv1x1(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', _torch_kernel_init, (1, 1, x.shape[-1], self.features))
+    kernel = self.param('kernel', _torch_kernel_init, (1, 1, x.shape[-1], self.features),
+                        jnp.float32)
     bias = self.param('bias', _torch_bias_init(x.shape[-1]), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0]) + bias
