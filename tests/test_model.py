@@ -158,6 +158,34 @@ def test_model_stays_float32_under_jax_enable_x64():
     assert {k: v.dtype for k, v in scores.items()} == dict.fromkeys(scores, jnp.float32)
 
 
+
+@pytest.mark.parametrize('kwargs', [
+    # base 64 at 64x64: the banded weight gradient at the top and Winograd's conv (128 channels).
+    dict(base_features=64), dict(upsample='bilinear', conv_bias=True, num_classes=3),
+    dict(transpose_conv='xla', conv_weight_grad='xla', max_pool='xla', bn_relu='xla',
+         skip_concat='concat', small_maps='xla', few_channels='xla', wide_convs='xla'),
+    dict(remat=True), dict(dtype=jnp.bfloat16)])
+def test_model_and_losses_trace_with_rank_promotion_raise(kwargs):
+  # Codebases that set jax_numpy_rank_promotion='raise' (as flax's own layers allow): every
+  # per-channel vector meets the activations reshaped to their rank. Traced, not compiled.
+  from unet_jax.losses import per_image_scores, segmentation_loss
+  model = UNet(**{'base_features': 4, 'depth': 2, **kwargs})
+  x = jnp.zeros((2, 64, 64, 1), jnp.float32)
+  labels = jnp.zeros((2, 64, 64), jnp.int32)
+  k = model.num_classes
+  options = (dict(class_weights=(0.2, 1.0, 3.0), focal_gamma=2.0, ignore_id=2) if k > 1 else
+             dict(pos_weight=2.0, tversky=(0.3, 0.7), ignore_id=1))
+  with jax.numpy_rank_promotion('raise'):
+    variables = jax.eval_shape(lambda key: model.init(key, x, train=False), jax.random.key(0))
+
+    def loss(params, batch_stats):
+      y, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                         mutable=['batch_stats'])
+      return segmentation_loss(y, labels, dice_weight=1.0, **options)[0]
+    jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'])
+    jax.jit(lambda v: per_image_scores(model.apply(v, x, train=False), labels)).lower(variables)
+
+
 def test_nchw_helper_roundtrip():
   x = np.random.randn(2, 3, 4, 5).astype(np.float32)
   np.testing.assert_array_equal(nhwc(nchw(x.transpose(0, 2, 3, 1))), x.transpose(0, 2, 3, 1))

@@ -156,7 +156,8 @@ def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | No
   pred = predict_classes(logits)
   if valid is None:
     valid = jnp.ones(labels.shape, bool)
-  classes = jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
+  classes = (jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
+             ).reshape(1, 1, 1, -1)
   p = (pred[..., None] == classes) & valid[..., None]
   t = (labels[..., None] == classes) & valid[..., None]
   tp = (p & t).sum(axis=(1, 2)).astype(jnp.float32)

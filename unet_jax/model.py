@@ -175,7 +175,7 @@ class Conv3x3(nn.Module):
       term = conv(part, kernel[:, :, start:start + c] if len(parts) > 1 else kernel)
       y = term if y is None else y + term
       start += c
-    return y if bias is None else y + bias
+    return y if bias is None else y + bias.reshape(1, 1, 1, -1)
 
 
 def _winograd_if_wide(x: jax.Array, kernel: jax.Array, otherwise) -> jax.Array:
@@ -330,8 +330,9 @@ class ConvTranspose2x2(nn.Module):
     bias = self.param('bias', _torch_bias_init(self.features * 4), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.impl == 'xla':  # what flax.linen.ConvTranspose computes
-      return jax.lax.conv_transpose(x, kernel, (2, 2), 'VALID',
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+      y = jax.lax.conv_transpose(x, kernel, (2, 2), 'VALID',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return y + bias.reshape(1, 1, 1, -1)
     if self.impl != 'gemm':
       raise ValueError(f"transpose_conv must be 'gemm' or 'xla', got {self.impl!r}")
     n, h, w, _ = x.shape
@@ -342,7 +343,7 @@ class ConvTranspose2x2(nn.Module):
     # is added before the interleave, in the product's output: one full-size buffer fewer at
     # the training step's peak (XLA's buffers 661 -> 629 MB at 8x1x128x128).
     taps = jnp.transpose(kernel[::-1, ::-1], (2, 0, 1, 3)).reshape(cin, 4 * self.features)
-    y = jnp.matmul(x.reshape(n * h * w, cin), taps) + jnp.tile(bias, 4)
+    y = jnp.matmul(x.reshape(n * h * w, cin), taps) + jnp.tile(bias, 4)[None]
     y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(n, 2 * h, 2 * w, self.features)
 
@@ -404,7 +405,7 @@ class Conv1x1(nn.Module):
                         jnp.float32)
     bias = self.param('bias', _torch_bias_init(x.shape[-1]), (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0]) + bias
+    return jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0]) + bias.reshape(1, 1, 1, -1)
 
 
 class OutConv(nn.Module):

@@ -9,6 +9,9 @@ input, which is kept anyway) and computes the input gradient in two passes, the 
 
 with the means taken over the global batch when `axis_name` is given (SyncBN), as the forward
 statistics are. The forward arithmetic is the same expression as `model.BatchNorm`'s.
+
+Per-channel vectors meet the activations reshaped to their rank (`_per_channel`), never by
+implicit rank promotion, so the UNet also traces under `jax_numpy_rank_promotion='raise'`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _per_channel(v: jax.Array, x: jax.Array) -> jax.Array:
+  """A (C,) vector shaped (1, ..., 1, C) to broadcast against x, whose last axis is C."""
+  return v.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
 def batch_statistics(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   """Per-channel mean and biased variance, over the global batch with axis_name.
 
@@ -29,7 +37,7 @@ def batch_statistics(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, ja
   mean = x.mean(axes)
   if axis_name is not None:
     mean = jax.lax.pmean(mean, axis_name)
-  var = jnp.square(x - mean).mean(axes)
+  var = jnp.square(x - _per_channel(mean, x)).mean(axes)
   if axis_name is not None:
     var = jax.lax.pmean(var, axis_name)
   return mean, var
@@ -39,7 +47,7 @@ def normalise(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array, 
               epsilon: float) -> jax.Array:
   """(x - mean) / sqrt(var + epsilon) * scale + bias, in the arithmetic order BatchNorm uses."""
   mul = jax.lax.rsqrt(var + epsilon) * scale
-  return (x - mean) * mul + bias
+  return (x - _per_channel(mean, x)) * _per_channel(mul, x) + _per_channel(bias, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -67,7 +75,7 @@ def _bwd(epsilon, axis_name, residuals, cotangents):
   axes = tuple(range(x.ndim - 1))
   rstd = jax.lax.rsqrt(var + epsilon)
   dz = jnp.where(y > 0, g, jnp.zeros_like(g))
-  xhat = (x.astype(jnp.float32) - mean) * rstd
+  xhat = (x.astype(jnp.float32) - _per_channel(mean, x)) * _per_channel(rstd, x)
   dbias = dz.sum(axes)
   dscale = (dz * xhat).sum(axes)
   count = np.prod([x.shape[a] for a in axes])
@@ -75,7 +83,8 @@ def _bwd(epsilon, axis_name, residuals, cotangents):
   if axis_name is not None:
     mean_dz = jax.lax.pmean(mean_dz, axis_name)
     mean_dz_xhat = jax.lax.pmean(mean_dz_xhat, axis_name)
-  dx = (scale * rstd) * (dz - mean_dz - xhat * mean_dz_xhat)
+  dx = _per_channel(scale * rstd, x) * (
+      dz - _per_channel(mean_dz, x) - xhat * _per_channel(mean_dz_xhat, x))
   return dx.astype(x.dtype), dscale, dbias
 
 
