@@ -165,9 +165,10 @@ def test_model_stays_float32_under_jax_enable_x64():
     dict(transpose_conv='xla', conv_weight_grad='xla', max_pool='xla', bn_relu='xla',
          skip_concat='concat', small_maps='xla', few_channels='xla', wide_convs='xla'),
     dict(remat=True), dict(dtype=jnp.bfloat16)])
-def test_model_and_losses_trace_with_rank_promotion_raise(kwargs):
-  # Codebases that set jax_numpy_rank_promotion='raise' (as flax's own layers allow): every
-  # per-channel vector meets the activations reshaped to their rank. Traced, not compiled.
+def test_model_and_losses_trace_under_strict_numpy_settings(kwargs):
+  # Codebases that set jax_numpy_rank_promotion='raise' or jax_numpy_dtype_promotion='strict'
+  # (flax's own layers allow both): every per-channel vector meets the activations reshaped to
+  # their rank, and no integer or bool meets a float implicitly. Traced, not compiled.
   from unet_jax.losses import per_image_scores, segmentation_loss
   model = UNet(**{'base_features': 4, 'depth': 2, **kwargs})
   x = jnp.zeros((2, 64, 64, 1), jnp.float32)
@@ -175,7 +176,7 @@ def test_model_and_losses_trace_with_rank_promotion_raise(kwargs):
   k = model.num_classes
   options = (dict(class_weights=(0.2, 1.0, 3.0), focal_gamma=2.0, ignore_id=2) if k > 1 else
              dict(pos_weight=2.0, tversky=(0.3, 0.7), ignore_id=1))
-  with jax.numpy_rank_promotion('raise'):
+  with jax.numpy_rank_promotion('raise'), jax.numpy_dtype_promotion('strict'):
     variables = jax.eval_shape(lambda key: model.init(key, x, train=False), jax.random.key(0))
 
     def loss(params, batch_stats):

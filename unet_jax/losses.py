@@ -104,7 +104,8 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
   the smoothing."""
   probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels)
   if valid is not None:
-    probs, targets = probs * valid[..., None], targets * valid[..., None]
+    mask = valid[..., None].astype(probs.dtype)
+    probs, targets = probs * mask, targets * mask
   inter = (probs * targets).sum(axis=(1, 2))
   if tversky is not None:
     alpha, beta = tversky
@@ -168,9 +169,10 @@ def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | No
   iou = jnp.where(empty, 1.0, tp / jnp.maximum(tp + fp + fn, 1))
   # Per-class pixel accuracy is recall: of this class's pixels, the share labelled right.
   acc = jnp.where(tp + fn == 0, 1.0, tp / jnp.maximum(tp + fn, 1))
-  # Counted in float32: a ratio of integer counts is float64 under jax_enable_x64.
+  # Counted in float32: a ratio of integer counts would be float64 under jax_enable_x64, and
+  # strict dtype promotion refuses to mix them with floats.
   right = ((pred == labels) & valid).sum(axis=(1, 2)).astype(jnp.float32)
-  total = valid.sum(axis=(1, 2))
+  total = valid.sum(axis=(1, 2)).astype(jnp.float32)
   overall = jnp.where(total == 0, 1.0, right / jnp.maximum(total, 1))
   return {'dice': dice, 'iou': iou, 'class_accuracy': acc, 'pixel_accuracy': overall}
 

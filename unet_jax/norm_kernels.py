@@ -78,7 +78,7 @@ def _bwd(epsilon, axis_name, residuals, cotangents):
   xhat = (x.astype(jnp.float32) - _per_channel(mean, x)) * _per_channel(rstd, x)
   dbias = dz.sum(axes)
   dscale = (dz * xhat).sum(axes)
-  count = np.prod([x.shape[a] for a in axes])
+  count = float(np.prod([x.shape[a] for a in axes]))  # a Python number: x's float type
   mean_dz, mean_dz_xhat = dbias / count, dscale / count
   if axis_name is not None:
     mean_dz = jax.lax.pmean(mean_dz, axis_name)
