@@ -291,7 +291,6 @@ def test_forward_mode_switches_exactly_the_custom_vjp_levers():
       lower_jvp(UNet(base_features=64, depth=1, **{**FORWARD_MODE, name: choice}))
 
 
-
 def test_levers_under_gspmd_split_the_batch_over_devices():
   # A researcher's own step: jax.jit with the batch sharded over 8 devices, XLA partitioning it
   # (GSPMD). Every lever but the banded weight gradient splits by device with no gather of
