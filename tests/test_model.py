@@ -1,6 +1,7 @@
 """The Flax modules on their own: sizes, shapes, and the pieces PyTorch defines precisely."""
 
 import os
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,67 @@ def test_model_and_losses_trace_under_strict_numpy_settings(kwargs):
     jax.jit(lambda v: per_image_scores(model.apply(v, x, train=False), labels)).lower(variables)
 
 
+
+def test_as_nnx_trains_as_the_linen_step(tmp_path):
+  # Flax NNX users: the same weights in an NNX module train exactly as the linen step does
+  # (BatchNorm's statistics updated in place), and come back out for saving and conversion.
+  import optax
+  from flax import nnx
+
+  from unet_jax import load_pretrained
+  from unet_jax.checkpoint import save_pretrained
+  from unet_jax.errors import UserError
+  from unet_jax.nnx_interop import as_nnx, nnx_variables
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 1)), jnp.float32)
+  y = (x > 0.5).astype(jnp.float32)
+  model = UNet(base_features=4, depth=2)
+  variables = init_variables(model, jax.random.key(0))
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def linen_step(params, batch_stats, opt_state):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                    train=True, mutable=['batch_stats'])
+      return optax.sigmoid_binary_cross_entropy(logits, y).mean(), updates['batch_stats']
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  @nnx.jit
+  def nnx_step(net, optimizer):
+    def loss_fn(net):
+      return optax.sigmoid_binary_cross_entropy(net(x, train=True, mutable=['batch_stats']),
+                                                y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(net)
+    optimizer.update(net, grads)
+    return loss
+
+  params, batch_stats, opt_state = variables['params'], variables['batch_stats'], tx.init(
+      variables['params'])
+  net = as_nnx(model, variables)
+  optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
+  for _ in range(2):
+    params, batch_stats, opt_state, want_loss = linen_step(params, batch_stats, opt_state)
+    np.testing.assert_array_equal(np.asarray(nnx_step(net, optimizer)), np.asarray(want_loss))
+  got = nnx_variables(net)
+  want = {'params': params, 'batch_stats': batch_stats}
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(net(x, train=False)),
+                                np.asarray(model.apply(want, x, train=False)))
+  # Saved as a converted checkpoint, what load_pretrained (and predict, convert) open.
+  loaded_model, loaded = load_pretrained(save_pretrained(str(tmp_path / 'nnx'), model, got))
+  assert loaded_model == model
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(UserError, match=r"variables for as_nnx: variable '\S+' has shape \(8,\), "
+                                      r"the model expects \(16,\)"):
+    as_nnx(UNet(base_features=8, depth=2), variables)
+
+
 def test_nchw_helper_roundtrip():
   x = np.random.randn(2, 3, 4, 5).astype(np.float32)
   np.testing.assert_array_equal(nhwc(nchw(x.transpose(0, 2, 3, 1))), x.transpose(0, 2, 3, 1))
@@ -211,3 +273,11 @@ def test_readme_door_2_block_runs():
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), scope['params'],
                          init_variables(scope['model'], jax.random.key(0))['params'])
   assert all(jax.tree.leaves(changed))  # the step updated every parameter
+  # Door 2's NNX block, on the same model and weights.
+  start = readme.index('```python', readme.index('- Flax NNX:')) + len('```python')
+  nnx_block = textwrap.dedent(readme[start:readme.index('```', start)])
+  exec(compile(nnx_block, 'README.md (Door 2, NNX)', 'exec'), scope)  # noqa: S102
+  loss = scope['nnx_train_step'](scope['net'], scope['optimizer'], scope['x'], scope['y'])
+  assert np.isfinite(float(loss))
+  assert jax.tree.structure(scope['nnx_variables'](scope['net'])) == jax.tree.structure(
+      {'params': scope['params'], 'batch_stats': scope['batch_stats']})
