@@ -247,6 +247,9 @@ def test_as_nnx_trains_as_the_linen_step(tmp_path):
   with pytest.raises(UserError, match=r"variables for as_nnx: variable '\S+' has shape \(8,\), "
                                       r"the model expects \(16,\)"):
     as_nnx(UNet(base_features=8, depth=2), variables)
+  with pytest.raises(UserError, match=r"variables to save: variable '\S+' has shape \(8,\)"):
+    save_pretrained(str(tmp_path / 'other'), UNet(base_features=8, depth=2), got)
+  assert not (tmp_path / 'other').exists()
 
 
 def test_nchw_helper_roundtrip():
