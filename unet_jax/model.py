@@ -427,6 +427,10 @@ class UNet(nn.Module):
   Defaults are the seed's model: `UNet(1, 1)` has 31,036,481 parameters. `upsample='bilinear'`
   is milesial/Pytorch-UNet's bilinear variant (bottom level halved, narrower decoder).
 
+  The speed levers below change how, never what, it computes. Four of their defaults are custom
+  VJPs, which JAX differentiates in reverse mode only: for `jax.jvp`, `jax.jacfwd` or
+  Hessian-vector products build it with `**levers.FORWARD_MODE`.
+
   Attributes:
     conv_bias: bias on the 3x3 convs (older milesial checkpoints have it; the seed does not).
     dtype: computation dtype; parameters and BatchNorm statistics stay float32.
