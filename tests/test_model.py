@@ -132,7 +132,6 @@ def test_model_runs_in_bfloat16_with_float32_state():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(updates))
 
 
-
 def test_model_stays_float32_under_jax_enable_x64():
   # Code that turns on 64-bit types for other work gets the same float32 UNet: flax's
   # initialisers default to float64 there, which made the kernels float64 and every conv with
@@ -157,7 +156,6 @@ def test_model_stays_float32_under_jax_enable_x64():
     assert logits.dtype == jnp.float32
     scores = per_image_scores(logits, (x[..., 0] > 0).astype(jnp.int32))
     assert {k: v.dtype for k, v in scores.items()} == dict.fromkeys(scores, jnp.float32)
-
 
 
 @pytest.mark.parametrize('kwargs', [
@@ -186,7 +184,6 @@ def test_model_and_losses_trace_under_strict_numpy_settings(kwargs):
       return segmentation_loss(y, labels, dice_weight=1.0, **options)[0]
     jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'])
     jax.jit(lambda v: per_image_scores(model.apply(v, x, train=False), labels)).lower(variables)
-
 
 
 def test_as_nnx_trains_as_the_linen_step(tmp_path):
