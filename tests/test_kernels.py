@@ -222,7 +222,6 @@ def test_auto_levers_pick_the_cpu_kernels_on_cpu_only(monkeypatch, platform):
   assert 'winograd_conv3x3' not in traced(UNet(base_features=64, depth=2, remat=True))
 
 
-
 def _dot(a, b):
   return sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
