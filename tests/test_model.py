@@ -1,6 +1,7 @@
 """The Flax modules on their own: sizes, shapes, and the pieces PyTorch defines precisely."""
 
 import os
+import re
 import textwrap
 
 import jax
@@ -108,6 +109,35 @@ def test_batchnorm_matches_torch_over_several_train_steps():
   x = torch.randn(2, 5, 4, 4)
   got = bn.apply(variables, nhwc(x), train=False)
   assert max_rel_err(got, nhwc(torch_bn.eval()(x))) < 1e-5
+
+
+def test_batchnorm_refuses_one_value_per_channel_in_training_as_torch_does():
+  # torch: "Expected more than 1 value per channel when training"; before, the UNet normalised
+  # the single value to the bias and trained on. Two values (two images of 1x1) are fine.
+  model = UNet(1, 1, base_features=2, depth=2)
+  variables = init_variables(model, jax.random.key(0))
+  one = jnp.ones((1, 4, 7, 1))  # the bottom level is 1x1
+  with pytest.raises(ValueError, match=re.escape(
+      'Expected more than 1 value per channel when training, got input size (1, 1, 1, 8) '
+      '(NHWC) at BatchNorm down2/conv/norm1; use a batch of more than one image')):
+    model.apply(variables, one, train=True, mutable=['batch_stats'])
+  with pytest.raises(ValueError, match='Expected more than 1 value per channel'):
+    torch.nn.BatchNorm2d(8).train()(torch.ones(1, 8, 1, 1))
+  # Under a mapped axis the count is the global batch's: one image per member of an axis of 2.
+  bottom = BatchNorm()
+  bn_vars = bottom.init(jax.random.key(0), jnp.ones((1, 1, 1, 3)), train=False)
+  synced = jax.vmap(lambda x: bottom.clone(axis_name='b').apply(
+      bn_vars, x, train=True, mutable=['batch_stats'])[0], axis_name='b')
+  assert synced(jnp.arange(6.0).reshape(2, 1, 1, 1, 3)).shape == (2, 1, 1, 1, 3)
+  with pytest.raises(ValueError, match='Expected more than 1 value per channel'):
+    synced(jnp.ones((1, 1, 1, 1, 3)))
+  two = jnp.concatenate([one, -one])
+  logits, _ = model.apply(variables, two, train=True, mutable=['batch_stats'])
+  assert bool(jnp.isfinite(logits).all())
+  # Initialising from a dummy batch of one in training mode stays allowed (its output is not
+  # used, and flax code often initialises so).
+  assert jax.tree.structure(model.init(jax.random.key(0), one, train=True)) == \
+      jax.tree.structure(variables)
 
 
 @pytest.mark.parametrize('hw', [(1, 1), (2, 3), (7, 5), (30, 31)])

@@ -28,7 +28,15 @@ from PIL import Image
 from torch_reference import MilesialUNet, SeedUNet
 
 from configs import base
-from unet_jax import input_pipeline, load_pretrained, losses, optimizers, parallel, train
+from unet_jax import (
+  config_checks,
+  input_pipeline,
+  load_pretrained,
+  losses,
+  optimizers,
+  parallel,
+  train,
+)
 from unet_jax.checkpoint import load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch, state_dict_to_flax, torch_to_flax
 from unet_jax.errors import UserError
@@ -565,6 +573,23 @@ def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
   with pytest.raises(UserError, match=re.escape(message)):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(batch_size=1, image_size=2), 'batch_size=1 gives 1 image at image_size=2, whose 1x1 '
+     'bottom level (model.depth=1) leaves BatchNorm one value per channel, which PyTorch refuses '
+     'in training too; use 2 or more images per step, or image_size=4 or more'),
+    (dict(batch_size=2, grad_accum_steps=2, image_size=3), 'batch_size=2 gives 1 image per '
+     'microbatch (grad_accum_steps=2) at image_size=3, whose 1x1 bottom level'),
+])
+def test_one_value_per_channel_for_batch_norm_is_refused(overrides, message):
+  # Reachable on one device only (on more, each holds at least one image of the microbatch).
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_checks.validate_config(tiny_config(**overrides), mesh)
+  # One more image, or a 2x2 bottom level, is allowed.
+  config_checks.validate_config(tiny_config(batch_size=2, image_size=2), mesh)
+  config_checks.validate_config(tiny_config(batch_size=1, image_size=4), mesh)
 
 
 def test_cli_errors_are_one_line(tmp_path):

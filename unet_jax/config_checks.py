@@ -116,8 +116,25 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.image_size < 2**config.model.depth:
     raise UserError(f'image_size={config.image_size} is below 2**model.depth='
                     f'{2**config.model.depth}')
+  _check_batch_norm_count(config)
   learning_rate_schedule(config)
   make_optimizer(config)
+
+
+def _check_batch_norm_count(config: ml_collections.ConfigDict) -> None:
+  # BatchNorm's statistics are the global microbatch's (SyncBN); the bottom level's map is the
+  # smallest. One value per channel there is what PyTorch refuses in training: the model would
+  # raise it in the first step's trace, this says which fields to change before any compute.
+  images = config.batch_size // config.get('grad_accum_steps', 1)
+  side = config.image_size // 2**config.model.depth
+  if images * side * side == 1:
+    per = (f' per microbatch (grad_accum_steps={config.grad_accum_steps})'
+           if config.get('grad_accum_steps', 1) > 1 else '')
+    raise UserError(f'batch_size={config.batch_size} gives 1 image{per} at image_size='
+                    f'{config.image_size}, whose 1x1 bottom level (model.depth='
+                    f'{config.model.depth}) leaves BatchNorm one value per channel, which '
+                    'PyTorch refuses in training too; use 2 or more images per step, or '
+                    f'image_size={2**(config.model.depth + 1)} or more')
 
 
 def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> None:

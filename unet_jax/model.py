@@ -88,6 +88,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
 
+    if train and not self.is_initializing():
+      self._check_count(x)
     if train and relu and self.fused_relu:
       # norm_kernels.batch_norm_relu: same forward, a backward that keeps less and reads less.
       y, mean, var = batch_norm_relu(x, scale, bias, self.epsilon, self.axis_name)
@@ -105,11 +107,25 @@ class BatchNorm(nn.Module):
     y = normalise(x.astype(jnp.float32), scale, bias, mean, var, self.epsilon).astype(self.dtype)
     return nn.relu(y) if relu else y
 
-  def _update_running_stats(self, ra_mean, ra_var, mean, var, x) -> None:
-    count = np.prod(x.shape[:-1])  # values per channel in the batch (global with axis_name)
+  def _count(self, x: jax.Array) -> int:
+    """Values per channel in the batch (global with axis_name); static."""
+    count = int(np.prod(x.shape[:-1]))
     if self.axis_name is not None:
       count = count * jax.lax.psum(1, self.axis_name)
-    unbiased = var * (count / max(count - 1, 1))
+    return count
+
+  def _check_count(self, x: jax.Array) -> None:
+    # One value per channel normalises every value to the bias and has no unbiased variance:
+    # PyTorch refuses it in training with this message, so do we (initialising is exempt, as a
+    # dummy input's output is thrown away).
+    if self._count(x) == 1:
+      raise ValueError('Expected more than 1 value per channel when training, got input size '
+                       f'{tuple(x.shape)} (NHWC) at BatchNorm {"/".join(self.scope.path)}; '
+                       'use a batch of more than one image, or larger images, or train=False')
+
+  def _update_running_stats(self, ra_mean, ra_var, mean, var, x) -> None:
+    count = self._count(x)
+    unbiased = var * (count / (count - 1))
     ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
     ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
 
