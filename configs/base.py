@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
       name='synthetic_shapes',   # or 'image_folder', or a TFDS catalog name
       native_size=64,            # synthetic_shapes only: 64, 128 or 480 pixels
       root='',                   # image_folder only: folder with images/ and masks/
+      # image_folder only: ROOT/images_dir/NAME.EXT pairs with ROOT/masks_dir/NAME{mask_suffix}.EXT
+      # (milesial/Pytorch-UNet's data/: images_dir='imgs', mask_suffix='_mask' for Carvana)
+      images_dir='images', masks_dir='masks', mask_suffix='',
       data_dir='',               # TFDS data_dir; '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split='train',
       eval_split='test',

@@ -5,6 +5,8 @@
 
 Mask values are mapped to class ids in sorted order (the mapping is saved with the checkpoint).
 For two classes (background + one), num_classes=1 trains a binary model with BCE.
+milesial/Pytorch-UNet's data/imgs/NAME.jpg with data/masks/NAME_mask.gif: add
+--config.data.images_dir=imgs --config.data.mask_suffix=_mask.
 """
 
 from configs import base

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import tempfile
 
 import jax
@@ -10,12 +11,13 @@ import pytest
 from PIL import Image
 from test_train import tiny_config
 
-from unet_jax import train
+from unet_jax import input_pipeline, train
 from unet_jax.checkpoint import load_pretrained_with_metadata
-from unet_jax.datasets.image_folder import find_pairs, scan
+from unet_jax.datasets.image_folder import FolderLayout, find_pairs, fingerprint, scan
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 from unet_jax.input_pipeline import _TrainExample, preprocess
+from unet_jax.predict import main as predict_main
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 COLOURS = [(0, 0, 0), (255, 0, 0), (0, 128, 255)]
@@ -98,6 +100,112 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
                              str(tmp_path / 'wd2'))
 
 
+def _palette_mask(labels):
+  """A palette ('P') image of class indices, drawn red (1) and white (2): VOC's or Carvana's."""
+  im = Image.fromarray(labels.astype(np.uint8), 'P')
+  im.putpalette([0, 0, 0, 255, 0, 0, 255, 255, 255] + [0] * 759)
+  return im
+
+
+def make_milesial_folder(root, n=12, size=(24, 20)):
+  """milesial/Pytorch-UNet's data/: imgs/NAME.jpg with masks/NAME_mask.gif (Carvana's)."""
+  os.makedirs(root / 'imgs'), os.makedirs(root / 'masks')
+  rng = np.random.default_rng(1)
+  for i in range(n):
+    labels = np.zeros(size[::-1], np.uint8)
+    labels[rng.integers(0, 10):, rng.integers(0, 10):] = 1
+    image = (rng.random(size[::-1] + (3,)) * 80 + labels[..., None] * 90).astype(np.uint8)
+    Image.fromarray(image).save(root / 'imgs' / f'car{i:02d}.jpg')
+    _palette_mask(labels).save(root / 'masks' / f'car{i:02d}_mask.gif')
+
+
+def test_milesial_data_folder_trains_as_it_lies(tmp_path):
+  # milesial's loader takes np.asarray(Image.open(mask)): a palette mask's indices, 0 and 1
+  # here, not its colours (before, palette masks were read as RGB and GIFs not at all).
+  make_milesial_folder(tmp_path / 'data')
+  mask_path = tmp_path / 'data' / 'masks' / 'car03_mask.gif'
+  assert Image.open(mask_path).mode == 'P'
+  layout = FolderLayout(images_dir='imgs', mask_suffix='_mask')
+  splits, values, channels, palette = scan(str(tmp_path / 'data'), layout)
+  assert values == [0, 1] and channels == 3
+  assert palette == Image.open(mask_path).getpalette()
+  assert (str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), str(mask_path)) in splits['train']
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'data'),
+                          'data.images_dir': 'imgs', 'data.mask_suffix': '_mask',
+                          'model.in_channels': 3, 'batch_size': 8, 'num_train_steps': 2,
+                          'eval_every_steps': 2, 'checkpoint_every_steps': 2})
+  train_source, _, info = input_pipeline.load_sources(config)
+  assert info.mask_values == [0, 1]
+  index = [r['file_name'] for r in train_source].index(b'car03.jpg')
+  np.testing.assert_array_equal(np.asarray(train_source[index]['mask'])[..., 0],
+                                np.asarray(Image.open(mask_path)))
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]
+  assert meta['mask_values'] == [0, 1] and meta['mask_palette'] == palette
+  # predict writes palette masks of those indices, drawn as the training masks were.
+  assert predict_main(['--checkpoint', str(tmp_path / 'wd'), '--output', str(tmp_path / 'out'),
+                       str(tmp_path / 'data' / 'imgs' / 'car03.jpg')]) == 0
+  written = Image.open(tmp_path / 'out' / 'car03_mask.png')
+  assert written.mode == 'P' and written.getpalette() == palette
+  assert written.size == (24, 20) and set(np.unique(np.asarray(written))) <= {0, 1}
+
+
+def test_images_and_masks_in_one_folder_told_apart_by_the_suffix(tmp_path):
+  make_milesial_folder(tmp_path / 'd', n=3)
+  for f in os.listdir(tmp_path / 'd' / 'imgs'):
+    os.rename(tmp_path / 'd' / 'imgs' / f, tmp_path / 'd' / 'masks' / f)
+  one = FolderLayout(images_dir='masks', masks_dir='masks', mask_suffix='_mask')
+  pairs = find_pairs(str(tmp_path / 'd'), one)['test'] + find_pairs(str(tmp_path / 'd'),
+                                                                     one)['train']
+  assert sorted(os.path.basename(i) + ' ' + os.path.basename(m) for i, m in pairs) == [
+      f'car{i:02d}.jpg car{i:02d}_mask.gif' for i in range(3)]
+  with pytest.raises(UserError, match=re.escape(
+      "data.images_dir and data.masks_dir are one folder ('masks'): set "
+      '--config.data.mask_suffix (e.g. _mask) to tell masks from images')):
+    find_pairs(str(tmp_path / 'd'), FolderLayout(images_dir='masks'))
+  # The layout is part of the prepared dataset's name: another layout is prepared anew.
+  assert fingerprint(str(tmp_path / 'd'), one) != fingerprint(str(tmp_path / 'd'))
+
+
+@pytest.mark.parametrize('breakage,message', [
+    (lambda r: os.rename(r / 'masks' / 'car01_mask.gif', r / 'masks' / 'car01.gif'),
+     re.escape("masks/car01.gif: a mask not named NAME_mask.EXT (data.mask_suffix='_mask'); "
+               'rename it, or set --config.data.mask_suffix')),
+    (lambda r: Image.open(r / 'imgs' / 'car02.jpg').save(r / 'imgs' / 'car02.png'),
+     'imgs/car02.jpg and .*imgs/car02.png: two files for \'car02\'; keep one'),
+    (lambda r: os.remove(r / 'masks' / 'car00_mask.gif'),
+     r'car00.jpg: has no mask \(expected masks/car00_mask.png or similar\)'),
+])
+def test_milesial_layout_errors_name_the_file(tmp_path, breakage, message):
+  make_milesial_folder(tmp_path / 'd', n=3)
+  breakage(tmp_path / 'd')
+  with pytest.raises(UserError, match=message):
+    find_pairs(str(tmp_path / 'd'), FolderLayout(images_dir='imgs', mask_suffix='_mask'))
+
+
+def test_resuming_on_masks_with_other_values_is_refused(tmp_path):
+  # Class k is the k-th sorted mask value; a resume on other values would give the weights'
+  # classes other meanings without a word.
+  make_folder(tmp_path / 'data', n=10)
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'data'),
+                          'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8,
+                          'num_train_steps': 1, 'eval_every_steps': 1,
+                          'checkpoint_every_steps': 1})
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  for f in os.listdir(tmp_path / 'data' / 'masks'):  # (0, 128, 255) -> (0, 255, 128)
+    m = np.asarray(Image.open(tmp_path / 'data' / 'masks' / f)).copy()
+    m[(m == (0, 128, 255)).all(-1)] = (0, 255, 128)
+    Image.fromarray(m).save(tmp_path / 'data' / 'masks' / f)
+  before = sorted(os.listdir(tmp_path / 'wd' / 'checkpoints'))
+  config.num_train_steps = 2
+  with pytest.raises(UserError, match=re.escape(
+      'checkpoints/1 was trained on masks whose values [[0, 0, 0], [0, 128, 255], [255, 0, 0]] '
+      "are its classes 0..2; this run's masks hold [[0, 0, 0], [0, 255, 128], [255, 0, 0]]; "
+      'rerun with its data to resume it, or choose another --workdir')):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert sorted(os.listdir(tmp_path / 'wd' / 'checkpoints')) == before
+
+
 def test_ignored_value_of_a_dataset_without_listed_mask_values():
   from unet_jax.input_pipeline import _ignored_label
   # oxford_iiit_pet's trimap 1, 2, 3 with mask_offset 1: the border, 3, is label id 2.
@@ -128,8 +236,8 @@ def test_builders_of_unprepared_datasets_leave_no_temporary_directories(tmp_path
 
 def test_image_folder_gray_masks_and_holdout(tmp_path):
   make_folder(tmp_path / 'd', n=11, rgb_masks=False)
-  splits, values, channels = scan(str(tmp_path / 'd'))
-  assert values == [0, 100, 200] and channels == 3
+  splits, values, channels, palette = scan(str(tmp_path / 'd'))
+  assert values == [0, 100, 200] and channels == 3 and palette == []
   assert len(splits['test']) == 2 and len(splits['train']) == 9
 
 
@@ -180,7 +288,7 @@ def test_more_mask_values_than_classes(tmp_path):
 
 def test_empty_folder(tmp_path):
   os.makedirs(tmp_path / 'd' / 'images'), os.makedirs(tmp_path / 'd' / 'masks')
-  with pytest.raises(UserError, match='no PNG/JPEG/TIFF images found'):
+  with pytest.raises(UserError, match='no PNG/JPEG/TIFF/BMP/GIF images found'):
     find_pairs(str(tmp_path / 'd'))
 
 

@@ -69,7 +69,9 @@ def export_checkpoint(checkpoint: str, size: int | None = None,
       'images scaled to [0, 1]', 'output': f'(N, {size}, {size}, {model.num_classes}) float32 '
       'logits (one channel: sigmoid; several: softmax)', 'size': size,
       'in_channels': model.in_channels, 'num_classes': model.num_classes,
-      'mask_values': meta.get('mask_values') or [], 'platforms': list(platforms),
+      'mask_values': meta.get('mask_values') or [],
+      **({'mask_palette': meta['mask_palette']} if meta.get('mask_palette') else {}),
+      'platforms': list(platforms),
       'model': model_config(model), 'checkpoint': os.path.abspath(checkpoint),
       'step': meta.get('step'), 'jax_version': jax.__version__}
   return bytes(exported.serialize()), description

@@ -13,6 +13,10 @@ import numpy as np
 
 from unet_jax.errors import UserError
 
+# File types read as images (and masks): what PIL reads that image datasets come in, e.g.
+# Carvana's GIF masks (milesial/Pytorch-UNet's example data) and BMP.
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.gif')
+
 
 def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
   """A PIL image of 16-bit or 32-bit integer gray values as 8-bit gray ('L'); others unchanged.

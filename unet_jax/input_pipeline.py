@@ -34,6 +34,7 @@ class DataInfo:
   mask_values: list  # the classes' mask values, in class-id order (an ignored one left out)
   splits: tuple[str, ...] = ()
   ignore_id: int | None = None  # the label id of data.ignore_value's pixels, if any
+  mask_palette: list = dataclasses.field(default_factory=list)  # palette masks' colours, or []
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -65,11 +66,14 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
                               file_format='array_record')
     _prepare(builder, jax.process_count())
   elif name == 'image_folder':
-    from unet_jax.datasets.image_folder import ImageFolder
+    from unet_jax.datasets.image_folder import FolderLayout, ImageFolder
+    layout = FolderLayout(**{f: config.data.get(f, getattr(FolderLayout, f))
+                             for f in ('images_dir', 'masks_dir', 'mask_suffix')})
     if not config.data.root:
       raise UserError('config.data.root is empty: set --config.data.root=/path/to/folder with '
-                      'images/ and masks/')
-    builder = ImageFolder(root=config.data.root, data_dir=data_dir, file_format='array_record')
+                      f'{layout.images_dir}/ and {layout.masks_dir}/')
+    builder = ImageFolder(root=config.data.root, layout=layout, data_dir=data_dir,
+                          file_format='array_record')
     _prepare(builder, jax.process_count())
   else:
     try:
@@ -94,8 +98,8 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
       raise UserError(f'dataset {name!r} has no feature {config.data[field]!r} (it has '
                       f"{', '.join(sorted(record))}); set --config.data.{field}")
   first = _adapt(config, record)
-  mask_values = list(builder.info.metadata.get('mask_values', [])) if builder.info.metadata \
-      else []
+  metadata = builder.info.metadata or {}  # (image_folder lists its mask values there)
+  mask_values = list(metadata.get('mask_values', []))
   ignore_id = _ignored_label(config, name, mask_values)
   if mask_values and ignore_id is not None:
     mask_values.pop(ignore_id)
@@ -103,7 +107,8 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
     mask_values = list(range(config.model.num_classes if config.model.num_classes > 1 else 2))
   info = DataInfo(name=name, num_train=len(train), num_eval=len(evaluation),
                   channels=first['image'].shape[-1], mask_values=mask_values,
-                  splits=tuple(sorted(sources)), ignore_id=ignore_id)
+                  splits=tuple(sorted(sources)), ignore_id=ignore_id,
+                  mask_palette=list(metadata.get('mask_palette', [])))
   return train, evaluation, info
 
 

@@ -27,11 +27,9 @@ import numpy as np
 from unet_jax import losses
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
-from unet_jax.image_io import eight_bit, resize
+from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit, resize
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
-
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +160,7 @@ def _collect(inputs: Sequence[str]) -> list[str]:
       found = sorted(os.path.join(path, f) for f in os.listdir(path)
                      if f.lower().endswith(IMAGE_SUFFIXES))
       if not found:
-        raise UserError(f'{path}: no PNG/JPEG/TIFF images in this folder')
+        raise UserError(f'{path}: no PNG/JPEG/TIFF/BMP/GIF images in this folder')
       files += found
     elif os.path.isfile(path):
       files.append(path)
@@ -200,18 +198,24 @@ def _read_image(path: str, channels: int) -> np.ndarray:
                         'can be read from files')
       arr = np.asarray(eight_bit(im, path).convert('L' if channels == 1 else 'RGB'))
   except UnidentifiedImageError:
-    raise UserError(f'{path}: not an image PIL can read (PNG, JPEG, TIFF)') from None
+    raise UserError(f'{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, GIF)') from None
   except OSError as e:
     raise UserError(f'{path}: cannot read it as an image ({e})') from None
   return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _mask_image(classes: np.ndarray, mask_values: list) -> np.ndarray:
-  """Class ids -> the training mask values (gray or RGB), as uint8."""
+def _mask_image(classes: np.ndarray, mask_values: list, palette: Sequence[int] = ()) -> Any:
+  """Class ids -> a PIL image of the training mask values (gray or RGB); palette masks' values
+  are indices, written as a palette image drawn with the training masks' `palette`."""
+  from PIL import Image
   values = np.asarray(mask_values if mask_values else [0, 255], np.uint8)
   if len(values) < int(classes.max()) + 1:
     values = np.linspace(0, 255, int(classes.max()) + 1).astype(np.uint8)
-  return values[classes]
+  if not palette:
+    return Image.fromarray(values[classes])
+  image = Image.fromarray(values[classes], 'P')
+  image.putpalette(list(palette))
+  return image
 
 
 def _overlay(image: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -282,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, classes, prob in zip(indices, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
-          Image.fromarray(_mask_image(classes, meta.get('mask_values', []))).save(tmp,
-                                                                                  format='PNG')
+          _mask_image(classes, meta.get('mask_values', []), meta.get('mask_palette', ())).save(
+              tmp, format='PNG')
           os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
           if prob is not None:
             tmp = os.path.join(args.output, f'.{stem}_prob.npy.tmp')

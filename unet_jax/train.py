@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import sys
@@ -141,10 +142,10 @@ _OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 
 
 
 def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, model: UNet,
-                    state: TrainState, where: str) -> None:
+                    state: TrainState, where: str, mask_values: list | None = None) -> None:
   """Refuses to resume from a checkpoint whose state cannot fit this run's (it would otherwise
   fail to restore and be taken for a damaged one): another model, or an optimizer whose state
-  has another form."""
+  has another form; and one trained on other classes (`mask_values`: this run's dataset's)."""
 
   def refusal(theirs: Any, ours: Any, differ: list[str], prefix: str = '') -> UserError:
     return UserError(
@@ -156,6 +157,15 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   differ = _differing(theirs, ours, ours)
   if differ:
     raise refusal(theirs, ours, differ, 'model.')
+  # Class k is the k-th sorted mask value: masks with other values (new files, another
+  # ignore_value or reader) would silently give the saved weights' classes other meanings.
+  saved_values = (saved.get('metadata') or {}).get('mask_values')
+  if mask_values is not None and saved_values is not None and \
+      json.loads(json.dumps(mask_values)) != saved_values:
+    raise UserError(f'{where} was trained on masks whose values {saved_values[:8]} are its '
+                    f'classes 0..{len(saved_values) - 1}; this run\'s masks hold '
+                    f'{mask_values[:8]}; rerun with its data to resume it, or choose another '
+                    '--workdir for a new run (--config.init_from=WORKDIR starts from its weights)')
   saved_config = ml_collections.ConfigDict(saved.get('config') or {})
   try:
     saved_tx = make_optimizer(saved_config)
@@ -466,7 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_ds = input_pipeline.eval_dataset(eval_source, config)
   checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
   meta = {'model': model_config(train_model),
-          'metadata': {'mask_values': info.mask_values, 'dataset': info.name},
+          'metadata': {'mask_values': info.mask_values, 'dataset': info.name,
+                       **({'mask_palette': info.mask_palette} if info.mask_palette else {})},
           'config': config.to_dict()}
 
   start = start_examples = 0
@@ -479,7 +490,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     saved = checkpoints.saved_meta(step)
     if saved is not None:
       try:
-        check_resumable(saved, config, train_model, state, f'{checkpoints.directory}/{step}')
+        check_resumable(saved, config, train_model, state, f'{checkpoints.directory}/{step}',
+                        info.mask_values)
       except UserError:
         checkpoints.close()
         raise

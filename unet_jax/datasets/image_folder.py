@@ -3,15 +3,19 @@
     ROOT/images/cat_001.jpg   ROOT/masks/cat_001.png
     ROOT/images/cat_002.png   ROOT/masks/cat_002.png
 
-Images: PNG, JPEG or TIFF, grayscale or RGB. Masks: one value (gray) or colour (RGB) per class;
-the sorted distinct values become class ids 0..K-1, and that mapping (`mask_values`) is stored
-with the dataset and the checkpoint so predictions can be written back in the same values. If
-ROOT has `train/` and `test/` subfolders, each holding `images/` and `masks/`, they are the splits;
-otherwise every tenth pair (sorted by name) is held out for evaluation.
+Images: PNG, JPEG, TIFF, BMP or GIF, grayscale or RGB. Masks: one value (gray), palette index
+(palette images, as PASCAL VOC's) or colour (RGB) per class; the sorted distinct values become
+class ids 0..K-1, and that mapping (`mask_values`) is stored with the dataset and the checkpoint
+so predictions can be written back in the same values. If ROOT has `train/` and `test/`
+subfolders, each holding `images/` and `masks/`, they are the splits; otherwise every tenth pair
+(sorted by name) is held out for evaluation. The folder names and a mask name suffix can be set
+(`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg` with `data/masks/NAME_mask.gif`
+is read as it lies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -21,39 +25,74 @@ import tensorflow_datasets as tfds
 
 from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
-from unet_jax.image_io import eight_bit
+from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 HOLDOUT_EVERY = 10
 
 
-def _list(folder: str) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True)
+class FolderLayout:
+  """Where a root's files lie: `images/NAME.EXT` with `masks/NAME{mask_suffix}.EXT`."""
+  images_dir: str = 'images'
+  masks_dir: str = 'masks'
+  mask_suffix: str = ''
+
+
+def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
+  """NAME -> path of the folder's images, or with `masks` of its masks. NAME is the file name
+  without its extension and, for a mask, without layout.mask_suffix, which every mask must
+  have; where images and masks share a folder, that suffix tells them apart."""
+  suffix = layout.mask_suffix
+  shared = os.path.normpath(layout.images_dir) == os.path.normpath(layout.masks_dir)
   if not os.path.isdir(folder):
-    raise UserError(f'{folder}: no such folder (expected images/ and masks/ side by side)')
-  return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
-          if f.lower().endswith(IMAGE_SUFFIXES)}
+    raise UserError(f'{folder}: no such folder (expected {layout.images_dir}/ and '
+                    f'{layout.masks_dir}/ side by side)')
+  found: dict[str, str] = {}
+  for f in sorted(os.listdir(folder)):
+    if not f.lower().endswith(IMAGE_SUFFIXES):
+      continue
+    path, stem = os.path.join(folder, f), os.path.splitext(f)[0]
+    if shared and (bool(suffix) and stem.endswith(suffix)) != masks:
+      continue  # (the other kind, in the same folder)
+    if masks and suffix:
+      if not stem.endswith(suffix):
+        raise UserError(f'{path}: a mask not named NAME{suffix}.EXT (data.mask_suffix='
+                        f'{suffix!r}); rename it, or set --config.data.mask_suffix')
+      stem = stem[:-len(suffix)]
+    if stem in found:
+      raise UserError(f'{found[stem]} and {path}: two files for {stem!r}; keep one')
+    found[stem] = path
+  return found
 
 
-def find_pairs(root: str) -> dict[str, list[tuple[str, str]]]:
+def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
+               ) -> dict[str, list[tuple[str, str]]]:
   """split -> [(image path, mask path)], checking that every image has a mask and vice versa."""
   root = os.path.abspath(root)
   if not os.path.isdir(root):
     raise UserError(f'{root}: dataset folder not found; set --config.data.root to a folder with '
-                    'images/ and masks/')
+                    f'{layout.images_dir}/ and {layout.masks_dir}/')
   has_splits = os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(
       os.path.join(root, 'test'))
+  if (os.path.normpath(layout.images_dir) == os.path.normpath(layout.masks_dir)
+      and not layout.mask_suffix):
+    raise UserError(f'data.images_dir and data.masks_dir are one folder ({layout.images_dir!r}):'
+                    ' set --config.data.mask_suffix (e.g. _mask) to tell masks from images')
   splits = {}
   for split, sub in ((('train', 'train'), ('test', 'test')) if has_splits else (('all', ''),)):
-    images = _list(os.path.join(root, sub, 'images'))
-    masks = _list(os.path.join(root, sub, 'masks'))
+    images = _list(os.path.join(root, sub, layout.images_dir), layout, masks=False)
+    masks = _list(os.path.join(root, sub, layout.masks_dir), layout, masks=True)
     for stem in images:
       if stem not in masks:
-        raise UserError(f'{images[stem]}: has no mask (expected masks/{stem}.png or similar)')
+        raise UserError(f'{images[stem]}: has no mask (expected {layout.masks_dir}/{stem}'
+                        f'{layout.mask_suffix}.png or similar)')
     for stem in masks:
       if stem not in images:
-        raise UserError(f'{masks[stem]}: has no image (expected images/{stem}.png or similar)')
+        raise UserError(f'{masks[stem]}: has no image (expected {layout.images_dir}/{stem}.png '
+                        'or similar)')
     if not images:
-      raise UserError(f'{os.path.join(root, sub, "images")}: no PNG/JPEG/TIFF images found')
+      raise UserError(f'{os.path.join(root, sub, layout.images_dir)}: no PNG/JPEG/TIFF/BMP/GIF '
+                      'images found')
     splits[split] = [(images[s], masks[s]) for s in sorted(images)]
   if not has_splits:
     pairs = splits.pop('all')
@@ -64,12 +103,18 @@ def find_pairs(root: str) -> dict[str, list[tuple[str, str]]]:
   return splits
 
 
-def _read(path: str, mask: bool = False) -> np.ndarray:
+def _read(path: str, mask: bool = False, palettes: list | None = None) -> np.ndarray:
   """An image as 8-bit gray or RGB (16-bit gray scaled to 8); a mask keeps its values, which
-  must fit 8 bits."""
+  must fit 8 bits, and a palette mask its indices (as torchvision's VOCSegmentation and
+  milesial's loader read them: the palette is only how they are drawn; appended to
+  `palettes`)."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
+      if mask and im.mode == 'P':
+        if palettes is not None:
+          palettes.append(im.getpalette())
+        return np.asarray(im)
       im = eight_bit(im, path, mask=mask)
       if im.mode in ('RGBA', 'P', 'CMYK', 'LA', 'YCbCr'):
         im = im.convert('RGB')
@@ -93,15 +138,19 @@ def _mask_keys(mask: np.ndarray) -> np.ndarray:
   return (m[..., 0] << 16) | (m[..., 1] << 8) | m[..., 2]
 
 
-def scan(root: str) -> tuple[dict[str, list[tuple[str, str]]], list, int]:
-  """Pairs, the sorted mask values, and the channel count (1 if every image is gray, else 3)."""
-  splits = find_pairs(root)
+def scan(root: str, layout: FolderLayout = FolderLayout(),
+         ) -> tuple[dict[str, list[tuple[str, str]]], list, int, list]:
+  """Pairs, the sorted mask values, the channel count (1 if every image is gray, else 3), and
+  the masks' palette (768 ints, R G B per index) when every mask is a palette image, else []:
+  `predict` draws its masks with it, as the training masks were drawn."""
+  splits = find_pairs(root, layout)
   values: set = set()
   channels = 1
   rgb_masks = False
+  palettes: list = []
   for pairs in splits.values():
     for image_path, mask_path in pairs:
-      image, mask = _read(image_path), _read(mask_path, mask=True)
+      image, mask = _read(image_path), _read(mask_path, mask=True, palettes=palettes)
       if image.shape[:2] != mask.shape[:2]:
         raise UserError(f'{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is '
                         f'{image.shape[1]}x{image.shape[0]}')
@@ -113,12 +162,16 @@ def scan(root: str) -> tuple[dict[str, list[tuple[str, str]]], list, int]:
   keys = sorted(values)
   mask_values = ([[(k >> 16) & 255, (k >> 8) & 255, k & 255] for k in keys] if rgb_masks
                  else keys)
-  return splits, mask_values, channels
+  every_mask_paletted = len(palettes) == sum(map(len, splits.values()))
+  palette = list(palettes[0] or []) if every_mask_paletted else []
+  return splits, mask_values, channels, palette
 
 
-def fingerprint(root: str) -> str:
-  """Changes when any file under ROOT is added, removed, resized or touched."""
+def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
+  """Changes when any file under ROOT is added, removed, resized or touched, or the layout
+  (which pairs them) changes."""
   h = hashlib.sha1(os.path.abspath(root).encode())
+  h.update(repr(dataclasses.astuple(layout)).encode())
   for dirpath, _, files in sorted(os.walk(root)):
     for f in sorted(files):
       st = os.stat(os.path.join(dirpath, f))
@@ -131,15 +184,16 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image + mask folders as a TFDS dataset; one builder config per folder content."""
 
   # A new version makes folders prepared by an older reader be prepared again.
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).',
-                   '1.2.0': "Each example's image file name, as `file_name`."}
+                   '1.2.0': "Each example's image file name, as `file_name`.",
+                   '1.3.0': 'Palette masks by their indices (1.2.0 took their colours).'}
 
-  def __init__(self, *, root: str, **kwargs):
+  def __init__(self, *, root: str, layout: FolderLayout = FolderLayout(), **kwargs):
     self._root = os.path.abspath(root)
-    self._splits, self._mask_values, self._channels = scan(self._root)
-    config = tfds.core.BuilderConfig(name=f'f{fingerprint(self._root)}',
+    self._splits, self._mask_values, self._channels, self._palette = scan(self._root, layout)
+    config = tfds.core.BuilderConfig(name=f'f{fingerprint(self._root, layout)}',
                                      description=f'images and masks from {self._root}')
     super().__init__(config=config, **kwargs)
 
@@ -152,7 +206,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             'mask': tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding='zlib'),
             'file_name': tfds.features.Text(),  # (as oxford_iiit_pet's: per-image reports)
         }),
-        metadata=tfds.core.MetadataDict(mask_values=self._mask_values, root=self._root),
+        metadata=tfds.core.MetadataDict(mask_values=self._mask_values, root=self._root,
+                                        mask_palette=self._palette),
     )
 
   def _split_generators(self, dl_manager):
