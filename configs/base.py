@@ -91,6 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (MONAI's TverskyLoss): beta > alpha, e.g. (0.3, 0.7), costs missed foreground more than
   # false alarms, for small structures. (): the soft Dice.
   config.tversky = ()
+  # 'image': the Dice term's soft counts per image and class (MONAI's DiceLoss default);
+  # 'batch': summed over the global batch (each microbatch) per class first: MONAI's
+  # DiceLoss(batch=True), as segmentation_models_pytorch and milesial/Pytorch-UNet reduce it.
+  config.dice_reduction = 'image'
   # > 0: also keep an exponential moving average of the weights (BatchNorm statistics too),
   # ema = decay * ema + (1 - decay) * weights after each step, and evaluate, save for use and
   # convert that (timm's ModelEmaV2); e.g. 0.999. 0: none.

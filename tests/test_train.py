@@ -110,8 +110,10 @@ def test_eight_devices_equal_one_device(kind):
     b['mask'][2:6] = np.where(np.random.default_rng(3).random((4, 16, 16)) < 0.5, 2,
                               b['mask'][2:6])
     b['mask'][8:10] = 2
-  # (BCE's foreground weight, as torch's, the focal loss's factor and the Tversky term)
-  loss = dict(ignore_id=2, pos_weight=4.0, focal_gamma=2.0, tversky=(0.3, 0.7))
+  # (BCE's foreground weight, as torch's, the focal loss's factor and the Tversky term over the
+  # global batch: each device's loss is the global one, its gradient that of its own pixels)
+  loss = dict(ignore_id=2, pos_weight=4.0, focal_gamma=2.0, tversky=(0.3, 0.7),
+              dice_reduction='batch')
   one = _run_steps(config, jax.devices()[:1], kind, batches, **loss)
   eight = _run_steps(config, jax.devices(), kind, batches, **loss)
   # The step's cross-entropy is the weighted one, over the valid pixels.
@@ -123,6 +125,9 @@ def test_eight_devices_equal_one_device(kind):
   np.testing.assert_allclose(one[2][0]['dice_loss'], want['dice_loss'], rtol=1e-5)
   plain = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, ignore_id=2)[1]
   assert abs(float(want['ce_loss']) - float(plain['ce_loss'])) > 0.1
+  per_image = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
+                                       **{**loss, 'dice_reduction': 'image'})[1]
+  assert abs(float(want['dice_loss']) - float(per_image['dice_loss'])) > 1e-3
   assert _max_rel(eight, one) <= DP_TOL
   # The runs did train: parameters moved, BatchNorm statistics left 0/1.
   start = _run_steps(config, jax.devices()[:1], kind, [])
@@ -545,6 +550,7 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(tversky=(0.3,)), "tversky=(0.3,) must be two weights (alpha, beta), at least 0 and "
      "not both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice"),
     (dict(tversky=(0.0, 0.0)), 'tversky=(0.0, 0.0) must be two weights'),
+    (dict(dice_reduction='pixels'), "dice_reduction='pixels': use one of ('image', 'batch')"),
     (dict(focal_gamma=-1.0), 'focal_gamma=-1.0 must be at least 0 (0: plain cross-entropy; '
      'the focal loss paper uses 2)'),
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),

@@ -11,6 +11,7 @@ import ml_collections
 from unet_jax import input_pipeline, parallel
 from unet_jax.errors import UserError
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
+from unet_jax.losses import DICE_REDUCTIONS
 from unet_jax.optimizers import learning_rate_schedule, make_optimizer
 
 
@@ -105,6 +106,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                       and sum(tversky) > 0):
     raise UserError(f'tversky={tversky} must be two weights (alpha, beta), at least 0 and not '
                     "both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice")
+  if config.get('dice_reduction', 'image') not in DICE_REDUCTIONS:
+    raise UserError(f'dice_reduction={config.dice_reduction!r}: use one of {DICE_REDUCTIONS}')
   if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
     raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
                     'output channel, softmax CE two or more')

@@ -191,7 +191,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                dice_weight: float, ignore_id: int | None = None,
                class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
                focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
-               ema_decay: float = 0.0, grad_accum_steps: int = 1,
+               ema_decay: float = 0.0, grad_accum_steps: int = 1, dice_reduction: str = 'image',
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
 
@@ -210,7 +210,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
     loss, metrics = losses.segmentation_loss(
         logits, micro['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
-        focal_gamma=focal_gamma, tversky=tversky)
+        focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction)
     return loss, (metrics, updates['batch_stats'])
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -533,6 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         pos_weight=config.get('pos_weight', 1.0),
                         focal_gamma=config.get('focal_gamma', 0.0),
                         tversky=tuple(config.get('tversky', ())) or None,
+                        dice_reduction=config.get('dice_reduction', 'image'),
                         ema_decay=config.get('ema_decay', 0.0),
                         grad_accum_steps=config.get('grad_accum_steps', 1)),
       mesh, config.parallel, compiler_options=options)
