@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from test_train import tiny_config
 
-from unet_jax import input_pipeline, train
-from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax import UNet, init_variables, input_pipeline, train
+from unet_jax.checkpoint import load_pretrained_with_metadata, save_pretrained
 from unet_jax.datasets.image_folder import FolderLayout, find_pairs, fingerprint, scan
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
@@ -126,10 +126,11 @@ def test_milesial_data_folder_trains_as_it_lies(tmp_path):
   mask_path = tmp_path / 'data' / 'masks' / 'car03_mask.gif'
   assert Image.open(mask_path).mode == 'P'
   layout = FolderLayout(images_dir='imgs', mask_suffix='_mask')
-  splits, values, channels, palette = scan(str(tmp_path / 'data'), layout)
-  assert values == [0, 1] and channels == 3
+  found = scan(str(tmp_path / 'data'), layout)
+  assert found.mask_values == [0, 1] and found.channels == 3 and found.lossy_mask == ''
+  palette = found.palette
   assert palette == Image.open(mask_path).getpalette()
-  assert (str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), str(mask_path)) in splits['train']
+  assert (str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), str(mask_path)) in found.splits['train']
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'data'),
                           'data.images_dir': 'imgs', 'data.mask_suffix': '_mask',
                           'model.in_channels': 3, 'batch_size': 8, 'num_train_steps': 2,
@@ -236,9 +237,9 @@ def test_builders_of_unprepared_datasets_leave_no_temporary_directories(tmp_path
 
 def test_image_folder_gray_masks_and_holdout(tmp_path):
   make_folder(tmp_path / 'd', n=11, rgb_masks=False)
-  splits, values, channels, palette = scan(str(tmp_path / 'd'))
-  assert values == [0, 100, 200] and channels == 3 and palette == []
-  assert len(splits['test']) == 2 and len(splits['train']) == 9
+  found = scan(str(tmp_path / 'd'))
+  assert found.mask_values == [0, 100, 200] and found.channels == 3 and found.palette == []
+  assert len(found.splits['test']) == 2 and len(found.splits['train']) == 9
 
 
 def test_image_folder_reads_16_bit_images_as_their_8_bit_values(tmp_path):
@@ -275,6 +276,30 @@ def test_dataset_smaller_than_one_batch(tmp_path):
       tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8})
   with pytest.raises(UserError, match='has 3 training examples, fewer than one batch'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
+
+
+def test_jpeg_masks_with_more_values_than_classes_are_named(tmp_path):
+  # JPEG blends the labels 0 and 200 into new values at every edge; the line says so instead
+  # of only asking for that many classes.
+  make_folder(tmp_path / 'data', rgb_masks=False)
+  for f in sorted(os.listdir(tmp_path / 'data' / 'masks')):
+    m = Image.open(tmp_path / 'data' / 'masks' / f).point(lambda v: 200 if v else 0)
+    m.save(tmp_path / 'data' / 'masks' / f.replace('.png', '.jpg'), quality=90)
+    os.remove(tmp_path / 'data' / 'masks' / f)
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(
+      tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 1, 'batch_size': 8})
+  with pytest.raises(UserError, match=r"dataset 'image_folder' masks hold \d+ values \[0, 1, .* "
+                     r'but model.num_classes=1: .*/masks/im00.jpg is a JPEG mask, and JPEG '
+                     r'compression blends labels into new values at every edge; save the masks '
+                     r'losslessly \(PNG\), or if these are your classes; set '
+                     r'--config.model.num_classes=\d+$'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  # evaluate, scoring a one-class model on them, says the same.
+  model = UNet(3, 1, base_features=4, depth=1)
+  save_pretrained(str(tmp_path / 'net'), model, init_variables(model, jax.random.key(0)))
+  with pytest.raises(UserError, match=r"masks hold \d+ values .* but the checkpoint's model has "
+                     r'1 output class\(es\): .*/masks/im00.jpg is a JPEG mask, .*\(PNG\)$'):
+    evaluate_checkpoint(str(tmp_path / 'net'), config=config)
 
 
 def test_more_mask_values_than_classes(tmp_path):

@@ -147,9 +147,9 @@ def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataIn
                     f'--config.model.in_channels={info.channels}')
   classes = max(config.model.num_classes, 2)
   if len(info.mask_values) > classes:
-    raise UserError(f'dataset {info.name!r} masks hold {len(info.mask_values)} values '
-                    f'{info.mask_values[:8]} but model.num_classes={config.model.num_classes}; '
-                    f'set --config.model.num_classes={len(info.mask_values)}')
+    line = info.too_many_mask_values(f'model.num_classes={config.model.num_classes}')
+    raise UserError(f'{line}{", or if these are your classes" if info.lossy_mask else ""}; set '
+                    f'--config.model.num_classes={len(info.mask_values)}')
   if info.num_train < config.batch_size // jax.process_count():
     raise UserError(f'dataset {info.name!r} has {info.num_train} training examples, fewer than '
                     f'one batch ({config.batch_size}); lower --config.batch_size')

@@ -173,9 +173,8 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
     raise UserError(f'dataset {info.name!r} has {info.channels}-channel images but the '
                     f'checkpoint\'s model takes {model.in_channels}')
   if len(info.mask_values) > max(model.num_classes, 2):
-    raise UserError(f'dataset {info.name!r} masks hold {len(info.mask_values)} values '
-                    f'{info.mask_values[:8]} but the checkpoint\'s model has '
-                    f'{model.num_classes} output class(es)')
+    raise UserError(info.too_many_mask_values(
+        f"the checkpoint's model has {model.num_classes} output class(es)"))
   variables = jax.device_put(variables, parallel.replicated(mesh))
   step_fn = (functools.partial(_scores_step, maps=surface) if per_image or surface
              else eval_step)

@@ -35,6 +35,16 @@ class DataInfo:
   splits: tuple[str, ...] = ()
   ignore_id: int | None = None  # the label id of data.ignore_value's pixels, if any
   mask_palette: list = dataclasses.field(default_factory=list)  # palette masks' colours, or []
+  lossy_mask: str = ''  # a JPEG mask of the dataset, if any
+
+  def too_many_mask_values(self, classes: str) -> str:
+    """The line for masks holding more values than `classes` (the model's, in words) allows."""
+    line = (f'dataset {self.name!r} masks hold {len(self.mask_values)} values '
+            f'{self.mask_values[:8]} but {classes}')
+    if self.lossy_mask:  # (then the values are more likely JPEG's than classes)
+      return (f'{line}: {self.lossy_mask} is a JPEG mask, and JPEG compression blends labels '
+              'into new values at every edge; save the masks losslessly (PNG)')
+    return line
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -108,7 +118,8 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
   info = DataInfo(name=name, num_train=len(train), num_eval=len(evaluation),
                   channels=first['image'].shape[-1], mask_values=mask_values,
                   splits=tuple(sorted(sources)), ignore_id=ignore_id,
-                  mask_palette=list(metadata.get('mask_palette', [])))
+                  mask_palette=list(metadata.get('mask_palette', [])),
+                  lossy_mask=metadata.get('lossy_mask', ''))
   return train, evaluation, info
 
 

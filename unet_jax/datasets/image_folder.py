@@ -28,6 +28,18 @@ from unet_jax.errors import UserError
 from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit
 
 HOLDOUT_EVERY = 10
+# JPEG's compression blends a mask's labels at its edges into new values, each of which would
+# be a class: named when a dataset's masks hold more values than the model has classes.
+LOSSY_SUFFIXES = ('.jpg', '.jpeg')
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderScan:
+  splits: dict[str, list[tuple[str, str]]]  # split -> [(image path, mask path)]
+  mask_values: list  # sorted: gray values or palette indices, or [R, G, B] colours
+  channels: int  # 1 if every image is gray, else 3
+  palette: list  # every mask a palette image: the first one's palette (R G B per index); else []
+  lossy_mask: str  # the first JPEG mask, '' if none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +150,15 @@ def _mask_keys(mask: np.ndarray) -> np.ndarray:
   return (m[..., 0] << 16) | (m[..., 1] << 8) | m[..., 2]
 
 
-def scan(root: str, layout: FolderLayout = FolderLayout(),
-         ) -> tuple[dict[str, list[tuple[str, str]]], list, int, list]:
-  """Pairs, the sorted mask values, the channel count (1 if every image is gray, else 3), and
-  the masks' palette (768 ints, R G B per index) when every mask is a palette image, else []:
-  `predict` draws its masks with it, as the training masks were drawn."""
+def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
+  """Reads every pair once: checks them, and collects what the dataset's metadata records (the
+  palette: `predict` draws its masks with it, as the training masks were drawn)."""
   splits = find_pairs(root, layout)
   values: set = set()
   channels = 1
   rgb_masks = False
   palettes: list = []
+  lossy = ''  # the first JPEG mask
   for pairs in splits.values():
     for image_path, mask_path in pairs:
       image, mask = _read(image_path), _read(mask_path, mask=True, palettes=palettes)
@@ -157,6 +168,8 @@ def scan(root: str, layout: FolderLayout = FolderLayout(),
       channels = max(channels, 1 if image.ndim == 2 else 3)
       rgb_masks |= mask.ndim == 3
       values.update(np.unique(_mask_keys(mask)).tolist())
+      if not lossy and mask_path.lower().endswith(LOSSY_SUFFIXES):
+        lossy = mask_path
   if len(values) > 255:
     raise UserError(f'{root}: masks hold {len(values)} distinct values; expected one per class')
   keys = sorted(values)
@@ -164,7 +177,7 @@ def scan(root: str, layout: FolderLayout = FolderLayout(),
                  else keys)
   every_mask_paletted = len(palettes) == sum(map(len, splits.values()))
   palette = list(palettes[0] or []) if every_mask_paletted else []
-  return splits, mask_values, channels, palette
+  return FolderScan(splits, mask_values, channels, palette, lossy)
 
 
 def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
@@ -192,7 +205,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, root: str, layout: FolderLayout = FolderLayout(), **kwargs):
     self._root = os.path.abspath(root)
-    self._splits, self._mask_values, self._channels, self._palette = scan(self._root, layout)
+    self._scan = scan(self._root, layout)
     config = tfds.core.BuilderConfig(name=f'f{fingerprint(self._root, layout)}',
                                      description=f'images and masks from {self._root}')
     super().__init__(config=config, **kwargs)
@@ -201,18 +214,19 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     return LocalDatasetInfo(
         builder=self,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(None, None, self._channels), dtype=np.uint8,
+            'image': tfds.features.Tensor(shape=(None, None, self._scan.channels), dtype=np.uint8,
                                           encoding='zlib'),
             'mask': tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding='zlib'),
             'file_name': tfds.features.Text(),  # (as oxford_iiit_pet's: per-image reports)
         }),
-        metadata=tfds.core.MetadataDict(mask_values=self._mask_values, root=self._root,
-                                        mask_palette=self._palette),
+        metadata=tfds.core.MetadataDict(
+            mask_values=self._scan.mask_values, root=self._root,
+            mask_palette=self._scan.palette, lossy_mask=self._scan.lossy_mask),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(pairs) for split, pairs in self._splits.items()}
+    return {split: self._generate_examples(pairs) for split, pairs in self._scan.splits.items()}
 
   def _generate_examples(self, pairs) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     sorted_keys = np.asarray(self._sorted_keys(), np.int64)
@@ -220,7 +234,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       image = _read(image_path)
       if image.ndim == 2:
         image = image[..., None]
-      if image.shape[-1] != self._channels:
+      if image.shape[-1] != self._scan.channels:
         image = np.repeat(image, 3, axis=-1)
       mask_keys = _mask_keys(_read(mask_path, mask=True))
       ids = np.searchsorted(sorted_keys, mask_keys).astype(np.uint8)  # all keys are known
@@ -228,4 +242,4 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       yield name, {'image': image, 'mask': ids[..., None], 'file_name': name}
 
   def _sorted_keys(self) -> list[int]:
-    return [mask_value_key(v) for v in self._mask_values]
+    return [mask_value_key(v) for v in self._scan.mask_values]
