@@ -145,10 +145,16 @@ def test_milesial_data_folder_trains_as_it_lies(tmp_path):
   assert meta['mask_values'] == [0, 1] and meta['mask_palette'] == palette
   # predict writes palette masks of those indices, drawn as the training masks were.
   assert predict_main(['--checkpoint', str(tmp_path / 'wd'), '--output', str(tmp_path / 'out'),
-                       str(tmp_path / 'data' / 'imgs' / 'car03.jpg')]) == 0
+                       str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), '--overlay']) == 0
   written = Image.open(tmp_path / 'out' / 'car03_mask.png')
   assert written.mode == 'P' and written.getpalette() == palette
   assert written.size == (24, 20) and set(np.unique(np.asarray(written))) <= {0, 1}
+  # The overlay tints class 1 in its palette colour, red, as the training masks draw it.
+  image = np.asarray(Image.open(tmp_path / 'data' / 'imgs' / 'car03.jpg'), np.float32)
+  tinted = (image * 0.55 + np.asarray([255, 0, 0], np.float32) * 0.45).astype(np.uint8)
+  want = np.where(np.asarray(written)[..., None] == 1, tinted, image.astype(np.uint8))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'car03_overlay.png')),
+                                want)
 
 
 def test_images_and_masks_in_one_folder_told_apart_by_the_suffix(tmp_path):

@@ -14,7 +14,7 @@ from torch_reference import SeedUNet
 import unet_jax
 from unet_jax import UNet, init_variables, input_pipeline
 from unet_jax.convert import torch_to_flax
-from unet_jax.predict import main, predict_logits, probabilities
+from unet_jax.predict import _class_colours, _overlay, main, predict_logits, probabilities
 
 
 def _moved_model():
@@ -127,6 +127,26 @@ def test_cli_writes_masks_at_input_size(tmp_path, converted, capsys):
     assert mask.size == size
     assert set(np.unique(np.asarray(mask))) <= {0, 200}  # training mask values, not class ids
     assert Image.open(tmp_path / 'out' / f'{stem}_overlay.png').size == size
+
+
+def test_overlay_draws_classes_in_the_training_masks_colours():
+  palette = [0, 0, 0, 9, 9, 9, 255, 0, 0, 0, 0, 255] + [0] * 756
+  # Palette masks: each class's value is an index into the palette (class 1 is index 2).
+  np.testing.assert_array_equal(_class_colours(3, [0, 2, 3], palette),
+                                [[0, 0, 0], [255, 0, 0], [0, 0, 255]])
+  # RGB masks: each class's own colour.
+  np.testing.assert_array_equal(_class_colours(2, [[0, 0, 0], [0, 128, 255]]),
+                                [[0, 0, 0], [0, 128, 255]])
+  # Gray masks (or none saved): black, then a cycle of distinct colours for any count.
+  colours = _class_colours(7, [0, 100, 200])
+  assert colours.shape == (7, 3) and (colours[0] == 0).all()
+  assert len({tuple(c) for c in colours[1:5]}) == 4 and (colours[5] == colours[1]).all()
+  image = np.full((2, 2, 1), 100, np.uint8)
+  drawn = _overlay(image, np.asarray([[0, 1], [2, 0]]), _class_colours(3, [0, 2, 3], palette))
+  np.testing.assert_array_equal(drawn[0, 0], [100, 100, 100])
+  np.testing.assert_array_equal(drawn[0, 1], np.asarray([100 * 0.55 + 255 * 0.45, 55, 55],
+                                                        np.float32).astype(np.uint8))
+  np.testing.assert_array_equal(drawn[1, 0, 2], np.uint8(100 * 0.55 + 255 * 0.45))
 
 
 def test_cli_reads_16_bit_gray_as_its_8_bit_values(tmp_path, converted, capsys):

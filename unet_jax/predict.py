@@ -218,13 +218,26 @@ def _mask_image(classes: np.ndarray, mask_values: list, palette: Sequence[int] =
   return image
 
 
-def _overlay(image: np.ndarray, classes: np.ndarray) -> np.ndarray:
+_OVERLAY_COLOURS = [[255, 40, 40], [40, 200, 40], [40, 120, 255], [255, 200, 0]]
+
+
+def _class_colours(classes: int, mask_values: list, palette: Sequence[int] = ()) -> np.ndarray:
+  """(classes, 3) colours to draw each class in: the training masks' own (an RGB mask's
+  colour, a palette mask's palette entry), else a fixed cycle after class 0's black."""
+  if mask_values and len(mask_values) >= classes:
+    if palette:
+      return np.asarray([palette[3 * v:3 * v + 3] for v in mask_values[:classes]], np.float32)
+    if isinstance(mask_values[0], list):
+      return np.asarray(mask_values[:classes], np.float32)
+  cycle = [_OVERLAY_COLOURS[(k - 1) % len(_OVERLAY_COLOURS)] for k in range(1, classes)]
+  return np.asarray([[0, 0, 0], *cycle], np.float32)
+
+
+def _overlay(image: np.ndarray, classes: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """The image with every class but 0 (the background, by the sorted values) tinted."""
   rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image[..., :3]
-  palette = np.array([[0, 0, 0], [255, 40, 40], [40, 200, 40], [40, 120, 255], [255, 200, 0]],
-                     np.float32)
-  colour = palette[np.clip(classes, 0, len(palette) - 1)]
   alpha = np.where(classes[..., None] > 0, 0.45, 0.0)
-  return (rgb * (1 - alpha) + colour * alpha).astype(np.uint8)
+  return (rgb * (1 - alpha) + colours[classes] * alpha).astype(np.uint8)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
       groups.setdefault(im.shape, []).append(i)
+    mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())
+    colours = _class_colours(max(model.num_classes, 2), mask_values, palette)
     with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
       for indices in groups.values():
         batch = np.stack([images[i] for i in indices])
@@ -286,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, classes, prob in zip(indices, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
-          _mask_image(classes, meta.get('mask_values', []), meta.get('mask_palette', ())).save(
-              tmp, format='PNG')
+          _mask_image(classes, mask_values, palette).save(tmp, format='PNG')
           os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
           if prob is not None:
             tmp = os.path.join(args.output, f'.{stem}_prob.npy.tmp')
@@ -295,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               np.save(f, prob)
             os.replace(tmp, os.path.join(args.output, f'{stem}_prob.npy'))
           if args.overlay:
-            Image.fromarray(_overlay(images[i], classes)).save(
+            Image.fromarray(_overlay(images[i], classes, colours)).save(
                 os.path.join(args.output, f'{stem}_overlay.png'))
           bar.update(1)
   except UserError as e:
