@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
       brightness=0.0, contrast=0.0))
 
   config.image_size = 64
+  # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both
+  # multiples of 2**model.depth keep every level whole); () -> image_size x image_size.
+  config.image_shape = ()
   config.batch_size = 16         # global, over all devices and processes
   config.eval_batch_size = 0     # 0 -> batch_size
   # > 1: each step takes its batch in this many microbatches (of batch_size / grad_accum_steps),

@@ -551,6 +551,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      "not both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice"),
     (dict(tversky=(0.0, 0.0)), 'tversky=(0.0, 0.0) must be two weights'),
     (dict(dice_reduction='pixels'), "dice_reduction='pixels': use one of ('image', 'batch')"),
+    (dict(image_shape=(16,)), "image_shape=(16,) must be (height, width), e.g. "
+     "--config.image_shape='(320,480)'; () for image_size x image_size"),
+    (dict(image_shape=(1, 32)), 'image_shape=(1, 32) is below 2**model.depth=2'),
     (dict(focal_gamma=-1.0), 'focal_gamma=-1.0 must be at least 0 (0: plain cross-entropy; '
      'the focal loss paper uses 2)'),
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
@@ -775,6 +778,48 @@ def test_a_resume_with_another_batch_size_continues_the_data_stream(tmp_path, mo
   saved = TrainCheckpoints(workdir, 2)
   assert saved.saved_meta(3)['examples_seen'] == 16 + 16
   saved.close()
+
+
+def test_non_square_images_train_evaluate_predict_and_export_at_their_shape(tmp_path, capsys):
+  # image_shape=(height, width): 16x32 examples (2:1, as Cityscapes), not squashed to a square.
+  workdir = tmp_path / 'wd'
+  config = tiny_config(image_shape=(16, 32), num_train_steps=2, eval_every_steps=2,
+                       checkpoint_every_steps=2)
+  metrics = train.train_and_evaluate(config, str(workdir))
+  assert '2048 training, 204 eval images at 16x32' in capsys.readouterr().out
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['eval_dice'] == metrics['dice']
+  sample = Image.open(workdir / 'samples' / 'step_0000002.png')
+  assert sample.size == (3 * 32 + 2 * 2, 2 * (16 + 2))  # 2 rows of image | truth | prediction
+  # evaluate scores it as the run did (its preprocessing at 16x32), and says the shape.
+  got = evaluate_checkpoint(str(workdir))
+  assert got['dice'] == metrics['dice'] and got['image_size'] == [16, 32]
+  # The recorded size is what predict and export take by default.
+  model, variables, meta = load_pretrained_with_metadata(str(workdir))
+  assert meta['image_size'] == [16, 32]
+  image = (np.random.default_rng(1).random((40, 70)) * 255).astype(np.uint8)
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  assert predict_main(['--checkpoint', str(workdir), str(tmp_path / 'x.png'),
+                       '--output', str(tmp_path / 'out'), '--probabilities']) == 0
+  assert 'the network saw each image at 16x32, the training image_size' in \
+      capsys.readouterr().out
+  written = np.asarray(Image.open(tmp_path / 'out' / 'x_mask.png'))
+  # (in, as training resizes: PIL's bilinear filter to 32 wide, 16 high; out, the logits back)
+  small = np.asarray(Image.fromarray(image).resize((32, 16), Image.BILINEAR), np.float32) / 255
+  logits = np.asarray(model.apply(variables, small[None, ..., None], train=False))[0, ..., 0]
+  back = np.asarray(Image.fromarray(logits).resize((70, 40), Image.BILINEAR))
+  assert written.shape == (40, 70)
+  np.testing.assert_array_equal(written, np.where(back > 0, 255, 0))
+  # (The masks of a 2-step model may be all background: the probabilities tell more.)
+  np.testing.assert_allclose(np.load(tmp_path / 'out' / 'x_prob.npy')[..., 0],
+                             1 / (1 + np.exp(-back)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(predict(model, variables, image[..., None], size=(16, 32)),
+                                back > 0)
+  data, about = export_checkpoint(str(workdir))
+  assert (about['size'], about['height'], about['width']) == ([16, 32], 16, 32)
+  x = np.random.default_rng(0).random((3, 16, 32, 1), np.float32)
+  np.testing.assert_allclose(jax.export.deserialize(data).call(x),
+                             model.apply(variables, x, train=False), rtol=1e-5, atol=1e-6)
 
 
 def test_ema_run_evaluates_serves_and_resumes_its_average(tmp_path):

@@ -25,6 +25,7 @@ import numpy as np
 
 from unet_jax.errors import UserError, first_line
 from unet_jax.file_modes import as_created
+from unet_jax.image_io import training_size
 from unet_jax.model import UNet
 
 FORMAT = 'unet_jax.pretrained'
@@ -190,7 +191,7 @@ def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
   check_variables(variables, abstract_variables(model), path)
   metadata = dict(meta.get('metadata') or {}, step=step, applied_updates=updates)
   if 'image_size' in (meta.get('config') or {}):  # what the network saw in training
-    metadata['image_size'] = int(meta['config']['image_size'])
+    metadata['image_size'] = training_size(meta['config'])  # (an int, or [height, width])
   if meta.get('config'):
     metadata['run_config'] = meta['config']  # the training config (data settings included)
   return model, jax.tree.map(jnp.asarray, variables), metadata

@@ -116,9 +116,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   for field, allowed in LEVERS.items():
     if config.model.get(field, allowed[0]) not in allowed:
       raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')
-  if config.image_size < 2**config.model.depth:
-    raise UserError(f'image_size={config.image_size} is below 2**model.depth='
-                    f'{2**config.model.depth}')
+  shape = tuple(config.get('image_shape', ()) or ())
+  if shape and not (len(shape) == 2 and all(isinstance(v, int) and v >= 1 for v in shape)):
+    raise UserError(f"image_shape={shape} must be (height, width), e.g. --config.image_shape="
+                    "'(320,480)'; () for image_size x image_size")
+  if min(input_pipeline.image_hw(config)) < 2**config.model.depth:
+    field = f'image_shape={shape}' if shape else f'image_size={config.image_size}'
+    raise UserError(f'{field} is below 2**model.depth={2**config.model.depth}')
   _check_batch_norm_count(config)
   learning_rate_schedule(config)
   make_optimizer(config)
@@ -129,15 +133,16 @@ def _check_batch_norm_count(config: ml_collections.ConfigDict) -> None:
   # smallest. One value per channel there is what PyTorch refuses in training: the model would
   # raise it in the first step's trace, this says which fields to change before any compute.
   images = config.batch_size // config.get('grad_accum_steps', 1)
-  side = config.image_size // 2**config.model.depth
-  if images * side * side == 1:
+  height, width = (side // 2**config.model.depth for side in input_pipeline.image_hw(config))
+  if images * height * width == 1:
     per = (f' per microbatch (grad_accum_steps={config.grad_accum_steps})'
            if config.get('grad_accum_steps', 1) > 1 else '')
-    raise UserError(f'batch_size={config.batch_size} gives 1 image{per} at image_size='
-                    f'{config.image_size}, whose 1x1 bottom level (model.depth='
-                    f'{config.model.depth}) leaves BatchNorm one value per channel, which '
-                    'PyTorch refuses in training too; use 2 or more images per step, or '
-                    f'image_size={2**(config.model.depth + 1)} or more')
+    size = (f'image_shape={tuple(config.image_shape)}' if config.get('image_shape', ())
+            else f'image_size={config.image_size}')
+    raise UserError(f'batch_size={config.batch_size} gives 1 image{per} at {size}, whose 1x1 '
+                    f'bottom level (model.depth={config.model.depth}) leaves BatchNorm one value '
+                    'per channel, which PyTorch refuses in training too; use 2 or more images '
+                    f'per step, or image_size={2**(config.model.depth + 1)} or more')
 
 
 def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> None:

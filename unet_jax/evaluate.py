@@ -34,6 +34,7 @@ from unet_jax import input_pipeline, losses, parallel, surface_distance
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
+from unet_jax.image_io import size_text, training_size
 from unet_jax.reporting import float32_decimal
 
 ALL_SPLITS = 'all'
@@ -160,8 +161,8 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   # its padding left out of the scores, so the batch size changes nothing but speed).
   n = mesh.devices.size
   config.eval_batch_size = -(-(config.get('eval_batch_size') or config.batch_size) // n) * n
-  if config.image_size < 2**model.depth:
-    raise UserError(f'image_size={config.image_size} is below the model\'s minimum '
+  if min(input_pipeline.image_hw(config)) < 2**model.depth:
+    raise UserError(f'image_size={training_size(config)} is below the model\'s minimum '
                     f'{2**model.depth}')
   split = split or config.data.eval_split
   config.data.eval_split = config.data.train_split  # (a split that exists, for `info` first)
@@ -197,7 +198,7 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums)
   if surface:
     metrics.update(surface_distance.mean_surface_scores(surface_scores))
-  metrics.update(images=int(sums['count']), image_size=config.image_size, split=split,
+  metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
                  dataset=info.name, step=meta.get('step'), tta=tta)
   if per_image:
     metrics['per_image'] = rows
@@ -232,7 +233,7 @@ def _report(checkpoint: str, metrics: dict[str, Any]) -> str:
   size = metrics['image_size']
   scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
   return (f'{checkpoint}{step} on {metrics["dataset"]!r}, split {metrics["split"]}: '
-          f'{metrics["images"]} images at {size}x{size}'
+          f'{metrics["images"]} images at {size_text(size)}'
           f'{", logits averaged over flips" if metrics["tta"] else ""}\n{scores}\n'
           f'{json.dumps(metrics)}')
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
+from unet_jax.image_io import height_width
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -38,10 +39,11 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   return tuple(dict.fromkeys(platforms))
 
 
-def export_checkpoint(checkpoint: str, size: int | None = None,
+def export_checkpoint(checkpoint: str, size: int | Sequence[int] | None = None,
                       platforms: Sequence[str] | None = None) -> tuple[bytes, dict[str, Any]]:
-  """The serialized artifact of `checkpoint`'s eval-mode network (logits) at `size` x `size`,
-  any batch, and its description. `platforms`: the ones it runs on (default: this machine's)."""
+  """The serialized artifact of `checkpoint`'s eval-mode network (logits) at `size` x `size`
+  (or (height, width)), any batch, and its description. `platforms`: the ones it runs on
+  (default: this machine's)."""
   import jax
   import jax.numpy as jnp
   from jax import export
@@ -49,25 +51,27 @@ def export_checkpoint(checkpoint: str, size: int | None = None,
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   platforms = _check_platforms(platforms or (jax.default_backend(),))
   model, variables, meta = load_pretrained_with_metadata(checkpoint)
-  size = size or meta.get('image_size')
+  size = size or meta.get('image_size')  # (a workdir's: an int, or [height, width])
   if not size:
     raise UserError(f'{checkpoint}: a converted checkpoint records no image size; give one '
                     'with --size (a multiple of 2**depth is exact, as in training)')
-  if size < 2**model.depth:
+  height, width = height_width(size)
+  if min(height, width) < 2**model.depth:
     raise UserError(f'--size {size} is below the model\'s minimum {2**model.depth} '
                     f'(2**depth, depth={model.depth})')
   if platforms != ('cpu',):
     # Winograd's conv is the CPU's kernel; XLA's own conv computes the same on every platform.
     model = model.clone(wide_convs='xla')
   (batch,) = export.symbolic_shape('n')
-  images = jax.ShapeDtypeStruct((batch, size, size, model.in_channels), jnp.float32)
+  images = jax.ShapeDtypeStruct((batch, height, width, model.in_channels), jnp.float32)
   # The weights are closed over, so they travel inside the artifact as constants.
   forward = jax.jit(lambda x: model.apply(variables, x, train=False).astype(jnp.float32))
   exported = export.export(forward, platforms=platforms)(images)
   description = {
-      'format': 'jax.export', 'input': f'(N, {size}, {size}, {model.in_channels}) float32, '
-      'images scaled to [0, 1]', 'output': f'(N, {size}, {size}, {model.num_classes}) float32 '
-      'logits (one channel: sigmoid; several: softmax)', 'size': size,
+      'format': 'jax.export', 'input': f'(N, {height}, {width}, {model.in_channels}) float32, '
+      'images scaled to [0, 1]', 'output': f'(N, {height}, {width}, {model.num_classes}) '
+      'float32 logits (one channel: sigmoid; several: softmax)', 'size': size,
+      'height': height, 'width': width,
       'in_channels': model.in_channels, 'num_classes': model.num_classes,
       'mask_values': meta.get('mask_values') or [],
       **({'mask_palette': meta['mask_palette']} if meta.get('mask_palette') else {}),
@@ -130,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  size = description['size']
   print(f'wrote {dest} ({len(data) / 2**20:.1f} MiB; {", ".join(description["platforms"])}; '
-        f'(N, {size}, {size}, {description["in_channels"]}) float32 images -> logits) and '
+        f'(N, {description["height"]}, {description["width"]}, {description["in_channels"]}) '
+        'float32 images -> logits) and '
         f'{about}\nload it with: jax.export.deserialize(open({dest!r}, "rb").read()).call(images)')
   return 0
 

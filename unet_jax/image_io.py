@@ -7,6 +7,7 @@ medical image into an almost white one; here 16 bits are scaled to 8 (65535 -> 2
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,27 @@ def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
     return Image.fromarray(values.astype(np.uint8), 'L')
   values = np.clip(np.asarray(im, np.float64), 0, 65535)
   return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')
+
+
+def height_width(size: int | Sequence[int]) -> tuple[int, int]:
+  """A size as (height, width): an int is a square's side; a pair is (height, width)."""
+  if isinstance(size, int | np.integer):
+    return int(size), int(size)
+  height, width = size
+  return int(height), int(width)
+
+
+def training_size(config: Mapping[str, Any]) -> int | list[int]:
+  """A run config's image size, as recorded with its checkpoints and reported: image_size (a
+  square's side), or image_shape's [height, width] when set."""
+  shape = config.get('image_shape') or ()
+  return [int(v) for v in shape] if shape else int(config['image_size'])
+
+
+def size_text(size: int | Sequence[int]) -> str:
+  """'64x64', or '48x96' for height 48 and width 96 (height first, as the shapes are)."""
+  height, width = height_width(size)
+  return f'{height}x{width}'
 
 
 def resize(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import gc
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax.errors import UserError, first_line
-from unet_jax.image_io import resize
+from unet_jax.image_io import height_width, resize, training_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +163,16 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
   return {'image': image, 'mask': mask.astype(np.uint8)}
 
 
-def preprocess(example: dict[str, np.ndarray], image_size: int,
+def image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The (height, width) examples are resized to: image_shape, else image_size square."""
+  return height_width(training_size(config))
+
+
+def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                ) -> dict[str, np.ndarray]:
-  """Random scale-crop, flips, quarter turns (when `rng` is given), resize, scale to [0, 1],
-  random brightness and contrast.
+  """Random scale-crop, flips, quarter turns (when `rng` is given), resize to `image_size` (a
+  square's side, or (height, width)), scale to [0, 1], random brightness and contrast.
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -187,8 +193,9 @@ def preprocess(example: dict[str, np.ndarray], image_size: int,
       k = int(rng.integers(0, 4))  # counter-clockwise quarter turns
       image, mask = np.rot90(image, k), np.rot90(mask, k)
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
-  image = resize(image, image_size, image_size, Image.BILINEAR)
-  mask = resize(mask, image_size, image_size, Image.NEAREST)
+  height, width = height_width(image_size)
+  image = resize(image, height, width, Image.BILINEAR)
+  mask = resize(mask, height, width, Image.NEAREST)
   image = image.astype(np.float32) / 255.0
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
@@ -253,7 +260,7 @@ class _TrainExample(grain.transforms.Map):
     epoch, pos = divmod(g, len(self.source))
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
-    return preprocess(record, self.config.image_size, rng, self.config.augment)
+    return preprocess(record, image_hw(self.config), rng, self.config.augment)
 
 
 class _EvalExample(grain.transforms.Map):
@@ -266,7 +273,7 @@ class _EvalExample(grain.transforms.Map):
     g = _global_position(j, self.local_batch, self.global_batch, self.process_index)
     valid = g < len(self.source)  # the last global batch is padded with repeats, weighted 0
     record = _adapt(self.config, self.source[min(g, len(self.source) - 1)])
-    out = preprocess(record, self.config.image_size, None, None)
+    out = preprocess(record, image_hw(self.config), None, None)
     out['valid'] = np.asarray(valid)
     return out
 

@@ -27,7 +27,7 @@ import numpy as np
 from unet_jax import losses
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
-from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit, resize
+from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit, height_width, resize, size_text
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 
@@ -58,12 +58,14 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
   return sorted(set(starts))
 
 
-def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
-                   tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-                   tta: bool = False) -> np.ndarray:
+def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
+                   size: int | Sequence[int] | None = None, tile: int | None = None,
+                   overlap: int | None = None, batch_size: int = 8, tta: bool = False,
+                   ) -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
 
-  `size`: run the network on each image resized to size x size, as training resizes its
+  `size`: run the network on each image resized to size x size (or to (height, width): a
+  workdir's recorded image_size is either), as training resizes its
   examples to `image_size` (PIL's bilinear filter, on the 8-bit image when it is one), and resize
   the logits back to H x W (bilinear, as milesial's predict.py does); None runs at H x W.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
@@ -71,8 +73,9 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *, size: int
   images = np.asarray(images)
   if size:
     from PIL import Image
+    height, width = height_width(size)
     logits = predict_logits(
-        model, variables, np.stack([resize(im, size, size, Image.BILINEAR) for im in images]),
+        model, variables, np.stack([resize(im, height, width, Image.BILINEAR) for im in images]),
         tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
@@ -117,12 +120,14 @@ def _check_threshold(model: UNet, threshold: float) -> None:
                     f'has {model.num_classes} classes and takes the argmax')
 
 
-def predict(model: UNet, variables: Any, images: np.ndarray, *, size: int | None = None,
-            tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-            tta: bool = False, threshold: float = 0.5) -> np.ndarray:
+def predict(model: UNet, variables: Any, images: np.ndarray, *,
+            size: int | Sequence[int] | None = None, tile: int | None = None,
+            overlap: int | None = None, batch_size: int = 8, tta: bool = False,
+            threshold: float = 0.5) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
-  `size`: the network sees each image at size x size, as in training (see `predict_logits`).
+  `size`: the network sees each image at size x size (or (height, width)), as in training
+  (see `predict_logits`).
   `tta`: the mean logits over flips (four forward passes; flip_tta.py).
   Binary models (1 output channel): foreground where the probability exceeds `threshold`
   (milesial's --mask-threshold); others take the argmax.
@@ -269,8 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     files = _collect(args.inputs)
     model, variables, meta = load_pretrained_with_metadata(args.checkpoint)
+    # (a workdir's recorded size: an int, or [height, width])
     size = meta.get('image_size', 0) if args.size is None else args.size
-    if size and size < 2**model.depth or size < 0:
+    if size and min(height_width(size)) < 2**model.depth:  # (also a negative --size)
       raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
                       'each image at its own size)')
     _check_threshold(model, args.threshold)
@@ -315,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  how = (f'the network saw each image at {size}x{size}' + (
+  how = (f'the network saw each image at {size_text(size)}' + (
       ", the training image_size (--size 0: each at its own size)" if args.size is None else '')
          if size else 'each image at its own size') + (', its logits averaged over flips'
                                                        if args.tta else '')

@@ -31,6 +31,7 @@ from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
 from unet_jax.config_checks import validate_config, validate_data
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.flip_tta import eval_logits
+from unet_jax.image_io import size_text
 from unet_jax.levers import CPU_SCHEDULERS
 from unet_jax.model import UNet, init_variables
 from unet_jax.optimizers import (
@@ -403,7 +404,7 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   micro = f' in {k} microbatches of {config.batch_size // k}' if k > 1 else ''
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s)) | {info.name}: {info.num_train} training, '
-          f'{info.num_eval} eval images at {config.image_size}x{config.image_size} | '
+          f'{info.num_eval} eval images at {size_text(input_pipeline.image_hw(config))} | '
           f'{devices} {kind} device(s) in {jax.process_count()} process(es), batch '
           f'{config.batch_size}{micro} | {config.num_train_steps} steps -> '
           f'{os.path.abspath(workdir)}')
@@ -440,7 +441,8 @@ def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int 
                         ) -> tuple[np.ndarray, ...]:
   n = min(config.num_sample_images, len(eval_source))
   examples = [input_pipeline.preprocess(input_pipeline._adapt(config, eval_source[i]),
-                                        config.image_size, None, None) for i in range(n)]
+                                        input_pipeline.image_hw(config), None, None)
+              for i in range(n)]
   images = np.stack([e['image'] for e in examples])
   labels, valid = losses.valid_labels(np.stack([e['mask'] for e in examples]), ignore_id)
   truth = np.asarray(labels) if valid is None else np.where(valid, labels, -1)  # -1: ignored
