@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import max_rel_err, move_off_init, nchw
 from test_train import _env
 from torch_reference import SeedUNet
 
+from unet_jax import load_pretrained
 from unet_jax.convert import torch_to_flax
 from unet_jax.export import main
 
@@ -72,6 +74,19 @@ def test_the_exported_file_computes_what_torch_computes(tmp_path, converted, cap
     for name in ('model', 'both'):
       got = np.load(f'{path}.{name}.jax.npy')
       assert got.shape == want.shape and max_rel_err(got, want) <= 1e-4, name
+
+
+def test_size_as_height_x_width(tmp_path, converted, capsys):
+  _, ckpt = converted
+  assert main([ckpt, str(tmp_path / 'm.jax'), '--size', '12x20']) == 0
+  assert '(N, 12, 20, 1) float32 images -> logits' in capsys.readouterr().out
+  about = json.loads((tmp_path / 'm.json').read_text())
+  assert (about['size'], about['height'], about['width']) == ([12, 20], 12, 20)
+  model, variables = load_pretrained(ckpt)
+  x = np.random.default_rng(2).random((2, 12, 20, 1), np.float32)
+  exported = jax.export.deserialize((tmp_path / 'm.jax').read_bytes())
+  np.testing.assert_allclose(exported.call(x), model.apply(variables, x, train=False),
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('args,message', [

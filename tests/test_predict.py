@@ -213,6 +213,20 @@ def test_cli_size_below_the_model_minimum_is_refused(tmp_path, converted, capsys
   err = capsys.readouterr().err.strip()
   assert err == "error: --size=2 is below the model's minimum 4 (or 0: each image at its own size)"
   assert not (tmp_path / 'out').exists()
+  # HEIGHTxWIDTH: the network sees 8x16 (what predict(size=(8, 16)) gives), masks come back.
+  assert main([*argv, str(tmp_path / 'hw'), '--size', '8x16', '--probabilities']) == 0
+  assert 'the network saw each image at 8x16' in capsys.readouterr().out
+  model, variables = unet_jax.load_pretrained(str(converted))
+  image = np.asarray(Image.open(tmp_path / 'x.png'))[..., None]
+  want = predict_logits(model, variables, image[None], size=(8, 16))[0]
+  np.testing.assert_allclose(np.load(tmp_path / 'hw' / 'x_prob.npy'), 1 / (1 + np.exp(-want)),
+                             rtol=1e-6)
+  assert not np.allclose(want, predict_logits(model, variables, image[None], size=8)[0])
+  with pytest.raises(SystemExit) as stop:
+    main([*argv, str(tmp_path / 'bad'), '--size', '8x'])
+  assert stop.value.code == 2
+  assert "'8x': give a size S or HEIGHTxWIDTH, e.g. 64 or 320x480" in capsys.readouterr().err
+  assert not (tmp_path / 'bad').exists()
 
 
 def test_cli_refuses_a_non_checkpoint(tmp_path, capsys):

@@ -26,7 +26,7 @@ from typing import Any
 
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
-from unet_jax.image_io import height_width
+from unet_jax.image_io import height_width, parse_size
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -105,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('checkpoint', help='training workdir (or WORKDIR/checkpoints/STEP, '
                       '.../best) or converted checkpoint directory')
   parser.add_argument('dest', help='file to create, e.g. model.jax (model.json beside it)')
-  parser.add_argument('--size', type=int, default=None,
-                      help="input height and width (default: the run's image_size)")
+  parser.add_argument('--size', type=parse_size, default=None,
+                      help="input height and width: S, or HEIGHTxWIDTH (default: the run's "
+                           'image_size or image_shape)')
   parser.add_argument('--platforms', default=None,
                       help="comma-separated, of cpu, cuda, rocm, tpu (default: this machine's)")
   parser.add_argument('--overwrite', action='store_true', help='replace DEST if it exists')

@@ -56,6 +56,19 @@ def training_size(config: Mapping[str, Any]) -> int | list[int]:
   return [int(v) for v in shape] if shape else int(config['image_size'])
 
 
+def parse_size(text: str) -> int | tuple[int, int]:
+  """A command line's size: 'S' (a square's side) or 'HxW' (height x width, as size_text)."""
+  import argparse
+  try:
+    parts = [int(v) for v in text.lower().split('x')]
+  except ValueError:
+    parts = []
+  if len(parts) not in (1, 2) or min(parts) < 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: give a size S or HEIGHTxWIDTH, e.g. 64 or '
+                                     '320x480')
+  return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
 def size_text(size: int | Sequence[int]) -> str:
   """'64x64', or '48x96' for height 48 and width 96 (height first, as the shapes are)."""
   height, width = height_width(size)

@@ -27,7 +27,14 @@ import numpy as np
 from unet_jax import losses
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
-from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit, height_width, resize, size_text
+from unet_jax.image_io import (
+    IMAGE_SUFFIXES,
+    eight_bit,
+    height_width,
+    parse_size,
+    resize,
+    size_text,
+)
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 
@@ -263,9 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'the one channel, or softmax over the classes)')
   p.add_argument('--tta', action='store_true',
                  help='average the logits over flips (4 forward passes per image)')
-  p.add_argument('--size', type=int, default=None,
-                 help="resize images to SIZE x SIZE for the network, masks back (default: a "
-                      "training workdir's image_size, as it trained; 0: each image's own size)")
+  p.add_argument('--size', type=parse_size, default=None,
+                 help="resize images to SIZE x SIZE (or HEIGHTxWIDTH) for the network, masks "
+                      "back (default: a training workdir's image_size or image_shape, as it "
+                      "trained; 0: each image's own size)")
   args = p.parse_args(argv)
   from PIL import Image
   from tqdm import tqdm
