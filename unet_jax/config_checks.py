@@ -121,8 +121,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f"image_shape={shape} must be (height, width), e.g. --config.image_shape="
                     "'(320,480)'; () for image_size x image_size")
   if min(input_pipeline.image_hw(config)) < 2**config.model.depth:
-    field = f'image_shape={shape}' if shape else f'image_size={config.image_size}'
-    raise UserError(f'{field} is below 2**model.depth={2**config.model.depth}')
+    raise UserError(f'{_size_field(config)} is below 2**model.depth={2**config.model.depth}')
   _check_batch_norm_count(config)
   learning_rate_schedule(config)
   make_optimizer(config)
@@ -137,12 +136,18 @@ def _check_batch_norm_count(config: ml_collections.ConfigDict) -> None:
   if images * height * width == 1:
     per = (f' per microbatch (grad_accum_steps={config.grad_accum_steps})'
            if config.get('grad_accum_steps', 1) > 1 else '')
-    size = (f'image_shape={tuple(config.image_shape)}' if config.get('image_shape', ())
-            else f'image_size={config.image_size}')
-    raise UserError(f'batch_size={config.batch_size} gives 1 image{per} at {size}, whose 1x1 '
-                    f'bottom level (model.depth={config.model.depth}) leaves BatchNorm one value '
-                    'per channel, which PyTorch refuses in training too; use 2 or more images '
-                    f'per step, or image_size={2**(config.model.depth + 1)} or more')
+    larger = ('a larger image_shape' if config.get('image_shape', ())
+              else f'image_size={2**(config.model.depth + 1)} or more')
+    raise UserError(f'batch_size={config.batch_size} gives 1 image{per} at '
+                    f'{_size_field(config)}, whose 1x1 bottom level (model.depth='
+                    f'{config.model.depth}) leaves BatchNorm one value per channel, which '
+                    f'PyTorch refuses in training too; use 2 or more images per step, or {larger}')
+
+
+def _size_field(config: ml_collections.ConfigDict) -> str:
+  """The field that sets the training size, as a refusal names it."""
+  shape = tuple(config.get('image_shape', ()) or ())
+  return f'image_shape={shape}' if shape else f'image_size={config.image_size}'
 
 
 def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> None:
