@@ -134,6 +134,8 @@ def test_overlay_draws_classes_in_the_training_masks_colours():
   # Palette masks: each class's value is an index into the palette (class 1 is index 2).
   np.testing.assert_array_equal(_class_colours(3, [0, 2, 3], palette),
                                 [[0, 0, 0], [255, 0, 0], [0, 0, 255]])
+  # A palette that stops early: the entries after it are black.
+  np.testing.assert_array_equal(_class_colours(2, [1, 5], palette[:6]), [[9, 9, 9], [0, 0, 0]])
   # RGB masks: each class's own colour.
   np.testing.assert_array_equal(_class_colours(2, [[0, 0, 0], [0, 128, 255]]),
                                 [[0, 0, 0], [0, 128, 255]])

@@ -237,8 +237,9 @@ def _class_colours(classes: int, mask_values: list, palette: Sequence[int] = ())
   """(classes, 3) colours to draw each class in: the training masks' own (an RGB mask's
   colour, a palette mask's palette entry), else a fixed cycle after class 0's black."""
   if mask_values and len(mask_values) >= classes:
-    if palette:
-      return np.asarray([palette[3 * v:3 * v + 3] for v in mask_values[:classes]], np.float32)
+    if palette:  # (a palette may stop before 256 entries: the rest are black)
+      entries = list(palette) + [0] * (768 - len(palette))
+      return np.asarray([entries[3 * v:3 * v + 3] for v in mask_values[:classes]], np.float32)
     if isinstance(mask_values[0], list):
       return np.asarray(mask_values[:classes], np.float32)
   cycle = [_OVERLAY_COLOURS[(k - 1) % len(_OVERLAY_COLOURS)] for k in range(1, classes)]
@@ -284,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, variables, meta = load_pretrained_with_metadata(args.checkpoint)
     # (a workdir's recorded size: an int, or [height, width])
     size = meta.get('image_size', 0) if args.size is None else args.size
-    if size and min(height_width(size)) < 2**model.depth:  # (also a negative --size)
+    if size and min(height_width(size)) < 2**model.depth:
       raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
                       'each image at its own size)')
     _check_threshold(model, args.threshold)
