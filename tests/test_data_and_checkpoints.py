@@ -94,6 +94,8 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
   grid = np.asarray(Image.open(tmp_path / 'wd' / 'samples' / 'step_0000002.png'))
   truth = grid[:16, 18:34]
   assert (truth[:2, :2] == [255, 0, 255]).all() and not (truth[8:] == [255, 0, 255]).all(-1).any()
+  # The classes in their masks' own colours: black and red (before, gray levels).
+  assert {tuple(p) for p in truth[8:].reshape(-1, 3)} == {(0, 0, 0), (255, 0, 0)}
   with pytest.raises(UserError, match=r"data.ignore_value=255 is not a mask value of dataset "
                      r"'image_folder' \(its masks hold \[\[0, 0, 0\], \[0, 128, 255\]"):
     train.train_and_evaluate(tiny_config(**overrides, **{'data.ignore_value': 255}),

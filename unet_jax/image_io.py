@@ -56,6 +56,20 @@ def training_size(config: Mapping[str, Any]) -> int | list[int]:
   return [int(v) for v in shape] if shape else int(config['image_size'])
 
 
+def mask_colours(classes: int, mask_values: list, palette: Sequence[int] = (),
+                 ) -> np.ndarray | None:
+  """(classes, 3) colours the training masks draw each class in (an RGB mask's colour, a palette
+  mask's palette entry), or None where they have none (gray values)."""
+  if not mask_values or len(mask_values) < classes:
+    return None
+  if palette:  # (a palette may stop before 256 entries: the rest are black)
+    entries = list(palette) + [0] * (768 - len(palette))
+    return np.asarray([entries[3 * v:3 * v + 3] for v in mask_values[:classes]], np.float32)
+  if isinstance(mask_values[0], list):
+    return np.asarray(mask_values[:classes], np.float32)
+  return None
+
+
 def parse_size(text: str) -> int | tuple[int, int]:
   """A command line's size: 'S' (a square's side) or 'HxW' (height x width, as size_text)."""
   import argparse

@@ -31,6 +31,7 @@ from unet_jax.image_io import (
     IMAGE_SUFFIXES,
     eight_bit,
     height_width,
+    mask_colours,
     parse_size,
     resize,
     size_text,
@@ -236,12 +237,9 @@ _OVERLAY_COLOURS = [[255, 40, 40], [40, 200, 40], [40, 120, 255], [255, 200, 0]]
 def _class_colours(classes: int, mask_values: list, palette: Sequence[int] = ()) -> np.ndarray:
   """(classes, 3) colours to draw each class in: the training masks' own (an RGB mask's
   colour, a palette mask's palette entry), else a fixed cycle after class 0's black."""
-  if mask_values and len(mask_values) >= classes:
-    if palette:  # (a palette may stop before 256 entries: the rest are black)
-      entries = list(palette) + [0] * (768 - len(palette))
-      return np.asarray([entries[3 * v:3 * v + 3] for v in mask_values[:classes]], np.float32)
-    if isinstance(mask_values[0], list):
-      return np.asarray(mask_values[:classes], np.float32)
+  own = mask_colours(classes, mask_values, palette)
+  if own is not None:
+    return own
   cycle = [_OVERLAY_COLOURS[(k - 1) % len(_OVERLAY_COLOURS)] for k in range(1, classes)]
   return np.asarray([[0, 0, 0], *cycle], np.float32)
 

@@ -82,8 +82,9 @@ class Reporter:
       self._bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()}, refresh=False)
 
   def samples(self, step: int, images: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-              num_classes: int) -> str | None:
-    """A PNG with one row per example: image | truth | prediction."""
+              num_classes: int, colours: np.ndarray | None = None) -> str | None:
+    """A PNG with one row per example: image | truth | prediction; classes in `colours` (one
+    RGB row per class: the training masks' own), else as gray levels."""
     if not self.enabled or len(images) == 0:
       return None
     from PIL import Image
@@ -92,9 +93,13 @@ class Reporter:
     for img, t, p in zip(images, truth, pred, strict=True):
       img = np.clip(img * 255, 0, 255).astype(np.uint8)
       img = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
-      def colour(m):  # classes as gray levels; ignored pixels (-1, data.ignore_value) magenta
-        gray = np.repeat((np.maximum(m, 0) * (255 // levels)).astype(np.uint8)[..., None], 3, -1)
-        return np.where((m < 0)[..., None], np.array([255, 0, 255], np.uint8), gray)
+      def colour(m):  # ignored pixels (-1, data.ignore_value) in magenta
+        if colours is None:
+          drawn = np.repeat((np.maximum(m, 0) * (255 // levels)).astype(np.uint8)[..., None], 3,
+                            -1)
+        else:
+          drawn = colours[np.maximum(m, 0)].astype(np.uint8)
+        return np.where((m < 0)[..., None], np.array([255, 0, 255], np.uint8), drawn)
       sep = np.full((img.shape[0], 2, 3), 128, np.uint8)
       rows.append(np.concatenate([img, sep, colour(t), sep, colour(p)], axis=1))
     grid = np.concatenate([np.concatenate([r, np.full((2, r.shape[1], 3), 128, np.uint8)])

@@ -31,7 +31,7 @@ from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
 from unet_jax.config_checks import validate_config, validate_data
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.flip_tta import eval_logits
-from unet_jax.image_io import size_text
+from unet_jax.image_io import mask_colours, size_text
 from unet_jax.levers import CPU_SCHEDULERS
 from unet_jax.model import UNet, init_variables
 from unet_jax.optimizers import (
@@ -613,7 +613,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
                                                         info.ignore_id),
-                             num_classes=config.model.num_classes)
+                             num_classes=config.model.num_classes,
+                             colours=mask_colours(max(config.model.num_classes, 2),
+                                                  info.mask_values, info.mask_palette))
         reporter.write(step, row)
         if _save_due(config, step, stop) or stopping:
           if settle(step):  # (a signal may have come since the check above)
