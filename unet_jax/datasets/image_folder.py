@@ -49,13 +49,17 @@ class FolderLayout:
   masks_dir: str = 'masks'
   mask_suffix: str = ''
 
+  @property
+  def one_folder(self) -> bool:
+    """Whether images and masks lie in one folder (told apart by mask_suffix)."""
+    return os.path.normpath(self.images_dir) == os.path.normpath(self.masks_dir)
+
 
 def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
   """NAME -> path of the folder's images, or with `masks` of its masks. NAME is the file name
   without its extension and, for a mask, without layout.mask_suffix, which every mask must
   have; where images and masks share a folder, that suffix tells them apart."""
   suffix = layout.mask_suffix
-  shared = os.path.normpath(layout.images_dir) == os.path.normpath(layout.masks_dir)
   if not os.path.isdir(folder):
     raise UserError(f'{folder}: no such folder (expected {layout.images_dir}/ and '
                     f'{layout.masks_dir}/ side by side)')
@@ -64,7 +68,7 @@ def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
     if not f.lower().endswith(IMAGE_SUFFIXES):
       continue
     path, stem = os.path.join(folder, f), os.path.splitext(f)[0]
-    if shared and (bool(suffix) and stem.endswith(suffix)) != masks:
+    if layout.one_folder and (bool(suffix) and stem.endswith(suffix)) != masks:
       continue  # (the other kind, in the same folder)
     if masks and suffix:
       if not stem.endswith(suffix):
@@ -86,8 +90,7 @@ def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
                     f'{layout.images_dir}/ and {layout.masks_dir}/')
   has_splits = os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(
       os.path.join(root, 'test'))
-  if (os.path.normpath(layout.images_dir) == os.path.normpath(layout.masks_dir)
-      and not layout.mask_suffix):
+  if layout.one_folder and not layout.mask_suffix:
     raise UserError(f'data.images_dir and data.masks_dir are one folder ({layout.images_dir!r}):'
                     ' set --config.data.mask_suffix (e.g. _mask) to tell masks from images')
   splits = {}
