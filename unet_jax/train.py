@@ -481,6 +481,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'metadata': {'mask_values': info.mask_values, 'dataset': info.name,
                        **({'mask_palette': info.mask_palette} if info.mask_palette else {})},
           'config': config.to_dict()}
+  # How the sample PNGs draw each class: the masks' own colours, or None (gray levels).
+  sample_colours = mask_colours(max(config.model.num_classes, 2), info.mask_values,
+                                info.mask_palette)
 
   start = start_examples = 0
   early = _EarlyStopping(config.get('early_stop_patience', 0))
@@ -613,9 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
                                                         info.ignore_id),
-                             num_classes=config.model.num_classes,
-                             colours=mask_colours(max(config.model.num_classes, 2),
-                                                  info.mask_values, info.mask_palette))
+                             num_classes=config.model.num_classes, colours=sample_colours)
         reporter.write(step, row)
         if _save_due(config, step, stop) or stopping:
           if settle(step):  # (a signal may have come since the check above)
