@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
   # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,
-  # learning_rate=1e-5, schedule='plateau', plateau.patience=5.
+  # learning_rate=1e-5, schedule='plateau', plateau.patience=5, dice_reduction='batch',
+  # eval_include_background=False.
   config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
   # 'cosine' (linear warmup, cosine decay), 'constant', or 'plateau': constant, times
@@ -109,6 +110,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 100
   config.keep_checkpoints = 2
   config.num_sample_images = 4   # held-out examples drawn in each eval PNG
+  # Several classes: whether class 0 (the background) counts in eval_dice, eval_iou and
+  # eval_class_accuracy, the means over classes (and so in the best checkpoint, the plateau and
+  # early stopping). True: MONAI's default; False: MONAI's include_background=False, milesial's
+  # evaluate.py. Each class's own score is logged either way.
+  config.eval_include_background = True
   # > 0: stop (and save) once the eval Dice has not improved for this many evaluations in a row
   config.early_stop_patience = 0
   config.on_nonfinite = 'skip'   # non-finite loss/gradient: 'skip' the update, or 'stop' the run

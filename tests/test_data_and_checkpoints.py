@@ -1,15 +1,18 @@
 """The image-folder dataset, the data order contract, and checkpoint retention."""
 
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import tiny_config
+from test_train import REPO, _env, tiny_config
 
 from unet_jax import UNet, init_variables, input_pipeline, train
 from unet_jax.checkpoint import load_pretrained_with_metadata, save_pretrained
@@ -39,14 +42,40 @@ def make_folder(root, n=12, size=(24, 20), rgb_masks=True):
 
 def test_image_folder_trains_and_keeps_the_mask_mapping(tmp_path):
   make_folder(tmp_path / 'data')
+  # (Scored as milesial's evaluate.py scores: the background, class 0, out of the means.)
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(
       tmp_path / 'data'), 'model.in_channels': 3, 'model.num_classes': 3, 'batch_size': 8,
-      'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2})
-  metrics = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+      'num_train_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
+      'eval_include_background': False})
+  wd = str(tmp_path / 'wd')
+  metrics = train.train_and_evaluate(config, wd)
   assert {'dice_class0', 'dice_class1', 'dice_class2'} <= set(metrics)
-  _, _, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
+  _, _, meta = load_pretrained_with_metadata(wd)
   # Sorted by 0xRRGGBB: black, (0,128,255), red.
   assert meta['mask_values'] == [[0, 0, 0], [0, 128, 255], [255, 0, 0]]
+  for name in ('dice', 'iou', 'class_accuracy'):
+    per_class = [metrics[f'{name}_class{c}'] for c in range(3)]
+    assert metrics[name] == (per_class[1] + per_class[2]) / 2, name
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    assert json.loads(f.readlines()[-1])['eval_dice'] == metrics['dice']
+  # evaluate scores as the run did; --include_background puts class 0 back in the means.
+  got = evaluate_checkpoint(wd, per_image=True)
+  assert {k: v for k, v in got.items() if k in metrics} == metrics
+  assert not got['include_background']
+  assert np.mean([r['dice'] for r in got['per_image']]) == pytest.approx(metrics['dice'])
+  out = subprocess.run([sys.executable, '-m', 'unet_jax.evaluate', '--checkpoint', wd,
+                        '--include_background'], cwd=REPO, env=_env(1), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  both = json.loads(out.stdout.strip().splitlines()[-1])
+  assert both['include_background'] and both['dice_class1'] == metrics['dice_class1']
+  assert both['dice'] == pytest.approx(sum(metrics[f'dice_class{c}'] for c in range(3)) / 3)
+  assert 'class 0 left out' not in out.stdout
+  # The best step was chosen by the Dice without class 0: a resume that counts it is refused.
+  with pytest.raises(UserError, match=r'was saved by a run with eval_include_background=False, '
+                     'this config has eval_include_background=True; rerun with its settings'):
+    config.num_train_steps, config.eval_include_background = 3, True
+    train.train_and_evaluate(config, wd)
 
 
 def test_image_folder_with_an_ignored_mask_value(tmp_path):

@@ -59,6 +59,39 @@ def test_metrics_multiclass_report_per_class():
   assert final['pixel_accuracy'] == 0.75
 
 
+def test_metrics_without_background_match_monai_and_milesial():
+  from monai.metrics import DiceMetric, MeanIoU
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((5, 9, 11, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, (5, 9, 11))
+  logits[..., 0] += 1.0  # (the background predicted more often: its Dice unlike the others')
+  labels[0], logits[0, ..., 0] = 0, 9.0  # image 0: classes 1-3 in neither mask (each scores 1)
+  labels[1][labels[1] == 3] = 2          # image 1: class 3 only predicted (scores 0)
+  sums = losses.summed_eval_metrics(jnp.asarray(logits), labels, np.ones(5))
+  pred = F.one_hot(torch.tensor(logits).argmax(-1), 4).permute(0, 3, 1, 2)
+  truth = F.one_hot(torch.tensor(labels), 4).permute(0, 3, 1, 2)
+  for include in (True, False):
+    got = losses.finalize_eval_metrics(sums, include_background=include)
+    for name, metric in (('dice', DiceMetric), ('iou', MeanIoU)):
+      want = metric(include_background=include, ignore_empty=False)(pred, truth).mean()
+      assert got[name] == pytest.approx(float(want), rel=1e-6), (name, include)
+    # Each class's own score either way.
+    assert got['dice_class0'] == pytest.approx(float(DiceMetric(ignore_empty=False)(
+        pred, truth)[:, 0].mean()), rel=1e-6)
+  assert abs(got['dice'] - losses.finalize_eval_metrics(sums)['dice']) > 1e-2
+  # milesial/Pytorch-UNet's evaluate.py, written out from its utils/dice_score.py:
+  # multiclass_dice_coeff(pred[:, 1:], truth[:, 1:]), each image and class its own Dice.
+  p, t = pred[:, 1:].flatten(0, 1).float(), truth[:, 1:].flatten(0, 1).float()
+  inter, sets = 2 * (p * t).sum(dim=(-1, -2)), p.sum(dim=(-1, -2)) + t.sum(dim=(-1, -2))
+  milesial = ((inter + 1e-6) / (torch.where(sets == 0, inter, sets) + 1e-6)).mean()
+  assert got['dice'] == pytest.approx(float(milesial), rel=1e-6)
+  # A binary model scores its foreground, with or without the background.
+  binary = losses.summed_eval_metrics(jnp.asarray(logits[..., :1]), labels.clip(0, 1),
+                                      np.ones(5))
+  assert losses.finalize_eval_metrics(binary, include_background=False) == \
+      losses.finalize_eval_metrics(binary)
+
+
 def test_ignored_pixels_match_torch_ignore_index():
   rng = np.random.default_rng(0)
   # K=4 classes plus an ignored label id 2 in the middle: ids 3 and 4 are classes 2 and 3.

@@ -88,5 +88,11 @@ def test_means_are_monais_reductions():
   assert got['assd'] == pytest.approx(2 * float(want_mean), rel=1e-6)
   assert [got['hd95_class0'], got['hd95_class1']] == pytest.approx(want_batch[:2].tolist())
   assert got['hd95_class2'] is None  # (MONAI: 0 for a column that is all NaN)
+  # Without the background: MONAI's include_background=False drops class 0's column first;
+  # each class's own mean stays.
+  got = mean_surface_scores(per_image, include_background=False)
+  want = float(do_metric_reduction(torch.tensor(table[:, 1:]), 'mean')[0])
+  assert got['hd95'] == pytest.approx(want, rel=1e-6) != float(want_mean)
+  assert got['hd95_class0'] == pytest.approx(float(want_batch[0]))
   assert mean_surface_scores([{'hd95': np.array([0.5]), 'assd': np.array([np.nan])}]) == {
       'hd95': 0.5, 'assd': None}

@@ -81,12 +81,14 @@ def _file_names(source: Any) -> Callable[[int], str]:
   return name
 
 
-def _surface_row(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
-  """An image's HD95 and ASSD (the mean over its classes that are not NaN) and, with several
-  classes, each class's; None for NaN (an empty CSV cell)."""
+def _surface_row(scores: dict[str, np.ndarray], include_background: bool,
+                 ) -> dict[str, float | None]:
+  """An image's HD95 and ASSD (the mean over its scored classes that are not NaN) and, with
+  several classes, each class's; None for NaN (an empty CSV cell)."""
   row, classes = {}, {}
   for name in surface_distance.SURFACE_SCORES:
-    row[name] = surface_distance.nan_mean(scores[name])
+    row[name] = surface_distance.nan_mean(losses.scored_classes(scores[name],
+                                                                include_background))
     if len(scores[name]) > 1:
       classes.update({f'{name}_class{c}': surface_distance.nan_mean(v[None])
                       for c, v in enumerate(scores[name])})
@@ -95,7 +97,7 @@ def _surface_row(scores: dict[str, np.ndarray]) -> dict[str, float | None]:
 
 def _image_rows(split: str, file_name: Callable[[int], str], first: int,
                 scores: dict[str, np.ndarray], surface: list[dict[str, np.ndarray]],
-                ) -> list[dict[str, Any]]:
+                include_background: bool) -> list[dict[str, Any]]:
   """One row per valid image of a gathered batch whose first image is `first` in `split`.
   With `maps` in the batch, also appends each image's surface scores to `surface`."""
   rows = []
@@ -105,7 +107,7 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
     classes: dict[str, float] = {}
     for name in losses.PER_CLASS_SCORES:
       per_class = scores[name][r]
-      row[name] = float32_decimal(per_class.mean())
+      row[name] = float32_decimal(losses.scored_classes(per_class, include_background).mean())
       if len(per_class) > 1:
         classes.update({f'{name}_class{c}': float32_decimal(v)
                         for c, v in enumerate(per_class)})
@@ -116,13 +118,14 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
       surface.append(surface_distance.surface_scores(
           scores['pred'][r], scores['labels'][r], [1] if n == 1 else range(n),
           scores['pixels'][r]))
-      row |= _surface_row(surface[-1])
+      row |= _surface_row(surface[-1], include_background)
     rows.append(row)
   return rows
 
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
                    global_batch: int, surface: list[dict[str, np.ndarray]],
+                   include_background: bool,
                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
   read whole); each image's surface scores appended to `surface` when the step gives maps."""
@@ -131,13 +134,14 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
     batch_sums, scores = p_scores(variables, batch)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores),
-                        surface)
+                        surface, include_background)
   return jax.tree.map(np.asarray, sums), rows
 
 
 def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | None = None,
                         split: str | None = None, per_image: bool = False, tta: bool = False,
-                        surface: bool = False) -> dict[str, Any]:
+                        surface: bool = False, include_background: bool | None = None,
+                        ) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices.
 
@@ -150,12 +154,17 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   `tta`: score the mean logits over flips (flip_tta.py), as `predict --tta` masks.
   `surface`: also the boundary distances `hd95` and `assd` (surface_distance.py), in pixels
   at image_size; per class too with several classes; in the per-image rows as well.
+  `include_background`: whether class 0 of a multi-class model counts in the means over
+  classes (per class, every class is given either way); None: the config's
+  eval_include_background, as the run's evaluation did.
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
   model, variables, meta = load_pretrained_with_metadata(checkpoint)
   config = _run_config(meta, config, checkpoint)
   config.model.update(model_config(model))  # the checkpoint's network, whatever the config says
+  if include_background is None:
+    include_background = config.get('eval_include_background', True)
   mesh = parallel.make_mesh(jax.local_devices())
   # The run's eval batch, rounded up to fill every device here (the last batch is padded and
   # its padding left out of the scores, so the batch size changes nothing but speed).
@@ -190,16 +199,18 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
     batches = input_pipeline.eval_dataset(source, config)
     if per_image or surface:
       part, split_rows = _sums_and_rows(p_eval, variables, batches, name, source,
-                                        config.eval_batch_size, surface_scores)
+                                        config.eval_batch_size, surface_scores,
+                                        include_background)
       rows += split_rows
     else:
       part = evaluation_sums(p_eval, variables, batches)
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
-  metrics: dict[str, Any] = losses.finalize_eval_metrics(sums)
+  metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
-    metrics.update(surface_distance.mean_surface_scores(surface_scores))
+    metrics.update(surface_distance.mean_surface_scores(surface_scores, include_background))
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
-                 dataset=info.name, step=meta.get('step'), tta=tta)
+                 dataset=info.name, step=meta.get('step'), tta=tta,
+                 include_background=bool(include_background))
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -231,10 +242,12 @@ def _report(checkpoint: str, metrics: dict[str, Any]) -> str:
   """Two lines for people, then the metrics as one JSON line."""
   step = f' (step {metrics["step"]})' if metrics['step'] is not None else ''
   size = metrics['image_size']
+  background_out = not metrics['include_background'] and 'dice_class1' in metrics
   scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
   return (f'{checkpoint}{step} on {metrics["dataset"]!r}, split {metrics["split"]}: '
           f'{metrics["images"]} images at {size_text(size)}'
-          f'{", logits averaged over flips" if metrics["tta"] else ""}\n{scores}\n'
+          f'{", logits averaged over flips" if metrics["tta"] else ""}'
+          f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
           f'{json.dumps(metrics)}')
 
 
@@ -249,7 +262,8 @@ def main(argv: list[str]) -> None:
       _check_csv_destination(csv_path)
     metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.split,
                                   per_image=bool(csv_path), tta=flags.FLAGS.tta,
-                                  surface=flags.FLAGS.surface)
+                                  surface=flags.FLAGS.surface,
+                                  include_background=flags.FLAGS.include_background)
     if csv_path:
       write_csv(csv_path, metrics.pop('per_image'))
   except UserError as e:
@@ -274,6 +288,10 @@ if __name__ == '__main__':
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
                     'Hausdorff) and assd (average symmetric surface distance), in pixels')
+  flags.DEFINE_bool('include_background', None, 'whether class 0 of a multi-class model counts '
+                    'in the means over classes (MONAI\'s include_background; '
+                    '--noinclude_background: milesial\'s evaluate.py); default: the config\'s '
+                    'eval_include_background')
   flags.DEFINE_string('per_image', None, 'also write each image\'s scores to this CSV file '
                       '(split, index, file_name, dice, iou, class_accuracy, pixel_accuracy)')
   app.run(main)

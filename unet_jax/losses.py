@@ -14,6 +14,7 @@ the whole global batch (psum over `axis_name`), so any device count computes wha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,14 @@ def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | No
 PER_CLASS_SCORES = ('dice', 'iou', 'class_accuracy')  # reported as their mean over classes
 
 
+def scored_classes(per_class: Sequence[Any], include_background: bool = True) -> Sequence[Any]:
+  """The classes whose mean is the reported score: class 0 left out when not
+  `include_background` and there are several (MONAI's include_background=False, milesial's
+  evaluate.py: class 0 is the background). A binary model's one scored class is its
+  foreground either way."""
+  return per_class if include_background or len(per_class) == 1 else per_class[1:]
+
+
 def summed_eval_metrics(logits: jax.Array, labels: jax.Array, valid: jax.Array,
                         ignore_id: int | None = None) -> dict[str, jax.Array]:
   """Sums over the valid images of each score (and the count), ready to psum and divide."""
@@ -217,13 +226,16 @@ def summed_scores(scores: dict[str, jax.Array], valid: jax.Array) -> dict[str, j
   return out
 
 
-def finalize_eval_metrics(sums: dict[str, jax.Array]) -> dict[str, float]:
-  """Means over images; `dice`, `iou`, `class_accuracy` also averaged over scored classes."""
+def finalize_eval_metrics(sums: dict[str, jax.Array], include_background: bool = True,
+                          ) -> dict[str, float]:
+  """Means over images; `dice`, `iou`, `class_accuracy` also averaged over scored classes
+  (without class 0 unless `include_background`: scored_classes), and given per class."""
   count = float(sums['count'])
   out: dict[str, float] = {'pixel_accuracy': float(sums['pixel_accuracy']) / count}
   for name in PER_CLASS_SCORES:
     per_class = [float(v) / count for v in sums[name]]
-    out[name] = sum(per_class) / len(per_class)
+    scored = scored_classes(per_class, include_background)
+    out[name] = sum(scored) / len(scored)
     if len(per_class) > 1:
       out.update({f'{name}_class{c}': v for c, v in enumerate(per_class)})
   return out

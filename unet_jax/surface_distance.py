@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from unet_jax.losses import scored_classes
+
 SURFACE_SCORES = ('hd95', 'assd')
 
 
@@ -61,15 +63,18 @@ def surface_scores(pred: np.ndarray, truth: np.ndarray, classes: Sequence[int],
   return out
 
 
-def mean_surface_scores(per_image: Sequence[dict[str, np.ndarray]]) -> dict[str, float | None]:
+def mean_surface_scores(per_image: Sequence[dict[str, np.ndarray]],
+                        include_background: bool = True) -> dict[str, float | None]:
   """MONAI's reductions of per-image surface scores, NaN left out: `hd95`, `assd`, the mean
-  over images of each image's mean over its classes ('mean'); with several classes also
+  over images of each image's mean over its classes ('mean'; without class 0 unless
+  `include_background`, as MONAI's include_background=False); with several classes also
   `hd95_class{k}`, ..., each class's mean over its images ('mean_batch'). None where all are
   NaN (MONAI: 0)."""
   out: dict[str, float | None] = {}
   for name in SURFACE_SCORES:
     table = np.array([scores[name] for scores in per_image]).reshape(len(per_image), -1)
-    out[name] = nan_mean(np.array([nan_mean(row) for row in table], float))
+    out[name] = nan_mean(np.array(
+        [nan_mean(scored_classes(row, include_background)) for row in table], float))
     if table.shape[1] > 1:
       out.update({f'{name}_class{c}': nan_mean(table[:, c]) for c in range(table.shape[1])})
   return out

@@ -179,6 +179,10 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   averaged = [bool(c.get('ema_decay', 0.0)) for c in (saved_config, config)]
   if averaged[0] != averaged[1]:  # (the state has the average, or not)
     raise refusal({'ema_decay': saved_config.get('ema_decay', 0.0)}, config, ['ema_decay'])
+  # The best step, the plateau's and early stopping's bests are eval Dice of the saved kind.
+  field = 'eval_include_background'
+  if model.num_classes > 1 and saved_config.get(field, True) != config.get(field, True):
+    raise refusal({field: saved_config.get(field, True)}, config, [field])
   if form(saved_tx) == form(state.tx):
     return
   differ = _differing(saved_config, config, _OPTIMIZER_FIELDS)
@@ -432,9 +436,11 @@ def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.
   return jax.tree.map(_local, sums)
 
 
-def evaluate(p_eval, state: TrainState, eval_ds) -> dict[str, float]:
+def evaluate(p_eval, state: TrainState, eval_ds, include_background: bool = True,
+             ) -> dict[str, float]:
   variables = variables_of(state)
-  return losses.finalize_eval_metrics(evaluation_sums(p_eval, variables, eval_ds))
+  return losses.finalize_eval_metrics(evaluation_sums(p_eval, variables, eval_ds),
+                                      include_background)
 
 
 def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int | None,
@@ -602,7 +608,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         saved_metrics = None
         stopping = False
         if evaluate_now:
-          eval_metrics = evaluate(p_eval, state, eval_ds)
+          eval_metrics = evaluate(p_eval, state, eval_ds,
+                                    config.get('eval_include_background', True))
           saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
           row.update(saved_metrics)
           if plateau_step is not None:
