@@ -36,6 +36,34 @@ def test_tiled_prediction_equals_whole_image():
   # Without enough overlap the seams show: the comparison above can fail.
   seams = predict_logits(model, variables, image, tile=96, overlap=0)
   assert np.abs(seams - whole).max() > 1e-3 * np.abs(whole).max()
+  # Tiles that are not square, and an overlap per axis: the same whole-image logits, unless
+  # one axis's overlap is too small.
+  tiled = predict_logits(model, variables, image, tile=(96, 128), overlap=(64, 80))
+  assert np.abs(tiled - whole).max() <= 1e-4 * np.abs(whole).max()
+  seams = predict_logits(model, variables, image, tile=(96, 128), overlap=(64, 0))
+  assert np.abs(seams - whole).max() > 1e-3 * np.abs(whole).max()
+
+
+def test_cli_tiles_of_any_shape_and_their_refusals(tmp_path, converted, capsys):
+  _write(tmp_path / 'x.png', (np.random.default_rng(6).random((40, 72)) * 255).astype(np.uint8))
+  argv = [str(tmp_path / 'x.png'), '--checkpoint', str(converted), '--probabilities',
+          '--output']
+  assert main([*argv, str(tmp_path / 'out'), '--tile', '32x48', '--overlap', '16x24']) == 0
+  model, variables = unet_jax.load_pretrained(str(converted))
+  image = np.asarray(Image.open(tmp_path / 'x.png'))[None, ..., None]
+  want = predict_logits(model, variables, image, tile=(32, 48), overlap=(16, 24))[0]
+  np.testing.assert_allclose(np.load(tmp_path / 'out' / 'x_prob.npy'), 1 / (1 + np.exp(-want)),
+                             rtol=1e-6)
+  square = predict_logits(model, variables, image, tile=32, overlap=16)[0]
+  assert np.abs(square - want).max() > 1e-4 * np.abs(want).max()  # (the width was honoured)
+  # Refused before any file is written (before, only once an image larger than a tile came).
+  for flags, message in (
+      (['--tile', '30x32'], 'tile=30x32: each side must be a positive multiple of 2**depth=4'),
+      (['--tile', '32x48', '--overlap', '16x48'],
+       "overlap=16x48 must be at least 0 and below the tile's side (32x48)")):
+    assert main([*argv, str(tmp_path / 'bad'), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f'error: {message}'
+    assert not (tmp_path / 'bad').exists()
 
 
 def test_predict_api_shapes_and_uint8():

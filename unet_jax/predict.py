@@ -18,7 +18,7 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +66,50 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
   return sorted(set(starts))
 
 
+class _AxisTiling(NamedTuple):
+  """How one image axis is cut: tiles of `tile` pixels every `stride`, blended by weights 0
+  within `margin` of an inner tile edge, rising over `ramp`."""
+  tile: int
+  stride: int
+  ramp: int
+  margin: int
+
+
+def tiling(tile: int | Sequence[int], overlap: int | Sequence[int] | None, depth: int,
+           ) -> tuple[_AxisTiling, _AxisTiling]:
+  """The (height, width) tiling of `tile` (a side, or (height, width)) with `overlap` (one for
+  both axes, or (height, width); default half the tile), checked: each tile side a multiple of
+  2**depth, each overlap in [0, that side)."""
+  unit = 2**depth
+  tiles = height_width(tile)
+  overlaps = (tuple(t // 2 for t in tiles) if overlap is None else height_width(overlap))
+  axes = []
+  for t, o in zip(tiles, overlaps, strict=True):
+    if t <= 0 or t % unit:
+      raise UserError(f'tile={size_text(tiles)}: each side must be a positive multiple of '
+                      f'2**depth={unit}')
+    if not 0 <= o < t:
+      raise UserError(f'overlap={size_text(overlaps)} must be at least 0 and below the tile\'s '
+                      f'side ({size_text(tiles)})')
+    # Tile starts on multiples of 2**depth keep the pooling grid of the whole image.
+    ramp = max(1, min(8, o // 4))
+    axes.append(_AxisTiling(t, max(unit, (t - o) // unit * unit), ramp, max(0, o // 2 - ramp)))
+  return axes[0], axes[1]
+
+
 def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
-                   size: int | Sequence[int] | None = None, tile: int | None = None,
-                   overlap: int | None = None, batch_size: int = 8, tta: bool = False,
-                   ) -> np.ndarray:
+                   size: int | Sequence[int] | None = None,
+                   tile: int | Sequence[int] | None = None,
+                   overlap: int | Sequence[int] | None = None, batch_size: int = 8,
+                   tta: bool = False) -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
 
   `size`: run the network on each image resized to size x size (or to (height, width): a
   workdir's recorded image_size is either), as training resizes its
   examples to `image_size` (PIL's bilinear filter, on the 8-bit image when it is one), and resize
   the logits back to H x W (bilinear, as milesial's predict.py does); None runs at H x W.
+  `tile`, `overlap`: run overlapping tiles (a side, or (height, width); `tiling`) of the image
+  (after any resize) and blend them, for images too large to run whole.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
   """
   images = np.asarray(images)
@@ -90,26 +124,18 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
   images = images / np.float32(255) if images.dtype == np.uint8 else images.astype(np.float32)
   fn = eval_apply(model, tta)
   n, h, w, _ = images.shape
-  if not tile or (h <= tile and w <= tile):
+  along_h, along_w = tiling(tile, overlap, model.depth) if tile else (None, None)
+  if not tile or (h <= along_h.tile and w <= along_w.tile):
     return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
                            for i in range(0, n, batch_size)])
-  unit = 2**model.depth
-  if tile % unit:
-    raise UserError(f'tile={tile} must be a multiple of 2**depth={unit}')
-  overlap = tile // 2 if overlap is None else overlap
-  if not 0 <= overlap < tile:
-    raise UserError(f'overlap={overlap} must be in [0, tile={tile})')
-  # Tile starts on multiples of 2**depth keep the pooling grid of the whole image.
-  stride = max(unit, (tile - overlap) // unit * unit)
-  ramp = max(1, min(8, overlap // 4))
-  margin = max(0, overlap // 2 - ramp)
   out = np.zeros((n, h, w, model.num_classes), np.float32)
   weight = np.zeros((1, h, w, 1), np.float32)
-  th, tw = min(tile, h), min(tile, w)
-  windows = [(y, x) for y in _starts(h, th, stride) for x in _starts(w, tw, stride)]
+  th, tw = min(along_h.tile, h), min(along_w.tile, w)
+  windows = [(y, x) for y in _starts(h, th, along_h.stride)
+             for x in _starts(w, tw, along_w.stride)]
   for y, x in windows:
-    wy = _ramp(th, ramp, margin, y == 0, y + th == h)
-    wx = _ramp(tw, ramp, margin, x == 0, x + tw == w)
+    wy = _ramp(th, along_h.ramp, along_h.margin, y == 0, y + th == h)
+    wx = _ramp(tw, along_w.ramp, along_w.margin, x == 0, x + tw == w)
     wt = (wy[:, None] * wx[None, :])[None, :, :, None]
     crop = images[:, y:y + th, x:x + tw]
     logits = np.concatenate([np.asarray(fn(variables, crop[i:i + batch_size]))
@@ -129,8 +155,8 @@ def _check_threshold(model: UNet, threshold: float) -> None:
 
 
 def predict(model: UNet, variables: Any, images: np.ndarray, *,
-            size: int | Sequence[int] | None = None, tile: int | None = None,
-            overlap: int | None = None, batch_size: int = 8, tta: bool = False,
+            size: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
+            overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
             threshold: float = 0.5) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
@@ -259,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help='training workdir or converted checkpoint directory')
   p.add_argument('--output', required=True, help='folder for NAME_mask.png (created)')
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
-  p.add_argument('--tile', type=int, default=None, help='tile size for large images')
-  p.add_argument('--overlap', type=int, default=None, help='tile overlap (default tile/2)')
+  p.add_argument('--tile', type=parse_size, default=None,
+                 help='run large images in overlapping tiles of TILE x TILE (or HEIGHTxWIDTH) '
+                      'pixels, each side a multiple of 2**depth')
+  p.add_argument('--overlap', type=parse_size, default=None,
+                 help='tile overlap, O or HEIGHTxWIDTH (default: half the tile)')
   p.add_argument('--threshold', type=float, default=0.5,
                  help='binary models: foreground where its probability exceeds this (default '
                       '0.5; milesial\'s --mask-threshold)')
@@ -287,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
                       'each image at its own size)')
     _check_threshold(model, args.threshold)
+    if args.tile:
+      tiling(args.tile, args.overlap, model.depth)  # (its refusals, before any file is written)
     images = [_read_image(f, model.in_channels) for f in files]  # all checked before writing
     for f, im in zip(files, images, strict=True):
       if not size and min(im.shape[:2]) < 2**model.depth:
