@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
       # image_folder only: ROOT/images_dir/NAME.EXT pairs with ROOT/masks_dir/NAME{mask_suffix}.EXT
       # (milesial/Pytorch-UNet's data/: images_dir='imgs', mask_suffix='_mask' for Carvana)
       images_dir='images', masks_dir='masks', mask_suffix='',
+      # image_folder only, a ROOT without train/ and test/: the share of pairs held out for
+      # evaluation, spread evenly over them sorted by name (milesial's --validation)
+      holdout_percent=10.0,
       data_dir='',               # TFDS data_dir; '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split='train',
       eval_split='test',

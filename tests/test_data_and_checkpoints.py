@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,39 @@ def test_image_folder_gray_masks_and_holdout(tmp_path):
   found = scan(str(tmp_path / 'd'))
   assert found.mask_values == [0, 100, 200] and found.channels == 3 and found.palette == []
   assert len(found.splits['test']) == 2 and len(found.splits['train']) == 9
+
+
+def test_holdout_percent_sets_the_share_held_out(tmp_path):
+  make_folder(tmp_path / 'd', n=12, rgb_masks=False)
+  root = str(tmp_path / 'd')
+
+  def held_out(percent):
+    splits = find_pairs(root, FolderLayout(holdout_percent=percent))
+    assert sorted(splits['test'] + splits['train']) == sorted(find_pairs(root)['test']
+                                                               + find_pairs(root)['train'])
+    return [os.path.basename(image)[:4] for image, _ in splits['test']]
+  # The default is every tenth pair, as before it could be set; spread evenly otherwise.
+  assert held_out(10) == [os.path.basename(p)[:4] for p, _ in find_pairs(root)['test']] == [
+      'im00', 'im10']
+  assert held_out(25) == ['im00', 'im04', 'im08']
+  assert held_out(40) == ['im00', 'im03', 'im05', 'im08', 'im10']
+  assert fingerprint(root, FolderLayout(holdout_percent=25)) != fingerprint(root)
+  # Through the config: the prepared dataset's splits.
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
+                          'data.data_dir': str(tmp_path / 'tfds'), 'data.holdout_percent': 25.0,
+                          'model.in_channels': 3, 'model.num_classes': 3})
+  _, eval_source, info = input_pipeline.load_sources(config)
+  assert len(eval_source) == 3 and info.num_train == 9
+  # A folder with train/ and test/ has its splits: another share would be silently unused.
+  os.makedirs(tmp_path / 'split' / 'train'), os.makedirs(tmp_path / 'split' / 'test')
+  for split in ('train', 'test'):
+    for sub in ('images', 'masks'):
+      shutil.copytree(tmp_path / 'd' / sub, tmp_path / 'split' / split / sub)
+  assert len(find_pairs(str(tmp_path / 'split'))['test']) == 12
+  with pytest.raises(UserError, match=r'^data.holdout_percent=25 is for a folder without train/ '
+                     r'and test/, but .*/split has them \(they are the splits\); leave it at 10, '
+                     'or put the pairs in one folder$'):
+    find_pairs(str(tmp_path / 'split'), FolderLayout(holdout_percent=25))
 
 
 def test_image_folder_reads_16_bit_images_as_their_8_bit_values(tmp_path):

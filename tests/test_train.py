@@ -559,6 +559,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
+    ({'data.holdout_percent': 100.0}, "data.holdout_percent=100 must be above 0 and below 100: "
+     "the share of an image folder's pairs held out for evaluation"),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

@@ -44,6 +44,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.data.get('ignore_value', -1) < -1:
     raise UserError(f'data.ignore_value={config.data.ignore_value} must be a mask value '
                     '(or -1: none)')
+  if not 0 < config.data.get('holdout_percent', 10.0) < 100:
+    raise UserError(f'data.holdout_percent={config.data.holdout_percent:g} must be above 0 and '
+                    'below 100: the share of an image folder\'s pairs held out for evaluation')
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')

@@ -7,16 +7,18 @@ Images: PNG, JPEG, TIFF, BMP or GIF, grayscale or RGB. Masks: one value (gray), 
 (palette images, as PASCAL VOC's) or colour (RGB) per class; the sorted distinct values become
 class ids 0..K-1, and that mapping (`mask_values`) is stored with the dataset and the checkpoint
 so predictions can be written back in the same values. If ROOT has `train/` and `test/`
-subfolders, each holding `images/` and `masks/`, they are the splits; otherwise every tenth pair
-(sorted by name) is held out for evaluation. The folder names and a mask name suffix can be set
-(`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg` with `data/masks/NAME_mask.gif`
-is read as it lies.
+subfolders, each holding `images/` and `masks/`, they are the splits; otherwise 10% of the pairs
+(`holdout_percent`; every tenth, sorted by name) are held out for evaluation. The folder names and
+a mask name suffix can be set (`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg`
+with `data/masks/NAME_mask.gif` is read as it lies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -27,7 +29,6 @@ from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
 from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit
 
-HOLDOUT_EVERY = 10
 # JPEG's compression blends a mask's labels at its edges into new values, each of which would
 # be a class: named when a dataset's masks hold more values than the model has classes.
 LOSSY_SUFFIXES = ('.jpg', '.jpeg')
@@ -44,10 +45,12 @@ class FolderScan:
 
 @dataclasses.dataclass(frozen=True)
 class FolderLayout:
-  """Where a root's files lie: `images/NAME.EXT` with `masks/NAME{mask_suffix}.EXT`."""
+  """Where a root's files lie, `images/NAME.EXT` with `masks/NAME{mask_suffix}.EXT`, and, for a
+  root without train/ and test/, the share of pairs held out for evaluation."""
   images_dir: str = 'images'
   masks_dir: str = 'masks'
   mask_suffix: str = ''
+  holdout_percent: float = 10.0
 
   @property
   def one_folder(self) -> bool:
@@ -109,13 +112,26 @@ def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
       raise UserError(f'{os.path.join(root, sub, layout.images_dir)}: no PNG/JPEG/TIFF/BMP/GIF '
                       'images found')
     splits[split] = [(images[s], masks[s]) for s in sorted(images)]
+  if has_splits and layout.holdout_percent != FolderLayout.holdout_percent:
+    raise UserError(f'data.holdout_percent={layout.holdout_percent:g} is for a folder without '
+                    f'train/ and test/, but {root} has them (they are the splits); leave it at '
+                    f'{FolderLayout.holdout_percent:g}, or put the pairs in one folder')
   if not has_splits:
     pairs = splits.pop('all')
-    splits['test'] = pairs[::HOLDOUT_EVERY]
-    splits['train'] = [p for i, p in enumerate(pairs) if i % HOLDOUT_EVERY]
+    held_out = _held_out(len(pairs), layout.holdout_percent)
+    splits['test'] = [p for i, p in enumerate(pairs) if held_out[i]]
+    splits['train'] = [p for i, p in enumerate(pairs) if not held_out[i]]
     if not splits['train']:
       splits['train'] = splits['test']
   return splits
+
+
+def _held_out(n: int, percent: float) -> list[bool]:
+  """Which of n pairs (sorted by name) are held out: spread evenly, the first of them pair 0, so
+  that 10% is every tenth (0, 10, 20, ...) and 25% every fourth; about percent/100 of n, at
+  least one."""
+  share = fractions.Fraction(percent).limit_denominator(10**6) / 100  # (exact: 29% is 29/100)
+  return [i == 0 or math.floor(i * share) != math.floor((i - 1) * share) for i in range(n)]
 
 
 def _read(path: str, mask: bool = False, palettes: list | None = None) -> np.ndarray:
@@ -187,7 +203,11 @@ def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
   """Changes when any file under ROOT is added, removed, resized or touched, or the layout
   (which pairs them) changes."""
   h = hashlib.sha1(os.path.abspath(root).encode())
-  h.update(repr(dataclasses.astuple(layout)).encode())
+  *where, percent = dataclasses.astuple(layout)
+  # (The default share leaves the names of folders prepared before it could be set as they were.)
+  h.update(repr(tuple(where)).encode())
+  if percent != FolderLayout.holdout_percent:
+    h.update(f'holdout_percent={percent!r}'.encode())
   for dirpath, _, files in sorted(os.walk(root)):
     for f in sorted(files):
       st = os.stat(os.path.join(dirpath, f))
