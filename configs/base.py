@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   # examples per step of the larger (BatchNorm sees each microbatch, as torch's loop does).
   config.grad_accum_steps = 1
   config.num_train_steps = 500
+  # > 0: train for this many passes over the training split instead (ceil(num_epochs x training
+  # examples / batch_size) steps, replacing num_train_steps; the run's first line says how many).
+  config.num_epochs = 0.0
 
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
   # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,

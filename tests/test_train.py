@@ -283,18 +283,28 @@ def _params(workdir):
   return jax.tree.map(np.asarray, variables)
 
 
+def test_epoch_steps_count_the_last_partial_batch_exactly():
+  assert train.epoch_steps(5, 2048, 16) == 640
+  assert train.epoch_steps(1, 10, 4) == 3  # (4 + 4 + 2, as torch's loader without drop_last)
+  assert train.epoch_steps(0.07, 100, 1) == 7  # (in floats, 0.07 x 100 is 7.000000000000001)
+  assert train.epoch_steps(0.001, 10, 4) == 1
+
+
 def test_train_end_to_end_outputs(tmp_path, capsys):
   workdir = tmp_path / 'run'
   # Its own data folder: the run prepares the built-in dataset, as a user's first run does.
-  config = tiny_config(**{'data.data_dir': str(tmp_path / 'tfds')})
+  # 0.04 epochs of the 2048 training images in batches of 16: 5.12 batches, so 6 steps.
+  config = tiny_config(**{'data.data_dir': str(tmp_path / 'tfds'), 'num_epochs': 0.04,
+                          'num_train_steps': 1000})
   metrics = train.train_and_evaluate(config, str(workdir))
   assert 0.0 <= metrics['dice'] <= 1.0
+  assert config.num_train_steps == 1000  # (the caller's config as it was)
   # Its first line says what trains on what, where.
   params = sum(x.size for x in jax.tree.leaves(load_pretrained(str(workdir))[1]['params']))
   assert re.search(
       rf'^{params:,} parameters \(base_features=4, depth=1, 1 output channel\(s\)\) \| '
-      r'synthetic_shapes: \d+ training, 204 eval images at 16x16 \| 8 cpu device\(s\) in 1 '
-      rf'process\(es\), batch 16 \| 6 steps -> {re.escape(str(workdir))}$',
+      r'synthetic_shapes: 2048 training, 204 eval images at 16x16 \| 8 cpu device\(s\) in 1 '
+      rf'process\(es\), batch 16 \| 6 steps \(0.04 epochs\) -> {re.escape(str(workdir))}$',
       capsys.readouterr().out, re.M)
   assert (tmp_path / 'tfds' / 'synthetic_shapes' / '64px').is_dir()
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -303,6 +313,7 @@ def test_train_end_to_end_outputs(tmp_path, capsys):
   assert {'eval_dice', 'eval_iou', 'eval_pixel_accuracy'} <= set(rows[2])
   # The cosine schedule's float32 rates, each logged as the schedule's value in its shortest
   # decimal form (not float32's long expansion, 0.0030000000260770321 for 0.003)
+  config.num_train_steps = 6
   schedule = optimizers.learning_rate_schedule(config)
   assert [r['learning_rate'] for r in rows] == [
       float(str(np.float32(schedule(s)))) for s in range(6)]
@@ -559,6 +570,7 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
+    (dict(num_epochs=-1.0), 'num_epochs=-1 must be at least 0 (0: train for num_train_steps)'),
     ({'data.holdout_percent': 100.0}, "data.holdout_percent=100 must be above 0 and below 100: "
      "the share of an image folder's pairs held out for evaluation"),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),

@@ -21,6 +21,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] < 1:
       raise UserError(f'{field}={config[field]} must be at least 1')
+  if config.get('num_epochs', 0) < 0:
+    raise UserError(f'num_epochs={config.num_epochs:g} must be at least 0 (0: train for '
+                    'num_train_steps)')
   if config.eval_batch_size < 0:
     raise UserError(f'eval_batch_size={config.eval_batch_size} must be at least 1 '
                     '(or 0: the same as batch_size)')

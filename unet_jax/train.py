@@ -11,8 +11,11 @@ over all devices, so any device count computes what one device computes on the g
 from __future__ import annotations
 
 import contextlib
+import copy
+import fractions
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -406,11 +409,12 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   kind = mesh.devices.flat[0].platform
   k = config.get('grad_accum_steps', 1)
   micro = f' in {k} microbatches of {config.batch_size // k}' if k > 1 else ''
+  epochs = f' ({config.num_epochs:g} epochs)' if config.get('num_epochs', 0) else ''
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s)) | {info.name}: {info.num_train} training, '
           f'{info.num_eval} eval images at {size_text(input_pipeline.image_hw(config))} | '
           f'{devices} {kind} device(s) in {jax.process_count()} process(es), batch '
-          f'{config.batch_size}{micro} | {config.num_train_steps} steps -> '
+          f'{config.batch_size}{micro} | {config.num_train_steps} steps{epochs} -> '
           f'{os.path.abspath(workdir)}')
 
 
@@ -457,6 +461,14 @@ def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int 
   return images, truth, np.asarray(losses.predict_classes(logits))
 
 
+def epoch_steps(num_epochs: float, num_train: int, batch_size: int) -> int:
+  """The steps of `num_epochs` passes over `num_train` examples in batches of `batch_size`, the
+  last one whole (the stream runs on into the next pass, as torch's last partial batch is one
+  more step)."""
+  examples = fractions.Fraction(str(num_epochs)) * num_train  # (exact: 0.1 epochs is 1/10)
+  return max(1, math.ceil(examples / batch_size))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any); returns the last eval metrics."""
   workdir = os.path.abspath(workdir)
@@ -466,6 +478,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   use_persistent_cache(config.compilation_cache_dir)  # before anything compiles
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
+  if config.get('num_epochs', 0):
+    config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
+    config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)
   train_model = build_model(config, axis_name=parallel.AXIS)
   # init_from is read for a new run only (a resume takes the weights from its checkpoint).
   resuming = any(d.isdigit() for d in _listdir(os.path.join(workdir, CHECKPOINTS_DIR)))
