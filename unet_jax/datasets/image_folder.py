@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
+import functools
 import hashlib
 import math
 import os
@@ -228,12 +229,23 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, root: str, layout: FolderLayout = FolderLayout(), **kwargs):
     self._root = os.path.abspath(root)
-    self._scan = scan(self._root, layout)
+    self._layout = layout
     config = tfds.core.BuilderConfig(name=f'f{fingerprint(self._root, layout)}',
                                      description=f'images and masks from {self._root}')
     super().__init__(config=config, **kwargs)
 
+  @functools.cached_property
+  def _scan(self) -> FolderScan:
+    return scan(self._root, self._layout)
+
   def _info(self) -> tfds.core.DatasetInfo:
+    if self.is_prepared():
+      # As prepared: its files are those the fingerprint names, so reading them all again
+      # (minutes for thousands of photos, at every start) would find what preparing found.
+      return LocalDatasetInfo(
+          builder=self,
+          features=tfds.features.FeatureConnector.from_config(os.fspath(self.data_path)),
+          metadata=tfds.core.MetadataDict())  # (tfds fills it from the prepared folder)
     return LocalDatasetInfo(
         builder=self,
         features=tfds.features.FeaturesDict({
