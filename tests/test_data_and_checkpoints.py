@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -269,7 +270,7 @@ def test_builders_of_unprepared_datasets_leave_no_temporary_directories(tmp_path
   for builder in (SyntheticShapes(config='64px', data_dir=str(tmp_path / 'tfds')),
                   ImageFolder(root=str(tmp_path / 'data'), data_dir=str(tmp_path / 'tfds'))):
     assert not builder.is_prepared()
-    assert builder.info.features['image'].shape[-1] in (1, 3)
+    assert 'image' in builder.info.features
   assert os.listdir(tmp_path / 'tmp') == []
 
 
@@ -321,14 +322,29 @@ def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch):
   train_source, _, info = input_pipeline.load_sources(config)
   from unet_jax.datasets import image_folder
 
-  def read(path, *args, **kwargs):
-    raise AssertionError(f'read {path}')
+  decode = image_folder._read
+
+  def read(path, *args, data=None, **kwargs):
+    if data is None:  # (a file, not a prepared record's bytes)
+      raise AssertionError(f'read {path}')
+    return decode(path, *args, data=data, **kwargs)
   # Started again on the same files: what preparing recorded, without reading any file (before,
   # every start read every image and mask again: about 9 s per 100 photos of 1918x1280 here).
   monkeypatch.setattr(image_folder, '_read', read)
   again_source, _, again = input_pipeline.load_sources(config)
   assert again == info and info.channels == 3 and len(info.mask_values) == 3
   np.testing.assert_array_equal(again_source[4]['image'], train_source[4]['image'])
+  # As grain's worker processes (data.worker_count > 0) receive it: pickled, builder and all
+  # (before, unpickling the builder failed: "missing ... argument: 'root'").
+  unpickled = pickle.loads(pickle.dumps(again_source))
+  for i in range(len(train_source)):
+    record = unpickled[i]
+    # Each record is its files as read: the image's pixels, the mask's class ids.
+    name = record['file_name'].decode()
+    np.testing.assert_array_equal(record['image'], decode(str(tmp_path / 'd' / 'images' / name)))
+    colours = np.asarray(decode(str(tmp_path / 'd' / 'masks' / f'{name[:-4]}.png')))
+    np.testing.assert_array_equal(
+        np.asarray(info.mask_values)[record['mask'][..., 0]], colours)
   # A changed file changes the folder's fingerprint: it is read (and prepared) again.
   os.utime(tmp_path / 'd' / 'masks' / 'im01.png', ns=(1, 1))
   with pytest.raises(AssertionError, match='read .*im00'):

@@ -97,7 +97,7 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
           f'dataset {name!r} is not prepared in {data_dir}; prepare it once (it needs TensorFlow '
           f"and a network): pip install tensorflow && tfds build {name} "
           f'--file_format=array_record --data_dir {data_dir}')
-  sources = builder.as_data_source()
+  sources = builder.decoded_sources() if name == 'image_folder' else builder.as_data_source()
   for field in ('train_split', 'eval_split'):
     if config.data[field] not in sources:
       raise UserError(f'dataset {name!r} has no split {config.data[field]!r} (it has '

@@ -19,9 +19,11 @@ import dataclasses
 import fractions
 import functools
 import hashlib
+import io
 import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -135,14 +137,15 @@ def _held_out(n: int, percent: float) -> list[bool]:
   return [i == 0 or math.floor(i * share) != math.floor((i - 1) * share) for i in range(n)]
 
 
-def _read(path: str, mask: bool = False, palettes: list | None = None) -> np.ndarray:
+def _read(path: str, mask: bool = False, palettes: list | None = None,
+          data: bytes | None = None) -> np.ndarray:
   """An image as 8-bit gray or RGB (16-bit gray scaled to 8); a mask keeps its values, which
   must fit 8 bits, and a palette mask its indices (as torchvision's VOCSegmentation and
   milesial's loader read them: the palette is only how they are drawn; appended to
-  `palettes`)."""
+  `palettes`). `data`: the file's bytes, read instead of `path` (named in errors)."""
   from PIL import Image, UnidentifiedImageError
   try:
-    with Image.open(path) as im:
+    with Image.open(path if data is None else io.BytesIO(data)) as im:
       if mask and im.mode == 'P':
         if palettes is not None:
           palettes.append(im.getpalette())
@@ -221,11 +224,13 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image + mask folders as a TFDS dataset; one builder config per folder content."""
 
   # A new version makes folders prepared by an older reader be prepared again.
-  VERSION = tfds.core.Version('1.3.0')
+  VERSION = tfds.core.Version('1.4.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).',
                    '1.2.0': "Each example's image file name, as `file_name`.",
-                   '1.3.0': 'Palette masks by their indices (1.2.0 took their colours).'}
+                   '1.3.0': 'Palette masks by their indices (1.2.0 took their colours).',
+                   '1.4.0': 'Image files kept as they are (1.3.0: zlib of their pixels) and '
+                            'masks as PNGs of class ids, decoded when read.'}
 
   def __init__(self, *, root: str, layout: FolderLayout = FolderLayout(), **kwargs):
     self._root = os.path.abspath(root)
@@ -233,6 +238,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     config = tfds.core.BuilderConfig(name=f'f{fingerprint(self._root, layout)}',
                                      description=f'images and masks from {self._root}')
     super().__init__(config=config, **kwargs)
+    # What pickling keeps (tfds rebuilds a builder from it; grain's worker processes unpickle the
+    # data sources, which hold their builder): this __init__'s arguments, not tfds's own.
+    self._original_state = {k: v for k, v in self._original_state.items() if k != 'config'} | {
+        'root': self._root, 'layout': layout}
 
   @functools.cached_property
   def _scan(self) -> FolderScan:
@@ -246,35 +255,71 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
           builder=self,
           features=tfds.features.FeatureConnector.from_config(os.fspath(self.data_path)),
           metadata=tfds.core.MetadataDict())  # (tfds fills it from the prepared folder)
+    # Encoded bytes, decoded when read (DecodedFolderSource): a photo's own JPEG is a tenth to a
+    # twentieth of its pixels under zlib, and decodes faster.
     return LocalDatasetInfo(
         builder=self,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(None, None, self._scan.channels), dtype=np.uint8,
-                                          encoding='zlib'),
-            'mask': tfds.features.Tensor(shape=(None, None, 1), dtype=np.uint8, encoding='zlib'),
+            'image': tfds.features.Tensor(shape=(), dtype=np.object_),  # the file's bytes
+            'mask': tfds.features.Tensor(shape=(), dtype=np.object_),  # a PNG of class ids
             'file_name': tfds.features.Text(),  # (as oxford_iiit_pet's: per-image reports)
         }),
         metadata=tfds.core.MetadataDict(
             mask_values=self._scan.mask_values, root=self._root,
-            mask_palette=self._scan.palette, lossy_mask=self._scan.lossy_mask),
+            mask_palette=self._scan.palette, lossy_mask=self._scan.lossy_mask,
+            channels=self._scan.channels),
     )
+
+  def decoded_sources(self) -> dict[str, DecodedFolderSource]:
+    """split -> its records with images and masks decoded (the prepared dataset's sources)."""
+    channels = self.info.metadata['channels']
+    return {split: DecodedFolderSource(source, channels)
+            for split, source in self.as_data_source().items()}
 
   def _split_generators(self, dl_manager):
     del dl_manager
     return {split: self._generate_examples(pairs) for split, pairs in self._scan.splits.items()}
 
-  def _generate_examples(self, pairs) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+  def _generate_examples(self, pairs) -> Iterator[tuple[str, dict[str, Any]]]:
+    from PIL import Image
     sorted_keys = np.asarray(self._sorted_keys(), np.int64)
     for image_path, mask_path in pairs:
-      image = _read(image_path)
-      if image.ndim == 2:
-        image = image[..., None]
-      if image.shape[-1] != self._scan.channels:
-        image = np.repeat(image, 3, axis=-1)
+      with open(image_path, 'rb') as f:  # (scan decoded it once: it reads)
+        image = f.read()
       mask_keys = _mask_keys(_read(mask_path, mask=True))
       ids = np.searchsorted(sorted_keys, mask_keys).astype(np.uint8)  # all keys are known
+      mask = io.BytesIO()
+      Image.fromarray(ids, 'L').save(mask, format='PNG', compress_level=1)
       name = os.path.basename(image_path)
-      yield name, {'image': image, 'mask': ids[..., None], 'file_name': name}
+      yield name, {'image': image, 'mask': mask.getvalue(), 'file_name': name}
 
   def _sorted_keys(self) -> list[int]:
     return [mask_value_key(v) for v in self._scan.mask_values]
+
+
+class DecodedFolderSource:
+  """A prepared split of an image folder, each record decoded as the folder's files read:
+  `image` (H, W, C) uint8 (gray repeated to RGB where the folder has colour images), `mask`
+  (H, W, 1) class ids, `file_name`. Random access, as grain reads a data source."""
+
+  def __init__(self, source: Any, channels: int):
+    self._source, self._channels = source, channels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return (self[i] for i in range(len(self)))
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from PIL import Image
+    record = self._source[index]
+    name = record['file_name']
+    image = _read(name.decode() if isinstance(name, bytes) else str(name), data=record['image'])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] != self._channels:
+      image = np.repeat(image, self._channels, axis=-1)
+    with Image.open(io.BytesIO(record['mask'])) as mask:
+      ids = np.asarray(mask)
+    return {'image': image, 'mask': ids[..., None], 'file_name': name}
