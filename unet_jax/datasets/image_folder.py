@@ -205,7 +205,7 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
 
 def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
   """Changes when any file under ROOT is added, removed, resized or touched, or the layout
-  (which pairs them) changes."""
+  (which pairs them, and which pairs are held out) changes."""
   h = hashlib.sha1(os.path.abspath(root).encode())
   *where, percent = dataclasses.astuple(layout)
   # (The default share leaves the names of folders prepared before it could be set as they were.)
@@ -284,7 +284,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     from PIL import Image
     sorted_keys = np.asarray(self._sorted_keys(), np.int64)
     for image_path, mask_path in pairs:
-      with open(image_path, 'rb') as f:  # (scan decoded it once: it reads)
+      with open(image_path, 'rb') as f:  # (kept as it is: scan has decoded it once)
         image = f.read()
       mask_keys = _mask_keys(_read(mask_path, mask=True))
       ids = np.searchsorted(sorted_keys, mask_keys).astype(np.uint8)  # all keys are known
