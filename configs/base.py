@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
   # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,
-  # learning_rate=1e-5, schedule='plateau', plateau.patience=5, dice_reduction='batch',
+  # learning_rate=1e-5, schedule='plateau', plateau.patience=5, dice_reduction='pooled',
   # eval_include_background=False.
   config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
@@ -103,7 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.tversky = ()
   # 'image': the Dice term's soft counts per image and class (MONAI's DiceLoss default);
   # 'batch': summed over the global batch (each microbatch) per class first: MONAI's
-  # DiceLoss(batch=True), as segmentation_models_pytorch and milesial/Pytorch-UNet reduce it.
+  # DiceLoss(batch=True), as segmentation_models_pytorch reduces it; 'pooled': summed over the
+  # classes too, one Dice (milesial/Pytorch-UNet's dice_loss; for 1 class the same as 'batch').
   config.dice_reduction = 'image'
   # > 0: also keep an exponential moving average of the weights (BatchNorm statistics too),
   # ema = decay * ema + (1 - decay) * weights after each step, and evaluate, save for use and

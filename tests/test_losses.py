@@ -269,12 +269,32 @@ def test_batch_dice_matches_monai_and_milesial():
   _, metrics = losses.segmentation_loss(jnp.asarray(logits[..., None]), masks.astype(np.int32),
                                         dice_weight=1.0, dice_reduction='batch')
   np.testing.assert_allclose(metrics['dice_loss'], milesial, rtol=1e-6)
-  with pytest.raises(ValueError, match=r"reduction='pixel': use one of \('image', 'batch'\)"):
+  _, pooled = losses.segmentation_loss(jnp.asarray(logits[..., None]), masks.astype(np.int32),
+                                       dice_weight=1.0, dice_reduction='pooled')
+  assert pooled['dice_loss'] == metrics['dice_loss']  # (one channel: nothing more to pool)
+  # Several classes: milesial's dice_loss(softmax(logits), one_hot(masks), multiclass=True),
+  # which flattens the classes into the batch: one Dice over images and classes together.
+  logits = rng.standard_normal((3, 8, 9, 4)).astype(np.float32) * 2
+  labels = rng.integers(0, 4, (3, 8, 9))
+  p = torch.softmax(torch.tensor(logits).permute(0, 3, 1, 2), 1).flatten(0, 1)
+  t = F.one_hot(torch.tensor(labels), 4).permute(0, 3, 1, 2).float().flatten(0, 1)
+  inter, sets = 2 * (p * t).sum(dim=(-1, -2, -3)), p.sum(dim=(-1, -2, -3)) + t.sum(
+      dim=(-1, -2, -3))
+  milesial = 1 - ((inter + 1.0) / (torch.where(sets == 0, inter, sets) + 1.0)).mean()
+  _, pooled = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                       dice_reduction='pooled')
+  np.testing.assert_allclose(pooled['dice_loss'], milesial, rtol=1e-6)
+  _, batch = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                      dice_reduction='batch')
+  assert abs(float(batch['dice_loss']) - float(pooled['dice_loss'])) > 1e-3
+  with pytest.raises(ValueError, match=r"reduction='pixel': use one of \('image', 'batch', "
+                     r"'pooled'\)"):
     losses.soft_dice_loss(jnp.asarray(logits[..., None]), masks, reduction='pixel')
 
 
-@pytest.mark.parametrize('check_vma', [True, False])
-def test_batch_dice_under_a_users_shard_map_equals_one_device(check_vma):
+@pytest.mark.parametrize('check_vma,reduction', [(True, 'batch'), (False, 'batch'),
+                                                 (True, 'pooled'), (False, 'pooled')])
+def test_batch_dice_under_a_users_shard_map_equals_one_device(check_vma, reduction):
   # Your own per-device step, as Door 2 describes: with check_vma the loss is meaned over the
   # axis before differentiating, without it (train.py's) the gradients after.
   import jax
@@ -287,7 +307,7 @@ def test_batch_dice_under_a_users_shard_map_equals_one_device(check_vma):
   w = jnp.asarray(rng.standard_normal((3, 3)), jnp.float32)
 
   def loss(w, x, labels, axis_name=None):
-    return losses.soft_dice_loss(x @ w, labels, reduction='batch', axis_name=axis_name)
+    return losses.soft_dice_loss(x @ w, labels, reduction=reduction, axis_name=axis_name)
 
   def per_device(w, x, labels):
     if check_vma:

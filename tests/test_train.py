@@ -64,6 +64,11 @@ def tiny_config(**overrides):
   config.num_sample_images = 2
   config.data.data_dir = TFDS_DIR
   config.compilation_cache_dir = ''  # (the tests' shared cache is set up in conftest.py)
+  return override(config, overrides)
+
+
+def override(config, overrides):
+  """`config` with each dotted field of `overrides` ('model.depth': 2) set."""
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')
@@ -561,7 +566,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(tversky=(0.3,)), "tversky=(0.3,) must be two weights (alpha, beta), at least 0 and "
      "not both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice"),
     (dict(tversky=(0.0, 0.0)), 'tversky=(0.0, 0.0) must be two weights'),
-    (dict(dice_reduction='pixels'), "dice_reduction='pixels': use one of ('image', 'batch')"),
+    (dict(dice_reduction='pixels'), "dice_reduction='pixels': use one of ('image', 'batch', "
+     "'pooled')"),
     (dict(image_shape=(16,)), "image_shape=(16,) must be (height, width), e.g. "
      "--config.image_shape='(320,480)'; () for image_size x image_size"),
     (dict(image_shape=(1, 32)), 'image_shape=(1, 32) is below 2**model.depth=2'),

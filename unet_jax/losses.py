@@ -95,7 +95,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
   return (weights * per_pixel).sum() / jnp.where(total_weight > 0, total_weight, 1.0)
 
 
-DICE_REDUCTIONS = ('image', 'batch')
+DICE_REDUCTIONS = ('image', 'batch', 'pooled')
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
@@ -105,8 +105,11 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
 
   `reduction='batch'`: the soft counts of each class are summed over the batch first (the
   global batch under `axis_name`), then 1 - the mean over classes of their Dice: MONAI's
-  `DiceLoss(batch=True)`, the form of segmentation_models_pytorch's and milesial's Dice loss.
-  An image with little or no foreground then weighs by its pixels, not as a whole image.
+  `DiceLoss(batch=True)`, the form of segmentation_models_pytorch's Dice loss and milesial's
+  binary one. An image with little or no foreground then weighs by its pixels, not as a whole
+  image. `reduction='pooled'`: the counts summed over the batch and the classes too, one Dice
+  (milesial's multi-class `dice_loss`, which flattens classes into the batch; for one output
+  channel the same as 'batch').
   `tversky` (alpha, beta): 1 - the Tversky index instead (Salehi et al. 2017; MONAI's
   TverskyLoss), (TP + s) / (TP + alpha FP + beta FN + s) in soft counts: beta > alpha weighs
   missed foreground above false alarms, for small structures. (0.5, 0.5) is the Dice with half
@@ -117,13 +120,14 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
   if valid is not None:
     mask = valid[..., None].astype(probs.dtype)
     probs, targets = probs * mask, targets * mask
-  axes = (0, 1, 2) if reduction == 'batch' else (1, 2)
+  axes = {'image': (1, 2), 'batch': (0, 1, 2), 'pooled': (0, 1, 2, 3)}[reduction]
+  over_batch = reduction != 'image'
 
-  def count(x: jax.Array) -> jax.Array:  # per image and class, or per class over the batch
+  def count(x: jax.Array) -> jax.Array:  # per image and class, per class, or one in all
     # (Every device then has the global batch's loss; autodiff of the psum hands each device
     # the gradient of its own pixels, as the step's mean over devices expects: tested on 8
     # devices against 1, under shard_map and pmap, and under shard_map's check_vma.)
-    if reduction == 'batch' and axis_name is not None:
+    if over_batch and axis_name is not None:
       return jax.lax.psum(x.sum(axis=axes), axis_name)
     return x.sum(axis=axes)
 
@@ -145,7 +149,8 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       dice_reduction: str = 'image',
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy (focal when focal_gamma > 0) + dice_weight * (1 - soft Dice, or the Tversky
-  index with `tversky`; per image, or over the batch with dice_reduction='batch') on this
+  index with `tversky`; per image, or over the batch with dice_reduction='batch', over the
+  batch and the classes with 'pooled') on this
   device's share of the batch.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
