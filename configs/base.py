@@ -129,6 +129,9 @@ def get_config() -> ml_collections.ConfigDict:
   # converted checkpoint directory or a training workdir, its model fields equal to
   # config.model's. A resumed run takes its own checkpoint's weights instead.
   config.init_from = ''
+  # With init_from: draw the output layer (out_conv) anew instead of taking the file's, to
+  # fine-tune weights trained for another number of classes (the other model fields must match).
+  config.init_new_head = False
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
   config.cpu_scheduler = 'memory'  # XLA's CPU op order: 'memory' (less RAM) or 'concurrency'

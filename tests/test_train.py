@@ -679,6 +679,36 @@ def test_init_from_starts_from_those_weights_and_a_resume_from_its_own(tmp_path)
   MilesialUNet(1, 1, base=4, depth=1).load_state_dict(state_dict, strict=True)
 
 
+def test_init_new_head_fine_tunes_weights_trained_for_other_classes(tmp_path):
+  # milesial's pretrained Carvana UNet has 2 classes; fine-tuned here for 3.
+  ref = move_off_init(MilesialUNet(1, 2, base=4, depth=1), 1, 2, hw=(16, 16))
+  torch.save(ref.state_dict(), tmp_path / 'ref.pth')
+  _, want = load_pretrained(torch_to_flax(str(tmp_path / 'ref.pth'), str(tmp_path / 'conv')))
+  config = tiny_config(init_from=str(tmp_path / 'ref.pth'), **{'model.num_classes': 3})
+  model = train.build_model(config, parallel.AXIS)
+  with pytest.raises(UserError, match=re.escape(
+      "this config's has num_classes=3; set --config.model.num_classes=2 (or "
+      "--config.init_new_head=True to start the output layer anew, for this config's 3 "
+      'classes)')):
+    train.load_initial_weights(config, model)
+  config.init_new_head = True
+  initial, layout = train.load_initial_weights(config, model)
+  assert layout == 'milesial' and 'out_conv' not in initial['params']
+  state = train.create_train_state(config, model, parallel.make_mesh(jax.devices()[:2]),
+                                   initial)
+  # Every layer but the output one from the file; that one as a new run draws it.
+  fresh = train.init_variables(model, jax.random.key(config.seed))
+  got = {'params': state.params, 'batch_stats': state.batch_stats}
+  for path, value in jax.tree_util.tree_leaves_with_path(got):
+    source = fresh if path[1].key == 'out_conv' else want
+    np.testing.assert_array_equal(value, functools.reduce(lambda t, k: t[k.key], path, source))
+  assert state.params['out_conv']['conv']['kernel'].shape[-1] == 3
+  # It needs init_from.
+  with pytest.raises(UserError, match='^init_new_head=True draws the output layer anew for '
+                     'weights taken with init_from, which is not set'):
+    config_checks.validate_config(tiny_config(init_new_head=True), parallel.make_mesh())
+
+
 def test_init_from_a_different_model_is_one_line_before_compute(tmp_path):
   converted = _converted_reference(tmp_path)
   config = tiny_config(init_from=converted, **{'model.base_features': 8, 'model.depth': 2})

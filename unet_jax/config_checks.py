@@ -21,6 +21,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] < 1:
       raise UserError(f'{field}={config[field]} must be at least 1')
+  if config.get('init_new_head', False) and not config.get('init_from'):
+    raise UserError('init_new_head=True draws the output layer anew for weights taken with '
+                    'init_from, which is not set; set --config.init_from=PATH, or leave '
+                    'init_new_head off')
   if config.get('num_epochs', 0) < 0:
     raise UserError(f'num_epochs={config.num_epochs:g} must be at least 0 (0: train for '
                     'num_train_steps)')

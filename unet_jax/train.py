@@ -78,17 +78,28 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None) -> UNe
   return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name)
 
 
+HEAD = 'out_conv'  # the output layer, which init_new_head draws anew
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax.sharding.Mesh,
                        initial: dict[str, Any] | None = None) -> TrainState:
   """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice.
 
-  `initial`: variables to start from (`config.init_from`) instead of a random draw; the
-  optimizer state is new either way."""
+  `initial`: variables to start from (`config.init_from`) instead of a random draw (without
+  `out_conv` with init_new_head: that layer drawn, as a new run draws it); the optimizer state
+  is new either way."""
   tx = make_optimizer(config)
 
   def init(rng, initial):
     # outside any mapped axis, on the smallest input
-    variables = init_variables(model, rng) if initial is None else initial
+    if initial is None:
+      variables = init_variables(model, rng)
+    elif HEAD in initial['params']:
+      variables = initial
+    else:  # init_new_head: the output layer as a new run draws it (XLA drops the other draws)
+      drawn = init_variables(model, rng)['params']
+      variables = {'params': {**drawn, **initial['params']},
+                   'batch_stats': initial['batch_stats']}
     if config.get('ema_decay', 0.0):  # the average starts at the initial weights
       return EmaTrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                                   batch_stats=variables['batch_stats'], ema=dict(variables))
@@ -132,14 +143,21 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
   except UserError as e:
     raise UserError(f'init_from: {e}') from None
   ours = model_config(model)
-  differ = _differing(theirs, ours, ours)
+  new_head = config.get('init_new_head', False)
+  # With a new head, the output layer's classes may differ: it is not taken.
+  differ = _differing(theirs, ours, [f for f in ours if not (new_head and f == 'num_classes')])
   if differ:
+    hint = (' (or --config.init_new_head=True to start the output layer anew, for '
+            f"this config's {ours['num_classes']} classes)" if differ == ['num_classes'] else '')
     raise UserError(
         f'init_from={config.init_from}: its weights are for a UNet with '
         f"{_settings(theirs, differ)}, this config's has {_settings(ours, differ)}; set "
-        + ' '.join(f'--config.model.{f}={theirs[f]}' for f in differ))
+        + ' '.join(f'--config.model.{f}={theirs[f]}' for f in differ) + hint)
   layout = metadata.get('source_layout') or metadata.get(INIT_LAYOUT)
-  return {k: variables[k] for k in ('params', 'batch_stats')}, layout
+  params = variables['params']
+  if new_head:
+    params = {k: v for k, v in params.items() if k != HEAD}
+  return {'params': params, 'batch_stats': variables['batch_stats']}, layout
 
 
 _OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule')
