@@ -1,6 +1,7 @@
 """Prediction: the array API, tiling equal to a whole-image pass, the CLI and its refusals."""
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,40 @@ def test_cli_writes_masks_at_input_size(tmp_path, converted, capsys):
     assert mask.size == size
     assert set(np.unique(np.asarray(mask))) <= {0, 200}  # training mask values, not class ids
     assert Image.open(tmp_path / 'out' / f'{stem}_overlay.png').size == size
+
+
+def test_cli_holds_one_batch_of_images_at_a_time(tmp_path, converted, capsys, monkeypatch):
+  # 11 images of one size and 1 of another: batches of 8 and 3, and 1, each read when its
+  # turn comes (before, every image and all their logits were held at once: 3.3 GB for 40
+  # photos of 1918x1280, growing with the input).
+  module = sys.modules['unet_jax.predict']
+  rng = np.random.default_rng(8)
+  os.makedirs(tmp_path / 'in')
+  for i in range(11):
+    _write(tmp_path / 'in' / f'a{i:02d}.png', (rng.random((20, 28)) * 255).astype(np.uint8))
+  _write(tmp_path / 'in' / 'b.png', (rng.random((24, 24)) * 255).astype(np.uint8))
+  seen, read = [], []
+  predict_logits_, read_image = module.predict_logits, module._read_image
+
+  def recording(model, variables, images, **kwargs):
+    seen.append((len(images), len(read)))
+    return predict_logits_(model, variables, images, **kwargs)
+
+  def reading(path, channels):
+    read.append(path)
+    return read_image(path, channels)
+  monkeypatch.setattr(module, 'predict_logits', recording)
+  monkeypatch.setattr(module, '_read_image', reading)
+  assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out'), '--overlay']) == 0, capsys.readouterr().err
+  # Each file read once to check it, then once in its batch, just before the batch runs.
+  assert seen == [(8, 12 + 8), (3, 12 + 11), (1, 12 + 12)]
+  model, variables = unet_jax.load_pretrained(str(converted))
+  for name in ('a00', 'a10', 'b'):
+    image = np.asarray(Image.open(tmp_path / 'in' / f'{name}.png'))[..., None]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'{name}_mask.png')),
+                                  np.where(unet_jax.predict(model, variables, image) == 1, 200, 0))
+    assert Image.open(tmp_path / 'out' / f'{name}_overlay.png').size == image.shape[1::-1]
 
 
 def test_overlay_draws_classes_in_the_training_masks_colours():

@@ -192,6 +192,9 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
   return np.asarray(losses.probabilities(jnp.asarray(logits, jnp.float32)))
 
 
+BATCH_SIZE = 8  # images through the network at once (the command line's, a batch at a time)
+
+
 def _collect(inputs: Sequence[str]) -> list[str]:
   files = []
   for path in inputs:
@@ -318,10 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_threshold(model, args.threshold)
     if args.tile:
       tiling(args.tile, args.overlap, model.depth)  # (its refusals, before any file is written)
-    images = [_read_image(f, model.in_channels) for f in files]  # all checked before writing
-    for f, im in zip(files, images, strict=True):
-      if not size and min(im.shape[:2]) < 2**model.depth:
-        raise UserError(f'{f}: {im.shape[1]}x{im.shape[0]} is smaller than the model\'s '
+    # Every file is read (decoded) to check it before anything is written, but only its shape
+    # is kept: the images are read again a batch at a time, so memory holds one batch of images
+    # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
+    shapes = [_read_image(f, model.in_channels).shape for f in files]
+    for f, shape in zip(files, shapes, strict=True):
+      if not size and min(shape[:2]) < 2**model.depth:
+        raise UserError(f'{f}: {shape[1]}x{shape[0]} is smaller than the model\'s '
                         f'minimum {2**model.depth}x{2**model.depth}')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
       raise UserError(f'{args.output}: exists and is not a folder; choose another --output')
@@ -331,18 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UserError(f'{args.output}: cannot create the output folder ({e.strerror})') from None
     # Images of the same size go through the network together, in batches.
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i, im in enumerate(images):
-      groups.setdefault(im.shape, []).append(i)
+    for i, shape in enumerate(shapes):
+      groups.setdefault(shape, []).append(i)
+    batches = [indices[j:j + BATCH_SIZE] for indices in groups.values()
+               for j in range(0, len(indices), BATCH_SIZE)]
     mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())
     colours = _class_colours(max(model.num_classes, 2), mask_values, palette)
     with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
-      for indices in groups.values():
-        batch = np.stack([images[i] for i in indices])
+      for indices in batches:
+        batch = np.stack([_read_image(files[i], model.in_channels) for i in indices])
         logits = predict_logits(model, variables, batch, size=size or None, tile=args.tile,
-                                overlap=args.overlap, tta=args.tta)
+                                overlap=args.overlap, tta=args.tta, batch_size=BATCH_SIZE)
         masks = classes_from_logits(logits, args.threshold)
         probs = probabilities(logits) if args.probabilities else [None] * len(indices)
-        for i, classes, prob in zip(indices, masks, probs, strict=True):
+        for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
           _mask_image(classes, mask_values, palette).save(tmp, format='PNG')
@@ -353,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               np.save(f, prob)
             os.replace(tmp, os.path.join(args.output, f'{stem}_prob.npy'))
           if args.overlay:
-            Image.fromarray(_overlay(images[i], classes, colours)).save(
+            Image.fromarray(_overlay(image, classes, colours)).save(
                 os.path.join(args.output, f'{stem}_overlay.png'))
           bar.update(1)
   except UserError as e:
