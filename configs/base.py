@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
       image_key='image',
       mask_key='mask',
       mask_offset=0,             # subtracted from mask values (oxford_iiit_pet's trimap is 1..3)
+      resample='bilinear',       # PIL's filter resizing images: 'bilinear' or 'bicubic' (masks:
+                                 # nearest); predict resizes with the run's
       # A mask value whose pixels count in neither loss nor metrics (torch's ignore_index; e.g.
       # 255, a void/boundary label; RGB masks: 0xRRGGBB); -1: none. The classes are the others.
       ignore_value=-1,

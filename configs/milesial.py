@@ -10,8 +10,8 @@ not improved for 5 evaluations, no augmentation, images at half size (its --scal
 1918x1280 at 959x640). Set image_shape for other data, e.g. --config.image_shape='(320,480)'.
 milesial evaluates 5 times per epoch: set eval_every_steps to a fifth of an epoch's steps (the
 first line of the run says how many training images there are).
-Differences left: its images are resized with PIL's bicubic filter, here bilinear; its 10% are
-drawn at random, here spread evenly by name; its Dice smoothing is 1e-6, here 1 pixel.
+Differences left: its 10% are drawn at random, here spread evenly by name; its Dice smoothing
+is 1e-6, here 1 pixel.
 """
 
 from configs import folder
@@ -26,6 +26,7 @@ def get_config():
   config.model.num_classes = 2
   config.model.base_features = 64
   config.image_shape = (640, 959)
+  config.data.resample = 'bicubic'
   config.augment.min_scale = 1.0
   config.augment.flip_horizontal = False
   config.augment.flip_vertical = False

@@ -25,6 +25,7 @@ from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 from unet_jax.input_pipeline import _TrainExample, preprocess
 from unet_jax.predict import main as predict_main
+from unet_jax.predict import predict_logits, probabilities
 from unet_jax.train_checkpoints import TrainCheckpoints
 
 COLOURS = [(0, 0, 0), (255, 0, 0), (0, 128, 255)]
@@ -182,11 +183,28 @@ def test_milesial_data_folder_trains_as_it_lies(tmp_path):
     last = json.loads(f.readlines()[-1])
   # Its validation Dice leaves the background out: with 2 classes, class 1's.
   assert last['step'] == 2 and last['eval_dice'] == last['eval_dice_class1']
-  meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]
+  # Its images are resized with PIL's bicubic filter, as milesial's are, in training,
+  # evaluation (evaluate scores as the run logged) and prediction.
+  example = train_source[index]
+  bicubic = input_pipeline.preprocess(input_pipeline._adapt(config, example), (16, 24), None,
+                                      None, 'bicubic')['image']
+  np.testing.assert_array_equal(bicubic, np.asarray(Image.fromarray(example['image']).resize(
+      (24, 16), Image.BICUBIC), np.float32) / 255)
+  assert not np.array_equal(bicubic, input_pipeline.preprocess(
+      input_pipeline._adapt(config, example), (16, 24), None, None)['image'])
+  assert evaluate_checkpoint(str(tmp_path / 'wd'))['dice'] == last['eval_dice']
+  model, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
   assert meta['mask_values'] == [0, 1] and meta['mask_palette'] == palette
+  assert meta['resample'] == 'bicubic'
   # predict writes palette masks of those indices, drawn as the training masks were.
   assert predict_main(['--checkpoint', str(tmp_path / 'wd'), '--output', str(tmp_path / 'out'),
-                       str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), '--overlay']) == 0
+                       str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), '--overlay',
+                       '--probabilities']) == 0
+  image = np.asarray(Image.open(tmp_path / 'data' / 'imgs' / 'car03.jpg'))[None]
+  want = predict_logits(model, variables, image, size=(16, 24), resample='bicubic')[0]
+  np.testing.assert_allclose(np.load(tmp_path / 'out' / 'car03_prob.npy'),
+                             np.asarray(probabilities(want)), rtol=1e-6)
+  assert np.abs(want - predict_logits(model, variables, image, size=(16, 24))[0]).max() > 1e-4
   written = Image.open(tmp_path / 'out' / 'car03_mask.png')
   assert written.mode == 'P' and written.getpalette() == palette
   assert written.size == (24, 20) and set(np.unique(np.asarray(written))) <= {0, 1}

@@ -82,6 +82,7 @@ def test_size_as_height_x_width(tmp_path, converted, capsys):
   assert '(N, 12, 20, 1) float32 images -> logits' in capsys.readouterr().out
   about = json.loads((tmp_path / 'm.json').read_text())
   assert (about['size'], about['height'], about['width']) == ([12, 20], 12, 20)
+  assert 'resample' not in about  # (a converted checkpoint records no training)
   model, variables = load_pretrained(ckpt)
   x = np.random.default_rng(2).random((2, 12, 20, 1), np.float32)
   exported = jax.export.deserialize((tmp_path / 'm.jax').read_bytes())

@@ -577,6 +577,7 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
     (dict(num_epochs=-1.0), 'num_epochs=-1 must be at least 0 (0: train for num_train_steps)'),
+    ({'data.resample': 'lanczos'}, "data.resample='lanczos': use one of ('bilinear', 'bicubic')"),
     ({'data.holdout_percent': 100.0}, "data.holdout_percent=100 must be above 0 and below 100: "
      "the share of an image folder's pairs held out for evaluation"),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
@@ -867,6 +868,7 @@ def test_non_square_images_train_evaluate_predict_and_export_at_their_shape(tmp_
                                 back > 0)
   data, about = export_checkpoint(str(workdir))
   assert (about['size'], about['height'], about['width']) == ([16, 32], 16, 32)
+  assert about['resample'] == 'bilinear'  # (how the run resized its images)
   x = np.random.default_rng(0).random((3, 16, 32, 1), np.float32)
   np.testing.assert_allclose(jax.export.deserialize(data).call(x),
                              model.apply(variables, x, train=False), rtol=1e-5, atol=1e-6)

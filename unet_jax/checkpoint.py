@@ -192,6 +192,8 @@ def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
   metadata = dict(meta.get('metadata') or {}, step=step, applied_updates=updates)
   if 'image_size' in (meta.get('config') or {}):  # what the network saw in training
     metadata['image_size'] = training_size(meta['config'])  # (an int, or [height, width])
+    # ... and the filter its images were resized with (runs before it could be set: bilinear)
+    metadata['resample'] = (meta['config'].get('data') or {}).get('resample', 'bilinear')
   if meta.get('config'):
     metadata['run_config'] = meta['config']  # the training config (data settings included)
   return model, jax.tree.map(jnp.asarray, variables), metadata

@@ -10,6 +10,7 @@ import ml_collections
 
 from unet_jax import input_pipeline, parallel
 from unet_jax.errors import UserError
+from unet_jax.image_io import RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
 from unet_jax.optimizers import learning_rate_schedule, make_optimizer
@@ -51,6 +52,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.data.get('ignore_value', -1) < -1:
     raise UserError(f'data.ignore_value={config.data.ignore_value} must be a mask value '
                     '(or -1: none)')
+  if config.data.get('resample', 'bilinear') not in RESAMPLE_FILTERS:
+    raise UserError(f'data.resample={config.data.resample!r}: use one of {RESAMPLE_FILTERS}')
   if not 0 < config.data.get('holdout_percent', 10.0) < 100:
     raise UserError(f'data.holdout_percent={config.data.holdout_percent:g} must be above 0 and '
                     'below 100: the share of an image folder\'s pairs held out for evaluation')

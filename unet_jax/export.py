@@ -75,6 +75,8 @@ def export_checkpoint(checkpoint: str, size: int | Sequence[int] | None = None,
       'in_channels': model.in_channels, 'num_classes': model.num_classes,
       'mask_values': meta.get('mask_values') or [],
       **({'mask_palette': meta['mask_palette']} if meta.get('mask_palette') else {}),
+      # How training resized its images (PIL's filter), for a server to do the same.
+      **({'resample': meta['resample']} if meta.get('resample') else {}),
       'platforms': list(platforms),
       'model': model_config(model), 'checkpoint': os.path.abspath(checkpoint),
       'step': meta.get('step'), 'jax_version': jax.__version__}

@@ -14,6 +14,9 @@ import numpy as np
 
 from unet_jax.errors import UserError
 
+# data.resample: PIL's filters an image may be resized with (masks: always nearest), by name.
+RESAMPLE_FILTERS = ('bilinear', 'bicubic')
+
 # File types read as images (and masks): what PIL reads that image datasets come in, e.g.
 # Carvana's GIF masks (milesial/Pytorch-UNet's example data) and BMP.
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.gif')
@@ -87,6 +90,12 @@ def size_text(size: int | Sequence[int]) -> str:
   """'64x64', or '48x96' for height 48 and width 96 (height first, as the shapes are)."""
   height, width = height_width(size)
   return f'{height}x{width}'
+
+
+def resample_filter(name: str) -> int:
+  """PIL's filter for a RESAMPLE_FILTERS name."""
+  from PIL import Image
+  return {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}[name]
 
 
 def resize(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

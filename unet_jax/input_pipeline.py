@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax.errors import UserError, first_line
-from unet_jax.image_io import height_width, resize, training_size
+from unet_jax.image_io import height_width, resample_filter, resize, training_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +169,17 @@ def image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return height_width(training_size(config))
 
 
+def image_resample(config: ml_collections.ConfigDict) -> str:
+  """The filter images are resized with (data.resample: 'bilinear' or 'bicubic')."""
+  return config.data.get('resample', 'bilinear')
+
+
 def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
-               ) -> dict[str, np.ndarray]:
+               resample: str = 'bilinear') -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns (when `rng` is given), resize to `image_size` (a
-  square's side, or (height, width)), scale to [0, 1], random brightness and contrast.
+  square's side, or (height, width); the image with PIL's `resample` filter, the mask with
+  nearest), scale to [0, 1], random brightness and contrast.
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -195,7 +201,7 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
       image, mask = np.rot90(image, k), np.rot90(mask, k)
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
   height, width = height_width(image_size)
-  image = resize(image, height, width, Image.BILINEAR)
+  image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
   image = image.astype(np.float32) / 255.0
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
@@ -261,7 +267,8 @@ class _TrainExample(grain.transforms.Map):
     epoch, pos = divmod(g, len(self.source))
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
-    return preprocess(record, image_hw(self.config), rng, self.config.augment)
+    return preprocess(record, image_hw(self.config), rng, self.config.augment,
+                      image_resample(self.config))
 
 
 class _EvalExample(grain.transforms.Map):
@@ -274,7 +281,7 @@ class _EvalExample(grain.transforms.Map):
     g = _global_position(j, self.local_batch, self.global_batch, self.process_index)
     valid = g < len(self.source)  # the last global batch is padded with repeats, weighted 0
     record = _adapt(self.config, self.source[min(g, len(self.source) - 1)])
-    out = preprocess(record, image_hw(self.config), None, None)
+    out = preprocess(record, image_hw(self.config), None, None, image_resample(self.config))
     out['valid'] = np.asarray(valid)
     return out
 

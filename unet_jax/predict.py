@@ -33,6 +33,7 @@ from unet_jax.image_io import (
     height_width,
     mask_colours,
     parse_size,
+    resample_filter,
     resize,
     size_text,
 )
@@ -101,13 +102,14 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
                    size: int | Sequence[int] | None = None,
                    tile: int | Sequence[int] | None = None,
                    overlap: int | Sequence[int] | None = None, batch_size: int = 8,
-                   tta: bool = False) -> np.ndarray:
+                   tta: bool = False, resample: str = 'bilinear') -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
 
   `size`: run the network on each image resized to size x size (or to (height, width): a
-  workdir's recorded image_size is either), as training resizes its
-  examples to `image_size` (PIL's bilinear filter, on the 8-bit image when it is one), and resize
-  the logits back to H x W (bilinear, as milesial's predict.py does); None runs at H x W.
+  workdir's recorded image_size is either), as training resizes its examples to `image_size`
+  (PIL's `resample` filter, 'bilinear' or 'bicubic' as the run's data.resample, on the 8-bit
+  image when it is one), and resize the logits back to H x W (bilinear, as milesial's
+  predict.py does); None runs at H x W.
   `tile`, `overlap`: run overlapping tiles (a side, or (height, width); `tiling`) of the image
   (after any resize) and blend them, for images too large to run whole.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
@@ -117,7 +119,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
     from PIL import Image
     height, width = height_width(size)
     logits = predict_logits(
-        model, variables, np.stack([resize(im, height, width, Image.BILINEAR) for im in images]),
+        model, variables,
+        np.stack([resize(im, height, width, resample_filter(resample)) for im in images]),
         tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
@@ -157,11 +160,11 @@ def _check_threshold(model: UNet, threshold: float) -> None:
 def predict(model: UNet, variables: Any, images: np.ndarray, *,
             size: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
-            threshold: float = 0.5) -> np.ndarray:
+            threshold: float = 0.5, resample: str = 'bilinear') -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
-  `size`: the network sees each image at size x size (or (height, width)), as in training
-  (see `predict_logits`).
+  `size`: the network sees each image at size x size (or (height, width)), as in training,
+  resized with `resample` (see `predict_logits`).
   `tta`: the mean logits over flips (four forward passes; flip_tta.py).
   Binary models (1 output channel): foreground where the probability exceeds `threshold`
   (milesial's --mask-threshold); others take the argmax.
@@ -175,7 +178,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
     raise UserError(f'images must be (N, H, W, {model.in_channels}) for this model, got shape '
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
-                          batch_size=batch_size, tta=tta)
+                          batch_size=batch_size, tta=tta, resample=resample)
   classes = classes_from_logits(logits, threshold)
   return classes[0] if single else classes
 
@@ -315,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, variables, meta = load_pretrained_with_metadata(args.checkpoint)
     # (a workdir's recorded size: an int, or [height, width])
     size = meta.get('image_size', 0) if args.size is None else args.size
+    resample = meta.get('resample', 'bilinear')  # (the run's; a converted checkpoint: none)
     if size and min(height_width(size)) < 2**model.depth:
       raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
                       'each image at its own size)')
@@ -347,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       for indices in batches:
         batch = np.stack([_read_image(files[i], model.in_channels) for i in indices])
         logits = predict_logits(model, variables, batch, size=size or None, tile=args.tile,
-                                overlap=args.overlap, tta=args.tta, batch_size=BATCH_SIZE)
+                                overlap=args.overlap, tta=args.tta, batch_size=BATCH_SIZE,
+                                resample=resample)
         masks = classes_from_logits(logits, args.threshold)
         probs = probabilities(logits) if args.probabilities else [None] * len(indices)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
