@@ -492,9 +492,12 @@ def test_two_processes_equal_one_process(tmp_path, grad_accum_steps):
                           capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-2000:]
   port = _free_port()
+  # Into a data folder of their own, as a first run: process 0 prepares the dataset while
+  # process 1 waits (before, process 1's dataset, made before the files, had no splits).
   procs = [subprocess.Popen(
       _train_cmd(tmp_path / 'multi', *flags, f'--coordinator_address=127.0.0.1:{port}',
-                 '--num_processes=2', f'--process_id={i}'),
+                 '--num_processes=2', f'--process_id={i}',
+                 f'--config.data.data_dir={tmp_path / "tfds"}'),
       env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   for p in procs:

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -53,13 +53,21 @@ def _data_dir(config: ml_collections.ConfigDict) -> str:
       'TFDS_DATA_DIR', '~/tensorflow_datasets'))
 
 
-def _prepare(builder, process_count: int) -> None:
-  """Process 0 prepares the local builders; the others wait, then read the same files."""
+def _prepared(make_builder: Callable[[], Any], process_count: int) -> Any:
+  """A local builder, prepared: process 0 prepares it; the others wait, then make theirs
+  again, which finds the prepared files (the builder made before them knows no splits: the
+  second process of a run on an image folder stopped at "has no split 'train'"). Each makes
+  one first, so that a refusal (a missing folder, a mask without an image) stops every process
+  rather than leaving the others waiting."""
+  builder = make_builder()
   if jax.process_index() == 0:
     builder.download_and_prepare(file_format='array_record')
   if process_count > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('unet_jax: dataset prepared')
+  if jax.process_index() != 0:
+    builder = make_builder()
+  return builder
 
 
 def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]:
@@ -73,9 +81,9 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
     if config.data.native_size not in sizes:
       raise UserError(f'data.native_size={config.data.native_size}: synthetic_shapes comes in '
                       f"{', '.join(map(str, sizes))} pixels")
-    builder = SyntheticShapes(config=f'{config.data.native_size}px', data_dir=data_dir,
-                              file_format='array_record')
-    _prepare(builder, jax.process_count())
+    builder = _prepared(lambda: SyntheticShapes(config=f'{config.data.native_size}px',
+                                                data_dir=data_dir, file_format='array_record'),
+                        jax.process_count())
   elif name == 'image_folder':
     from unet_jax.datasets.image_folder import FolderLayout, ImageFolder
     layout = FolderLayout(**{f: config.data.get(f, getattr(FolderLayout, f))
@@ -84,9 +92,9 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
     if not config.data.root:
       raise UserError('config.data.root is empty: set --config.data.root=/path/to/folder with '
                       f'{layout.images_dir}/ and {layout.masks_dir}/')
-    builder = ImageFolder(root=config.data.root, layout=layout, data_dir=data_dir,
-                          file_format='array_record')
-    _prepare(builder, jax.process_count())
+    builder = _prepared(lambda: ImageFolder(root=config.data.root, layout=layout,
+                                            data_dir=data_dir, file_format='array_record'),
+                        jax.process_count())
   else:
     try:
       builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
