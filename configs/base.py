@@ -75,18 +75,23 @@ def get_config() -> ml_collections.ConfigDict:
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
   # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,
   # learning_rate=1e-5, schedule='plateau', plateau.patience=5, dice_reduction='pooled',
-  # eval_include_background=False.
+  # eval_include_background=False. nnU-Net's: optimizer='sgd', momentum=0.99, nesterov=True,
+  # weight_decay=3e-5, learning_rate=1e-2, schedule='poly'.
   config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
-  # 'cosine' (linear warmup, cosine decay), 'constant', or 'plateau': constant, times
+  # 'cosine' (linear warmup, cosine decay), 'constant', 'plateau': constant, times
   # plateau.factor whenever the eval Dice has not improved for more than plateau.patience
-  # evaluations (torch's ReduceLROnPlateau, mode='max'; its defaults below).
+  # evaluations (torch's ReduceLROnPlateau, mode='max'; its defaults below), or 'poly':
+  # learning_rate * (1 - step / num_train_steps) ** poly_power (torch's PolynomialLR; 0.9 is
+  # nnU-Net's PolyLRScheduler), no warmup.
   config.schedule = 'cosine'
   config.plateau = ml_collections.ConfigDict(dict(
       patience=10, factor=0.1, threshold=1e-4, cooldown=0, min_learning_rate=0.0))
-  config.warmup_steps = 50
+  config.poly_power = 0.9
+  config.warmup_steps = 50       # cosine only
   config.weight_decay = 0.0      # L2 added to the gradient; adamw: decoupled, as torch's AdamW
   config.momentum = 0.9          # sgd and rmsprop (0: none)
+  config.nesterov = False        # sgd: Nesterov momentum, as torch's SGD(nesterov=True)
   config.grad_clip_norm = 0.0    # > 0: clip the global gradient norm, as clip_grad_norm_
 
   config.loss = 'auto'           # 'bce' (num_classes=1), 'ce' (>=2), 'auto' picks by num_classes

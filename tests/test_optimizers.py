@@ -23,6 +23,8 @@ CASES = [
     dict(optimizer='adamw', weight_decay=0.1),
     dict(optimizer='sgd', weight_decay=0.01),
     dict(optimizer='sgd', momentum=0.0, grad_clip_norm=0.5),
+    # nnU-Net's recipe (its poly schedule is tested on its own below).
+    dict(optimizer='sgd', momentum=0.99, nesterov=True, weight_decay=3e-5, schedule='poly'),
     dict(optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0),  # milesial
     dict(optimizer='rmsprop', momentum=0.0),
     # The rate lowered on plateaus: milesial's whole recipe, and decoupled decay under it.
@@ -51,7 +53,8 @@ def _torch_optimizer(config, params):
   lr, wd, m = config.learning_rate, config.weight_decay, config.momentum
   return {'adam': lambda: torch.optim.Adam(params, lr=lr, weight_decay=wd),
           'adamw': lambda: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
-          'sgd': lambda: torch.optim.SGD(params, lr=lr, momentum=m, weight_decay=wd),
+          'sgd': lambda: torch.optim.SGD(params, lr=lr, momentum=m, weight_decay=wd,
+                                         nesterov=config.nesterov),
           'rmsprop': lambda: torch.optim.RMSprop(params, lr=lr, momentum=m, weight_decay=wd),
           }[config.optimizer]()
 
@@ -133,6 +136,26 @@ def test_plateau_schedule_matches_reduce_lr_on_plateau(plateau):
     got.append(config.learning_rate * float(state.lr_scale))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert len(set(want)) >= 3  # (the sequence did lower the rate, more than once)
+
+@pytest.mark.parametrize('power,steps', [(0.9, 12), (1.0, 7), (2.0, 1), (0.9, 1000)])
+def test_poly_schedule_matches_polynomial_lr(power, steps):
+  # torch's PolynomialLR stepped once per optimizer step, as a loop does; and nnU-Net's
+  # PolyLRScheduler, whose rate at step t is initial_lr * (1 - t / max_steps) ** exponent.
+  config = _config(schedule='poly', poly_power=power, num_train_steps=steps, learning_rate=1e-2)
+  schedule = learning_rate_schedule(config)
+  torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  torch_poly = torch.optim.lr_scheduler.PolynomialLR(torch_opt, total_iters=steps, power=power)
+  got, want = [], []
+  for t in range(steps + 1):
+    got.append(float(schedule(t)))
+    want.append(torch_opt.param_groups[0]['lr'])
+    nnunet = config.learning_rate * (1 - t / steps) ** power
+    assert got[-1] == pytest.approx(nnunet, rel=1e-5, abs=1e-9), t
+    torch_opt.step()
+    torch_poly.step()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+  assert got[0] == pytest.approx(1e-2) and got[-1] == 0.0
+
 
 @pytest.mark.parametrize('steps', [1, 2, 3, 50, 51, 500])
 def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):

@@ -556,7 +556,15 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(seed=-3), 'seed=-3 must be at least 0'),
     (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be at least 0'),
     (dict(optimizer='rmsprop', momentum=1.0), 'momentum=1.0 must be in [0, 1)'),
-    (dict(schedule='step'), "unknown schedule 'step'; use one of cosine, constant, plateau"),
+    (dict(schedule='step'), "unknown schedule 'step'; use one of cosine, constant, plateau, "
+     "poly"),
+    (dict(schedule='poly', poly_power=-1.0), "poly_power=-1.0 must be at least 0: "
+     "schedule='poly' lowers the rate as (1 - step / num_train_steps) ** poly_power"),
+    (dict(nesterov=True), "nesterov=True needs optimizer='sgd' with momentum > 0, this config "
+     "has optimizer='adam', momentum=0.9; set --config.optimizer=sgd --config.momentum=0.99 "
+     "(nnU-Net's), or leave nesterov off"),
+    (dict(nesterov=True, optimizer='sgd', momentum=0.0), "nesterov=True needs optimizer='sgd' "
+     "with momentum > 0, this config has optimizer='sgd', momentum=0.0"),
     (dict(class_weights=(1.0, 2.0)), 'class_weights=(1.0, 2.0) weigh the softmax cross-entropy '
      'of 2 or more classes; with model.num_classes=1 (BCE) set --config.pos_weight instead'),
     ({'class_weights': (1.0, 2.0), 'model.num_classes': 3},

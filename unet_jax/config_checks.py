@@ -43,6 +43,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
       raise UserError(f'{field}={config[field]} must be at least 0')
   if not 0 <= config.momentum < 1:
     raise UserError(f'momentum={config.momentum} must be in [0, 1)')
+  if config.get('nesterov', False) and (config.optimizer != 'sgd' or not config.momentum):
+    # (torch's SGD refuses it without momentum; the other optimizers have no such switch)
+    raise UserError(f'nesterov=True needs optimizer=\'sgd\' with momentum > 0, this config has '
+                    f'optimizer={config.optimizer!r}, momentum={config.momentum}; set '
+                    '--config.optimizer=sgd --config.momentum=0.99 (nnU-Net\'s), or leave '
+                    'nesterov off')
+  if not config.get('poly_power', 0.9) >= 0:
+    raise UserError(f'poly_power={config.poly_power} must be at least 0: schedule=\'poly\' '
+                    'lowers the rate as (1 - step / num_train_steps) ** poly_power')
   for field in ('patience', 'cooldown', 'threshold', 'min_learning_rate'):
     if not config.plateau[field] >= 0:
       raise UserError(f'plateau.{field}={config.plateau[field]} must be at least 0')

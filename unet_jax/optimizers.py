@@ -5,7 +5,9 @@ A recipe written for PyTorch gives the same updates here (tested against `torch.
 and `RMSprop` do) except for `adamw`, which decays the weights directly, as `AdamW` does;
 `grad_clip_norm` scales the gradient as `torch.nn.utils.clip_grad_norm_` does, before the
 optimizer sees it. milesial/Pytorch-UNet's recipe, for instance: optimizer='rmsprop',
-momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0, schedule='plateau' with patience 5.
+momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0, schedule='plateau' with patience 5;
+nnU-Net's: optimizer='sgd', momentum=0.99, nesterov=True, weight_decay=3e-5,
+learning_rate=1e-2, schedule='poly' (power 0.9).
 
 schedule='plateau' is `torch.optim.lr_scheduler.ReduceLROnPlateau(mode='max')` on the eval Dice:
 the loop calls `plateau_update` after each evaluation, as milesial's loop calls
@@ -26,7 +28,7 @@ import optax
 from unet_jax.errors import UserError
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
-SCHEDULES = ('cosine', 'constant', 'plateau')
+SCHEDULES = ('cosine', 'constant', 'plateau', 'poly')
 _PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: a smaller change of the rate is not made
 
 
@@ -40,6 +42,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, warmup, max(config.num_train_steps, warmup + 1),
         end_value=config.learning_rate * 0.01)
+  if config.schedule == 'poly':
+    # torch's PolynomialLR(total_iters=num_train_steps, power) and nnU-Net's PolyLRScheduler
+    # (power 0.9): step t's rate is learning_rate * (1 - t / num_train_steps) ** power, from
+    # the full rate at the first step down towards 0 at the end; no warmup, as in both.
+    return optax.polynomial_schedule(config.learning_rate, 0.0, config.get('poly_power', 0.9),
+                                     config.num_train_steps)
   raise UserError(f'unknown schedule {config.schedule!r}; use one of {", ".join(SCHEDULES)}')
 
 
@@ -123,7 +131,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   elif name == 'adamw':
     core = optax.adamw(lr, weight_decay=wd)
   elif name == 'sgd':
-    core = optax.sgd(lr, momentum=momentum or None)
+    # nesterov: torch's SGD(nesterov=True) steps along g + momentum * buffer, as optax's does.
+    core = optax.sgd(lr, momentum=momentum or None, nesterov=config.get('nesterov', False))
   elif name == 'rmsprop':
     # torch.optim.RMSprop: eps outside the square root, and the momentum buffer accumulates
     # g / (sqrt(avg) + eps) before the learning rate scales it (optax.rmsprop scales first,
