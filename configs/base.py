@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
       # image_folder only, a ROOT without train/ and test/: the share of pairs held out for
       # evaluation, spread evenly over them sorted by name (milesial's --validation)
       holdout_percent=10.0,
+      # image_folder only, a ROOT without train/ and test/: k-fold cross-validation instead,
+      # fold `fold` (0..num_folds-1) of num_folds contiguous blocks of the pairs sorted by name
+      # held out (scikit-learn's KFold without shuffling); one run per fold. 0: off.
+      num_folds=0, fold=0,
       data_dir='',               # TFDS data_dir; '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split='train',
       eval_split='test',

@@ -1,5 +1,6 @@
 """The image-folder dataset, the data order contract, and checkpoint retention."""
 
+import copy
 import json
 import logging
 import os
@@ -338,6 +339,77 @@ def test_holdout_percent_sets_the_share_held_out(tmp_path):
                      r'and test/, but .*/split has them \(they are the splits\); leave it at 10, '
                      'or put the pairs in one folder$'):
     find_pairs(str(tmp_path / 'split'), FolderLayout(holdout_percent=25))
+
+
+def _kfold_test_indices(n, n_splits):
+  # scikit-learn's KFold(n_splits).split (shuffle=False), as its source computes the blocks.
+  fold_sizes = np.full(n_splits, n // n_splits, dtype=int)
+  fold_sizes[:n % n_splits] += 1
+  current = 0
+  for size in fold_sizes:
+    yield list(range(current, current + size))
+    current += size
+
+
+def test_num_folds_holds_out_one_block_per_fold(tmp_path):
+  make_folder(tmp_path / 'd', n=12, rgb_masks=False)
+  root = str(tmp_path / 'd')
+  everything = sorted(p for split in find_pairs(root).values() for p in split)
+  seen = []
+  for num_folds in (2, 5, 12):
+    for fold, want in enumerate(_kfold_test_indices(12, num_folds)):
+      splits = find_pairs(root, FolderLayout(num_folds=num_folds, fold=fold))
+      assert splits['test'] == [everything[i] for i in want], (num_folds, fold)
+      assert splits['train'] == [p for i, p in enumerate(everything) if i not in want]
+      seen += [(num_folds, p) for p in splits['test']]
+  for num_folds in (2, 5, 12):  # every pair held out by exactly one fold
+    assert sorted(p for k, p in seen if k == num_folds) == everything
+  # 12 pairs in 5 folds: blocks of 3, 3, 2, 2, 2.
+  fold3 = find_pairs(root, FolderLayout(num_folds=5, fold=3))['test']
+  assert [os.path.basename(image)[:4] for image, _ in fold3] == ['im08', 'im09']
+  prints = {fingerprint(root, FolderLayout(num_folds=5, fold=k)) for k in range(5)}
+  assert len(prints) == 5 and fingerprint(root) not in prints
+  # Through the config: the prepared dataset's splits.
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
+                          'data.data_dir': str(tmp_path / 'tfds'), 'data.num_folds': 4,
+                          'data.fold': 1, 'model.in_channels': 3, 'model.num_classes': 3})
+  _, eval_source, info = input_pipeline.load_sources(config)
+  assert len(eval_source) == 3 and info.num_train == 9
+  assert sorted(r['file_name'].decode()[:4] for r in eval_source) == ['im03', 'im04', 'im05']
+  with pytest.raises(UserError, match=r'^data.num_folds=13 is more than the 12 pairs in '
+                     r'.*/d; use at most 12 folds$'):
+    find_pairs(root, FolderLayout(num_folds=13))
+  os.makedirs(tmp_path / 'split' / 'train'), os.makedirs(tmp_path / 'split' / 'test')
+  for split in ('train', 'test'):
+    for sub in ('images', 'masks'):
+      shutil.copytree(tmp_path / 'd' / sub, tmp_path / 'split' / split / sub)
+  with pytest.raises(UserError, match=r'^data.num_folds=5 is for a folder without train/ and '
+                     r'test/, but .*/split has them \(they are the splits\); leave it at 0, or '
+                     'put the pairs in one folder$'):
+    find_pairs(str(tmp_path / 'split'), FolderLayout(num_folds=5, fold=2))
+
+
+def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
+  make_folder(tmp_path / 'd', n=12)
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),
+                          'data.num_folds': 3, 'data.fold': 1, 'model.in_channels': 3,
+                          'model.num_classes': 3, 'batch_size': 8, 'num_train_steps': 2,
+                          'eval_every_steps': 2, 'checkpoint_every_steps': 2})
+  wd = str(tmp_path / 'wd')
+  metrics = train.train_and_evaluate(config, wd)
+  got = evaluate_checkpoint(wd, per_image=True)
+  assert {k: v for k, v in got.items() if k in metrics} == metrics
+  assert sorted(r['file_name'][:4] for r in got['per_image']) == ['im04', 'im05', 'im06', 'im07']
+  # Resuming on another split would train on the pairs it has been scored on.
+  for change, saved, ours in ((dict(fold=2), 'data.fold=1', 'data.fold=2'),
+                              (dict(num_folds=0, fold=0), 'data.num_folds=3, data.fold=1',
+                               'data.num_folds=0, data.fold=0')):
+    resumed = copy.deepcopy(config)
+    resumed.num_train_steps = 3
+    resumed.data.update(change)
+    with pytest.raises(UserError, match=re.escape(
+        f'was saved by a run with {saved}, this config has {ours}; rerun with its settings')):
+      train.train_and_evaluate(resumed, wd)
 
 
 def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch):

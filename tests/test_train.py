@@ -591,6 +591,14 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'data.resample': 'lanczos'}, "data.resample='lanczos': use one of ('bilinear', 'bicubic')"),
     ({'data.holdout_percent': 100.0}, "data.holdout_percent=100 must be above 0 and below 100: "
      "the share of an image folder's pairs held out for evaluation"),
+    ({'data.num_folds': 1}, 'data.num_folds=1 must be 2 or more (k-fold cross-validation), '
+     'or 0: hold out data.holdout_percent instead'),
+    ({'data.num_folds': 5, 'data.fold': 5}, 'data.fold=5 must be in 0..4: which of the '
+     'data.num_folds=5 blocks is held out'),
+    ({'data.fold': 2}, 'data.fold=2 picks one of data.num_folds blocks, which is 0 (off); set '
+     '--config.data.num_folds (e.g. 5)'),
+    ({'data.num_folds': 5, 'data.holdout_percent': 20.0}, 'data.num_folds=5 holds out one fold, '
+     '1/5 of the pairs, and data.holdout_percent=20 another share; set one of them'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

@@ -66,6 +66,20 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 < config.data.get('holdout_percent', 10.0) < 100:
     raise UserError(f'data.holdout_percent={config.data.holdout_percent:g} must be above 0 and '
                     'below 100: the share of an image folder\'s pairs held out for evaluation')
+  num_folds, fold = config.data.get('num_folds', 0), config.data.get('fold', 0)
+  if num_folds == 1 or num_folds < 0:
+    raise UserError(f'data.num_folds={num_folds} must be 2 or more (k-fold cross-validation), '
+                    'or 0: hold out data.holdout_percent instead')
+  if num_folds and not 0 <= fold < num_folds:
+    raise UserError(f'data.fold={fold} must be in 0..{num_folds - 1}: which of the '
+                    f'data.num_folds={num_folds} blocks is held out')
+  if not num_folds and fold:
+    raise UserError(f'data.fold={fold} picks one of data.num_folds blocks, which is 0 (off); '
+                    'set --config.data.num_folds (e.g. 5)')
+  if num_folds and config.data.get('holdout_percent', 10.0) != 10.0:
+    raise UserError(f'data.num_folds={num_folds} holds out one fold, 1/{num_folds} of the pairs, '
+                    f'and data.holdout_percent={config.data.holdout_percent:g} another share; '
+                    'set one of them')
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')

@@ -204,6 +204,14 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   field = 'eval_include_background'
   if model.num_classes > 1 and saved_config.get(field, True) != config.get(field, True):
     raise refusal({field: saved_config.get(field, True)}, config, [field])
+  # Another held-out split would train on pairs the run has evaluated (and chosen its best) on.
+  if config.data.name == 'image_folder':
+    split_fields = {'holdout_percent': 10.0, 'num_folds': 0, 'fold': 0}
+    theirs_data = {f: (saved_config.get('data') or {}).get(f, d) for f, d in split_fields.items()}
+    ours_data = {f: config.data.get(f, d) for f, d in split_fields.items()}
+    differ = [f for f in split_fields if theirs_data[f] != ours_data[f]]
+    if differ:
+      raise refusal(theirs_data, ours_data, differ, 'data.')
   if form(saved_tx) == form(state.tx):
     return
   differ = _differing(saved_config, config, _OPTIMIZER_FIELDS)

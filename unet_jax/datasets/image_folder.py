@@ -8,7 +8,8 @@ Images: PNG, JPEG, TIFF, BMP or GIF, grayscale or RGB. Masks: one value (gray), 
 class ids 0..K-1, and that mapping (`mask_values`) is stored with the dataset and the checkpoint
 so predictions can be written back in the same values. If ROOT has `train/` and `test/`
 subfolders, each holding `images/` and `masks/`, they are the splits; otherwise 10% of the pairs
-(`holdout_percent`; every tenth, sorted by name) are held out for evaluation. The folder names and
+(`holdout_percent`; every tenth, sorted by name) are held out for evaluation, or one of
+`num_folds` contiguous blocks of them (k-fold cross-validation). The folder names and
 a mask name suffix can be set (`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg`
 with `data/masks/NAME_mask.gif` is read as it lies.
 """
@@ -49,11 +50,14 @@ class FolderScan:
 @dataclasses.dataclass(frozen=True)
 class FolderLayout:
   """Where a root's files lie, `images/NAME.EXT` with `masks/NAME{mask_suffix}.EXT`, and, for a
-  root without train/ and test/, the share of pairs held out for evaluation."""
+  root without train/ and test/, the pairs held out for evaluation: `holdout_percent` of them,
+  or with `num_folds` > 0 the `fold`-th of that many contiguous blocks."""
   images_dir: str = 'images'
   masks_dir: str = 'masks'
   mask_suffix: str = ''
   holdout_percent: float = 10.0
+  num_folds: int = 0
+  fold: int = 0
 
   @property
   def one_folder(self) -> bool:
@@ -119,9 +123,17 @@ def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
     raise UserError(f'data.holdout_percent={layout.holdout_percent:g} is for a folder without '
                     f'train/ and test/, but {root} has them (they are the splits); leave it at '
                     f'{FolderLayout.holdout_percent:g}, or put the pairs in one folder')
+  if has_splits and layout.num_folds:
+    raise UserError(f'data.num_folds={layout.num_folds} is for a folder without train/ and '
+                    f'test/, but {root} has them (they are the splits); leave it at 0, or put '
+                    'the pairs in one folder')
   if not has_splits:
     pairs = splits.pop('all')
-    held_out = _held_out(len(pairs), layout.holdout_percent)
+    if layout.num_folds > len(pairs):
+      raise UserError(f'data.num_folds={layout.num_folds} is more than the {len(pairs)} pairs '
+                      f'in {root}; use at most {len(pairs)} folds')
+    held_out = (_in_fold(len(pairs), layout.num_folds, layout.fold) if layout.num_folds
+                else _held_out(len(pairs), layout.holdout_percent))
     splits['test'] = [p for i, p in enumerate(pairs) if held_out[i]]
     splits['train'] = [p for i, p in enumerate(pairs) if not held_out[i]]
     if not splits['train']:
@@ -135,6 +147,17 @@ def _held_out(n: int, percent: float) -> list[bool]:
   least one."""
   share = fractions.Fraction(percent).limit_denominator(10**6) / 100  # (exact: 29% is 29/100)
   return [i == 0 or math.floor(i * share) != math.floor((i - 1) * share) for i in range(n)]
+
+
+def _in_fold(n: int, num_folds: int, fold: int) -> list[bool]:
+  """Which of n pairs (sorted by name) make up fold `fold` of `num_folds`: contiguous blocks,
+  the first n % num_folds of them one pair longer, as scikit-learn's KFold(num_folds) (without
+  shuffling) cuts them. Contiguous, so that pairs whose names run together (slices of one scan,
+  frames of one video, tiles of one slide) fall on one side of the split, but at a block's
+  edge; every pair is in exactly one fold's held-out block."""
+  sizes = [n // num_folds + (k < n % num_folds) for k in range(num_folds)]
+  start = sum(sizes[:fold])
+  return [start <= i < start + sizes[fold] for i in range(n)]
 
 
 def _read(path: str, mask: bool = False, palettes: list | None = None,
@@ -207,11 +230,12 @@ def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
   """Changes when any file under ROOT is added, removed, resized or touched, or the layout
   (which pairs them, and which pairs are held out) changes."""
   h = hashlib.sha1(os.path.abspath(root).encode())
-  *where, percent = dataclasses.astuple(layout)
-  # (The default share leaves the names of folders prepared before it could be set as they were.)
-  h.update(repr(tuple(where)).encode())
-  if percent != FolderLayout.holdout_percent:
-    h.update(f'holdout_percent={percent!r}'.encode())
+  # (The default split leaves the names of folders prepared before it could be set as they were.)
+  h.update(repr((layout.images_dir, layout.masks_dir, layout.mask_suffix)).encode())
+  if layout.holdout_percent != FolderLayout.holdout_percent:
+    h.update(f'holdout_percent={layout.holdout_percent!r}'.encode())
+  if layout.num_folds:
+    h.update(f'fold={layout.fold}/{layout.num_folds}'.encode())
   for dirpath, _, files in sorted(os.walk(root)):
     for f in sorted(files):
       st = os.stat(os.path.join(dirpath, f))
