@@ -357,3 +357,62 @@ def test_threshold_is_milesials_mask_threshold(tmp_path, converted, capsys):
   with pytest.raises(unet_jax.errors.UserError, match=r'threshold=0.7 is for binary models \(1 '
                      r'output channel\); this one has 2 classes and takes the argmax'):
     unet_jax.predict(two, init_variables(two, jax.random.key(0)), image, threshold=0.7)
+
+
+def _converted_net(tmp_path, name, num_classes, base, depth, seed, mask_values):
+  ref = move_off_init(SeedUNet(1, num_classes, base=base, depth=depth), 1, num_classes,
+                      seed=seed).eval()
+  state = ref.state_dict()
+  state['mask_values'] = mask_values
+  torch.save(state, tmp_path / f'{name}.pth')
+  return ref, torch_to_flax(str(tmp_path / f'{name}.pth'), str(tmp_path / name))
+
+
+def test_cli_ensemble_is_the_mean_of_torch_probabilities(tmp_path, capsys):
+  # nnU-Net's ensemble of folds: the mean of the members' softmax (sigmoid) outputs, then the
+  # argmax (threshold); the members may differ in width and depth.
+  rng = np.random.default_rng(7)
+  image = (rng.random((32, 48)) * 255).astype(np.uint8)
+  os.makedirs(tmp_path / 'in')
+  _write(tmp_path / 'in' / 'a.png', image)
+  x = torch.tensor(image, dtype=torch.float32)[None, None] / 255
+  for classes, values, act in ((3, [0, 100, 200], lambda t: torch.softmax(t, 1)),
+                               (1, [0, 200], torch.sigmoid)):
+    nets = [_converted_net(tmp_path, f'n{classes}_{k}', classes, base, depth, k, values)
+            for k, (base, depth) in enumerate(((4, 2), (4, 1), (8, 2)))]
+    out = tmp_path / f'out{classes}'
+    args = [str(tmp_path / 'in'), '--output', str(out), '--probabilities']
+    assert main(args + [a for _, path in nets for a in ('--checkpoint', path)]) == 0
+    assert 'the mean probabilities of 3 checkpoints' in capsys.readouterr().out
+    with torch.no_grad():
+      want = torch.stack([act(ref(x)) for ref, _ in nets]).mean(0)[0].permute(1, 2, 0).numpy()
+    got = np.load(out / 'a_prob.npy')
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    classes_want = want.argmax(-1) if classes > 1 else (want[..., 0] > 0.5).astype(int)
+    mask = np.asarray(Image.open(out / 'a_mask.png'))
+    np.testing.assert_array_equal(mask, np.asarray(values)[classes_want])
+  # Per-member sizes: each member's probabilities at its own size, averaged.
+  members = [unet_jax.load_pretrained(path) for _, path in nets[:2]]
+  from unet_jax.predict import ensemble_probabilities
+  got = ensemble_probabilities(members, image[None, ..., None], sizes=[16, None])
+  want = (probabilities(predict_logits(*members[0], image[None, ..., None], size=16))
+          + probabilities(predict_logits(*members[1], image[None, ..., None]))) / 2
+  np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_cli_ensemble_refuses_checkpoints_of_other_tasks(tmp_path, capsys):
+  _write(tmp_path / 'a.png', np.zeros((32, 32), np.uint8))
+  _, two = _converted_net(tmp_path, 'two', 2, 4, 1, 0, [0, 255])
+  _, three = _converted_net(tmp_path, 'three', 3, 4, 1, 0, [0, 100, 200])
+  _, other = _converted_net(tmp_path, 'other', 3, 4, 1, 1, [0, 50, 200])
+  for a, b, message in (
+      (two, three, f'error: {two} and {three} cannot be averaged: {two} has num_classes=2, '
+       f'{three} num_classes=3; ensemble checkpoints trained for the same images and classes\n'),
+      (three, other, f'error: {three} and {other} cannot be averaged: they were trained on masks '
+       'whose values ([0, 100, 200] and [0, 50, 200]) make other classes; ensemble checkpoints '
+       'trained on the same masks\n')):
+    capsys.readouterr()
+    assert main([str(tmp_path / 'a.png'), '--checkpoint', a, '--checkpoint', b, '--output',
+                 str(tmp_path / 'out')]) == 2
+    assert capsys.readouterr().err == message
+    assert not (tmp_path / 'out').exists()

@@ -195,6 +195,37 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
   return np.asarray(losses.probabilities(jnp.asarray(logits, jnp.float32)))
 
 
+def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarray, *,
+                           sizes: Sequence[Any] | None = None,
+                           resamples: Sequence[str] | None = None,
+                           tile: int | Sequence[int] | None = None,
+                           overlap: int | Sequence[int] | None = None, batch_size: int = 8,
+                           tta: bool = False) -> np.ndarray:
+  """The mean over `members`, (model, variables) pairs of one task (the same classes), of their
+  probabilities (N, H, W, C) for images (N, H, W, C): nnU-Net's ensemble of its folds, which
+  averages their softmax outputs. `sizes`, `resamples`: one `size` and `resample` (as
+  `predict_logits` takes them) per member, e.g. each as it trained; None: every member at the
+  images' own size, bilinear. `tta` averages each member's logits over flips first, as nnU-Net
+  mirrors within a fold.
+  """
+  sizes = [None] * len(members) if sizes is None else sizes
+  resamples = ['bilinear'] * len(members) if resamples is None else resamples
+  total = None
+  for (model, variables), size, resample in zip(members, sizes, resamples, strict=True):
+    probs = probabilities(predict_logits(model, variables, images, size=size, tile=tile,
+                                         overlap=overlap, batch_size=batch_size, tta=tta,
+                                         resample=resample))
+    total = probs if total is None else total + probs
+  return total / np.float32(len(members))
+
+
+def classes_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+  """Class ids (N, H, W): for one channel the probability above `threshold`, else the argmax."""
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > threshold).astype(np.int32)
+  return probs.argmax(-1).astype(np.int32)
+
+
 BATCH_SIZE = 8  # images through the network at once (the command line's, a batch at a time)
 
 
@@ -283,12 +314,30 @@ def _overlay(image: np.ndarray, classes: np.ndarray, colours: np.ndarray) -> np.
   return (rgb * (1 - alpha) + colours[classes] * alpha).astype(np.uint8)
 
 
+def _check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict]]) -> None:
+  """Checkpoints averaged together must be models of the same inputs and classes."""
+  first, (model, _, meta) = paths[0], loaded[0]
+  for path, (other, _, other_meta) in zip(paths[1:], loaded[1:], strict=True):
+    for field in ('in_channels', 'num_classes'):
+      if getattr(model, field) != getattr(other, field):
+        raise UserError(f'{first} and {path} cannot be averaged: {first} has {field}='
+                        f'{getattr(model, field)}, {path} {field}={getattr(other, field)}; '
+                        'ensemble checkpoints trained for the same images and classes')
+    values, other_values = meta.get('mask_values', []), other_meta.get('mask_values', [])
+    if values and other_values and values != other_values:
+      raise UserError(f'{first} and {path} cannot be averaged: they were trained on masks whose '
+                      f'values ({values[:8]} and {other_values[:8]}) make other classes; '
+                      'ensemble checkpoints trained on the same masks')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m unet_jax.predict',
                               description='Write a mask PNG for each input image.')
   p.add_argument('inputs', nargs='+', help='image files or folders (PNG, JPEG, TIFF)')
-  p.add_argument('--checkpoint', required=True,
-                 help='training workdir or converted checkpoint directory')
+  p.add_argument('--checkpoint', required=True, action='append',
+                 help='training workdir or converted checkpoint directory; given several '
+                      'times, the masks of the mean of their probabilities (an ensemble, e.g. '
+                      'the folds of a cross-validation)')
   p.add_argument('--output', required=True, help='folder for NAME_mask.png (created)')
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
   p.add_argument('--tile', type=parse_size, default=None,
@@ -315,24 +364,31 @@ def main(argv: Sequence[str] | None = None) -> int:
   from unet_jax.checkpoint import load_pretrained_with_metadata
   try:
     files = _collect(args.inputs)
-    model, variables, meta = load_pretrained_with_metadata(args.checkpoint)
-    # (a workdir's recorded size: an int, or [height, width])
-    size = meta.get('image_size', 0) if args.size is None else args.size
-    resample = meta.get('resample', 'bilinear')  # (the run's; a converted checkpoint: none)
-    if size and min(height_width(size)) < 2**model.depth:
-      raise UserError(f'--size={size} is below the model\'s minimum {2**model.depth} (or 0: '
-                      'each image at its own size)')
+    loaded = [load_pretrained_with_metadata(c) for c in args.checkpoint]
+    _check_one_task(args.checkpoint, loaded)
+    model, _, meta = loaded[0]
+    members = [(m, v) for m, v, _ in loaded]
+    # Each member at its run's size and filter (a workdir's recorded size: an int, or
+    # [height, width]; a converted checkpoint records none), unless --size says.
+    sizes = [m.get('image_size', 0) if args.size is None else args.size for _, _, m in loaded]
+    resamples = [m.get('resample', 'bilinear') for _, _, m in loaded]
+    depth = max(m.depth for m, _ in members)
+    for size in sizes:
+      if size and min(height_width(size)) < 2**depth:
+        raise UserError(f'--size={size} is below the model\'s minimum {2**depth} (or 0: '
+                        'each image at its own size)')
     _check_threshold(model, args.threshold)
     if args.tile:
-      tiling(args.tile, args.overlap, model.depth)  # (its refusals, before any file is written)
+      for m, _ in members:  # (their refusals, before any file is written)
+        tiling(args.tile, args.overlap, m.depth)
     # Every file is read (decoded) to check it before anything is written, but only its shape
     # is kept: the images are read again a batch at a time, so memory holds one batch of images
     # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
     shapes = [_read_image(f, model.in_channels).shape for f in files]
     for f, shape in zip(files, shapes, strict=True):
-      if not size and min(shape[:2]) < 2**model.depth:
+      if not all(sizes) and min(shape[:2]) < 2**depth:
         raise UserError(f'{f}: {shape[1]}x{shape[0]} is smaller than the model\'s '
-                        f'minimum {2**model.depth}x{2**model.depth}')
+                        f'minimum {2**depth}x{2**depth}')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
       raise UserError(f'{args.output}: exists and is not a folder; choose another --output')
     try:
@@ -350,11 +406,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
       for indices in batches:
         batch = np.stack([_read_image(files[i], model.in_channels) for i in indices])
-        logits = predict_logits(model, variables, batch, size=size or None, tile=args.tile,
-                                overlap=args.overlap, tta=args.tta, batch_size=BATCH_SIZE,
-                                resample=resample)
-        masks = classes_from_logits(logits, args.threshold)
-        probs = probabilities(logits) if args.probabilities else [None] * len(indices)
+        if len(members) == 1:  # (thresholds the logits, as training's evaluation does)
+          logits = predict_logits(model, members[0][1], batch, size=sizes[0] or None,
+                                  tile=args.tile, overlap=args.overlap, tta=args.tta,
+                                  batch_size=BATCH_SIZE, resample=resamples[0])
+          masks = classes_from_logits(logits, args.threshold)
+          probs = probabilities(logits) if args.probabilities else [None] * len(indices)
+        else:
+          probs = ensemble_probabilities(
+              members, batch, sizes=[s or None for s in sizes], resamples=resamples,
+              tile=args.tile, overlap=args.overlap, batch_size=BATCH_SIZE, tta=args.tta)
+          masks = classes_from_probabilities(probs, args.threshold)
+          if not args.probabilities:
+            probs = [None] * len(indices)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
@@ -372,10 +436,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  how = (f'the network saw each image at {size_text(size)}' + (
-      ", the training image_size (--size 0: each at its own size)" if args.size is None else '')
-         if size else 'each image at its own size') + (', its logits averaged over flips'
-                                                       if args.tta else '')
+  if len({size_text(s) if s else '' for s in sizes}) > 1:
+    how = 'each checkpoint saw each image at its training image_size'
+  elif sizes[0]:
+    how = f'the network saw each image at {size_text(sizes[0])}' + (
+        ', the training image_size (--size 0: each at its own size)' if args.size is None else '')
+  else:
+    how = 'each image at its own size'
+  if args.tta:
+    how += ', its logits averaged over flips'
+  if len(members) > 1:
+    how += f', the mean probabilities of {len(members)} checkpoints'
   print(f'wrote {len(files)} mask(s) to {os.path.abspath(args.output)} ({how})')
   return 0
 
