@@ -410,6 +410,20 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
     with pytest.raises(UserError, match=re.escape(
         f'was saved by a run with {saved}, this config has {ours}; rerun with its settings')):
       train.train_and_evaluate(resumed, wd)
+  # Another fold's run: their ensemble is not scored on either's held-out block, each of which
+  # the other trained on, unless the data is named.
+  other = copy.deepcopy(config)
+  other.data.fold = 2
+  train.train_and_evaluate(other, str(tmp_path / 'wd2'))
+  with pytest.raises(UserError, match=re.escape(
+      f"{wd} and {tmp_path / 'wd2'} were trained on other data (data.fold=1 and 2): each may "
+      "have trained on the other's held-out images; name the data to score them on with "
+      '--config')):
+    evaluate_checkpoint([wd, str(tmp_path / 'wd2')])
+  whole = copy.deepcopy(config)
+  whole.data.num_folds = whole.data.fold = 0
+  both = evaluate_checkpoint([wd, str(tmp_path / 'wd2')], whole, split='all')
+  assert both['images'] == 12 and both['step'] == [2, 2]
 
 
 def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch):

@@ -9,16 +9,19 @@ import stat
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TFDS_DIR, move_off_init, nchw, nhwc
+from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc
 from test_predict import torch_flip_tta
 from test_train import REPO, _env, tiny_config
 from torch_reference import SeedUNet
 
 from unet_jax import input_pipeline
-from unet_jax.convert import torch_to_flax
+from unet_jax.checkpoint import model_from_config
+from unet_jax.convert import state_dict_to_flax, torch_to_flax
+from unet_jax.ensemble import Ensemble
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 
@@ -112,6 +115,81 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
     per_image = np.array([np.nan if r[k] is None else r[k] for r in got['per_image']])
     assert np.mean(np.isclose(per_image, want_tta[k], rtol=1e-6, equal_nan=True)) > 0.97, k
   assert 1 < got['hd95'] < np.hypot(16, 16)  # (not the empty masks' diagonal throughout)
+
+
+@pytest.mark.parametrize('classes', [1, 3])
+def test_ensemble_gives_the_log_of_torchs_mean_probabilities(classes):
+  # Members of other widths, depths and confidence (one's logits scaled up, one's down), where
+  # the mean of probabilities and the mean of logits part ways.
+  x = torch.rand(2, 1, 16, 24, generator=torch.Generator().manual_seed(0))
+  refs, members, variables = [], [], []
+  for k, (base, depth, scale) in enumerate(((4, 1, 1.0), (8, 1, 8.0), (4, 2, 0.2))):
+    ref = move_off_init(SeedUNet(1, classes, base=base, depth=depth), 1, classes, seed=k).eval()
+    with torch.no_grad():
+      ref.out_conv.conv.weight *= scale
+      ref.out_conv.conv.bias *= scale
+    refs.append(ref)
+    config, v, _ = state_dict_to_flax({k: t.detach().numpy().copy()
+                                       for k, t in ref.state_dict().items()})
+    members.append(model_from_config(config)), variables.append(v)
+  with torch.no_grad():
+    act = torch.sigmoid if classes == 1 else (lambda t: torch.softmax(t, 1))
+    mean = torch.stack([act(r(x)) for r in refs]).mean(0)
+  want = nhwc(torch.logit(mean) if classes == 1 else torch.log(mean))
+  got = np.asarray(Ensemble(tuple(members)).apply(variables, jnp.asarray(nhwc(x))))
+  assert max_rel_err(got, want) <= 1e-4
+  mean_logits = nhwc(torch.stack([r(x) for r in refs]).mean(0).detach())
+  assert max_rel_err(got, mean_logits) > 1e-2  # (not the mean of the logits)
+  with pytest.raises(ValueError, match='for evaluation and prediction only'):
+    Ensemble(tuple(members)).apply(variables, jnp.asarray(nhwc(x)), train=True)
+
+
+class _TorchEnsemble:
+  """The logit of the mean sigmoid of binary torch UNets (`tta`: each its mean over flips)."""
+
+  def __init__(self, refs, tta=False):
+    self.refs, self.tta = refs, tta
+
+  def __call__(self, x):
+    probs = [torch.sigmoid(torch_flip_tta(r, x) if self.tta else r(x)) for r in self.refs]
+    return torch.logit(torch.stack(probs).mean(0))
+
+
+def test_cli_scores_an_ensemble_as_torch_does(tmp_path):
+  config = tiny_config()
+  example = input_pipeline.load_sources(config)[1][0]
+  x = nchw(np.stack([input_pipeline.preprocess(input_pipeline._adapt(config, example), 16, None,
+                                               None)['image']]))
+  refs, paths = [], []
+  for k, (base, depth) in enumerate(((4, 1), (8, 1), (4, 2))):
+    ref = move_off_init(SeedUNet(1, 1, base=base, depth=depth), 1, 1, hw=(16, 16), seed=k)
+    with torch.no_grad():  # (each predicting both classes, as in the test above)
+      ref.out_conv.conv.bias -= torch.median(ref(x))
+    torch.save(ref.state_dict(), tmp_path / f'ref{k}.pth')
+    refs.append(ref.eval())
+    paths.append(torch_to_flax(str(tmp_path / f'ref{k}.pth'), str(tmp_path / f'converted{k}')))
+  out = subprocess.run(
+      [sys.executable, '-m', 'unet_jax.evaluate', *[a for p in paths for a in ('--checkpoint', p)],
+       '--config', os.path.join(REPO, 'configs', 'base.py'), '--config.image_size=16',
+       f'--config.data.data_dir={TFDS_DIR}'],
+      cwd=REPO, env=_env(3), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0] == ("the mean probabilities of 3 checkpoints on 'synthetic_shapes', split "
+                      'test: 204 images at 16x16')
+  got = json.loads(lines[-1])
+  assert got['step'] == [None, None, None]
+  want = _torch_scores(_TorchEnsemble(refs), config)
+  members = [_torch_scores(r, config)['dice'].mean() for r in refs]
+  assert all(abs(want['dice'].mean() - m) > 2e-3 for m in members)  # (none of them alone)
+  for k, v in want.items():  # (a pixel within float rounding of the threshold may flip)
+    assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
+  # With TTA (each member's mean logits over flips first), per image, on 8 devices.
+  got = evaluate_checkpoint(paths, config, tta=True, per_image=True)
+  want = _torch_scores(_TorchEnsemble(refs, tta=True), config)
+  for k, v in want.items():
+    per_image = np.array([r[k] for r in got['per_image']])
+    assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k
 
 
 def test_cli_per_image_destination_is_checked_before_compute(tmp_path):

@@ -5,6 +5,8 @@
         --config.data.root=my_data --config.image_size=256 --split all
     python -m unet_jax.evaluate --checkpoint workdirs/base --per_image scores.csv
     python -m unet_jax.evaluate --checkpoint workdirs/base --surface
+    python -m unet_jax.evaluate --checkpoint workdirs/fold0 ... --checkpoint workdirs/fold4 \
+        --config configs/folder.py --config.data.root=test_data --split all
 
 A training workdir's own run config says which dataset, split and image size it was evaluated
 on, so a checkpoint scores here exactly what the run logged for it. A converted checkpoint
@@ -12,7 +14,8 @@ records no dataset: `--config` names one (any training config; its model fields 
 the checkpoint's are used). `--per_image FILE.csv` also writes each image's scores, one row per
 image in the dataset's order, with its file name where the dataset has one (image folders do):
 sorted by Dice, it lists the images the model fails on. `--surface` adds boundary distances
-(HD95, ASSD: surface_distance.py), as medical segmentation reports them.
+(HD95, ASSD: surface_distance.py), as medical segmentation reports them. Several
+`--checkpoint`s score their ensemble, the mean of their probabilities (ensemble.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel, surface_distance
+from unet_jax.ensemble import Ensemble, check_one_task
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
@@ -138,16 +142,41 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
   return jax.tree.map(np.asarray, sums), rows
 
 
-def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | None = None,
+def _ensemble_data(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:
+  """Without --config, the checkpoints of an ensemble are scored on their runs' data, which
+  must then be one: folds of a cross-validation hold out other pairs, each trained on the
+  others' held-out ones."""
+  def data(meta: dict[str, Any]) -> dict[str, Any]:
+    run = meta.get('run_config') or {}
+    return {**{f'data.{k}': v for k, v in (run.get('data') or {}).items()
+               if k not in ('worker_count', 'num_threads')},  # (how, not what, it reads)
+            **{k: run.get(k) for k in ('image_size', 'image_shape')}}
+  first = data(metas[0])
+  for path, meta in zip(paths[1:], metas[1:], strict=True):
+    theirs = data(meta)
+    differ = [k for k in sorted(set(first) | set(theirs)) if first.get(k) != theirs.get(k)]
+    if differ:
+      k = differ[0]
+      raise UserError(f'{paths[0]} and {path} were trained on other data ({k}={first.get(k)!r} '
+                      f'and {theirs.get(k)!r}): each may have trained on the other\'s held-out '
+                      'images; name the data to score them on with --config (e.g. a test set '
+                      'none of them trained on)')
+
+
+def evaluate_checkpoint(checkpoint: str | Sequence[str],
+                        config: ml_collections.ConfigDict | None = None,
                         split: str | None = None, per_image: bool = False, tta: bool = False,
                         surface: bool = False, include_background: bool | None = None,
                         ) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
-  split together) at the config's image_size, over all local devices.
+  split together) at the config's image_size, over all local devices. Several checkpoints (a
+  sequence of paths): their ensemble, the mean of their probabilities (ensemble.py); without
+  `config` their runs' data settings must be one.
 
   `config`: the data settings (a training config); None takes a workdir's own.
   Returns the metrics (as in metrics.jsonl, without the `eval_` prefix) plus `images`,
-  `image_size`, `split`, `dataset` and `step` (None for a converted checkpoint).
+  `image_size`, `split`, `dataset` and `step` (None for a converted checkpoint; for an
+  ensemble, each member's).
   `per_image`: also `per_image`, one dict per image in the dataset's order: `split`, `index`
   (in the split), `file_name` (the dataset's, '' where it has none) and the image's scores,
   whose means are the metrics.
@@ -160,8 +189,13 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
-  model, variables, meta = load_pretrained_with_metadata(checkpoint)
-  config = _run_config(meta, config, checkpoint)
+  paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+  loaded = [load_pretrained_with_metadata(p) for p in paths]
+  check_one_task(paths, loaded)
+  if config is None and len(paths) > 1:
+    _ensemble_data(paths, [m for _, _, m in loaded])
+  model, variables, meta = loaded[0]
+  config = _run_config(meta, config, paths[0])
   config.model.update(model_config(model))  # the checkpoint's network, whatever the config says
   if include_background is None:
     include_background = config.get('eval_include_background', True)
@@ -170,9 +204,10 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   # its padding left out of the scores, so the batch size changes nothing but speed).
   n = mesh.devices.size
   config.eval_batch_size = -(-(config.get('eval_batch_size') or config.batch_size) // n) * n
-  if min(input_pipeline.image_hw(config)) < 2**model.depth:
+  depth = max(m.depth for m, _, _ in loaded)
+  if min(input_pipeline.image_hw(config)) < 2**depth:
     raise UserError(f'image_size={training_size(config)} is below the model\'s minimum '
-                    f'{2**model.depth}')
+                    f'{2**depth}')
   split = split or config.data.eval_split
   config.data.eval_split = config.data.train_split  # (a split that exists, for `info` first)
   _, _, info = input_pipeline.load_sources(config)
@@ -185,12 +220,18 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   if len(info.mask_values) > max(model.num_classes, 2):
     raise UserError(info.too_many_mask_values(
         f"the checkpoint's model has {model.num_classes} output class(es)"))
+  if len(loaded) == 1:
+    eval_model, step_tta = build_model(config, None), tta
+  else:  # (each member as build_model makes it: eval mode, the config's dtype)
+    variables = tuple(v for _, v, _ in loaded)
+    eval_model, step_tta = Ensemble(tuple(build_model(
+        ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
+        for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
   step_fn = (functools.partial(_scores_step, maps=surface) if per_image or surface
              else eval_step)
   p_eval = parallel.distribute(
-      functools.partial(step_fn, model=build_model(config, None), ignore_id=info.ignore_id,
-                        tta=tta),
+      functools.partial(step_fn, model=eval_model, ignore_id=info.ignore_id, tta=step_tta),
       mesh, config.get('parallel', 'shard_map'), donate_state=False)
   sums, rows, surface_scores = None, [], []
   for name in info.splits if split == ALL_SPLITS else (split,):
@@ -209,7 +250,8 @@ def evaluate_checkpoint(checkpoint: str, config: ml_collections.ConfigDict | Non
   if surface:
     metrics.update(surface_distance.mean_surface_scores(surface_scores, include_background))
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
-                 dataset=info.name, step=meta.get('step'), tta=tta,
+                 dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
+                                          [m.get('step') for _, _, m in loaded]), tta=tta,
                  include_background=bool(include_background))
   if per_image:
     metrics['per_image'] = rows
@@ -238,9 +280,13 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     raise UserError(f'--per_image {path}: cannot write ({e.strerror})') from None
 
 
-def _report(checkpoint: str, metrics: dict[str, Any]) -> str:
+def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
   """Two lines for people, then the metrics as one JSON line."""
-  step = f' (step {metrics["step"]})' if metrics['step'] is not None else ''
+  if len(paths) > 1:
+    checkpoint, step = f'the mean probabilities of {len(paths)} checkpoints', ''
+  else:
+    checkpoint = paths[0]
+    step = f' (step {metrics["step"]})' if metrics['step'] is not None else ''
   size = metrics['image_size']
   background_out = not metrics['include_background'] and 'dice_class1' in metrics
   scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
@@ -279,8 +325,9 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
   sys.path.insert(0, os.getcwd())  # a config file's `from configs import base`
-  flags.DEFINE_string('checkpoint', None, 'training workdir (or WORKDIR/checkpoints/STEP, '
-                      '.../best) or converted checkpoint directory', required=True)
+  flags.DEFINE_multi_string('checkpoint', None, 'training workdir (or WORKDIR/checkpoints/STEP, '
+                            '.../best) or converted checkpoint directory; given several times, '
+                            'their ensemble (the mean of their probabilities)', required=True)
   config_flags.DEFINE_config_file('config', None, 'a training config naming the dataset '
                                   '(default: a workdir\'s own)', lock_config=True)
   flags.DEFINE_string('split', None, "the split to score (default: the config's "

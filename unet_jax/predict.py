@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import losses
+from unet_jax.ensemble import check_one_task
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
@@ -314,22 +315,6 @@ def _overlay(image: np.ndarray, classes: np.ndarray, colours: np.ndarray) -> np.
   return (rgb * (1 - alpha) + colours[classes] * alpha).astype(np.uint8)
 
 
-def _check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict]]) -> None:
-  """Checkpoints averaged together must be models of the same inputs and classes."""
-  first, (model, _, meta) = paths[0], loaded[0]
-  for path, (other, _, other_meta) in zip(paths[1:], loaded[1:], strict=True):
-    for field in ('in_channels', 'num_classes'):
-      if getattr(model, field) != getattr(other, field):
-        raise UserError(f'{first} and {path} cannot be averaged: {first} has {field}='
-                        f'{getattr(model, field)}, {path} {field}={getattr(other, field)}; '
-                        'ensemble checkpoints trained for the same images and classes')
-    values, other_values = meta.get('mask_values', []), other_meta.get('mask_values', [])
-    if values and other_values and values != other_values:
-      raise UserError(f'{first} and {path} cannot be averaged: they were trained on masks whose '
-                      f'values ({values[:8]} and {other_values[:8]}) make other classes; '
-                      'ensemble checkpoints trained on the same masks')
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog='python -m unet_jax.predict',
                               description='Write a mask PNG for each input image.')
@@ -365,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     files = _collect(args.inputs)
     loaded = [load_pretrained_with_metadata(c) for c in args.checkpoint]
-    _check_one_task(args.checkpoint, loaded)
+    check_one_task(args.checkpoint, loaded)
     model, _, meta = loaded[0]
     members = [(m, v) for m, v, _ in loaded]
     # Each member at its run's size and filter (a workdir's recorded size: an int, or

@@ -1,0 +1,68 @@
+"""Several checkpoints of one task as one model: the mean of their probabilities.
+
+nnU-Net ensembles the models of its cross-validation folds this way: each member's softmax (a
+binary model's sigmoid) is averaged, then the argmax (threshold) is taken. `Ensemble.apply`
+gives the log of that mean (for one channel, the logit of the mean sigmoid), so whatever reads
+logits by their argmax or sign, as evaluation's scores do, reads the ensemble's prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from unet_jax import losses
+from unet_jax.errors import UserError
+from unet_jax.flip_tta import eval_logits
+from unet_jax.model import UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+  """`members` (UNets of the same inputs and classes) as one eval-mode model, applied to a
+  sequence of their variables. `tta`: each member's logits averaged over flips first (as
+  nnU-Net mirrors within each fold), so the step that applies it takes tta=False."""
+  members: tuple[UNet, ...]
+  tta: bool = False
+
+  @property
+  def num_classes(self) -> int:
+    return self.members[0].num_classes
+
+  @property
+  def depth(self) -> int:
+    return max(m.depth for m in self.members)
+
+  def apply(self, variables: Sequence[Any], images: jax.Array, train: bool = False) -> jax.Array:
+    if train:
+      raise ValueError('an Ensemble is for evaluation and prediction only (train=False)')
+    total = None
+    for model, v in zip(self.members, variables, strict=True):
+      probs = losses.probabilities(eval_logits(model, v, images, self.tta).astype(jnp.float32))
+      total = probs if total is None else total + probs
+    mean = total / len(self.members)
+    tiny = jnp.finfo(jnp.float32).tiny  # (log of a probability that rounded to 0)
+    if self.num_classes == 1:
+      return jnp.log(jnp.maximum(mean, tiny)) - jnp.log(jnp.maximum(1 - mean, tiny))
+    return jnp.log(jnp.maximum(mean, tiny))
+
+
+def check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict]]) -> None:
+  """Checkpoints averaged together must be models of the same inputs and classes: `loaded`,
+  (model, variables, metadata) of each of `paths`."""
+  first, (model, _, meta) = paths[0], loaded[0]
+  for path, (other, _, other_meta) in zip(paths[1:], loaded[1:], strict=True):
+    for field in ('in_channels', 'num_classes'):
+      if getattr(model, field) != getattr(other, field):
+        raise UserError(f'{first} and {path} cannot be averaged: {first} has {field}='
+                        f'{getattr(model, field)}, {path} {field}={getattr(other, field)}; '
+                        'ensemble checkpoints trained for the same images and classes')
+    values, other_values = meta.get('mask_values', []), other_meta.get('mask_values', [])
+    if values and other_values and values != other_values:
+      raise UserError(f'{first} and {path} cannot be averaged: they were trained on masks whose '
+                      f'values ({values[:8]} and {other_values[:8]}) make other classes; '
+                      'ensemble checkpoints trained on the same masks')
