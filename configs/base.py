@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = ml_collections.ConfigDict(dict(
       min_scale=0.6, flip_horizontal=True, flip_vertical=True,
       rotate90=False,            # random quarter turns (for data without an up, e.g. aerial)
+      # > 0: a random rotation by an angle from [-rotate_degrees, rotate_degrees] (torchvision's
+      # RandomRotation): image bilinear, mask nearest; corners black, labelled 0 (or ignored
+      # with data.ignore_value)
+      rotate_degrees=0.0,
       # torchvision's ColorJitter: factors drawn from [1 - x, 1 + x]; 0: off
       brightness=0.0, contrast=0.0))
 

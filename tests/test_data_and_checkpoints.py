@@ -24,7 +24,7 @@ from unet_jax.checkpoint import load_pretrained_with_metadata, save_pretrained
 from unet_jax.datasets.image_folder import FolderLayout, find_pairs, fingerprint, scan
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
-from unet_jax.input_pipeline import _TrainExample, preprocess
+from unet_jax.input_pipeline import _TrainExample, preprocess, rotate
 from unet_jax.predict import main as predict_main
 from unet_jax.predict import predict_logits, probabilities
 from unet_jax.train_checkpoints import TrainCheckpoints
@@ -616,6 +616,93 @@ def test_quarter_turns_turn_image_and_mask_together():
   for seed in range(4):
     np.testing.assert_array_equal(_augmented(seed, image, mask, rotate90=False)['image'],
                                   _augmented(seed, image, mask)['image'])
+
+
+def _numpy_rotation(array, degrees, order):
+  """`array` (H, W[, C]) turned `degrees` counter-clockwise about its centre, sampled at each
+  output pixel's centre (order 0: nearest, 1: bilinear); NaN where the source falls outside
+  (bilinear: where any of its four neighbours does)."""
+  h, w = array.shape[:2]
+  t = np.radians(degrees)
+  y, x = np.mgrid[0:h, 0:w] + 0.5
+  dx, dy = x - w / 2, y - h / 2
+  # Counter-clockwise on screen (y down): the output's right takes the source's bottom.
+  sx, sy = w / 2 + np.cos(t) * dx - np.sin(t) * dy, h / 2 + np.sin(t) * dx + np.cos(t) * dy
+  a = array.reshape(h, w, -1).astype(np.float64)
+  if order == 0:
+    ix, iy = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    out = a[np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]
+  else:
+    fx, fy = sx - 0.5, sy - 0.5
+    x0, y0 = np.floor(fx).astype(int), np.floor(fy).astype(int)
+    inside = (x0 >= 0) & (x0 + 1 < w) & (y0 >= 0) & (y0 + 1 < h)
+    x0, y0 = np.clip(x0, 0, w - 2), np.clip(y0, 0, h - 2)
+    wx, wy = (fx - x0)[..., None], (fy - y0)[..., None]
+    out = ((1 - wy) * ((1 - wx) * a[y0, x0] + wx * a[y0, x0 + 1])
+           + wy * ((1 - wx) * a[y0 + 1, x0] + wx * a[y0 + 1, x0 + 1]))
+  out[~inside] = np.nan
+  return out.reshape(array.shape)
+
+
+def test_rotation_turns_image_and_mask_together():
+  rng = np.random.default_rng(3)
+  for channels, (h, w) in ((1, (24, 24)), (3, (20, 28))):
+    image = rng.integers(0, 256, (h, w, channels), np.uint8)
+    mask = rng.integers(0, 3, (h, w)).astype(np.uint8)
+    for degrees in (17.0, -33.5, 90.0, 180.0):
+      got_image, got_mask = rotate(image, mask, degrees, fill_label=7)
+      want = _numpy_rotation(mask, degrees, 0)
+      inside = ~np.isnan(want)
+      # (a pixel centre on a cell edge may round either way)
+      assert np.mean(got_mask[inside] == want[inside]) > 0.98, degrees
+      if (~inside).any():  # corners: the fill label
+        assert np.mean(got_mask[~inside] == 7) > 0.9, degrees
+      want = _numpy_rotation(image, degrees, 1)
+      inside = ~np.isnan(want)
+      assert np.abs(got_image[inside] - want[inside]).max() <= 1, degrees
+      assert not got_image[np.isnan(_numpy_rotation(image, degrees, 0))].any()  # black
+    square = image[:16, :16]
+    np.testing.assert_array_equal(rotate(square, mask[:16, :16], 90.0)[0], np.rot90(square))
+  # In the stream: an angle from [-20, 20], drawn after the other geometric draws.
+  image, mask = rng.integers(0, 256, (16, 16, 1), np.uint8), rng.integers(0, 2, (16, 16))
+  mask = mask.astype(np.uint8)
+  angles = []
+  for seed in range(12):
+    draws = np.random.default_rng(seed)
+    draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)  # (the crop's)
+    angles.append(draws.uniform(-20, 20))
+    out = _augmented(seed, image, mask, rotate_degrees=20.0)
+    want_image, want_mask = rotate(image, mask, angles[-1])
+    np.testing.assert_array_equal(out['mask'], want_mask)
+    np.testing.assert_array_equal(out['image'], want_image / np.float32(255))
+  assert min(angles) < -10 and max(angles) > 10
+  # Off (the default), nothing turns, and the other draws are those of a stream without it.
+  for seed in range(4):
+    np.testing.assert_array_equal(_augmented(seed, image, mask, rotate_degrees=0.0)['image'],
+                                  _augmented(seed, image, mask)['image'])
+
+
+def test_rotated_in_corners_are_ignored_where_the_data_has_an_ignored_label(tmp_path):
+  make_folder(tmp_path / 'd', n=8)
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),
+                          'data.data_dir': str(tmp_path / 'tfds'), 'model.in_channels': 3,
+                          'model.num_classes': 2, 'data.ignore_value': 0x0080FF,
+                          'augment.rotate_degrees': 45.0, 'augment.min_scale': 1.0,
+                          'image_size': 16, 'batch_size': 8, 'num_train_steps': 1})
+  source, _, info = input_pipeline.load_sources(config)
+  assert info.ignore_id == 1
+  batch = next(iter(input_pipeline.train_dataset(source, config, devices=1,
+                                                 ignore_id=info.ignore_id)))
+  plain = next(iter(input_pipeline.train_dataset(source, config, devices=1)))  # (fill: 0)
+  # The same draws: the same images, the masks told apart only where the turn brought in
+  # pixels from outside, labelled ignored (1, the ignored colour's label) instead of class 0.
+  np.testing.assert_array_equal(batch['image'], plain['image'])
+  differ = batch['mask'] != plain['mask']
+  assert differ.mean() > 0.02
+  assert np.all(batch['mask'][differ] == 1) and np.all(plain['mask'][differ] == 0)
+  # (dark: black, blended by the resizes with the pixels next to it)
+  assert batch['image'][differ].mean() < 0.5 * batch['image'][~differ].mean()
 
 
 def test_brightness_and_contrast_as_torchvision_color_jitter():

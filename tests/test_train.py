@@ -599,6 +599,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      '--config.data.num_folds (e.g. 5)'),
     ({'data.num_folds': 5, 'data.holdout_percent': 20.0}, 'data.num_folds=5 holds out one fold, '
      '1/5 of the pairs, and data.holdout_percent=20 another share; set one of them'),
+    ({'augment.rotate_degrees': 200.0}, 'augment.rotate_degrees=200.0 must be in [0, 180]: '
+     'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

@@ -88,6 +88,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     if not 0 <= value < 1:
       raise UserError(f'augment.{name}={value} must be in [0, 1): factors are drawn from '
                       f'[1 - {name}, 1 + {name}]')
+  if not 0 <= config.augment.get('rotate_degrees', 0.0) <= 180:
+    raise UserError(f'augment.rotate_degrees={config.augment.rotate_degrees} must be in [0, 180]: '
+                    'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)')
   if not 0 < config.augment.min_scale <= 1:
     raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
                     "smallest random crop's side, as a fraction of the image's")

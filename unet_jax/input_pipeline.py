@@ -184,10 +184,11 @@ def image_resample(config: ml_collections.ConfigDict) -> str:
 
 def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
-               resample: str = 'bilinear') -> dict[str, np.ndarray]:
-  """Random scale-crop, flips, quarter turns (when `rng` is given), resize to `image_size` (a
-  square's side, or (height, width); the image with PIL's `resample` filter, the mask with
-  nearest), scale to [0, 1], random brightness and contrast.
+               resample: str = 'bilinear', fill_label: int = 0) -> dict[str, np.ndarray]:
+  """Random scale-crop, flips, quarter turns, rotation (when `rng` is given), resize to
+  `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
+  the mask with nearest), scale to [0, 1], random brightness and contrast. The corners a
+  rotation brings in are black with mask label `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -208,6 +209,9 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
       k = int(rng.integers(0, 4))  # counter-clockwise quarter turns
       image, mask = np.rot90(image, k), np.rot90(mask, k)
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
+    if aug.get('rotate_degrees', 0.0):
+      angle = float(rng.uniform(-aug.rotate_degrees, aug.rotate_degrees))
+      image, mask = rotate(image, mask, angle, fill_label)
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
@@ -215,6 +219,20 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
   return {'image': image, 'mask': mask.astype(np.int32)}
+
+
+def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int = 0,
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Image (uint8 HxWxC) and mask turned `degrees` counter-clockwise about their centre, at
+  their size (torchvision's `rotate(expand=False)`): the image bilinear, the mask nearest (no
+  blended labels); what comes in from outside is black, with label `fill_label`."""
+  from PIL import Image
+  gray = image.shape[-1] == 1
+  turned = Image.fromarray(image[..., 0] if gray else image).rotate(
+      degrees, resample=Image.BILINEAR, fillcolor=0 if gray else (0, 0, 0))
+  out = np.asarray(turned)
+  labels = Image.fromarray(mask).rotate(degrees, resample=Image.NEAREST, fillcolor=fill_label)
+  return (out[..., None] if gray else out), np.asarray(labels)
 
 
 def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
@@ -261,8 +279,10 @@ class _TrainExample(grain.transforms.Map):
   """This process's j-th example after the first `offset` of the global stream."""
 
   def __init__(self, source, config, process_index: int, process_count: int, offset: int = 0,
-               devices: int = 1):
+               devices: int = 1, ignore_id: int | None = None):
     self.source, self.config, self.offset = source, config, offset
+    # Rotated-in corners are labelled ignored where the data has such a label, else class 0.
+    self.fill_label = 0 if ignore_id is None else ignore_id
     self.global_batch = config.batch_size
     self.local_batch = config.batch_size // process_count
     self.process_index = process_index
@@ -276,7 +296,7 @@ class _TrainExample(grain.transforms.Map):
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
     return preprocess(record, image_hw(self.config), rng, self.config.augment,
-                      image_resample(self.config))
+                      image_resample(self.config), self.fill_label)
 
 
 class _EvalExample(grain.transforms.Map):
@@ -296,20 +316,21 @@ class _EvalExample(grain.transforms.Map):
 
 def train_dataset(source, config: ml_collections.ConfigDict, start_step: int = 0,
                   examples_seen: int | None = None, devices: int | None = None,
-                  ) -> grain.IterDataset:
+                  ignore_id: int | None = None) -> grain.IterDataset:
   """This process's slices of the global training batches of steps start_step+1 to
   num_train_steps, which begin after the first `examples_seen` examples of the stream
   (default: start_step batches of this batch_size; a resumed run passes what its checkpoint
   consumed, so a changed batch_size continues the stream where it stopped). With
   grad_accum_steps > 1 each batch's examples are ordered for the step's `devices` (default:
-  all) by microbatch_order."""
+  all) by microbatch_order. `ignore_id`: the dataset's ignored label (DataInfo.ignore_id), which
+  the corners brought in by augment.rotate_degrees get."""
   pc, pi = jax.process_count(), jax.process_index()
   devices = devices or jax.device_count()
   local_batch = config.batch_size // pc
   if examples_seen is None:
     examples_seen = start_step * config.batch_size
   ds = grain.MapDataset.range(max(0, config.num_train_steps - start_step) * local_batch)
-  ds = ds.map(_TrainExample(source, config, pi, pc, examples_seen, devices))
+  ds = ds.map(_TrainExample(source, config, pi, pc, examples_seen, devices, ignore_id))
   ds = ds.batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.data.num_threads,
                                             prefetch_buffer_size=2 * local_batch))

@@ -576,7 +576,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # examples consumed: the stream resumes there whatever the devices, processes, data workers
   # or batch size of the run before.
   train_iter = iter(input_pipeline.train_dataset(train_source, config, start, start_examples,
-                                                 mesh.devices.size))
+                                                 mesh.devices.size, info.ignore_id))
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
