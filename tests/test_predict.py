@@ -184,6 +184,19 @@ def test_cli_holds_one_batch_of_images_at_a_time(tmp_path, converted, capsys, mo
                str(tmp_path / 'out'), '--overlay']) == 0, capsys.readouterr().err
   # Each file read once to check it, then once in its batch, just before the batch runs.
   assert seen == [(8, 12 + 8), (3, 12 + 11), (1, 12 + 12)]
+  # --batch_size sets the batches (and how many images are held at once).
+  seen.clear(), read.clear()
+  assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out5'), '--batch_size', '5']) == 0, capsys.readouterr().err
+  assert seen == [(5, 12 + 5), (5, 12 + 10), (1, 12 + 11), (1, 12 + 12)]
+  for name in ('a00', 'a10', 'b'):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out5' / f'{name}_mask.png')),
+                                  np.asarray(Image.open(tmp_path / 'out' / f'{name}_mask.png')))
+  capsys.readouterr()
+  assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out0'), '--batch_size', '0']) == 2
+  assert capsys.readouterr().err == 'error: --batch_size=0 must be at least 1\n'
+  assert not (tmp_path / 'out0').exists()
   model, variables = unet_jax.load_pretrained(str(converted))
   for name in ('a00', 'a10', 'b'):
     image = np.asarray(Image.open(tmp_path / 'in' / f'{name}.png'))[..., None]

@@ -227,7 +227,7 @@ def classes_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.
   return probs.argmax(-1).astype(np.int32)
 
 
-BATCH_SIZE = 8  # images through the network at once (the command line's, a batch at a time)
+BATCH_SIZE = 8  # images through the network at once (the command line's default)
 
 
 def _collect(inputs: Sequence[str]) -> list[str]:
@@ -338,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'the one channel, or softmax over the classes)')
   p.add_argument('--tta', action='store_true',
                  help='average the logits over flips (4 forward passes per image)')
+  p.add_argument('--batch_size', type=int, default=BATCH_SIZE,
+                 help=f'images of one size through the network at once, and held in memory '
+                      f'(default {BATCH_SIZE}); larger may be faster on a GPU')
   p.add_argument('--size', type=parse_size, default=None,
                  help="resize images to SIZE x SIZE (or HEIGHTxWIDTH) for the network, masks "
                       "back (default: a training workdir's image_size or image_shape, as it "
@@ -363,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f'--size={size} is below the model\'s minimum {2**depth} (or 0: '
                         'each image at its own size)')
     _check_threshold(model, args.threshold)
+    if args.batch_size < 1:
+      raise UserError(f'--batch_size={args.batch_size} must be at least 1')
     if args.tile:
       for m, _ in members:  # (their refusals, before any file is written)
         tiling(args.tile, args.overlap, m.depth)
@@ -384,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, shape in enumerate(shapes):
       groups.setdefault(shape, []).append(i)
-    batches = [indices[j:j + BATCH_SIZE] for indices in groups.values()
-               for j in range(0, len(indices), BATCH_SIZE)]
+    batches = [indices[j:j + args.batch_size] for indices in groups.values()
+               for j in range(0, len(indices), args.batch_size)]
     mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())
     colours = _class_colours(max(model.num_classes, 2), mask_values, palette)
     with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
@@ -394,13 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(members) == 1:  # (thresholds the logits, as training's evaluation does)
           logits = predict_logits(model, members[0][1], batch, size=sizes[0] or None,
                                   tile=args.tile, overlap=args.overlap, tta=args.tta,
-                                  batch_size=BATCH_SIZE, resample=resamples[0])
+                                  batch_size=args.batch_size, resample=resamples[0])
           masks = classes_from_logits(logits, args.threshold)
           probs = probabilities(logits) if args.probabilities else [None] * len(indices)
         else:
           probs = ensemble_probabilities(
               members, batch, sizes=[s or None for s in sizes], resamples=resamples,
-              tile=args.tile, overlap=args.overlap, batch_size=BATCH_SIZE, tta=args.tta)
+              tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta)
           masks = classes_from_probabilities(probs, args.threshold)
           if not args.probabilities:
             probs = [None] * len(indices)
