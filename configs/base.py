@@ -121,6 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
   # DiceLoss(batch=True), as segmentation_models_pytorch reduces it; 'pooled': summed over the
   # classes too, one Dice (milesial/Pytorch-UNet's dice_loss; for 1 class the same as 'batch').
   config.dice_reduction = 'image'
+  # Several classes: whether class 0 (the background) counts in the Dice (Tversky) term. False:
+  # MONAI's DiceLoss(include_background=False), nnU-Net's Dice term (do_bg=False); the
+  # cross-entropy still covers every class.
+  config.dice_include_background = True
   # > 0: also keep an exponential moving average of the weights (BatchNorm statistics too),
   # ema = decay * ema + (1 - decay) * weights after each step, and evaluate, save for use and
   # convert that (timm's ModelEmaV2); e.g. 0.999. 0: none.

@@ -292,6 +292,47 @@ def test_batch_dice_matches_monai_and_milesial():
     losses.soft_dice_loss(jnp.asarray(logits[..., None]), masks, reduction='pixel')
 
 
+def test_dice_without_background_matches_monai():
+  from monai.losses import DiceLoss, TverskyLoss
+  rng = np.random.default_rng(6)
+  smooth = dict(smooth_nr=1.0, smooth_dr=1.0)  # (ours: 1 pixel)
+  logits = rng.standard_normal((3, 6, 7, 4)).astype(np.float32) * 2
+  labels = rng.integers(0, 4, (3, 6, 7))
+  labels[1] = 0
+  nchw_logits, targets = torch.tensor(logits).permute(0, 3, 1, 2), torch.tensor(labels)[:, None]
+  for batch, reduction in ((False, 'image'), (True, 'batch')):
+    monai = dict(softmax=True, to_onehot_y=True, batch=batch, include_background=False,
+                 **smooth)
+    _, got = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                      dice_reduction=reduction, dice_include_background=False)
+    np.testing.assert_allclose(got['dice_loss'], DiceLoss(**monai)(nchw_logits, targets),
+                               rtol=1e-6)
+    _, with_background = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                                  dice_reduction=reduction)
+    assert abs(float(got['dice_loss']) - float(with_background['dice_loss'])) > 1e-3
+    assert got['ce_loss'] == with_background['ce_loss']  # (the cross-entropy keeps every class)
+    _, got = losses.segmentation_loss(
+        jnp.asarray(logits), labels, dice_weight=1.0, dice_reduction=reduction,
+        dice_include_background=False, tversky=(0.3, 0.7))
+    np.testing.assert_allclose(got['dice_loss'], TverskyLoss(alpha=0.3, beta=0.7, **monai)(
+        nchw_logits, targets), rtol=1e-6)
+  # 'pooled': one Dice over the batch and the classes but 0 (milesial's formula on them).
+  p = torch.softmax(nchw_logits, 1)[:, 1:].flatten(0, 1)
+  t = F.one_hot(torch.tensor(labels), 4).permute(0, 3, 1, 2)[:, 1:].float().flatten(0, 1)
+  inter, sets = 2 * (p * t).sum(), p.sum() + t.sum()
+  _, got = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                    dice_reduction='pooled', dice_include_background=False)
+  np.testing.assert_allclose(got['dice_loss'], 1 - (inter + 1.0) / (sets + 1.0), rtol=1e-6)
+  # One output channel: the foreground either way.
+  binary = logits[..., :1]
+  for reduction in losses.DICE_REDUCTIONS:
+    _, a = losses.segmentation_loss(jnp.asarray(binary), labels == 1, dice_weight=1.0,
+                                    dice_reduction=reduction, dice_include_background=False)
+    _, b = losses.segmentation_loss(jnp.asarray(binary), labels == 1, dice_weight=1.0,
+                                    dice_reduction=reduction)
+    assert a['dice_loss'] == b['dice_loss']
+
+
 @pytest.mark.parametrize('check_vma,reduction', [(True, 'batch'), (False, 'batch'),
                                                  (True, 'pooled'), (False, 'pooled')])
 def test_batch_dice_under_a_users_shard_map_equals_one_device(check_vma, reduction):

@@ -139,6 +139,25 @@ def test_eight_devices_equal_one_device(kind):
   assert _max_rel(one[0], start[0]) > 1e-3 and _max_rel(one[1], start[1]) > 1e-3
 
 
+def test_dice_without_background_through_the_step_on_eight_devices():
+  config = tiny_config(**{'model.num_classes': 3})
+  batches = _random_batches(2, seed=4)
+  for b in batches:
+    b['mask'] = b['mask'] + (b['image'][..., 0] > 0.8)  # (classes 0, 1, 2)
+  loss = dict(dice_include_background=False, dice_reduction='batch')
+  one = _run_steps(config, jax.devices()[:1], 'shard_map', batches, **loss)
+  eight = _run_steps(config, jax.devices(), 'shard_map', batches, **loss)
+  model = train.build_model(config, None)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
+      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, **loss)[1]
+  np.testing.assert_allclose(one[2][0]['dice_loss'], want['dice_loss'], rtol=1e-5)
+  every = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
+                                   dice_reduction='batch')[1]
+  assert abs(float(want['dice_loss']) - float(every['dice_loss'])) > 1e-3
+  assert _max_rel(eight, one) <= DP_TOL
+
+
 def test_ema_of_the_weights_follows_torch_averaged_model():
   # torch's AveragedModel(get_ema_multi_avg_fn(decay), use_buffers=True), told the weights
   # after each step (its first update copies them: the average starts at the initial weights),

@@ -100,7 +100,7 @@ DICE_REDUCTIONS = ('image', 'batch', 'pooled')
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
                    tversky: tuple[float, float] | None = None, reduction: str = 'image',
-                   axis_name: str | None = None) -> jax.Array:
+                   axis_name: str | None = None, include_background: bool = True) -> jax.Array:
   """1 - soft Dice per image and class, averaged; smoothed so empty masks are well defined.
 
   `reduction='batch'`: the soft counts of each class are summed over the batch first (the
@@ -113,10 +113,15 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
   `tversky` (alpha, beta): 1 - the Tversky index instead (Salehi et al. 2017; MONAI's
   TverskyLoss), (TP + s) / (TP + alpha FP + beta FN + s) in soft counts: beta > alpha weighs
   missed foreground above false alarms, for small structures. (0.5, 0.5) is the Dice with half
-  the smoothing."""
+  the smoothing.
+  `include_background=False`: class 0 of a multi-class model is left out (MONAI's
+  `DiceLoss(include_background=False)`, nnU-Net's Dice term); one output channel is the
+  foreground either way."""
   if reduction not in DICE_REDUCTIONS:
     raise ValueError(f'reduction={reduction!r}: use one of {DICE_REDUCTIONS}')
   probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels)
+  if not include_background and probs.shape[-1] > 1:
+    probs, targets = probs[..., 1:], targets[..., 1:]
   if valid is not None:
     mask = valid[..., None].astype(probs.dtype)
     probs, targets = probs * mask, targets * mask
@@ -146,12 +151,12 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       ignore_id: int | None = None, axis_name: str | None = None,
                       class_weights: Sequence[float] | None = None, pos_weight: float = 1.0,
                       focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
-                      dice_reduction: str = 'image',
+                      dice_reduction: str = 'image', dice_include_background: bool = True,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy (focal when focal_gamma > 0) + dice_weight * (1 - soft Dice, or the Tversky
   index with `tversky`; per image, or over the batch with dice_reduction='batch', over the
-  batch and the classes with 'pooled') on this
-  device's share of the batch.
+  batch and the classes with 'pooled'; without class 0 unless dice_include_background) on
+  this device's share of the batch.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
@@ -163,7 +168,8 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     devices = jax.lax.psum(1, axis_name)
     total = jax.lax.psum(weights.sum(), axis_name) / devices
   ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma)
-  dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name)
+  dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
+                        dice_include_background)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 
