@@ -1,6 +1,7 @@
 """The image-folder dataset, the data order contract, and checkpoint retention."""
 
 import copy
+import csv
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from unet_jax import UNet, init_variables, input_pipeline, train
 from unet_jax.checkpoint import load_pretrained_with_metadata, save_pretrained
 from unet_jax.datasets.image_folder import FolderLayout, find_pairs, fingerprint, scan
 from unet_jax.errors import UserError
-from unet_jax.evaluate import evaluate_checkpoint
+from unet_jax.evaluate import cross_validation, evaluate_checkpoint
 from unet_jax.input_pipeline import _TrainExample, preprocess, rotate
 from unet_jax.predict import main as predict_main
 from unet_jax.predict import predict_logits, probabilities
@@ -424,6 +425,30 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   whole.data.num_folds = whole.data.fold = 0
   both = evaluate_checkpoint([wd, str(tmp_path / 'wd2')], whole, split='all')
   assert both['images'] == 12 and both['step'] == [2, 2]
+  # Cross-validation: each fold on its own held-out block, the images pooled.
+  scored = [evaluate_checkpoint(w) for w in (wd, str(tmp_path / 'wd2'))]
+  csv_path = tmp_path / 'cv.csv'
+  out = subprocess.run([sys.executable, '-m', 'unet_jax.evaluate', '--checkpoint', wd,
+                        '--checkpoint', str(tmp_path / 'wd2'), '--cross_validation',
+                        '--per_image', str(csv_path)],
+                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0] == f'{wd} (step 2): 4 images, dice {scored[0]["dice"]:.4f}'
+  assert lines[2].startswith("cross-validation of 2 folds on 'image_folder': 8 images, each "
+                             'scored by the fold that held it out, at 16x16')
+  pooled = json.loads(lines[-2])
+  assert pooled['images'] == 8 and [f['dice'] for f in pooled['folds']] == [
+      s['dice'] for s in scored]
+  for name in ('dice', 'iou', 'pixel_accuracy', 'dice_class2'):  # (4 images each)
+    assert pooled[name] == pytest.approx((scored[0][name] + scored[1][name]) / 2, abs=1e-6)
+  with open(csv_path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r['file_name'][:4] for r in rows) == [f'im{i:02d}' for i in range(4, 12)]
+  assert {r['checkpoint'] for r in rows} == {wd, str(tmp_path / 'wd2')}
+  with pytest.raises(UserError, match=re.escape(f'is scored twice, by {wd} and {wd}: give each '
+                                                "fold's workdir once")):
+    cross_validation([wd, wd])
 
 
 def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch):

@@ -258,6 +258,55 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   return metrics
 
 
+_ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields that are no score)
+
+
+def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: bool = False,
+                     surface: bool = False, include_background: bool | None = None,
+                     per_image: bool = False) -> dict[str, Any]:
+  """The cross-validated scores of a k-fold run (nnU-Net's summary of its folds): each
+  training workdir scored on its own run's held-out split (`split`: another of its splits),
+  and the scores pooled over all those images, each image counting once, whichever fold
+  scored it. Returns the pooled metrics with `images` and `folds` (each checkpoint's own
+  `checkpoint`, `step`, `images`, `dice`), and with `per_image` every row, with its
+  `checkpoint`. Refuses checkpoints of other classes or inclusion of class 0, and an image
+  scored by two of them."""
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  paths = list(checkpoints)
+  check_one_task(paths, [load_pretrained_with_metadata(p) for p in paths])
+  folds, rows = [], []
+  for path in paths:
+    scored = evaluate_checkpoint(path, None, split, per_image=True, tta=tta, surface=surface,
+                                 include_background=include_background)
+    folds.append(scored)
+    rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
+  kinds = {f['include_background'] for f in folds}
+  if len(kinds) > 1:
+    raise UserError(f'{paths[0]} and the others score class 0 differently (their runs\' '
+                    'eval_include_background); choose with --include_background or '
+                    '--noinclude_background')
+  seen: dict[str, str] = {}
+  for row in rows:
+    name = row['file_name']
+    if name and name in seen:
+      raise UserError(f'{name} is scored twice, by {seen[name]} and {row["checkpoint"]}: give '
+                      'each fold\'s workdir once (the folds of a k-fold run hold out disjoint '
+                      'images)')
+    seen[name] = row['checkpoint']
+  names = [k for k in rows[0] if k not in _ROW_LABELS]
+  metrics: dict[str, Any] = {}
+  for name in names:  # (surface scores: None where a row has none, as the means leave NaN out)
+    values = [r[name] for r in rows if r.get(name) is not None]
+    metrics[name] = float(np.mean(values)) if values else None
+  metrics.update(images=len(rows), image_size=folds[0]['image_size'], split=folds[0]['split'],
+                 dataset=folds[0]['dataset'], tta=tta, include_background=kinds.pop(),
+                 folds=[{'checkpoint': p, 'step': f['step'], 'images': f['images'],
+                         'dice': f['dice']} for p, f in zip(paths, folds, strict=True)])
+  if per_image:
+    metrics['per_image'] = rows
+  return metrics
+
+
 def _check_csv_destination(path: str) -> None:
   """Refuses, before any compute, a CSV path that cannot be written."""
   folder = os.path.dirname(os.path.abspath(path))
@@ -297,6 +346,20 @@ def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
           f'{json.dumps(metrics)}')
 
 
+def _cross_validation_report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
+  """A line per fold and one for the pooled images, the pooled scores, then one JSON line."""
+  folds = '\n'.join(f'{f["checkpoint"]} (step {f["step"]}): {f["images"]} images, dice '
+                    f'{f["dice"]:.4f}' for f in metrics['folds'])
+  scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
+  background_out = not metrics['include_background'] and 'dice_class1' in metrics
+  return (f'{folds}\ncross-validation of {len(paths)} folds on {metrics["dataset"]!r}: '
+          f'{metrics["images"]} images, each scored by the fold that held it out, at '
+          f'{size_text(metrics["image_size"])}'
+          f'{", logits averaged over flips" if metrics["tta"] else ""}'
+          f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
+          f'{json.dumps(metrics)}')
+
+
 def main(argv: list[str]) -> None:
   from absl import app, flags, logging
   if len(argv) > 1:
@@ -306,16 +369,23 @@ def main(argv: list[str]) -> None:
   try:
     if csv_path:
       _check_csv_destination(csv_path)
-    metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.split,
-                                  per_image=bool(csv_path), tta=flags.FLAGS.tta,
-                                  surface=flags.FLAGS.surface,
-                                  include_background=flags.FLAGS.include_background)
+    options = dict(per_image=bool(csv_path), tta=flags.FLAGS.tta, surface=flags.FLAGS.surface,
+                   include_background=flags.FLAGS.include_background)
+    if flags.FLAGS.cross_validation:
+      if flags.FLAGS.config is not None:
+        raise UserError('--cross_validation scores each workdir on its own run\'s held-out '
+                        'split; leave out --config')
+      metrics = cross_validation(flags.FLAGS.checkpoint, flags.FLAGS.split, **options)
+    else:
+      metrics = evaluate_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config,
+                                    flags.FLAGS.split, **options)
     if csv_path:
       write_csv(csv_path, metrics.pop('per_image'))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(_report(flags.FLAGS.checkpoint, metrics), flush=True)
+  report = (_cross_validation_report if flags.FLAGS.cross_validation else _report)
+  print(report(flags.FLAGS.checkpoint, metrics), flush=True)
   if csv_path:
     print(f'per-image scores: {os.path.abspath(csv_path)} ({metrics["images"]} rows)',
           flush=True)
@@ -332,6 +402,8 @@ if __name__ == '__main__':
                                   '(default: a workdir\'s own)', lock_config=True)
   flags.DEFINE_string('split', None, "the split to score (default: the config's "
                       "data.eval_split; 'all': every split together)")
+  flags.DEFINE_bool('cross_validation', False, 'score each --checkpoint (the workdirs of a '
+                    'k-fold run) on its own run\'s held-out split, and the pooled images')
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
                     'Hausdorff) and assd (average symmetric surface distance), in pixels')
