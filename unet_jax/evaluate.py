@@ -297,7 +297,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   metrics: dict[str, Any] = {}
   for name in names:  # (surface scores: None where a row has none, as the means leave NaN out)
     values = [r[name] for r in rows if r.get(name) is not None]
-    metrics[name] = float(np.mean(values)) if values else None
+    metrics[name] = float32_decimal(np.mean(values, dtype=np.float32)) if values else None
   metrics.update(images=len(rows), image_size=folds[0]['image_size'], split=folds[0]['split'],
                  dataset=folds[0]['dataset'], tta=tta, include_background=kinds.pop(),
                  folds=[{'checkpoint': p, 'step': f['step'], 'images': f['images'],
