@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both
   # multiples of 2**model.depth keep every level whole); () -> image_size x image_size.
   config.image_shape = ()
+  # > 0: train on random crop_size x crop_size patches of each example (after any resize to
+  # image_size / image_shape), at that scale; evaluation, predict and export see whole examples
+  # (the UNet is fully convolutional). E.g. image_size=1024, crop_size=256 for large images.
+  config.crop_size = 0
   config.batch_size = 16         # global, over all devices and processes
   config.eval_batch_size = 0     # 0 -> batch_size
   # > 1: each step takes its batch in this many microbatches (of batch_size / grad_accum_steps),

@@ -616,13 +616,14 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
     load_pretrained_with_metadata(str(tmp_path / 'unscored' / 'checkpoints' / 'best'))
 
 
-def _augmented(seed, image, mask, **augment):
-  """preprocess at the source's own size (no resize, no crop) with these augment settings."""
+def _augmented(seed, image, mask, crop=0, **augment):
+  """preprocess at the source's own size (no resize; no crop but `crop`) with these augment
+  settings."""
   import ml_collections
   aug = ml_collections.ConfigDict(dict(min_scale=1.0, flip_horizontal=False,
                                        flip_vertical=False, **augment))
-  return preprocess({'image': image, 'mask': mask}, mask.shape[0],
-                    np.random.default_rng(seed), aug)
+  return preprocess({'image': image, 'mask': mask}, mask.shape, np.random.default_rng(seed),
+                    aug, crop=crop)
 
 
 def test_quarter_turns_turn_image_and_mask_together():
@@ -728,6 +729,35 @@ def test_rotated_in_corners_are_ignored_where_the_data_has_an_ignored_label(tmp_
   assert np.all(batch['mask'][differ] == 1) and np.all(plain['mask'][differ] == 0)
   # (dark: black, blended by the resizes with the pixels next to it)
   assert batch['image'][differ].mean() < 0.5 * batch['image'][~differ].mean()
+
+
+def test_crop_size_trains_on_patches_and_evaluates_whole_examples(tmp_path):
+  # The patch: a crop of the resized example at the drawn offset, image and mask together.
+  rng = np.random.default_rng(9)
+  image, mask = rng.integers(0, 256, (24, 20, 3), np.uint8), rng.integers(0, 3, (24, 20))
+  mask = mask.astype(np.uint8)
+  offsets = set()
+  for seed in range(10):
+    out = _augmented(seed, image, mask, crop=8)
+    whole = _augmented(seed, image, mask)  # (the same draws before the crop's)
+    draws = np.random.default_rng(seed)
+    draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)  # (the scale-crop's)
+    y0, x0 = draws.integers(0, 24 - 8 + 1), draws.integers(0, 20 - 8 + 1)
+    assert out['image'].shape == (8, 8, 3) and out['mask'].shape == (8, 8)
+    np.testing.assert_array_equal(out['image'], whole['image'][y0:y0 + 8, x0:x0 + 8])
+    np.testing.assert_array_equal(out['mask'], whole['mask'][y0:y0 + 8, x0:x0 + 8])
+    offsets.add((int(y0), int(x0)))
+  assert len(offsets) > 5
+  # A run: 8x8 training batches, evaluated (and scored by `evaluate`) on the whole 16x16.
+  config = tiny_config(crop_size=8, num_train_steps=2, eval_every_steps=2,
+                       checkpoint_every_steps=2)
+  source = input_pipeline.load_sources(config)[0]
+  batch = next(iter(input_pipeline.train_dataset(source, config, devices=1)))
+  assert batch['image'].shape == (16, 8, 8, 1) and batch['mask'].shape == (16, 8, 8)
+  wd = str(tmp_path / 'wd')
+  metrics = train.train_and_evaluate(config, wd)
+  got = evaluate_checkpoint(wd)
+  assert got['image_size'] == 16 and {k: v for k, v in got.items() if k in metrics} == metrics
 
 
 def test_brightness_and_contrast_as_torchvision_color_jitter():

@@ -620,6 +620,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      '1/5 of the pairs, and data.holdout_percent=20 another share; set one of them'),
     ({'augment.rotate_degrees': 200.0}, 'augment.rotate_degrees=200.0 must be in [0, 180]: '
      'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)'),
+    (dict(crop_size=32), 'crop_size=32 must be between 2**model.depth=2 and the smaller side '
+     'of image_size=16 (the crops are cut from the resized examples); 0: train on the whole '
+     'examples'),
+    (dict(crop_size=-8), 'crop_size=-8 must be at least 0 (0: the whole examples)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '
@@ -651,6 +655,10 @@ def test_bad_config_is_refused_before_compute(tmp_path, overrides, message):
      'in training too; use 2 or more images per step, or image_size=4 or more'),
     (dict(batch_size=2, grad_accum_steps=2, image_size=3), 'batch_size=2 gives 1 image per '
      'microbatch (grad_accum_steps=2) at image_size=3, whose 1x1 bottom level'),
+    (dict(batch_size=1, image_size=16, crop_size=2), 'batch_size=1 gives 1 image at '
+     'crop_size=2, whose 1x1 bottom level (model.depth=1) leaves BatchNorm one value per '
+     'channel, which PyTorch refuses in training too; use 2 or more images per step, or '
+     'crop_size=4'),
 ])
 def test_one_value_per_channel_for_batch_norm_is_refused(overrides, message):
   # Reachable on one device only (on more, each holds at least one image of the microbatch).

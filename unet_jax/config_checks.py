@@ -161,6 +161,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     "'(320,480)'; () for image_size x image_size")
   if min(input_pipeline.image_hw(config)) < 2**config.model.depth:
     raise UserError(f'{_size_field(config)} is below 2**model.depth={2**config.model.depth}')
+  crop = config.get('crop_size', 0)
+  if crop < 0:
+    raise UserError(f'crop_size={crop} must be at least 0 (0: the whole examples)')
+  if crop and not 2**config.model.depth <= crop <= min(input_pipeline.image_hw(config)):
+    raise UserError(f'crop_size={crop} must be between 2**model.depth={2**config.model.depth} '
+                    f'and the smaller side of {_size_field(config)} (the crops are cut from the '
+                    'resized examples); 0: train on the whole examples')
   _check_batch_norm_count(config)
   learning_rate_schedule(config)
   make_optimizer(config)
@@ -171,14 +178,17 @@ def _check_batch_norm_count(config: ml_collections.ConfigDict) -> None:
   # smallest. One value per channel there is what PyTorch refuses in training: the model would
   # raise it in the first step's trace, this says which fields to change before any compute.
   images = config.batch_size // config.get('grad_accum_steps', 1)
-  height, width = (side // 2**config.model.depth for side in input_pipeline.image_hw(config))
+  height, width = (side // 2**config.model.depth for side in input_pipeline.train_hw(config))
   if images * height * width == 1:
     per = (f' per microbatch (grad_accum_steps={config.grad_accum_steps})'
            if config.get('grad_accum_steps', 1) > 1 else '')
     larger = ('a larger image_shape' if config.get('image_shape', ())
               else f'image_size={2**(config.model.depth + 1)} or more')
+    size = _size_field(config)
+    if config.get('crop_size', 0):
+      size, larger = f'crop_size={config.crop_size}', f'crop_size={2**(config.model.depth + 1)}'
     raise UserError(f'batch_size={config.batch_size} gives 1 image{per} at '
-                    f'{_size_field(config)}, whose 1x1 bottom level (model.depth='
+                    f'{size}, whose 1x1 bottom level (model.depth='
                     f'{config.model.depth}) leaves BatchNorm one value per channel, which '
                     f'PyTorch refuses in training too; use 2 or more images per step, or {larger}')
 

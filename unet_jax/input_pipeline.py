@@ -177,6 +177,12 @@ def image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return height_width(training_size(config))
 
 
+def train_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(height, width) of the training examples: crop_size's patches, or the whole image_hw."""
+  crop = config.get('crop_size', 0)
+  return (crop, crop) if crop else image_hw(config)
+
+
 def image_resample(config: ml_collections.ConfigDict) -> str:
   """The filter images are resized with (data.resample: 'bilinear' or 'bicubic')."""
   return config.data.get('resample', 'bilinear')
@@ -184,11 +190,13 @@ def image_resample(config: ml_collections.ConfigDict) -> str:
 
 def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
-               resample: str = 'bilinear', fill_label: int = 0) -> dict[str, np.ndarray]:
+               resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
+               ) -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns, rotation (when `rng` is given), resize to
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
-  the mask with nearest), scale to [0, 1], random brightness and contrast. The corners a
-  rotation brings in are black with mask label `fill_label` (0, or the ignored label).
+  the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
+  the whole), scale to [0, 1], random brightness and contrast. The corners a rotation brings
+  in are black with mask label `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -215,6 +223,9 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
+  if augment and crop:
+    y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+    image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
   image = image.astype(np.float32) / 255.0
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
@@ -296,7 +307,8 @@ class _TrainExample(grain.transforms.Map):
     record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
     rng = np.random.default_rng([self.config.seed, 1, g])
     return preprocess(record, image_hw(self.config), rng, self.config.augment,
-                      image_resample(self.config), self.fill_label)
+                      image_resample(self.config), self.fill_label,
+                      self.config.get('crop_size', 0))
 
 
 class _EvalExample(grain.transforms.Map):

@@ -438,9 +438,12 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   k = config.get('grad_accum_steps', 1)
   micro = f' in {k} microbatches of {config.batch_size // k}' if k > 1 else ''
   epochs = f' ({config.num_epochs:g} epochs)' if config.get('num_epochs', 0) else ''
+  crop = config.get('crop_size', 0)
+  crops = f', trained on {crop}x{crop} crops of them' if crop else ''
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s)) | {info.name}: {info.num_train} training, '
-          f'{info.num_eval} eval images at {size_text(input_pipeline.image_hw(config))} | '
+          f'{info.num_eval} eval images at {size_text(input_pipeline.image_hw(config))}'
+          f'{crops} | '
           f'{devices} {kind} device(s) in {jax.process_count()} process(es), batch '
           f'{config.batch_size}{micro} | {config.num_train_steps} steps{epochs} -> '
           f'{os.path.abspath(workdir)}')
