@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   # image_size / image_shape), at that scale; evaluation, predict and export see whole examples
   # (the UNet is fully convolutional). E.g. image_size=1024, crop_size=256 for large images.
   config.crop_size = 0
+  # With crop_size: the share of patches centred on a pixel of a foreground class (a random
+  # class, then a random pixel of it), the rest anywhere: nnU-Net's oversampling (0.33), for
+  # small objects in large images. 0: all anywhere.
+  config.crop_foreground = 0.0
   config.batch_size = 16         # global, over all devices and processes
   config.eval_batch_size = 0     # 0 -> batch_size
   # > 1: each step takes its batch in this many microbatches (of batch_size / grad_accum_steps),

@@ -616,14 +616,14 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
     load_pretrained_with_metadata(str(tmp_path / 'unscored' / 'checkpoints' / 'best'))
 
 
-def _augmented(seed, image, mask, crop=0, **augment):
+def _augmented(seed, image, mask, crop=0, crop_foreground=0.0, fill=0, **augment):
   """preprocess at the source's own size (no resize; no crop but `crop`) with these augment
-  settings."""
+  settings (`fill`: the ignored label)."""
   import ml_collections
   aug = ml_collections.ConfigDict(dict(min_scale=1.0, flip_horizontal=False,
                                        flip_vertical=False, **augment))
   return preprocess({'image': image, 'mask': mask}, mask.shape, np.random.default_rng(seed),
-                    aug, crop=crop)
+                    aug, fill_label=fill, crop=crop, crop_foreground=crop_foreground)
 
 
 def test_quarter_turns_turn_image_and_mask_together():
@@ -758,6 +758,30 @@ def test_crop_size_trains_on_patches_and_evaluates_whole_examples(tmp_path):
   metrics = train.train_and_evaluate(config, wd)
   got = evaluate_checkpoint(wd)
   assert got['image_size'] == 16 and {k: v for k, v in got.items() if k in metrics} == metrics
+
+
+def test_crop_foreground_centres_patches_on_rare_classes():
+  image = np.zeros((64, 64, 1), np.uint8)
+  mask = np.zeros((64, 64), np.uint8)
+  mask[45:55, 3:13] = 1   # two objects of two classes, far apart, one of 4 pixels
+  mask[5:7, 40:42] = 2
+  mask[25:35, 25:35] = 9  # (ignored: not foreground)
+
+  def classes_seen(share, seeds=range(40)):
+    return [set(np.unique(_augmented(seed, image, mask, crop=8, crop_foreground=share,
+                                     fill=9)['mask'])) - {0, 9} for seed in seeds]
+  every = classes_seen(1.0)
+  assert all(every)  # each patch holds a foreground class, centred on it
+  assert sum(1 in c for c in every) > 10 and sum(2 in c for c in every) > 10  # (a class first)
+  assert sum(bool(c) for c in classes_seen(0.0)) < 10  # (anywhere: mostly background)
+  half = sum(bool(c) for c in classes_seen(0.5))
+  assert 10 < half < 35
+  # Only the ignored label besides 0: the patch falls where it would anywhere.
+  only_ignored = np.where(mask == 9, 9, 0).astype(np.uint8)
+  for seed in range(5):
+    np.testing.assert_array_equal(
+        _augmented(seed, image, only_ignored, crop=8, crop_foreground=1.0, fill=9)['mask'],
+        _augmented(seed, image, only_ignored, crop=8, fill=9)['mask'])
 
 
 def test_brightness_and_contrast_as_torchvision_color_jitter():

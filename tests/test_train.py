@@ -624,6 +624,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'of image_size=16 (the crops are cut from the resized examples); 0: train on the whole '
      'examples'),
     (dict(crop_size=-8), 'crop_size=-8 must be at least 0 (0: the whole examples)'),
+    (dict(crop_foreground=1.5, crop_size=8), 'crop_foreground=1.5 must be in [0, 1]: the '
+     'share of crops centred on a foreground pixel'),
+    (dict(crop_foreground=0.33), "crop_foreground=0.33 centres some of crop_size's patches on "
+     'the foreground, but crop_size is 0 (whole examples); set --config.crop_size'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

@@ -164,6 +164,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   crop = config.get('crop_size', 0)
   if crop < 0:
     raise UserError(f'crop_size={crop} must be at least 0 (0: the whole examples)')
+  share = config.get('crop_foreground', 0.0)
+  if not 0 <= share <= 1:
+    raise UserError(f'crop_foreground={share} must be in [0, 1]: the share of crops centred on '
+                    'a foreground pixel')
+  if share and not crop:
+    raise UserError(f'crop_foreground={share} centres some of crop_size\'s patches on the '
+                    'foreground, but crop_size is 0 (whole examples); set --config.crop_size')
   if crop and not 2**config.model.depth <= crop <= min(input_pipeline.image_hw(config)):
     raise UserError(f'crop_size={crop} must be between 2**model.depth={2**config.model.depth} '
                     f'and the smaller side of {_size_field(config)} (the crops are cut from the '

@@ -191,12 +191,13 @@ def image_resample(config: ml_collections.ConfigDict) -> str:
 def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
-               ) -> dict[str, np.ndarray]:
+               crop_foreground: float = 0.0) -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns, rotation (when `rng` is given), resize to
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
   the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
-  the whole), scale to [0, 1], random brightness and contrast. The corners a rotation brings
-  in are black with mask label `fill_label` (0, or the ignored label).
+  the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
+  nnU-Net's oversampling), scale to [0, 1], random brightness and contrast. The corners a
+  rotation brings in are black with mask label `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -225,11 +226,28 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   mask = resize(mask, height, width, Image.NEAREST)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+    if crop_foreground and rng.random() < crop_foreground:
+      y0, x0 = _foreground_crop(mask, crop, rng, fill_label, (y0, x0))
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
   image = image.astype(np.float32) / 255.0
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
   return {'image': image, 'mask': mask.astype(np.int32)}
+
+
+def _foreground_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, fill_label: int,
+                     fallback: tuple[int, int]) -> tuple[int, int]:
+  """The corner of a crop x crop patch centred (as far as the edges allow) on a random pixel
+  of a random class present but 0 and `fill_label` (nnU-Net's: a class first, so rare
+  classes are found as often as common ones); `fallback` where there is none."""
+  classes = [c for c in np.unique(mask) if c not in (0, fill_label)]
+  if not classes:
+    return fallback
+  ys, xs = np.nonzero(mask == classes[int(rng.integers(0, len(classes)))])
+  k = int(rng.integers(0, len(ys)))
+  height, width = mask.shape
+  return (min(max(int(ys[k]) - crop // 2, 0), height - crop),
+          min(max(int(xs[k]) - crop // 2, 0), width - crop))
 
 
 def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int = 0,
@@ -308,7 +326,7 @@ class _TrainExample(grain.transforms.Map):
     rng = np.random.default_rng([self.config.seed, 1, g])
     return preprocess(record, image_hw(self.config), rng, self.config.augment,
                       image_resample(self.config), self.fill_label,
-                      self.config.get('crop_size', 0))
+                      self.config.get('crop_size', 0), self.config.get('crop_foreground', 0.0))
 
 
 class _EvalExample(grain.transforms.Map):
