@@ -446,6 +446,17 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
     rows = list(csv.DictReader(f))
   assert sorted(r['file_name'][:4] for r in rows) == [f'im{i:02d}' for i in range(4, 12)]
   assert {r['checkpoint'] for r in rows} == {wd, str(tmp_path / 'wd2')}
+  # The folds' confusion matrices, summed: each row the true class's pixels in those images.
+  pooled = cross_validation([wd, str(tmp_path / 'wd2')], confusion=True)
+  truth = np.zeros(3, np.int64)
+  for fold in (1, 2):
+    fold_config = copy.deepcopy(config)
+    fold_config.data.fold = fold
+    for record in input_pipeline.load_sources(fold_config)[1]:
+      example = preprocess(input_pipeline._adapt(fold_config, record), 16, None, None)
+      truth += np.bincount(example['mask'].ravel(), minlength=3)
+  np.testing.assert_array_equal(np.sum(pooled['confusion'], axis=1), truth)
+  assert np.sum(pooled['confusion']) == 8 * 16 * 16
   with pytest.raises(UserError, match=re.escape(f'is scored twice, by {wd} and {wd}: give each '
                                                 "fold's workdir once")):
     cross_validation([wd, wd])

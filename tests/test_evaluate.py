@@ -26,9 +26,10 @@ from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 
 
-def _torch_scores(ref, config, tta=False, surface=False):
+def _torch_scores(ref, config, tta=False, surface=False, confusion=None):
   """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split (`tta`:
-  of its mean logits over flips; `surface`: also HD95 and ASSD by MONAI)."""
+  of its mean logits over flips; `surface`: also HD95 and ASSD by MONAI; `confusion`: a 2x2
+  array to add [[TN, FP], [FN, TP]] to)."""
   source = input_pipeline.load_sources(config)[1]
   dice, iou, acc, hd95, assd = [], [], [], [], []
   for i in range(len(source)):
@@ -42,6 +43,9 @@ def _torch_scores(ref, config, tta=False, surface=False):
     dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     iou.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
     acc.append((pred == truth).mean())
+    if confusion is not None:
+      confusion += [[(~truth & ~pred).sum(), (~truth & pred).sum()],
+                    [(truth & ~pred).sum(), (truth & pred).sum()]]
     if surface:
       hd95.append(_monai_surface(pred, truth)[0])
       assd.append(_monai_surface(pred, truth)[1])
@@ -106,8 +110,13 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
     assert per_image.mean() == pytest.approx(got[k], abs=1e-6), k
   # With flip TTA (here in-process, on 8 devices), the scores of torch's mean logits over flips,
   # and their boundary distances as MONAI computes them.
-  got = evaluate_checkpoint(converted, config, tta=True, per_image=True, surface=True)
-  want_tta = _torch_scores(ref, config, tta=True, surface=True)
+  got = evaluate_checkpoint(converted, config, tta=True, per_image=True, surface=True,
+                            confusion=True)
+  want_confusion = np.zeros((2, 2), np.int64)
+  want_tta = _torch_scores(ref, config, tta=True, surface=True, confusion=want_confusion)
+  # The confusion matrix, rows the true class: torch's counts (a rare pixel may flip).
+  assert np.abs(np.asarray(got['confusion']) - want_confusion).sum() <= 0.001 * 204 * 16 * 16
+  assert want_confusion[0, 1] != want_confusion[1, 0]  # (so that rows and columns tell apart)
   assert got['tta'] and abs(got['dice'] - want['dice'].mean()) > 2e-3  # (another prediction)
   for k, v in want_tta.items():
     assert got[k] == pytest.approx(np.nanmean(v), rel=1e-2, abs=1e-3), k

@@ -99,11 +99,38 @@ def _surface_row(scores: dict[str, np.ndarray], include_background: bool,
   return row | classes
 
 
+class _MapScores:
+  """What the class maps of the images add up to: each image's surface scores (`surface`,
+  with `surface`), and the pixel counts of the confusion matrix over `classes` (rows the true
+  class, columns the predicted; with `confusion`)."""
+
+  def __init__(self, surface: bool, confusion: bool, classes: int):
+    self.surface: list[dict[str, np.ndarray]] | None = [] if surface else None
+    self.confusion = np.zeros((classes, classes), np.int64) if confusion else None
+
+  @property
+  def needed(self) -> bool:
+    return self.surface is not None or self.confusion is not None
+
+  def add(self, pred: np.ndarray, labels: np.ndarray, pixels: np.ndarray, scored: int,
+          include_background: bool) -> dict[str, float | None]:
+    """Counts one image (`scored` classes in its scores); returns its surface row, if any."""
+    if self.confusion is not None:
+      k = len(self.confusion)
+      self.confusion += np.bincount(labels[pixels] * k + pred[pixels],
+                                    minlength=k * k).reshape(k, k)
+    if self.surface is None:
+      return {}
+    self.surface.append(surface_distance.surface_scores(
+        pred, labels, [1] if scored == 1 else range(scored), pixels))
+    return _surface_row(self.surface[-1], include_background)
+
+
 def _image_rows(split: str, file_name: Callable[[int], str], first: int,
-                scores: dict[str, np.ndarray], surface: list[dict[str, np.ndarray]],
+                scores: dict[str, np.ndarray], maps: _MapScores,
                 include_background: bool) -> list[dict[str, Any]]:
   """One row per valid image of a gathered batch whose first image is `first` in `split`.
-  With `maps` in the batch, also appends each image's surface scores to `surface`."""
+  With class maps in the batch, also adds each image's to `maps`."""
   rows = []
   for r in np.flatnonzero(scores['valid']):
     index = first + int(r)
@@ -118,27 +145,23 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
     row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'][r])
     row |= classes
     if 'pred' in scores:
-      n = scores['dice'].shape[1]
-      surface.append(surface_distance.surface_scores(
-          scores['pred'][r], scores['labels'][r], [1] if n == 1 else range(n),
-          scores['pixels'][r]))
-      row |= _surface_row(surface[-1], include_background)
+      row |= maps.add(scores['pred'][r], scores['labels'][r], scores['pixels'][r],
+                      scores['dice'].shape[1], include_background)
     rows.append(row)
   return rows
 
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
-                   global_batch: int, surface: list[dict[str, np.ndarray]],
-                   include_background: bool,
+                   global_batch: int, maps: _MapScores, include_background: bool,
                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
-  read whole); each image's surface scores appended to `surface` when the step gives maps."""
+  read whole); each image's class maps added to `maps` when the step gives them."""
   sums, rows, file_name = None, [], _file_names(source)
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores),
-                        surface, include_background)
+                        maps, include_background)
   return jax.tree.map(np.asarray, sums), rows
 
 
@@ -167,7 +190,7 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
                         config: ml_collections.ConfigDict | None = None,
                         split: str | None = None, per_image: bool = False, tta: bool = False,
                         surface: bool = False, include_background: bool | None = None,
-                        ) -> dict[str, Any]:
+                        confusion: bool = False) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices. Several checkpoints (a
   sequence of paths): their ensemble, the mean of their probabilities (ensemble.py); without
@@ -186,6 +209,9 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   `include_background`: whether class 0 of a multi-class model counts in the means over
   classes (per class, every class is given either way); None: the config's
   eval_include_background, as the run's evaluation did.
+  `confusion`: also `confusion`, the pixel counts of each true class (rows) predicted as each
+  class (columns), over the classes (2 for a binary model: background, foreground), ignored
+  pixels left out.
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
@@ -228,27 +254,29 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
         for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  step_fn = (functools.partial(_scores_step, maps=surface) if per_image or surface
+  maps = _MapScores(surface, confusion, max(model.num_classes, 2))
+  step_fn = (functools.partial(_scores_step, maps=maps.needed) if per_image or maps.needed
              else eval_step)
   p_eval = parallel.distribute(
       functools.partial(step_fn, model=eval_model, ignore_id=info.ignore_id, tta=step_tta),
       mesh, config.get('parallel', 'shard_map'), donate_state=False)
-  sums, rows, surface_scores = None, [], []
+  sums, rows = None, []
   for name in info.splits if split == ALL_SPLITS else (split,):
     config.data.eval_split = name
     source = input_pipeline.load_sources(config)[1]
     batches = input_pipeline.eval_dataset(source, config)
-    if per_image or surface:
+    if per_image or maps.needed:
       part, split_rows = _sums_and_rows(p_eval, variables, batches, name, source,
-                                        config.eval_batch_size, surface_scores,
-                                        include_background)
+                                        config.eval_batch_size, maps, include_background)
       rows += split_rows
     else:
       part = evaluation_sums(p_eval, variables, batches)
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
-    metrics.update(surface_distance.mean_surface_scores(surface_scores, include_background))
+    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background))
+  if confusion:
+    metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
                  dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
@@ -263,21 +291,21 @@ _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields t
 
 def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: bool = False,
                      surface: bool = False, include_background: bool | None = None,
-                     per_image: bool = False) -> dict[str, Any]:
+                     per_image: bool = False, confusion: bool = False) -> dict[str, Any]:
   """The cross-validated scores of a k-fold run (nnU-Net's summary of its folds): each
   training workdir scored on its own run's held-out split (`split`: another of its splits),
   and the scores pooled over all those images, each image counting once, whichever fold
   scored it. Returns the pooled metrics with `images` and `folds` (each checkpoint's own
   `checkpoint`, `step`, `images`, `dice`), and with `per_image` every row, with its
-  `checkpoint`. Refuses checkpoints of other classes or inclusion of class 0, and an image
-  scored by two of them."""
+  `checkpoint`; with `confusion` the sum of the folds' confusion matrices. Refuses checkpoints
+  of other classes or inclusion of class 0, and an image scored by two of them."""
   from unet_jax.checkpoint import load_pretrained_with_metadata
   paths = list(checkpoints)
   check_one_task(paths, [load_pretrained_with_metadata(p) for p in paths])
   folds, rows = [], []
   for path in paths:
     scored = evaluate_checkpoint(path, None, split, per_image=True, tta=tta, surface=surface,
-                                 include_background=include_background)
+                                 include_background=include_background, confusion=confusion)
     folds.append(scored)
     rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
   kinds = {f['include_background'] for f in folds}
@@ -302,6 +330,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
                  dataset=folds[0]['dataset'], tta=tta, include_background=kinds.pop(),
                  folds=[{'checkpoint': p, 'step': f['step'], 'images': f['images'],
                          'dice': f['dice']} for p, f in zip(paths, folds, strict=True)])
+  if confusion:
+    metrics['confusion'] = np.sum([f['confusion'] for f in folds], axis=0).tolist()
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -343,7 +373,19 @@ def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
           f'{metrics["images"]} images at {size_text(size)}'
           f'{", logits averaged over flips" if metrics["tta"] else ""}'
           f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
-          f'{json.dumps(metrics)}')
+          f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
+
+
+def _confusion_lines(metrics: dict[str, Any]) -> str:
+  """The confusion matrix for people, a line per true class, ending in a newline; '' if none."""
+  matrix = metrics.get('confusion')
+  if matrix is None:
+    return ''
+  width = max(len(str(v)) for row in matrix for v in row) + 2
+  lines = ['confusion (pixels; rows: true class, columns: predicted class)',
+           ' ' * 6 + ''.join(str(c).rjust(width) for c in range(len(matrix)))]
+  lines += [f'{c:>6}' + ''.join(str(v).rjust(width) for v in row) for c, row in enumerate(matrix)]
+  return '\n'.join(lines) + '\n'
 
 
 def _cross_validation_report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
@@ -357,7 +399,7 @@ def _cross_validation_report(paths: Sequence[str], metrics: dict[str, Any]) -> s
           f'{size_text(metrics["image_size"])}'
           f'{", logits averaged over flips" if metrics["tta"] else ""}'
           f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
-          f'{json.dumps(metrics)}')
+          f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
 
 
 def main(argv: list[str]) -> None:
@@ -370,7 +412,8 @@ def main(argv: list[str]) -> None:
     if csv_path:
       _check_csv_destination(csv_path)
     options = dict(per_image=bool(csv_path), tta=flags.FLAGS.tta, surface=flags.FLAGS.surface,
-                   include_background=flags.FLAGS.include_background)
+                   include_background=flags.FLAGS.include_background,
+                   confusion=flags.FLAGS.confusion)
     if flags.FLAGS.cross_validation:
       if flags.FLAGS.config is not None:
         raise UserError('--cross_validation scores each workdir on its own run\'s held-out '
@@ -404,6 +447,8 @@ if __name__ == '__main__':
                       "data.eval_split; 'all': every split together)")
   flags.DEFINE_bool('cross_validation', False, 'score each --checkpoint (the workdirs of a '
                     'k-fold run) on its own run\'s held-out split, and the pooled images')
+  flags.DEFINE_bool('confusion', False, 'also the confusion matrix: pixels of each true class '
+                    '(rows) predicted as each class (columns)')
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
                     'Hausdorff) and assd (average symmetric surface distance), in pixels')
