@@ -5,8 +5,9 @@
         --config.data.root=my_data --config.image_size=256 --split all
     python -m unet_jax.evaluate --checkpoint workdirs/base --per_image scores.csv
     python -m unet_jax.evaluate --checkpoint workdirs/base --surface
-    python -m unet_jax.evaluate --checkpoint workdirs/fold0 ... --checkpoint workdirs/fold4 \
+    python -m unet_jax.evaluate --checkpoint workdirs/fold0 ... --checkpoint workdirs/fold4 \\
         --config configs/folder.py --config.data.root=test_data --split all
+    python -m unet_jax.evaluate --cross_validation --checkpoint workdirs/fold0 ... fold4
 
 A training workdir's own run config says which dataset, split and image size it was evaluated
 on, so a checkpoint scores here exactly what the run logged for it. A converted checkpoint
@@ -14,8 +15,10 @@ records no dataset: `--config` names one (any training config; its model fields 
 the checkpoint's are used). `--per_image FILE.csv` also writes each image's scores, one row per
 image in the dataset's order, with its file name where the dataset has one (image folders do):
 sorted by Dice, it lists the images the model fails on. `--surface` adds boundary distances
-(HD95, ASSD: surface_distance.py), as medical segmentation reports them. Several
-`--checkpoint`s score their ensemble, the mean of their probabilities (ensemble.py).
+(HD95, ASSD: surface_distance.py), as medical segmentation reports them; `--confusion` the
+pixel confusion matrix. Several `--checkpoint`s score their ensemble, the mean of their
+probabilities (ensemble.py), or with `--cross_validation` each on its own held-out split, the
+images pooled (the folds of a k-fold run).
 """
 
 from __future__ import annotations
