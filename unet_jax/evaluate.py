@@ -7,7 +7,8 @@
     python -m unet_jax.evaluate --checkpoint workdirs/base --surface
     python -m unet_jax.evaluate --checkpoint workdirs/fold0 ... --checkpoint workdirs/fold4 \\
         --config configs/folder.py --config.data.root=test_data --split all
-    python -m unet_jax.evaluate --cross_validation --checkpoint workdirs/fold0 ... fold4
+    python -m unet_jax.evaluate --cross_validation --checkpoint workdirs/fold0 ... \\
+        --checkpoint workdirs/fold4
 
 A training workdir's own run config says which dataset, split and image size it was evaluated
 on, so a checkpoint scores here exactly what the run logged for it. A converted checkpoint
