@@ -76,6 +76,38 @@ def test_the_exported_file_computes_what_torch_computes(tmp_path, converted, cap
       assert got.shape == want.shape and max_rel_err(got, want) <= 1e-4, name
 
 
+def test_an_ensemble_exports_the_log_of_torchs_mean_probabilities(tmp_path, capsys):
+  refs, paths = [], []
+  for k, (base, depth) in enumerate(((4, 2), (8, 1), (4, 1))):
+    ref = move_off_init(SeedUNet(1, 3, base=base, depth=depth), 1, 3, hw=(16, 16), seed=k)
+    torch.save(ref.state_dict(), tmp_path / f'm{k}.pth')
+    refs.append(ref.eval())
+    paths.append(torch_to_flax(str(tmp_path / f'm{k}.pth'), str(tmp_path / f'ckpt{k}')))
+  out = tmp_path / 'ensemble.jax'
+  assert main([*paths, str(out), '--size', '16x20']) == 0, capsys.readouterr().err
+  about = json.loads((tmp_path / 'ensemble.json').read_text())
+  assert [m['checkpoint'] for m in about['ensemble']] == paths
+  assert [m['model']['base_features'] for m in about['ensemble']] == [4, 8, 4]
+  x = np.random.default_rng(3).random((2, 16, 20, 1), np.float32)
+  got = np.asarray(jax.export.deserialize(out.read_bytes()).call(x))
+  with torch.no_grad():
+    mean = torch.stack([torch.softmax(r(nchw(x)), 1) for r in refs]).mean(0)
+  want = mean.permute(0, 2, 3, 1).numpy()
+  # softmax of its output is the members' mean probabilities (its output, their log)
+  np.testing.assert_allclose(jax.nn.softmax(got, -1), want, atol=1e-6)
+  assert max_rel_err(got, np.log(want)) <= 1e-4
+  # Members of other classes are refused, and nothing is written.
+  other = move_off_init(SeedUNet(1, 2, base=4, depth=1), 1, 2, hw=(16, 16))
+  torch.save(other.state_dict(), tmp_path / 'two.pth')
+  two = torch_to_flax(str(tmp_path / 'two.pth'), str(tmp_path / 'two'))
+  assert main([paths[0], two, str(tmp_path / 'mixed.jax'), '--size', '16']) == 2
+  assert capsys.readouterr().err == (f'error: {paths[0]} and {two} cannot be averaged: '
+                                     f'{paths[0]} has num_classes=3, {two} num_classes=2; '
+                                     'ensemble checkpoints trained for the same images and '
+                                     'classes\n')
+  assert not (tmp_path / 'mixed.jax').exists()
+
+
 def test_size_as_height_x_width(tmp_path, converted, capsys):
   _, ckpt = converted
   assert main([ckpt, str(tmp_path / 'm.jax'), '--size', '12x20']) == 0

@@ -12,6 +12,8 @@ Beside it, `model.json` says what the artifact takes and gives: size, channels, 
 mask values that class ids stand for, the platforms, the checkpoint it came from. The batch
 dimension is symbolic; height and width are fixed at `--size` (default: the run's image_size,
 the size the network saw in training), since the network's kernels are chosen per shape.
+Several checkpoints export their ensemble (ensemble.py): its output is the log of the mean of
+their probabilities, which the same sigmoid or softmax turns into that mean.
 """
 
 from __future__ import annotations
@@ -39,33 +41,45 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   return tuple(dict.fromkeys(platforms))
 
 
-def export_checkpoint(checkpoint: str, size: int | Sequence[int] | None = None,
+def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int] | None = None,
                       platforms: Sequence[str] | None = None) -> tuple[bytes, dict[str, Any]]:
   """The serialized artifact of `checkpoint`'s eval-mode network (logits) at `size` x `size`
   (or (height, width)), any batch, and its description. `platforms`: the ones it runs on
-  (default: this machine's)."""
+  (default: this machine's). Several checkpoints: their ensemble, whose logits are the log of
+  their mean probabilities."""
   import jax
   import jax.numpy as jnp
   from jax import export
 
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
+  from unet_jax.ensemble import Ensemble, check_one_task
   platforms = _check_platforms(platforms or (jax.default_backend(),))
-  model, variables, meta = load_pretrained_with_metadata(checkpoint)
+  paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+  loaded = [load_pretrained_with_metadata(p) for p in paths]
+  check_one_task(paths, loaded)
+  model, variables, meta = loaded[0]
+  sizes = {json.dumps(m.get('image_size')) for _, _, m in loaded}
+  if size is None and len(sizes) > 1:
+    raise UserError(f'{" and ".join(paths)} were trained at other sizes '
+                    f'({", ".join(sorted(sizes))}); give the one to export at with --size')
   size = size or meta.get('image_size')  # (a workdir's: an int, or [height, width])
   if not size:
-    raise UserError(f'{checkpoint}: a converted checkpoint records no image size; give one '
+    raise UserError(f'{paths[0]}: a converted checkpoint records no image size; give one '
                     'with --size (a multiple of 2**depth is exact, as in training)')
   height, width = height_width(size)
-  if min(height, width) < 2**model.depth:
-    raise UserError(f'--size {size} is below the model\'s minimum {2**model.depth} '
-                    f'(2**depth, depth={model.depth})')
-  if platforms != ('cpu',):
-    # Winograd's conv is the CPU's kernel; XLA's own conv computes the same on every platform.
-    model = model.clone(wide_convs='xla')
+  depth = max(m.depth for m, _, _ in loaded)
+  if min(height, width) < 2**depth:
+    raise UserError(f'--size {size} is below the model\'s minimum {2**depth} '
+                    f'(2**depth, depth={depth})')
+  # Winograd's conv is the CPU's kernel; XLA's own conv computes the same on every platform.
+  members = [m if platforms == ('cpu',) else m.clone(wide_convs='xla') for m, _, _ in loaded]
+  model = members[0]
+  network = (model if len(members) == 1 else Ensemble(tuple(members)))
+  weights = variables if len(members) == 1 else tuple(v for _, v, _ in loaded)
   (batch,) = export.symbolic_shape('n')
   images = jax.ShapeDtypeStruct((batch, height, width, model.in_channels), jnp.float32)
   # The weights are closed over, so they travel inside the artifact as constants.
-  forward = jax.jit(lambda x: model.apply(variables, x, train=False).astype(jnp.float32))
+  forward = jax.jit(lambda x: network.apply(weights, x, train=False).astype(jnp.float32))
   exported = export.export(forward, platforms=platforms)(images)
   description = {
       'format': 'jax.export', 'input': f'(N, {height}, {width}, {model.in_channels}) float32, '
@@ -78,8 +92,15 @@ def export_checkpoint(checkpoint: str, size: int | Sequence[int] | None = None,
       # How training resized its images (PIL's filter), for a server to do the same.
       **({'resample': meta['resample']} if meta.get('resample') else {}),
       'platforms': list(platforms),
-      'model': model_config(model), 'checkpoint': os.path.abspath(checkpoint),
+      'model': model_config(model), 'checkpoint': os.path.abspath(paths[0]),
       'step': meta.get('step'), 'jax_version': jax.__version__}
+  if len(paths) > 1:  # (what each member is; the output is the log of their mean probabilities)
+    description.update(
+        output=f'(N, {height}, {width}, {model.num_classes}) float32, the log of the mean of '
+        'the members\' probabilities (one channel: its logit; sigmoid or softmax gives that mean)',
+        ensemble=[{'checkpoint': os.path.abspath(p), 'step': m.get('step'),
+                   'model': model_config(member)}
+                  for p, member, (_, _, m) in zip(paths, members, loaded, strict=True)])
   return bytes(exported.serialize()), description
 
 
@@ -104,8 +125,9 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m unet_jax.export',
       description='Export a checkpoint as one jax.export file, callable with JAX alone.')
-  parser.add_argument('checkpoint', help='training workdir (or WORKDIR/checkpoints/STEP, '
-                      '.../best) or converted checkpoint directory')
+  parser.add_argument('checkpoint', nargs='+', help='training workdir (or '
+                      'WORKDIR/checkpoints/STEP, .../best) or converted checkpoint directory; '
+                      'several: their ensemble (the mean of their probabilities)')
   parser.add_argument('dest', help='file to create, e.g. model.jax (model.json beside it)')
   parser.add_argument('--size', type=parse_size, default=None,
                       help="input height and width: S, or HEIGHTxWIDTH (default: the run's "
