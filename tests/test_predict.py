@@ -429,3 +429,71 @@ def test_cli_ensemble_refuses_checkpoints_of_other_tasks(tmp_path, capsys):
                  str(tmp_path / 'out')]) == 2
     assert capsys.readouterr().err == message
     assert not (tmp_path / 'out').exists()
+
+
+def _largest_components_by_flood_fill(classes):
+  """Each class but 0 kept in its largest 8-connected region (the first found in reading
+  order among equals), by a breadth-first flood fill written for the test."""
+  out = classes.copy()
+  h, w = classes.shape
+  seen = np.zeros((h, w), bool)
+  regions = {}
+  for y in range(h):
+    for x in range(w):
+      c = classes[y, x]
+      if c == 0 or seen[y, x]:
+        continue
+      region, queue = [], [(y, x)]
+      seen[y, x] = True
+      while queue:
+        cy, cx = queue.pop()
+        region.append((cy, cx))
+        for dy in (-1, 0, 1):
+          for dx in (-1, 0, 1):
+            ny, nx = cy + dy, cx + dx
+            if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and classes[ny, nx] == c:
+              seen[ny, nx] = True
+              queue.append((ny, nx))
+      regions.setdefault(c, []).append(region)
+  for found in regions.values():
+    keep = max(range(len(found)), key=lambda k: (len(found[k]), -k))  # (first of equals)
+    for k, region in enumerate(found):
+      if k != keep:
+        for y, x in region:
+          out[y, x] = 0
+  return out
+
+
+def test_largest_component_as_a_flood_fill_finds_it(tmp_path, capsys):
+  from unet_jax.predict import keep_largest_component
+  rng = np.random.default_rng(11)
+  masks = rng.choice(4, size=(3, 17, 23), p=[0.55, 0.2, 0.15, 0.1]).astype(np.int32)
+  masks[2, :, :] = 0
+  masks[2, 2:4, 2:4] = masks[2, 8:10, 8:10] = 1  # (two regions of equal size: the first stays)
+  got = keep_largest_component(masks)
+  for m, g in zip(masks, got, strict=True):
+    np.testing.assert_array_equal(g, _largest_components_by_flood_fill(m))
+  assert (got != masks).any() and got[2, 2, 2] == 1 and got[2, 8, 8] == 0
+  # The command line writes them; its plain masks hold more than one region.
+  image = (rng.random((40, 44)) * 255).astype(np.uint8)
+  _write(tmp_path / 'a.png', image)
+  ref = move_off_init(SeedUNet(1, 1, base=4, depth=2), 1, 1, seed=1).eval()
+  with torch.no_grad():  # (a fifth of the pixels foreground, in many blobs; logits spread
+    # well beyond float rounding)
+    ref.out_conv.conv.weight *= 1000
+    ref.out_conv.conv.bias *= 1000
+    ref.out_conv.conv.bias -= torch.quantile(
+        ref(nchw(image[None, ..., None] / np.float32(255))), 0.8)
+  state = ref.state_dict()
+  state['mask_values'] = [0, 200]
+  torch.save(state, tmp_path / 'm.pth')
+  converted = torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'ckpt'))
+  model, variables = unet_jax.load_pretrained(converted)
+  plain = unet_jax.predict(model, variables, image[..., None])
+  want = unet_jax.predict(model, variables, image[..., None], largest_component=True)
+  np.testing.assert_array_equal(want, keep_largest_component(plain))
+  assert 0.1 < plain.mean() < 0.3 and (want != plain).any()
+  assert main([str(tmp_path / 'a.png'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out'), '--largest_component']) == 0, capsys.readouterr().err
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_mask.png')),
+                                np.where(want == 1, 200, 0))

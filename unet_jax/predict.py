@@ -161,7 +161,8 @@ def _check_threshold(model: UNet, threshold: float) -> None:
 def predict(model: UNet, variables: Any, images: np.ndarray, *,
             size: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
-            threshold: float = 0.5, resample: str = 'bilinear') -> np.ndarray:
+            threshold: float = 0.5, resample: str = 'bilinear',
+            largest_component: bool = False) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
   `size`: the network sees each image at size x size (or (height, width)), as in training,
@@ -169,6 +170,8 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   `tta`: the mean logits over flips (four forward passes; flip_tta.py).
   Binary models (1 output channel): foreground where the probability exceeds `threshold`
   (milesial's --mask-threshold); others take the argmax.
+  `largest_component`: each class kept only in its largest connected region of each image
+  (keep_largest_component).
   """
   _check_threshold(model, threshold)
   images = np.asarray(images)
@@ -181,6 +184,8 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta, resample=resample)
   classes = classes_from_logits(logits, threshold)
+  if largest_component:
+    classes = keep_largest_component(classes)
   return classes[0] if single else classes
 
 
@@ -189,6 +194,26 @@ def classes_from_logits(logits: np.ndarray, threshold: float = 0.5) -> np.ndarra
   if threshold == 0.5:  # the logit above 0, as training's evaluation takes it
     return np.asarray(predict_classes(jnp.asarray(logits)))
   return (logits[..., 0] > np.log(threshold / (1 - threshold))).astype(np.int32)
+
+
+def keep_largest_component(classes: np.ndarray) -> np.ndarray:
+  """Class ids (..., H, W) with each class but 0 kept only in its largest connected region of
+  each image (8-neighbour connectivity; of equal ones the first in reading order), its other
+  pixels set to 0: MONAI's `KeepLargestConnectedComponent(independent=True)` with its default
+  connectivity, nnU-Net's post-processing. For one object per class: stray blobs go."""
+  from scipy import ndimage
+  touching = ndimage.generate_binary_structure(2, 2)  # (diagonal neighbours too)
+  out = np.array(classes, copy=True)
+  for index in np.ndindex(out.shape[:-2]):
+    image = out[index]
+    for c in np.unique(image):
+      if c == 0:
+        continue
+      regions, count = ndimage.label(image == c, touching)
+      if count > 1:
+        largest = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+        image[(regions > 0) & (regions != largest)] = 0
+  return out
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -333,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--threshold', type=float, default=0.5,
                  help='binary models: foreground where its probability exceeds this (default '
                       '0.5; milesial\'s --mask-threshold)')
+  p.add_argument('--largest_component', action='store_true',
+                 help='keep each class only in its largest connected region of each image, '
+                      'the rest background (MONAI\'s KeepLargestConnectedComponent)')
   p.add_argument('--probabilities', action='store_true',
                  help='also write NAME_prob.npy: float32 (H, W, C) probabilities (sigmoid of '
                       'the one channel, or softmax over the classes)')
@@ -409,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           masks = classes_from_probabilities(probs, args.threshold)
           if not args.probabilities:
             probs = [None] * len(indices)
+        if args.largest_component:
+          masks = keep_largest_component(masks)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
