@@ -63,7 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
       # with data.ignore_value)
       rotate_degrees=0.0,
       # torchvision's ColorJitter: factors drawn from [1 - x, 1 + x]; 0: off
-      brightness=0.0, contrast=0.0))
+      brightness=0.0, contrast=0.0,
+      # (low, high): a gamma drawn from it, MONAI's RandAdjustContrast on the image's range
+      # (nnU-Net's (0.7, 1.5)); (): off
+      gamma=(),
+      # > 0: Gaussian noise of a standard deviation drawn from [0, noise] (MONAI's
+      # RandGaussianNoise, e.g. 0.1 on images in [0, 1]); 0: off
+      noise=0.0))
 
   config.image_size = 64
   # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both

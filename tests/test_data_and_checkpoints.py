@@ -795,6 +795,39 @@ def test_crop_foreground_centres_patches_on_rare_classes():
         _augmented(seed, image, only_ignored, crop=8, fill=9)['mask'])
 
 
+def test_gamma_as_monai_and_noise_with_a_drawn_deviation():
+  import torch
+  from monai.transforms import AdjustContrast
+  rng = np.random.default_rng(12)
+  for channels in (1, 3):
+    image = rng.integers(30, 220, (16, 16, channels), np.uint8)
+    mask = rng.integers(0, 2, (16, 16)).astype(np.uint8)
+    base = image / np.float32(255)
+    gammas = []
+    for seed in range(6):
+      draws = np.random.default_rng(seed)
+      draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)  # (the crop's)
+      gammas.append(draws.uniform(0.7, 1.5))
+      out = _augmented(seed, image, mask, gamma=(0.7, 1.5))
+      want = AdjustContrast(gammas[-1])(torch.tensor(base).permute(2, 0, 1)).permute(1, 2, 0)
+      np.testing.assert_allclose(out['image'], want.numpy(), atol=1e-6)
+      np.testing.assert_array_equal(out['mask'], mask)
+    assert min(gammas) < 0.9 and max(gammas) > 1.3
+    for seed in range(6):
+      draws = np.random.default_rng(seed)
+      draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)
+      std = np.float32(draws.uniform(0, 0.1))
+      out = _augmented(seed, image, mask, noise=0.1)
+      noise = out['image'] - base
+      np.testing.assert_allclose(noise, std * draws.standard_normal(base.shape, np.float32),
+                                 atol=1e-7)
+      assert abs(noise.std() - std) < 0.3 * std and std <= 0.1
+  # Off (the defaults), the stream is as it was.
+  for seed in range(3):
+    np.testing.assert_array_equal(_augmented(seed, image, mask, gamma=(), noise=0.0)['image'],
+                                  _augmented(seed, image, mask)['image'])
+
+
 def test_brightness_and_contrast_as_torchvision_color_jitter():
   rng = np.random.default_rng(1)
   for channels in (1, 3):

@@ -628,6 +628,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'share of crops centred on a foreground pixel'),
     (dict(crop_foreground=0.33), "crop_foreground=0.33 centres some of crop_size's patches on "
      'the foreground, but crop_size is 0 (whole examples); set --config.crop_size'),
+    ({'augment.gamma': (1.5, 0.7)}, "augment.gamma=(1.5, 0.7) must be (low, high) with 0 < low "
+     "<= high, e.g. --config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none"),
+    ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '
+     'deviation of the Gaussian noise (0: none)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

@@ -91,6 +91,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 <= config.augment.get('rotate_degrees', 0.0) <= 180:
     raise UserError(f'augment.rotate_degrees={config.augment.rotate_degrees} must be in [0, 180]: '
                     'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)')
+  gamma = tuple(config.augment.get('gamma', ()) or ())
+  if gamma and not (len(gamma) == 2 and 0 < gamma[0] <= gamma[1]):
+    raise UserError(f"augment.gamma={gamma} must be (low, high) with 0 < low <= high, e.g. "
+                    "--config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none")
+  if not config.augment.get('noise', 0.0) >= 0:
+    raise UserError(f'augment.noise={config.augment.noise} must be at least 0: the largest '
+                    'standard deviation of the Gaussian noise (0: none)')
   if not 0 < config.augment.min_scale <= 1:
     raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
                     "smallest random crop's side, as a fraction of the image's")

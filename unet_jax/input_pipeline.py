@@ -196,7 +196,8 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
   the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
   the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
-  nnU-Net's oversampling), scale to [0, 1], random brightness and contrast. The corners a
+  nnU-Net's oversampling), scale to [0, 1], random brightness and contrast, gamma, Gaussian
+  noise (not clipped, as MONAI's). The corners a
   rotation brings in are black with mask label `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
@@ -232,6 +233,11 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   image = image.astype(np.float32) / 255.0
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
+  if augment and aug.get('gamma', ()):
+    image = adjust_gamma(image, float(rng.uniform(*aug.gamma)))
+  if augment and aug.get('noise', 0.0):
+    std = np.float32(rng.uniform(0, aug.noise))
+    image = image + std * rng.standard_normal(image.shape, np.float32)
   return {'image': image, 'mask': mask.astype(np.int32)}
 
 
@@ -262,6 +268,14 @@ def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int 
   out = np.asarray(turned)
   labels = Image.fromarray(mask).rotate(degrees, resample=Image.NEAREST, fillcolor=fill_label)
   return (out[..., None] if gray else out), np.asarray(labels)
+
+
+def adjust_gamma(image: np.ndarray, gamma: float) -> np.ndarray:
+  """MONAI's `AdjustContrast(gamma)`: the image's range mapped to [0, 1], raised to `gamma`,
+  mapped back (all channels together)."""
+  low, span = image.min(), image.max() - image.min()
+  scaled = (image - low) / (span + np.float32(1e-7))
+  return (scaled ** np.float32(gamma) * span + low).astype(np.float32)
 
 
 def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
