@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc
-from test_predict import torch_flip_tta
+from test_predict import _largest_components_by_flood_fill, torch_flip_tta
 from test_train import REPO, _env, tiny_config
 from torch_reference import SeedUNet
 
@@ -26,10 +26,10 @@ from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
 
 
-def _torch_scores(ref, config, tta=False, surface=False, confusion=None):
+def _torch_scores(ref, config, tta=False, surface=False, confusion=None, post=None):
   """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split (`tta`:
   of its mean logits over flips; `surface`: also HD95 and ASSD by MONAI; `confusion`: a 2x2
-  array to add [[TN, FP], [FN, TP]] to)."""
+  array to add [[TN, FP], [FN, TP]] to; `post`: applied to each predicted mask first)."""
   source = input_pipeline.load_sources(config)[1]
   dice, iou, acc, hd95, assd = [], [], [], [], []
   for i in range(len(source)):
@@ -38,6 +38,8 @@ def _torch_scores(ref, config, tta=False, surface=False, confusion=None):
     x = nchw(example['image'][None])
     with torch.no_grad():
       pred = nhwc(torch_flip_tta(ref, x) if tta else ref(x))[0, ..., 0] > 0
+    if post is not None:
+      pred = post(pred.astype(np.int32)) == 1
     truth = example['mask'] == 1
     tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
     dice.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
@@ -124,6 +126,14 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
     per_image = np.array([np.nan if r[k] is None else r[k] for r in got['per_image']])
     assert np.mean(np.isclose(per_image, want_tta[k], rtol=1e-6, equal_nan=True)) > 0.97, k
   assert 1 < got['hd95'] < np.hypot(16, 16)  # (not the empty masks' diagonal throughout)
+  # Post-processed as predict --largest_component: torch's masks reduced by a flood fill.
+  got = evaluate_checkpoint(converted, config, per_image=True, largest_component=True)
+  want_post = _torch_scores(ref, config, post=_largest_components_by_flood_fill)
+  assert got['largest_component'] and abs(got['dice'] - want['dice'].mean()) > 2e-3
+  for k, v in want_post.items():
+    assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
+    per_image = np.array([r[k] for r in got['per_image']])
+    assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k
 
 
 @pytest.mark.parametrize('classes', [1, 3])

@@ -17,7 +17,8 @@ the checkpoint's are used). `--per_image FILE.csv` also writes each image's scor
 image in the dataset's order, with its file name where the dataset has one (image folders do):
 sorted by Dice, it lists the images the model fails on. `--surface` adds boundary distances
 (HD95, ASSD: surface_distance.py), as medical segmentation reports them; `--confusion` the
-pixel confusion matrix. Several `--checkpoint`s score their ensemble, the mean of their
+pixel confusion matrix; `--largest_component` scores the predictions post-processed as
+`predict --largest_component` does. Several `--checkpoint`s score their ensemble, the mean of their
 probabilities (ensemble.py), or with `--cross_validation` each on its own held-out split, the
 images pooled (the folds of a k-fold run).
 """
@@ -155,14 +156,34 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
   return rows
 
 
+def _largest_components(scores: dict[str, np.ndarray],
+                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """A gathered batch's sums and scores again, for its predictions post-processed as
+  `predict --largest_component` post-processes them (keep_largest_component), by the same
+  metric code: each prediction as the logits that give it."""
+  from unet_jax.predict import keep_largest_component
+  pred = keep_largest_component(scores['pred'])
+  scored = scores['dice'].shape[1]
+  logits = (np.where(pred == 1, 1.0, -1.0)[..., None] if scored == 1
+            else np.eye(scored, dtype=np.float32)[pred])
+  new = jax.tree.map(np.asarray, losses.per_image_scores(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(scores['labels']),
+      jnp.asarray(scores['pixels'])))
+  return losses.summed_scores(new, jnp.asarray(scores['valid'])), {**scores, **new, 'pred': pred}
+
+
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
                    global_batch: int, maps: _MapScores, include_background: bool,
+                   largest_component: bool = False,
                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
-  read whole); each image's class maps added to `maps` when the step gives them."""
+  read whole); each image's class maps added to `maps` when the step gives them.
+  `largest_component`: of the predictions post-processed (_largest_components)."""
   sums, rows, file_name = None, [], _file_names(source)
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
+    if largest_component:
+      batch_sums, scores = _largest_components(jax.tree.map(np.asarray, scores))
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores),
                         maps, include_background)
@@ -194,7 +215,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
                         config: ml_collections.ConfigDict | None = None,
                         split: str | None = None, per_image: bool = False, tta: bool = False,
                         surface: bool = False, include_background: bool | None = None,
-                        confusion: bool = False) -> dict[str, Any]:
+                        confusion: bool = False, largest_component: bool = False,
+                        ) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices. Several checkpoints (a
   sequence of paths): their ensemble, the mean of their probabilities (ensemble.py); without
@@ -216,6 +238,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   `confusion`: also `confusion`, the pixel counts of each true class (rows) predicted as each
   class (columns), over the classes (2 for a binary model: background, foreground), ignored
   pixels left out.
+  `largest_component`: score the predictions post-processed as `predict --largest_component`
+  does (each class kept in its largest connected region of each image).
   """
   from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
   from unet_jax.train import build_model, eval_step, evaluation_sums
@@ -259,7 +283,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
         for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
   maps = _MapScores(surface, confusion, max(model.num_classes, 2))
-  step_fn = (functools.partial(_scores_step, maps=maps.needed) if per_image or maps.needed
+  host = per_image or maps.needed or largest_component  # (the class maps come to the host)
+  step_fn = (functools.partial(_scores_step, maps=maps.needed or largest_component) if host
              else eval_step)
   p_eval = parallel.distribute(
       functools.partial(step_fn, model=eval_model, ignore_id=info.ignore_id, tta=step_tta),
@@ -269,9 +294,10 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
     config.data.eval_split = name
     source = input_pipeline.load_sources(config)[1]
     batches = input_pipeline.eval_dataset(source, config)
-    if per_image or maps.needed:
+    if host:
       part, split_rows = _sums_and_rows(p_eval, variables, batches, name, source,
-                                        config.eval_batch_size, maps, include_background)
+                                        config.eval_batch_size, maps, include_background,
+                                        largest_component)
       rows += split_rows
     else:
       part = evaluation_sums(p_eval, variables, batches)
@@ -284,7 +310,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
                  dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
-                 include_background=bool(include_background))
+                 include_background=bool(include_background),
+                 largest_component=largest_component)
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -295,7 +322,8 @@ _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields t
 
 def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: bool = False,
                      surface: bool = False, include_background: bool | None = None,
-                     per_image: bool = False, confusion: bool = False) -> dict[str, Any]:
+                     per_image: bool = False, confusion: bool = False,
+                     largest_component: bool = False) -> dict[str, Any]:
   """The cross-validated scores of a k-fold run (nnU-Net's summary of its folds): each
   training workdir scored on its own run's held-out split (`split`: another of its splits),
   and the scores pooled over all those images, each image counting once, whichever fold
@@ -309,7 +337,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   folds, rows = [], []
   for path in paths:
     scored = evaluate_checkpoint(path, None, split, per_image=True, tta=tta, surface=surface,
-                                 include_background=include_background, confusion=confusion)
+                                 include_background=include_background, confusion=confusion,
+                                 largest_component=largest_component)
     folds.append(scored)
     rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
   kinds = {f['include_background'] for f in folds}
@@ -332,6 +361,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
     metrics[name] = float32_decimal(np.mean(values, dtype=np.float32)) if values else None
   metrics.update(images=len(rows), image_size=folds[0]['image_size'], split=folds[0]['split'],
                  dataset=folds[0]['dataset'], tta=tta, include_background=kinds.pop(),
+                 largest_component=largest_component,
                  folds=[{'checkpoint': p, 'step': f['step'], 'images': f['images'],
                          'dice': f['dice']} for p, f in zip(paths, folds, strict=True)])
   if confusion:
@@ -376,6 +406,7 @@ def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
   return (f'{checkpoint}{step} on {metrics["dataset"]!r}, split {metrics["split"]}: '
           f'{metrics["images"]} images at {size_text(size)}'
           f'{", logits averaged over flips" if metrics["tta"] else ""}'
+          f'{", largest connected regions only" if metrics["largest_component"] else ""}'
           f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
           f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
 
@@ -402,6 +433,7 @@ def _cross_validation_report(paths: Sequence[str], metrics: dict[str, Any]) -> s
           f'{metrics["images"]} images, each scored by the fold that held it out, at '
           f'{size_text(metrics["image_size"])}'
           f'{", logits averaged over flips" if metrics["tta"] else ""}'
+          f'{", largest connected regions only" if metrics["largest_component"] else ""}'
           f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
           f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
 
@@ -417,7 +449,8 @@ def main(argv: list[str]) -> None:
       _check_csv_destination(csv_path)
     options = dict(per_image=bool(csv_path), tta=flags.FLAGS.tta, surface=flags.FLAGS.surface,
                    include_background=flags.FLAGS.include_background,
-                   confusion=flags.FLAGS.confusion)
+                   confusion=flags.FLAGS.confusion,
+                   largest_component=flags.FLAGS.largest_component)
     if flags.FLAGS.cross_validation:
       if flags.FLAGS.config is not None:
         raise UserError('--cross_validation scores each workdir on its own run\'s held-out '
@@ -453,6 +486,8 @@ if __name__ == '__main__':
                     'k-fold run) on its own run\'s held-out split, and the pooled images')
   flags.DEFINE_bool('confusion', False, 'also the confusion matrix: pixels of each true class '
                     '(rows) predicted as each class (columns)')
+  flags.DEFINE_bool('largest_component', False, 'score the predictions post-processed as '
+                    'predict --largest_component (each class in its largest connected region)')
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
                     'Hausdorff) and assd (average symmetric surface distance), in pixels')
