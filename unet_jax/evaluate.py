@@ -182,11 +182,11 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
   sums, rows, file_name = None, [], _file_names(source)
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
+    scores = jax.tree.map(np.asarray, scores)
     if largest_component:
-      batch_sums, scores = _largest_components(jax.tree.map(np.asarray, scores))
+      batch_sums, scores = _largest_components(scores)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
-    rows += _image_rows(split, file_name, b * global_batch, jax.tree.map(np.asarray, scores),
-                        maps, include_background)
+    rows += _image_rows(split, file_name, b * global_batch, scores, maps, include_background)
   return jax.tree.map(np.asarray, sums), rows
 
 
@@ -241,11 +241,23 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   `largest_component`: score the predictions post-processed as `predict --largest_component`
   does (each class kept in its largest connected region of each image).
   """
-  from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
-  from unet_jax.train import build_model, eval_step, evaluation_sums
+  from unet_jax.checkpoint import load_pretrained_with_metadata
   paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
   loaded = [load_pretrained_with_metadata(p) for p in paths]
   check_one_task(paths, loaded)
+  return _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
+                          include_background, confusion, largest_component)
+
+
+def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict[str, Any]]],
+                     config: ml_collections.ConfigDict | None, split: str | None,
+                     per_image: bool, tta: bool, surface: bool,
+                     include_background: bool | None, confusion: bool,
+                     largest_component: bool) -> dict[str, Any]:
+  """evaluate_checkpoint of checkpoints already loaded: (model, variables, metadata) of each
+  of `paths`, checked to be one task."""
+  from unet_jax.checkpoint import model_config
+  from unet_jax.train import build_model, eval_step, evaluation_sums
   if config is None and len(paths) > 1:
     _ensemble_data(paths, [m for _, _, m in loaded])
   model, variables, meta = loaded[0]
@@ -333,12 +345,12 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   of other classes or inclusion of class 0, and an image scored by two of them."""
   from unet_jax.checkpoint import load_pretrained_with_metadata
   paths = list(checkpoints)
-  check_one_task(paths, [load_pretrained_with_metadata(p) for p in paths])
+  loaded = [load_pretrained_with_metadata(p) for p in paths]
+  check_one_task(paths, loaded)
   folds, rows = [], []
-  for path in paths:
-    scored = evaluate_checkpoint(path, None, split, per_image=True, tta=tta, surface=surface,
-                                 include_background=include_background, confusion=confusion,
-                                 largest_component=largest_component)
+  for path, fold in zip(paths, loaded, strict=True):
+    scored = _evaluate_loaded([path], [fold], None, split, True, tta, surface,
+                              include_background, confusion, largest_component)
     folds.append(scored)
     rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
   kinds = {f['include_background'] for f in folds}
@@ -393,6 +405,17 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     raise UserError(f'--per_image {path}: cannot write ({e.strerror})') from None
 
 
+def _how_and_scores(metrics: dict[str, Any]) -> str:
+  """The end of a report's first line (how the predictions were made and scored), the scores
+  for people, the confusion matrix if any, and the metrics as one JSON line."""
+  background_out = not metrics['include_background'] and 'dice_class1' in metrics
+  scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
+  return (f'{", logits averaged over flips" if metrics["tta"] else ""}'
+          f'{", largest connected regions only" if metrics["largest_component"] else ""}'
+          f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
+          f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
+
+
 def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
   """Two lines for people, then the metrics as one JSON line."""
   if len(paths) > 1:
@@ -400,15 +423,9 @@ def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
   else:
     checkpoint = paths[0]
     step = f' (step {metrics["step"]})' if metrics['step'] is not None else ''
-  size = metrics['image_size']
-  background_out = not metrics['include_background'] and 'dice_class1' in metrics
-  scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
   return (f'{checkpoint}{step} on {metrics["dataset"]!r}, split {metrics["split"]}: '
-          f'{metrics["images"]} images at {size_text(size)}'
-          f'{", logits averaged over flips" if metrics["tta"] else ""}'
-          f'{", largest connected regions only" if metrics["largest_component"] else ""}'
-          f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
-          f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
+          f'{metrics["images"]} images at {size_text(metrics["image_size"])}'
+          f'{_how_and_scores(metrics)}')
 
 
 def _confusion_lines(metrics: dict[str, Any]) -> str:
@@ -427,15 +444,9 @@ def _cross_validation_report(paths: Sequence[str], metrics: dict[str, Any]) -> s
   """A line per fold and one for the pooled images, the pooled scores, then one JSON line."""
   folds = '\n'.join(f'{f["checkpoint"]} (step {f["step"]}): {f["images"]} images, dice '
                     f'{f["dice"]:.4f}' for f in metrics['folds'])
-  scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
-  background_out = not metrics['include_background'] and 'dice_class1' in metrics
   return (f'{folds}\ncross-validation of {len(paths)} folds on {metrics["dataset"]!r}: '
           f'{metrics["images"]} images, each scored by the fold that held it out, at '
-          f'{size_text(metrics["image_size"])}'
-          f'{", logits averaged over flips" if metrics["tta"] else ""}'
-          f'{", largest connected regions only" if metrics["largest_component"] else ""}'
-          f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
-          f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
+          f'{size_text(metrics["image_size"])}{_how_and_scores(metrics)}')
 
 
 def main(argv: list[str]) -> None:
