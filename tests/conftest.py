@@ -1,11 +1,14 @@
 """Shared helpers: the PyTorch reference is in tests/torch_reference.py, written from SEED.md."""
 
 import atexit
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numpy as np
 import pytest
@@ -109,6 +112,22 @@ def without_compilation_cache(env: dict) -> dict:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 
+@contextlib.contextmanager
+def print_hooks_kept():
+  """Puts back what errors.quiet_failed_saves leaves installed after a refused write (log
+  filters that hold back other threads' records, the thread and unraisable hooks): the process
+  is about to end then; a test process is not."""
+  loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
+  filters = [list(x.filters) for x in loggers]
+  hooks = sys.unraisablehook, threading.excepthook
+  try:
+    yield
+  finally:
+    for logger, kept in zip(loggers, filters, strict=True):
+      logger.filters[:] = kept
+    sys.unraisablehook, threading.excepthook = hooks
+
+
 @pytest.fixture
 def small_disk(tmp_path):
   """A 4 MiB tmpfs (root only): a real 'No space left on device'. Room for a dozen of the tiny
@@ -120,6 +139,7 @@ def small_disk(tmp_path):
                     capture_output=True).returncode != 0:
     pytest.skip('cannot mount a small tmpfs here')
   try:
-    yield mount
+    with print_hooks_kept():
+      yield mount
   finally:
     subprocess.run(['umount', '-l', str(mount)], capture_output=True)

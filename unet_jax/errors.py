@@ -5,6 +5,7 @@ import contextlib
 import errno
 import logging
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -40,9 +41,15 @@ def disk_error(e: BaseException) -> str | None:
 
 
 class _DiskErrorFilter(logging.Filter):
-  """Drops log records about a write the disk refused (in the message or the exception)."""
+  """Drops log records about a write the disk refused (in the message or the exception), and
+  once the main thread has seen such a refusal (`after_failure`), every record from another
+  thread: those are the abandoned save's."""
+
+  after_failure = False
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if self.after_failure and record.thread != threading.main_thread().ident:
+      return False
     if record.exc_info and record.exc_info[1] is not None and disk_error(record.exc_info[1]):
       return False
     try:
@@ -50,6 +57,10 @@ class _DiskErrorFilter(logging.Filter):
     except Exception:  # a malformed record: let the handler report it as it would
       return True
     return disk_error(Exception(message)) is None
+
+
+def _hold_back(args: threading.ExceptHookArgs) -> None:
+  """A thread's uncaught exception, not printed."""
 
 
 @contextlib.contextmanager
@@ -61,20 +72,30 @@ def quiet_failed_saves() -> Iterator[None]:
   write, measured on a full 2 MiB disk: three of them, about 250 lines) and TensorStore's
   callbacks that arrive after the failed save closed its event loop ('Event loop is closed',
   each an unraisable exception with a traceback: 249 of them, about 800 lines). Logs about
-  anything else, and any other unraisable exception, are shown as usual. When the block ends
-  in a refused write the filters stay for the rest of the process, which is about to report it:
-  the failed save's threads and its abandoned futures can print after the main thread has seen
-  the error (asyncio's 'Future exception was never retrieved' logs and an un-awaited
-  coroutine's warning as the process ends, 320-680 lines after train.py's error line in one run
-  of six).
+  anything else, and any other unraisable exception, are shown as usual.
+
+  When the block ends in a refused write the filters stay for the rest of the process, which is
+  about to report it, and from then on they hold back everything the other threads log, raise
+  or leave unraisable: the failed save's threads and its abandoned futures go on after the main
+  thread has seen the error, and what they print then is not about the disk. Seen: asyncio's
+  'Future exception was never retrieved' logs and an un-awaited coroutine's warning as the
+  process ends (320-680 lines after train.py's error line in one run of six), and an Orbax
+  writer thread still serialising when the interpreter shut down, whose 'cannot schedule new
+  futures after interpreter shutdown' came with a 45-line traceback (one run of 22 on 2 busy
+  cores).
   """
   loggers = [logging.getLogger('absl'), logging.getLogger('asyncio')]  # Orbax's, the loops'
   log_filter = _DiskErrorFilter()
   previous_hook = sys.unraisablehook
 
+  def from_another_thread() -> bool:
+    return threading.current_thread() is not threading.main_thread()
+
   def hook(unraisable):
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    if log_filter.after_failure and from_another_thread():
       return
     previous_hook(unraisable)
 
@@ -92,6 +113,8 @@ def quiet_failed_saves() -> Iterator[None]:
     if disk_error(e) is None:
       restore()
     else:
+      log_filter.after_failure = True
+      threading.excepthook = _hold_back  # (it only ever sees threads other than the main one)
       warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited", RuntimeWarning)
     raise
   restore()
