@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import TFDS_DIR, max_rel_err, move_off_init, nchw, nhwc
-from test_predict import _largest_components_by_flood_fill, torch_flip_tta
+from test_predict import (
+    _largest_components_by_flood_fill,
+    _small_regions_removed_by_flood_fill,
+    torch_flip_tta,
+)
 from test_train import REPO, _env, tiny_config
 from torch_reference import SeedUNet
 
@@ -23,7 +27,7 @@ from unet_jax.checkpoint import model_from_config
 from unet_jax.convert import state_dict_to_flax, torch_to_flax
 from unet_jax.ensemble import Ensemble
 from unet_jax.errors import UserError
-from unet_jax.evaluate import evaluate_checkpoint
+from unet_jax.evaluate import _report, evaluate_checkpoint
 
 
 def _torch_scores(ref, config, tta=False, surface=False, confusion=None, post=None):
@@ -134,6 +138,20 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
     assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
     per_image = np.array([r[k] for r in got['per_image']])
     assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k
+  # As predict --min_region_size 5: torch's masks, their 4-connected specks removed.
+  got = evaluate_checkpoint(converted, config, per_image=True, min_region_size=5)
+  want_small = _torch_scores(ref, config,
+                             post=lambda m: _small_regions_removed_by_flood_fill(m, 5))
+  assert got['min_region_size'] == 5 and not got['largest_component']
+  assert abs(got['dice'] - want['dice'].mean()) > 2e-3
+  assert abs(got['dice'] - want_post['dice'].mean()) > 2e-3
+  for k, v in want_small.items():
+    assert got[k] == pytest.approx(v.mean(), abs=1e-3), k
+    per_image = np.array([r[k] for r in got['per_image']])
+    assert np.mean(np.abs(per_image - v) < 1e-6) > 0.97, k
+  assert (_report([converted], got).split('\n')[0]
+          == f'{converted} on \'synthetic_shapes\', split test: 204 images at 16x16, regions '
+          'under 5 pixels removed')
 
 
 @pytest.mark.parametrize('classes', [1, 3])
@@ -220,3 +238,10 @@ def test_cli_per_image_destination_is_checked_before_compute(tmp_path):
   assert out.stderr.strip() == (f'error: --per_image {tmp_path}/no/scores.csv: no such folder '
                                 f'{tmp_path}/no; create it or choose another path')
   assert not os.listdir(tmp_path)
+  # So is the post-processing's size, before any checkpoint is read.
+  out = subprocess.run(
+      [sys.executable, '-m', 'unet_jax.evaluate', '--checkpoint', str(tmp_path / 'nowhere'),
+       '--min_region_size=-3'], cwd=REPO, env=_env(1), capture_output=True, text=True,
+      timeout=600)
+  assert (out.returncode, out.stderr) == (2, 'error: min_region_size=-3 must be at least 0 (0: '
+                                             'keep regions of any size)\n')

@@ -431,11 +431,13 @@ def test_cli_ensemble_refuses_checkpoints_of_other_tasks(tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
-def _largest_components_by_flood_fill(classes):
-  """Each class but 0 kept in its largest 8-connected region (the first found in reading
-  order among equals), by a breadth-first flood fill written for the test."""
-  out = classes.copy()
+def _regions_by_flood_fill(classes, diagonal):
+  """Each class but 0: its connected regions (lists of pixels), in reading order of their first
+  pixel, by a breadth-first flood fill written for the test; 8 neighbours with `diagonal`,
+  else 4."""
   h, w = classes.shape
+  steps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+           if (dy or dx) and (diagonal or not (dy and dx))]
   seen = np.zeros((h, w), bool)
   regions = {}
   for y in range(h):
@@ -448,17 +450,33 @@ def _largest_components_by_flood_fill(classes):
       while queue:
         cy, cx = queue.pop()
         region.append((cy, cx))
-        for dy in (-1, 0, 1):
-          for dx in (-1, 0, 1):
-            ny, nx = cy + dy, cx + dx
-            if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and classes[ny, nx] == c:
-              seen[ny, nx] = True
-              queue.append((ny, nx))
+        for dy, dx in steps:
+          ny, nx = cy + dy, cx + dx
+          if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and classes[ny, nx] == c:
+            seen[ny, nx] = True
+            queue.append((ny, nx))
       regions.setdefault(c, []).append(region)
-  for found in regions.values():
+  return regions
+
+
+def _largest_components_by_flood_fill(classes):
+  """Each class but 0 kept in its largest 8-connected region (the first among equals)."""
+  out = classes.copy()
+  for found in _regions_by_flood_fill(classes, diagonal=True).values():
     keep = max(range(len(found)), key=lambda k: (len(found[k]), -k))  # (first of equals)
     for k, region in enumerate(found):
       if k != keep:
+        for y, x in region:
+          out[y, x] = 0
+  return out
+
+
+def _small_regions_removed_by_flood_fill(classes, min_size):
+  """Each 4-connected region of a class but 0 with fewer than `min_size` pixels set to 0."""
+  out = classes.copy()
+  for found in _regions_by_flood_fill(classes, diagonal=False).values():
+    for region in found:
+      if len(region) < min_size:
         for y, x in region:
           out[y, x] = 0
   return out
@@ -474,7 +492,42 @@ def test_largest_component_as_a_flood_fill_finds_it(tmp_path, capsys):
   for m, g in zip(masks, got, strict=True):
     np.testing.assert_array_equal(g, _largest_components_by_flood_fill(m))
   assert (got != masks).any() and got[2, 2, 2] == 1 and got[2, 8, 8] == 0
-  # The command line writes them; its plain masks hold more than one region.
+
+
+def test_small_regions_as_a_flood_fill_finds_them():
+  from unet_jax.post_processing import PostProcessing, keep_largest_component, remove_small_regions
+  rng = np.random.default_rng(12)
+  masks = rng.choice(4, size=(2, 3, 17, 23), p=[0.4, 0.3, 0.2, 0.1]).astype(np.int32)
+  for min_size in (0, 1, 2, 3, 5, 1000):
+    got = remove_small_regions(masks, min_size)
+    for index in np.ndindex(2, 3):
+      np.testing.assert_array_equal(
+          got[index], _small_regions_removed_by_flood_fill(masks[index], min_size))
+    assert (got == masks).all() if min_size <= 1 else (got != masks).any()
+  assert not remove_small_regions(masks, 1000).any()
+  # 4 neighbours: two pixels touching at a corner are two regions of one pixel (8 neighbours,
+  # as keep_largest_component counts, make them one).
+  corner = np.zeros((5, 5), np.int32)
+  corner[1, 1] = corner[2, 2] = 1
+  assert not remove_small_regions(corner, 2).any()
+  np.testing.assert_array_equal(keep_largest_component(corner), corner)
+  # Both: small regions go first. The other order differs where the largest 8-connected
+  # region is specks that touch at corners.
+  both = PostProcessing(largest_component=True, min_region_size=4)(masks)
+  np.testing.assert_array_equal(both, keep_largest_component(remove_small_regions(masks, 4)))
+  specks = np.zeros((1, 10, 10), np.int32)
+  specks[0, range(7), range(7)] = 1  # (a diagonal: one region of 7 with 8 neighbours)
+  specks[0, 8:, :3] = 1  # (2x3: one region of 6 either way)
+  kept = PostProcessing(largest_component=True, min_region_size=2)(specks)
+  np.testing.assert_array_equal(kept[0, 8:, :3], 1)
+  assert kept.sum() == 6 and not remove_small_regions(keep_largest_component(specks), 2).any()
+  assert not PostProcessing() and PostProcessing()(masks) is masks
+
+
+def test_post_processing_in_predict_and_its_command_line(tmp_path, capsys):
+  from unet_jax.post_processing import keep_largest_component, remove_small_regions
+  # The plain masks of this model hold many regions, of many sizes.
+  rng = np.random.default_rng(11)
   image = (rng.random((40, 44)) * 255).astype(np.uint8)
   _write(tmp_path / 'a.png', image)
   ref = move_off_init(SeedUNet(1, 1, base=4, depth=2), 1, 1, seed=1).eval()
@@ -497,3 +550,20 @@ def test_largest_component_as_a_flood_fill_finds_it(tmp_path, capsys):
                str(tmp_path / 'out'), '--largest_component']) == 0, capsys.readouterr().err
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_mask.png')),
                                 np.where(want == 1, 200, 0))
+  # Regions under 6 pixels removed, alone and with the largest region kept.
+  small_gone = unet_jax.predict(model, variables, image[..., None], min_region_size=6)
+  np.testing.assert_array_equal(small_gone, remove_small_regions(plain, 6))
+  assert (small_gone != plain).any() and (small_gone != want).any()
+  assert main([str(tmp_path / 'a.png'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out'), '--min_region_size', '6']) == 0, capsys.readouterr().err
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_mask.png')),
+                                np.where(small_gone == 1, 200, 0))
+  np.testing.assert_array_equal(
+      unet_jax.predict(model, variables, image[..., None], largest_component=True,
+                       min_region_size=1000), np.zeros_like(plain))
+  capsys.readouterr()
+  assert main([str(tmp_path / 'a.png'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out2'), '--min_region_size', '-1']) == 2
+  assert capsys.readouterr().err == ('error: min_region_size=-1 must be at least 0 (0: keep '
+                                     'regions of any size)\n')
+  assert not (tmp_path / 'out2').exists()

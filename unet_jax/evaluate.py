@@ -17,10 +17,10 @@ the checkpoint's are used). `--per_image FILE.csv` also writes each image's scor
 image in the dataset's order, with its file name where the dataset has one (image folders do):
 sorted by Dice, it lists the images the model fails on. `--surface` adds boundary distances
 (HD95, ASSD: surface_distance.py), as medical segmentation reports them; `--confusion` the
-pixel confusion matrix; `--largest_component` scores the predictions post-processed as
-`predict --largest_component` does. Several `--checkpoint`s score their ensemble, the mean of their
-probabilities (ensemble.py), or with `--cross_validation` each on its own held-out split, the
-images pooled (the folds of a k-fold run).
+pixel confusion matrix; `--largest_component` and `--min_region_size` score the predictions
+post-processed as `predict` does with them. Several `--checkpoint`s score their ensemble, the
+mean of their probabilities (ensemble.py), or with `--cross_validation` each on its own
+held-out split, the images pooled (the folds of a k-fold run).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import size_text, training_size
+from unet_jax.post_processing import PostProcessing
 from unet_jax.reporting import float32_decimal
 
 ALL_SPLITS = 'all'
@@ -156,13 +157,12 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
   return rows
 
 
-def _largest_components(scores: dict[str, np.ndarray],
-                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """A gathered batch's sums and scores again, for its predictions post-processed as
-  `predict --largest_component` post-processes them (keep_largest_component), by the same
-  metric code: each prediction as the logits that give it."""
-  from unet_jax.predict import keep_largest_component
-  pred = keep_largest_component(scores['pred'])
+  `predict` post-processes them with the same flags (`post`), by the same metric code: each
+  prediction as the logits that give it."""
+  pred = post(scores['pred'])
   scored = scores['dice'].shape[1]
   logits = (np.where(pred == 1, 1.0, -1.0)[..., None] if scored == 1
             else np.eye(scored, dtype=np.float32)[pred])
@@ -174,17 +174,17 @@ def _largest_components(scores: dict[str, np.ndarray],
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
                    global_batch: int, maps: _MapScores, include_background: bool,
-                   largest_component: bool = False,
+                   post: PostProcessing | None = None,
                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
   read whole); each image's class maps added to `maps` when the step gives them.
-  `largest_component`: of the predictions post-processed (_largest_components)."""
+  `post`: of the predictions post-processed (_post_processed)."""
   sums, rows, file_name = None, [], _file_names(source)
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
     scores = jax.tree.map(np.asarray, scores)
-    if largest_component:
-      batch_sums, scores = _largest_components(scores)
+    if post:  # (None, or one that does nothing: the scores as they are)
+      batch_sums, scores = _post_processed(scores, post)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     rows += _image_rows(split, file_name, b * global_batch, scores, maps, include_background)
   return jax.tree.map(np.asarray, sums), rows
@@ -216,7 +216,7 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
                         split: str | None = None, per_image: bool = False, tta: bool = False,
                         surface: bool = False, include_background: bool | None = None,
                         confusion: bool = False, largest_component: bool = False,
-                        ) -> dict[str, Any]:
+                        min_region_size: int = 0) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices. Several checkpoints (a
   sequence of paths): their ensemble, the mean of their probabilities (ensemble.py); without
@@ -238,22 +238,24 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   `confusion`: also `confusion`, the pixel counts of each true class (rows) predicted as each
   class (columns), over the classes (2 for a binary model: background, foreground), ignored
   pixels left out.
-  `largest_component`: score the predictions post-processed as `predict --largest_component`
-  does (each class kept in its largest connected region of each image).
+  `largest_component`, `min_region_size`: score the predictions post-processed as `predict`
+  does with those flags (post_processing.py: each class kept in its largest connected region
+  of each image; its regions of fewer pixels, at image_size, set to class 0).
   """
+  post = PostProcessing(largest_component, min_region_size)
   from unet_jax.checkpoint import load_pretrained_with_metadata
   paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
   loaded = [load_pretrained_with_metadata(p) for p in paths]
   check_one_task(paths, loaded)
   return _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
-                          include_background, confusion, largest_component)
+                          include_background, confusion, post)
 
 
 def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict[str, Any]]],
                      config: ml_collections.ConfigDict | None, split: str | None,
                      per_image: bool, tta: bool, surface: bool,
                      include_background: bool | None, confusion: bool,
-                     largest_component: bool) -> dict[str, Any]:
+                     post: PostProcessing) -> dict[str, Any]:
   """evaluate_checkpoint of checkpoints already loaded: (model, variables, metadata) of each
   of `paths`, checked to be one task."""
   from unet_jax.checkpoint import model_config
@@ -295,8 +297,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
         for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
   maps = _MapScores(surface, confusion, max(model.num_classes, 2))
-  host = per_image or maps.needed or largest_component  # (the class maps come to the host)
-  step_fn = (functools.partial(_scores_step, maps=maps.needed or largest_component) if host
+  host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
+  step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
              else eval_step)
   p_eval = parallel.distribute(
       functools.partial(step_fn, model=eval_model, ignore_id=info.ignore_id, tta=step_tta),
@@ -309,7 +311,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     if host:
       part, split_rows = _sums_and_rows(p_eval, variables, batches, name, source,
                                         config.eval_batch_size, maps, include_background,
-                                        largest_component)
+                                        post)
       rows += split_rows
     else:
       part = evaluation_sums(p_eval, variables, batches)
@@ -323,7 +325,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
                  dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
                  include_background=bool(include_background),
-                 largest_component=largest_component)
+                 largest_component=post.largest_component, min_region_size=post.min_region_size)
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -335,7 +337,8 @@ _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields t
 def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: bool = False,
                      surface: bool = False, include_background: bool | None = None,
                      per_image: bool = False, confusion: bool = False,
-                     largest_component: bool = False) -> dict[str, Any]:
+                     largest_component: bool = False, min_region_size: int = 0,
+                     ) -> dict[str, Any]:
   """The cross-validated scores of a k-fold run (nnU-Net's summary of its folds): each
   training workdir scored on its own run's held-out split (`split`: another of its splits),
   and the scores pooled over all those images, each image counting once, whichever fold
@@ -344,13 +347,14 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   `checkpoint`; with `confusion` the sum of the folds' confusion matrices. Refuses checkpoints
   of other classes or inclusion of class 0, and an image scored by two of them."""
   from unet_jax.checkpoint import load_pretrained_with_metadata
+  post = PostProcessing(largest_component, min_region_size)
   paths = list(checkpoints)
   loaded = [load_pretrained_with_metadata(p) for p in paths]
   check_one_task(paths, loaded)
   folds, rows = [], []
   for path, fold in zip(paths, loaded, strict=True):
     scored = _evaluate_loaded([path], [fold], None, split, True, tta, surface,
-                              include_background, confusion, largest_component)
+                              include_background, confusion, post)
     folds.append(scored)
     rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
   kinds = {f['include_background'] for f in folds}
@@ -373,7 +377,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
     metrics[name] = float32_decimal(np.mean(values, dtype=np.float32)) if values else None
   metrics.update(images=len(rows), image_size=folds[0]['image_size'], split=folds[0]['split'],
                  dataset=folds[0]['dataset'], tta=tta, include_background=kinds.pop(),
-                 largest_component=largest_component,
+                 largest_component=post.largest_component, min_region_size=post.min_region_size,
                  folds=[{'checkpoint': p, 'step': f['step'], 'images': f['images'],
                          'dice': f['dice']} for p, f in zip(paths, folds, strict=True)])
   if confusion:
@@ -410,8 +414,8 @@ def _how_and_scores(metrics: dict[str, Any]) -> str:
   for people, the confusion matrix if any, and the metrics as one JSON line."""
   background_out = not metrics['include_background'] and 'dice_class1' in metrics
   scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
-  return (f'{", logits averaged over flips" if metrics["tta"] else ""}'
-          f'{", largest connected regions only" if metrics["largest_component"] else ""}'
+  post = PostProcessing(metrics['largest_component'], metrics['min_region_size'])
+  return (f'{", logits averaged over flips" if metrics["tta"] else ""}{post.description()}'
           f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
           f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
 
@@ -461,7 +465,8 @@ def main(argv: list[str]) -> None:
     options = dict(per_image=bool(csv_path), tta=flags.FLAGS.tta, surface=flags.FLAGS.surface,
                    include_background=flags.FLAGS.include_background,
                    confusion=flags.FLAGS.confusion,
-                   largest_component=flags.FLAGS.largest_component)
+                   largest_component=flags.FLAGS.largest_component,
+                   min_region_size=flags.FLAGS.min_region_size)
     if flags.FLAGS.cross_validation:
       if flags.FLAGS.config is not None:
         raise UserError('--cross_validation scores each workdir on its own run\'s held-out '
@@ -499,6 +504,9 @@ if __name__ == '__main__':
                     '(rows) predicted as each class (columns)')
   flags.DEFINE_bool('largest_component', False, 'score the predictions post-processed as '
                     'predict --largest_component (each class in its largest connected region)')
+  flags.DEFINE_integer('min_region_size', 0, 'score the predictions post-processed as predict '
+                       '--min_region_size (each region of a class with fewer pixels, at '
+                       'image_size, set to class 0)')
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
                     'Hausdorff) and assd (average symmetric surface distance), in pixels')

@@ -40,6 +40,8 @@ from unet_jax.image_io import (
 )
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
+from unet_jax.post_processing import PostProcessing
+from unet_jax.post_processing import keep_largest_component as keep_largest_component
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +164,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
             size: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
             threshold: float = 0.5, resample: str = 'bilinear',
-            largest_component: bool = False) -> np.ndarray:
+            largest_component: bool = False, min_region_size: int = 0) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
   `size`: the network sees each image at size x size (or (height, width)), as in training,
@@ -171,8 +173,11 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   Binary models (1 output channel): foreground where the probability exceeds `threshold`
   (milesial's --mask-threshold); others take the argmax.
   `largest_component`: each class kept only in its largest connected region of each image
-  (keep_largest_component).
+  (post_processing.keep_largest_component).
+  `min_region_size`: each connected region of a class with fewer pixels (at the images' own
+  size) set to class 0 (post_processing.remove_small_regions).
   """
+  post = PostProcessing(largest_component, min_region_size)
   _check_threshold(model, threshold)
   images = np.asarray(images)
   single = images.ndim == 3
@@ -183,9 +188,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta, resample=resample)
-  classes = classes_from_logits(logits, threshold)
-  if largest_component:
-    classes = keep_largest_component(classes)
+  classes = post(classes_from_logits(logits, threshold))
   return classes[0] if single else classes
 
 
@@ -194,26 +197,6 @@ def classes_from_logits(logits: np.ndarray, threshold: float = 0.5) -> np.ndarra
   if threshold == 0.5:  # the logit above 0, as training's evaluation takes it
     return np.asarray(predict_classes(jnp.asarray(logits)))
   return (logits[..., 0] > np.log(threshold / (1 - threshold))).astype(np.int32)
-
-
-def keep_largest_component(classes: np.ndarray) -> np.ndarray:
-  """Class ids (..., H, W) with each class but 0 kept only in its largest connected region of
-  each image (8-neighbour connectivity; of equal ones the first in reading order), its other
-  pixels set to 0: MONAI's `KeepLargestConnectedComponent(independent=True)` with its default
-  connectivity, nnU-Net's post-processing. For one object per class: stray blobs go."""
-  from scipy import ndimage
-  touching = ndimage.generate_binary_structure(2, 2)  # (diagonal neighbours too)
-  out = np.array(classes, copy=True)
-  for index in np.ndindex(out.shape[:-2]):
-    image = out[index]
-    for c in np.unique(image):
-      if c == 0:
-        continue
-      regions, count = ndimage.label(image == c, touching)
-      if count > 1:
-        largest = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
-        image[(regions > 0) & (regions != largest)] = 0
-  return out
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -361,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--largest_component', action='store_true',
                  help='keep each class only in its largest connected region of each image, '
                       'the rest background (MONAI\'s KeepLargestConnectedComponent)')
+  p.add_argument('--min_region_size', type=int, default=0, metavar='PIXELS',
+                 help='set each connected region of a class with fewer pixels than this (in '
+                      'the mask as written) to background (scikit-image\'s '
+                      'remove_small_objects, MONAI\'s RemoveSmallObjects); default 0: none')
   p.add_argument('--probabilities', action='store_true',
                  help='also write NAME_prob.npy: float32 (H, W, C) probabilities (sigmoid of '
                       'the one channel, or softmax over the classes)')
@@ -379,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from unet_jax.checkpoint import load_pretrained_with_metadata
   try:
+    post = PostProcessing(args.largest_component, args.min_region_size)
     files = _collect(args.inputs)
     loaded = [load_pretrained_with_metadata(c) for c in args.checkpoint]
     check_one_task(args.checkpoint, loaded)
@@ -437,8 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           masks = classes_from_probabilities(probs, args.threshold)
           if not args.probabilities:
             probs = [None] * len(indices)
-        if args.largest_component:
-          masks = keep_largest_component(masks)
+        masks = post(masks)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = os.path.splitext(os.path.basename(files[i]))[0]
           tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')

@@ -1,0 +1,93 @@
+"""Post-processing of predicted class maps, on the host: what `predict` writes with
+`--largest_component` / `--min_region_size`, and what `evaluate` scores with the same flags.
+
+Both act on each class but 0 (the background) in each image alone, and set the pixels they
+drop to 0. They are the two MONAI transforms nnU-Net-style pipelines use after the argmax:
+`KeepLargestConnectedComponent` (nnU-Net's own post-processing) and `RemoveSmallObjects`.
+(`unet_jax.predict.keep_largest_component`, where it was first, is this one.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from unet_jax.errors import UserError
+
+
+def _regions(mask: np.ndarray, diagonal: bool) -> tuple[np.ndarray, int]:
+  """scipy's labels of the connected regions of a boolean (H, W) mask, and their count."""
+  from scipy import ndimage
+  return ndimage.label(mask, ndimage.generate_binary_structure(2, 2 if diagonal else 1))
+
+
+def keep_largest_component(classes: np.ndarray) -> np.ndarray:
+  """Class ids (..., H, W) with each class but 0 kept only in its largest connected region of
+  each image (8-neighbour connectivity; of equal ones the first in reading order), its other
+  pixels set to 0: MONAI's `KeepLargestConnectedComponent(independent=True)` with its default
+  connectivity, nnU-Net's post-processing. For one object per class: stray blobs go."""
+  out = np.array(classes, copy=True)
+  for index in np.ndindex(out.shape[:-2]):
+    image = out[index]
+    for c in np.unique(image):
+      if c == 0:
+        continue
+      regions, count = _regions(image == c, diagonal=True)
+      if count > 1:
+        largest = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
+        image[(regions > 0) & (regions != largest)] = 0
+  return out
+
+
+def remove_small_regions(classes: np.ndarray, min_size: int) -> np.ndarray:
+  """Class ids (..., H, W) with each connected region of a class but 0 that has fewer than
+  `min_size` pixels set to 0, in each image: scikit-image's
+  `remove_small_objects(mask, min_size)` on each class's mask with its default connectivity
+  (4 neighbours; MONAI's `RemoveSmallObjects(min_size)` likewise). For several objects per
+  class, where keeping the largest would drop real ones: specks go, whatever their number."""
+  out = np.array(classes, copy=True)
+  if min_size <= 1:
+    return out
+  for index in np.ndindex(out.shape[:-2]):
+    image = out[index]
+    for c in np.unique(image):
+      if c == 0:
+        continue
+      regions, _ = _regions(image == c, diagonal=False)
+      small = np.bincount(regions.ravel()) < min_size
+      small[0] = False  # (label 0: the other classes)
+      image[small[regions]] = 0
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcessing:
+  """Which post-processing a prediction gets: none by default. Both: small regions go first,
+  then each class keeps its largest region of those left (the order matters, as regions are
+  counted with 4 neighbours for the one and 8 for the other: a largest region of specks that
+  touch at corners would go whole, and a smaller solid one with it)."""
+  largest_component: bool = False
+  min_region_size: int = 0
+
+  def __post_init__(self):
+    if self.min_region_size < 0:
+      raise UserError(f'min_region_size={self.min_region_size} must be at least 0 (0: keep '
+                      'regions of any size)')
+
+  def __bool__(self) -> bool:
+    return self.largest_component or self.min_region_size > 1
+
+  def __call__(self, classes: np.ndarray) -> np.ndarray:
+    """Class ids (..., H, W), post-processed; the input itself when there is nothing to do."""
+    if self.min_region_size > 1:
+      classes = remove_small_regions(classes, self.min_region_size)
+    if self.largest_component:
+      classes = keep_largest_component(classes)
+    return classes
+
+  def description(self) -> str:
+    """For a report's first line, e.g. ', largest connected regions only'; '' for none."""
+    small = self.min_region_size > 1
+    return (f'{f", regions under {self.min_region_size} pixels removed" if small else ""}'
+            f'{", largest connected regions only" if self.largest_component else ""}')
