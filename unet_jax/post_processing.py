@@ -10,6 +10,7 @@ drop to 0. They are the two MONAI transforms nnU-Net-style pipelines use after t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,22 +23,33 @@ def _regions(mask: np.ndarray, diagonal: bool) -> tuple[np.ndarray, int]:
   return ndimage.label(mask, ndimage.generate_binary_structure(2, 2 if diagonal else 1))
 
 
+def _drop_from_each_class(classes: np.ndarray,
+                          drop: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+  """Class ids (..., H, W) with the pixels that `drop` picks from each class's (H, W) boolean
+  mask, for each class but 0 of each image, set to 0."""
+  out = np.array(classes, copy=True)
+  for index in np.ndindex(out.shape[:-2]):
+    image = out[index]
+    for c in np.unique(image):
+      if c != 0:
+        image[drop(image == c)] = 0
+  return out
+
+
+def _all_but_largest(mask: np.ndarray) -> np.ndarray:
+  regions, count = _regions(mask, diagonal=True)
+  if count < 2:
+    return np.zeros_like(mask)
+  largest = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))  # (of equals, the first)
+  return (regions > 0) & (regions != largest)
+
+
 def keep_largest_component(classes: np.ndarray) -> np.ndarray:
   """Class ids (..., H, W) with each class but 0 kept only in its largest connected region of
   each image (8-neighbour connectivity; of equal ones the first in reading order), its other
   pixels set to 0: MONAI's `KeepLargestConnectedComponent(independent=True)` with its default
   connectivity, nnU-Net's post-processing. For one object per class: stray blobs go."""
-  out = np.array(classes, copy=True)
-  for index in np.ndindex(out.shape[:-2]):
-    image = out[index]
-    for c in np.unique(image):
-      if c == 0:
-        continue
-      regions, count = _regions(image == c, diagonal=True)
-      if count > 1:
-        largest = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
-        image[(regions > 0) & (regions != largest)] = 0
-  return out
+  return _drop_from_each_class(classes, _all_but_largest)
 
 
 def remove_small_regions(classes: np.ndarray, min_size: int) -> np.ndarray:
@@ -46,19 +58,15 @@ def remove_small_regions(classes: np.ndarray, min_size: int) -> np.ndarray:
   `remove_small_objects(mask, min_size)` on each class's mask with its default connectivity
   (4 neighbours; MONAI's `RemoveSmallObjects(min_size)` likewise). For several objects per
   class, where keeping the largest would drop real ones: specks go, whatever their number."""
-  out = np.array(classes, copy=True)
+  def small_ones(mask: np.ndarray) -> np.ndarray:
+    regions, _ = _regions(mask, diagonal=False)
+    small = np.bincount(regions.ravel()) < min_size
+    small[0] = False  # (label 0: not this class)
+    return small[regions]
+
   if min_size <= 1:
-    return out
-  for index in np.ndindex(out.shape[:-2]):
-    image = out[index]
-    for c in np.unique(image):
-      if c == 0:
-        continue
-      regions, _ = _regions(image == c, diagonal=False)
-      small = np.bincount(regions.ravel()) < min_size
-      small[0] = False  # (label 0: the other classes)
-      image[small[regions]] = 0
-  return out
+    return np.array(classes, copy=True)
+  return _drop_from_each_class(classes, small_ones)
 
 
 @dataclasses.dataclass(frozen=True)
