@@ -249,6 +249,9 @@ def test_cli_reads_16_bit_gray_as_its_8_bit_values(tmp_path, converted, capsys):
     (lambda d: _write(d / 'x.png', np.zeros((32, 32, 3), np.uint8)),
      'x.png: is a colour (RGB) image but the model takes 1 channel'),
     (lambda d: os.makedirs(d / 'empty'), 'empty: no PNG/JPEG/TIFF/BMP/GIF images in this folder'),
+    (lambda d: None, 'x.png: no such file or folder'),
+    (lambda d: os.mkfifo(d / 'x.png'), 'x.png: is neither a file nor a folder (a pipe, socket or '
+                                       'device); give image files or folders'),
     (lambda d: _write(d / 'x.png', np.zeros((3, 40), np.uint8)),
      'x.png: 40x3 is smaller than the model\'s minimum 4x4'),
     (lambda d: Image.fromarray(np.zeros((32, 32), np.float32)).save(d / 'x.tif'),

@@ -249,6 +249,9 @@ def _collect(inputs: Sequence[str]) -> list[str]:
       files += found
     elif os.path.isfile(path):
       files.append(path)
+    elif os.path.exists(path):
+      raise UserError(f'{path}: is neither a file nor a folder (a pipe, socket or device); give '
+                      'image files or folders')
     else:
       raise UserError(f'{path}: no such file or folder')
   unique, seen = [], set()
