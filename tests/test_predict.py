@@ -485,7 +485,7 @@ def _small_regions_removed_by_flood_fill(classes, min_size):
   return out
 
 
-def test_largest_component_as_a_flood_fill_finds_it(tmp_path, capsys):
+def test_largest_component_as_a_flood_fill_finds_it():
   from unet_jax.predict import keep_largest_component
   rng = np.random.default_rng(11)
   masks = rng.choice(4, size=(3, 17, 23), p=[0.55, 0.2, 0.15, 0.1]).astype(np.int32)
