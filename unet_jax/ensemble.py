@@ -51,7 +51,16 @@ class Ensemble:
     return jnp.log(jnp.maximum(mean, tiny))
 
 
-def check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict]]) -> None:
+def load_one_task(paths: Sequence[str]) -> list[tuple[UNet, Any, dict]]:
+  """(model, variables, metadata) of each checkpoint in `paths` (load_pretrained_with_metadata),
+  checked to be models of one task, which an ensemble (or a cross-validation) needs."""
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  loaded = [load_pretrained_with_metadata(p) for p in paths]
+  _check_one_task(paths, loaded)
+  return loaded
+
+
+def _check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict]]) -> None:
   """Checkpoints averaged together must be models of the same inputs and classes: `loaded`,
   (model, variables, metadata) of each of `paths`."""
   first, (model, _, meta) = paths[0], loaded[0]

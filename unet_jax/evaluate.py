@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel, surface_distance
-from unet_jax.ensemble import Ensemble, check_one_task
+from unet_jax.ensemble import Ensemble, load_one_task
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
@@ -174,7 +174,7 @@ def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
                    global_batch: int, maps: _MapScores, include_background: bool,
-                   post: PostProcessing | None = None,
+                   post: PostProcessing,
                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
   read whole); each image's class maps added to `maps` when the step gives them.
@@ -183,7 +183,7 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
   for b, batch in enumerate(batches):
     batch_sums, scores = p_scores(variables, batch)
     scores = jax.tree.map(np.asarray, scores)
-    if post:  # (None, or one that does nothing: the scores as they are)
+    if post:  # (one that does nothing leaves the scores as they are)
       batch_sums, scores = _post_processed(scores, post)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     rows += _image_rows(split, file_name, b * global_batch, scores, maps, include_background)
@@ -243,10 +243,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   of each image; its regions of fewer pixels, at image_size, set to class 0).
   """
   post = PostProcessing(largest_component, min_region_size)
-  from unet_jax.checkpoint import load_pretrained_with_metadata
   paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
-  loaded = [load_pretrained_with_metadata(p) for p in paths]
-  check_one_task(paths, loaded)
+  loaded = load_one_task(paths)
   return _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
                           include_background, confusion, post)
 
@@ -346,11 +344,9 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   `checkpoint`, `step`, `images`, `dice`), and with `per_image` every row, with its
   `checkpoint`; with `confusion` the sum of the folds' confusion matrices. Refuses checkpoints
   of other classes or inclusion of class 0, and an image scored by two of them."""
-  from unet_jax.checkpoint import load_pretrained_with_metadata
   post = PostProcessing(largest_component, min_region_size)
   paths = list(checkpoints)
-  loaded = [load_pretrained_with_metadata(p) for p in paths]
-  check_one_task(paths, loaded)
+  loaded = load_one_task(paths)
   folds, rows = [], []
   for path, fold in zip(paths, loaded, strict=True):
     scored = _evaluate_loaded([path], [fold], None, split, True, tta, surface,

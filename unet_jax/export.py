@@ -51,12 +51,11 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
   import jax.numpy as jnp
   from jax import export
 
-  from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
-  from unet_jax.ensemble import Ensemble, check_one_task
+  from unet_jax.checkpoint import model_config
+  from unet_jax.ensemble import Ensemble, load_one_task
   platforms = _check_platforms(platforms or (jax.default_backend(),))
   paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
-  loaded = [load_pretrained_with_metadata(p) for p in paths]
-  check_one_task(paths, loaded)
+  loaded = load_one_task(paths)
   model, variables, meta = loaded[0]
   sizes = {json.dumps(m.get('image_size')) for _, _, m in loaded}
   if size is None and len(sizes) > 1:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import losses
-from unet_jax.ensemble import check_one_task
+from unet_jax.ensemble import load_one_task
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
@@ -367,12 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   from PIL import Image
   from tqdm import tqdm
 
-  from unet_jax.checkpoint import load_pretrained_with_metadata
   try:
     post = PostProcessing(args.largest_component, args.min_region_size)
     files = _collect(args.inputs)
-    loaded = [load_pretrained_with_metadata(c) for c in args.checkpoint]
-    check_one_task(args.checkpoint, loaded)
+    loaded = load_one_task(args.checkpoint)
     model, _, meta = loaded[0]
     members = [(m, v) for m, v, _ in loaded]
     # Each member at its run's size and filter (a workdir's recorded size: an int, or
