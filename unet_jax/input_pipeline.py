@@ -197,8 +197,8 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
   the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
   nnU-Net's oversampling), scale to [0, 1], random brightness and contrast, gamma, Gaussian
-  noise (not clipped, as MONAI's). The corners a
-  rotation brings in are black with mask label `fill_label` (0, or the ignored label).
+  noise (not clipped, as MONAI's). The corners a rotation brings in are black with mask label
+  `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
