@@ -168,7 +168,7 @@ def test_milesial_data_folder_trains_as_it_lies(tmp_path):
   assert found.mask_values == [0, 1] and found.channels == 3 and found.lossy_mask == ''
   palette = found.palette
   assert palette == Image.open(mask_path).getpalette()
-  assert (str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), str(mask_path)) in found.splits['train']
+  assert (str(tmp_path / 'data' / 'imgs' / 'car03.jpg'), str(mask_path)) in found.splits['pairs']
   # configs/milesial.py: milesial's recipe on its layout, in a small model at a small size, a
   # batch for the 8 devices: 1.6 epochs of the 10 training pairs in batches of 8, 2 steps.
   config = override(milesial.get_config(), {
@@ -306,7 +306,12 @@ def test_image_folder_gray_masks_and_holdout(tmp_path):
   make_folder(tmp_path / 'd', n=11, rgb_masks=False)
   found = scan(str(tmp_path / 'd'))
   assert found.mask_values == [0, 100, 200] and found.channels == 3 and found.palette == []
-  assert len(found.splits['test']) == 2 and len(found.splits['train']) == 9
+  # Prepared unsplit, in name order; 10% held out when read: every tenth pair, 2 of 11.
+  assert [os.path.basename(i)[:4] for i, _ in found.splits['pairs']] == [
+      f'im{i:02d}' for i in range(11)]
+  splits = find_pairs(str(tmp_path / 'd'))
+  assert [os.path.basename(i)[:4] for i, _ in splits['test']] == ['im00', 'im10']
+  assert len(splits['train']) == 9
 
 
 def test_holdout_percent_sets_the_share_held_out(tmp_path):
@@ -323,13 +328,19 @@ def test_holdout_percent_sets_the_share_held_out(tmp_path):
       'im00', 'im10']
   assert held_out(25) == ['im00', 'im04', 'im08']
   assert held_out(40) == ['im00', 'im03', 'im05', 'im08', 'im10']
-  assert fingerprint(root, FolderLayout(holdout_percent=25)) != fingerprint(root)
-  # Through the config: the prepared dataset's splits.
-  config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
-                          'data.data_dir': str(tmp_path / 'tfds'), 'data.holdout_percent': 25.0,
-                          'model.in_channels': 3, 'model.num_classes': 3})
-  _, eval_source, info = input_pipeline.load_sources(config)
-  assert len(eval_source) == 3 and info.num_train == 9
+  # Through the config: the prepared dataset's splits, each share from one prepared copy.
+  assert fingerprint(root, FolderLayout(holdout_percent=25)) == fingerprint(root)
+  for percent, want in ((25.0, ['im00', 'im04', 'im08']), (10.0, ['im00', 'im10'])):
+    config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
+                            'data.data_dir': str(tmp_path / 'tfds'),
+                            'data.holdout_percent': percent, 'model.in_channels': 3,
+                            'model.num_classes': 3})
+    train_source, eval_source, info = input_pipeline.load_sources(config)
+    assert [r['file_name'].decode()[:4] for r in eval_source] == want
+    assert info.num_train == 12 - len(want)
+    assert sorted(r['file_name'].decode()[:4] for r in train_source) == sorted(
+        f'im{i:02d}' for i in range(12) if f'im{i:02d}' not in want)
+  assert len(os.listdir(tmp_path / 'tfds' / 'image_folder')) == 1
   # A folder with train/ and test/ has its splits: another share would be silently unused.
   os.makedirs(tmp_path / 'split' / 'train'), os.makedirs(tmp_path / 'split' / 'test')
   for split in ('train', 'test'):
@@ -368,15 +379,19 @@ def test_num_folds_holds_out_one_block_per_fold(tmp_path):
   # 12 pairs in 5 folds: blocks of 3, 3, 2, 2, 2.
   fold3 = find_pairs(root, FolderLayout(num_folds=5, fold=3))['test']
   assert [os.path.basename(image)[:4] for image, _ in fold3] == ['im08', 'im09']
-  prints = {fingerprint(root, FolderLayout(num_folds=5, fold=k)) for k in range(5)}
-  assert len(prints) == 5 and fingerprint(root) not in prints
-  # Through the config: the prepared dataset's splits.
-  config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
-                          'data.data_dir': str(tmp_path / 'tfds'), 'data.num_folds': 4,
-                          'data.fold': 1, 'model.in_channels': 3, 'model.num_classes': 3})
-  _, eval_source, info = input_pipeline.load_sources(config)
-  assert len(eval_source) == 3 and info.num_train == 9
-  assert sorted(r['file_name'].decode()[:4] for r in eval_source) == ['im03', 'im04', 'im05']
+  # Through the config: each fold's split of one prepared copy (before, a copy per fold, each
+  # as large as the folder's files).
+  for fold, want in enumerate(_kfold_test_indices(12, 4)):
+    config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
+                            'data.data_dir': str(tmp_path / 'tfds'), 'data.num_folds': 4,
+                            'data.fold': fold, 'model.in_channels': 3, 'model.num_classes': 3})
+    train_source, eval_source, info = input_pipeline.load_sources(config)
+    assert [r['file_name'].decode()[:4] for r in eval_source] == [f'im{i:02d}' for i in want]
+    assert [r['file_name'].decode()[:4] for r in train_source] == [
+        f'im{i:02d}' for i in range(12) if i not in want]
+    assert info.num_train == 9 and info.num_eval == 3
+  assert len(os.listdir(tmp_path / 'tfds' / 'image_folder')) == 1
+  assert len({fingerprint(root, FolderLayout(num_folds=5, fold=k)) for k in range(5)}) == 1
   with pytest.raises(UserError, match=r'^data.num_folds=13 is more than the 12 pairs in '
                      r'.*/d; use at most 12 folds$'):
     find_pairs(root, FolderLayout(num_folds=13))
@@ -388,6 +403,26 @@ def test_num_folds_holds_out_one_block_per_fold(tmp_path):
                      r'test/, but .*/split has them \(they are the splits\); leave it at 0, or '
                      'put the pairs in one folder$'):
     find_pairs(str(tmp_path / 'split'), FolderLayout(num_folds=5, fold=2))
+  # Also once that folder is prepared (its copy serves any share or fold; these would be unused).
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'split'),
+                          'data.data_dir': str(tmp_path / 'tfds'), 'model.in_channels': 3,
+                          'model.num_classes': 3})
+  _, eval_source, _ = input_pipeline.load_sources(config)
+  assert [r['file_name'].decode()[:4] for r in eval_source] == [f'im{i:02d}' for i in range(12)]
+  for field, value, line in (('num_folds', 5, 'data.num_folds=5 is for a folder without train/'),
+                             ('holdout_percent', 25.0, 'data.holdout_percent=25 is for a folder '
+                              'without train/')):
+    config.data[field] = value
+    with pytest.raises(UserError, match='^' + re.escape(line)):
+      input_pipeline.load_sources(config)
+    config.data[field] = getattr(FolderLayout, field)
+  # More folds than pairs, refused before anything is prepared.
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
+                          'data.data_dir': str(tmp_path / 'fresh'), 'data.num_folds': 13,
+                          'model.in_channels': 3, 'model.num_classes': 3})
+  with pytest.raises(UserError, match='^data.num_folds=13 is more than the 12 pairs in'):
+    input_pipeline.load_sources(config)
+  assert not os.path.exists(tmp_path / 'fresh' / 'image_folder')
 
 
 def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):

@@ -9,7 +9,9 @@ class ids 0..K-1, and that mapping (`mask_values`) is stored with the dataset an
 so predictions can be written back in the same values. If ROOT has `train/` and `test/`
 subfolders, each holding `images/` and `masks/`, they are the splits; otherwise 10% of the pairs
 (`holdout_percent`; every tenth, sorted by name) are held out for evaluation, or one of
-`num_folds` contiguous blocks of them (k-fold cross-validation). The folder names and
+`num_folds` contiguous blocks of them (k-fold cross-validation). Such a folder is prepared once,
+as one split `pairs` in name order, and the held-out pairs are picked from it when it is read, so
+every fold and share uses the same prepared copy. The folder names and
 a mask name suffix can be set (`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg`
 with `data/masks/NAME_mask.gif` is read as it lies.
 """
@@ -36,11 +38,12 @@ from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit
 # JPEG's compression blends a mask's labels at its edges into new values, each of which would
 # be a class: named when a dataset's masks hold more values than the model has classes.
 LOSSY_SUFFIXES = ('.jpg', '.jpeg')
+UNSPLIT = 'pairs'  # the one prepared split of a folder without train/ and test/ ('all' is tfds's)
 
 
 @dataclasses.dataclass(frozen=True)
 class FolderScan:
-  splits: dict[str, list[tuple[str, str]]]  # split -> [(image path, mask path)]
+  splits: dict[str, list[tuple[str, str]]]  # as prepared (unsplit_pairs): 'pairs', or train/test
   mask_values: list  # sorted: gray values or palette indices, or [R, G, B] colours
   channels: int  # 1 if every image is gray, else 3
   palette: list  # every mask a palette image: the first one's palette (R G B per index); else []
@@ -93,7 +96,19 @@ def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
 
 def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
                ) -> dict[str, list[tuple[str, str]]]:
-  """split -> [(image path, mask path)], checking that every image has a mask and vice versa."""
+  """split ('train', 'test') -> [(image path, mask path)], checking that every image has a mask
+  and vice versa: the folder's own train/ and test/, or the layout's split of its pairs."""
+  pairs = unsplit_pairs(root, layout)
+  if UNSPLIT not in pairs:
+    return pairs
+  return {split: [pairs[UNSPLIT][i] for i in indices]
+          for split, indices in split_indices(len(pairs[UNSPLIT]), layout, root).items()}
+
+
+def unsplit_pairs(root: str, layout: FolderLayout = FolderLayout(),
+                  ) -> dict[str, list[tuple[str, str]]]:
+  """What is prepared: {'train': ..., 'test': ...} for a folder with train/ and test/, else
+  {'pairs': every pair}, sorted by name (split_indices picks the held-out ones)."""
   root = os.path.abspath(root)
   if not os.path.isdir(root):
     raise UserError(f'{root}: dataset folder not found; set --config.data.root to a folder with '
@@ -104,7 +119,7 @@ def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
     raise UserError(f'data.images_dir and data.masks_dir are one folder ({layout.images_dir!r}):'
                     ' set --config.data.mask_suffix (e.g. _mask) to tell masks from images')
   splits = {}
-  for split, sub in ((('train', 'train'), ('test', 'test')) if has_splits else (('all', ''),)):
+  for split, sub in ((('train', 'train'), ('test', 'test')) if has_splits else ((UNSPLIT, ''),)):
     images = _list(os.path.join(root, sub, layout.images_dir), layout, masks=False)
     masks = _list(os.path.join(root, sub, layout.masks_dir), layout, masks=True)
     for stem in images:
@@ -119,26 +134,37 @@ def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
       raise UserError(f'{os.path.join(root, sub, layout.images_dir)}: no PNG/JPEG/TIFF/BMP/GIF '
                       'images found')
     splits[split] = [(images[s], masks[s]) for s in sorted(images)]
-  if has_splits and layout.holdout_percent != FolderLayout.holdout_percent:
+  if has_splits:
+    check_own_splits(root, layout)
+  else:
+    split_indices(len(splits[UNSPLIT]), layout, root)  # (refuses more folds than pairs, up front)
+  return splits
+
+
+def check_own_splits(root: str, layout: FolderLayout) -> None:
+  """Refuses a held-out share or folds for a folder whose train/ and test/ are its splits:
+  they would be silently unused."""
+  if layout.holdout_percent != FolderLayout.holdout_percent:
     raise UserError(f'data.holdout_percent={layout.holdout_percent:g} is for a folder without '
                     f'train/ and test/, but {root} has them (they are the splits); leave it at '
                     f'{FolderLayout.holdout_percent:g}, or put the pairs in one folder')
-  if has_splits and layout.num_folds:
+  if layout.num_folds:
     raise UserError(f'data.num_folds={layout.num_folds} is for a folder without train/ and '
                     f'test/, but {root} has them (they are the splits); leave it at 0, or put '
                     'the pairs in one folder')
-  if not has_splits:
-    pairs = splits.pop('all')
-    if layout.num_folds > len(pairs):
-      raise UserError(f'data.num_folds={layout.num_folds} is more than the {len(pairs)} pairs '
-                      f'in {root}; use at most {len(pairs)} folds')
-    held_out = (_in_fold(len(pairs), layout.num_folds, layout.fold) if layout.num_folds
-                else _held_out(len(pairs), layout.holdout_percent))
-    splits['test'] = [p for i, p in enumerate(pairs) if held_out[i]]
-    splits['train'] = [p for i, p in enumerate(pairs) if not held_out[i]]
-    if not splits['train']:
-      splits['train'] = splits['test']
-  return splits
+
+
+def split_indices(n: int, layout: FolderLayout, root: str) -> dict[str, list[int]]:
+  """'test' and 'train' -> positions among a folder's n pairs sorted by name: `num_folds`'
+  `fold`-th block held out, else `holdout_percent` of them. A single pair is both."""
+  if layout.num_folds > n:
+    raise UserError(f'data.num_folds={layout.num_folds} is more than the {n} pairs in {root}; '
+                    f'use at most {n} folds')
+  held_out = (_in_fold(n, layout.num_folds, layout.fold) if layout.num_folds
+              else _held_out(n, layout.holdout_percent))
+  test = [i for i in range(n) if held_out[i]]
+  train = [i for i in range(n) if not held_out[i]]
+  return {'test': test, 'train': train or test}
 
 
 def _held_out(n: int, percent: float) -> list[bool]:
@@ -199,7 +225,7 @@ def _mask_keys(mask: np.ndarray) -> np.ndarray:
 def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   """Reads every pair once: checks them, and collects what the dataset's metadata records (the
   palette: `predict` draws its masks with it, as the training masks were drawn)."""
-  splits = find_pairs(root, layout)
+  splits = unsplit_pairs(root, layout)
   values: set = set()
   channels = 1
   rgb_masks = False
@@ -227,15 +253,11 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
 
 
 def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
-  """Changes when any file under ROOT is added, removed, resized or touched, or the layout
-  (which pairs them, and which pairs are held out) changes."""
+  """Changes when any file under ROOT is added, removed, resized or touched, or the layout's
+  folders and mask suffix (which pair them) change; not with the held-out share or fold, which
+  are picked when the prepared pairs are read."""
   h = hashlib.sha1(os.path.abspath(root).encode())
-  # (The default split leaves the names of folders prepared before it could be set as they were.)
   h.update(repr((layout.images_dir, layout.masks_dir, layout.mask_suffix)).encode())
-  if layout.holdout_percent != FolderLayout.holdout_percent:
-    h.update(f'holdout_percent={layout.holdout_percent!r}'.encode())
-  if layout.num_folds:
-    h.update(f'fold={layout.fold}/{layout.num_folds}'.encode())
   for dirpath, _, files in sorted(os.walk(root)):
     for f in sorted(files):
       st = os.stat(os.path.join(dirpath, f))
@@ -248,13 +270,16 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image + mask folders as a TFDS dataset; one builder config per folder content."""
 
   # A new version makes folders prepared by an older reader be prepared again.
-  VERSION = tfds.core.Version('1.4.0')
+  VERSION = tfds.core.Version('1.5.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).',
                    '1.2.0': "Each example's image file name, as `file_name`.",
                    '1.3.0': 'Palette masks by their indices (1.2.0 took their colours).',
                    '1.4.0': 'Image files kept as they are (1.3.0: zlib of their pixels) and '
-                            'masks as PNGs of class ids, decoded when read.'}
+                            'masks as PNGs of class ids, decoded when read.',
+                   '1.5.0': 'A folder without train/ and test/ as one split, pairs, in name '
+                            'order; the held-out pairs picked when read (1.4.0: a copy per '
+                            'fold or share, each split in tfds\'s shuffled order).'}
 
   def __init__(self, *, root: str, layout: FolderLayout = FolderLayout(), **kwargs):
     self._root = os.path.abspath(root)
@@ -292,13 +317,20 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             mask_values=self._scan.mask_values, root=self._root,
             mask_palette=self._scan.palette, lossy_mask=self._scan.lossy_mask,
             channels=self._scan.channels),
+        disable_shuffling=True,  # (records in the order generated: pairs sorted by name)
     )
 
   def decoded_sources(self) -> dict[str, DecodedFolderSource]:
-    """split -> its records with images and masks decoded (the prepared dataset's sources)."""
+    """'train' and 'test' -> their records with images and masks decoded: the prepared splits,
+    or the layout's split of the prepared `pairs`."""
     channels = self.info.metadata['channels']
-    return {split: DecodedFolderSource(source, channels)
-            for split, source in self.as_data_source().items()}
+    prepared = self.as_data_source()
+    if UNSPLIT not in prepared:
+      check_own_splits(self._root, self._layout)
+      return {split: DecodedFolderSource(source, channels) for split, source in prepared.items()}
+    every = prepared[UNSPLIT]
+    return {split: DecodedFolderSource(every, channels, indices)
+            for split, indices in split_indices(len(every), self._layout, self._root).items()}
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -307,7 +339,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, pairs) -> Iterator[tuple[str, dict[str, Any]]]:
     from PIL import Image
     sorted_keys = np.asarray(self._sorted_keys(), np.int64)
-    for image_path, mask_path in pairs:
+    for key, (image_path, mask_path) in enumerate(pairs):  # (the key orders the records)
       with open(image_path, 'rb') as f:  # (kept as it is: scan has decoded it once)
         image = f.read()
       mask_keys = _mask_keys(_read(mask_path, mask=True))
@@ -315,29 +347,31 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       mask = io.BytesIO()
       Image.fromarray(ids, 'L').save(mask, format='PNG', compress_level=1)
       name = os.path.basename(image_path)
-      yield name, {'image': image, 'mask': mask.getvalue(), 'file_name': name}
+      yield key, {'image': image, 'mask': mask.getvalue(), 'file_name': name}
 
   def _sorted_keys(self) -> list[int]:
     return [mask_value_key(v) for v in self._scan.mask_values]
 
 
 class DecodedFolderSource:
-  """A prepared split of an image folder, each record decoded as the folder's files read:
-  `image` (H, W, C) uint8 (gray repeated to RGB where the folder has colour images), `mask`
-  (H, W, 1) class ids, `file_name`. Random access, as grain reads a data source."""
+  """A prepared split of an image folder (or, with `indices`, those records of it), each record
+  decoded as the folder's files read: `image` (H, W, C) uint8 (gray repeated to RGB where the
+  folder has colour images), `mask` (H, W, 1) class ids, `file_name`. Random access, as grain
+  reads a data source."""
 
-  def __init__(self, source: Any, channels: int):
+  def __init__(self, source: Any, channels: int, indices: list[int] | None = None):
     self._source, self._channels = source, channels
+    self._indices = None if indices is None else tuple(indices)
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._source) if self._indices is None else len(self._indices)
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return (self[i] for i in range(len(self)))
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     from PIL import Image
-    record = self._source[index]
+    record = self._source[index if self._indices is None else self._indices[index]]
     name = record['file_name']
     image = _read(name.decode() if isinstance(name, bytes) else str(name), data=record['image'])
     if image.ndim == 2:
