@@ -31,9 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
       name='synthetic_shapes',   # or 'image_folder', or a TFDS catalog name
       native_size=64,            # synthetic_shapes only: 64, 128 or 480 pixels
       root='',                   # image_folder only: folder with images/ and masks/
-      # image_folder only: ROOT/images_dir/NAME.EXT pairs with ROOT/masks_dir/NAME{mask_suffix}.EXT
-      # (milesial/Pytorch-UNet's data/: images_dir='imgs', mask_suffix='_mask' for Carvana)
-      images_dir='images', masks_dir='masks', mask_suffix='',
+      # image_folder only: ROOT/images_dir/NAME{image_suffix}.EXT pairs with
+      # ROOT/masks_dir/NAME{mask_suffix}.EXT (milesial/Pytorch-UNet's data/: images_dir='imgs',
+      # mask_suffix='_mask' for Carvana; nnU-Net's raw 2D data: images_dir='imagesTr',
+      # masks_dir='labelsTr', image_suffix='_0000')
+      images_dir='images', masks_dir='masks', mask_suffix='', image_suffix='',
       # image_folder only, a ROOT without train/ and test/: the share of pairs held out for
       # evaluation, spread evenly over them sorted by name (milesial's --validation)
       holdout_percent=10.0,
@@ -41,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
       # fold `fold` (0..num_folds-1) of num_folds contiguous blocks of the pairs sorted by name
       # held out (scikit-learn's KFold without shuffling); one run per fold. 0: off.
       num_folds=0, fold=0,
+      # with num_folds: -1 cuts contiguous blocks; a seed shuffles the pairs first, as
+      # KFold(shuffle=True, random_state=fold_seed): 12345 gives nnU-Net's folds
+      fold_seed=-1,
       data_dir='',               # TFDS data_dir; '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split='train',
       eval_split='test',

@@ -425,6 +425,79 @@ def test_num_folds_holds_out_one_block_per_fold(tmp_path):
   assert not os.path.exists(tmp_path / 'fresh' / 'image_folder')
 
 
+def test_fold_seed_cuts_scikit_learns_shuffled_folds_as_nnunet_does(tmp_path):
+  from sklearn.model_selection import KFold
+
+  from unet_jax.datasets.image_folder import _in_fold
+  # nnU-Net's folds: KFold(5, shuffle=True, random_state=12345) over the sorted case names.
+  for n, num_folds, seed in ((12, 5, 12345), (101, 5, 12345), (12, 3, 0), (7, 7, 2**32 - 1)):
+    for fold, (_, test) in enumerate(KFold(num_folds, shuffle=True, random_state=seed).split(
+        np.arange(n))):
+      got = _in_fold(n, num_folds, fold, seed)
+      assert [i for i in range(n) if got[i]] == test.tolist(), (n, num_folds, seed, fold)
+  make_folder(tmp_path / 'd', n=12, rgb_masks=False)
+  root = str(tmp_path / 'd')
+  names = [f'im{i:02d}' for i in range(12)]
+  splits = list(KFold(5, shuffle=True, random_state=12345).split(names))
+  assert [t.tolist() for _, t in splits] != list(_kfold_test_indices(12, 5))  # (shuffled)
+  for fold, (train_indices, test_indices) in enumerate(splits):
+    config = tiny_config(**{'data.name': 'image_folder', 'data.root': root,
+                            'data.data_dir': str(tmp_path / 'tfds'), 'data.num_folds': 5,
+                            'data.fold': fold, 'data.fold_seed': 12345,
+                            'model.in_channels': 3, 'model.num_classes': 3})
+    train_source, eval_source, _ = input_pipeline.load_sources(config)
+    assert [r['file_name'].decode()[:4] for r in eval_source] == [
+        names[i] for i in test_indices]
+    assert [r['file_name'].decode()[:4] for r in train_source] == [
+        names[i] for i in train_indices]
+  assert len(os.listdir(tmp_path / 'tfds' / 'image_folder')) == 1
+
+
+def test_nnunet_raw_layout_pairs_by_image_suffix(tmp_path):
+  # nnU-Net's raw 2D data: imagesTr/NAME_0000.png (its first channel file) with labelsTr/NAME.png.
+  make_folder(tmp_path / 'd', n=4, rgb_masks=False)
+  root = tmp_path / 'd'
+  os.rename(root / 'images', root / 'imagesTr'), os.rename(root / 'masks', root / 'labelsTr')
+  for f in os.listdir(root / 'imagesTr'):
+    stem, ext = os.path.splitext(f)
+    os.rename(root / 'imagesTr' / f, root / 'imagesTr' / f'{stem}_0000{ext}')
+  layout = FolderLayout(images_dir='imagesTr', masks_dir='labelsTr', image_suffix='_0000')
+  pairs = find_pairs(str(root), layout)
+  assert sorted((os.path.basename(i), os.path.basename(m)) for i, m in
+                pairs['train'] + pairs['test']) == [
+      ('im00_0000.png', 'im00.png'), ('im01_0000.jpg', 'im01.png'),
+      ('im02_0000.png', 'im02.png'), ('im03_0000.jpg', 'im03.png')]
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(root),
+                          'data.data_dir': str(tmp_path / 'tfds'), 'data.images_dir': 'imagesTr',
+                          'data.masks_dir': 'labelsTr', 'data.image_suffix': '_0000',
+                          'model.in_channels': 3, 'model.num_classes': 3})
+  _, eval_source, info = input_pipeline.load_sources(config)
+  assert [r['file_name'].decode() for r in eval_source] == ['im00_0000.png']
+  assert info.num_train == 3 and info.mask_values == [0, 100, 200]
+  # A second channel's file (nnU-Net's NAME_0001) is not an image of this layout.
+  shutil.copy(root / 'imagesTr' / 'im00_0000.png', root / 'imagesTr' / 'im00_0001.png')
+  with pytest.raises(UserError, match=re.escape(
+      "imagesTr/im00_0001.png: an image not named NAME_0000.EXT (data.image_suffix='_0000'); "
+      'rename it, or set --config.data.image_suffix')):
+    find_pairs(str(root), layout)
+  os.remove(root / 'imagesTr' / 'im00_0001.png'), os.remove(root / 'imagesTr' / 'im02_0000.png')
+  with pytest.raises(UserError, match=re.escape(
+      'labelsTr/im02.png: has no image (expected imagesTr/im02_0000.png or similar)')):
+    find_pairs(str(root), layout)
+  # Images and masks in one folder, told apart by the image suffix alone.
+  os.remove(root / 'labelsTr' / 'im02.png')
+  for f in os.listdir(root / 'labelsTr'):
+    shutil.move(root / 'labelsTr' / f, root / 'imagesTr' / f)
+  one = FolderLayout(images_dir='imagesTr', masks_dir='imagesTr', image_suffix='_0000')
+  pairs = find_pairs(str(root), one)
+  assert sorted((os.path.basename(i), os.path.basename(m)) for i, m in
+                pairs['train'] + pairs['test']) == [
+      ('im00_0000.png', 'im00.png'), ('im01_0000.jpg', 'im01.png'), ('im03_0000.jpg', 'im03.png'),
+      ], pairs
+  assert fingerprint(str(root), one) != fingerprint(
+      str(root), FolderLayout(images_dir='imagesTr', masks_dir='imagesTr', mask_suffix='_0000'))
+
+
 def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   make_folder(tmp_path / 'd', n=12)
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),
@@ -439,7 +512,8 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   # Resuming on another split would train on the pairs it has been scored on.
   for change, saved, ours in ((dict(fold=2), 'data.fold=1', 'data.fold=2'),
                               (dict(num_folds=0, fold=0), 'data.num_folds=3, data.fold=1',
-                               'data.num_folds=0, data.fold=0')):
+                               'data.num_folds=0, data.fold=0'),
+                              (dict(fold_seed=7), 'data.fold_seed=-1', 'data.fold_seed=7')):
     resumed = copy.deepcopy(config)
     resumed.num_train_steps = 3
     resumed.data.update(change)
@@ -495,6 +569,15 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   with pytest.raises(UserError, match=re.escape(f'is scored twice, by {wd} and {wd}: give each '
                                                 "fold's workdir once")):
     cross_validation([wd, wd])
+  # Folds of another cut (shuffled, or into another number) would overlap or leave pairs out.
+  from unet_jax.evaluate import _check_one_cut
+  metas = [load_pretrained_with_metadata(w)[2] for w in (wd, str(tmp_path / 'wd2'))]
+  _check_one_cut([wd, 'wd2'], metas)
+  metas[1]['run_config']['data']['fold_seed'] = 12345
+  with pytest.raises(UserError, match=re.escape(
+      f'{wd} and wd2 hold out the folds of other cuts (data.fold_seed=-1 and 12345), which '
+      'overlap or leave pairs out; cross-validate the folds of one k-fold run')):
+    _check_one_cut([wd, 'wd2'], metas)
 
 
 def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch):

@@ -618,6 +618,11 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      '--config.data.num_folds (e.g. 5)'),
     ({'data.num_folds': 5, 'data.holdout_percent': 20.0}, 'data.num_folds=5 holds out one fold, '
      '1/5 of the pairs, and data.holdout_percent=20 another share; set one of them'),
+    ({'data.fold_seed': 12345}, 'data.fold_seed=12345 shuffles the pairs before data.num_folds '
+     'folds are cut, which is 0 (off); set --config.data.num_folds (e.g. 5)'),
+    ({'data.num_folds': 5, 'data.fold_seed': -2}, "data.fold_seed=-2 must be -1 (contiguous "
+     "folds) or a seed in 0..2**32-1 (12345: nnU-Net's folds)"),
+    ({'data.num_folds': 5, 'data.fold_seed': 2**32}, 'data.fold_seed=4294967296 must be -1'),
     ({'augment.rotate_degrees': 200.0}, 'augment.rotate_degrees=200.0 must be in [0, 180]: '
      'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)'),
     (dict(crop_size=32), 'crop_size=32 must be between 2**model.depth=2 and the smaller side '

@@ -76,6 +76,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not num_folds and fold:
     raise UserError(f'data.fold={fold} picks one of data.num_folds blocks, which is 0 (off); '
                     'set --config.data.num_folds (e.g. 5)')
+  fold_seed = config.data.get('fold_seed', -1)
+  if not -1 <= fold_seed < 2**32:  # (numpy's RandomState takes seeds below 2**32)
+    raise UserError(f'data.fold_seed={fold_seed} must be -1 (contiguous folds) or a seed in '
+                    '0..2**32-1 (12345: nnU-Net\'s folds)')
+  if not num_folds and fold_seed != -1:
+    raise UserError(f'data.fold_seed={fold_seed} shuffles the pairs before data.num_folds folds '
+                    'are cut, which is 0 (off); set --config.data.num_folds (e.g. 5)')
   if num_folds and config.data.get('holdout_percent', 10.0) != 10.0:
     raise UserError(f'data.num_folds={num_folds} holds out one fold, 1/{num_folds} of the pairs, '
                     f'and data.holdout_percent={config.data.holdout_percent:g} another share; '

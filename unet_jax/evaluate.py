@@ -332,6 +332,22 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
 _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields that are no score)
 
 
+def _check_one_cut(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:
+  """The folds of one k-fold run: cut into as many folds with the same shuffle (or none), else
+  their held-out pairs would overlap or leave some out."""
+  def cut(meta: dict[str, Any]) -> dict[str, Any]:
+    data = (meta.get('run_config') or {}).get('data') or {}
+    return {'num_folds': data.get('num_folds', 0), 'fold_seed': data.get('fold_seed', -1)}
+  first = cut(metas[0])
+  for path, meta in zip(paths[1:], metas[1:], strict=True):
+    theirs = cut(meta)
+    for field, value in first.items():
+      if theirs[field] != value:
+        raise UserError(f'{paths[0]} and {path} hold out the folds of other cuts (data.{field}='
+                        f'{value} and {theirs[field]}), which overlap or leave pairs out; '
+                        'cross-validate the folds of one k-fold run')
+
+
 def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: bool = False,
                      surface: bool = False, include_background: bool | None = None,
                      per_image: bool = False, confusion: bool = False,
@@ -347,6 +363,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   post = PostProcessing(largest_component, min_region_size)
   paths = list(checkpoints)
   loaded = load_one_task(paths)
+  _check_one_cut(paths, [meta for _, _, meta in loaded])
   folds, rows = [], []
   for path, fold in zip(paths, loaded, strict=True):
     scored = _evaluate_loaded([path], [fold], None, split, True, tta, surface,

@@ -87,8 +87,8 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
   elif name == 'image_folder':
     from unet_jax.datasets.image_folder import FolderLayout, ImageFolder
     layout = FolderLayout(**{f: config.data.get(f, getattr(FolderLayout, f))
-                             for f in ('images_dir', 'masks_dir', 'mask_suffix',
-                                       'holdout_percent', 'num_folds', 'fold')})
+                             for f in ('images_dir', 'masks_dir', 'mask_suffix', 'image_suffix',
+                                       'holdout_percent', 'num_folds', 'fold', 'fold_seed')})
     if not config.data.root:
       raise UserError('config.data.root is empty: set --config.data.root=/path/to/folder with '
                       f'{layout.images_dir}/ and {layout.masks_dir}/')

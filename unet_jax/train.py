@@ -206,7 +206,7 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
     raise refusal({field: saved_config.get(field, True)}, config, [field])
   # Another held-out split would train on pairs the run has evaluated (and chosen its best) on.
   if config.data.name == 'image_folder':
-    split_fields = {'holdout_percent': 10.0, 'num_folds': 0, 'fold': 0}
+    split_fields = {'holdout_percent': 10.0, 'num_folds': 0, 'fold': 0, 'fold_seed': -1}
     theirs_data = {f: (saved_config.get('data') or {}).get(f, d) for f, d in split_fields.items()}
     ours_data = {f: config.data.get(f, d) for f, d in split_fields.items()}
     differ = [f for f in split_fields if theirs_data[f] != ours_data[f]]

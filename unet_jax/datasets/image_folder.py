@@ -11,9 +11,10 @@ subfolders, each holding `images/` and `masks/`, they are the splits; otherwise 
 (`holdout_percent`; every tenth, sorted by name) are held out for evaluation, or one of
 `num_folds` contiguous blocks of them (k-fold cross-validation). Such a folder is prepared once,
 as one split `pairs` in name order, and the held-out pairs are picked from it when it is read, so
-every fold and share uses the same prepared copy. The folder names and
-a mask name suffix can be set (`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg`
-with `data/masks/NAME_mask.gif` is read as it lies.
+every fold and share uses the same prepared copy. The folder names and name suffixes can be
+set (`FolderLayout`), so milesial/Pytorch-UNet's `data/imgs/NAME.jpg` with
+`data/masks/NAME_mask.gif`, and nnU-Net's `imagesTr/NAME_0000.png` with `labelsTr/NAME.png`,
+are read as they lie.
 """
 
 from __future__ import annotations
@@ -52,27 +53,40 @@ class FolderScan:
 
 @dataclasses.dataclass(frozen=True)
 class FolderLayout:
-  """Where a root's files lie, `images/NAME.EXT` with `masks/NAME{mask_suffix}.EXT`, and, for a
-  root without train/ and test/, the pairs held out for evaluation: `holdout_percent` of them,
-  or with `num_folds` > 0 the `fold`-th of that many contiguous blocks."""
+  """Where a root's files lie, `images/NAME{image_suffix}.EXT` with
+  `masks/NAME{mask_suffix}.EXT`, and, for a root without train/ and test/, the pairs held out
+  for evaluation: `holdout_percent` of them, or with `num_folds` > 0 the `fold`-th of that many
+  blocks, cut from the pairs in name order or, with a `fold_seed` (-1: none), shuffled with it
+  first (scikit-learn's KFold(shuffle=True, random_state=fold_seed), as nnU-Net cuts its folds
+  with 12345)."""
   images_dir: str = 'images'
   masks_dir: str = 'masks'
   mask_suffix: str = ''
+  image_suffix: str = ''
   holdout_percent: float = 10.0
   num_folds: int = 0
   fold: int = 0
+  fold_seed: int = -1
 
   @property
   def one_folder(self) -> bool:
-    """Whether images and masks lie in one folder (told apart by mask_suffix)."""
+    """Whether images and masks lie in one folder (told apart by their suffixes)."""
     return os.path.normpath(self.images_dir) == os.path.normpath(self.masks_dir)
+
+  def is_mask(self, stem: str) -> bool:
+    """Of a file in the one folder of images and masks: whether it is a mask, by its name."""
+    if self.mask_suffix:
+      return stem.endswith(self.mask_suffix)
+    return not stem.endswith(self.image_suffix)
 
 
 def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
   """NAME -> path of the folder's images, or with `masks` of its masks. NAME is the file name
-  without its extension and, for a mask, without layout.mask_suffix, which every mask must
-  have; where images and masks share a folder, that suffix tells them apart."""
-  suffix = layout.mask_suffix
+  without its extension and without layout.image_suffix (layout.mask_suffix for a mask), which
+  every image (mask) must have; where images and masks share a folder, a suffix tells them
+  apart."""
+  suffix, field, kind = ((layout.mask_suffix, 'mask_suffix', 'a mask') if masks
+                         else (layout.image_suffix, 'image_suffix', 'an image'))
   if not os.path.isdir(folder):
     raise UserError(f'{folder}: no such folder (expected {layout.images_dir}/ and '
                     f'{layout.masks_dir}/ side by side)')
@@ -81,12 +95,12 @@ def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
     if not f.lower().endswith(IMAGE_SUFFIXES):
       continue
     path, stem = os.path.join(folder, f), os.path.splitext(f)[0]
-    if layout.one_folder and (bool(suffix) and stem.endswith(suffix)) != masks:
+    if layout.one_folder and layout.is_mask(stem) != masks:
       continue  # (the other kind, in the same folder)
-    if masks and suffix:
+    if suffix:
       if not stem.endswith(suffix):
-        raise UserError(f'{path}: a mask not named NAME{suffix}.EXT (data.mask_suffix='
-                        f'{suffix!r}); rename it, or set --config.data.mask_suffix')
+        raise UserError(f'{path}: {kind} not named NAME{suffix}.EXT (data.{field}='
+                        f'{suffix!r}); rename it, or set --config.data.{field}')
       stem = stem[:-len(suffix)]
     if stem in found:
       raise UserError(f'{found[stem]} and {path}: two files for {stem!r}; keep one')
@@ -115,7 +129,7 @@ def unsplit_pairs(root: str, layout: FolderLayout = FolderLayout(),
                     f'{layout.images_dir}/ and {layout.masks_dir}/')
   has_splits = os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(
       os.path.join(root, 'test'))
-  if layout.one_folder and not layout.mask_suffix:
+  if layout.one_folder and not (layout.mask_suffix or layout.image_suffix):
     raise UserError(f'data.images_dir and data.masks_dir are one folder ({layout.images_dir!r}):'
                     ' set --config.data.mask_suffix (e.g. _mask) to tell masks from images')
   splits = {}
@@ -128,8 +142,8 @@ def unsplit_pairs(root: str, layout: FolderLayout = FolderLayout(),
                         f'{layout.mask_suffix}.png or similar)')
     for stem in masks:
       if stem not in images:
-        raise UserError(f'{masks[stem]}: has no image (expected {layout.images_dir}/{stem}.png '
-                        'or similar)')
+        raise UserError(f'{masks[stem]}: has no image (expected {layout.images_dir}/{stem}'
+                        f'{layout.image_suffix}.png or similar)')
     if not images:
       raise UserError(f'{os.path.join(root, sub, layout.images_dir)}: no PNG/JPEG/TIFF/BMP/GIF '
                       'images found')
@@ -160,7 +174,7 @@ def split_indices(n: int, layout: FolderLayout, root: str) -> dict[str, list[int
   if layout.num_folds > n:
     raise UserError(f'data.num_folds={layout.num_folds} is more than the {n} pairs in {root}; '
                     f'use at most {n} folds')
-  held_out = (_in_fold(n, layout.num_folds, layout.fold) if layout.num_folds
+  held_out = (_in_fold(n, layout.num_folds, layout.fold, layout.fold_seed) if layout.num_folds
               else _held_out(n, layout.holdout_percent))
   test = [i for i in range(n) if held_out[i]]
   train = [i for i in range(n) if not held_out[i]]
@@ -175,15 +189,21 @@ def _held_out(n: int, percent: float) -> list[bool]:
   return [i == 0 or math.floor(i * share) != math.floor((i - 1) * share) for i in range(n)]
 
 
-def _in_fold(n: int, num_folds: int, fold: int) -> list[bool]:
-  """Which of n pairs (sorted by name) make up fold `fold` of `num_folds`: contiguous blocks,
-  the first n % num_folds of them one pair longer, as scikit-learn's KFold(num_folds) (without
-  shuffling) cuts them. Contiguous, so that pairs whose names run together (slices of one scan,
-  frames of one video, tiles of one slide) fall on one side of the split, but at a block's
-  edge; every pair is in exactly one fold's held-out block."""
+def _in_fold(n: int, num_folds: int, fold: int, seed: int = -1) -> list[bool]:
+  """Which of n pairs (sorted by name) make up fold `fold` of `num_folds`: blocks, the first
+  n % num_folds of them one pair longer, as scikit-learn's KFold(num_folds) cuts them; every
+  pair is in exactly one fold's held-out block. Without a seed (-1) the blocks are contiguous,
+  so that pairs whose names run together (slices of one scan, frames of one video, tiles of one
+  slide) fall on one side of the split, but at a block's edge; with one, they are cut from the
+  pairs shuffled as KFold(shuffle=True, random_state=seed) shuffles them (numpy's
+  RandomState(seed).shuffle), which with seed 12345 gives nnU-Net's folds of the same names."""
   sizes = [n // num_folds + (k < n % num_folds) for k in range(num_folds)]
   start = sum(sizes[:fold])
-  return [start <= i < start + sizes[fold] for i in range(n)]
+  order = np.arange(n)
+  if seed >= 0:
+    np.random.RandomState(seed).shuffle(order)
+  held_out = set(order[start:start + sizes[fold]].tolist())
+  return [i in held_out for i in range(n)]
 
 
 def _read(path: str, mask: bool = False, palettes: list | None = None,
@@ -254,10 +274,11 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
 
 def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
   """Changes when any file under ROOT is added, removed, resized or touched, or the layout's
-  folders and mask suffix (which pair them) change; not with the held-out share or fold, which
+  folders and suffixes (which pair them) change; not with the held-out share or fold, which
   are picked when the prepared pairs are read."""
   h = hashlib.sha1(os.path.abspath(root).encode())
-  h.update(repr((layout.images_dir, layout.masks_dir, layout.mask_suffix)).encode())
+  h.update(repr((layout.images_dir, layout.masks_dir, layout.mask_suffix,
+                 layout.image_suffix)).encode())
   for dirpath, _, files in sorted(os.walk(root)):
     for f in sorted(files):
       st = os.stat(os.path.join(dirpath, f))
