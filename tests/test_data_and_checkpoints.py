@@ -498,6 +498,41 @@ def test_nnunet_raw_layout_pairs_by_image_suffix(tmp_path):
       str(root), FolderLayout(images_dir='imagesTr', masks_dir='imagesTr', mask_suffix='_0000'))
 
 
+def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
+  from sklearn.model_selection import KFold
+
+  from configs import nnunet
+  # nnU-Net's raw 2D data: labels 0..K-1 as PNG, RGB images as NAME_0000.png.
+  root = tmp_path / 'Dataset001_Shapes'
+  os.makedirs(root / 'imagesTr'), os.makedirs(root / 'labelsTr')
+  rng = np.random.default_rng(2)
+  names = [f'case_{i:03d}' for i in range(10)]
+  for name in names:
+    labels = np.zeros((20, 24), np.uint8)
+    labels[rng.integers(0, 10):, rng.integers(0, 10):] = 1
+    image = (rng.random((20, 24, 3)) * 80 + labels[..., None] * 90).astype(np.uint8)
+    Image.fromarray(image).save(root / 'imagesTr' / f'{name}_0000.png')
+    Image.fromarray(labels).save(root / 'labelsTr' / f'{name}.png')
+  config = override(nnunet.get_config(), {
+      'data.root': str(root), 'data.data_dir': str(tmp_path / 'tfds'), 'data.fold': 2,
+      'batch_size': 8, 'model.base_features': 4, 'model.depth': 1, 'image_size': 16,
+      'num_train_steps': 2, 'log_every_steps': 1, 'eval_every_steps': 2,
+      'checkpoint_every_steps': 2, 'compilation_cache_dir': ''})
+  _, eval_source, info = input_pipeline.load_sources(config)
+  held_out = list(KFold(5, shuffle=True, random_state=12345).split(names))[2][1]
+  assert [r['file_name'].decode() for r in eval_source] == [
+      f'{names[i]}_0000.png' for i in held_out]
+  assert info.mask_values == [0, 1] and info.num_train == 8
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  with open(tmp_path / 'wd' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  # Its held-out Dice leaves the background out; the rate follows its poly schedule.
+  assert rows[-1]['step'] == 2 and rows[-1]['eval_dice'] == rows[-1]['eval_dice_class1']
+  assert [r['learning_rate'] for r in rows] == pytest.approx(
+      [1e-2 * (1 - t / 2) ** 0.9 for t in (0, 1)], rel=1e-6)
+  assert evaluate_checkpoint(str(tmp_path / 'wd'))['dice'] == rows[-1]['eval_dice']
+
+
 def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   make_folder(tmp_path / 'd', n=12)
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),

@@ -1,0 +1,69 @@
+"""nnU-Net's 2D training recipe on its raw data folder as it lies, one fold per run.
+
+    python train.py --config configs/nnunet.py --config.data.root=DatasetXXX_Name \
+        --config.data.fold=0 --workdir workdirs/fold0
+
+imagesTr/NAME_0000.png with labelsTr/NAME.png (one image file per case, as nnU-Net reads
+natural 2D images; RGB here, set model.in_channels=1 for gray, and model.num_classes to the
+number of labels); nnU-Net's five folds (KFold over the sorted case names, shuffled with seed
+12345: its splits_final.json), `data.fold` 0..4 for each run, which `evaluate
+--cross_validation` pools; SGD with Nesterov momentum 0.99, weight decay 3e-5, learning rate
+1e-2 lowered as (1 - step / steps) ** 0.9, gradients clipped at norm 12; cross-entropy plus the
+soft Dice of the classes but 0 (do_bg=False) over the whole batch (its 2D plans' batch_dice);
+1000 epochs of 250 steps; mirroring on both axes, brightness and contrast factors in [0.75, 1.25],
+gamma in [0.7, 1.5], Gaussian noise up to 0.1; the held-out Dice over the classes but 0.
+Differences left:
+- the network is the classic UNet (BatchNorm, ReLU, max-pooling, transposed convs), not
+  nnU-Net's PlainConvUNet (InstanceNorm, LeakyReLU, strided convs), and has no deep
+  supervision;
+- examples are resized to image_size (or image_shape) here, where nnU-Net keeps 2D images at
+  their size; its planning picks the patch and batch size from the data and the GPU: set
+  crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
+  its oversampling (a third of the patches centred on a foreground class);
+- each augmentation here is drawn for every example, where nnU-Net applies each to a share
+  (10-30%); its rotations, scaling, blur and low-resolution simulation are left out (set
+  augment.rotate_degrees for rotations);
+- its learning rate steps once per epoch, here once per step; its Dice term smooths by 1e-5,
+  here by 1 pixel.
+"""
+
+from configs import folder
+
+
+def get_config():
+  config = folder.get_config()
+  config.data.images_dir = 'imagesTr'
+  config.data.masks_dir = 'labelsTr'
+  config.data.image_suffix = '_0000'
+  config.data.num_folds = 5
+  config.data.fold_seed = 12345
+  config.model.in_channels = 3
+  config.model.num_classes = 2
+  config.model.base_features = 32
+  config.image_size = 256
+  config.augment.min_scale = 1.0
+  config.augment.flip_horizontal = True
+  config.augment.flip_vertical = True
+  config.augment.brightness = 0.25
+  config.augment.contrast = 0.25
+  config.augment.gamma = (0.7, 1.5)
+  config.augment.noise = 0.1
+  config.batch_size = 16
+  config.num_train_steps = 1000 * 250
+  config.log_every_steps = 250
+  config.eval_every_steps = 2500
+  config.checkpoint_every_steps = 2500
+  config.optimizer = 'sgd'
+  config.momentum = 0.99
+  config.nesterov = True
+  config.weight_decay = 3e-5
+  config.learning_rate = 1e-2
+  config.schedule = 'poly'
+  config.poly_power = 0.9
+  config.grad_clip_norm = 12.0
+  config.loss = 'ce'
+  config.dice_weight = 1.0
+  config.dice_reduction = 'batch'
+  config.dice_include_background = False
+  config.eval_include_background = False
+  return config
