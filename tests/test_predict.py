@@ -285,6 +285,46 @@ def test_cli_refuses_two_inputs_with_one_mask_name(tmp_path, converted, capsys):
   assert 'wrote 1 mask(s)' in capsys.readouterr().out
 
 
+def test_cli_names_masks_as_nnunet_names_its_predictions(tmp_path, converted, capsys):
+  # nnU-Net's imagesTs/NAME_0000.png -> NAME.png, the mask the default names NAME_0000_mask.png.
+  os.makedirs(tmp_path / 'imagesTs')
+  rng = np.random.default_rng(3)
+  for name in ('case_001', 'case_002'):
+    _write(tmp_path / 'imagesTs' / f'{name}_0000.png', (rng.random((24, 28)) * 255).astype(
+        np.uint8))
+  argv = [str(tmp_path / 'imagesTs'), '--checkpoint', str(converted), '--output']
+  assert main([*argv, str(tmp_path / 'default')]) == 0
+  assert main([*argv, str(tmp_path / 'out'), '--image_suffix', '_0000', '--mask_suffix', '',
+               '--overlay', '--probabilities']) == 0
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      'case_001.png', 'case_001_overlay.png', 'case_001_prob.npy',
+      'case_002.png', 'case_002_overlay.png', 'case_002_prob.npy']
+  for name in ('case_001', 'case_002'):
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / 'out' / f'{name}.png')),
+        np.asarray(Image.open(tmp_path / 'default' / f'{name}_0000_mask.png')))
+  capsys.readouterr()
+  for extra, output, message in (
+      (['--image_suffix', '_0001'], 'x', f'{tmp_path}/imagesTs/case_001_0000.png: not named '
+       'NAME_0001.EXT (--image_suffix _0001); rename it, or leave it out'),
+      (['--mask_suffix', ''], 'imagesTs', f'{tmp_path}/imagesTs/case_001_0000.png: its mask would '
+       f'be written over the input {tmp_path}/imagesTs/case_001_0000.png; choose another '
+       '--output or --mask_suffix'),
+      (['--image_suffix', '_0000', '--mask_suffix', '_0000'], 'imagesTs',
+       f'{tmp_path}/imagesTs/case_001_0000.png: its mask would be written over the input '
+       f'{tmp_path}/imagesTs/case_001_0000.png; choose another --output or --mask_suffix'),
+      (['--mask_suffix', '_overlay', '--overlay'], 'y', '--mask_suffix _overlay would write the '
+       'masks and the overlays (--overlay) to the same files; choose another suffix')):
+    before = {f: os.path.getmtime(tmp_path / 'imagesTs' / f)
+              for f in os.listdir(tmp_path / 'imagesTs')}
+    code = main([*argv, str(tmp_path / output), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f'error: {message}', err
+    assert {f: os.path.getmtime(tmp_path / 'imagesTs' / f)
+            for f in os.listdir(tmp_path / 'imagesTs')} == before
+    assert output == 'imagesTs' or not (tmp_path / output).exists()
+
+
 def test_cli_size_below_the_model_minimum_is_refused(tmp_path, converted, capsys):
   _write(tmp_path / 'x.png', np.zeros((3, 40), np.uint8))  # fine once resized to 8x8
   argv = [str(tmp_path / 'x.png'), '--checkpoint', str(converted), '--output']

@@ -260,14 +260,33 @@ def _collect(inputs: Sequence[str]) -> list[str]:
     if real not in seen:
       seen.add(real)
       unique.append(f)
-  written_by: dict[str, str] = {}
-  for f in unique:  # NAME_mask.png per input: two inputs must not share a NAME
-    stem = os.path.splitext(os.path.basename(f))[0]
-    if stem in written_by:
-      raise UserError(f'{written_by[stem]} and {f} would both be written as {stem}_mask.png; '
-                      'rename one, or predict them into separate --output folders')
-    written_by[stem] = f
   return unique
+
+
+def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
+                  mask_suffix: str = '_mask') -> list[str]:
+  """Each input's NAME, its file name without extension and `image_suffix` (which it must
+  have), for NAME{mask_suffix}.png in `output`; refuses two inputs of one NAME and a mask that
+  would be written over an input."""
+  names, written_by = [], {}
+  inputs = {os.path.realpath(f) for f in files}
+  for f in files:
+    name = os.path.splitext(os.path.basename(f))[0]
+    if image_suffix:
+      if not name.endswith(image_suffix):
+        raise UserError(f'{f}: not named NAME{image_suffix}.EXT (--image_suffix '
+                        f'{image_suffix}); rename it, or leave it out')
+      name = name[:-len(image_suffix)]
+    mask = f'{name}{mask_suffix}.png'
+    if name in written_by:
+      raise UserError(f'{written_by[name]} and {f} would both be written as {mask}; '
+                      'rename one, or predict them into separate --output folders')
+    if os.path.realpath(os.path.join(output, mask)) in inputs:
+      raise UserError(f'{f}: its mask would be written over the input '
+                      f'{os.path.join(output, mask)}; choose another --output or --mask_suffix')
+    written_by[name] = f
+    names.append(name)
+  return names
 
 
 def _read_image(path: str, channels: int) -> np.ndarray:
@@ -335,6 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'times, the masks of the mean of their probabilities (an ensemble, e.g. '
                       'the folds of a cross-validation)')
   p.add_argument('--output', required=True, help='folder for NAME_mask.png (created)')
+  p.add_argument('--mask_suffix', default='_mask',
+                 help="masks are written as NAME{mask_suffix}.png (default _mask; '' for "
+                      "NAME.png, as nnU-Net names its predictions)")
+  p.add_argument('--image_suffix', default='',
+                 help="taken off each input's NAME, which must end with it (nnU-Net's _0000: "
+                      "imagesTs/NAME_0000.png gives NAME{mask_suffix}.png)")
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
   p.add_argument('--tile', type=parse_size, default=None,
                  help='run large images in overlapping tiles of TILE x TILE (or HEIGHTxWIDTH) '
@@ -370,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     post = PostProcessing(args.largest_component, args.min_region_size)
     files = _collect(args.inputs)
+    names = _output_names(files, args.output, args.image_suffix, args.mask_suffix)
+    if args.overlay and args.mask_suffix == '_overlay':
+      raise UserError('--mask_suffix _overlay would write the masks and the overlays (--overlay) '
+                      'to the same files; choose another suffix')
     loaded = load_one_task(args.checkpoint)
     model, _, meta = loaded[0]
     members = [(m, v) for m, v, _ in loaded]
@@ -428,10 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             probs = [None] * len(indices)
         masks = post(masks)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
-          stem = os.path.splitext(os.path.basename(files[i]))[0]
-          tmp = os.path.join(args.output, f'.{stem}_mask.png.tmp')
+          stem = names[i]
+          tmp = os.path.join(args.output, f'.{stem}{args.mask_suffix}.png.tmp')
           _mask_image(classes, mask_values, palette).save(tmp, format='PNG')
-          os.replace(tmp, os.path.join(args.output, f'{stem}_mask.png'))
+          os.replace(tmp, os.path.join(args.output, f'{stem}{args.mask_suffix}.png'))
           if prob is not None:
             tmp = os.path.join(args.output, f'.{stem}_prob.npy.tmp')
             with open(tmp, 'wb') as f:
