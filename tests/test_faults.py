@@ -20,7 +20,7 @@ from conftest import print_hooks_kept
 from test_train import _env, _params, _random_batches, _run_steps, _train_cmd, tiny_config
 
 from unet_jax import input_pipeline, train
-from unet_jax.checkpoint import load_pretrained_with_metadata
+from unet_jax.checkpoint import atomic_directory, load_pretrained_with_metadata
 from unet_jax.convert import flax_to_torch
 from unet_jax.errors import UserError, quiet_failed_saves
 
@@ -358,3 +358,24 @@ def test_disk_full_in_train_py_is_one_line_on_stderr(small_disk):
            if line.strip() and not re.search(r'\d+%\||\x1b\[', line)]
   assert len(lines) == 1, [repr(x) for x in lines[:30]]
   assert lines[0].startswith('error: ') and 'cannot write (No space left on device)' in lines[0]
+
+
+def test_a_failed_saves_folder_is_removed_also_when_a_late_write_brings_it_back(tmp_path):
+  # As tensorstore's threads do after a refused write: another write of the same save, still in
+  # flight, recreates its folder after the failed save's folder was first removed.
+  late = threading.Event()
+
+  def write_late(folder):
+    time.sleep(0.3)
+    os.makedirs(os.path.join(folder, 'variables', 'ocdbt', 'd'))
+    late.set()
+  with pytest.raises(OSError, match='No space left'):
+    with atomic_directory(str(tmp_path / 'out')) as tmp:
+      threading.Thread(target=write_late, args=(tmp,)).start()
+      raise OSError(errno.ENOSPC, 'No space left on device')
+  assert late.is_set() and os.listdir(tmp_path) == []
+  # A save that succeeds is renamed into place at once.
+  start = time.monotonic()
+  with atomic_directory(str(tmp_path / 'out')) as tmp:
+    open(os.path.join(tmp, 'x'), 'w').close()
+  assert os.listdir(tmp_path) == ['out'] and time.monotonic() - start < 0.5

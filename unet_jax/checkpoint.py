@@ -99,14 +99,25 @@ def atomic_directory(dest: str, overwrite: bool = False) -> Iterator[str]:
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, dest)
-  finally:
-    # After a failed save Orbax's writer threads can still add files while rmtree runs (a CI run
-    # left one '.out.tmp-*' behind on a full disk): remove until it is gone, for up to 5 s.
-    for _ in range(50):
+  except BaseException:
+    _remove_for_good(tmp)
+    raise
+
+
+def _remove_for_good(tmp: str, quiet: float = 1.0, limit: float = 15.0) -> None:
+  """Removes a failed save's directory, and again whenever it comes back, until it has stayed
+  gone for `quiet` seconds (or `limit` have passed). After a refused write, writes of the same
+  save still in flight in tensorstore's own threads (which Python cannot wait for) recreate
+  their folders: two CI runs on a full disk left one '.out.tmp-*' behind, once after a single
+  removal, once after removing until it was gone."""
+  start = gone_since = time.monotonic()
+  while time.monotonic() - start < limit:
+    if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-      if not os.path.exists(tmp):
-        break
-      time.sleep(0.1)
+      gone_since = time.monotonic()
+    elif time.monotonic() - gone_since >= quiet:
+      return
+    time.sleep(0.05)
 
 
 def save_pretrained(dest: str, model: UNet, variables: Mapping[str, Any],

@@ -400,7 +400,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   return metrics
 
 
-def _check_csv_destination(path: str) -> None:
+def check_csv_destination(path: str) -> None:
   """Refuses, before any compute, a CSV path that cannot be written."""
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
@@ -474,7 +474,7 @@ def main(argv: list[str]) -> None:
   csv_path = flags.FLAGS.per_image
   try:
     if csv_path:
-      _check_csv_destination(csv_path)
+      check_csv_destination(csv_path)
     options = dict(per_image=bool(csv_path), tta=flags.FLAGS.tta, surface=flags.FLAGS.surface,
                    include_background=flags.FLAGS.include_background,
                    confusion=flags.FLAGS.confusion,

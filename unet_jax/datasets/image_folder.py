@@ -234,6 +234,11 @@ def mask_value_key(value: int | list[int]) -> int:
   return ((value[0] << 16) | (value[1] << 8) | value[2]) if isinstance(value, list) else value
 
 
+def read_mask_keys(path: str) -> np.ndarray:
+  """A mask file's per-pixel integer keys (_mask_keys), read as training reads masks."""
+  return _mask_keys(_read(path, mask=True))
+
+
 def _mask_keys(mask: np.ndarray) -> np.ndarray:
   """Per-pixel integer key: the gray value, or 0xRRGGBB for colour masks."""
   if mask.ndim == 2:

@@ -1,0 +1,146 @@
+"""score_masks: mask files against label files, by evaluate's metrics, at their own size."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_train import tiny_config
+from torch_reference import SeedUNet
+
+from unet_jax.convert import torch_to_flax
+from unet_jax.evaluate import evaluate_checkpoint
+from unet_jax.predict import main as predict_main
+from unet_jax.score_masks import main, score_folders
+
+COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 128, 255], [9, 9, 9]], np.uint8)
+VOID = 0x090909  # the last colour: ignored
+
+
+def _rgb_masks(tmp_path, rng):
+  """Predictions and labels of 3 classes (RGB) and an ignored colour, images of three sizes;
+  class 2 absent from image 0 in both (scores 1), predicted but absent from the truth in 1."""
+  os.makedirs(tmp_path / 'pred'), os.makedirs(tmp_path / 'labels')
+  truths, preds = [], []
+  for i, (h, w) in enumerate(((9, 11), (20, 7), (16, 16))):
+    truth = rng.integers(0, 4, (h, w))
+    pred = np.where(rng.random((h, w)) < 0.7, truth.clip(0, 2), rng.integers(0, 3, (h, w)))
+    if i == 0:
+      truth[truth == 2], pred[pred == 2] = 1, 1
+    if i == 1:
+      truth[truth == 2] = 0
+    Image.fromarray(COLOURS[truth]).save(tmp_path / 'labels' / f'im{i}.png')
+    Image.fromarray(COLOURS[pred]).save(tmp_path / 'pred' / f'im{i}_mask.png')
+    truths.append(truth), preds.append(pred)
+  return truths, preds
+
+
+def test_scores_are_monais_per_image_at_each_size(tmp_path):
+  from monai.metrics import DiceMetric, MeanIoU
+  truths, preds = _rgb_masks(tmp_path, np.random.default_rng(0))
+  # Classes by sorted colour (0xRRGGBB): black 0, (0,128,255) 1, red 2; VOID ignored.
+  ours = {0: 0, 2: 1, 1: 2}
+  for include in (True, False):
+    got = score_folders(str(tmp_path / 'pred'), str(tmp_path / 'labels'),
+                        include_background=include, ignore_value=VOID)
+    assert got['images'] == 3 and got['class_values'] == [0, 0x0080FF, 0xFF0000]
+    dice, iou = [], []
+    for row, truth, pred in zip(got['per_image'], truths, preds, strict=True):
+      valid = torch.tensor(truth != 3)[None, None]
+      t = F.one_hot(torch.tensor(np.vectorize(lambda v: ours.get(v, 0))(truth)), 3)
+      p = F.one_hot(torch.tensor(np.vectorize(ours.get)(pred)), 3)
+      t, p = (x.permute(2, 0, 1)[None] * valid for x in (t, p))  # (ignored pixels: in neither)
+      d = DiceMetric(include_background=True, ignore_empty=False)(p, t)[0]
+      j = MeanIoU(include_background=True, ignore_empty=False)(p, t)[0]
+      for c in range(3):
+        assert row[f'dice_class{c}'] == pytest.approx(float(d[c]), rel=1e-6)
+        assert row[f'iou_class{c}'] == pytest.approx(float(j[c]), rel=1e-6)
+      scored = slice(0, 3) if include else slice(1, 3)
+      assert row['dice'] == pytest.approx(float(d[scored].mean()), rel=1e-6)
+      dice.append(float(d[scored].mean())), iou.append(float(j[scored].mean()))
+      right = ((torch.tensor(np.vectorize(ours.get)(pred)) == torch.tensor(
+          np.vectorize(lambda v: ours.get(v, -1))(truth))) & valid[0, 0]).sum()
+      assert row['pixel_accuracy'] == pytest.approx(float(right / valid.sum()), rel=1e-6)
+    assert got['dice'] == pytest.approx(np.mean(dice), rel=1e-6)
+    assert got['iou'] == pytest.approx(np.mean(iou), rel=1e-6)
+  # Colour 2, (0, 128, 255), is class 1: absent from image 0's masks (1), only predicted in 1's.
+  assert got['per_image'][0]['dice_class1'] == 1.0 and got['per_image'][1]['dice_class1'] == 0.0
+
+
+def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys):
+  # Images at the model's size: predict's masks are evaluation's predictions, so scoring the
+  # files gives what evaluate gives for the checkpoint on the same pairs.
+  rng = np.random.default_rng(1)
+  for sub in ('images', 'masks'):
+    os.makedirs(tmp_path / 'data' / sub)
+  for i in range(10):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[rng.integers(0, 8):, rng.integers(0, 8):] = 255
+    image = (rng.random((16, 16)) * 120 + (mask > 0) * 100).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / 'data' / 'images' / f'im{i:02d}.png')
+    Image.fromarray(mask).save(tmp_path / 'data' / 'masks' / f'im{i:02d}.png')
+  state = SeedUNet(1, 1, base=4, depth=2).eval().state_dict()
+  torch.save(state, tmp_path / 'm.pth')
+  torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'ckpt'))
+  config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'data'),
+                          'data.data_dir': str(tmp_path / 'tfds'), 'data.holdout_percent': 50.0,
+                          'model.num_classes': 1, 'model.depth': 2, 'image_size': 16})
+  want = evaluate_checkpoint(str(tmp_path / 'ckpt'), config, per_image=True)
+  held_out = sorted(r['file_name'] for r in want['per_image'])
+  assert len(held_out) == 5
+  os.makedirs(tmp_path / 'held_out')
+  for name in held_out:
+    os.link(tmp_path / 'data' / 'masks' / name, tmp_path / 'held_out' / name)
+  images = [str(tmp_path / 'data' / 'images' / name) for name in held_out]
+  assert predict_main([*images, '--checkpoint', str(tmp_path / 'ckpt'), '--output',
+                       str(tmp_path / 'pred')]) == 0
+  # (A binary model scores its foreground: the masks' class 1, without class 0.)
+  got = score_folders(str(tmp_path / 'pred'), str(tmp_path / 'held_out'),
+                      include_background=False)
+  for name in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy'):
+    assert got[name] == pytest.approx(want[name], rel=1e-6), name
+  rows = {r['file_name']: r for r in want['per_image']}
+  for row in got['per_image']:
+    assert row['dice'] == pytest.approx(rows[row['file_name']]['dice'], rel=1e-6)
+  assert want['dice'] not in (0.0, 1.0)  # (a model that is not trivially right or wrong)
+  # The command line: the same, its rows in a CSV.
+  capsys.readouterr()
+  assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'held_out'),
+               '--noinclude_background', '--per_image', str(tmp_path / 's.csv')]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == (f'{tmp_path}/pred against {tmp_path}/held_out: 5 masks at their own size, '
+                    'classes [0, 255], class 0 left out of the means')
+  with open(tmp_path / 's.csv', newline='') as f:
+    assert [r['file_name'] for r in csv.DictReader(f)] == held_out
+
+
+@pytest.mark.parametrize('setup,argv,message', [
+    (lambda d: os.remove(d / 'pred' / 'im1_mask.png'), [],
+     '{d}/labels/im1.png: no prediction for it in {d}/pred (expected im1_mask.png); predict it, '
+     'or set --mask_suffix'),
+    (lambda d: None, ['--mask_suffix', ''],
+     '{d}/labels/im0.png: no prediction for it in {d}/pred (expected im0.png)'),
+    (lambda d: Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(d / 'pred' / 'im2_mask.png'),
+     [], '{d}/pred/im2_mask.png: is 5x5 but its label {d}/labels/im2.png is 16x16; predict at '
+     "the labels' size"),
+    (lambda d: None, ['--label_suffix', '_gt'],
+     '{d}/labels/im0.png: a label not named NAME_gt.EXT (--label_suffix _gt); rename it, or set '
+     '--label_suffix'),
+    (lambda d: (d / 'labels' / 'im1.png').write_bytes(b'not an image'), [],
+     '{d}/labels/im1.png: cannot read it as an image'),
+    (lambda d: None, ['--per_image', '/no/such/folder/s.csv'],
+     '--per_image /no/such/folder/s.csv: no such folder /no/such/folder'),
+])
+def test_refusals_are_one_line(tmp_path, capsys, setup, argv, message):
+  _rgb_masks(tmp_path, np.random.default_rng(2))
+  setup(tmp_path)
+  code = main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'labels'),
+               *argv])
+  captured = capsys.readouterr()
+  assert code == 2 and captured.out == ''
+  err = captured.err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(
+      'error: ' + message.format(d=tmp_path)), err

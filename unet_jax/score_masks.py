@@ -1,0 +1,160 @@
+"""Scores mask files against label files with `evaluate`'s metrics, at the files' own size.
+
+    python -m unet_jax.score_masks --predictions masks/ --labels labels/ [--mask_suffix _mask]
+
+For the masks `predict` writes (at each input's own size) or any other model's, e.g. nnU-Net's
+predictions, `NAME.png` (`--mask_suffix ''`), against its `labelsTs/NAME.png`. `evaluate`
+scores a checkpoint at its training size; this scores what was written, at the labels'
+resolution, as nnU-Net's evaluation of a folder does. Each label `NAME{label_suffix}.EXT` is
+paired with the prediction `NAME{mask_suffix}.EXT`. The classes are the sorted distinct values
+of the labels and predictions together (gray values, palette indices or RGB colours), as
+training maps an image folder's mask values to classes; with `ignore_value`, the labels' pixels
+of that value count nowhere. Per image and class: Dice, IoU and class accuracy (recall), by
+`losses.per_image_scores`, the code evaluation uses (a class absent from both scores 1); their
+means over images, and over the classes (without class 0 unless `include_background`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax import losses
+from unet_jax.datasets.image_folder import read_mask_keys
+from unet_jax.errors import UserError
+from unet_jax.image_io import IMAGE_SUFFIXES
+from unet_jax.reporting import float32_decimal
+
+
+def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
+           ) -> list[tuple[str, str, str]]:
+  """(label file name, prediction path, label path) for every label, sorted by name."""
+  for folder, flag in ((predictions, '--predictions'), (labels, '--labels')):
+    if not os.path.isdir(folder):
+      raise UserError(f'{flag} {folder}: no such folder')
+  found = {}
+  for f in os.listdir(predictions):
+    if f.lower().endswith(IMAGE_SUFFIXES):
+      found.setdefault(os.path.splitext(f)[0], f)
+  pairs = []
+  for f in sorted(os.listdir(labels)):
+    if not f.lower().endswith(IMAGE_SUFFIXES):
+      continue
+    name = os.path.splitext(f)[0]
+    if label_suffix:
+      if not name.endswith(label_suffix):
+        raise UserError(f'{os.path.join(labels, f)}: a label not named NAME{label_suffix}.EXT '
+                        f'(--label_suffix {label_suffix}); rename it, or set --label_suffix')
+      name = name[:-len(label_suffix)]
+    if f'{name}{mask_suffix}' not in found:
+      raise UserError(f'{os.path.join(labels, f)}: no prediction for it in {predictions} '
+                      f'(expected {name}{mask_suffix}.png); predict it, or set --mask_suffix')
+    pairs.append((f, os.path.join(predictions, found[f'{name}{mask_suffix}']),
+                  os.path.join(labels, f)))
+  if not pairs:
+    raise UserError(f'{labels}: no PNG/JPEG/TIFF/BMP/GIF labels in this folder')
+  return pairs
+
+
+def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
+                  label_suffix: str = '', include_background: bool = True,
+                  ignore_value: int = -1) -> dict[str, Any]:
+  """The means of the scores (as `evaluate` reports them) of each label's prediction, with
+  `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks) and `per_image` (a row
+  per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere."""
+  pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
+  read = []
+  values: set[int] = set()
+  for _, pred_path, label_path in pairs:
+    pred, label = read_mask_keys(pred_path), read_mask_keys(label_path)
+    if pred.shape != label.shape:
+      raise UserError(f'{pred_path}: is {pred.shape[1]}x{pred.shape[0]} but its label '
+                      f'{label_path} is {label.shape[1]}x{label.shape[0]}; predict at the '
+                      "labels' size")
+    values.update(np.unique(pred).tolist())
+    values.update(np.unique(label[label != ignore_value]).tolist())
+    read.append((pred, label))
+  keys = np.asarray(sorted(values), np.int64)
+  num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
+  sums, rows = None, []
+  for (file_name, _, _), (pred, label) in zip(pairs, read, strict=True):
+    valid = label != ignore_value
+    ids = np.searchsorted(keys, np.where(valid, label, keys[0]))
+    logits = np.eye(num_classes, dtype=np.float32)[np.searchsorted(keys, pred)]
+    scores = losses.per_image_scores(jnp.asarray(logits[None]), jnp.asarray(ids[None]),
+                                     jnp.asarray(valid[None]))
+    part = losses.summed_scores(scores, jnp.ones(1, bool))
+    sums = part if sums is None else {k: sums[k] + v for k, v in part.items()}
+    rows.append(_row(file_name, {k: np.asarray(v)[0] for k, v in scores.items()},
+                     include_background))
+  metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
+  metrics.update(images=len(pairs), include_background=include_background,
+                 class_values=[int(k) for k in keys], per_image=rows)
+  return metrics
+
+
+def _row(file_name: str, scores: dict[str, np.ndarray], include_background: bool,
+         ) -> dict[str, Any]:
+  """An image's row, with the columns of evaluate's per-image rows."""
+  row: dict[str, Any] = {'file_name': file_name}
+  classes: dict[str, float] = {}
+  for name in losses.PER_CLASS_SCORES:
+    per_class = scores[name]
+    row[name] = float32_decimal(losses.scored_classes(per_class, include_background).mean())
+    if len(per_class) > 1:
+      classes.update({f'{name}_class{c}': float32_decimal(v) for c, v in enumerate(per_class)})
+  row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'])
+  return row | classes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog='python -m unet_jax.score_masks',
+      description="Score mask files against label files with evaluate's metrics, at the "
+                  "files' own size.")
+  p.add_argument('--predictions', required=True, help='folder of predicted masks')
+  p.add_argument('--labels', required=True, help='folder of true masks (the labels)')
+  p.add_argument('--mask_suffix', default='_mask',
+                 help="predictions are named NAME{mask_suffix}.EXT (default _mask, as predict "
+                      "writes them; '' for NAME.png, as nnU-Net writes them)")
+  p.add_argument('--label_suffix', default='',
+                 help='labels are named NAME{label_suffix}.EXT (default none)')
+  p.add_argument('--noinclude_background', dest='include_background', action='store_false',
+                 help='leave class 0 (the smallest value) out of the means over classes')
+  p.add_argument('--ignore_value', type=int, default=-1,
+                 help="the labels' pixels of this value count nowhere (0xRRGGBB for RGB)")
+  p.add_argument('--per_image', default=None, help="also write each image's scores to this "
+                 'CSV file')
+  args = p.parse_args(argv)
+  from unet_jax.evaluate import check_csv_destination, write_csv
+  try:
+    if args.per_image:
+      check_csv_destination(args.per_image)
+    metrics = score_folders(args.predictions, args.labels, args.mask_suffix, args.label_suffix,
+                            args.include_background, args.ignore_value)
+    rows = metrics.pop('per_image')
+    if args.per_image:
+      write_csv(args.per_image, rows)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  background_out = not args.include_background
+  print(f'{args.predictions} against {args.labels}: {metrics["images"]} masks at their own '
+        f'size, classes {metrics["class_values"][:8]}'
+        f'{", class 0 left out of the means" if background_out else ""}')
+  print('  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
+  print(json.dumps(metrics), flush=True)
+  if args.per_image:
+    print(f'per-image scores: {os.path.abspath(args.per_image)} ({len(rows)} rows)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
