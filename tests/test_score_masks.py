@@ -88,7 +88,8 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'data'),
                           'data.data_dir': str(tmp_path / 'tfds'), 'data.holdout_percent': 50.0,
                           'model.num_classes': 1, 'model.depth': 2, 'image_size': 16})
-  want = evaluate_checkpoint(str(tmp_path / 'ckpt'), config, per_image=True)
+  want = evaluate_checkpoint(str(tmp_path / 'ckpt'), config, per_image=True, surface=True,
+                             confusion=True)
   held_out = sorted(r['file_name'] for r in want['per_image'])
   assert len(held_out) == 5
   os.makedirs(tmp_path / 'held_out')
@@ -99,9 +100,11 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
                        str(tmp_path / 'pred')]) == 0
   # (A binary model scores its foreground: the masks' class 1, without class 0.)
   got = score_folders(str(tmp_path / 'pred'), str(tmp_path / 'held_out'),
-                      include_background=False)
-  for name in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy'):
+                      include_background=False, surface=True, confusion=True)
+  for name in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy', 'hd95', 'assd'):
     assert got[name] == pytest.approx(want[name], rel=1e-6), name
+  assert got['confusion'] == want['confusion']
+  assert 0 < want['hd95'] < 16 * 2**0.5 and np.sum(got['confusion']) == 5 * 16 * 16
   rows = {r['file_name']: r for r in want['per_image']}
   for row in got['per_image']:
     assert row['dice'] == pytest.approx(rows[row['file_name']]['dice'], rel=1e-6)
@@ -109,10 +112,12 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
   # The command line: the same, its rows in a CSV.
   capsys.readouterr()
   assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'held_out'),
-               '--noinclude_background', '--per_image', str(tmp_path / 's.csv')]) == 0
+               '--noinclude_background', '--per_image', str(tmp_path / 's.csv'),
+               '--confusion']) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0] == (f'{tmp_path}/pred against {tmp_path}/held_out: 5 masks at their own size, '
                     'classes [0, 255], class 0 left out of the means')
+  assert out[2].startswith('confusion (pixels; rows: true class') and len(out) == 8
   with open(tmp_path / 's.csv', newline='') as f:
     assert [r['file_name'] for r in csv.DictReader(f)] == held_out
 

@@ -105,7 +105,7 @@ def _surface_row(scores: dict[str, np.ndarray], include_background: bool,
   return row | classes
 
 
-class _MapScores:
+class MapScores:
   """What the class maps of the images add up to: each image's surface scores (`surface`,
   with `surface`), and the pixel counts of the confusion matrix over `classes` (rows the true
   class, columns the predicted; with `confusion`)."""
@@ -133,7 +133,7 @@ class _MapScores:
 
 
 def _image_rows(split: str, file_name: Callable[[int], str], first: int,
-                scores: dict[str, np.ndarray], maps: _MapScores,
+                scores: dict[str, np.ndarray], maps: MapScores,
                 include_background: bool) -> list[dict[str, Any]]:
   """One row per valid image of a gathered batch whose first image is `first` in `split`.
   With class maps in the batch, also adds each image's to `maps`."""
@@ -173,7 +173,7 @@ def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
 
 
 def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str, source: Any,
-                   global_batch: int, maps: _MapScores, include_background: bool,
+                   global_batch: int, maps: MapScores, include_background: bool,
                    post: PostProcessing,
                    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
   """evaluation_sums, and the rows of every image (single-process: the gathered scores are
@@ -294,7 +294,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
         for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  maps = _MapScores(surface, confusion, max(model.num_classes, 2))
+  maps = MapScores(surface, confusion, max(model.num_classes, 2))
   host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
   step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
              else eval_step)
@@ -430,7 +430,7 @@ def _how_and_scores(metrics: dict[str, Any]) -> str:
   post = PostProcessing(metrics['largest_component'], metrics['min_region_size'])
   return (f'{", logits averaged over flips" if metrics["tta"] else ""}{post.description()}'
           f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
-          f'{_confusion_lines(metrics)}{json.dumps(metrics)}')
+          f'{confusion_lines(metrics)}{json.dumps(metrics)}')
 
 
 def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
@@ -445,7 +445,7 @@ def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
           f'{_how_and_scores(metrics)}')
 
 
-def _confusion_lines(metrics: dict[str, Any]) -> str:
+def confusion_lines(metrics: dict[str, Any]) -> str:
   """The confusion matrix for people, a line per true class, ending in a newline; '' if none."""
   matrix = metrics.get('confusion')
   if matrix is None:

@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax import losses
+from unet_jax import losses, surface_distance
 from unet_jax.datasets.image_folder import read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import IMAGE_SUFFIXES
@@ -65,10 +65,14 @@ def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
 
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                   label_suffix: str = '', include_background: bool = True,
-                  ignore_value: int = -1) -> dict[str, Any]:
+                  ignore_value: int = -1, surface: bool = False, confusion: bool = False,
+                  ) -> dict[str, Any]:
   """The means of the scores (as `evaluate` reports them) of each label's prediction, with
   `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks) and `per_image` (a row
-  per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere."""
+  per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere.
+  `surface`: also the boundary distances `hd95` and `assd` in pixels; `confusion`: the
+  confusion matrix (rows the true class), both as `evaluate` gives them."""
+  from unet_jax.evaluate import MapScores
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
   read = []
   values: set[int] = set()
@@ -84,17 +88,24 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
   sums, rows = None, []
+  maps = MapScores(surface, confusion, num_classes)
   for (file_name, _, _), (pred, label) in zip(pairs, read, strict=True):
     valid = label != ignore_value
     ids = np.searchsorted(keys, np.where(valid, label, keys[0]))
-    logits = np.eye(num_classes, dtype=np.float32)[np.searchsorted(keys, pred)]
+    pred_ids = np.searchsorted(keys, pred)
+    logits = np.eye(num_classes, dtype=np.float32)[pred_ids]
     scores = losses.per_image_scores(jnp.asarray(logits[None]), jnp.asarray(ids[None]),
                                      jnp.asarray(valid[None]))
     part = losses.summed_scores(scores, jnp.ones(1, bool))
     sums = part if sums is None else {k: sums[k] + v for k, v in part.items()}
     rows.append(_row(file_name, {k: np.asarray(v)[0] for k, v in scores.items()},
-                     include_background))
+                     include_background)
+                | maps.add(pred_ids, ids, valid, num_classes, include_background))
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
+  if surface:
+    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background))
+  if confusion:
+    metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], per_image=rows)
   return metrics
@@ -130,15 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help='leave class 0 (the smallest value) out of the means over classes')
   p.add_argument('--ignore_value', type=int, default=-1,
                  help="the labels' pixels of this value count nowhere (0xRRGGBB for RGB)")
+  p.add_argument('--surface', action='store_true', help='also the boundary distances hd95 '
+                 '(95th-percentile Hausdorff) and assd (average symmetric surface distance), in '
+                 'pixels')
+  p.add_argument('--confusion', action='store_true', help='also the confusion matrix: pixels '
+                 'of each true class (rows) predicted as each class (columns)')
   p.add_argument('--per_image', default=None, help="also write each image's scores to this "
                  'CSV file')
   args = p.parse_args(argv)
-  from unet_jax.evaluate import check_csv_destination, write_csv
+  from unet_jax.evaluate import check_csv_destination, confusion_lines, write_csv
   try:
     if args.per_image:
       check_csv_destination(args.per_image)
     metrics = score_folders(args.predictions, args.labels, args.mask_suffix, args.label_suffix,
-                            args.include_background, args.ignore_value)
+                            args.include_background, args.ignore_value, args.surface,
+                            args.confusion)
     rows = metrics.pop('per_image')
     if args.per_image:
       write_csv(args.per_image, rows)
@@ -150,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'size, classes {metrics["class_values"][:8]}'
         f'{", class 0 left out of the means" if background_out else ""}')
   print('  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
-  print(json.dumps(metrics), flush=True)
+  print(confusion_lines(metrics) + json.dumps(metrics), flush=True)
   if args.per_image:
     print(f'per-image scores: {os.path.abspath(args.per_image)} ({len(rows)} rows)')
   return 0
