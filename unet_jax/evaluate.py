@@ -132,6 +132,20 @@ class MapScores:
     return _surface_row(self.surface[-1], include_background)
 
 
+def score_columns(scores: dict[str, np.ndarray], include_background: bool,
+                  ) -> dict[str, float]:
+  """One image's scores as a per-image row's columns: each per-class score's mean over the
+  scored classes, the pixel accuracy, then (several classes) each class's scores."""
+  row, classes = {}, {}
+  for name in losses.PER_CLASS_SCORES:
+    per_class = scores[name]
+    row[name] = float32_decimal(losses.scored_classes(per_class, include_background).mean())
+    if len(per_class) > 1:
+      classes.update({f'{name}_class{c}': float32_decimal(v) for c, v in enumerate(per_class)})
+  row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'])
+  return row | classes
+
+
 def _image_rows(split: str, file_name: Callable[[int], str], first: int,
                 scores: dict[str, np.ndarray], maps: MapScores,
                 include_background: bool) -> list[dict[str, Any]]:
@@ -141,15 +155,8 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
   for r in np.flatnonzero(scores['valid']):
     index = first + int(r)
     row: dict[str, Any] = {'split': split, 'index': index, 'file_name': file_name(index)}
-    classes: dict[str, float] = {}
-    for name in losses.PER_CLASS_SCORES:
-      per_class = scores[name][r]
-      row[name] = float32_decimal(losses.scored_classes(per_class, include_background).mean())
-      if len(per_class) > 1:
-        classes.update({f'{name}_class{c}': float32_decimal(v)
-                        for c, v in enumerate(per_class)})
-    row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'][r])
-    row |= classes
+    row |= score_columns({k: scores[k][r] for k in ('pixel_accuracy', *losses.PER_CLASS_SCORES)},
+                         include_background)
     if 'pred' in scores:
       row |= maps.add(scores['pred'][r], scores['labels'][r], scores['pixels'][r],
                       scores['dice'].shape[1], include_background)

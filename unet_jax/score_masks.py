@@ -30,7 +30,6 @@ from unet_jax import losses, surface_distance
 from unet_jax.datasets.image_folder import read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import IMAGE_SUFFIXES
-from unet_jax.reporting import float32_decimal
 
 
 def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
@@ -72,9 +71,10 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere.
   `surface`: also the boundary distances `hd95` and `assd` in pixels; `confusion`: the
   confusion matrix (rows the true class), both as `evaluate` gives them."""
-  from unet_jax.evaluate import MapScores
+  from unet_jax.evaluate import MapScores, score_columns
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
-  read = []
+  # Every pair is read twice, first to find the classes (all values) and check the sizes, then
+  # to score it: memory holds one pair, not all (5,000 Carvana-sized pairs: 200 GB of keys).
   values: set[int] = set()
   for _, pred_path, label_path in pairs:
     pred, label = read_mask_keys(pred_path), read_mask_keys(label_path)
@@ -84,12 +84,12 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                       "labels' size")
     values.update(np.unique(pred).tolist())
     values.update(np.unique(label[label != ignore_value]).tolist())
-    read.append((pred, label))
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
   sums, rows = None, []
   maps = MapScores(surface, confusion, num_classes)
-  for (file_name, _, _), (pred, label) in zip(pairs, read, strict=True):
+  for file_name, pred_path, label_path in pairs:
+    pred, label = read_mask_keys(pred_path), read_mask_keys(label_path)
     valid = label != ignore_value
     ids = np.searchsorted(keys, np.where(valid, label, keys[0]))
     pred_ids = np.searchsorted(keys, pred)
@@ -98,8 +98,9 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                                      jnp.asarray(valid[None]))
     part = losses.summed_scores(scores, jnp.ones(1, bool))
     sums = part if sums is None else {k: sums[k] + v for k, v in part.items()}
-    rows.append(_row(file_name, {k: np.asarray(v)[0] for k, v in scores.items()},
-                     include_background)
+    rows.append({'file_name': file_name}
+                | score_columns({k: np.asarray(v)[0] for k, v in scores.items()},
+                                include_background)
                 | maps.add(pred_ids, ids, valid, num_classes, include_background))
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
@@ -109,20 +110,6 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], per_image=rows)
   return metrics
-
-
-def _row(file_name: str, scores: dict[str, np.ndarray], include_background: bool,
-         ) -> dict[str, Any]:
-  """An image's row, with the columns of evaluate's per-image rows."""
-  row: dict[str, Any] = {'file_name': file_name}
-  classes: dict[str, float] = {}
-  for name in losses.PER_CLASS_SCORES:
-    per_class = scores[name]
-    row[name] = float32_decimal(losses.scored_classes(per_class, include_background).mean())
-    if len(per_class) > 1:
-      classes.update({f'{name}_class{c}': float32_decimal(v) for c, v in enumerate(per_class)})
-  row['pixel_accuracy'] = float32_decimal(scores['pixel_accuracy'])
-  return row | classes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
