@@ -2,6 +2,8 @@
 
 import csv
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -149,3 +151,18 @@ def test_refusals_are_one_line(tmp_path, capsys, setup, argv, message):
   err = captured.err.strip()
   assert len(err.splitlines()) == 1 and err.startswith(
       'error: ' + message.format(d=tmp_path)), err
+
+
+def test_installed_commands(tmp_path):
+  # `pip install` puts unet-jax-score-masks and unet-jax-predict beside the interpreter.
+  bin_dir = os.path.dirname(sys.executable)
+  out = subprocess.run([os.path.join(bin_dir, 'unet-jax-score-masks'), '--predictions',
+                        str(tmp_path / 'none'), '--labels', str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.strip() == (
+      f'error: --predictions {tmp_path}/none: no such folder'), out.stderr
+  out = subprocess.run([os.path.join(bin_dir, 'unet-jax-predict'), str(tmp_path / 'none.png'),
+                        '--checkpoint', str(tmp_path), '--output', str(tmp_path / 'out')],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.strip() == (
+      f'error: {tmp_path}/none.png: no such file or folder'), out.stderr
