@@ -108,8 +108,8 @@ def _remove_for_good(tmp: str, quiet: float = 1.0, limit: float = 15.0) -> None:
   """Removes a failed save's directory, and again whenever it comes back, until it has stayed
   gone for `quiet` seconds (or `limit` have passed). After a refused write, writes of the same
   save still in flight in tensorstore's own threads (which Python cannot wait for) recreate
-  their folders: two CI runs on a full disk left one '.out.tmp-*' behind, once after a single
-  removal, once after removing until it was gone."""
+  their folders: on a full disk a CI run left one '.out.tmp-*' behind after a single removal,
+  and a full test run here one after removing until it was gone."""
   start = gone_since = time.monotonic()
   while time.monotonic() - start < limit:
     if os.path.exists(tmp):

@@ -164,18 +164,23 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
   return rows
 
 
+def class_map_scores(pred: np.ndarray, labels: np.ndarray, pixels: np.ndarray, scored: int,
+                     ) -> dict[str, np.ndarray]:
+  """losses.per_image_scores of predicted class ids (N, H, W) against `labels` on `pixels`, by
+  the code that scores a model's logits: each prediction as the logits that give it (`scored`
+  channels; 1 for a binary model, whose class 1 is its foreground)."""
+  logits = (np.where(pred == 1, 1.0, -1.0)[..., None] if scored == 1
+            else np.eye(scored, dtype=np.float32)[pred])
+  return jax.tree.map(np.asarray, losses.per_image_scores(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(pixels)))
+
+
 def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """A gathered batch's sums and scores again, for its predictions post-processed as
-  `predict` post-processes them with the same flags (`post`), by the same metric code: each
-  prediction as the logits that give it."""
+  `predict` post-processes them with the same flags (`post`), by the same metric code."""
   pred = post(scores['pred'])
-  scored = scores['dice'].shape[1]
-  logits = (np.where(pred == 1, 1.0, -1.0)[..., None] if scored == 1
-            else np.eye(scored, dtype=np.float32)[pred])
-  new = jax.tree.map(np.asarray, losses.per_image_scores(
-      jnp.asarray(logits, jnp.float32), jnp.asarray(scores['labels']),
-      jnp.asarray(scores['pixels'])))
+  new = class_map_scores(pred, scores['labels'], scores['pixels'], scores['dice'].shape[1])
   return losses.summed_scores(new, jnp.asarray(scores['valid'])), {**scores, **new, 'pred': pred}
 
 

@@ -71,7 +71,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere.
   `surface`: also the boundary distances `hd95` and `assd` in pixels; `confusion`: the
   confusion matrix (rows the true class), both as `evaluate` gives them."""
-  from unet_jax.evaluate import MapScores, score_columns
+  from unet_jax.evaluate import MapScores, class_map_scores, score_columns
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
   # Every pair is read twice, first to find the classes (all values) and check the sizes, then
   # to score it: memory holds one pair, not all (5,000 Carvana-sized pairs: 200 GB of keys).
@@ -93,14 +93,11 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     valid = label != ignore_value
     ids = np.searchsorted(keys, np.where(valid, label, keys[0]))
     pred_ids = np.searchsorted(keys, pred)
-    logits = np.eye(num_classes, dtype=np.float32)[pred_ids]
-    scores = losses.per_image_scores(jnp.asarray(logits[None]), jnp.asarray(ids[None]),
-                                     jnp.asarray(valid[None]))
+    scores = class_map_scores(pred_ids[None], ids[None], valid[None], num_classes)
     part = losses.summed_scores(scores, jnp.ones(1, bool))
     sums = part if sums is None else {k: sums[k] + v for k, v in part.items()}
     rows.append({'file_name': file_name}
-                | score_columns({k: np.asarray(v)[0] for k, v in scores.items()},
-                                include_background)
+                | score_columns({k: v[0] for k, v in scores.items()}, include_background)
                 | maps.add(pred_ids, ids, valid, num_classes, include_background))
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
