@@ -154,7 +154,8 @@ def test_refusals_are_one_line(tmp_path, capsys, setup, argv, message):
 
 
 def test_installed_commands(tmp_path):
-  # `pip install` puts unet-jax-score-masks and unet-jax-predict beside the interpreter.
+  # `pip install` puts unet-jax-score-masks, unet-jax-predict and unet-jax-evaluate beside the
+  # interpreter.
   bin_dir = os.path.dirname(sys.executable)
   out = subprocess.run([os.path.join(bin_dir, 'unet-jax-score-masks'), '--predictions',
                         str(tmp_path / 'none'), '--labels', str(tmp_path)],
@@ -166,3 +167,12 @@ def test_installed_commands(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 2 and out.stderr.strip() == (
       f'error: {tmp_path}/none.png: no such file or folder'), out.stderr
+  evaluate = os.path.join(bin_dir, 'unet-jax-evaluate')
+  out = subprocess.run([evaluate, '--checkpoint', str(tmp_path / 'none')],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2 and out.stderr.strip() == (
+      f'error: {tmp_path}/none: no such checkpoint directory'), out.stderr
+  # absl's help shows __main__'s docstring and flags: under the generated script, evaluate's.
+  out = subprocess.run([evaluate, '--help'], capture_output=True, text=True, timeout=120)
+  assert out.stdout.startswith('Scores a checkpoint on a dataset split'), out.stdout[:200]
+  assert '--checkpoint: training workdir' in out.stdout and '--[no]surface' in out.stdout

@@ -1,6 +1,7 @@
 """Scores a checkpoint on a dataset split: the Dice, IoU and accuracies of training's evaluation.
 
     python -m unet_jax.evaluate --checkpoint workdirs/base/checkpoints/best
+    unet-jax-evaluate --checkpoint workdirs/base/checkpoints/best   # the same, once installed
     python -m unet_jax.evaluate --checkpoint converted/ --config configs/folder.py \\
         --config.data.root=my_data --config.image_size=256 --split all
     python -m unet_jax.evaluate --checkpoint workdirs/base --per_image scores.csv
@@ -512,10 +513,9 @@ def main(argv: list[str]) -> None:
           flush=True)
 
 
-if __name__ == '__main__':
-  from absl import app, flags
+def _define_flags() -> None:
+  from absl import flags
   from ml_collections import config_flags
-  sys.path.insert(0, os.getcwd())  # a config file's `from configs import base`
   flags.DEFINE_multi_string('checkpoint', None, 'training workdir (or WORKDIR/checkpoints/STEP, '
                             '.../best) or converted checkpoint directory; given several times, '
                             'their ensemble (the mean of their probabilities)', required=True)
@@ -541,4 +541,21 @@ if __name__ == '__main__':
                     'eval_include_background')
   flags.DEFINE_string('per_image', None, 'also write each image\'s scores to this CSV file '
                       '(split, index, file_name, dice, iou, class_accuracy, pixel_accuracy)')
+
+
+def command() -> None:
+  """`unet-jax-evaluate ...` (installed by pip) and `python -m unet_jax.evaluate ...`."""
+  from absl import app, flags
+  sys.path.insert(0, os.getcwd())  # a config file's `from configs import base`
+  _define_flags()
+  if __name__ != '__main__':
+    # absl's --help shows __main__'s docstring and the flags defined there; under pip's
+    # generated script those are this module's.
+    sys.modules['__main__'].__doc__ = __doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
+
+
+if __name__ == '__main__':
+  command()
