@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
       # A mask value whose pixels count in neither loss nor metrics (torch's ignore_index; e.g.
       # 255, a void/boundary label; RGB masks: 0xRRGGBB); -1: none. The classes are the others.
       ignore_value=-1,
+      # The classes' names in class-id order, for the reports of evaluate (a table of each
+      # class's scores); one per class, 2 for a binary model (background, foreground),
+      # e.g. ('pet', 'background', 'border'). (): the ids alone.
+      class_names=(),
       worker_count=0,            # grain worker processes (0: decode in the main process)
       num_threads=2,             # grain reader threads
   ))

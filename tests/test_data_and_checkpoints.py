@@ -538,7 +538,8 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),
                           'data.num_folds': 3, 'data.fold': 1, 'model.in_channels': 3,
                           'model.num_classes': 3, 'batch_size': 8, 'num_train_steps': 2,
-                          'eval_every_steps': 2, 'checkpoint_every_steps': 2})
+                          'eval_every_steps': 2, 'checkpoint_every_steps': 2,
+                          'data.class_names': ('sky', 'road', 'car')})
   wd = str(tmp_path / 'wd')
   metrics = train.train_and_evaluate(config, wd)
   got = evaluate_checkpoint(wd, per_image=True)
@@ -584,6 +585,12 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
   pooled = json.loads(lines[-2])
   assert pooled['images'] == 8 and [f['dice'] for f in pooled['folds']] == [
       s['dice'] for s in scored]
+  # Each class's scores in a table, its rows named as the runs' config names the classes.
+  assert lines[4].split() == ['class', 'dice', 'iou', 'class_accuracy']
+  for c, name in enumerate(('sky', 'road', 'car')):
+    assert lines[5 + c].split() == [str(c), name, *(
+        f'{pooled[f"{k}_class{c}"]:.4f}' for k in ('dice', 'iou', 'class_accuracy'))]
+  assert pooled['class_names'] == ['sky', 'road', 'car']
   for name in ('dice', 'iou', 'pixel_accuracy', 'dice_class2'):  # (4 images each)
     assert pooled[name] == pytest.approx((scored[0][name] + scored[1][name]) / 2, abs=1e-6)
   with open(csv_path, newline='') as f:

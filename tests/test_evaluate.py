@@ -5,6 +5,7 @@ runs: tests/test_train.py, tests/test_data_and_checkpoints.py.)"""
 import csv
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -86,6 +87,13 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
   with pytest.raises(UserError, match='a converted checkpoint records no dataset; name one with '
                      '--config'):
     evaluate_checkpoint(converted)
+  # Names for other classes than the checkpoint's are refused before any compute.
+  named = tiny_config(**{'data.class_names': ('background', 'car', 'person')})
+  named.model.num_classes = 3  # (the config's model is not the checkpoint's)
+  with pytest.raises(UserError, match=re.escape(
+      "data.class_names names 3 class(es) but there are 2 (the checkpoint's model has 1 "
+      'output class(es)); name each class once, in class-id order')):
+    evaluate_checkpoint(converted, named)
   # On 3 devices: the eval batch (16) rounded up to 18, the last one padded.
   csv_path = tmp_path / 'scores.csv'
   out = subprocess.run(

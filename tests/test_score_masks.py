@@ -1,6 +1,7 @@
 """score_masks: mask files against label files, by evaluate's metrics, at their own size."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -115,11 +116,20 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
   capsys.readouterr()
   assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'held_out'),
                '--noinclude_background', '--per_image', str(tmp_path / 's.csv'),
-               '--confusion']) == 0
+               '--confusion', '--class_names', 'background,lesion']) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0] == (f'{tmp_path}/pred against {tmp_path}/held_out: 5 masks at their own size, '
                     'classes [0, 255], class 0 left out of the means')
-  assert out[2].startswith('confusion (pixels; rows: true class') and len(out) == 8
+  means = out[1].split()
+  assert dict(zip(means[::2], means[1::2], strict=True)) == {
+      k: f'{got[k]:.4f}' for k in ('dice', 'iou', 'class_accuracy', 'pixel_accuracy')}
+  # Each class's scores, a row per class with its name.
+  assert out[2].split() == ['class', 'dice', 'iou', 'class_accuracy']
+  for c, name in enumerate(('background', 'lesion')):
+    assert out[3 + c].split() == [str(c), name, *(
+        f'{got[f"{k}_class{c}"]:.4f}' for k in ('dice', 'iou', 'class_accuracy'))]
+  assert out[5].startswith('confusion (pixels; rows: true class') and len(out) == 11
+  assert json.loads(out[-2])['class_names'] == ['background', 'lesion']
   with open(tmp_path / 's.csv', newline='') as f:
     assert [r['file_name'] for r in csv.DictReader(f)] == held_out
 
@@ -138,6 +148,12 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
      '--label_suffix'),
     (lambda d: (d / 'labels' / 'im1.png').write_bytes(b'not an image'), [],
      '{d}/labels/im1.png: cannot read it as an image'),
+    (lambda d: None, ['--class_names', 'a,b,c'],
+     "--class_names names 3 class(es) but there are 4 (the masks' values ["),
+    (lambda d: None, ['--class_names', 'a,b,,c'],
+     "--class_names=['a', 'b', '', 'c'] must be one non-empty name per class"),
+    (lambda d: None, ['--class_names', 'a,b,a,c'],
+     "--class_names names 'a' more than once; give each class its own name"),
     (lambda d: None, ['--per_image', '/no/such/folder/s.csv'],
      '--per_image /no/such/folder/s.csv: no such folder /no/such/folder'),
 ])

@@ -650,6 +650,13 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      "dataset 'synthetic_shapes' has no feature 'img' (it has image, mask); set "
      '--config.data.image_key'),
     ({'data.mask_offset': 1}, 'data.mask_offset=1 takes mask value 0 to -1, below 0'),
+    ({'data.class_names': ('background', 'pet', 'border')}, 'data.class_names names 3 '
+     'class(es) but there are 2 (model.num_classes=1); name each class once, in class-id order'),
+    ({'data.class_names': ('background,pet',)}, 'data.class_names names 1 class(es) but there '
+     'are 2 (model.num_classes=1); name each class once, in class-id order, as a tuple: '
+     '--config.data.class_names="(\'a\', \'b\')"'),
+    ({'data.class_names': ('background', '')}, "data.class_names=('background', '') must be "
+     "one non-empty name per class, e.g. ('background', 'liver')"),
     (dict(init_from='/nonexistent/ckpt'), 'init_from: /nonexistent/ckpt: no such checkpoint '
      'directory'),
     (dict(init_from=__file__), f'init_from: {__file__}: unknown file type; expected one of '

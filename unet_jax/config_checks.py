@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import ml_collections
 
@@ -35,6 +38,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.num_sample_images < 0:
     raise UserError(f'num_sample_images={config.num_sample_images} must be at least 0 '
                     '(0: no sample images)')
+  check_class_names(config.data.get('class_names', ()), max(config.model.num_classes, 2),
+                    'data.class_names', f'model.num_classes={config.model.num_classes}')
   if not config.learning_rate > 0:  # also refuses NaN
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
   for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed', 'grad_clip_norm',
@@ -192,6 +197,25 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   _check_batch_norm_count(config)
   learning_rate_schedule(config)
   make_optimizer(config)
+
+
+def check_class_names(names: Sequence[Any], classes: int, field: str, why: str) -> None:
+  """One distinct, non-empty name per class (`classes` of them, as `why` says), if any."""
+  if not names:
+    return
+  if isinstance(names, str) or not all(isinstance(n, str) and n.strip() for n in names):
+    raise UserError(f"{field}={names!r} must be one non-empty name per class, e.g. "
+                    "('background', 'liver')")
+  if len(names) != classes:
+    # (--config.data.class_names=a,b arrives as the one name 'a,b')
+    tuple_hint = (f', as a tuple: --config.{field}="(\'a\', \'b\')"'
+                  if field.startswith('data.') and any(',' in n for n in names) else '')
+    raise UserError(f'{field} names {len(names)} class(es) but there are {classes} ({why}); '
+                    f'name each class once, in class-id order{tuple_hint}')
+  if len(set(names)) != len(names):
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    raise UserError(f'{field} names {", ".join(map(repr, twice))} more than once; give each '
+                    'class its own name')
 
 
 def _check_batch_norm_count(config: ml_collections.ConfigDict) -> None:

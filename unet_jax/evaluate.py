@@ -30,6 +30,7 @@ import csv
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from unet_jax import input_pipeline, losses, parallel, surface_distance
+from unet_jax.config_checks import check_class_names
 from unet_jax.ensemble import Ensemble, load_one_task
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
@@ -299,6 +301,9 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   if len(info.mask_values) > max(model.num_classes, 2):
     raise UserError(info.too_many_mask_values(
         f"the checkpoint's model has {model.num_classes} output class(es)"))
+  class_names = list(config.data.get('class_names', ()))  # (runs before the field: none)
+  check_class_names(class_names, max(model.num_classes, 2), 'data.class_names',
+                    f"the checkpoint's model has {model.num_classes} output class(es)")
   if len(loaded) == 1:
     eval_model, step_tta = build_model(config, None), tta
   else:  # (each member as build_model makes it: eval mode, the config's dtype)
@@ -337,6 +342,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
                  include_background=bool(include_background),
                  largest_component=post.largest_component, min_region_size=post.min_region_size)
+  if class_names:
+    metrics['class_names'] = class_names
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -408,6 +415,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
                          'dice': f['dice']} for p, f in zip(paths, folds, strict=True)])
   if confusion:
     metrics['confusion'] = np.sum([f['confusion'] for f in folds], axis=0).tolist()
+  if folds[0].get('class_names'):  # (the first fold's run names the classes)
+    metrics['class_names'] = folds[0]['class_names']
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -439,11 +448,38 @@ def _how_and_scores(metrics: dict[str, Any]) -> str:
   """The end of a report's first line (how the predictions were made and scored), the scores
   for people, the confusion matrix if any, and the metrics as one JSON line."""
   background_out = not metrics['include_background'] and 'dice_class1' in metrics
-  scores = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float))
   post = PostProcessing(metrics['largest_component'], metrics['min_region_size'])
   return (f'{", logits averaged over flips" if metrics["tta"] else ""}{post.description()}'
-          f'{", class 0 left out of the means" if background_out else ""}\n{scores}\n'
+          f'{", class 0 left out of the means" if background_out else ""}\n'
+          f'{score_lines(metrics, metrics.get("class_names") or ())}'
           f'{confusion_lines(metrics)}{json.dumps(metrics)}')
+
+
+_PER_CLASS = re.compile(r'(.+)_class(\d+)')  # a per-class metric's name: SCORE_classK
+
+
+def score_lines(metrics: dict[str, Any], labels: Sequence[str] = ()) -> str:
+  """The scores for people, ending in a newline: the means on one line, then, with per-class
+  scores, a table of them, a row per class: its id, then `labels[id]` if given (a name)."""
+  means = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()
+                    if isinstance(v, float) and not _PER_CLASS.fullmatch(k))
+  columns: dict[str, dict[int, Any]] = {}
+  for key, value in metrics.items():
+    if match := _PER_CLASS.fullmatch(key):
+      columns.setdefault(match[1], {})[int(match[2])] = value
+  if not columns:  # (a binary model: its foreground's scores are the means)
+    return means + '\n'
+  classes = sorted({c for column in columns.values() for c in column})
+  rows = [f'{c} {labels[c]}' if c < len(labels) else str(c) for c in classes]
+  first = max(len('class'), *map(len, rows))
+  widths = [max(len(name), 6) for name in columns]
+  lines = ['class'.ljust(first) + ''.join(f'  {n:>{w}}'
+                                          for n, w in zip(columns, widths, strict=True))]
+  for c, row in zip(classes, rows, strict=True):  # (no value: '-', a surface score with none)
+    lines.append(row.ljust(first) + ''.join(
+        '  ' + ('-' if column.get(c) is None else f'{column[c]:.4f}').rjust(w)
+        for column, w in zip(columns.values(), widths, strict=True)))
+  return '\n'.join([means, *lines]) + '\n'
 
 
 def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import losses, surface_distance
+from unet_jax.config_checks import check_class_names
 from unet_jax.datasets.image_folder import read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import IMAGE_SUFFIXES
@@ -65,12 +66,13 @@ def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                   label_suffix: str = '', include_background: bool = True,
                   ignore_value: int = -1, surface: bool = False, confusion: bool = False,
-                  ) -> dict[str, Any]:
+                  class_names: Sequence[str] = ()) -> dict[str, Any]:
   """The means of the scores (as `evaluate` reports them) of each label's prediction, with
   `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks) and `per_image` (a row
   per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere.
   `surface`: also the boundary distances `hd95` and `assd` in pixels; `confusion`: the
-  confusion matrix (rows the true class), both as `evaluate` gives them."""
+  confusion matrix (rows the true class), both as `evaluate` gives them. `class_names`: one
+  per class, in value order, returned as `class_names` for the report."""
   from unet_jax.evaluate import MapScores, class_map_scores, score_columns
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
   # Every pair is read twice, first to find the classes (all values) and check the sizes, then
@@ -86,6 +88,8 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     values.update(np.unique(label[label != ignore_value]).tolist())
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
+  check_class_names(class_names, num_classes, '--class_names',
+                    f'the masks\' values {[int(k) for k in keys][:8]}')
   sums, rows = None, []
   maps = MapScores(surface, confusion, num_classes)
   for file_name, pred_path, label_path in pairs:
@@ -106,6 +110,8 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], per_image=rows)
+  if class_names:
+    metrics['class_names'] = list(class_names)
   return metrics
 
 
@@ -130,16 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                  'pixels')
   p.add_argument('--confusion', action='store_true', help='also the confusion matrix: pixels '
                  'of each true class (rows) predicted as each class (columns)')
+  p.add_argument('--class_names', type=lambda text: text.split(','), default=[],
+                 metavar='NAME,NAME,...', help="each class's name, in value order, for the "
+                 "report's table of per-class scores (e.g. background,liver,tumour)")
   p.add_argument('--per_image', default=None, help="also write each image's scores to this "
                  'CSV file')
   args = p.parse_args(argv)
-  from unet_jax.evaluate import check_csv_destination, confusion_lines, write_csv
+  from unet_jax.evaluate import check_csv_destination, confusion_lines, score_lines, write_csv
   try:
     if args.per_image:
       check_csv_destination(args.per_image)
     metrics = score_folders(args.predictions, args.labels, args.mask_suffix, args.label_suffix,
                             args.include_background, args.ignore_value, args.surface,
-                            args.confusion)
+                            args.confusion, args.class_names)
     rows = metrics.pop('per_image')
     if args.per_image:
       write_csv(args.per_image, rows)
@@ -150,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f'{args.predictions} against {args.labels}: {metrics["images"]} masks at their own '
         f'size, classes {metrics["class_values"][:8]}'
         f'{", class 0 left out of the means" if background_out else ""}')
-  print('  '.join(f'{k} {v:.4f}' for k, v in metrics.items() if isinstance(v, float)))
-  print(confusion_lines(metrics) + json.dumps(metrics), flush=True)
+  print(score_lines(metrics, args.class_names) + confusion_lines(metrics) + json.dumps(metrics),
+        flush=True)
   if args.per_image:
     print(f'per-image scores: {os.path.abspath(args.per_image)} ({len(rows)} rows)')
   return 0
