@@ -622,12 +622,27 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
     _check_one_cut([wd, 'wd2'], metas)
 
 
-def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch):
+def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch, capsys, caplog):
   make_folder(tmp_path / 'd', n=6)
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),
                           'data.data_dir': str(tmp_path / 'tfds'), 'model.in_channels': 3,
                           'model.num_classes': 3})
+  capsys.readouterr()
   train_source, _, info = input_pipeline.load_sources(config)
+  # Preparing says what, where and how long, in two lines; not tfds's download wording (nothing
+  # is downloaded) nor its warnings about a custom config or an unprepared folder.
+  out, err = capsys.readouterr()
+  assert 'Download' not in out and 'download' not in out, out
+  lines = [line for line in err.splitlines() if line.startswith('prep')]
+  assert re.fullmatch(rf'preparing the image folder {tmp_path}/d in {tmp_path}/tfds/image_folder/'
+                      r'f\w+/[\d.]+', lines[0]), lines
+  assert re.fullmatch(r'prepared in \d+\.\d s; later runs read it from there', lines[1]), lines
+  notices = [r.getMessage() for r in caplog.records if 'custom data configuration' in
+             r.getMessage() or 'has no dataset_info.json' in r.getMessage()]
+  assert notices == [] and len(lines) == 2
+  # Once prepared, loading it again says nothing.
+  input_pipeline.load_sources(config)
+  assert capsys.readouterr() == ('', '') and caplog.records == []
   from unet_jax.datasets import image_folder
 
   decode = image_folder._read

@@ -53,20 +53,22 @@ def _data_dir(config: ml_collections.ConfigDict) -> str:
       'TFDS_DATA_DIR', '~/tensorflow_datasets'))
 
 
-def _prepared(make_builder: Callable[[], Any], process_count: int) -> Any:
-  """A local builder, prepared: process 0 prepares it; the others wait, then make theirs
-  again, which finds the prepared files (the builder made before them knows no splits: the
-  second process of a run on an image folder stopped at "has no split 'train'"). Each makes
-  one first, so that a refusal (a missing folder, a mask without an image) stops every process
-  rather than leaving the others waiting."""
-  builder = make_builder()
+def _prepared(make_builder: Callable[[], Any], process_count: int, what: str) -> Any:
+  """A local builder, prepared: process 0 prepares it (saying so, the first time: `what` names
+  the data); the others wait, then make theirs again, which finds the prepared files (the
+  builder made before them knows no splits: the second process of a run on an image folder
+  stopped at "has no split 'train'"). Each makes one first, so that a refusal (a missing
+  folder, a mask without an image) stops every process rather than leaving the others
+  waiting."""
+  from unet_jax.datasets.local_preparation import made_quietly, prepare
+  builder = made_quietly(make_builder)
   if jax.process_index() == 0:
-    builder.download_and_prepare(file_format='array_record')
+    prepare(builder, what)
   if process_count > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('unet_jax: dataset prepared')
   if jax.process_index() != 0:
-    builder = make_builder()
+    builder = made_quietly(make_builder)
   return builder
 
 
@@ -83,7 +85,7 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
                       f"{', '.join(map(str, sizes))} pixels")
     builder = _prepared(lambda: SyntheticShapes(config=f'{config.data.native_size}px',
                                                 data_dir=data_dir, file_format='array_record'),
-                        jax.process_count())
+                        jax.process_count(), f'synthetic_shapes ({config.data.native_size}px)')
   elif name == 'image_folder':
     from unet_jax.datasets.image_folder import FolderLayout, ImageFolder
     layout = FolderLayout(**{f: config.data.get(f, getattr(FolderLayout, f))
@@ -94,7 +96,7 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
                       f'{layout.images_dir}/ and {layout.masks_dir}/')
     builder = _prepared(lambda: ImageFolder(root=config.data.root, layout=layout,
                                             data_dir=data_dir, file_format='array_record'),
-                        jax.process_count())
+                        jax.process_count(), f'the image folder {config.data.root}')
   else:
     try:
       builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
