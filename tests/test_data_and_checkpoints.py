@@ -22,7 +22,13 @@ from test_train import REPO, _env, override, tiny_config
 from configs import milesial
 from unet_jax import UNet, init_variables, input_pipeline, train
 from unet_jax.checkpoint import load_pretrained_with_metadata, save_pretrained
-from unet_jax.datasets.image_folder import FolderLayout, find_pairs, fingerprint, scan
+from unet_jax.datasets.image_folder import (
+    FolderLayout,
+    dataset_json_class_names,
+    find_pairs,
+    fingerprint,
+    scan,
+)
 from unet_jax.errors import UserError
 from unet_jax.evaluate import cross_validation, evaluate_checkpoint
 from unet_jax.input_pipeline import _TrainExample, preprocess, rotate
@@ -513,6 +519,9 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
     image = (rng.random((20, 24, 3)) * 80 + labels[..., None] * 90).astype(np.uint8)
     Image.fromarray(image).save(root / 'imagesTr' / f'{name}_0000.png')
     Image.fromarray(labels).save(root / 'labelsTr' / f'{name}.png')
+  with open(root / 'dataset.json', 'w') as f:  # (nnU-Net's: its labels' names)
+    json.dump({'channel_names': {'0': 'R', '1': 'G', '2': 'B'}, 'labels': {
+        'background': 0, 'shape': 1}, 'numTraining': 10, 'file_ending': '.png'}, f)
   config = override(nnunet.get_config(), {
       'data.root': str(root), 'data.data_dir': str(tmp_path / 'tfds'), 'data.fold': 2,
       'batch_size': 8, 'model.base_features': 4, 'model.depth': 1, 'image_size': 16,
@@ -523,6 +532,7 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
   assert [r['file_name'].decode() for r in eval_source] == [
       f'{names[i]}_0000.png' for i in held_out]
   assert info.mask_values == [0, 1] and info.num_train == 8
+  assert info.class_names == ('background', 'shape')
   train.train_and_evaluate(config, str(tmp_path / 'wd'))
   with open(tmp_path / 'wd' / 'metrics.jsonl') as f:
     rows = [json.loads(line) for line in f]
@@ -530,7 +540,28 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
   assert rows[-1]['step'] == 2 and rows[-1]['eval_dice'] == rows[-1]['eval_dice_class1']
   assert [r['learning_rate'] for r in rows] == pytest.approx(
       [1e-2 * (1 - t / 2) ** 0.9 for t in (0, 1)], rel=1e-6)
-  assert evaluate_checkpoint(str(tmp_path / 'wd'))['dice'] == rows[-1]['eval_dice']
+  scored = evaluate_checkpoint(str(tmp_path / 'wd'))
+  assert scored['dice'] == rows[-1]['eval_dice']
+  assert scored['class_names'] == ['background', 'shape']  # (its report's table names them)
+
+
+@pytest.mark.parametrize('labels,values,names', [
+    ({'background': 0, 'liver': 1, 'tumour': 2}, [0, 1, 2], ('background', 'liver', 'tumour')),
+    ({'background': 0, 'liver': 1, 'tumour': 2}, [0, 2], ('background', 'tumour')),  # (1 absent)
+    ({'background': 0, 'liver': 1, 'ignore': 2}, [0, 1], ('background', 'liver')),
+    ({'background': 0, 'liver': 1}, [0, 1, 2], ()),  # (a class without a name)
+    ({'background': 0, 'whole': [1, 2], 'core': 2}, [0, 1, 2], ()),  # (regions name no value)
+    ({'background': 0, 'cat': 1}, [[0, 0, 0], [255, 0, 0]], ()),  # (RGB masks: no labels)
+    ('not a dict', [0, 1], ()),
+])
+def test_nnunet_dataset_json_names_the_classes(tmp_path, labels, values, names):
+  with open(tmp_path / 'dataset.json', 'w') as f:
+    json.dump({'labels': labels}, f)
+  assert dataset_json_class_names(str(tmp_path), values) == names
+  (tmp_path / 'dataset.json').write_text('{not json')
+  assert dataset_json_class_names(str(tmp_path), values) == ()
+  os.remove(tmp_path / 'dataset.json')
+  assert dataset_json_class_names(str(tmp_path), values) == ()
 
 
 def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):

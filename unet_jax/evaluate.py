@@ -304,6 +304,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   class_names = list(config.data.get('class_names', ()))  # (runs before the field: none)
   check_class_names(class_names, max(model.num_classes, 2), 'data.class_names',
                     f"the checkpoint's model has {model.num_classes} output class(es)")
+  if not class_names and len(info.class_names) == max(model.num_classes, 2):
+    class_names = list(info.class_names)  # (an image folder's dataset.json, nnU-Net's)
   if len(loaded) == 1:
     eval_model, step_tta = build_model(config, None), tta
   else:  # (each member as build_model makes it: eval mode, the config's dtype)
@@ -483,7 +485,8 @@ def score_lines(metrics: dict[str, Any], labels: Sequence[str] = ()) -> str:
 
 
 def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:
-  """Two lines for people, then the metrics as one JSON line."""
+  """For people, what was scored and the scores (score_lines), then the metrics as one JSON
+  line."""
   if len(paths) > 1:
     checkpoint, step = f'the mean probabilities of {len(paths)} checkpoints', ''
   else:

@@ -37,6 +37,7 @@ class DataInfo:
   ignore_id: int | None = None  # the label id of data.ignore_value's pixels, if any
   mask_palette: list = dataclasses.field(default_factory=list)  # palette masks' colours, or []
   lossy_mask: str = ''  # a JPEG mask of the dataset, if any
+  class_names: tuple[str, ...] = ()  # the classes' names, where the dataset gives them
 
   def too_many_mask_values(self, classes: str) -> str:
     """The line for masks holding more values than `classes` (the model's, in words) allows."""
@@ -127,11 +128,15 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
     mask_values.pop(ignore_id)
   if not mask_values:
     mask_values = list(range(config.model.num_classes if config.model.num_classes > 1 else 2))
+  class_names = ()
+  if name == 'image_folder':  # (nnU-Net's dataset.json names its labels)
+    from unet_jax.datasets.image_folder import dataset_json_class_names
+    class_names = dataset_json_class_names(config.data.root, mask_values)
   info = DataInfo(name=name, num_train=len(train), num_eval=len(evaluation),
                   channels=first['image'].shape[-1], mask_values=mask_values,
                   splits=tuple(sorted(sources)), ignore_id=ignore_id,
                   mask_palette=list(metadata.get('mask_palette', [])),
-                  lossy_mask=metadata.get('lossy_mask', ''))
+                  lossy_mask=metadata.get('lossy_mask', ''), class_names=class_names)
   return train, evaluation, info
 
 

@@ -24,6 +24,7 @@ import fractions
 import functools
 import hashlib
 import io
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -227,6 +228,23 @@ def _read(path: str, mask: bool = False, palettes: list | None = None,
       return np.asarray(im)
   except (UnidentifiedImageError, OSError) as e:
     raise UserError(f'{path}: cannot read it as an image ({e})') from None
+
+
+def dataset_json_class_names(root: str, mask_values: list) -> tuple[str, ...]:
+  """The classes' names from nnU-Net's ROOT/dataset.json (`"labels": {"background": 0, "liver":
+  1, ...}`), in the order of `mask_values`; () where it is missing or unreadable or leaves a
+  class unnamed (a region, a list of labels, names none): the names only label reports."""
+  try:
+    with open(os.path.join(root, 'dataset.json'), encoding='utf-8') as f:
+      labels = json.load(f).get('labels')
+  except (OSError, ValueError, AttributeError):
+    return ()
+  if not isinstance(labels, dict):
+    return ()
+  by_value = {v: str(k) for k, v in labels.items() if isinstance(v, int)
+              and not isinstance(v, bool) and k != 'ignore'}
+  names = tuple(by_value.get(v) for v in mask_values if isinstance(v, int))
+  return names if len(names) == len(mask_values) and all(names) else ()
 
 
 def mask_value_key(value: int | list[int]) -> int:
