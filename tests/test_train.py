@@ -542,6 +542,16 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
   assert f'resumed from {tmp_path}/moved/checkpoints/2' in proc.stdout + proc.stderr
   assert 'damaged' not in proc.stderr
+  # Its output went to a pipe, not a terminal: no progress bar (which would write every refresh
+  # into a log file), a plain line per logged row instead, with the time left.
+  with open(tmp_path / 'moved' / 'metrics.jsonl') as f:
+    logged = {row['step']: row for row in map(json.loads, f)}
+  lines = [line.split('  ') for line in proc.stdout.splitlines() if line.startswith('step ')]
+  assert [line[:2] for line in lines] == [[f'step {s}/4', f'loss {logged[s]["loss"]:.4g}']
+                                          for s in (3, 4)], proc.stdout
+  assert re.fullmatch(r'eta \d+s', lines[0][-1]) and lines[1][-1] == (
+      f'eval_dice {logged[4]["eval_dice"]:.4g}')
+  assert '%|' not in proc.stderr and 'step/s' not in proc.stderr
   assert _max_rel(_params(tmp_path / 'straight'), _params(tmp_path / 'moved')) <= DP_TOL
 
 

@@ -54,8 +54,13 @@ class Reporter:
     from tqdm import tqdm
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     self._tb = SummaryWriter(workdir, flush_secs=30)
-    self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
-                     smoothing=0.1)
+    self._total, self._start = total_steps, (start_step, time.perf_counter())
+    # A progress bar where a person watches (a terminal). Into a file (a cluster job's log,
+    # `> log 2>&1`) tqdm would write every refresh, '\r' after '\r', up to 10 a second for the
+    # whole run on one line; there each logged row is a plain line instead (`write`).
+    if sys.stderr.isatty():
+      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                       smoothing=0.1)
 
   def step(self, step: int) -> None:
     if self._bar is not None:
@@ -77,9 +82,22 @@ class Reporter:
     for k, v in clean.items():
       if math.isfinite(v):
         self._tb.add_scalar(k, v, step)
+    shown = {k: f'{clean[k]:.4g}' for k in ('loss', 'images_per_sec', 'eval_dice') if k in clean}
     if self._bar is not None:
-      shown = {k: clean[k] for k in ('loss', 'images_per_sec', 'eval_dice') if k in clean}
-      self._bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()}, refresh=False)
+      self._bar.set_postfix(shown, refresh=False)
+    elif shown:
+      print(f'step {step}/{self._total}  ' + '  '.join(f'{k} {v}' for k, v in shown.items())
+            + self._eta(step), flush=True)
+
+  def _eta(self, step: int) -> str:
+    """'  eta 1h02m': the time left at the mean pace since the start (compilation included)."""
+    first, start = self._start
+    if step <= first or step >= self._total:
+      return ''
+    left = round((time.perf_counter() - start) / (step - first) * (self._total - step))
+    hours, minutes, seconds = left // 3600, left // 60 % 60, left % 60
+    return (f'  eta {hours}h{minutes:02d}m' if hours else f'  eta {minutes}m{seconds:02d}s'
+            if minutes else f'  eta {seconds}s')
 
   def samples(self, step: int, images: np.ndarray, truth: np.ndarray, pred: np.ndarray,
               num_classes: int, colours: np.ndarray | None = None) -> str | None:
