@@ -184,6 +184,9 @@ def test_cli_holds_one_batch_of_images_at_a_time(tmp_path, converted, capsys, mo
                str(tmp_path / 'out'), '--overlay']) == 0, capsys.readouterr().err
   # Each file read once to check it, then once in its batch, just before the batch runs.
   assert seen == [(8, 12 + 8), (3, 12 + 11), (1, 12 + 12)]
+  # Into a file or pipe (not a terminal), no progress bar, only the closing line.
+  out, err = capsys.readouterr()
+  assert err == '' and out.startswith(f'wrote 12 mask(s) to {tmp_path}/out ('), (out, err)
   # --batch_size sets the batches (and how many images are held at once).
   seen.clear(), read.clear()
   assert main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',

@@ -439,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                for j in range(0, len(indices), args.batch_size)]
     mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())
     colours = _class_colours(max(model.num_classes, 2), mask_values, palette)
-    with tqdm(total=len(files), unit='image', disable=len(files) < 4) as bar:
+    # (a bar in a terminal; into a log file it would write each refresh)
+    with tqdm(total=len(files), unit='image',
+              disable=len(files) < 4 or not sys.stderr.isatty()) as bar:
       for indices in batches:
         batch = np.stack([_read_image(files[i], model.in_channels) for i in indices])
         if len(members) == 1:  # (thresholds the logits, as training's evaluation does)
