@@ -3,8 +3,8 @@
 tfds speaks of downloads ("Downloading and preparing dataset Unknown size (download: Unknown
 size, ...)") where nothing is downloaded, and warns, each time such a builder is made, of its
 "custom data configuration" and of a variant folder "with no dataset_info.json" (one not
-prepared yet). Here a preparation says what it prepares, where, and how long it took, between
-tfds's progress bars; the rest is left out.
+prepared yet). Here a preparation says what it prepares, where, and how long it took, around
+tfds's progress bars (in a terminal only); the rest is left out.
 """
 
 from __future__ import annotations
@@ -42,12 +42,18 @@ def prepare(builder: Any, what: str) -> None:
   with quiet_tfds_notices():  # (is_prepared looks for the variant folder's dataset_info.json)
     if builder.is_prepared():
       return
+  import tensorflow_datasets as tfds
   print(f'preparing {what} in {builder.data_dir}', file=sys.stderr, flush=True)
   start = time.perf_counter()
-  # tfds prints its download wording to stdout; its progress bars (stderr) stay, for folders
-  # of thousands of images.
-  with contextlib.redirect_stdout(io.StringIO()), quiet_tfds_notices():
-    builder.download_and_prepare(file_format='array_record')
+  # tfds prints its download wording to stdout. Its progress bars (stderr) stay in a terminal,
+  # for folders of thousands of images; into a log file they would write each refresh.
+  bars = sys.stderr.isatty()
+  tfds.display_progress_bar(bars)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), quiet_tfds_notices():
+      builder.download_and_prepare(file_format='array_record')
+  finally:
+    tfds.display_progress_bar(True)
   print(f'prepared in {time.perf_counter() - start:.1f} s; later runs read it from there',
         file=sys.stderr, flush=True)
 
