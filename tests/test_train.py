@@ -421,7 +421,9 @@ print(values)
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.splitlines() == ['torch imported: False', "[('loss', 0.25, 2)]"]
+  lines = out.stdout.splitlines()  # (output to a pipe: the logged row as a plain line)
+  assert lines[0] == 'torch imported: False' and lines[2:] == ["[('loss', 0.25, 2)]"], lines
+  assert re.fullmatch(r'step 2/3  loss 0\.25  eta \d+s', lines[1]), lines
 
 
 def test_one_step_run_without_sample_images(tmp_path):
