@@ -564,7 +564,7 @@ def test_nnunet_dataset_json_names_the_classes(tmp_path, labels, values, names):
   assert dataset_json_class_names(str(tmp_path), values) == ()
 
 
-def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
+def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path, capsys):
   make_folder(tmp_path / 'd', n=12)
   config = tiny_config(**{'data.name': 'image_folder', 'data.root': str(tmp_path / 'd'),
                           'data.num_folds': 3, 'data.fold': 1, 'model.in_channels': 3,
@@ -572,7 +572,16 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path):
                           'eval_every_steps': 2, 'checkpoint_every_steps': 2,
                           'data.class_names': ('sky', 'road', 'car')})
   wd = str(tmp_path / 'wd')
+  capsys.readouterr()
   metrics = train.train_and_evaluate(config, wd)
+  # The run ends with its last evaluation's scores, a row per class, named as the config says.
+  out = capsys.readouterr().out.splitlines()
+  end = out.index(next(line for line in out if line.startswith('eval at step 2: dice ')))
+  assert out[end + 1].split() == ['class', 'dice', 'iou', 'class_accuracy']
+  for c, name in enumerate(('sky', 'road', 'car')):
+    assert out[end + 2 + c].split() == [str(c), name, *(
+        f'{metrics[f"{k}_class{c}"]:.4f}' for k in ('dice', 'iou', 'class_accuracy'))]
+  assert out[end + 5].startswith('checkpoint: ')
   got = evaluate_checkpoint(wd, per_image=True)
   assert {k: v for k, v in got.items() if k in metrics} == metrics
   assert sorted(r['file_name'][:4] for r in got['per_image']) == ['im04', 'im05', 'im06', 'im07']

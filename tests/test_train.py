@@ -554,6 +554,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
   assert re.fullmatch(r'eta \d+s', lines[0][-1]) and lines[1][-1] == (
       f'eval_dice {logged[4]["eval_dice"]:.4g}')
   assert '%|' not in proc.stderr and 'step/s' not in proc.stderr
+  # At the end, the last evaluation's scores (a binary model: the means alone).
+  assert (f'eval at step 4: dice {logged[4]["eval_dice"]:.4f}  iou {logged[4]["eval_iou"]:.4f}'
+          in proc.stdout.splitlines()[-3]), proc.stdout
   assert _max_rel(_params(tmp_path / 'straight'), _params(tmp_path / 'moved')) <= DP_TOL
 
 

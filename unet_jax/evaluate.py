@@ -30,7 +30,6 @@ import csv
 import functools
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,7 +47,7 @@ from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import size_text, training_size
 from unet_jax.post_processing import PostProcessing
-from unet_jax.reporting import float32_decimal
+from unet_jax.reporting import float32_decimal, score_lines
 
 ALL_SPLITS = 'all'
 
@@ -301,11 +300,10 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   if len(info.mask_values) > max(model.num_classes, 2):
     raise UserError(info.too_many_mask_values(
         f"the checkpoint's model has {model.num_classes} output class(es)"))
-  class_names = list(config.data.get('class_names', ()))  # (runs before the field: none)
-  check_class_names(class_names, max(model.num_classes, 2), 'data.class_names',
+  check_class_names(config.data.get('class_names', ()), max(model.num_classes, 2),
+                    'data.class_names',
                     f"the checkpoint's model has {model.num_classes} output class(es)")
-  if not class_names and len(info.class_names) == max(model.num_classes, 2):
-    class_names = list(info.class_names)  # (an image folder's dataset.json, nnU-Net's)
+  class_names = list(input_pipeline.class_names(config, info))
   if len(loaded) == 1:
     eval_model, step_tta = build_model(config, None), tta
   else:  # (each member as build_model makes it: eval mode, the config's dtype)
@@ -455,33 +453,6 @@ def _how_and_scores(metrics: dict[str, Any]) -> str:
           f'{", class 0 left out of the means" if background_out else ""}\n'
           f'{score_lines(metrics, metrics.get("class_names") or ())}'
           f'{confusion_lines(metrics)}{json.dumps(metrics)}')
-
-
-_PER_CLASS = re.compile(r'(.+)_class(\d+)')  # a per-class metric's name: SCORE_classK
-
-
-def score_lines(metrics: dict[str, Any], labels: Sequence[str] = ()) -> str:
-  """The scores for people, ending in a newline: the means on one line, then, with per-class
-  scores, a table of them, a row per class: its id, then `labels[id]` if given (a name)."""
-  means = '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()
-                    if isinstance(v, float) and not _PER_CLASS.fullmatch(k))
-  columns: dict[str, dict[int, Any]] = {}
-  for key, value in metrics.items():
-    if match := _PER_CLASS.fullmatch(key):
-      columns.setdefault(match[1], {})[int(match[2])] = value
-  if not columns:  # (a binary model: its foreground's scores are the means)
-    return means + '\n'
-  classes = sorted({c for column in columns.values() for c in column})
-  rows = [f'{c} {labels[c]}' if c < len(labels) else str(c) for c in classes]
-  first = max(len('class'), *map(len, rows))
-  widths = [max(len(name), 6) for name in columns]
-  lines = ['class'.ljust(first) + ''.join(f'  {n:>{w}}'
-                                          for n, w in zip(columns, widths, strict=True))]
-  for c, row in zip(classes, rows, strict=True):  # (no value: '-', a surface score with none)
-    lines.append(row.ljust(first) + ''.join(
-        '  ' + ('-' if column.get(c) is None else f'{column[c]:.4f}').rjust(w)
-        for column, w in zip(columns.values(), widths, strict=True)))
-  return '\n'.join([means, *lines]) + '\n'
 
 
 def _report(paths: Sequence[str], metrics: dict[str, Any]) -> str:

@@ -179,6 +179,15 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
   return {'image': image, 'mask': mask.astype(np.uint8)}
 
 
+def class_names(config: ml_collections.ConfigDict, info: DataInfo) -> tuple[str, ...]:
+  """The classes' names for reports: the config's `data.class_names`, else the dataset's
+  (an image folder's dataset.json) where they name each of the model's classes; else ()."""
+  names = tuple(config.data.get('class_names', ()))  # (runs before the field: none)
+  if not names and len(info.class_names) == max(config.model.num_classes, 2):
+    names = info.class_names
+  return names
+
+
 def image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The (height, width) examples are resized to: image_shape, else image_size square."""
   return height_width(training_size(config))

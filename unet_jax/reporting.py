@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,36 @@ def float32_decimal(x: Any) -> float:
   """A float32 value as its shortest decimal: 0.0006, not 0.000599999912083149 (the float32
   nearest 0.0006 written out as a float64)."""
   return float(str(np.float32(x)))
+
+
+_PER_CLASS = re.compile(r'(.+)_class(\d+)')  # a per-class metric's name: SCORE_classK
+
+
+def score_lines(metrics: dict[str, Any], labels: Sequence[str] = ()) -> str:
+  """The scores for people, ending in a newline: the means on one line (Dice first), then, with
+  per-class scores, a table of them, a row per class: its id, then `labels[id]` if given (a
+  name)."""
+  leading = ('dice', 'iou', 'class_accuracy', 'pixel_accuracy')
+  ordered = [k for k in leading if k in metrics] + [k for k in metrics if k not in leading]
+  means = '  '.join(f'{k} {metrics[k]:.4f}' for k in ordered
+                    if isinstance(metrics[k], float) and not _PER_CLASS.fullmatch(k))
+  columns: dict[str, dict[int, Any]] = {}
+  for key, value in metrics.items():
+    if match := _PER_CLASS.fullmatch(key):
+      columns.setdefault(match[1], {})[int(match[2])] = value
+  if not columns:  # (a binary model: its foreground's scores are the means)
+    return means + '\n'
+  classes = sorted({c for column in columns.values() for c in column})
+  rows = [f'{c} {labels[c]}' if c < len(labels) else str(c) for c in classes]
+  first = max(len('class'), *map(len, rows))
+  widths = [max(len(name), 6) for name in columns]
+  lines = ['class'.ljust(first) + ''.join(f'  {n:>{w}}'
+                                          for n, w in zip(columns, widths, strict=True))]
+  for c, row in zip(classes, rows, strict=True):  # (no value: '-', a surface score with none)
+    lines.append(row.ljust(first) + ''.join(
+        '  ' + ('-' if column.get(c) is None else f'{column[c]:.4f}').rjust(w)
+        for column, w in zip(columns.values(), widths, strict=True)))
+  return '\n'.join([means, *lines]) + '\n'
 
 
 def _summary_writer_class() -> type:

@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--per_image', default=None, help="also write each image's scores to this "
                  'CSV file')
   args = p.parse_args(argv)
-  from unet_jax.evaluate import check_csv_destination, confusion_lines, score_lines, write_csv
+  from unet_jax.evaluate import check_csv_destination, confusion_lines, write_csv
+  from unet_jax.reporting import score_lines
   try:
     if args.per_image:
       check_csv_destination(args.per_image)

@@ -45,7 +45,7 @@ from unet_jax.optimizers import (
   replace_plateau_state,
 )
 from unet_jax.predict import eval_apply
-from unet_jax.reporting import Reporter, float32_decimal
+from unet_jax.reporting import Reporter, float32_decimal, score_lines
 from unet_jax.step_compilation import (
   compile_per_signature,
   compiler_options,
@@ -705,6 +705,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f'applied and the last good checkpoint is kept in {checkpoints.directory} '
                     "(set --config.on_nonfinite=skip to skip such steps)")
   if is_main and (step >= config.num_train_steps or early.due):
+    if eval_metrics:  # (the last evaluation's scores, a row per class with several)
+      print(f'eval at step {step}: '
+            + score_lines(eval_metrics, input_pipeline.class_names(config, info)), end='')
     print(f'checkpoint: {checkpoints.directory}/{step}\n'
           f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)
     if best is not None and best != step:
