@@ -326,6 +326,18 @@ def test_cli_names_masks_as_nnunet_names_its_predictions(tmp_path, converted, ca
     assert {f: os.path.getmtime(tmp_path / 'imagesTs' / f)
             for f in os.listdir(tmp_path / 'imagesTs')} == before
     assert output == 'imagesTs' or not (tmp_path / output).exists()
+  # So would an overlay (before, x's overlay was written over the input x_overlay.png).
+  os.makedirs(tmp_path / 'mixed')
+  for name in ('x', 'x_overlay'):
+    _write(tmp_path / 'mixed' / f'{name}.png', (rng.random((24, 28)) * 255).astype(np.uint8))
+  before = {f: os.path.getmtime(tmp_path / 'mixed' / f) for f in os.listdir(tmp_path / 'mixed')}
+  assert main([str(tmp_path / 'mixed'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'mixed'), '--overlay']) == 2
+  assert capsys.readouterr().err == (
+      f'error: {tmp_path}/mixed/x.png: its overlay would be written over the input '
+      f'{tmp_path}/mixed/x_overlay.png; choose another --output\n')
+  assert {f: os.path.getmtime(tmp_path / 'mixed' / f)
+          for f in os.listdir(tmp_path / 'mixed')} == before
 
 
 def test_cli_size_below_the_model_minimum_is_refused(tmp_path, converted, capsys):

@@ -264,10 +264,12 @@ def _collect(inputs: Sequence[str]) -> list[str]:
 
 
 def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
-                  mask_suffix: str = '_mask') -> list[str]:
+                  mask_suffix: str = '_mask', also: Sequence[tuple[str, str]] = ()
+                  ) -> list[str]:
   """Each input's NAME, its file name without extension and `image_suffix` (which it must
-  have), for NAME{mask_suffix}.png in `output`; refuses two inputs of one NAME and a mask that
-  would be written over an input."""
+  have), for NAME{mask_suffix}.png in `output`, and each (what, ending) of `also` as
+  NAME{ending} (e.g. ('overlay', '_overlay.png')); refuses two inputs of one NAME and a file
+  that would be written over an input."""
   names, written_by = [], {}
   inputs = {os.path.realpath(f) for f in files}
   for f in files:
@@ -281,9 +283,11 @@ def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
     if name in written_by:
       raise UserError(f'{written_by[name]} and {f} would both be written as {mask}; '
                       'rename one, or predict them into separate --output folders')
-    if os.path.realpath(os.path.join(output, mask)) in inputs:
-      raise UserError(f'{f}: its mask would be written over the input '
-                      f'{os.path.join(output, mask)}; choose another --output or --mask_suffix')
+    for what, file_name in (('mask', mask), *((w, f'{name}{end}') for w, end in also)):
+      if os.path.realpath(os.path.join(output, file_name)) in inputs:
+        raise UserError(f'{f}: its {what} would be written over the input '
+                        f'{os.path.join(output, file_name)}; choose another --output'
+                        f'{" or --mask_suffix" if what == "mask" else ""}')
     written_by[name] = f
     names.append(name)
   return names
@@ -395,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     post = PostProcessing(args.largest_component, args.min_region_size)
     files = _collect(args.inputs)
-    names = _output_names(files, args.output, args.image_suffix, args.mask_suffix)
+    also = ([('overlay', '_overlay.png')] if args.overlay else []) + (
+        [('probabilities', '_prob.npy')] if args.probabilities else [])
+    names = _output_names(files, args.output, args.image_suffix, args.mask_suffix, also)
     if args.overlay and args.mask_suffix == '_overlay':
       raise UserError('--mask_suffix _overlay would write the masks and the overlays (--overlay) '
                       'to the same files; choose another suffix')
