@@ -1,4 +1,5 @@
-"""What a training run shows: metrics.jsonl, TensorBoard events, sample PNGs, a progress bar.
+"""What a training run shows: metrics.jsonl, TensorBoard events, sample PNGs, a progress bar in
+a terminal (elsewhere a plain line per logged row), and the scores for people (`score_lines`).
 
 Only process 0 writes. TensorBoard files come from tensorboardX, so `tensorboard --logdir
 WORKDIR` reads them without TensorFlow installed.
