@@ -61,15 +61,16 @@ def _prepared(make_builder: Callable[[], Any], process_count: int, what: str) ->
   stopped at "has no split 'train'"). Each makes one first, so that a refusal (a missing
   folder, a mask without an image) stops every process rather than leaving the others
   waiting."""
-  from unet_jax.datasets.local_preparation import made_quietly, prepare
-  builder = made_quietly(make_builder)
-  if jax.process_index() == 0:
-    prepare(builder, what)
-  if process_count > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('unet_jax: dataset prepared')
-  if jax.process_index() != 0:
-    builder = made_quietly(make_builder)
+  from unet_jax.datasets.local_preparation import prepare, quiet_tfds_notices
+  with quiet_tfds_notices():
+    builder = make_builder()
+    if jax.process_index() == 0:
+      prepare(builder, what)
+    if process_count > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('unet_jax: dataset prepared')
+    if jax.process_index() != 0:
+      builder = make_builder()
   return builder
 
 

@@ -14,7 +14,7 @@ import io
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 _NOTICES = ('Using custom data configuration', 'Variant folder ')  # (tfds's absl warnings)
@@ -38,10 +38,10 @@ def quiet_tfds_notices() -> Iterator[None]:
 
 def prepare(builder: Any, what: str) -> None:
   """Prepares `builder` (array_record) if it is not yet, saying so on stderr: `what` names the
-  data, e.g. 'synthetic_shapes (64px)'."""
-  with quiet_tfds_notices():  # (is_prepared looks for the variant folder's dataset_info.json)
-    if builder.is_prepared():
-      return
+  data, e.g. 'synthetic_shapes (64px)'. Call it within quiet_tfds_notices (is_prepared, too,
+  warns of an unprepared folder)."""
+  if builder.is_prepared():
+    return
   import tensorflow_datasets as tfds
   print(f'preparing {what} in {builder.data_dir}', file=sys.stderr, flush=True)
   start = time.perf_counter()
@@ -50,15 +50,9 @@ def prepare(builder: Any, what: str) -> None:
   bars = sys.stderr.isatty()
   tfds.display_progress_bar(bars)
   try:
-    with contextlib.redirect_stdout(io.StringIO()), quiet_tfds_notices():
+    with contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare(file_format='array_record')
   finally:
     tfds.display_progress_bar(True)
   print(f'prepared in {time.perf_counter() - start:.1f} s; later runs read it from there',
         file=sys.stderr, flush=True)
-
-
-def made_quietly(make_builder: Callable[[], Any]) -> Any:
-  """`make_builder()` without tfds's notices about a custom config or an unprepared folder."""
-  with quiet_tfds_notices():
-    return make_builder()
