@@ -31,6 +31,7 @@ from unet_jax.datasets.image_folder import (
 )
 from unet_jax.errors import UserError
 from unet_jax.evaluate import cross_validation, evaluate_checkpoint
+from unet_jax.export import export_checkpoint
 from unet_jax.input_pipeline import _TrainExample, preprocess, rotate
 from unet_jax.predict import main as predict_main
 from unet_jax.predict import predict_logits, probabilities
@@ -543,6 +544,10 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
   scored = evaluate_checkpoint(str(tmp_path / 'wd'))
   assert scored['dice'] == rows[-1]['eval_dice']
   assert scored['class_names'] == ['background', 'shape']  # (its report's table names them)
+  # The names travel with the weights: an export's description says them, for its server.
+  assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['class_names'] == [
+      'background', 'shape']
+  assert export_checkpoint(str(tmp_path / 'wd'))[1]['class_names'] == ['background', 'shape']
 
 
 @pytest.mark.parametrize('labels,values,names', [
@@ -610,6 +615,8 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path, capsys):
   whole.data.num_folds = whole.data.fold = 0
   both = evaluate_checkpoint([wd, str(tmp_path / 'wd2')], whole, split='all')
   assert both['images'] == 12 and both['step'] == [2, 2]
+  # Their export names the classes as both runs did.
+  assert export_checkpoint([wd, str(tmp_path / 'wd2')])[1]['class_names'] == ['sky', 'road', 'car']
   # Cross-validation: each fold on its own held-out block, the images pooled.
   scored = [evaluate_checkpoint(w) for w in (wd, str(tmp_path / 'wd2'))]
   csv_path = tmp_path / 'cv.csv'

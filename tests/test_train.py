@@ -952,6 +952,7 @@ def test_non_square_images_train_evaluate_predict_and_export_at_their_shape(tmp_
   data, about = export_checkpoint(str(workdir))
   assert (about['size'], about['height'], about['width']) == ([16, 32], 16, 32)
   assert about['resample'] == 'bilinear'  # (how the run resized its images)
+  assert 'class_names' not in about  # (the run named no classes)
   x = np.random.default_rng(0).random((3, 16, 32, 1), np.float32)
   np.testing.assert_allclose(jax.export.deserialize(data).call(x),
                              model.apply(variables, x, train=False), rtol=1e-5, atol=1e-6)

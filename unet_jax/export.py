@@ -9,9 +9,10 @@ and wherever it is served (no unet_jax, no flax, no checkpoint):
     logits = exp.call(images)  # (N, S, S, C) float32 in [0, 1] -> (N, S, S, classes), any N
 
 Beside it, `model.json` says what the artifact takes and gives: size, channels, classes, the
-mask values that class ids stand for, the platforms, the checkpoint it came from. The batch
-dimension is symbolic; height and width are fixed at `--size` (default: the run's image_size,
-the size the network saw in training), since the network's kernels are chosen per shape.
+mask values that class ids stand for (and the classes' names, where the run named them), the
+platforms, the checkpoint it came from. The batch dimension is symbolic; height and width are
+fixed at `--size` (default: the run's image_size, the size the network saw in training), since
+the network's kernels are chosen per shape.
 Several checkpoints export their ensemble (ensemble.py): its output is the log of the mean of
 their probabilities, which the same sigmoid or softmax turns into that mean.
 """
@@ -75,6 +76,8 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
   model = members[0]
   network = (model if len(members) == 1 else Ensemble(tuple(members)))
   weights = variables if len(members) == 1 else tuple(v for _, v, _ in loaded)
+  named = {tuple(m.get('class_names') or ()) for _, _, m in loaded}
+  class_names = named.pop() if len(named) == 1 else ()  # (members named otherwise: none)
   (batch,) = export.symbolic_shape('n')
   images = jax.ShapeDtypeStruct((batch, height, width, model.in_channels), jnp.float32)
   # The weights are closed over, so they travel inside the artifact as constants.
@@ -88,6 +91,9 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
       'in_channels': model.in_channels, 'num_classes': model.num_classes,
       'mask_values': meta.get('mask_values') or [],
       **({'mask_palette': meta['mask_palette']} if meta.get('mask_palette') else {}),
+      # The classes' names, where the run named them (data.class_names or a dataset.json) and,
+      # for an ensemble, every member by the same names.
+      **({'class_names': list(class_names)} if class_names else {}),
       # How training resized its images (PIL's filter), for a server to do the same.
       **({'resample': meta['resample']} if meta.get('resample') else {}),
       'platforms': list(platforms),

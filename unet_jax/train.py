@@ -530,9 +530,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(config, train_model, mesh, initial)
   eval_ds = input_pipeline.eval_dataset(eval_source, config)
   checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
+  names = input_pipeline.class_names(config, info)
   meta = {'model': model_config(train_model),
           'metadata': {'mask_values': info.mask_values, 'dataset': info.name,
-                       **({'mask_palette': info.mask_palette} if info.mask_palette else {})},
+                       **({'mask_palette': info.mask_palette} if info.mask_palette else {}),
+                       # (for whoever serves it: export's model.json names the classes)
+                       **({'class_names': list(names)} if names else {})},
           'config': config.to_dict()}
   # How the sample PNGs draw each class: the masks' own colours, or None (gray levels).
   sample_colours = mask_colours(max(config.model.num_classes, 2), info.mask_values,
@@ -706,8 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "(set --config.on_nonfinite=skip to skip such steps)")
   if is_main and (step >= config.num_train_steps or early.due):
     if eval_metrics:  # (the last evaluation's scores, a row per class with several)
-      print(f'eval at step {step}: '
-            + score_lines(eval_metrics, input_pipeline.class_names(config, info)), end='')
+      print(f'eval at step {step}: ' + score_lines(eval_metrics, names), end='')
     print(f'checkpoint: {checkpoints.directory}/{step}\n'
           f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)
     if best is not None and best != step:
