@@ -213,11 +213,15 @@ def test_cli_scores_an_ensemble_as_torch_does(tmp_path):
     torch.save(ref.state_dict(), tmp_path / f'ref{k}.pth')
     refs.append(ref.eval())
     paths.append(torch_to_flax(str(tmp_path / f'ref{k}.pth'), str(tmp_path / f'converted{k}')))
+  # A config of one's own, in one's own folder, built on the project's (as configs/ build on
+  # base.py): its import works from there too.
+  (tmp_path / 'my_config.py').write_text(
+      'from configs import base\n\n\ndef get_config():\n  config = base.get_config()\n'
+      '  config.image_size = 16\n  return config\n')
   out = subprocess.run(
       [sys.executable, '-m', 'unet_jax.evaluate', *[a for p in paths for a in ('--checkpoint', p)],
-       '--config', os.path.join(REPO, 'configs', 'base.py'), '--config.image_size=16',
-       f'--config.data.data_dir={TFDS_DIR}'],
-      cwd=REPO, env=_env(3), capture_output=True, text=True, timeout=600)
+       '--config', 'my_config.py', f'--config.data.data_dir={TFDS_DIR}'],
+      cwd=tmp_path, env=_env(3), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
   assert lines[0] == ("the mean probabilities of 3 checkpoints on 'synthetic_shapes', split "

@@ -556,7 +556,12 @@ def _define_flags() -> None:
 def command() -> None:
   """`unet-jax-evaluate ...` (installed by pip) and `python -m unet_jax.evaluate ...`."""
   from absl import app, flags
-  sys.path.insert(0, os.getcwd())  # a config file's `from configs import base`
+  # A config file's `from configs import base`: a configs/ package in the working directory,
+  # else the checkout's, beside unet_jax/ (from any directory, as train.py finds it beside itself).
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.getcwd())
+  if os.path.isdir(os.path.join(checkout, 'configs')):
+    sys.path.insert(1, checkout)
   _define_flags()
   if __name__ != '__main__':
     # absl's --help shows __main__'s docstring and the flags defined there; under pip's
