@@ -110,16 +110,16 @@ def get_config() -> ml_collections.ConfigDict:
   # weight_decay=3e-5, learning_rate=1e-2, schedule='poly'.
   config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
-  # 'cosine' (linear warmup, cosine decay), 'constant', 'plateau': constant, times
-  # plateau.factor whenever the eval Dice has not improved for more than plateau.patience
-  # evaluations (torch's ReduceLROnPlateau, mode='max'; its defaults below), or 'poly':
-  # learning_rate * (1 - step / num_train_steps) ** poly_power (torch's PolynomialLR; 0.9 is
-  # nnU-Net's PolyLRScheduler), no warmup.
+  # 'cosine' (cosine decay), 'constant', 'plateau': constant, times plateau.factor whenever
+  # the eval Dice has not improved for more than plateau.patience evaluations (torch's
+  # ReduceLROnPlateau, mode='max'; its defaults below), or 'poly': learning_rate * (1 - step /
+  # num_train_steps) ** poly_power (torch's PolynomialLR; 0.9 is nnU-Net's PolyLRScheduler).
+  # Each after warmup_steps of linear warmup from 0 (poly then decays over the steps left).
   config.schedule = 'cosine'
   config.plateau = ml_collections.ConfigDict(dict(
       patience=10, factor=0.1, threshold=1e-4, cooldown=0, min_learning_rate=0.0))
   config.poly_power = 0.9
-  config.warmup_steps = 50       # cosine only
+  config.warmup_steps = -1       # -1: the schedule's own, 50 for cosine, none for the others
   config.weight_decay = 0.0      # L2 added to the gradient; adamw: decoupled, as torch's AdamW
   config.momentum = 0.9          # sgd and rmsprop (0: none)
   config.nesterov = False        # sgd: Nesterov momentum, as torch's SGD(nesterov=True)

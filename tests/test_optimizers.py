@@ -39,7 +39,9 @@ METRICS = [0.2, 0.4, 0.4, 0.4, 0.40001, 0.5, 0.5, 0.6]
 
 def _config(**overrides):
   config = base.get_config()
-  config.num_train_steps, config.warmup_steps, config.learning_rate = 8, 3, 1e-2
+  config.num_train_steps, config.learning_rate = 8, 1e-2
+  # (cosine's warmup shortened, so that its rate changes at every step; the others' own: none)
+  config.warmup_steps = 3 if overrides.get('schedule', 'cosine') == 'cosine' else -1
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')
@@ -157,6 +159,39 @@ def test_poly_schedule_matches_polynomial_lr(power, steps):
   assert got[0] == pytest.approx(1e-2) and got[-1] == 0.0
 
 
+@pytest.mark.parametrize('kind,warmup,steps', [
+    ('poly', 3, 12), ('poly', 20, 1000), ('poly', 12, 12), ('constant', 5, 10),
+    ('plateau', 4, 9), ('poly', 0, 7)])
+def test_warmup_before_poly_and_constant_matches_torchs_sequential_lr(kind, warmup, steps):
+  # torch's SequentialLR([LinearLR(start_factor ~ 0), the schedule], milestones=[warmup]), as
+  # a PyTorch recipe warms up its poly (mmsegmentation's) or constant rate; warmup at most all
+  # steps but the last, and poly decays over the steps left after it.
+  config = _config(schedule=kind, warmup_steps=warmup, num_train_steps=steps)
+  schedule = learning_rate_schedule(config)
+  torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  lr_scheduler = torch.optim.lr_scheduler
+  warm = min(warmup, steps - 1)
+  after = (lr_scheduler.PolynomialLR(torch_opt, total_iters=steps - warm, power=0.9)
+           if kind == 'poly' else lr_scheduler.ConstantLR(torch_opt, factor=1.0, total_iters=0))
+  torch_schedule = (lr_scheduler.SequentialLR(torch_opt, [lr_scheduler.LinearLR(
+      torch_opt, start_factor=1e-12, total_iters=warm), after], milestones=[warm])
+      if warm else after)
+  got, want = [], []
+  for t in range(steps):
+    got.append(float(schedule(t)))
+    want.append(torch_opt.param_groups[0]['lr'])
+    torch_opt.step()
+    torch_schedule.step()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)  # (torch's poly: a product)
+  formula = [1e-2 * (t / warm if t < warm else (1 - (t - warm) / (steps - warm)) ** 0.9
+                     if kind == 'poly' else 1) for t in range(steps)]
+  np.testing.assert_allclose(got, formula, rtol=1e-5, atol=1e-9)  # (float32 near 0)
+  if warm:
+    assert got[0] == 0.0 and got[warm] == pytest.approx(1e-2) and got[warm - 1] < 1e-2
+  else:
+    assert got[0] == pytest.approx(1e-2)
+
+
 @pytest.mark.parametrize('steps', [1, 2, 3, 50, 51, 500])
 def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):
   # Default warmup is 50 steps; a one-step smoke run once raised inside optax (empty decay).
@@ -164,6 +199,8 @@ def test_cosine_schedule_fits_runs_shorter_than_its_warmup(steps):
   config.num_train_steps, config.warmup_steps, config.learning_rate = steps, 50, 1e-3
   schedule = learning_rate_schedule(config)
   rates = np.array([float(schedule(s)) for s in range(steps + 1)])
+  config.warmup_steps = -1  # (the default: cosine's own 50)
+  assert [float(learning_rate_schedule(config)(s)) for s in range(steps + 1)] == rates.tolist()
   assert np.all(np.isfinite(rates)) and rates[0] == 0.0 and rates.max() <= np.float32(1e-3)
   if steps > 50:
     assert rates[50] == pytest.approx(1e-3) and rates[-1] < 1e-4

@@ -584,7 +584,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(num_sample_images=-1), 'num_sample_images=-1 must be at least 0 (0: no sample images)'),
     (dict(learning_rate=-0.001), 'learning_rate=-0.001 must be positive'),
     (dict(learning_rate=float('nan')), 'learning_rate=nan must be positive'),
-    (dict(warmup_steps=-5), 'warmup_steps=-5 must be at least 0'),
+    (dict(warmup_steps=-5), "warmup_steps=-5 must be at least 0 (or -1: the schedule's own, "
+     '50 steps for cosine, none for the others)'),
     (dict(optimizer='adamw', weight_decay=-0.1), 'weight_decay=-0.1 must be at least 0'),
     (dict(dice_weight=-1.0), 'dice_weight=-1.0 must be at least 0'),
     (dict(seed=-3), 'seed=-3 must be at least 0'),

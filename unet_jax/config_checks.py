@@ -42,7 +42,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     'data.class_names', f'model.num_classes={config.model.num_classes}')
   if not config.learning_rate > 0:  # also refuses NaN
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
-  for field in ('warmup_steps', 'weight_decay', 'dice_weight', 'seed', 'grad_clip_norm',
+  if not config.get('warmup_steps', -1) >= -1:
+    raise UserError(f'warmup_steps={config.warmup_steps} must be at least 0 (or -1: the '
+                    "schedule's own, 50 steps for cosine, none for the others)")
+  for field in ('weight_decay', 'dice_weight', 'seed', 'grad_clip_norm',
                 'early_stop_patience'):
     if not config[field] >= 0:
       raise UserError(f'{field}={config[field]} must be at least 0')

@@ -32,23 +32,41 @@ SCHEDULES = ('cosine', 'constant', 'plateau', 'poly')
 _PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: a smaller change of the rate is not made
 
 
+def warmup_steps(config: ml_collections.ConfigDict) -> int:
+  """The steps of linear warmup from 0: `warmup_steps`, or where it is -1 the schedule's own:
+  50 for cosine, none for the others (torch's PolynomialLR, nnU-Net's poly and milesial's
+  plateau have none)."""
+  steps = config.get('warmup_steps', -1)
+  return steps if steps >= 0 else (50 if config.schedule == 'cosine' else 0)
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  if config.schedule in ('constant', 'plateau'):  # (plateau: scaled by PlateauState.lr_scale)
-    return optax.constant_schedule(config.learning_rate)
+  if config.schedule not in SCHEDULES:
+    raise UserError(f'unknown schedule {config.schedule!r}; use one of {", ".join(SCHEDULES)}')
+  total = config.num_train_steps
   if config.schedule == 'cosine':
     # Warmup leaves at least one step of decay, and optax wants both phases non-empty: a run
     # shorter than its warmup (a one-step smoke test) gets a one-step warmup.
-    warmup = max(min(config.warmup_steps, config.num_train_steps - 1), 1)
+    warmup = max(min(warmup_steps(config), total - 1), 1)
     return optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, warmup, max(config.num_train_steps, warmup + 1),
+        0.0, config.learning_rate, warmup, max(total, warmup + 1),
         end_value=config.learning_rate * 0.01)
-  if config.schedule == 'poly':
+  # The others after their warmup (at most all steps but the last): torch's
+  # SequentialLR([LinearLR, then the schedule], milestones=[warmup]), as mmsegmentation warms
+  # up its poly schedule; poly then decays over the steps left.
+  warmup = min(warmup_steps(config), total - 1)
+  if config.schedule in ('constant', 'plateau'):  # (plateau: scaled by PlateauState.lr_scale)
+    after = optax.constant_schedule(config.learning_rate)
+  else:
     # torch's PolynomialLR(total_iters=num_train_steps, power) and nnU-Net's PolyLRScheduler
     # (power 0.9): step t's rate is learning_rate * (1 - t / num_train_steps) ** power, from
-    # the full rate at the first step down towards 0 at the end; no warmup, as in both.
-    return optax.polynomial_schedule(config.learning_rate, 0.0, config.get('poly_power', 0.9),
-                                     config.num_train_steps)
-  raise UserError(f'unknown schedule {config.schedule!r}; use one of {", ".join(SCHEDULES)}')
+    # the full rate at the first step down towards 0 at the end.
+    after = optax.polynomial_schedule(config.learning_rate, 0.0, config.get('poly_power', 0.9),
+                                      total - warmup)
+  if warmup <= 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, warmup), after], [warmup])
 
 
 class PlateauState(NamedTuple):
