@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -148,6 +149,12 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
      '--label_suffix'),
     (lambda d: (d / 'labels' / 'im1.png').write_bytes(b'not an image'), [],
      '{d}/labels/im1.png: cannot read it as an image'),
+    # Two files of one name: which is meant is not known (before: the first a folder listing
+    # gave, or both labels scored).
+    (lambda d: shutil.copy(d / 'pred' / 'im1_mask.png', d / 'pred' / 'im1_mask.tif'), [],
+     "{d}/pred/im1_mask.png and {d}/pred/im1_mask.tif: two files for 'im1'; keep one"),
+    (lambda d: shutil.copy(d / 'labels' / 'im2.png', d / 'labels' / 'im2.bmp'), [],
+     "{d}/labels/im2.bmp and {d}/labels/im2.png: two files for 'im2'; keep one"),
     (lambda d: None, ['--class_names', 'a,b,c'],
      "--class_names names 3 class(es) but there are 4 (the masks' values ["),
     (lambda d: None, ['--class_names', 'a,b,,c'],

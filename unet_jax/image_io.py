@@ -7,7 +7,8 @@ medical image into an almost white one; here 16 bits are scaled to 8 (65535 -> 2
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,30 @@ RESAMPLE_FILTERS = ('bilinear', 'bicubic')
 # File types read as images (and masks): what PIL reads that image datasets come in, e.g.
 # Carvana's GIF masks (milesial/Pytorch-UNet's example data) and BMP.
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.gif')
+
+
+def files_by_name(folder: str, suffix: str = '', misnamed: Callable[[str], str] | None = None,
+                  keep: Callable[[str], bool] | None = None) -> dict[str, str]:
+  """NAME -> path of each image file (IMAGE_SUFFIXES) in `folder`, in file-name order. NAME is
+  the file name without its extension and without `suffix`, which each file must end with: one
+  that does not is refused with `misnamed(path)` as the reason, or skipped without `misnamed`.
+  `keep(stem)` false skips a file. Two files of one NAME (x.png and x.jpg) are refused: which
+  of them is meant is not known."""
+  found: dict[str, str] = {}
+  for f in sorted(os.listdir(folder)):
+    path, stem = os.path.join(folder, f), os.path.splitext(f)[0]
+    if not f.lower().endswith(IMAGE_SUFFIXES) or (keep is not None and not keep(stem)):
+      continue
+    if suffix:
+      if not stem.endswith(suffix):
+        if misnamed is None:
+          continue
+        raise UserError(misnamed(path))
+      stem = stem[:-len(suffix)]
+    if stem in found:
+      raise UserError(f'{found[stem]} and {path}: two files for {stem!r}; keep one')
+    found[stem] = path
+  return found
 
 
 def eight_bit(im: Any, path: str, mask: bool = False) -> Any:

@@ -30,7 +30,7 @@ from unet_jax import losses, surface_distance
 from unet_jax.config_checks import check_class_names
 from unet_jax.datasets.image_folder import read_mask_keys
 from unet_jax.errors import UserError
-from unet_jax.image_io import IMAGE_SUFFIXES
+from unet_jax.image_io import files_by_name
 
 
 def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
@@ -39,25 +39,16 @@ def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
   for folder, flag in ((predictions, '--predictions'), (labels, '--labels')):
     if not os.path.isdir(folder):
       raise UserError(f'{flag} {folder}: no such folder')
-  found = {}
-  for f in os.listdir(predictions):
-    if f.lower().endswith(IMAGE_SUFFIXES):
-      found.setdefault(os.path.splitext(f)[0], f)
+  # (predict's other files there, NAME_overlay.png, lack the mask suffix: skipped)
+  found = files_by_name(predictions, mask_suffix)
   pairs = []
-  for f in sorted(os.listdir(labels)):
-    if not f.lower().endswith(IMAGE_SUFFIXES):
-      continue
-    name = os.path.splitext(f)[0]
-    if label_suffix:
-      if not name.endswith(label_suffix):
-        raise UserError(f'{os.path.join(labels, f)}: a label not named NAME{label_suffix}.EXT '
-                        f'(--label_suffix {label_suffix}); rename it, or set --label_suffix')
-      name = name[:-len(label_suffix)]
-    if f'{name}{mask_suffix}' not in found:
-      raise UserError(f'{os.path.join(labels, f)}: no prediction for it in {predictions} '
+  for name, label_path in files_by_name(labels, label_suffix, lambda path: (
+      f'{path}: a label not named NAME{label_suffix}.EXT (--label_suffix {label_suffix}); '
+      'rename it, or set --label_suffix')).items():
+    if name not in found:
+      raise UserError(f'{label_path}: no prediction for it in {predictions} '
                       f'(expected {name}{mask_suffix}.png); predict it, or set --mask_suffix')
-    pairs.append((f, os.path.join(predictions, found[f'{name}{mask_suffix}']),
-                  os.path.join(labels, f)))
+    pairs.append((os.path.basename(label_path), found[name], label_path))
   if not pairs:
     raise UserError(f'{labels}: no PNG/JPEG/TIFF/BMP/GIF labels in this folder')
   return pairs

@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 
 from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
-from unet_jax.image_io import IMAGE_SUFFIXES, eight_bit
+from unet_jax.image_io import eight_bit, files_by_name
 
 # JPEG's compression blends a mask's labels at its edges into new values, each of which would
 # be a class: named when a dataset's masks hold more values than the model has classes.
@@ -91,22 +91,11 @@ def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
   if not os.path.isdir(folder):
     raise UserError(f'{folder}: no such folder (expected {layout.images_dir}/ and '
                     f'{layout.masks_dir}/ side by side)')
-  found: dict[str, str] = {}
-  for f in sorted(os.listdir(folder)):
-    if not f.lower().endswith(IMAGE_SUFFIXES):
-      continue
-    path, stem = os.path.join(folder, f), os.path.splitext(f)[0]
-    if layout.one_folder and layout.is_mask(stem) != masks:
-      continue  # (the other kind, in the same folder)
-    if suffix:
-      if not stem.endswith(suffix):
-        raise UserError(f'{path}: {kind} not named NAME{suffix}.EXT (data.{field}='
-                        f'{suffix!r}); rename it, or set --config.data.{field}')
-      stem = stem[:-len(suffix)]
-    if stem in found:
-      raise UserError(f'{found[stem]} and {path}: two files for {stem!r}; keep one')
-    found[stem] = path
-  return found
+  return files_by_name(
+      folder, suffix, lambda path: (f'{path}: {kind} not named NAME{suffix}.EXT (data.{field}='
+                                    f'{suffix!r}); rename it, or set --config.data.{field}'),
+      # (where images and masks share a folder, the other kind's files are skipped)
+      (lambda stem: layout.is_mask(stem) == masks) if layout.one_folder else None)
 
 
 def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
