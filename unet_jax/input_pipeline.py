@@ -375,9 +375,10 @@ class _EvalExample(grain.transforms.Map):
     return out
 
 
-def train_dataset(source, config: ml_collections.ConfigDict, start_step: int = 0,
-                  examples_seen: int | None = None, devices: int | None = None,
-                  ignore_id: int | None = None) -> grain.IterDataset:
+def train_dataset(source: Sequence[dict[str, Any]], config: ml_collections.ConfigDict,
+                  start_step: int = 0, examples_seen: int | None = None,
+                  devices: int | None = None, ignore_id: int | None = None,
+                  ) -> grain.IterDataset:
   """This process's slices of the global training batches of steps start_step+1 to
   num_train_steps, which begin after the first `examples_seen` examples of the stream
   (default: start_step batches of this batch_size; a resumed run passes what its checkpoint
@@ -420,7 +421,8 @@ def close_train_iterator(it: Any) -> None:
     pool.apply(int)  # one thread, tasks in order: returns once every earlier unlink has run
 
 
-def eval_dataset(source, config: ml_collections.ConfigDict) -> grain.MapDataset:
+def eval_dataset(source: Sequence[dict[str, Any]], config: ml_collections.ConfigDict,
+                 ) -> grain.MapDataset:
   """This process's slices of the eval batches; the last one padded and marked by `valid`."""
   pc, pi = jax.process_count(), jax.process_index()
   global_batch = config.eval_batch_size or config.batch_size

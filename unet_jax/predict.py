@@ -17,7 +17,7 @@ import argparse
 import functools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -45,7 +45,7 @@ from unet_jax.post_processing import keep_largest_component as keep_largest_comp
 
 
 @functools.lru_cache(maxsize=8)
-def eval_apply(model: UNet, tta: bool = False):
+def eval_apply(model: UNet, tta: bool = False) -> Callable[[Any, jax.Array], jax.Array]:
   """`model.apply(variables, x, train=False)`, jitted once per model config and reused, so
   repeated calls (every file, every evaluation) do not compile it again. `tta`: the mean over
   flips (flip_tta.py)."""

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -462,7 +462,8 @@ def _learning_rate(schedule: Callable[[int], Any], state: TrainState) -> float:
   return float32_decimal(rate)  # the optimizer's rate is a float32 (1e-3 x 0.1: 0.0001)
 
 
-def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.ndarray]:
+def evaluation_sums(p_eval: Callable[..., Any], variables: dict[str, Any],
+                    eval_ds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """The scores of every example of `eval_ds`, summed (losses.summed_eval_metrics)."""
   sums = None
   for batch in eval_ds:
@@ -471,7 +472,8 @@ def evaluation_sums(p_eval, variables: dict[str, Any], eval_ds) -> dict[str, np.
   return jax.tree.map(_local, sums)
 
 
-def evaluate(p_eval, state: TrainState, eval_ds, include_background: bool = True,
+def evaluate(p_eval: Callable[..., Any], state: TrainState,
+             eval_ds: Iterable[dict[str, np.ndarray]], include_background: bool = True,
              ) -> dict[str, float]:
   variables = variables_of(state)
   return losses.finalize_eval_metrics(evaluation_sums(p_eval, variables, eval_ds),
