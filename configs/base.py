@@ -90,8 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.crop_size = 0
   # With crop_size: the share of patches centred on a pixel of a foreground class (a random
   # class, then a random pixel of it), the rest anywhere: nnU-Net's oversampling (0.33), for
-  # small objects in large images. 0: all anywhere.
+  # small objects in large images. 0: all anywhere. As nnU-Net, the last patches of each
+  # batch: those at positions round(batch_size * (1 - crop_foreground)) and after.
   config.crop_foreground = 0.0
+  # True: each patch draws instead, with probability crop_foreground (nnU-Net's
+  # nnUNetTrainer_probabilisticOversampling).
+  config.crop_foreground_random = False
   config.batch_size = 16         # global, over all devices and processes
   config.eval_batch_size = 0     # 0 -> batch_size
   # > 1: each step takes its batch in this many microbatches (of batch_size / grad_accum_steps),

@@ -19,7 +19,7 @@ Differences left:
 - examples are resized to image_size (or image_shape) here, where nnU-Net keeps 2D images at
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
-  its oversampling (a third of the patches centred on a foreground class);
+  its oversampling (the last third of each batch's patches centred on a foreground class);
 - each augmentation here is drawn for every example, where nnU-Net applies each to a share
   (10-30%); its rotations, scaling, blur and low-resolution simulation are left out (set
   augment.rotate_degrees for rotations);

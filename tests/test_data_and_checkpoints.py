@@ -812,6 +812,36 @@ def test_each_process_reads_its_slice_of_the_same_global_batches():
   assert len(set(epoch0)) > 10  # a permutation, not one example repeated
 
 
+def test_crop_foreground_centres_the_last_third_of_each_batch_as_nnunet():
+  # nnU-Net's DataLoader oversamples the patches at positions round(batch * (1 - 0.33)) and
+  # after: 5, 6 and 7 of a batch of 8. A 2x2 object in a corner of each 32x32 example: the
+  # patches centred on the foreground hold it, the others rarely.
+  source = []
+  for i in range(20):
+    mask = np.zeros((32, 32, 1), np.uint8)
+    mask[1:3, 29:31] = 1
+    source.append({'image': np.full((32, 32, 1), i, np.uint8), 'mask': mask})
+  config = tiny_config(batch_size=8, image_size=32, crop_size=8, crop_foreground=0.33,
+                       **{'augment.min_scale': 1.0})
+
+  def batches(config, devices=1):
+    stream = _TrainExample(source, config, 0, 1, devices=devices)
+    return [[(int(x['image'].max() * 255 + 0.5), bool(x['mask'].any()))
+             for x in map(stream.map, range(b * 8, b * 8 + 8))] for b in range(5)]
+
+  plain = batches(config)
+  for batch in plain:
+    assert [held for _, held in batch[5:]] == [True] * 3
+  assert sum(held for batch in plain for _, held in batch[:5]) < 5
+  # The same patches whatever the devices and microbatches take them in.
+  accumulated = batches(override(copy.deepcopy(config), {'grad_accum_steps': 2}), devices=2)
+  assert [b for b in accumulated] != plain  # (another order of the slots)
+  assert [sorted(b) for b in accumulated] == [sorted(b) for b in plain]
+  # crop_foreground_random: each patch draws (nnU-Net's probabilistic variant).
+  drawn = batches(override(copy.deepcopy(config), {'crop_foreground_random': True}))
+  assert [[held for _, held in b] for b in drawn] != [[held for _, held in b] for b in plain]
+
+
 def test_checkpoints_keep_latest_and_best(tmp_path):
   ckpts = TrainCheckpoints(str(tmp_path), keep=1)
   state = {'w': jax.numpy.zeros(3)}

@@ -649,6 +649,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'share of crops centred on a foreground pixel'),
     (dict(crop_foreground=0.33), "crop_foreground=0.33 centres some of crop_size's patches on "
      'the foreground, but crop_size is 0 (whole examples); set --config.crop_size'),
+    (dict(crop_foreground=0.03, crop_size=8), 'crop_foreground=0.03 centres none of a batch of '
+     '16 on the foreground: as nnU-Net, it centres the patches at positions round(16 x (1 - '
+     '0.03)) = 16 and after; raise it, or set --config.crop_foreground_random=True to draw for '
+     'each patch'),
     ({'augment.gamma': (1.5, 0.7)}, "augment.gamma=(1.5, 0.7) must be (low, high) with 0 < low "
      "<= high, e.g. --config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none"),
     ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '

@@ -193,6 +193,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if share and not crop:
     raise UserError(f'crop_foreground={share} centres some of crop_size\'s patches on the '
                     'foreground, but crop_size is 0 (whole examples); set --config.crop_size')
+  first = round(config.batch_size * (1 - share))  # (nnU-Net's rule: input_pipeline)
+  if share and first >= config.batch_size and not config.get('crop_foreground_random', False):
+    raise UserError(f'crop_foreground={share} centres none of a batch of {config.batch_size} '
+                    'on the foreground: as nnU-Net, it centres the patches at positions '
+                    f'round({config.batch_size} x (1 - {share})) = {first} and after; raise it, '
+                    'or set --config.crop_foreground_random=True to draw for each patch')
   if crop and not 2**config.model.depth <= crop <= min(input_pipeline.image_hw(config)):
     raise UserError(f'crop_size={crop} must be between 2**model.depth={2**config.model.depth} '
                     f'and the smaller side of {_size_field(config)} (the crops are cut from the '

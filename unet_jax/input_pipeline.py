@@ -357,7 +357,18 @@ class _TrainExample(grain.transforms.Map):
     rng = np.random.default_rng([self.config.seed, 1, g])
     return preprocess(record, image_hw(self.config), rng, self.config.augment,
                       image_resample(self.config), self.fill_label,
-                      self.config.get('crop_size', 0), self.config.get('crop_foreground', 0.0))
+                      self.config.get('crop_size', 0),
+                      self.foreground_share(int(self.order[slot % self.global_batch])))
+
+  def foreground_share(self, in_batch: int) -> float:
+    """The chance that the patch at stream position `in_batch` of its batch is centred on the
+    foreground: nnU-Net's rule, 1 for the last round(batch * share) positions and 0 before
+    (its DataLoader's get_do_oversample); each patch `share` with crop_foreground_random.
+    Positions in the batch as the stream gives it: the same on any device or process count."""
+    share = self.config.get('crop_foreground', 0.0)
+    if not share or self.config.get('crop_foreground_random', False):
+      return share
+    return float(in_batch >= round(self.global_batch * (1 - share)))
 
 
 class _EvalExample(grain.transforms.Map):
