@@ -78,7 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
       gamma=(),
       # > 0: Gaussian noise of a standard deviation drawn from [0, noise] (MONAI's
       # RandGaussianNoise, e.g. 0.1 on images in [0, 1]); 0: off
-      noise=0.0))
+      noise=0.0,
+      # The share of examples each of those four applies to (nnU-Net's p_per_sample, MONAI's
+      # prob); 1: every example.
+      brightness_prob=1.0, contrast_prob=1.0, gamma_prob=1.0, noise_prob=1.0))
 
   config.image_size = 64
   # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both

@@ -10,8 +10,9 @@ number of labels); nnU-Net's five folds (KFold over the sorted case names, shuff
 --cross_validation` pools; SGD with Nesterov momentum 0.99, weight decay 3e-5, learning rate
 1e-2 lowered as (1 - step / steps) ** 0.9, gradients clipped at norm 12; cross-entropy plus the
 soft Dice of the classes but 0 (do_bg=False) over the whole batch (its 2D plans' batch_dice);
-1000 epochs of 250 steps; mirroring on both axes, brightness and contrast factors in [0.75, 1.25],
-gamma in [0.7, 1.5], Gaussian noise up to 0.1; the held-out Dice over the classes but 0.
+1000 epochs of 250 steps; mirroring on both axes, brightness and contrast factors in [0.75, 1.25]
+(each for 15% of the examples), gamma in [0.7, 1.5] (30%), Gaussian noise up to 0.1 (10%); the
+held-out Dice over the classes but 0.
 Differences left:
 - the network is the classic UNet (BatchNorm, ReLU, max-pooling, transposed convs), not
   nnU-Net's PlainConvUNet (InstanceNorm, LeakyReLU, strided convs), and has no deep
@@ -20,9 +21,9 @@ Differences left:
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
   its oversampling (the last third of each batch's patches centred on a foreground class);
-- each augmentation here is drawn for every example, where nnU-Net applies each to a share
-  (10-30%); its rotations, scaling, blur and low-resolution simulation are left out (set
-  augment.rotate_degrees for rotations);
+- its rotations, scaling, blur, low-resolution simulation and inverted gamma are left out
+  (set augment.rotate_degrees for rotations); its gamma keeps the image's mean and deviation,
+  here MONAI's maps the image's range; the intensity augmentations run in another order;
 - its learning rate steps once per epoch, here once per step; its Dice term smooths by 1e-5,
   here by 1 pixel.
 """
@@ -48,6 +49,11 @@ def get_config():
   config.augment.contrast = 0.25
   config.augment.gamma = (0.7, 1.5)
   config.augment.noise = 0.1
+  # Each to its share of the examples, as nnU-Net's p_per_sample (its second, not inverted gamma)
+  config.augment.brightness_prob = 0.15
+  config.augment.contrast_prob = 0.15
+  config.augment.gamma_prob = 0.3
+  config.augment.noise_prob = 0.1
   config.batch_size = 16
   config.num_train_steps = 1000 * 250
   config.log_every_steps = 250

@@ -1080,6 +1080,57 @@ def test_gamma_as_monai_and_noise_with_a_drawn_deviation():
                                   _augmented(seed, image, mask)['image'])
 
 
+def test_each_intensity_augmentation_applies_to_its_share_of_examples():
+  # nnU-Net's p_per_sample (its recipe: brightness and contrast 0.15, gamma 0.3, noise 0.1):
+  # a draw below the share applies it; its own parameters are drawn either way, so the draws
+  # after it (here the gamma's) do not depend on whether it applied.
+  import torch
+  from monai.transforms import AdjustContrast
+  rng = np.random.default_rng(3)
+  image = rng.integers(40, 200, (12, 12, 3), np.uint8)
+  mask = (rng.random((12, 12)) > 0.5).astype(np.uint8)
+  base = image / np.float32(255)
+  gray = (0.299 * base[..., 0] + 0.587 * base[..., 1] + 0.114 * base[..., 2]).mean()
+
+  def monai_gamma(x, g):
+    return AdjustContrast(g)(torch.tensor(x).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+
+  for name, setting in (('brightness', 0.4), ('contrast', 0.4), ('noise', 0.1)):
+    applied = 0
+    for seed in range(60):
+      out = _augmented(seed, image, mask, **{name: setting, f'{name}_prob': 0.3,
+                                             'gamma': (0.7, 1.5)})
+      draws = np.random.default_rng(seed)
+      draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)  # (the crop's)
+      if name == 'noise':  # (the last: gamma first, and nothing drawn after a closed gate)
+        want = monai_gamma(base, draws.uniform(0.7, 1.5))
+        gate = draws.random() < 0.3
+        if gate:
+          want = want + np.float32(draws.uniform(0, 0.1)) * draws.standard_normal(
+              base.shape, np.float32)
+      else:
+        gate = draws.random() < 0.3
+        factor = np.float32(draws.uniform(0.6, 1.4))
+        x = base
+        if gate and name == 'brightness':
+          x = np.clip(base * factor, 0, 1)
+        if gate and name == 'contrast':
+          x = np.clip(factor * base + (1 - factor) * gray, 0, 1)
+        want = monai_gamma(x, draws.uniform(0.7, 1.5))
+      np.testing.assert_allclose(out['image'], want, atol=2e-5, err_msg=f'{name} {seed}')
+      applied += gate
+    assert 8 <= applied <= 30, (name, applied)  # (about 18 of 60)
+  # The gamma's own share; at 1 (the default) nothing more is drawn: streams as they were.
+  kept = [np.array_equal(_augmented(seed, image, mask, gamma=(0.7, 1.5), gamma_prob=0.3)['image'],
+                         base) for seed in range(60)]
+  assert 30 <= sum(kept) <= 52
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        _augmented(seed, image, mask, gamma=(0.7, 1.5), noise=0.1, gamma_prob=1.0,
+                   noise_prob=1.0)['image'],
+        _augmented(seed, image, mask, gamma=(0.7, 1.5), noise=0.1)['image'])
+
+
 def test_brightness_and_contrast_as_torchvision_color_jitter():
   rng = np.random.default_rng(1)
   for channels in (1, 3):

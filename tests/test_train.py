@@ -655,6 +655,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'each patch'),
     ({'augment.gamma': (1.5, 0.7)}, "augment.gamma=(1.5, 0.7) must be (low, high) with 0 < low "
      "<= high, e.g. --config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none"),
+    ({'augment.gamma_prob': 1.5}, 'augment.gamma_prob=1.5 must be in [0, 1]: the share of '
+     'examples augment.gamma applies to (1: every one)'),
     ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '
      'deviation of the Gaussian noise (0: none)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),

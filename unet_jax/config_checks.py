@@ -113,6 +113,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not config.augment.get('noise', 0.0) >= 0:
     raise UserError(f'augment.noise={config.augment.noise} must be at least 0: the largest '
                     'standard deviation of the Gaussian noise (0: none)')
+  for name in ('brightness', 'contrast', 'gamma', 'noise'):
+    prob = config.augment.get(f'{name}_prob', 1.0)
+    if not 0 <= prob <= 1:
+      raise UserError(f'augment.{name}_prob={prob} must be in [0, 1]: the share of examples '
+                      f'augment.{name} applies to (1: every one)')
   if not 0 < config.augment.min_scale <= 1:
     raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
                     "smallest random crop's side, as a fraction of the image's")

@@ -249,13 +249,24 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
   image = image.astype(np.float32) / 255.0
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
-    image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0))
+    image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0),
+                    aug.get('brightness_prob', 1.0), aug.get('contrast_prob', 1.0))
   if augment and aug.get('gamma', ()):
-    image = adjust_gamma(image, float(rng.uniform(*aug.gamma)))
-  if augment and aug.get('noise', 0.0):
+    applied = _applies(rng, aug.get('gamma_prob', 1.0))
+    gamma = float(rng.uniform(*aug.gamma))
+    image = adjust_gamma(image, gamma) if applied else image
+  if augment and aug.get('noise', 0.0) and _applies(rng, aug.get('noise_prob', 1.0)):
+    # (the last draws: skipping them where the noise is not applied shifts no later one)
     std = np.float32(rng.uniform(0, aug.noise))
     image = image + std * rng.standard_normal(image.shape, np.float32)
   return {'image': image, 'mask': mask.astype(np.int32)}
+
+
+def _applies(rng: np.random.Generator, prob: float) -> bool:
+  """Whether an augmentation applies to this example: with probability `prob`, nnU-Net's
+  p_per_sample (MONAI's `prob`). At 1, the default, nothing is drawn: streams stay as they were.
+  Its own parameters are drawn either way, so the draws after it do not depend on it."""
+  return prob >= 1.0 or bool(rng.random() < prob)
 
 
 def _foreground_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, fill_label: int,
@@ -296,16 +307,22 @@ def adjust_gamma(image: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
-            ) -> np.ndarray:
+            brightness_prob: float = 1.0, contrast_prob: float = 1.0) -> np.ndarray:
   """torchvision's ColorJitter brightness then contrast: factors drawn from [1 - b, 1 + b],
   `image * factor`, then the blend `factor * image + (1 - factor) * mean`, the mean of the
-  image's grayscale (ITU-R 601 weights for RGB); each clipped to [0, 1]."""
+  image's grayscale (ITU-R 601 weights for RGB); each clipped to [0, 1], each applied with its
+  probability."""
   if brightness:
-    image = np.clip(image * np.float32(rng.uniform(1 - brightness, 1 + brightness)), 0, 1)
+    applied = _applies(rng, brightness_prob)
+    factor = np.float32(rng.uniform(1 - brightness, 1 + brightness))
+    if applied:
+      image = np.clip(image * factor, 0, 1)
   if contrast:
+    applied = _applies(rng, contrast_prob)
     factor = np.float32(rng.uniform(1 - contrast, 1 + contrast))
-    gray = image[..., 0] if image.shape[-1] == 1 else image @ np.float32([0.299, 0.587, 0.114])
-    image = np.clip(factor * image + (1 - factor) * gray.mean(dtype=np.float32), 0, 1)
+    if applied:
+      gray = image[..., 0] if image.shape[-1] == 1 else image @ np.float32([0.299, 0.587, 0.114])
+      image = np.clip(factor * image + (1 - factor) * gray.mean(dtype=np.float32), 0, 1)
   return image.astype(np.float32)
 
 
