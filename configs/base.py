@@ -155,6 +155,11 @@ def get_config() -> ml_collections.ConfigDict:
   # MONAI's DiceLoss(include_background=False), nnU-Net's Dice term (do_bg=False); the
   # cross-entropy still covers every class.
   config.dice_include_background = True
+  # The Dice (Tversky) term's additive smoothing, in pixels: (2 TP + s) / (P + T + s), so that
+  # a class absent from an image and its prediction scores 1 (MONAI's smooth_nr = smooth_dr =
+  # 1). nnU-Net's is 1e-5, milesial/Pytorch-UNet's 1e-6: with little smoothing, a class absent
+  # from the truth weighs its false alarms fully.
+  config.dice_smooth = 1.0
   # > 0: also keep an exponential moving average of the weights (BatchNorm statistics too),
   # ema = decay * ema + (1 - decay) * weights after each step, and evaluate, save for use and
   # convert that (timm's ModelEmaV2); e.g. 0.999. 0: none.

@@ -10,8 +10,7 @@ not improved for 5 evaluations, no augmentation, images at half size (its --scal
 1918x1280 at 959x640). Set image_shape for other data, e.g. --config.image_shape='(320,480)'.
 milesial evaluates 5 times per epoch: set eval_every_steps to a fifth of an epoch's steps (the
 first line of the run says how many training images there are).
-Differences left: its 10% are drawn at random, here spread evenly by name; its Dice smoothing
-is 1e-6, here 1 pixel.
+Differences left: its 10% are drawn at random, here spread evenly by name.
 """
 
 from configs import folder
@@ -42,5 +41,6 @@ def get_config():
   config.schedule = 'plateau'
   config.plateau.patience = 5
   config.dice_reduction = 'pooled'
+  config.dice_smooth = 1e-6  # (its dice_coeff's epsilon)
   config.eval_include_background = False
   return config

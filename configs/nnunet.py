@@ -24,8 +24,7 @@ Differences left:
 - its rotations, scaling, blur, low-resolution simulation and inverted gamma are left out
   (set augment.rotate_degrees for rotations); its gamma keeps the image's mean and deviation,
   here MONAI's maps the image's range; the intensity augmentations run in another order;
-- its learning rate steps once per epoch, here once per step; its Dice term smooths by 1e-5,
-  here by 1 pixel.
+- its learning rate steps once per epoch, here once per step.
 """
 
 from configs import folder
@@ -70,6 +69,7 @@ def get_config():
   config.loss = 'ce'
   config.dice_weight = 1.0
   config.dice_reduction = 'batch'
+  config.dice_smooth = 1e-5  # (its MemoryEfficientSoftDiceLoss's smooth)
   config.dice_include_background = False
   config.eval_include_background = False
   return config

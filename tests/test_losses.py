@@ -259,18 +259,19 @@ def test_batch_dice_matches_monai_and_milesial():
   np.testing.assert_allclose(metrics['dice_loss'], want, rtol=1e-6)
   # BCE's foreground: milesial/Pytorch-UNet's dice_loss(sigmoid(logits), masks), written out
   # from its utils/dice_score.py (reduce_batch_first: one Dice over the batch), with its
-  # epsilon (1e-6) set to our smoothing (1 pixel).
+  # epsilon (1e-6) as dice_smooth (configs/milesial.py's).
   logits = rng.standard_normal((4, 16, 16)).astype(np.float32) * 3
   masks = (rng.random((4, 16, 16)) < 0.3).astype(np.float32)
   p, t = torch.sigmoid(torch.tensor(logits)), torch.tensor(masks)
   inter, sets = 2 * (p * t).sum(dim=(-1, -2, -3)), p.sum(dim=(-1, -2, -3)) + t.sum(
       dim=(-1, -2, -3))
-  milesial = 1 - ((inter + 1.0) / (torch.where(sets == 0, inter, sets) + 1.0)).mean()
+  milesial = 1 - ((inter + 1e-6) / (torch.where(sets == 0, inter, sets) + 1e-6)).mean()
   _, metrics = losses.segmentation_loss(jnp.asarray(logits[..., None]), masks.astype(np.int32),
-                                        dice_weight=1.0, dice_reduction='batch')
+                                        dice_weight=1.0, dice_reduction='batch', dice_smooth=1e-6)
   np.testing.assert_allclose(metrics['dice_loss'], milesial, rtol=1e-6)
   _, pooled = losses.segmentation_loss(jnp.asarray(logits[..., None]), masks.astype(np.int32),
-                                       dice_weight=1.0, dice_reduction='pooled')
+                                       dice_weight=1.0, dice_reduction='pooled',
+                                       dice_smooth=1e-6)
   assert pooled['dice_loss'] == metrics['dice_loss']  # (one channel: nothing more to pool)
   # Several classes: milesial's dice_loss(softmax(logits), one_hot(masks), multiclass=True),
   # which flattens the classes into the batch: one Dice over images and classes together.
@@ -280,9 +281,9 @@ def test_batch_dice_matches_monai_and_milesial():
   t = F.one_hot(torch.tensor(labels), 4).permute(0, 3, 1, 2).float().flatten(0, 1)
   inter, sets = 2 * (p * t).sum(dim=(-1, -2, -3)), p.sum(dim=(-1, -2, -3)) + t.sum(
       dim=(-1, -2, -3))
-  milesial = 1 - ((inter + 1.0) / (torch.where(sets == 0, inter, sets) + 1.0)).mean()
+  milesial = 1 - ((inter + 1e-6) / (torch.where(sets == 0, inter, sets) + 1e-6)).mean()
   _, pooled = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
-                                       dice_reduction='pooled')
+                                       dice_reduction='pooled', dice_smooth=1e-6)
   np.testing.assert_allclose(pooled['dice_loss'], milesial, rtol=1e-6)
   _, batch = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
                                       dice_reduction='batch')
@@ -290,6 +291,27 @@ def test_batch_dice_matches_monai_and_milesial():
   with pytest.raises(ValueError, match=r"reduction='pixel': use one of \('image', 'batch', "
                      r"'pooled'\)"):
     losses.soft_dice_loss(jnp.asarray(logits[..., None]), masks, reduction='pixel')
+
+
+def test_dice_smoothing_as_nnunets_soft_dice():
+  # nnU-Net's MemoryEfficientSoftDiceLoss(batch_dice=True, do_bg=False, smooth=1e-5), written
+  # out from its dice.py: per class over the batch, (2 TP + smooth) / clip(P + T + smooth,
+  # 1e-8), meaned; its loss is -dc, ours 1 - dc (the same gradient). Class 3 is absent from
+  # the truth: how much its false alarms cost is the smoothing's doing.
+  rng = np.random.default_rng(8)
+  logits = rng.standard_normal((3, 6, 7, 4)).astype(np.float32) * 2
+  labels = rng.integers(0, 3, (3, 6, 7))
+  p = torch.softmax(torch.tensor(logits).permute(0, 3, 1, 2), 1)[:, 1:]
+  t = F.one_hot(torch.tensor(labels), 4).permute(0, 3, 1, 2).float()[:, 1:]
+  tp, total = (p * t).sum(dim=(0, 2, 3)), p.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3))
+  dc = ((2 * tp + 1e-5) / torch.clip(total + 1e-5, 1e-8)).mean()
+  _, ours = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                     dice_reduction='batch', dice_include_background=False,
+                                     dice_smooth=1e-5)
+  np.testing.assert_allclose(ours['dice_loss'], 1 - dc, rtol=1e-6)
+  _, one_pixel = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                          dice_reduction='batch', dice_include_background=False)
+  assert abs(float(one_pixel['dice_loss']) - float(ours['dice_loss'])) > 1e-3
 
 
 def test_dice_without_background_matches_monai():

@@ -655,6 +655,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'each patch'),
     ({'augment.gamma': (1.5, 0.7)}, "augment.gamma=(1.5, 0.7) must be (low, high) with 0 < low "
      "<= high, e.g. --config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none"),
+    (dict(dice_smooth=0.0), "dice_smooth=0.0 must be positive: a class absent from an image "
+     "and its prediction scores (0 + dice_smooth) / (0 + dice_smooth) = 1 (nnU-Net's 1e-5, "
+     "milesial's 1e-6)"),
     ({'augment.gamma_prob': 1.5}, 'augment.gamma_prob=1.5 must be in [0, 1]: the share of '
      'examples augment.gamma applies to (1: every one)'),
     ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '
@@ -710,6 +713,20 @@ def test_one_value_per_channel_for_batch_norm_is_refused(overrides, message):
   # One more image, or a 2x2 bottom level, is allowed.
   config_checks.validate_config(tiny_config(batch_size=2, image_size=2), mesh)
   config_checks.validate_config(tiny_config(batch_size=1, image_size=4), mesh)
+
+
+def test_dice_smooth_reaches_the_train_step(tmp_path):
+  # The same first step, its Dice term smoothed by 1 pixel or by nnU-Net's 1e-5: the logged
+  # cross-entropy is the same, the Dice term not (tested against nnU-Net's formula in
+  # test_losses).
+  logged = []
+  for smooth in (1.0, 1e-5):
+    workdir = tmp_path / f'wd{smooth}'
+    train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1,
+                                         num_sample_images=0, dice_smooth=smooth), str(workdir))
+    logged.append(json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[0]))
+  assert logged[0]['ce_loss'] == logged[1]['ce_loss']
+  assert abs(logged[0]['dice_loss'] - logged[1]['dice_loss']) > 1e-4
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -49,6 +49,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                 'early_stop_patience'):
     if not config[field] >= 0:
       raise UserError(f'{field}={config[field]} must be at least 0')
+  if not config.get('dice_smooth', 1.0) > 0:
+    raise UserError(f'dice_smooth={config.dice_smooth} must be positive: a class absent from an '
+                    'image and its prediction scores (0 + dice_smooth) / (0 + dice_smooth) = 1 '
+                    "(nnU-Net's 1e-5, milesial's 1e-6)")
   if not 0 <= config.momentum < 1:
     raise UserError(f'momentum={config.momentum} must be in [0, 1)')
   if config.get('nesterov', False) and (config.optimizer != 'sgd' or not config.momentum):

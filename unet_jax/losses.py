@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-_EPS = 1.0  # additive smoothing of the soft Dice, in pixels
+DICE_SMOOTH = 1.0  # the soft Dice's additive smoothing, in pixels (MONAI's smooth_nr/dr)
 
 
 def valid_labels(labels: jax.Array, ignore_id: int | None
@@ -100,8 +100,11 @@ DICE_REDUCTIONS = ('image', 'batch', 'pooled')
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
                    tversky: tuple[float, float] | None = None, reduction: str = 'image',
-                   axis_name: str | None = None, include_background: bool = True) -> jax.Array:
-  """1 - soft Dice per image and class, averaged; smoothed so empty masks are well defined.
+                   axis_name: str | None = None, include_background: bool = True,
+                   smooth: float = DICE_SMOOTH) -> jax.Array:
+  """1 - soft Dice per image and class, averaged; smoothed so empty masks are well defined:
+  (2 TP + smooth) / (sum of probabilities + sum of targets + smooth), in soft counts. `smooth`
+  1 pixel by default (MONAI's smooth_nr = smooth_dr = 1); nnU-Net's is 1e-5, milesial's 1e-6.
 
   `reduction='batch'`: the soft counts of each class are summed over the batch first (the
   global batch under `axis_name`), then 1 - the mean over classes of their Dice: MONAI's
@@ -142,9 +145,9 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
     # (Ignored pixels: probs and targets are both 0 there, so they add to neither count.)
     fp = count(probs * (1 - targets))
     fn = count((1 - probs) * targets)
-    return 1.0 - ((inter + _EPS) / (inter + alpha * fp + beta * fn + _EPS)).mean()
+    return 1.0 - ((inter + smooth) / (inter + alpha * fp + beta * fn + smooth)).mean()
   denom = count(probs) + count(targets)
-  return 1.0 - ((2 * inter + _EPS) / (denom + _EPS)).mean()
+  return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float,
@@ -152,6 +155,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       class_weights: Sequence[float] | None = None, pos_weight: float = 1.0,
                       focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
                       dice_reduction: str = 'image', dice_include_background: bool = True,
+                      dice_smooth: float = DICE_SMOOTH,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy (focal when focal_gamma > 0) + dice_weight * (1 - soft Dice, or the Tversky
   index with `tversky`; per image, or over the batch with dice_reduction='batch', over the
@@ -169,7 +173,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     total = jax.lax.psum(weights.sum(), axis_name) / devices
   ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma)
   dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
-                        dice_include_background)
+                        dice_include_background, dice_smooth)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 

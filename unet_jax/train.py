@@ -226,7 +226,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
                focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
                ema_decay: float = 0.0, grad_accum_steps: int = 1, dice_reduction: str = 'image',
-               dice_include_background: bool = True,
+               dice_include_background: bool = True, dice_smooth: float = losses.DICE_SMOOTH,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
 
@@ -246,7 +246,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
         logits, micro['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
         focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
-        dice_include_background=dice_include_background)
+        dice_include_background=dice_include_background, dice_smooth=dice_smooth)
     return loss, (metrics, updates['batch_stats'])
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -598,6 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         tversky=tuple(config.get('tversky', ())) or None,
                         dice_reduction=config.get('dice_reduction', 'image'),
                         dice_include_background=config.get('dice_include_background', True),
+                        dice_smooth=config.get('dice_smooth', losses.DICE_SMOOTH),
                         ema_decay=config.get('ema_decay', 0.0),
                         grad_accum_steps=config.get('grad_accum_steps', 1)),
       mesh, config.parallel, compiler_options=options)
