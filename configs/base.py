@@ -113,8 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   # PyTorch's semantics throughout (unet_jax/optimizers.py). milesial/Pytorch-UNet's recipe:
   # optimizer='rmsprop', momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0,
   # learning_rate=1e-5, schedule='plateau', plateau.patience=5, dice_reduction='pooled',
-  # eval_include_background=False. nnU-Net's: optimizer='sgd', momentum=0.99, nesterov=True,
-  # weight_decay=3e-5, learning_rate=1e-2, schedule='poly'.
+  # dice_smooth=1e-6, eval_include_background=False. nnU-Net's: optimizer='sgd', momentum=0.99,
+  # nesterov=True, weight_decay=3e-5, learning_rate=1e-2, schedule='poly',
+  # poly_every_steps=250, dice_smooth=1e-5.
   config.optimizer = 'adam'      # 'adam', 'adamw', 'sgd' or 'rmsprop'
   config.learning_rate = 3e-3
   # 'cosine' (cosine decay), 'constant', 'plateau': constant, times plateau.factor whenever
@@ -126,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.plateau = ml_collections.ConfigDict(dict(
       patience=10, factor=0.1, threshold=1e-4, cooldown=0, min_learning_rate=0.0))
   config.poly_power = 0.9
+  # poly: the rate lowered every this many steps, held in between (nnU-Net's: 250, once per
+  # epoch of 250 steps, as its PolyLRScheduler steps per epoch); 1: every step.
+  config.poly_every_steps = 1
   config.warmup_steps = -1       # -1: the schedule's own, 50 for cosine, none for the others
   config.weight_decay = 0.0      # L2 added to the gradient; adamw: decoupled, as torch's AdamW
   config.momentum = 0.9          # sgd and rmsprop (0: none)

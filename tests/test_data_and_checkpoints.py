@@ -527,7 +527,8 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
       'data.root': str(root), 'data.data_dir': str(tmp_path / 'tfds'), 'data.fold': 2,
       'batch_size': 8, 'model.base_features': 4, 'model.depth': 1, 'image_size': 16,
       'num_train_steps': 2, 'log_every_steps': 1, 'eval_every_steps': 2,
-      'checkpoint_every_steps': 2, 'compilation_cache_dir': ''})
+      'checkpoint_every_steps': 2, 'compilation_cache_dir': '',
+      'poly_every_steps': 1})  # (its rate held for 250 steps is tested in test_optimizers)
   _, eval_source, info = input_pipeline.load_sources(config)
   held_out = list(KFold(5, shuffle=True, random_state=12345).split(names))[2][1]
   assert [r['file_name'].decode() for r in eval_source] == [

@@ -159,6 +159,30 @@ def test_poly_schedule_matches_polynomial_lr(power, steps):
   assert got[0] == pytest.approx(1e-2) and got[-1] == 0.0
 
 
+@pytest.mark.parametrize('every,steps', [(250, 1000), (3, 12), (4, 10)])
+def test_poly_held_for_an_epoch_as_nnunet(every, steps):
+  # nnU-Net's PolyLRScheduler steps once per epoch (of 250 steps), at its start: epoch e
+  # trains at initial_lr * (1 - e / epochs) ** 0.9; torch's PolynomialLR stepped every `every`
+  # steps gives the same (steps not a multiple of every: the last, shorter epoch too).
+  config = _config(schedule='poly', poly_every_steps=every, num_train_steps=steps)
+  schedule = learning_rate_schedule(config)
+  torch_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  torch_poly = torch.optim.lr_scheduler.PolynomialLR(torch_opt, total_iters=steps / every,
+                                                     power=0.9)
+  got, want = [], []
+  for t in range(steps):
+    got.append(float(schedule(t)))
+    want.append(torch_opt.param_groups[0]['lr'])
+    torch_opt.step()
+    if (t + 1) % every == 0:
+      torch_poly.step()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(
+      got, [1e-2 * (1 - (t // every) / (steps / every)) ** 0.9 for t in range(steps)],
+      rtol=1e-5, atol=1e-9)
+  assert len(set(got)) == -(-steps // every)  # (held within each epoch)
+
+
 @pytest.mark.parametrize('kind,warmup,steps', [
     ('poly', 3, 12), ('poly', 20, 1000), ('poly', 12, 12), ('constant', 5, 10),
     ('plateau', 4, 9), ('poly', 0, 7)])

@@ -655,6 +655,8 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'each patch'),
     ({'augment.gamma': (1.5, 0.7)}, "augment.gamma=(1.5, 0.7) must be (low, high) with 0 < low "
      "<= high, e.g. --config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none"),
+    (dict(poly_every_steps=0), "poly_every_steps=0 must be at least 1: the steps between "
+     "lowerings of the poly schedule (nnU-Net's 250: once per epoch)"),
     (dict(dice_smooth=0.0), "dice_smooth=0.0 must be positive: a class absent from an image "
      "and its prediction scores (0 + dice_smooth) / (0 + dice_smooth) = 1 (nnU-Net's 1e-5, "
      "milesial's 1e-6)"),

@@ -61,6 +61,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     f'optimizer={config.optimizer!r}, momentum={config.momentum}; set '
                     '--config.optimizer=sgd --config.momentum=0.99 (nnU-Net\'s), or leave '
                     'nesterov off')
+  if config.get('poly_every_steps', 1) < 1:
+    raise UserError(f'poly_every_steps={config.poly_every_steps} must be at least 1: the steps '
+                    'between lowerings of the poly schedule (nnU-Net\'s 250: once per epoch)')
   if not config.get('poly_power', 0.9) >= 0:
     raise UserError(f'poly_power={config.poly_power} must be at least 0: schedule=\'poly\' '
                     'lowers the rate as (1 - step / num_train_steps) ** poly_power')

@@ -7,7 +7,7 @@ and `RMSprop` do) except for `adamw`, which decays the weights directly, as `Ada
 optimizer sees it. milesial/Pytorch-UNet's recipe, for instance: optimizer='rmsprop',
 momentum=0.999, weight_decay=1e-8, grad_clip_norm=1.0, schedule='plateau' with patience 5;
 nnU-Net's: optimizer='sgd', momentum=0.99, nesterov=True, weight_decay=3e-5,
-learning_rate=1e-2, schedule='poly' (power 0.9).
+learning_rate=1e-2, schedule='poly' (power 0.9, poly_every_steps=250: once per epoch).
 
 schedule='plateau' is `torch.optim.lr_scheduler.ReduceLROnPlateau(mode='max')` on the eval Dice:
 the loop calls `plateau_update` after each evaluation, as milesial's loop calls
@@ -63,10 +63,18 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     # the full rate at the first step down towards 0 at the end.
     after = optax.polynomial_schedule(config.learning_rate, 0.0, config.get('poly_power', 0.9),
                                       total - warmup)
+    every = config.get('poly_every_steps', 1)
+    if every > 1:  # (nnU-Net lowers its rate once per epoch of 250 steps, at the epoch's start)
+      after = _held(after, every)
   if warmup <= 0:
     return after
   return optax.join_schedules(
       [optax.linear_schedule(0.0, config.learning_rate, warmup), after], [warmup])
+
+
+def _held(schedule: optax.Schedule, every: int) -> optax.Schedule:
+  """`schedule` updated every `every` steps: step t trains at the rate of step t - t % every."""
+  return lambda step: schedule(step - step % every)
 
 
 class PlateauState(NamedTuple):
