@@ -16,7 +16,7 @@ from unet_jax.errors import UserError
 from unet_jax.image_io import RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
-from unet_jax.optimizers import learning_rate_schedule, make_optimizer
+from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -44,7 +44,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f'learning_rate={config.learning_rate} must be positive')
   if not config.get('warmup_steps', -1) >= -1:
     raise UserError(f'warmup_steps={config.warmup_steps} must be at least 0 (or -1: the '
-                    "schedule's own, 50 steps for cosine, none for the others)")
+                    f"schedule's own, {COSINE_WARMUP} steps for cosine, none for the others)")
   for field in ('weight_decay', 'dice_weight', 'seed', 'grad_clip_norm',
                 'early_stop_patience'):
     if not config[field] >= 0:
@@ -205,7 +205,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if share and not crop:
     raise UserError(f'crop_foreground={share} centres some of crop_size\'s patches on the '
                     'foreground, but crop_size is 0 (whole examples); set --config.crop_size')
-  first = round(config.batch_size * (1 - share))  # (nnU-Net's rule: input_pipeline)
+  first = input_pipeline.first_oversampled(config.batch_size, share)
   if share and first >= config.batch_size and not config.get('crop_foreground_random', False):
     raise UserError(f'crop_foreground={share} centres none of a batch of {config.batch_size} '
                     'on the foreground: as nnU-Net, it centres the patches at positions '

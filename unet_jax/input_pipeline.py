@@ -385,7 +385,13 @@ class _TrainExample(grain.transforms.Map):
     share = self.config.get('crop_foreground', 0.0)
     if not share or self.config.get('crop_foreground_random', False):
       return share
-    return float(in_batch >= round(self.global_batch * (1 - share)))
+    return float(in_batch >= first_oversampled(self.global_batch, share))
+
+
+def first_oversampled(batch_size: int, share: float) -> int:
+  """nnU-Net's oversampling rule: the batch positions from this one on are centred on the
+  foreground (its DataLoader's get_do_oversample); batch_size when none is."""
+  return round(batch_size * (1 - share))
 
 
 class _EvalExample(grain.transforms.Map):

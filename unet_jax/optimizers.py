@@ -29,6 +29,7 @@ from unet_jax.errors import UserError
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
 SCHEDULES = ('cosine', 'constant', 'plateau', 'poly')
+COSINE_WARMUP = 50  # warmup_steps=-1's steps for cosine (the others: none)
 _PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: a smaller change of the rate is not made
 
 
@@ -37,7 +38,7 @@ def warmup_steps(config: ml_collections.ConfigDict) -> int:
   50 for cosine, none for the others (torch's PolynomialLR, nnU-Net's poly and milesial's
   plateau have none)."""
   steps = config.get('warmup_steps', -1)
-  return steps if steps >= 0 else (50 if config.schedule == 'cosine' else 0)
+  return steps if steps >= 0 else (COSINE_WARMUP if config.schedule == 'cosine' else 0)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
