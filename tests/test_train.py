@@ -876,6 +876,24 @@ def test_plateau_schedule_and_best_checkpoint_across_a_resume(tmp_path, capfd):
       np.testing.assert_array_equal(a, b)
 
 
+def test_plateau_lowering_in_a_warmup_names_the_rates_the_steps_use(tmp_path, capfd):
+  # Patience 0 in a 10-step warmup: the printed lowering's rates are the next step's, at the
+  # old and the new scale (they were learning_rate's, 0.1 -> 0.05, whatever the warmup).
+  config = tiny_config(schedule='plateau', learning_rate=0.1, warmup_steps=10,
+                       eval_every_steps=1, checkpoint_every_steps=100, num_sample_images=0,
+                       num_train_steps=5, **{'plateau.patience': 0, 'plateau.factor': 0.5})
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  lowered = re.findall(r'learning rate (\S+) -> (\S+)\n', capfd.readouterr().out)
+  rows = [json.loads(r) for r in (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]
+  rates = [r['learning_rate'] for r in rows]
+  assert lowered, rates
+  for old, new in lowered:
+    # The step after the lowering used the new rate; without it, twice that.
+    after = rates.index(float(new))
+    assert after > 0 and float(old) == pytest.approx(2 * float(new), rel=1e-6)
+    assert float(old) < config.learning_rate
+
+
 def test_early_stopping_saves_stops_and_counts_on_after_a_resume(tmp_path, capfd):
   # At this rate the tiny model's Dice jumps at step 1, then falls back (as in the plateau
   # test): patience 2 stops the run at step 3, with a checkpoint there.

@@ -414,16 +414,20 @@ def _check_writable(workdir: str) -> None:
                     'choose another --workdir')
 
 
-def _plateau_stepper(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+def _plateau_stepper(config: ml_collections.ConfigDict, schedule: Callable[[int], Any],
+                     mesh: jax.sharding.Mesh
                      ) -> Callable[[TrainState, float], tuple[TrainState, float, float]]:
   """For schedule='plateau': (state, eval Dice) -> (state, old rate, new rate), after each
-  evaluation (ReduceLROnPlateau.step). Every process computes the same: the Dice is global."""
+  evaluation (ReduceLROnPlateau.step). The rates are the next update's, at the old and the new
+  scale (in a warmup, below `learning_rate`). Every process computes the same: the Dice is
+  global."""
   update = jax.jit(plateau_update(config), out_shardings=parallel.replicated(mesh))
 
   def step(state: TrainState, dice: float) -> tuple[TrainState, float, float]:
     old = find_plateau_state(state.opt_state)
     new = update(old, dice)
-    rates = (config.learning_rate * float(_local(s.lr_scale)) for s in (old, new))
+    scheduled = float(schedule(int(_local(state.step))))  # (the next update's position)
+    rates = (float32_decimal(scheduled * float(_local(s.lr_scale))) for s in (old, new))
     return state.replace(opt_state=replace_plateau_state(state.opt_state, new)), *rates
 
   return step
@@ -606,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,
       config.parallel, donate_state=False, compiler_options=options)
   schedule = learning_rate_schedule(config)
-  plateau_step = _plateau_stepper(config, mesh) if config.schedule == 'plateau' else None
+  plateau_step = _plateau_stepper(config, schedule, mesh) if config.schedule == 'plateau' else None
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
   reporter.message(_run_summary(config, train_model, state, info, mesh, workdir))
   if start:
@@ -671,8 +675,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if new_rate != old_rate:
               reporter.message(
                   'eval Dice has not improved for more than '
-                  f'{_evaluations(config.plateau.patience)}: learning rate {old_rate:.3g} -> '
-                  f'{new_rate:.3g}')
+                  f'{_evaluations(config.plateau.patience)}: learning rate {old_rate:.6g} -> '
+                  f'{new_rate:.6g}')
           stopping = early.update(eval_metrics['dice'])
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
