@@ -42,7 +42,7 @@ def _rgb_masks(tmp_path, rng):
   return truths, preds
 
 
-def test_scores_are_monais_per_image_at_each_size(tmp_path):
+def test_scores_are_monais_per_image_at_each_size(tmp_path, capsys):
   from monai.metrics import DiceMetric, MeanIoU
   truths, preds = _rgb_masks(tmp_path, np.random.default_rng(0))
   # Classes by sorted colour (0xRRGGBB): black 0, (0,128,255) 1, red 2; VOID ignored.
@@ -72,6 +72,17 @@ def test_scores_are_monais_per_image_at_each_size(tmp_path):
     assert got['iou'] == pytest.approx(np.mean(iou), rel=1e-6)
   # Colour 2, (0, 128, 255), is class 1: absent from image 0's masks (1), only predicted in 1's.
   assert got['per_image'][0]['dice_class1'] == 1.0 and got['per_image'][1]['dice_class1'] == 0.0
+  assert got['rgb_masks'] is True
+  # The command line names the classes by colour, in its first line and its table's rows.
+  capsys.readouterr()
+  assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'labels'),
+               '--ignore_value', str(VOID)]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].endswith('3 masks at their own size, classes [#000000, #0080ff, #ff0000]')
+  assert out[2].split() == ['class', 'dice', 'iou', 'class_accuracy']
+  for c, colour in enumerate(('#000000', '#0080ff', '#ff0000')):
+    dice = f'{got[f"dice_class{c}"]:.4f}'
+    assert out[3 + c].split()[:4] == [str(c), '(value', f'{colour})', dice]
 
 
 def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys):
@@ -131,6 +142,12 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
         f'{got[f"{k}_class{c}"]:.4f}' for k in ('dice', 'iou', 'class_accuracy'))]
   assert out[5].startswith('confusion (pixels; rows: true class') and len(out) == 11
   assert json.loads(out[-2])['class_names'] == ['background', 'lesion']
+  assert json.loads(out[-2])['rgb_masks'] is False
+  # Unnamed, each class's row names its gray value.
+  assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'held_out'),
+               '--noinclude_background']) == 0
+  assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()[3:5]] == [
+      ['0', '(value', '0)'], ['1', '(value', '255)']]
   with open(tmp_path / 's.csv', newline='') as f:
     assert [r['file_name'] for r in csv.DictReader(f)] == held_out
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from unet_jax import losses, surface_distance
 from unet_jax.config_checks import check_class_names
-from unet_jax.datasets.image_folder import read_mask_keys
+from unet_jax.datasets.image_folder import mask_value_text, read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import files_by_name
 
@@ -59,8 +59,9 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                   ignore_value: int = -1, surface: bool = False, confusion: bool = False,
                   class_names: Sequence[str] = ()) -> dict[str, Any]:
   """The means of the scores (as `evaluate` reports them) of each label's prediction, with
-  `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks) and `per_image` (a row
-  per label: its `file_name` and scores). `ignore_value`: a label value counted nowhere.
+  `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks, and then `rgb_masks`
+  is true) and `per_image` (a row per label: its `file_name` and scores). `ignore_value`: a
+  label value counted nowhere.
   `surface`: also the boundary distances `hd95` and `assd` in pixels; `confusion`: the
   confusion matrix (rows the true class), both as `evaluate` gives them. `class_names`: one
   per class, in value order, returned as `class_names` for the report."""
@@ -69,8 +70,10 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   # Every pair is read twice, first to find the classes (all values) and check the sizes, then
   # to score it: memory holds one pair, not all (5,000 Carvana-sized pairs: 200 GB of keys).
   values: set[int] = set()
+  rgb = False
   for _, pred_path, label_path in pairs:
-    pred, label = read_mask_keys(pred_path), read_mask_keys(label_path)
+    (pred, pred_rgb), (label, label_rgb) = read_mask_keys(pred_path), read_mask_keys(label_path)
+    rgb |= pred_rgb or label_rgb
     if pred.shape != label.shape:
       raise UserError(f'{pred_path}: is {pred.shape[1]}x{pred.shape[0]} but its label '
                       f'{label_path} is {label.shape[1]}x{label.shape[0]}; predict at the '
@@ -79,12 +82,12 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     values.update(np.unique(label[label != ignore_value]).tolist())
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
-  check_class_names(class_names, num_classes, '--class_names',
-                    f'the masks\' values {[int(k) for k in keys][:8]}')
+  check_class_names(class_names, num_classes, '--class_names', "the masks' values "
+                    f'[{", ".join(mask_value_text(int(k), rgb) for k in keys[:8])}]')
   sums, rows = None, []
   maps = MapScores(surface, confusion, num_classes)
   for file_name, pred_path, label_path in pairs:
-    pred, label = read_mask_keys(pred_path), read_mask_keys(label_path)
+    pred, label = read_mask_keys(pred_path).keys, read_mask_keys(label_path).keys
     valid = label != ignore_value
     ids = np.searchsorted(keys, np.where(valid, label, keys[0]))
     pred_ids = np.searchsorted(keys, pred)
@@ -100,7 +103,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=len(pairs), include_background=include_background,
-                 class_values=[int(k) for k in keys], per_image=rows)
+                 class_values=[int(k) for k in keys], rgb_masks=rgb, per_image=rows)
   if class_names:
     metrics['class_names'] = list(class_names)
   return metrics
@@ -148,10 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   background_out = not args.include_background
+  values = [mask_value_text(v, metrics['rgb_masks']) for v in metrics['class_values']]
   print(f'{args.predictions} against {args.labels}: {metrics["images"]} masks at their own '
-        f'size, classes {metrics["class_values"][:8]}'
+        f'size, classes [{", ".join(values[:8])}{", ..." if len(values) > 8 else ""}]'
         f'{", class 0 left out of the means" if background_out else ""}')
-  print(score_lines(metrics, args.class_names) + confusion_lines(metrics) + json.dumps(metrics),
+  # The table's rows: each class's name, else its mask value (class 1 is 255, or #ff0000).
+  labels = args.class_names or [f'(value {v})' for v in values]
+  print(score_lines(metrics, labels) + confusion_lines(metrics) + json.dumps(metrics),
         flush=True)
   if args.per_image:
     print(f'per-image scores: {os.path.abspath(args.per_image)} ({len(rows)} rows)')

@@ -28,7 +28,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -241,9 +241,20 @@ def mask_value_key(value: int | list[int]) -> int:
   return ((value[0] << 16) | (value[1] << 8) | value[2]) if isinstance(value, list) else value
 
 
-def read_mask_keys(path: str) -> np.ndarray:
-  """A mask file's per-pixel integer keys (_mask_keys), read as training reads masks."""
-  return _mask_keys(_read(path, mask=True))
+class MaskKeys(NamedTuple):
+  keys: np.ndarray  # per pixel: the gray value or palette index, or 0xRRGGBB (_mask_keys)
+  rgb: bool         # the file is a colour mask: its keys are colours
+
+
+def read_mask_keys(path: str) -> MaskKeys:
+  """A mask file's per-pixel integer keys, read as training reads masks."""
+  mask = _read(path, mask=True)
+  return MaskKeys(_mask_keys(mask), mask.ndim == 3)
+
+
+def mask_value_text(value: int, rgb: bool) -> str:
+  """A mask value for people: 255, or a colour mask's #ff0000."""
+  return f'#{value:06x}' if rgb else str(value)
 
 
 def _mask_keys(mask: np.ndarray) -> np.ndarray:
