@@ -16,6 +16,7 @@ from safetensors.torch import save_file as save_safetensors
 from torch_reference import MilesialUNet, SeedUNet
 
 from unet_jax import load_pretrained
+from unet_jax import predict as unet_jax_predict
 from unet_jax.checkpoint import abstract_variables, model_from_config
 from unet_jax.convert import flax_to_torch, main, torch_to_flax
 from unet_jax.torch_keys import key_table
@@ -255,6 +256,84 @@ def test_other_bad_arguments(tmp_path, capsys):
   check_refused(capsys, tmp_path,
                 ['flax-to-torch', str(tmp_path / 'flax'), str(tmp_path / 'x.h5')],
                 'unknown output type', tmp_path / 'x.h5')
+
+
+def test_class_names_and_mask_values_reach_predict_and_export(tmp_path, capsys):
+  # A 3-class PyTorch model: a state_dict names no class and says no mask value; given on the
+  # command line, predict draws each class in its colour and export's model.json names them.
+  from PIL import Image
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.export import export_checkpoint
+  from unet_jax.predict import main as predict_main
+  state = move_off_init(SeedUNet(1, 3, base=4, depth=2), 1, 3).state_dict()
+  # (a head whose classes are three feature channels: more than one class in the image below)
+  state['out_conv.conv.weight'] = torch.eye(3, 4)[..., None, None]
+  state['out_conv.conv.bias'] = torch.zeros(3)
+  torch.save(state, tmp_path / 'm.pth')
+  assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'flax'),
+               '--class_names', 'background,liver,tumour',
+               '--mask_values', '#000000,#ff0000,#00FF80']) == 0
+  model, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'flax'))
+  assert meta['class_names'] == ['background', 'liver', 'tumour']
+  assert meta['mask_values'] == [[0, 0, 0], [255, 0, 0], [0, 255, 128]]
+  image = (np.random.default_rng(0).random((24, 20)) * 255).astype(np.uint8)
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', str(tmp_path / 'flax'),
+                       '--output', str(tmp_path / 'pred')]) == 0
+  classes = np.asarray(unet_jax_predict(model, variables, image[..., None]))
+  assert len(np.unique(classes)) > 1
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'pred' / 'x_mask.png')),
+                                np.asarray(meta['mask_values'], np.uint8)[classes])
+  _, description = export_checkpoint(str(tmp_path / 'flax'), 16)
+  assert description['class_names'] == ['background', 'liver', 'tumour']
+  # Gray values, and the way back to PyTorch.
+  assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'gray'),
+               '--mask_values', '0,1,2']) == 0
+  assert load_pretrained_with_metadata(str(tmp_path / 'gray'))[2]['mask_values'] == [0, 1, 2]
+  assert main(['flax-to-torch', str(tmp_path / 'gray'), str(tmp_path / 'back.pth'),
+               '--layout', 'milesial']) == 0
+  assert torch.load(tmp_path / 'back.pth', weights_only=True)['mask_values'] == [0, 1, 2]
+  # The seed's layout: a .pth the seed's class loads strictly (the values were not the file's);
+  # a .safetensors header keeps both, and converting it back brings them.
+  assert main(['flax-to-torch', str(tmp_path / 'gray'), str(tmp_path / 'seed.pth')]) == 0
+  SeedUNet(1, 3, base=4, depth=2).load_state_dict(
+      torch.load(tmp_path / 'seed.pth', weights_only=True), strict=True)
+  assert main(['flax-to-torch', str(tmp_path / 'flax'), str(tmp_path / 'm.safetensors')]) == 0
+  assert main(['torch-to-flax', str(tmp_path / 'm.safetensors'), str(tmp_path / 'again')]) == 0
+  again = load_pretrained_with_metadata(str(tmp_path / 'again'))[2]
+  assert {k: again[k] for k in ('class_names', 'mask_values')} == {
+      k: meta[k] for k in ('class_names', 'mask_values')}
+  # Refused, one line each, nothing written.
+  milesial = _save_variant(tmp_path, lambda s: s.__setitem__('mask_values', [0, 255]), 'mv.pth')
+  for argv, message in [
+      (['--class_names', 'a,b'], '--class_names names 2 class(es) but there are 3 (' +
+       f'{tmp_path}/m.pth has 3 output channel(s)); name each class once, in class-id order'),
+      (['--class_names', 'a,b,a'], "--class_names names 'a' more than once"),
+      (['--mask_values', '0,255'], '--mask_values gives 2 value(s) but there are 3 classes'),
+      (['--mask_values', '0,1,256'], "--mask_values 0,1,256: '256' is neither a gray value 0-255 "
+       'nor a colour #rrggbb; give one per class, e.g. 0,255 or #000000,#ff0000'),
+      (['--mask_values', '0,#ff0000,2'], 'mixes gray values and colours; give one kind'),
+      (['--mask_values', '0,1,1'], 'a value more than once; give each class its own'),
+      (['--mask_values', '#ff00zz,1,2'], "'#ff00zz' is neither a gray value"),
+  ]:
+    check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'm.pth'),
+                                     str(tmp_path / 'o'), *argv], message, tmp_path / 'o')
+  check_refused(capsys, tmp_path, ['torch-to-flax', milesial, str(tmp_path / 'o'),
+                                   '--mask_values', '0,1'],
+                f'{milesial}: holds its own mask_values [0, 255], not [0, 1]; leave out '
+                '--mask_values', tmp_path / 'o')
+  assert main(['torch-to-flax', milesial, str(tmp_path / 'same'), '--mask_values', '0,255']) == 0
+  save_safetensors(torch.load(tmp_path / 'm.pth', weights_only=True),
+                   str(tmp_path / 'h.safetensors'), metadata={'class_names': 'liver'})
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'h.safetensors'),
+                                   str(tmp_path / 'o')],
+                f"{tmp_path}/h.safetensors: its header's class_names is not JSON ('liver'); "
+                'remove it from the header', tmp_path / 'o')
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'm.safetensors'),
+                                   str(tmp_path / 'o'), '--class_names', 'bg,a,b'],
+                f"{tmp_path}/m.safetensors: holds its own class_names ['background', 'liver', "
+                "'tumour'], not ['bg', 'a', 'b']; leave out --class_names", tmp_path / 'o')
 
 
 def test_whole_pickled_model_is_refused(tmp_path, capsys):

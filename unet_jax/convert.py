@@ -119,15 +119,73 @@ def flax_to_state_dict(config: Mapping[str, Any], variables: Mapping[str, Any], 
   return out
 
 
-def torch_to_flax(src: str, dest: str, overwrite: bool = False) -> str:
-  """Converts a PyTorch UNet state_dict file into a checkpoint directory for `load_pretrained`."""
+def parse_mask_values(text: str) -> list:
+  """--mask_values: '0,255' (gray values) or '#000000,#ff0000' (colours, kept as [r, g, b] as
+  milesial's mask_values keeps them)."""
+  values: list = []
+  for item in text.split(','):
+    item = item.strip()
+    try:
+      if item.startswith('#') and len(item) == 7:
+        values.append([int(item[i:i + 2], 16) for i in (1, 3, 5)])
+        continue
+      if item.isdigit() and int(item) <= 255:
+        values.append(int(item))
+        continue
+    except ValueError:
+      pass
+    raise UserError(f'--mask_values {text}: {item!r} is neither a gray value 0-255 nor a colour '
+                    '#rrggbb; give one per class, e.g. 0,255 or #000000,#ff0000')
+  if len({type(v) for v in values}) > 1:
+    raise UserError(f'--mask_values {text}: mixes gray values and colours; give one kind')
+  if len({str(v) for v in values}) != len(values):
+    raise UserError(f'--mask_values {text}: a value more than once; give each class its own')
+  return values
+
+
+def _check_class_labels(config: Mapping[str, Any], metadata: Mapping[str, Any],
+                        class_names: Sequence[str], mask_values: list | None, src: str) -> None:
+  """One name and one mask value per class, and no other values than the file's own."""
+  from unet_jax.config_checks import check_class_names
+  classes = max(config['num_classes'], 2)  # (one output channel: background and foreground)
+  why = f'{src} has {config["num_classes"]} output channel(s)'
+  check_class_names(class_names, classes, '--class_names', why)
+  own_names = metadata.get('class_names')
+  if own_names is not None:  # (a .safetensors header's, as flax-to-torch writes them)
+    check_class_names(own_names, classes, f'{src}: its class_names', why)
+    if class_names and list(class_names) != own_names:
+      raise UserError(f'{src}: holds its own class_names {own_names}, not '
+                      f'{list(class_names)}; leave out --class_names')
+  if mask_values is None:
+    return
+  if len(mask_values) != classes:
+    raise UserError(f'--mask_values gives {len(mask_values)} value(s) but there are {classes} '
+                    f'classes ({why}); give one per class, in class-id order')
+  own = metadata.get('mask_values')
+  if own is not None and own != mask_values:
+    raise UserError(f'{src}: holds its own mask_values {own}, not {mask_values}; leave out '
+                    '--mask_values')
+
+
+def torch_to_flax(src: str, dest: str, overwrite: bool = False,
+                  class_names: Sequence[str] = (), mask_values: list | None = None) -> str:
+  """Converts a PyTorch UNet state_dict file into a checkpoint directory for `load_pretrained`.
+
+  `class_names`, `mask_values`: one per class, kept as a trained checkpoint keeps them (predict
+  writes each class as its mask value; export's model.json names the classes): a state_dict
+  holds neither (milesial's may hold mask_values)."""
   from unet_jax.checkpoint import model_from_config, save_pretrained
   from unet_jax.state_dict_io import read_state_dict
   if os.path.exists(dest) and not overwrite:
     raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
   tensors, extras = read_state_dict(src)
   config, variables, metadata = state_dict_to_flax(tensors, src)
-  metadata.update(extras)
+  metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)
+  _check_class_labels(config, metadata, class_names, mask_values, src)
+  if mask_values is not None:
+    metadata['mask_values'] = mask_values
+  if class_names:
+    metadata['class_names'] = list(class_names)
   return save_pretrained(dest, model_from_config(config), variables, metadata, overwrite)
 
 
@@ -138,7 +196,12 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   the layout of the PyTorch weights its run started from; else 'seed').
   """
   from unet_jax.checkpoint import INIT_LAYOUT, load_pretrained_with_metadata, model_config
-  from unet_jax.state_dict_io import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, write_state_dict
+  from unet_jax.state_dict_io import (
+    SAFETENSORS_METADATA_KEYS,
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
+    write_state_dict,
+  )
   if not dest.lower().endswith(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)):
     raise UserError(f'{dest}: unknown output type; use a .pth or .safetensors file name')
   if os.path.exists(dest) and not overwrite:
@@ -151,13 +214,18 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   tensors = flax_to_state_dict(model_config(model), variables, layout,  # type: ignore[arg-type]
                                metadata.get('num_batches_tracked'),
                                metadata.get('applied_updates', 0))
-  extras = {k: metadata[k] for k in ('mask_values',) if k in metadata}
+  safetensors = dest.lower().endswith(SAFETENSORS_SUFFIX)
+  kept = SAFETENSORS_METADATA_KEYS if safetensors else ('mask_values',)
+  extras = {k: metadata[k] for k in kept if k in metadata}
   # In a .pth, mask_values is an entry of the state_dict itself: milesial's predict.py pops it
   # before load_state_dict, but the seed's class would refuse it in a strict load. So a
   # seed-layout .pth carries it only if the file it was converted from did (the way back stays
-  # exact); .safetensors keep it in their header, which load_state_dict never sees.
-  if (layout == 'seed' and not dest.lower().endswith(SAFETENSORS_SUFFIX)
-      and 'source_layout' not in metadata):
+  # exact; not where torch-to-flax's --mask_values gave it); .safetensors keep it in their
+  # header, which load_state_dict never sees. (Conversions before `source_entries`: a
+  # converted checkpoint's mask_values were the file's.)
+  from_file = metadata.get('source_entries',
+                           ['mask_values'] if 'source_layout' in metadata else [])
+  if layout == 'seed' and not safetensors and 'mask_values' not in from_file:
     extras.pop('mask_values', None)
   dest_dir = os.path.dirname(os.path.abspath(dest))
   if not os.path.isdir(dest_dir):
@@ -175,6 +243,13 @@ def _parser() -> argparse.ArgumentParser:
   t2f = sub.add_parser('torch-to-flax', help='PyTorch state_dict file -> checkpoint directory')
   t2f.add_argument('src', help='.pth/.pt/.bin (torch.save of a state_dict) or .safetensors')
   t2f.add_argument('dest', help='checkpoint directory to create')
+  t2f.add_argument('--class_names', type=lambda text: text.split(','), default=[],
+                   metavar='NAME,NAME,...', help="each class's name, in class-id order, for "
+                   "export's model.json (e.g. background,liver,tumour)")
+  t2f.add_argument('--mask_values', default=None, metavar='V,V,...',
+                   help="each class's value in the masks predict writes, in class-id order: "
+                   'gray 0-255 (e.g. 0,1,2) or colours (#000000,#ff0000); default: the '
+                   "file's own (milesial's), else 0,255 for two classes, spread grays for more")
   f2t = sub.add_parser('flax-to-torch', help='checkpoint directory -> PyTorch state_dict file')
   f2t.add_argument('src', help='checkpoint directory (from torch-to-flax or training)')
   f2t.add_argument('dest', help='.pth or .safetensors file to create')
@@ -199,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
   try:
     if args.command == 'torch-to-flax':
-      out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite)
+      values = None if args.mask_values is None else parse_mask_values(args.mask_values)
+      out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite,
+                          class_names=args.class_names, mask_values=values)
       from unet_jax.checkpoint import read_checkpoint_info
       prefix = read_checkpoint_info(out)['metadata'].get('source_prefix')
       taken = f" (the UNet under '{prefix}' in {args.src})" if prefix else ''

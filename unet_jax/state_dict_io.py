@@ -25,6 +25,9 @@ TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 SAFETENSORS_SUFFIX = '.safetensors'
 # Non-tensor entries we carry along as metadata instead of rejecting.
 METADATA_KEYS = ('mask_values',)
+# A .safetensors header also keeps the classes' names (a .pth holds only what a strict
+# load_state_dict of milesial's model tolerates).
+SAFETENSORS_METADATA_KEYS = ('mask_values', 'class_names')
 # Where training scripts commonly nest the state_dict.
 _WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net', 'module')
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
@@ -71,9 +74,13 @@ def _load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]
                     'is it truncated?') from None
   meta = header.get('__metadata__') or {}
   extras = {}
-  for key in METADATA_KEYS:
+  for key in SAFETENSORS_METADATA_KEYS:
     if key in meta:
-      extras[key] = json.loads(meta[key])
+      try:
+        extras[key] = json.loads(meta[key])
+      except (ValueError, TypeError):
+        raise UserError(f'{path}: its header\'s {key} is not JSON ({str(meta[key])[:40]!r}); '
+                        'remove it from the header') from None
   return dict(tensors), extras
 
 
