@@ -164,7 +164,15 @@ def make_milesial_folder(root, n=12, size=(24, 20)):
     _palette_mask(labels).save(root / 'masks' / f'car{i:02d}_mask.gif')
 
 
-def test_milesial_data_folder_trains_as_it_lies(tmp_path):
+def test_class_map_line_lists_gray_values_and_cuts_a_long_one():
+  info = input_pipeline.DataInfo('image_folder', 1, 1, 1, [0, 255])
+  assert input_pipeline.class_map_line(info, ()) == 'classes by mask value: 0 -> 0, 255 -> 1'
+  info = input_pipeline.DataInfo('image_folder', 1, 1, 1, list(range(0, 200, 10)))
+  line = input_pipeline.class_map_line(info, [f'c{k}' for k in range(20)])
+  assert line.endswith(', 140 -> 14 c14, 150 -> 15 c15, ... (20 classes)')
+
+
+def test_milesial_data_folder_trains_as_it_lies(tmp_path, capsys):
   # milesial's loader takes np.asarray(Image.open(mask)): a palette mask's indices, 0 and 1
   # here, not its colours (before, palette masks were read as RGB and GIFs not at all).
   make_milesial_folder(tmp_path / 'data')
@@ -187,7 +195,10 @@ def test_milesial_data_folder_trains_as_it_lies(tmp_path):
   index = [r['file_name'] for r in train_source].index(b'car03.jpg')
   np.testing.assert_array_equal(np.asarray(train_source[index]['mask'])[..., 0],
                                 np.asarray(Image.open(mask_path)))
+  capsys.readouterr()
   train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  # The run says which mask value trains as which class: palette indices, in their colours.
+  assert 'classes by mask value: 0 (#000000) -> 0, 1 (#ff0000) -> 1\n' in capsys.readouterr().out
   with open(tmp_path / 'wd' / 'metrics.jsonl') as f:
     last = json.loads(f.readlines()[-1])
   # Its validation Dice leaves the background out: with 2 classes, class 1's.
@@ -582,6 +593,8 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path, capsys):
   metrics = train.train_and_evaluate(config, wd)
   # The run ends with its last evaluation's scores, a row per class, named as the config says.
   out = capsys.readouterr().out.splitlines()
+  # It says which colour trains as which class (sorted by 0xRRGGBB), and the names given.
+  assert 'classes by mask value: #000000 -> 0 sky, #0080ff -> 1 road, #ff0000 -> 2 car' in out
   end = out.index(next(line for line in out if line.startswith('eval at step 2: dice ')))
   assert out[end + 1].split() == ['class', 'dice', 'iou', 'class_accuracy']
   for c, name in enumerate(('sky', 'road', 'car')):

@@ -84,6 +84,17 @@ def training_size(config: Mapping[str, Any]) -> int | list[int]:
   return [int(v) for v in shape] if shape else int(config['image_size'])
 
 
+def mask_value_text(value: int | Sequence[int], palette: Sequence[int] = ()) -> str:
+  """A training mask value for people: a gray value (255), a colour (#ff0000), or a palette
+  index with the colour the palette draws it in (1 (#800000))."""
+  if not isinstance(value, int):
+    return '#' + ''.join(f'{int(c):02x}' for c in value)
+  if palette:
+    entries = list(palette) + [0] * (768 - len(palette))
+    return f'{value} ({mask_value_text(entries[3 * value:3 * value + 3])})'
+  return str(value)
+
+
 def mask_colours(classes: int, mask_values: list, palette: Sequence[int] = (),
                  ) -> np.ndarray | None:
   """(classes, 3) colours the training masks draw each class in (an RGB mask's colour, a palette

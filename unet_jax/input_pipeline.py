@@ -23,7 +23,13 @@ import ml_collections
 import numpy as np
 
 from unet_jax.errors import UserError, first_line
-from unet_jax.image_io import height_width, resample_filter, resize, training_size
+from unet_jax.image_io import (
+  height_width,
+  mask_value_text,
+  resample_filter,
+  resize,
+  training_size,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +193,21 @@ def class_names(config: ml_collections.ConfigDict, info: DataInfo) -> tuple[str,
   if not names and len(info.class_names) == max(config.model.num_classes, 2):
     names = info.class_names
   return names
+
+
+_LISTED_CLASSES = 16  # (a class map longer than this is cut, its count said)
+
+
+def class_map_line(info: DataInfo, names: Sequence[str]) -> str:
+  """Which mask value trains as which class, for people: 'classes by mask value: #000000 -> 0
+  background, #ff0000 -> 1 car'. An image folder's classes are its sorted values, which the
+  names given must follow; the line shows whether they do."""
+  pairs = [f'{mask_value_text(value, info.mask_palette)} -> {k}'
+           + (f' {names[k]}' if k < len(names) else '')
+           for k, value in enumerate(info.mask_values)]
+  more = len(pairs) - _LISTED_CLASSES
+  return ('classes by mask value: ' + ', '.join(pairs[:_LISTED_CLASSES])
+          + (f', ... ({len(pairs)} classes)' if more > 0 else ''))
 
 
 def image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:

@@ -28,9 +28,9 @@ import numpy as np
 
 from unet_jax import losses, surface_distance
 from unet_jax.config_checks import check_class_names
-from unet_jax.datasets.image_folder import mask_value_text, read_mask_keys
+from unet_jax.datasets.image_folder import read_mask_keys
 from unet_jax.errors import UserError
-from unet_jax.image_io import files_by_name
+from unet_jax.image_io import files_by_name, mask_value_text
 
 
 def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
@@ -52,6 +52,11 @@ def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
   if not pairs:
     raise UserError(f'{labels}: no PNG/JPEG/TIFF/BMP/GIF labels in this folder')
   return pairs
+
+
+def _key_text(key: int, rgb: bool) -> str:
+  """A mask key for people: 255, or a colour mask's 0xRRGGBB as #ff0000."""
+  return mask_value_text([(key >> shift) & 255 for shift in (16, 8, 0)] if rgb else key)
 
 
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
@@ -83,7 +88,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
   check_class_names(class_names, num_classes, '--class_names', "the masks' values "
-                    f'[{", ".join(mask_value_text(int(k), rgb) for k in keys[:8])}]')
+                    f'[{", ".join(_key_text(int(k), rgb) for k in keys[:8])}]')
   sums, rows = None, []
   maps = MapScores(surface, confusion, num_classes)
   for file_name, pred_path, label_path in pairs:
@@ -151,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   background_out = not args.include_background
-  values = [mask_value_text(v, metrics['rgb_masks']) for v in metrics['class_values']]
+  values = [_key_text(v, metrics['rgb_masks']) for v in metrics['class_values']]
   print(f'{args.predictions} against {args.labels}: {metrics["images"]} masks at their own '
         f'size, classes [{", ".join(values[:8])}{", ..." if len(values) > 8 else ""}]'
         f'{", class 0 left out of the means" if background_out else ""}')

@@ -613,6 +613,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plateau_step = _plateau_stepper(config, schedule, mesh) if config.schedule == 'plateau' else None
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
   reporter.message(_run_summary(config, train_model, state, info, mesh, workdir))
+  if info.name == 'image_folder' or names:  # (elsewhere the values are the classes' ids)
+    reporter.message(input_pipeline.class_map_line(info, names))
   if start:
     reporter.message(f'resumed from {checkpoints.directory}/{start}')
     if start_examples != start * config.batch_size:

@@ -252,11 +252,6 @@ def read_mask_keys(path: str) -> MaskKeys:
   return MaskKeys(_mask_keys(mask), mask.ndim == 3)
 
 
-def mask_value_text(value: int, rgb: bool) -> str:
-  """A mask value for people: 255, or a colour mask's #ff0000."""
-  return f'#{value:06x}' if rgb else str(value)
-
-
 def _mask_keys(mask: np.ndarray) -> np.ndarray:
   """Per-pixel integer key: the gray value, or 0xRRGGBB for colour masks."""
   if mask.ndim == 2:
