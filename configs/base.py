@@ -81,7 +81,12 @@ def get_config() -> ml_collections.ConfigDict:
       noise=0.0,
       # The share of examples each of those four applies to (nnU-Net's p_per_sample, MONAI's
       # prob); 1: every example.
-      brightness_prob=1.0, contrast_prob=1.0, gamma_prob=1.0, noise_prob=1.0))
+      brightness_prob=1.0, contrast_prob=1.0, gamma_prob=1.0, noise_prob=1.0,
+      # 'jitter': those four as described above; 'nnunet': nnU-Net v2's versions of them
+      # (per channel, its order and draws, gamma keeping the mean and deviation; see
+      # unet_jax/nnunet_intensity.py), with its gamma of the inverted image for the share
+      # inverted_gamma_prob of the examples (nnU-Net's 0.1; 'nnunet' only).
+      intensity_recipe='jitter', inverted_gamma_prob=0.0))
 
   config.image_size = 64
   # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both

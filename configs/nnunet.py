@@ -11,9 +11,11 @@ number of labels); nnU-Net's five folds (KFold over the sorted case names, shuff
 1e-2 lowered as (1 - epoch / epochs) ** 0.9 at the start of each epoch of 250 steps, gradients
 clipped at norm 12; cross-entropy plus the soft Dice of the classes but 0 (do_bg=False) over
 the whole batch (its 2D plans' batch_dice), smoothed by 1e-5; 1000 epochs of 250 steps;
-mirroring on both axes, brightness and contrast factors in [0.75, 1.25] (each for 15% of the
-examples), gamma in [0.7, 1.5] (30%), Gaussian noise up to 0.1 (10%); the held-out Dice over
-the classes but 0.
+mirroring on both axes; its intensity augmentations, in its order, each per channel with its
+draws (unet_jax/nnunet_intensity.py): Gaussian noise of a deviation up to 0.1 (10% of the
+examples), brightness and contrast factors in [0.75, 1.25] (15% each), gamma in [0.7, 1.5] of
+the inverted image (10%) and of the image (30%), keeping its mean and deviation; the held-out
+Dice over the classes but 0.
 Differences left:
 - the network is the classic UNet (BatchNorm, ReLU, max-pooling, transposed convs), not
   nnU-Net's PlainConvUNet (InstanceNorm, LeakyReLU, strided convs), and has no deep
@@ -22,9 +24,10 @@ Differences left:
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
   its oversampling (the last third of each batch's patches centred on a foreground class);
-- its rotations, scaling, blur, low-resolution simulation and inverted gamma are left out
-  (set augment.rotate_degrees for rotations); its gamma keeps the image's mean and deviation,
-  here MONAI's maps the image's range; the intensity augmentations run in another order;
+- its rotations, scaling, blur and low-resolution simulation are left out (set
+  augment.rotate_degrees for rotations);
+- images are scaled to [0, 1] here; nnU-Net normalises each image's channels to zero mean and
+  unit deviation (its default for channels named other than 'CT' or 'rgb_to_0_1');
 - its epochs are 250 steps of independently drawn batches; here the 250,000 steps run
   through the shuffled data pass after pass (with num_epochs, passes over the data).
 """
@@ -50,11 +53,13 @@ def get_config():
   config.augment.contrast = 0.25
   config.augment.gamma = (0.7, 1.5)
   config.augment.noise = 0.1
-  # Each to its share of the examples, as nnU-Net's p_per_sample (its second, not inverted gamma)
+  # Each to its share of the examples, as nnU-Net's apply_probability
   config.augment.brightness_prob = 0.15
   config.augment.contrast_prob = 0.15
   config.augment.gamma_prob = 0.3
   config.augment.noise_prob = 0.1
+  config.augment.intensity_recipe = 'nnunet'  # (its formulas, order and draws)
+  config.augment.inverted_gamma_prob = 0.1
   config.batch_size = 16
   config.num_train_steps = 1000 * 250
   config.log_every_steps = 250

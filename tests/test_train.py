@@ -664,6 +664,14 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'examples augment.gamma applies to (1: every one)'),
     ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '
      'deviation of the Gaussian noise (0: none)'),
+    ({'augment.intensity_recipe': 'monai'}, "augment.intensity_recipe='monai' is unknown; use "
+     "'jitter' (torchvision's ColorJitter, MONAI's gamma and noise) or 'nnunet'"),
+    ({'augment.inverted_gamma_prob': 0.1, 'augment.gamma': (0.7, 1.5)},
+     "augment.inverted_gamma_prob=0.1 is nnU-Net's gamma of the inverted image: it needs "
+     "augment.intensity_recipe='nnunet' and an augment.gamma range"),
+    ({'augment.inverted_gamma_prob': 1.5, 'augment.gamma': (0.7, 1.5),
+      'augment.intensity_recipe': 'nnunet'}, 'augment.inverted_gamma_prob=1.5 must be in [0, 1]: '
+     'the share of examples the gamma of the inverted image applies to (1: every one)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

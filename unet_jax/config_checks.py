@@ -120,11 +120,21 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not config.augment.get('noise', 0.0) >= 0:
     raise UserError(f'augment.noise={config.augment.noise} must be at least 0: the largest '
                     'standard deviation of the Gaussian noise (0: none)')
-  for name in ('brightness', 'contrast', 'gamma', 'noise'):
+  recipe = config.augment.get('intensity_recipe', 'jitter')
+  if recipe not in ('jitter', 'nnunet'):
+    raise UserError(f"augment.intensity_recipe={recipe!r} is unknown; use 'jitter' "
+                    "(torchvision's ColorJitter, MONAI's gamma and noise) or 'nnunet'")
+  if config.augment.get('inverted_gamma_prob', 0.0) and (recipe != 'nnunet' or not gamma):
+    raise UserError(f'augment.inverted_gamma_prob={config.augment.inverted_gamma_prob} is '
+                    "nnU-Net's gamma of the inverted image: it needs "
+                    "augment.intensity_recipe='nnunet' and an augment.gamma range")
+  for name in ('brightness', 'contrast', 'gamma', 'noise', 'inverted_gamma'):
     prob = config.augment.get(f'{name}_prob', 1.0)
     if not 0 <= prob <= 1:
+      what = ('the gamma of the inverted image' if name == 'inverted_gamma'
+              else f'augment.{name}')
       raise UserError(f'augment.{name}_prob={prob} must be in [0, 1]: the share of examples '
-                      f'augment.{name} applies to (1: every one)')
+                      f'{what} applies to (1: every one)')
   if not 0 < config.augment.min_scale <= 1:
     raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
                     "smallest random crop's side, as a fraction of the image's")

@@ -269,24 +269,28 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
       y0, x0 = _foreground_crop(mask, crop, rng, fill_label, (y0, x0))
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
   image = image.astype(np.float32) / 255.0
+  if augment and aug.get('intensity_recipe', 'jitter') == 'nnunet':
+    from unet_jax import nnunet_intensity
+    return {'image': nnunet_intensity.augment(image, rng, aug), 'mask': mask.astype(np.int32)}
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0),
                     aug.get('brightness_prob', 1.0), aug.get('contrast_prob', 1.0))
   if augment and aug.get('gamma', ()):
-    applied = _applies(rng, aug.get('gamma_prob', 1.0))
+    applied = applies(rng, aug.get('gamma_prob', 1.0))
     gamma = float(rng.uniform(*aug.gamma))
     image = adjust_gamma(image, gamma) if applied else image
-  if augment and aug.get('noise', 0.0) and _applies(rng, aug.get('noise_prob', 1.0)):
+  if augment and aug.get('noise', 0.0) and applies(rng, aug.get('noise_prob', 1.0)):
     # (the last draws: skipping them where the noise is not applied shifts no later one)
     std = np.float32(rng.uniform(0, aug.noise))
     image = image + std * rng.standard_normal(image.shape, np.float32)
   return {'image': image, 'mask': mask.astype(np.int32)}
 
 
-def _applies(rng: np.random.Generator, prob: float) -> bool:
+def applies(rng: np.random.Generator, prob: float) -> bool:
   """Whether an augmentation applies to this example: with probability `prob`, nnU-Net's
   p_per_sample (MONAI's `prob`). At 1, the default, nothing is drawn: streams stay as they were.
-  Its own parameters are drawn either way, so the draws after it do not depend on it."""
+  (Here its own parameters are drawn either way, so the draws after it do not depend on it;
+  nnunet_intensity draws them only where it applies, as nnU-Net does.)"""
   return prob >= 1.0 or bool(rng.random() < prob)
 
 
@@ -334,12 +338,12 @@ def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, cont
   image's grayscale (ITU-R 601 weights for RGB); each clipped to [0, 1], each applied with its
   probability."""
   if brightness:
-    applied = _applies(rng, brightness_prob)
+    applied = applies(rng, brightness_prob)
     factor = np.float32(rng.uniform(1 - brightness, 1 + brightness))
     if applied:
       image = np.clip(image * factor, 0, 1)
   if contrast:
-    applied = _applies(rng, contrast_prob)
+    applied = applies(rng, contrast_prob)
     factor = np.float32(rng.uniform(1 - contrast, 1 + contrast))
     if applied:
       gray = image[..., 0] if image.shape[-1] == 1 else image @ np.float32([0.299, 0.587, 0.114])
