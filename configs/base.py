@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
       mask_offset=0,             # subtracted from mask values (oxford_iiit_pet's trimap is 1..3)
       resample='bilinear',       # PIL's filter resizing images: 'bilinear' or 'bicubic' (masks:
                                  # nearest); predict resizes with the run's
+      # How images reach the network: 'unit', scaled to [0, 1]; 'zscore', then each image's
+      # channels to zero mean and unit deviation (nnU-Net's default), before augmentation.
+      # Saved with the checkpoint: predict, evaluate and export normalise as the run did.
+      normalize='unit',
       # A mask value whose pixels count in neither loss nor metrics (torch's ignore_index; e.g.
       # 255, a void/boundary label; RGB masks: 0xRRGGBB); -1: none. The classes are the others.
       ignore_value=-1,

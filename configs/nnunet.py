@@ -11,7 +11,9 @@ number of labels); nnU-Net's five folds (KFold over the sorted case names, shuff
 1e-2 lowered as (1 - epoch / epochs) ** 0.9 at the start of each epoch of 250 steps, gradients
 clipped at norm 12; cross-entropy plus the soft Dice of the classes but 0 (do_bg=False) over
 the whole batch (its 2D plans' batch_dice), smoothed by 1e-5; 1000 epochs of 250 steps;
-mirroring on both axes; its intensity augmentations, in its order, each per channel with its
+each image's channels normalised to mean 0 and deviation 1 (its ZScoreNormalization, the
+default for channels not named 'CT' or 'rgb_to_0_1'); mirroring on both axes; its intensity
+augmentations, in its order, each per channel with its
 draws (unet_jax/nnunet_intensity.py): Gaussian noise of a deviation up to 0.1 (10% of the
 examples), brightness and contrast factors in [0.75, 1.25] (15% each), gamma in [0.7, 1.5] of
 the inverted image (10%) and of the image (30%), keeping its mean and deviation; the held-out
@@ -26,8 +28,6 @@ Differences left:
   its oversampling (the last third of each batch's patches centred on a foreground class);
 - its rotations, scaling, blur and low-resolution simulation are left out (set
   augment.rotate_degrees for rotations);
-- images are scaled to [0, 1] here; nnU-Net normalises each image's channels to zero mean and
-  unit deviation (its default for channels named other than 'CT' or 'rgb_to_0_1');
 - its epochs are 250 steps of independently drawn batches; here the 250,000 steps run
   through the shuffled data pass after pass (with num_epochs, passes over the data).
 """
@@ -59,6 +59,7 @@ def get_config():
   config.augment.gamma_prob = 0.3
   config.augment.noise_prob = 0.1
   config.augment.intensity_recipe = 'nnunet'  # (its formulas, order and draws)
+  config.data.normalize = 'zscore'  # (its default for channels not named CT or rgb_to_0_1)
   config.augment.inverted_gamma_prob = 0.1
   config.batch_size = 16
   config.num_train_steps = 1000 * 250

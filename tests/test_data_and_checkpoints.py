@@ -516,7 +516,7 @@ def test_nnunet_raw_layout_pairs_by_image_suffix(tmp_path):
       str(root), FolderLayout(images_dir='imagesTr', masks_dir='imagesTr', mask_suffix='_0000'))
 
 
-def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
+def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path, monkeypatch):
   from sklearn.model_selection import KFold
 
   from configs import nnunet
@@ -560,6 +560,39 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path):
   assert load_pretrained_with_metadata(str(tmp_path / 'wd'))[2]['class_names'] == [
       'background', 'shape']
   assert export_checkpoint(str(tmp_path / 'wd'))[1]['class_names'] == ['background', 'shape']
+  # Its images normalised per channel (nnU-Net's z-score): predict and export as it trained.
+  model, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
+  assert meta['normalize'] == 'zscore'
+  case = np.asarray(Image.open(root / 'imagesTr' / 'case_003_0000.png'))
+  as_trained = input_pipeline.preprocess({'image': case, 'mask': np.zeros(case.shape[:2])},
+                                         (16, 16), None, None, normalize='zscore')['image']
+  np.testing.assert_allclose(as_trained.mean(axis=(0, 1)), 0, atol=1e-5)
+  np.testing.assert_allclose(as_trained.std(axis=(0, 1)), 1, atol=1e-4)
+  want = np.asarray(model.apply(variables, as_trained[None], train=False))
+  resized = input_pipeline.preprocess({'image': case, 'mask': np.zeros(case.shape[:2])},
+                                      (16, 16), None, None)['image']
+  unit = np.asarray(model.apply(variables, resized[None], train=False))
+  assert np.abs(want - unit).max() > 1e-2  # (the normalisation matters to this model)
+  np.testing.assert_allclose(predict_logits(model, variables, resized[None], normalize='zscore'),
+                             want, atol=1e-5)
+  # (at the run's size, the logits resized back to the case's 20x24)
+  got = predict_logits(model, variables, case[None], size=16, normalize='zscore')
+  assert predict_main([str(root / 'imagesTr' / 'case_003_0000.png'), '--checkpoint',
+                       str(tmp_path / 'wd'), '--output', str(tmp_path / 'pred'),
+                       '--probabilities']) == 0
+  np.testing.assert_allclose(np.load(tmp_path / 'pred' / 'case_003_0000_prob.npy'),
+                             probabilities(got)[0], atol=1e-5)
+  data, _ = export_checkpoint(str(tmp_path / 'wd'))
+  served = jax.export.deserialize(data).call(resized[None])  # (images in [0, 1], as for any run)
+  np.testing.assert_allclose(np.asarray(served), want, atol=1e-5)
+  # Scored on data a config names, the checkpoint's normalisation holds, whatever it says.
+  unit = copy.deepcopy(config)
+  unit.data.normalize = 'unit'
+  seen, preprocess_ = [], input_pipeline.preprocess
+  monkeypatch.setattr(input_pipeline, 'preprocess', lambda *args, **kwargs: seen.append(
+      kwargs.get('normalize')) or preprocess_(*args, **kwargs))
+  again = evaluate_checkpoint(str(tmp_path / 'wd'), unit)
+  assert again['pixel_accuracy'] == scored['pixel_accuracy'] and set(seen) == {'zscore'}
 
 
 @pytest.mark.parametrize('labels,values,names', [

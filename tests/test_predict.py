@@ -1,6 +1,8 @@
 """Prediction: the array API, tiling equal to a whole-image pass, the CLI and its refusals."""
 
+import json
 import os
+import shutil
 import sys
 
 import jax
@@ -476,12 +478,20 @@ def test_cli_ensemble_refuses_checkpoints_of_other_tasks(tmp_path, capsys):
   _, two = _converted_net(tmp_path, 'two', 2, 4, 1, 0, [0, 255])
   _, three = _converted_net(tmp_path, 'three', 3, 4, 1, 0, [0, 100, 200])
   _, other = _converted_net(tmp_path, 'other', 3, 4, 1, 1, [0, 50, 200])
+  zscored = str(tmp_path / 'zscored')  # (three, as if trained with data.normalize='zscore')
+  shutil.copytree(three, zscored)
+  about = json.loads((tmp_path / 'zscored' / 'unet_jax.json').read_text())
+  about['metadata']['normalize'] = 'zscore'
+  (tmp_path / 'zscored' / 'unet_jax.json').write_text(json.dumps(about))
   for a, b, message in (
       (two, three, f'error: {two} and {three} cannot be averaged: {two} has num_classes=2, '
        f'{three} num_classes=3; ensemble checkpoints trained for the same images and classes\n'),
       (three, other, f'error: {three} and {other} cannot be averaged: they were trained on masks '
        'whose values ([0, 100, 200] and [0, 50, 200]) make other classes; ensemble checkpoints '
-       'trained on the same masks\n')):
+       'trained on the same masks\n'),
+      (three, zscored, f'error: {three} and {zscored} cannot be averaged: they were trained on '
+       "images normalised otherwise (data.normalize='unit' and 'zscore'); ensemble checkpoints "
+       'trained with the same data.normalize\n')):
     capsys.readouterr()
     assert main([str(tmp_path / 'a.png'), '--checkpoint', a, '--checkpoint', b, '--output',
                  str(tmp_path / 'out')]) == 2

@@ -205,6 +205,8 @@ def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
     metadata['image_size'] = training_size(meta['config'])  # (an int, or [height, width])
     # ... and the filter its images were resized with (runs before it could be set: bilinear)
     metadata['resample'] = (meta['config'].get('data') or {}).get('resample', 'bilinear')
+    # ... and how they were normalised (runs before data.normalize: scaled to [0, 1])
+    metadata['normalize'] = (meta['config'].get('data') or {}).get('normalize', 'unit')
   if meta.get('config'):
     metadata['run_config'] = meta['config']  # the training config (data settings included)
   return model, jax.tree.map(jnp.asarray, variables), metadata

@@ -13,7 +13,7 @@ import ml_collections
 
 from unet_jax import input_pipeline, parallel
 from unet_jax.errors import UserError
-from unet_jax.image_io import RESAMPLE_FILTERS
+from unet_jax.image_io import NORMALIZATIONS, RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
 from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
@@ -120,7 +120,17 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not config.augment.get('noise', 0.0) >= 0:
     raise UserError(f'augment.noise={config.augment.noise} must be at least 0: the largest '
                     'standard deviation of the Gaussian noise (0: none)')
+  normalize = config.data.get('normalize', 'unit')
+  if normalize not in NORMALIZATIONS:
+    raise UserError(f"data.normalize={normalize!r} is unknown; use 'unit' (images scaled to "
+                    "[0, 1]) or 'zscore' (then each image's channels to mean 0, deviation 1)")
   recipe = config.augment.get('intensity_recipe', 'jitter')
+  jitter = [f for f in ('brightness', 'contrast') if config.augment.get(f, 0.0)]
+  if normalize == 'zscore' and recipe == 'jitter' and jitter:
+    raise UserError(f"augment.{jitter[0]} with augment.intensity_recipe='jitter' clips to "
+                    "[0, 1], which data.normalize='zscore' images are not in; set "
+                    "augment.intensity_recipe='nnunet' (unclipped, as nnU-Net on its "
+                    f'normalised images) or augment.{jitter[0]}=0')
   if recipe not in ('jitter', 'nnunet'):
     raise UserError(f"augment.intensity_recipe={recipe!r} is unknown; use 'jitter' "
                     "(torchvision's ColorJitter, MONAI's gamma and noise) or 'nnunet'")

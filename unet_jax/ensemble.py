@@ -70,6 +70,11 @@ def _check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict
         raise UserError(f'{first} and {path} cannot be averaged: {first} has {field}='
                         f'{getattr(model, field)}, {path} {field}={getattr(other, field)}; '
                         'ensemble checkpoints trained for the same images and classes')
+    norm, other_norm = meta.get('normalize', 'unit'), other_meta.get('normalize', 'unit')
+    if norm != other_norm:
+      raise UserError(f'{first} and {path} cannot be averaged: they were trained on images '
+                      f"normalised otherwise (data.normalize='{norm}' and '{other_norm}'); "
+                      'ensemble checkpoints trained with the same data.normalize')
     values, other_values = meta.get('mask_values', []), other_meta.get('mask_values', [])
     if values and other_values and values != other_values:
       raise UserError(f'{first} and {path} cannot be averaged: they were trained on masks whose '

@@ -277,6 +277,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   model, variables, meta = loaded[0]
   config = _run_config(meta, config, paths[0])
   config.model.update(model_config(model))  # the checkpoint's network, whatever the config says
+  config.data.normalize = meta.get('normalize', 'unit')  # ... and the images it trained on
   if include_background is None:
     include_background = config.get('eval_include_background', True)
   mesh = parallel.make_mesh(jax.local_devices())

@@ -69,6 +69,17 @@ def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
   return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')
 
 
+NORMALIZATIONS = ('unit', 'zscore')
+
+
+def zscore(images: Any) -> Any:
+  """Each image's channels (the last axis; the two before it its height and width) shifted
+  and scaled to mean 0 and deviation 1 (nnU-Net's ZScoreNormalization: the deviation over the
+  pixels, at least 1e-8). NumPy or JAX arrays alike (export runs it inside its artifact)."""
+  mean = images.mean(axis=(-3, -2), keepdims=True)
+  return (images - mean) / images.std(axis=(-3, -2), keepdims=True).clip(min=1e-8)
+
+
 def height_width(size: int | Sequence[int]) -> tuple[int, int]:
   """A size as (height, width): an int is a square's side; a pair is (height, width)."""
   if isinstance(size, int | np.integer):

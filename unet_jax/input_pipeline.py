@@ -29,6 +29,7 @@ from unet_jax.image_io import (
   resample_filter,
   resize,
   training_size,
+  zscore,
 )
 
 
@@ -221,6 +222,11 @@ def train_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return (crop, crop) if crop else image_hw(config)
 
 
+def image_normalization(config: ml_collections.ConfigDict) -> str:
+  """data.normalize ('unit' for runs before the field)."""
+  return config.data.get('normalize', 'unit')
+
+
 def image_resample(config: ml_collections.ConfigDict) -> str:
   """The filter images are resized with (data.resample: 'bilinear' or 'bicubic')."""
   return config.data.get('resample', 'bilinear')
@@ -229,12 +235,14 @@ def image_resample(config: ml_collections.ConfigDict) -> str:
 def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
-               crop_foreground: float = 0.0) -> dict[str, np.ndarray]:
+               crop_foreground: float = 0.0, normalize: str = 'unit') -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns, rotation (when `rng` is given), resize to
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
   the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
   the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
-  nnU-Net's oversampling), scale to [0, 1], random brightness and contrast, gamma, Gaussian
+  nnU-Net's oversampling), scale to [0, 1] (`normalize='zscore'`: then each channel to mean 0
+  and deviation 1 over the whole resized image, as nnU-Net normalises a case before it cuts
+  its patches), random brightness and contrast, gamma, Gaussian
   noise (not clipped, as MONAI's). The corners a rotation brings in are black with mask label
   `fill_label` (0, or the ignored label).
 
@@ -263,12 +271,15 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
+  if normalize == 'zscore':  # (over the whole image, before the patch is cut)
+    image = zscore(image.astype(np.float32) / 255.0)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
     if crop_foreground and rng.random() < crop_foreground:
       y0, x0 = _foreground_crop(mask, crop, rng, fill_label, (y0, x0))
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
-  image = image.astype(np.float32) / 255.0
+  if normalize != 'zscore':
+    image = image.astype(np.float32) / 255.0
   if augment and aug.get('intensity_recipe', 'jitter') == 'nnunet':
     from unet_jax import nnunet_intensity
     return {'image': nnunet_intensity.augment(image, rng, aug), 'mask': mask.astype(np.int32)}
@@ -400,7 +411,8 @@ class _TrainExample(grain.transforms.Map):
     return preprocess(record, image_hw(self.config), rng, self.config.augment,
                       image_resample(self.config), self.fill_label,
                       self.config.get('crop_size', 0),
-                      self.foreground_share(int(self.order[slot % self.global_batch])))
+                      self.foreground_share(int(self.order[slot % self.global_batch])),
+                      image_normalization(self.config))
 
   def foreground_share(self, in_batch: int) -> float:
     """The chance that the patch at stream position `in_batch` of its batch is centred on the
@@ -429,7 +441,8 @@ class _EvalExample(grain.transforms.Map):
     g = _global_position(j, self.local_batch, self.global_batch, self.process_index)
     valid = g < len(self.source)  # the last global batch is padded with repeats, weighted 0
     record = _adapt(self.config, self.source[min(g, len(self.source) - 1)])
-    out = preprocess(record, image_hw(self.config), None, None, image_resample(self.config))
+    out = preprocess(record, image_hw(self.config), None, None, image_resample(self.config),
+                     normalize=image_normalization(self.config))
     out['valid'] = np.asarray(valid)
     return out
 

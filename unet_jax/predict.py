@@ -37,6 +37,7 @@ from unet_jax.image_io import (
     resample_filter,
     resize,
     size_text,
+    zscore,
 )
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
@@ -105,7 +106,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
                    size: int | Sequence[int] | None = None,
                    tile: int | Sequence[int] | None = None,
                    overlap: int | Sequence[int] | None = None, batch_size: int = 8,
-                   tta: bool = False, resample: str = 'bilinear') -> np.ndarray:
+                   tta: bool = False, resample: str = 'bilinear', normalize: str = 'unit',
+                   ) -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
 
   `size`: run the network on each image resized to size x size (or to (height, width): a
@@ -116,6 +118,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
   `tile`, `overlap`: run overlapping tiles (a side, or (height, width); `tiling`) of the image
   (after any resize) and blend them, for images too large to run whole.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
+  `normalize`: 'zscore' gives the network each image (after any resize, before tiling) with
+  its channels at mean 0 and deviation 1, as a run with data.normalize='zscore' trained.
   """
   images = np.asarray(images)
   if size:
@@ -124,10 +128,12 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
     logits = predict_logits(
         model, variables,
         np.stack([resize(im, height, width, resample_filter(resample)) for im in images]),
-        tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+        tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, normalize=normalize)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
   images = images / np.float32(255) if images.dtype == np.uint8 else images.astype(np.float32)
+  if normalize == 'zscore':
+    images = zscore(images)
   fn = eval_apply(model, tta)
   n, h, w, _ = images.shape
   along_h, along_w = tiling(tile, overlap, model.depth) if tile else (None, None)
@@ -163,12 +169,12 @@ def _check_threshold(model: UNet, threshold: float) -> None:
 def predict(model: UNet, variables: Any, images: np.ndarray, *,
             size: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
-            threshold: float = 0.5, resample: str = 'bilinear',
+            threshold: float = 0.5, resample: str = 'bilinear', normalize: str = 'unit',
             largest_component: bool = False, min_region_size: int = 0) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
 
   `size`: the network sees each image at size x size (or (height, width)), as in training,
-  resized with `resample` (see `predict_logits`).
+  resized with `resample` and normalised as `normalize` says (see `predict_logits`).
   `tta`: the mean logits over flips (four forward passes; flip_tta.py).
   Binary models (1 output channel): foreground where the probability exceeds `threshold`
   (milesial's --mask-threshold); others take the argmax.
@@ -187,7 +193,8 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
     raise UserError(f'images must be (N, H, W, {model.in_channels}) for this model, got shape '
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
-                          batch_size=batch_size, tta=tta, resample=resample)
+                          batch_size=batch_size, tta=tta, resample=resample,
+                          normalize=normalize)
   classes = post(classes_from_logits(logits, threshold))
   return classes[0] if single else classes
 
@@ -207,23 +214,26 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarray, *,
                            sizes: Sequence[Any] | None = None,
                            resamples: Sequence[str] | None = None,
+                           normalizations: Sequence[str] | None = None,
                            tile: int | Sequence[int] | None = None,
                            overlap: int | Sequence[int] | None = None, batch_size: int = 8,
                            tta: bool = False) -> np.ndarray:
   """The mean over `members`, (model, variables) pairs of one task (the same classes), of their
   probabilities (N, H, W, C) for images (N, H, W, C): nnU-Net's ensemble of its folds, which
-  averages their softmax outputs. `sizes`, `resamples`: one `size` and `resample` (as
-  `predict_logits` takes them) per member, e.g. each as it trained; None: every member at the
-  images' own size, bilinear. `tta` averages each member's logits over flips first, as nnU-Net
-  mirrors within a fold.
+  averages their softmax outputs. `sizes`, `resamples`, `normalizations`: one `size`,
+  `resample` and `normalize` (as `predict_logits` takes them) per member, e.g. each as it
+  trained; None: every member at the images' own size, bilinear, scaled to [0, 1]. `tta`
+  averages each member's logits over flips first, as nnU-Net mirrors within a fold.
   """
   sizes = [None] * len(members) if sizes is None else sizes
   resamples = ['bilinear'] * len(members) if resamples is None else resamples
+  normalizations = ['unit'] * len(members) if normalizations is None else normalizations
   total = None
-  for (model, variables), size, resample in zip(members, sizes, resamples, strict=True):
+  for (model, variables), size, resample, normalize in zip(members, sizes, resamples,
+                                                           normalizations, strict=True):
     probs = probabilities(predict_logits(model, variables, images, size=size, tile=tile,
                                          overlap=overlap, batch_size=batch_size, tta=tta,
-                                         resample=resample))
+                                         resample=resample, normalize=normalize))
     total = probs if total is None else total + probs
   return total / np.float32(len(members))
 
@@ -412,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # [height, width]; a converted checkpoint records none), unless --size says.
     sizes = [m.get('image_size', 0) if args.size is None else args.size for _, _, m in loaded]
     resamples = [m.get('resample', 'bilinear') for _, _, m in loaded]
+    normalizations = [m.get('normalize', 'unit') for _, _, m in loaded]
     depth = max(m.depth for m, _ in members)
     for size in sizes:
       if size and min(height_width(size)) < 2**depth:
@@ -453,13 +464,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(members) == 1:  # (thresholds the logits, as training's evaluation does)
           logits = predict_logits(model, members[0][1], batch, size=sizes[0] or None,
                                   tile=args.tile, overlap=args.overlap, tta=args.tta,
-                                  batch_size=args.batch_size, resample=resamples[0])
+                                  batch_size=args.batch_size, resample=resamples[0],
+                                  normalize=normalizations[0])
           masks = classes_from_logits(logits, args.threshold)
           probs = probabilities(logits) if args.probabilities else [None] * len(indices)
         else:
           probs = ensemble_probabilities(
               members, batch, sizes=[s or None for s in sizes], resamples=resamples,
-              tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, tta=args.tta)
+              normalizations=normalizations, tile=args.tile, overlap=args.overlap,
+              batch_size=args.batch_size, tta=args.tta)
           masks = classes_from_probabilities(probs, args.threshold)
           if not args.probabilities:
             probs = [None] * len(indices)

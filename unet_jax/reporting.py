@@ -142,6 +142,9 @@ class Reporter:
     levels = max(num_classes, 2) - 1
     rows = []
     for img, t, p in zip(images, truth, pred, strict=True):
+      low, high = float(img.min()), float(img.max())
+      if low < 0 or high > 1:  # (data.normalize='zscore': drawn over its own range)
+        img = (img - low) / max(high - low, 1e-8)
       img = np.clip(img * 255, 0, 255).astype(np.uint8)
       img = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
       def colour(m):  # ignored pixels (-1, data.ignore_value) in magenta

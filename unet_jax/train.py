@@ -489,7 +489,8 @@ def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int 
   n = min(config.num_sample_images, len(eval_source))
   examples = [input_pipeline.preprocess(input_pipeline._adapt(config, eval_source[i]),
                                         input_pipeline.image_hw(config), None, None,
-                                        input_pipeline.image_resample(config))
+                                        input_pipeline.image_resample(config),
+                                        normalize=input_pipeline.image_normalization(config))
               for i in range(n)]
   images = np.stack([e['image'] for e in examples])
   labels, valid = losses.valid_labels(np.stack([e['mask'] for e in examples]), ignore_id)
