@@ -277,7 +277,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   model, variables, meta = loaded[0]
   config = _run_config(meta, config, paths[0])
   config.model.update(model_config(model))  # the checkpoint's network, whatever the config says
-  config.data.normalize = meta.get('normalize', 'unit')  # ... and the images it trained on
+  if 'normalize' in meta:  # ... and the images it trained on (a converted one: the config's)
+    config.data.normalize = meta['normalize']
   if include_background is None:
     include_background = config.get('eval_include_background', True)
   mesh = parallel.make_mesh(jax.local_devices())
