@@ -98,8 +98,9 @@ def training_size(config: Mapping[str, Any]) -> int | list[int]:
 def mask_value_text(value: int | Sequence[int], palette: Sequence[int] = ()) -> str:
   """A training mask value for people: a gray value (255), a colour (#ff0000), or a palette
   index with the colour the palette draws it in (1 (#800000))."""
-  if not isinstance(value, int):
+  if not isinstance(value, int | np.integer):
     return '#' + ''.join(f'{int(c):02x}' for c in value)
+  value = int(value)
   if palette:
     entries = list(palette) + [0] * (768 - len(palette))
     return f'{value} ({mask_value_text(entries[3 * value:3 * value + 3])})'
