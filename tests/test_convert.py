@@ -336,6 +336,39 @@ def test_class_names_and_mask_values_reach_predict_and_export(tmp_path, capsys):
                 "'tumour'], not ['bg', 'a', 'b']; leave out --class_names", tmp_path / 'o')
 
 
+def test_normalize_of_a_converted_model_reaches_predict_and_export(tmp_path, capsys):
+  # A PyTorch model trained on z-scored images: recorded, predict and export normalise so.
+  import jax
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.export import export_checkpoint
+  from unet_jax.predict import main as predict_main
+  from unet_jax.predict import probabilities
+  ref = move_off_init(SeedUNet(3, 1, base=4, depth=2), 3, 1)
+  torch.save(ref.state_dict(), tmp_path / 'm.pth')
+  check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'o'),
+                                   '--normalize', 'minmax'],
+                "--normalize minmax: use 'unit' (images scaled to [0, 1]) or 'zscore' (then each "
+                "image's channels to mean 0, deviation 1)", tmp_path / 'o')
+  assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'z'),
+               '--normalize', 'zscore']) == 0
+  assert load_pretrained_with_metadata(str(tmp_path / 'z'))[2]['normalize'] == 'zscore'
+  image = np.random.default_rng(0).integers(0, 256, (16, 20, 3), np.uint8)
+  scaled = image / np.float32(255)
+  zscored = (scaled - scaled.mean(axis=(0, 1))) / scaled.std(axis=(0, 1))
+  with torch.no_grad():
+    want = torch.sigmoid(ref(torch.from_numpy(zscored).permute(2, 0, 1)[None]))[0, 0].numpy()
+  from PIL import Image
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', str(tmp_path / 'z'), '--output',
+                       str(tmp_path / 'pred'), '--probabilities']) == 0
+  np.testing.assert_allclose(np.load(tmp_path / 'pred' / 'x_prob.npy')[..., 0], want, atol=2e-5)
+  data, about = export_checkpoint(str(tmp_path / 'z'), (16, 20))
+  served = np.asarray(jax.export.deserialize(data).call(scaled[None]))
+  np.testing.assert_allclose(probabilities(served)[0, ..., 0], want, atol=2e-5)
+  assert about['normalize'] == 'zscore, inside the artifact'
+
+
 def test_whole_pickled_model_is_refused(tmp_path, capsys):
   torch.save(SeedUNet(1, 1, base=4, depth=3), tmp_path / 'model.pth')  # the module, not weights
   check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'model.pth'),

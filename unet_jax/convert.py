@@ -19,6 +19,7 @@ import numpy as np
 
 from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
+from unet_jax.image_io import NORMALIZATIONS
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -168,16 +169,22 @@ def _check_class_labels(config: Mapping[str, Any], metadata: Mapping[str, Any],
 
 
 def torch_to_flax(src: str, dest: str, overwrite: bool = False,
-                  class_names: Sequence[str] = (), mask_values: list | None = None) -> str:
+                  class_names: Sequence[str] = (), mask_values: list | None = None,
+                  normalize: str = 'unit') -> str:
   """Converts a PyTorch UNet state_dict file into a checkpoint directory for `load_pretrained`.
 
   `class_names`, `mask_values`: one per class, kept as a trained checkpoint keeps them (predict
   writes each class as its mask value; export's model.json names the classes): a state_dict
-  holds neither (milesial's may hold mask_values)."""
+  holds neither (milesial's may hold mask_values). `normalize`: how the model's images were
+  normalised ('zscore': each image's channels to mean 0 and deviation 1), kept as a training
+  run's data.normalize, so predict, evaluate and export give it its images so."""
   from unet_jax.checkpoint import model_from_config, save_pretrained
   from unet_jax.state_dict_io import read_state_dict
   if os.path.exists(dest) and not overwrite:
     raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
+  if normalize not in NORMALIZATIONS:
+    raise UserError(f"--normalize {normalize}: use 'unit' (images scaled to [0, 1]) or "
+                    "'zscore' (then each image's channels to mean 0, deviation 1)")
   tensors, extras = read_state_dict(src)
   config, variables, metadata = state_dict_to_flax(tensors, src)
   metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)
@@ -186,6 +193,8 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
     metadata['mask_values'] = mask_values
   if class_names:
     metadata['class_names'] = list(class_names)
+  if normalize != 'unit':  # (none recorded: scaled to [0, 1], as before the flag)
+    metadata['normalize'] = normalize
   return save_pretrained(dest, model_from_config(config), variables, metadata, overwrite)
 
 
@@ -250,6 +259,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="each class's value in the masks predict writes, in class-id order: "
                    'gray 0-255 (e.g. 0,1,2) or colours (#000000,#ff0000); default: the '
                    "file's own (milesial's), else 0,255 for two classes, spread grays for more")
+  t2f.add_argument('--normalize', default='unit', help="how the model's images were "
+                   "normalised: 'unit' (scaled to [0, 1], the default) or 'zscore' (then each "
+                   "image's channels to mean 0 and deviation 1, as nnU-Net); predict, evaluate "
+                   'and export then do the same')
   f2t = sub.add_parser('flax-to-torch', help='checkpoint directory -> PyTorch state_dict file')
   f2t.add_argument('src', help='checkpoint directory (from torch-to-flax or training)')
   f2t.add_argument('dest', help='.pth or .safetensors file to create')
@@ -276,7 +289,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == 'torch-to-flax':
       values = None if args.mask_values is None else parse_mask_values(args.mask_values)
       out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite,
-                          class_names=args.class_names, mask_values=values)
+                          class_names=args.class_names, mask_values=values,
+                          normalize=args.normalize)
       from unet_jax.checkpoint import read_checkpoint_info
       prefix = read_checkpoint_info(out)['metadata'].get('source_prefix')
       taken = f" (the UNet under '{prefix}' in {args.src})" if prefix else ''
