@@ -1,8 +1,9 @@
 """nnU-Net v2's intensity augmentations, as its trainer sets up batchgeneratorsv2's transforms.
 
 `augment.intensity_recipe='nnunet'` (configs/nnunet.py) runs these on each training example
-(a float32 (H, W, C) image, after scaling to [0, 1]) in nnU-Net's order, each for its share of
-the examples (`augment.*_prob`, nnU-Net's `apply_probability`):
+(a float32 (H, W, C) image, scaled to [0, 1] and, with data.normalize='zscore' as nnU-Net,
+normalised) in nnU-Net's order, each for its share of the examples (`augment.*_prob`,
+nnU-Net's `apply_probability`):
 - Gaussian noise: a deviation drawn from [0, `noise`] (nnU-Net's `noise_variance=(0, 0.1)`, which
   it uses as the deviation), one noise field added to every channel (`synchronize_channels`);
 - multiplicative brightness: each channel times its own factor from [1 - b, 1 + b];
