@@ -28,7 +28,7 @@ import numpy as np
 
 from unet_jax import losses, surface_distance
 from unet_jax.config_checks import check_class_names
-from unet_jax.datasets.image_folder import read_mask_keys
+from unet_jax.datasets.image_folder import key_mask_value, read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import files_by_name, mask_value_text
 
@@ -56,7 +56,7 @@ def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
 
 def _key_text(key: int, rgb: bool) -> str:
   """A mask key for people: 255, or a colour mask's 0xRRGGBB as #ff0000."""
-  return mask_value_text([(key >> shift) & 255 for shift in (16, 8, 0)] if rgb else key)
+  return mask_value_text(key_mask_value(key, rgb))
 
 
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',

@@ -241,6 +241,12 @@ def mask_value_key(value: int | list[int]) -> int:
   return ((value[0] << 16) | (value[1] << 8) | value[2]) if isinstance(value, list) else value
 
 
+def key_mask_value(key: int, rgb: bool) -> int | list[int]:
+  """The inverse of `mask_value_key`: an integer key as the value saved for it, [R, G, B] for
+  colour masks' 0xRRGGBB."""
+  return [(key >> 16) & 255, (key >> 8) & 255, key & 255] if rgb else key
+
+
 class MaskKeys(NamedTuple):
   keys: np.ndarray  # per pixel: the gray value or palette index, or 0xRRGGBB (_mask_keys)
   rgb: bool         # the file is a colour mask: its keys are colours
@@ -283,8 +289,7 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   if len(values) > 255:
     raise UserError(f'{root}: masks hold {len(values)} distinct values; expected one per class')
   keys = sorted(values)
-  mask_values = ([[(k >> 16) & 255, (k >> 8) & 255, k & 255] for k in keys] if rgb_masks
-                 else keys)
+  mask_values = [key_mask_value(k, rgb_masks) for k in keys]
   every_mask_paletted = len(palettes) == sum(map(len, splits.values()))
   palette = list(palettes[0] or []) if every_mask_paletted else []
   return FolderScan(splits, mask_values, channels, palette, lossy)
