@@ -95,6 +95,13 @@ def training_size(config: Mapping[str, Any]) -> int | list[int]:
   return [int(v) for v in shape] if shape else int(config['image_size'])
 
 
+def palette_colour(palette: Sequence[int], index: int) -> list[int]:
+  """A palette's [R, G, B] for `index` (a palette may stop before 256 entries: the rest are
+  black)."""
+  entry = list(palette[3 * index:3 * index + 3])
+  return entry + [0] * (3 - len(entry))
+
+
 def mask_value_text(value: int | Sequence[int], palette: Sequence[int] = ()) -> str:
   """A training mask value for people: a gray value (255), a colour (#ff0000), or a palette
   index with the colour the palette draws it in (1 (#800000))."""
@@ -102,8 +109,7 @@ def mask_value_text(value: int | Sequence[int], palette: Sequence[int] = ()) -> 
     return '#' + ''.join(f'{int(c):02x}' for c in value)
   value = int(value)
   if palette:
-    entries = list(palette) + [0] * (768 - len(palette))
-    return f'{value} ({mask_value_text(entries[3 * value:3 * value + 3])})'
+    return f'{value} ({mask_value_text(palette_colour(palette, value))})'
   return str(value)
 
 
@@ -113,9 +119,8 @@ def mask_colours(classes: int, mask_values: list, palette: Sequence[int] = (),
   mask's palette entry), or None where they have none (gray values)."""
   if not mask_values or len(mask_values) < classes:
     return None
-  if palette:  # (a palette may stop before 256 entries: the rest are black)
-    entries = list(palette) + [0] * (768 - len(palette))
-    return np.asarray([entries[3 * v:3 * v + 3] for v in mask_values[:classes]], np.float32)
+  if palette:
+    return np.asarray([palette_colour(palette, v) for v in mask_values[:classes]], np.float32)
   if isinstance(mask_values[0], list):
     return np.asarray(mask_values[:classes], np.float32)
   return None
