@@ -13,7 +13,7 @@ import ml_collections
 
 from unet_jax import input_pipeline, parallel
 from unet_jax.errors import UserError
-from unet_jax.image_io import NORMALIZATIONS, RESAMPLE_FILTERS
+from unet_jax.image_io import NORMALIZATION_CHOICES, NORMALIZATIONS, RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
 from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
@@ -122,8 +122,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     'standard deviation of the Gaussian noise (0: none)')
   normalize = config.data.get('normalize', 'unit')
   if normalize not in NORMALIZATIONS:
-    raise UserError(f"data.normalize={normalize!r} is unknown; use 'unit' (images scaled to "
-                    "[0, 1]) or 'zscore' (then each image's channels to mean 0, deviation 1)")
+    raise UserError(f'data.normalize={normalize!r} is unknown; {NORMALIZATION_CHOICES}')
   recipe = config.augment.get('intensity_recipe', 'jitter')
   jitter = [f for f in ('brightness', 'contrast') if config.augment.get(f, 0.0)]
   if normalize == 'zscore' and recipe == 'jitter' and jitter:

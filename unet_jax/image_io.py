@@ -70,6 +70,8 @@ def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
 
 
 NORMALIZATIONS = ('unit', 'zscore')
+NORMALIZATION_CHOICES = ("use 'unit' (images scaled to [0, 1]) or 'zscore' (then each image's "
+                         'channels to mean 0, deviation 1)')  # (for refusals)
 
 
 def zscore(images: Any) -> Any:

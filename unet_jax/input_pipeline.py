@@ -206,9 +206,8 @@ def class_map_line(info: DataInfo, names: Sequence[str]) -> str:
   pairs = [f'{mask_value_text(value, info.mask_palette)} -> {k}'
            + (f' {names[k]}' if k < len(names) else '')
            for k, value in enumerate(info.mask_values)]
-  more = len(pairs) - _LISTED_CLASSES
   return ('classes by mask value: ' + ', '.join(pairs[:_LISTED_CLASSES])
-          + (f', ... ({len(pairs)} classes)' if more > 0 else ''))
+          + (f', ... ({len(pairs)} classes)' if len(pairs) > _LISTED_CLASSES else ''))
 
 
 def image_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
