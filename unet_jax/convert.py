@@ -205,6 +205,7 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   """
   from unet_jax.checkpoint import INIT_LAYOUT, load_pretrained_with_metadata, model_config
   from unet_jax.state_dict_io import (
+    METADATA_KEYS,
     SAFETENSORS_METADATA_KEYS,
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
@@ -223,7 +224,7 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
                                metadata.get('num_batches_tracked'),
                                metadata.get('applied_updates', 0))
   safetensors = dest.lower().endswith(SAFETENSORS_SUFFIX)
-  kept = SAFETENSORS_METADATA_KEYS if safetensors else ('mask_values',)
+  kept = SAFETENSORS_METADATA_KEYS if safetensors else METADATA_KEYS
   extras = {k: metadata[k] for k in kept if k in metadata}
   # In a .pth, mask_values is an entry of the state_dict itself: milesial's predict.py pops it
   # before load_state_dict, but the seed's class would refuse it in a strict load. So a
