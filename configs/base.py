@@ -90,7 +90,14 @@ def get_config() -> ml_collections.ConfigDict:
       # (per channel, its order and draws, gamma keeping the mean and deviation; see
       # unet_jax/nnunet_intensity.py), with its gamma of the inverted image for the share
       # inverted_gamma_prob of the examples (nnU-Net's 0.1; 'nnunet' only).
-      intensity_recipe='jitter', inverted_gamma_prob=0.0))
+      intensity_recipe='jitter', inverted_gamma_prob=0.0,
+      # 'nnunet' only, each between the noise and the brightness, and between the contrast and
+      # the gamma, as nnU-Net orders them: (low, high) a Gaussian blur's sigma in pixels (its
+      # (0.5, 1.0)), and a scale that each picked channel is shrunk by and brought back from
+      # (its low-resolution simulation, (0.5, 1.0)); (): off. The share of examples, then of
+      # their channels, that each applies to (nnU-Net's 0.2 and 0.5, 0.25 and 0.5).
+      blur=(), blur_prob=1.0, blur_channel_prob=1.0,
+      low_resolution=(), low_resolution_prob=1.0, low_resolution_channel_prob=1.0))
 
   config.image_size = 64
   # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both

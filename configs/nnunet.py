@@ -15,9 +15,11 @@ each image's channels normalised to mean 0 and deviation 1 (its ZScoreNormalizat
 default for channels not named 'CT' or 'rgb_to_0_1'); mirroring on both axes; its intensity
 augmentations, in its order, each per channel with its
 draws (unet_jax/nnunet_intensity.py): Gaussian noise of a deviation up to 0.1 (10% of the
-examples), brightness and contrast factors in [0.75, 1.25] (15% each), gamma in [0.7, 1.5] of
-the inverted image (10%) and of the image (30%), keeping its mean and deviation; the held-out
-Dice over the classes but 0.
+examples), Gaussian blur of a sigma in [0.5, 1] for each axis (20%; each channel with
+probability 1/2), brightness and contrast factors in [0.75, 1.25] (15% each), low-resolution
+simulation at a scale in [0.5, 1] (25%; each channel with probability 1/2), gamma in [0.7, 1.5]
+of the inverted image (10%) and of the image (30%), keeping its mean and deviation; the
+held-out Dice over the classes but 0.
 Differences left:
 - the network is the classic UNet (BatchNorm, ReLU, max-pooling, transposed convs), not
   nnU-Net's PlainConvUNet (InstanceNorm, LeakyReLU, strided convs), and has no deep
@@ -26,8 +28,7 @@ Differences left:
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
   its oversampling (the last third of each batch's patches centred on a foreground class);
-- its rotations, scaling, blur and low-resolution simulation are left out (set
-  augment.rotate_degrees for rotations);
+- its rotations and scaling are left out (set augment.rotate_degrees for rotations);
 - its epochs are 250 steps of independently drawn batches; here the 250,000 steps run
   through the shuffled data pass after pass (with num_epochs, passes over the data).
 """
@@ -61,6 +62,12 @@ def get_config():
   config.augment.intensity_recipe = 'nnunet'  # (its formulas, order and draws)
   config.data.normalize = 'zscore'  # (its default for channels not named CT or rgb_to_0_1)
   config.augment.inverted_gamma_prob = 0.1
+  config.augment.blur = (0.5, 1.0)
+  config.augment.blur_prob = 0.2
+  config.augment.blur_channel_prob = 0.5
+  config.augment.low_resolution = (0.5, 1.0)
+  config.augment.low_resolution_prob = 0.25
+  config.augment.low_resolution_channel_prob = 0.5
   config.batch_size = 16
   config.num_train_steps = 1000 * 250
   config.log_every_steps = 250

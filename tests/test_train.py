@@ -678,6 +678,22 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'augment.inverted_gamma_prob': 1.5, 'augment.gamma': (0.7, 1.5),
       'augment.intensity_recipe': 'nnunet'}, 'augment.inverted_gamma_prob=1.5 must be in [0, 1]: '
      'the share of examples the gamma of the inverted image applies to (1: every one)'),
+    ({'augment.blur': (0.5, 1.0)}, "augment.blur=(0.5, 1.0) is nnU-Net's Gaussian blur: it "
+     "needs augment.intensity_recipe='nnunet'"),
+    ({'augment.blur': (1.0, 0.5), 'augment.intensity_recipe': 'nnunet'}, "augment.blur=(1.0, "
+     "0.5) must be (low, high) with 0 < low <= high (nnU-Net's Gaussian blur: a sigma in pixels "
+     "drawn from it), e.g. --config.augment.blur='(0.5,1.0)' (nnU-Net's); () for none"),
+    ({'augment.low_resolution': (0.5, 2.0), 'augment.intensity_recipe': 'nnunet'},
+     "augment.low_resolution=(0.5, 2.0) must be (low, high) with 0 < low <= high <= 1 "
+     "(nnU-Net's low-resolution simulation: a scale drawn from it), e.g. "
+     "--config.augment.low_resolution='(0.5,1.0)' (nnU-Net's); () for none"),
+    ({'augment.low_resolution': (0.5, 1.0)}, "augment.low_resolution=(0.5, 1.0) is nnU-Net's "
+     "low-resolution simulation: it needs augment.intensity_recipe='nnunet'"),
+    ({'augment.blur_prob': -0.2}, 'augment.blur_prob=-0.2 must be in [0, 1]: the share of '
+     'examples augment.blur applies to (1: every one)'),
+    ({'augment.low_resolution_channel_prob': 2.0}, 'augment.low_resolution_channel_prob=2.0 '
+     "must be in [0, 1]: the share of an example's channels augment.low_resolution applies to "
+     '(1: every one)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

@@ -137,13 +137,20 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f'augment.inverted_gamma_prob={config.augment.inverted_gamma_prob} is '
                     "nnU-Net's gamma of the inverted image: it needs "
                     "augment.intensity_recipe='nnunet' and an augment.gamma range")
-  for name in ('brightness', 'contrast', 'gamma', 'noise', 'inverted_gamma'):
+  _check_nnunet_ranges(config.augment, recipe)
+  for name in ('brightness', 'contrast', 'gamma', 'noise', 'inverted_gamma', 'blur',
+               'low_resolution'):
     prob = config.augment.get(f'{name}_prob', 1.0)
     if not 0 <= prob <= 1:
       what = ('the gamma of the inverted image' if name == 'inverted_gamma'
               else f'augment.{name}')
       raise UserError(f'augment.{name}_prob={prob} must be in [0, 1]: the share of examples '
                       f'{what} applies to (1: every one)')
+  for name in ('blur', 'low_resolution'):
+    prob = config.augment.get(f'{name}_channel_prob', 1.0)
+    if not 0 <= prob <= 1:
+      raise UserError(f'augment.{name}_channel_prob={prob} must be in [0, 1]: the share of '
+                      f"an example's channels augment.{name} applies to (1: every one)")
   if not 0 < config.augment.min_scale <= 1:
     raise UserError(f'augment.min_scale={config.augment.min_scale} must be in (0, 1]: the '
                     "smallest random crop's side, as a fraction of the image's")
@@ -256,6 +263,28 @@ def check_class_names(names: Sequence[Any], classes: int, field: str, why: str) 
     twice = sorted({n for n in names if list(names).count(n) > 1})
     raise UserError(f'{field} names {", ".join(map(repr, twice))} more than once; give each '
                     'class its own name')
+
+
+_NNUNET_RANGES = {  # field: (what it draws, its largest high, nnU-Net's range)
+    'blur': ("nnU-Net's Gaussian blur: a sigma in pixels", None, '(0.5,1.0)'),
+    'low_resolution': ("nnU-Net's low-resolution simulation: a scale", 1.0, '(0.5,1.0)'),
+}
+
+
+def _check_nnunet_ranges(aug: ml_collections.ConfigDict, recipe: str) -> None:
+  """augment.blur and augment.low_resolution: () or (low, high) ranges, 'nnunet' only."""
+  for name, (what, top, theirs) in _NNUNET_RANGES.items():
+    value = tuple(aug.get(name, ()) or ())
+    if not value:
+      continue
+    bound = ' <= 1' if top else ''
+    if not (len(value) == 2 and 0 < value[0] <= value[1] and (top is None or value[1] <= top)):
+      raise UserError(f"augment.{name}={value} must be (low, high) with 0 < low <= high{bound} "
+                      f"({what} drawn from it), e.g. --config.augment.{name}='{theirs}' "
+                      "(nnU-Net's); () for none")
+    if recipe != 'nnunet':
+      raise UserError(f"augment.{name}={value} is {what.split(':')[0]}: it needs "
+                      "augment.intensity_recipe='nnunet'")
 
 
 def _check_batch_norm_count(config: ml_collections.ConfigDict) -> None:
