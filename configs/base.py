@@ -75,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
       # RandomRotation): image bilinear, mask nearest; corners black, labelled 0 (or ignored
       # with data.ignore_value)
       rotate_degrees=0.0,
+      # (low, high): a size factor drawn from it, > 1 enlarging, < 1 shrinking about the centre,
+      # in one resampling with the rotation (torchvision's RandomAffine scale; its fill as the
+      # rotation's); (): off. rotate_prob, scale_prob: the share of examples each applies to.
+      scale=(), rotate_prob=1.0, scale_prob=1.0,
       # torchvision's ColorJitter: factors drawn from [1 - x, 1 + x]; 0: off
       brightness=0.0, contrast=0.0,
       # (low, high): a gamma drawn from it, MONAI's RandAdjustContrast on the image's range

@@ -14,7 +14,8 @@ the whole batch (its 2D plans' batch_dice), smoothed by 1e-5; 1000 epochs of 250
 each image's channels normalised to mean 0 and deviation 1 (its ZScoreNormalization, the
 default for channels not named 'CT' or 'rgb_to_0_1'); mirroring on both axes; its intensity
 augmentations, in its order, each per channel with its
-draws (unet_jax/nnunet_intensity.py): Gaussian noise of a deviation up to 0.1 (10% of the
+draws (unet_jax/nnunet_intensity.py), after rotations by any angle and scaling by a factor in
+[1/1.4, 1/0.7] (20% of the examples each): Gaussian noise of a deviation up to 0.1 (10% of the
 examples), Gaussian blur of a sigma in [0.5, 1] for each axis (20%; each channel with
 probability 1/2), brightness and contrast factors in [0.75, 1.25] (15% each), low-resolution
 simulation at a scale in [0.5, 1] (25%; each channel with probability 1/2), gamma in [0.7, 1.5]
@@ -28,7 +29,10 @@ Differences left:
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
   its oversampling (the last third of each batch's patches centred on a foreground class);
-- its rotations and scaling are left out (set augment.rotate_degrees for rotations);
+- its rotations and scaling sample a patch from the image around it, padding with 0 after
+  the normalisation; here the turned or shrunk example brings in black corners (labelled 0, or
+  data.ignore_value's label) before it, which count in each image's mean and deviation; and
+  its scaling factor is drawn uniformly, where here its inverse is (over the same range);
 - its epochs are 250 steps of independently drawn batches; here the 250,000 steps run
   through the shuffled data pass after pass (with num_epochs, passes over the data).
 """
@@ -62,6 +66,13 @@ def get_config():
   config.augment.intensity_recipe = 'nnunet'  # (its formulas, order and draws)
   config.data.normalize = 'zscore'  # (its default for channels not named CT or rgb_to_0_1)
   config.augment.inverted_gamma_prob = 0.1
+  # Its rotations (any angle, for square 2D patches) and scaling, each for 20% of the examples;
+  # its factors (0.7, 1.4) scale the region sampled (larger: smaller objects), so here the
+  # size factor's range is their inverse, (1 / 1.4, 1 / 0.7).
+  config.augment.rotate_degrees = 180.0
+  config.augment.rotate_prob = 0.2
+  config.augment.scale = (1 / 1.4, 1 / 0.7)
+  config.augment.scale_prob = 0.2
   config.augment.blur = (0.5, 1.0)
   config.augment.blur_prob = 0.2
   config.augment.blur_channel_prob = 0.5

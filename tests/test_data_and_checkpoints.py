@@ -954,14 +954,15 @@ def test_quarter_turns_turn_image_and_mask_together():
                                   _augmented(seed, image, mask)['image'])
 
 
-def _numpy_rotation(array, degrees, order):
-  """`array` (H, W[, C]) turned `degrees` counter-clockwise about its centre, sampled at each
-  output pixel's centre (order 0: nearest, 1: bilinear); NaN where the source falls outside
-  (bilinear: where any of its four neighbours does)."""
+def _numpy_rotation(array, degrees, order, scale=1.0):
+  """`array` (H, W[, C]) turned `degrees` counter-clockwise about its centre and enlarged
+  `scale` times about it, sampled at each output pixel's centre (order 0: nearest, 1:
+  bilinear); NaN where the source falls outside (bilinear: where any of its four neighbours
+  does)."""
   h, w = array.shape[:2]
   t = np.radians(degrees)
   y, x = np.mgrid[0:h, 0:w] + 0.5
-  dx, dy = x - w / 2, y - h / 2
+  dx, dy = (x - w / 2) / scale, (y - h / 2) / scale
   # Counter-clockwise on screen (y down): the output's right takes the source's bottom.
   sx, sy = w / 2 + np.cos(t) * dx - np.sin(t) * dy, h / 2 + np.sin(t) * dx + np.cos(t) * dy
   a = array.reshape(h, w, -1).astype(np.float64)
@@ -1016,6 +1017,54 @@ def test_rotation_turns_image_and_mask_together():
   # Off (the default), nothing turns, and the other draws are those of a stream without it.
   for seed in range(4):
     np.testing.assert_array_equal(_augmented(seed, image, mask, rotate_degrees=0.0)['image'],
+                                  _augmented(seed, image, mask)['image'])
+
+
+def test_scaling_enlarges_or_shrinks_image_and_mask_together_with_the_rotation():
+  rng = np.random.default_rng(4)
+  for channels, (h, w) in ((1, (24, 24)), (3, (20, 28))):
+    image = rng.integers(0, 256, (h, w, channels), np.uint8)
+    mask = rng.integers(0, 3, (h, w)).astype(np.uint8)
+    for degrees, scale in ((0.0, 1.3), (0.0, 0.7), (25.0, 1.4), (-140.0, 0.75)):
+      got_image, got_mask = rotate(image, mask, degrees, fill_label=7, scale=scale)
+      want = _numpy_rotation(mask, degrees, 0, scale)
+      inside = ~np.isnan(want)
+      assert np.mean(got_mask[inside] == want[inside]) > 0.97, (degrees, scale)
+      if (~inside).any():  # shrunk or turned: the border brought in is the fill label
+        assert np.mean(got_mask[~inside] == 7) > 0.9, (degrees, scale)
+      # (shrunk: a border comes in; enlarged, not turned: none)
+      assert (~inside).any() == (scale < 1) or degrees, (degrees, scale)
+      want = _numpy_rotation(image, degrees, 1, scale)
+      inside = ~np.isnan(want)
+      assert np.abs(got_image[inside] - want[inside]).max() <= 1 + 1e-9, (degrees, scale)
+      assert not got_image[np.isnan(_numpy_rotation(image, degrees, 0, scale))].any()
+  # In the stream: the angle, then the factor (torchvision's RandomAffine order), each
+  # applied to its share of the examples, its parameter drawn either way.
+  image, mask = rng.integers(0, 256, (16, 16, 1), np.uint8), rng.integers(0, 2, (16, 16))
+  mask = mask.astype(np.uint8)
+  applied = {'rotate': 0, 'scale': 0}
+  for seed in range(40):
+    draws = np.random.default_rng(seed)
+    draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)  # (the crop's)
+    turn = draws.random() < 0.5
+    angle = draws.uniform(-30, 30)
+    grow = draws.random() < 0.3
+    factor = draws.uniform(0.7, 1.4)
+    applied['rotate'] += turn
+    applied['scale'] += grow
+    out = _augmented(seed, image, mask, rotate_degrees=30.0, rotate_prob=0.5, scale=(0.7, 1.4),
+                     scale_prob=0.3)
+    if turn or grow:
+      want_image, want_mask = rotate(image, mask, angle if turn else 0.0,
+                                     scale=factor if grow else 1.0)
+    else:
+      want_image, want_mask = image, mask
+    np.testing.assert_array_equal(out['mask'], want_mask)
+    np.testing.assert_array_equal(out['image'], want_image / np.float32(255))
+  assert 10 < applied['rotate'] < 30 and 4 < applied['scale'] < 20, applied
+  # Off (the default), the stream is that of a run without it.
+  for seed in range(4):
+    np.testing.assert_array_equal(_augmented(seed, image, mask, scale=())['image'],
                                   _augmented(seed, image, mask)['image'])
 
 

@@ -694,6 +694,11 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'augment.low_resolution_channel_prob': 2.0}, 'augment.low_resolution_channel_prob=2.0 '
      "must be in [0, 1]: the share of an example's channels augment.low_resolution applies to "
      '(1: every one)'),
+    ({'augment.scale': (1.4, 0.7)}, "augment.scale=(1.4, 0.7) must be (low, high) with 0 < "
+     "low <= high: a size factor drawn from it, e.g. --config.augment.scale='(0.7,1.4)'; () for "
+     "none"),
+    ({'augment.rotate_prob': 1.2, 'augment.rotate_degrees': 10.0}, 'augment.rotate_prob=1.2 '
+     'must be in [0, 1]: the share of examples augment.rotate_degrees applies to (1: every one)'),
     ({'augment.min_scale': 1.5}, 'augment.min_scale=1.5 must be in (0, 1]'),
     ({'augment.min_scale': 0.0}, 'augment.min_scale=0.0 must be in (0, 1]'),
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '

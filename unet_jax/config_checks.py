@@ -113,6 +113,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 <= config.augment.get('rotate_degrees', 0.0) <= 180:
     raise UserError(f'augment.rotate_degrees={config.augment.rotate_degrees} must be in [0, 180]: '
                     'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)')
+  scale = tuple(config.augment.get('scale', ()) or ())
+  if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+    raise UserError(f"augment.scale={scale} must be (low, high) with 0 < low <= high: a size "
+                    "factor drawn from it, e.g. --config.augment.scale='(0.7,1.4)'; () for none")
   gamma = tuple(config.augment.get('gamma', ()) or ())
   if gamma and not (len(gamma) == 2 and 0 < gamma[0] <= gamma[1]):
     raise UserError(f"augment.gamma={gamma} must be (low, high) with 0 < low <= high, e.g. "
@@ -139,11 +143,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     "augment.intensity_recipe='nnunet' and an augment.gamma range")
   _check_nnunet_ranges(config.augment, recipe)
   for name in ('brightness', 'contrast', 'gamma', 'noise', 'inverted_gamma', 'blur',
-               'low_resolution'):
+               'low_resolution', 'rotate', 'scale'):
     prob = config.augment.get(f'{name}_prob', 1.0)
     if not 0 <= prob <= 1:
-      what = ('the gamma of the inverted image' if name == 'inverted_gamma'
-              else f'augment.{name}')
+      what = {'inverted_gamma': 'the gamma of the inverted image',
+              'rotate': 'augment.rotate_degrees'}.get(name, f'augment.{name}')
       raise UserError(f'augment.{name}_prob={prob} must be in [0, 1]: the share of examples '
                       f'{what} applies to (1: every one)')
   for name in ('blur', 'low_resolution'):

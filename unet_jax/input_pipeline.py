@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -235,7 +236,7 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
                crop_foreground: float = 0.0, normalize: str = 'unit') -> dict[str, np.ndarray]:
-  """Random scale-crop, flips, quarter turns, rotation (when `rng` is given), resize to
+  """Random scale-crop, flips, quarter turns, rotation and scaling (when `rng` is given), resize to
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
   the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
   the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
@@ -264,9 +265,17 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
       k = int(rng.integers(0, 4))  # counter-clockwise quarter turns
       image, mask = np.rot90(image, k), np.rot90(mask, k)
     image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
+    angle, zoom = 0.0, 1.0  # (torchvision's RandomAffine order: the angle, then the scale)
     if aug.get('rotate_degrees', 0.0):
-      angle = float(rng.uniform(-aug.rotate_degrees, aug.rotate_degrees))
-      image, mask = rotate(image, mask, angle, fill_label)
+      applied = applies(rng, aug.get('rotate_prob', 1.0))
+      drawn = float(rng.uniform(-aug.rotate_degrees, aug.rotate_degrees))
+      angle = drawn if applied else 0.0
+    if aug.get('scale', ()):
+      applied = applies(rng, aug.get('scale_prob', 1.0))
+      drawn = float(rng.uniform(*aug.scale))
+      zoom = drawn if applied else 1.0
+    if angle or zoom != 1.0:
+      image, mask = rotate(image, mask, angle, fill_label, scale=zoom)
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
@@ -320,17 +329,31 @@ def _foreground_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, fill
 
 
 def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int = 0,
-           ) -> tuple[np.ndarray, np.ndarray]:
+           scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """Image (uint8 HxWxC) and mask turned `degrees` counter-clockwise about their centre, at
-  their size (torchvision's `rotate(expand=False)`): the image bilinear, the mask nearest (no
-  blended labels); what comes in from outside is black, with label `fill_label`."""
+  their size (torchvision's `rotate(expand=False)`), and with `scale` enlarged (> 1) or shrunk
+  (< 1) about it in the same resampling (torchvision's `affine(angle, translate=(0, 0), scale,
+  shear=0)`): the image bilinear, the mask nearest (no blended labels); what comes in from
+  outside is black, with label `fill_label`."""
   from PIL import Image
   gray = image.shape[-1] == 1
-  turned = Image.fromarray(image[..., 0] if gray else image).rotate(
-      degrees, resample=Image.BILINEAR, fillcolor=0 if gray else (0, 0, 0))
-  out = np.asarray(turned)
-  labels = Image.fromarray(mask).rotate(degrees, resample=Image.NEAREST, fillcolor=fill_label)
-  return (out[..., None] if gray else out), np.asarray(labels)
+  pictures = Image.fromarray(image[..., 0] if gray else image), Image.fromarray(mask)
+  fills = 0 if gray else (0, 0, 0), fill_label
+  resamples = Image.BILINEAR, Image.NEAREST
+  if scale == 1.0:
+    turned = [p.rotate(degrees, resample=r, fillcolor=f)
+              for p, r, f in zip(pictures, resamples, fills, strict=True)]
+  else:
+    # PIL's rotate's matrix (output pixel -> source, about the centre), divided by the scale
+    h, w = mask.shape
+    cx, cy = w / 2, h / 2
+    t = -math.radians(degrees)
+    a, b = math.cos(t) / scale, math.sin(t) / scale
+    matrix = (a, b, cx - a * cx - b * cy, -b, a, cy + b * cx - a * cy)
+    turned = [p.transform((w, h), Image.AFFINE, matrix, resample=r, fillcolor=f)
+              for p, r, f in zip(pictures, resamples, fills, strict=True)]
+  out = np.asarray(turned[0])
+  return (out[..., None] if gray else out), np.asarray(turned[1])
 
 
 def adjust_gamma(image: np.ndarray, gamma: float) -> np.ndarray:
