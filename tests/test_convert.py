@@ -367,6 +367,27 @@ def test_normalize_of_a_converted_model_reaches_predict_and_export(tmp_path, cap
   served = np.asarray(jax.export.deserialize(data).call(scaled[None]))
   np.testing.assert_allclose(probabilities(served)[0, ..., 0], want, atol=2e-5)
   assert about['normalize'] == 'zscore, inside the artifact'
+  # Converted without it (the file said nothing): predict --normalize says it instead.
+  assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'plain')]) == 0
+  assert 'normalize' not in load_pretrained_with_metadata(str(tmp_path / 'plain'))[2]
+  for flag, out in (['--normalize', 'zscore'], 'told'), ([], 'untold'):
+    assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', str(tmp_path / 'plain'),
+                         '--output', str(tmp_path / out), '--probabilities', *flag]) == 0
+  said = capsys.readouterr().out.splitlines()
+  assert "each image's channels z-scored" in said[-2] and 'z-scored' not in said[-1]
+  np.testing.assert_allclose(np.load(tmp_path / 'told' / 'x_prob.npy')[..., 0], want, atol=2e-5)
+  assert np.abs(np.load(tmp_path / 'untold' / 'x_prob.npy')[..., 0] - want).max() > 1e-3
+  # Against what a checkpoint records, or unknown: refused, one line, nothing written.
+  for flag, message in (('unit', f"--normalize unit: {tmp_path / 'z'} was trained on images "
+                         "normalised 'zscore' (as it records), and predict gives them so; "
+                         'leave out --normalize'),
+                        ('minmax', "--normalize minmax: use 'unit' (images scaled to [0, 1]) "
+                         "or 'zscore'")):
+    assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', str(tmp_path / 'z'),
+                         '--output', str(tmp_path / 'refused'), '--normalize', flag]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / 'refused').exists()
 
 
 def test_whole_pickled_model_is_refused(tmp_path, capsys):

@@ -30,6 +30,8 @@ from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
     IMAGE_SUFFIXES,
+    NORMALIZATION_CHOICES,
+    NORMALIZATIONS,
     eight_bit,
     height_width,
     mask_colours,
@@ -303,6 +305,25 @@ def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
   return names
 
 
+def checkpoint_normalizations(paths: Sequence[str], metas: Sequence[dict],
+                              given: str | None = None) -> list[str]:
+  """How each checkpoint's images are normalised: as it records (a training run's
+  data.normalize, a conversion's --normalize), else `given` (predict's --normalize, for a
+  converted model whose file said nothing), else 'unit'. `given` against a recorded other
+  one is refused: the model learnt on images normalised so."""
+  if given is not None and given not in NORMALIZATIONS:
+    raise UserError(f'--normalize {given}: {NORMALIZATION_CHOICES}')
+  out = []
+  for path, meta in zip(paths, metas, strict=True):
+    recorded = meta.get('normalize')
+    if given and recorded and recorded != given:
+      raise UserError(f"--normalize {given}: {path} was trained on images normalised "
+                      f"'{recorded}' (as it records), and predict gives them so; leave out "
+                      '--normalize')
+    out.append(recorded or given or 'unit')
+  return out
+
+
 def _read_image(path: str, channels: int) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError
   try:
@@ -402,6 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="resize images to SIZE x SIZE (or HEIGHTxWIDTH) for the network, masks "
                       "back (default: a training workdir's image_size or image_shape, as it "
                       "trained; 0: each image's own size)")
+  p.add_argument('--normalize', default=None,
+                 help="for a converted checkpoint that records none: how its images were "
+                      "normalised in training, 'unit' (scaled to [0, 1], the default) or "
+                      "'zscore' (then each image's channels to mean 0, deviation 1); a "
+                      "training workdir's own is always used")
   args = p.parse_args(argv)
   from PIL import Image
   from tqdm import tqdm
@@ -422,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # [height, width]; a converted checkpoint records none), unless --size says.
     sizes = [m.get('image_size', 0) if args.size is None else args.size for _, _, m in loaded]
     resamples = [m.get('resample', 'bilinear') for _, _, m in loaded]
-    normalizations = [m.get('normalize', 'unit') for _, _, m in loaded]
+    normalizations = checkpoint_normalizations(args.checkpoint, [m for _, _, m in loaded],
+                                               args.normalize)
     depth = max(m.depth for m, _ in members)
     for size in sizes:
       if size and min(height_width(size)) < 2**depth:
@@ -501,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ', the training image_size (--size 0: each at its own size)' if args.size is None else '')
   else:
     how = 'each image at its own size'
+  if normalizations[0] == 'zscore':
+    how += ", each image's channels z-scored"
   if args.tta:
     how += ', its logits averaged over flips'
   if len(members) > 1:
