@@ -281,7 +281,7 @@ def _check_nnunet_ranges(aug: ml_collections.ConfigDict, recipe: str) -> None:
     value = tuple(aug.get(name, ()) or ())
     if not value:
       continue
-    bound = ' <= 1' if top else ''
+    bound = f' <= {top:g}' if top else ''
     if not (len(value) == 2 and 0 < value[0] <= value[1] and (top is None or value[1] <= top)):
       raise UserError(f"augment.{name}={value} must be (low, high) with 0 < low <= high{bound} "
                       f"({what} drawn from it), e.g. --config.augment.{name}='{theirs}' "
