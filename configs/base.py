@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
       # class's scores); one per class, 2 for a binary model (background, foreground),
       # e.g. ('pet', 'background', 'border'). (): the ids alone.
       class_names=(),
+      # How the training stream draws examples: 'epochs', the training split shuffled anew for
+      # each pass (torch's DataLoader(shuffle=True)); 'replacement', each example drawn
+      # uniformly from the split on its own, with replacement (nnU-Net's DataLoader).
+      sampling='epochs',
       worker_count=0,            # grain worker processes (0: decode in the main process)
       num_threads=2,             # grain reader threads
   ))

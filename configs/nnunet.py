@@ -10,7 +10,8 @@ number of labels); nnU-Net's five folds (KFold over the sorted case names, shuff
 --cross_validation` pools; SGD with Nesterov momentum 0.99, weight decay 3e-5, learning rate
 1e-2 lowered as (1 - epoch / epochs) ** 0.9 at the start of each epoch of 250 steps, gradients
 clipped at norm 12; cross-entropy plus the soft Dice of the classes but 0 (do_bg=False) over
-the whole batch (its 2D plans' batch_dice), smoothed by 1e-5; 1000 epochs of 250 steps;
+the whole batch (its 2D plans' batch_dice), smoothed by 1e-5; 1000 epochs of 250 steps,
+each batch's examples drawn with replacement (data.sampling='replacement');
 each image's channels normalised to mean 0 and deviation 1 (its ZScoreNormalization, the
 default for channels not named 'CT' or 'rgb_to_0_1'); mirroring on both axes; its intensity
 augmentations, in its order, each per channel with its
@@ -33,8 +34,6 @@ Differences left:
   the normalisation; here the turned or shrunk example brings in black corners (labelled 0, or
   data.ignore_value's label) before it, which count in each image's mean and deviation; and
   its scaling factor is drawn uniformly, where here its inverse is (over the same range);
-- its epochs are 250 steps of independently drawn batches; here the 250,000 steps run
-  through the shuffled data pass after pass (with num_epochs, passes over the data).
 """
 
 from configs import folder
@@ -64,6 +63,7 @@ def get_config():
   config.augment.gamma_prob = 0.3
   config.augment.noise_prob = 0.1
   config.augment.intensity_recipe = 'nnunet'  # (its formulas, order and draws)
+  config.data.sampling = 'replacement'  # (its DataLoader's np.random.choice(replace=True))
   config.data.normalize = 'zscore'  # (its default for channels not named CT or rgb_to_0_1)
   config.augment.inverted_gamma_prob = 0.1
   # Its rotations (any angle, for square 2D patches) and scaling, each for 20% of the examples;

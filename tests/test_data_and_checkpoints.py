@@ -859,6 +859,35 @@ def test_each_process_reads_its_slice_of_the_same_global_batches():
   assert len(set(epoch0)) > 10  # a permutation, not one example repeated
 
 
+def test_sampling_with_replacement_draws_each_example_on_its_own_as_nnunet():
+  config = tiny_config(batch_size=8, **{'data.sampling': 'replacement'})
+  source = [{'image': np.full((16, 16, 1), i, np.uint8), 'mask': np.zeros((16, 16, 1), np.uint8)}
+            for i in range(20)]
+
+  def drawn(stream, positions):
+    return [int(stream.map(j)['image'].max() * 255 + 0.5) for j in positions]
+
+  one = _TrainExample(source, config, 0, 1)
+  # Each position's example is a uniform draw of its own (seed, position): over the first 20
+  # positions some examples come twice and some not at all, where a pass holds each once.
+  first = drawn(one, range(20))
+  assert first == [int(np.random.default_rng([config.seed, 2, g]).integers(20))
+                   for g in range(20)]
+  assert len(set(first)) < 20
+  assert sorted(drawn(_TrainExample(source, tiny_config(batch_size=8), 0, 1), range(20))) == [
+      *range(20)]
+  # The same stream in 2 processes' slices, and after a resume's offset.
+  two = [_TrainExample(source, config, p, 2) for p in range(2)]
+  for batch in range(3):
+    assert drawn(one, range(batch * 8, batch * 8 + 8)) == [
+        x for p in range(2) for x in drawn(two[p], range(batch * 4, batch * 4 + 4))]
+  assert drawn(_TrainExample(source, config, 0, 1, offset=16), range(8)) == drawn(one,
+                                                                                  range(16, 24))
+  # Over many positions, every example about equally often.
+  counts = np.bincount(drawn(one, range(2000)), minlength=20)
+  assert counts.min() > 60 and counts.max() < 140
+
+
 def test_crop_foreground_centres_the_last_third_of_each_batch_as_nnunet():
   # nnU-Net's DataLoader oversamples the patches at positions round(batch * (1 - 0.33)) and
   # after: 5, 6 and 7 of a batch of 8. A 2x2 object in a corner of each 32x32 example: the

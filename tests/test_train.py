@@ -622,6 +622,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
+    ({'data.sampling': 'random'}, "data.sampling='random' is unknown; use 'epochs' (the "
+     "training split shuffled anew for each pass) or 'replacement' (each example drawn on its "
+     "own, as nnU-Net)"),
     (dict(num_epochs=-1.0), 'num_epochs=-1 must be at least 0 (0: train for num_train_steps)'),
     ({'data.resample': 'lanczos'}, "data.resample='lanczos': use one of ('bilinear', 'bicubic')"),
     ({'data.holdout_percent': 100.0}, "data.holdout_percent=100 must be above 0 and below 100: "

@@ -102,6 +102,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f'data.num_folds={num_folds} holds out one fold, 1/{num_folds} of the pairs, '
                     f'and data.holdout_percent={config.data.holdout_percent:g} another share; '
                     'set one of them')
+  sampling = config.data.get('sampling', 'epochs')
+  if sampling not in ('epochs', 'replacement'):
+    raise UserError(f"data.sampling={sampling!r} is unknown; use 'epochs' (the training split "
+                    "shuffled anew for each pass) or 'replacement' (each example drawn on its "
+                    "own, as nnU-Net)")
   for field in ('worker_count', 'num_threads'):
     if config.data[field] < 0:
       raise UserError(f'data.{field}={config.data[field]} must be at least 0')

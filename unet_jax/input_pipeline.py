@@ -427,14 +427,23 @@ class _TrainExample(grain.transforms.Map):
   def map(self, j: int) -> dict[str, np.ndarray]:
     slot = _global_position(j, self.local_batch, self.global_batch, self.process_index)
     g = self.offset + slot - slot % self.global_batch + int(self.order[slot % self.global_batch])
-    epoch, pos = divmod(g, len(self.source))
-    record = _adapt(self.config, self.source[int(self.permutations(epoch)[pos])])
+    record = _adapt(self.config, self.source[self.source_index(g)])
     rng = np.random.default_rng([self.config.seed, 1, g])
     return preprocess(record, image_hw(self.config), rng, self.config.augment,
                       image_resample(self.config), self.fill_label,
                       self.config.get('crop_size', 0),
                       self.foreground_share(int(self.order[slot % self.global_batch])),
                       image_normalization(self.config))
+
+  def source_index(self, g: int) -> int:
+    """The example at global stream position `g`: position g % n of pass g // n's permutation
+    (data.sampling='epochs'), or one drawn uniformly for it alone ('replacement', as nnU-Net's
+    DataLoader draws each batch with np.random.choice(replace=True)); a pure function of
+    (seed, g) either way, so any process or device count reads the same stream."""
+    if self.config.data.get('sampling', 'epochs') == 'replacement':
+      return int(np.random.default_rng([self.config.seed, 2, g]).integers(len(self.source)))
+    epoch, pos = divmod(g, len(self.source))
+    return int(self.permutations(epoch)[pos])
 
   def foreground_share(self, in_batch: int) -> float:
     """The chance that the patch at stream position `in_batch` of its batch is centred on the
