@@ -179,8 +179,8 @@ def augment(image: np.ndarray, rng: np.random.Generator, aug: ml_collections.Con
   blur = tuple(aug.get('blur', ()) or ())
   if blur and applies(rng, aug.get('blur_prob', 1.0)):
     picked = np.flatnonzero(rng.random(channels) < aug.get('blur_channel_prob', 1.0))
-    image = gaussian_blur(image, {int(c): (uniform_scalar(rng, *blur), uniform_scalar(rng, *blur))
-                                  for c in picked})
+    image = gaussian_blur(image, {int(k): (uniform_scalar(rng, *blur), uniform_scalar(rng, *blur))
+                                  for k in picked})
   if b and applies(rng, aug.get('brightness_prob', 1.0)):
     image = brightness(image, np.array([bg_contrast(rng, 1 - b, 1 + b) for _ in range(channels)]))
   if c and applies(rng, aug.get('contrast_prob', 1.0)):
@@ -188,7 +188,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, aug: ml_collections.Con
   low_res = tuple(aug.get('low_resolution', ()) or ())
   if low_res and applies(rng, aug.get('low_resolution_prob', 1.0)):
     picked = np.flatnonzero(rng.random(channels) < aug.get('low_resolution_channel_prob', 1.0))
-    image = low_resolution(image, {int(c): uniform_scalar(rng, *low_res) for c in picked})
+    image = low_resolution(image, {int(k): uniform_scalar(rng, *low_res) for k in picked})
   if gamma_range:
     for invert, prob in ((True, aug.get('inverted_gamma_prob', 0.0)),
                          (False, aug.get('gamma_prob', 1.0))):
