@@ -788,12 +788,49 @@ def test_image_folder_reads_16_bit_images_as_their_8_bit_values(tmp_path):
      'im05.png: mask is 5x5 but its image is 24x20'),
     (lambda r: (r / 'images' / 'im06.png').write_bytes(b'not an image'),
      'im06.png: cannot read it as an image'),
+    (lambda r: _turn_by_exif(r, 'im03', 6, turn_mask=True), re.escape(
+        'im03.png: mask is 20x24 but its image is 24x20; its EXIF orientation (6) turns it to '
+        '20x24, as a photo viewer shows it and the mask was drawn, but training reads the pixels '
+        "as stored: save the images upright (PIL's ImageOps.exif_transpose) and train again")),
 ])
 def test_image_folder_errors_name_the_file(tmp_path, breakage, message):
   make_folder(tmp_path / 'd')
   breakage(tmp_path / 'd')
   with pytest.raises(UserError, match=message):
     scan(str(tmp_path / 'd'))
+
+
+def _turn_by_exif(root, stem, orientation, turn_mask):
+  """Gives root/images/STEM.jpg the EXIF orientation tag (its pixels as they were); with
+  `turn_mask`, its mask drawn on the image as a viewer turns it (a quarter turn)."""
+  image = Image.open(root / 'images' / f'{stem}.jpg')
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  image.save(root / 'images' / f'{stem}.jpg', exif=exif)
+  if turn_mask:
+    mask = Image.open(root / 'masks' / f'{stem}.png')
+    mask.transpose(Image.Transpose.ROTATE_270).save(root / 'masks' / f'{stem}.png')
+
+
+def test_images_with_an_exif_orientation_train_as_stored_with_a_warning(tmp_path, capsys):
+  # Masks that fit the stored pixels: read as stored (as PIL and milesial's loader), and said.
+  from unet_jax.datasets.image_folder import _read
+  make_folder(tmp_path / 'd')
+  for stem in ('im05', 'im07'):
+    _turn_by_exif(tmp_path / 'd', stem, 6, turn_mask=False)
+  before = _read(str(tmp_path / 'd' / 'images' / 'im05.jpg'))
+  scanned = scan(str(tmp_path / 'd'))
+  assert sum(map(len, scanned.splits.values())) == 12
+  err = capsys.readouterr().err
+  assert err.splitlines() == [
+      f"warning: 2 image(s) carry an EXIF orientation, e.g. {tmp_path / 'd' / 'images'}"
+      '/im05.jpg (6); training reads the pixels as stored, as their masks lie; if the masks '
+      'were drawn on the images as a photo viewer turns them, save the images upright '
+      "(PIL's ImageOps.exif_transpose) and prepare again"]
+  assert before.shape == (20, 24, 3)  # (as stored: not turned to 24x20)
+  make_folder(tmp_path / 'plain')
+  scan(str(tmp_path / 'plain'))
+  assert capsys.readouterr().err == ''
 
 
 def test_dataset_smaller_than_one_batch(tmp_path):

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -196,15 +197,23 @@ def _in_fold(n: int, num_folds: int, fold: int, seed: int = -1) -> list[bool]:
   return [i in held_out for i in range(n)]
 
 
+_EXIF_ORIENTATION = 0x0112  # the tag a camera sets for a photo stored on its side or flipped
+_QUARTER_TURNS = (5, 6, 7, 8)  # its values whose upright view swaps width and height
+
+
 def _read(path: str, mask: bool = False, palettes: list | None = None,
-          data: bytes | None = None) -> np.ndarray:
+          data: bytes | None = None, orientations: list | None = None) -> np.ndarray:
   """An image as 8-bit gray or RGB (16-bit gray scaled to 8); a mask keeps its values, which
   must fit 8 bits, and a palette mask its indices (as torchvision's VOCSegmentation and
   milesial's loader read them: the palette is only how they are drawn; appended to
-  `palettes`). `data`: the file's bytes, read instead of `path` (named in errors)."""
+  `palettes`). `data`: the file's bytes, read instead of `path` (named in errors). The pixels
+  as stored, whatever the file's EXIF orientation (as PIL, torchvision's `read_image` and
+  milesial's loader read them), which is appended to `orientations` (1: none or upright)."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path if data is None else io.BytesIO(data)) as im:
+      if orientations is not None:
+        orientations.append(int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1))
       if mask and im.mode == 'P':
         if palettes is not None:
           palettes.append(im.getpalette())
@@ -275,17 +284,28 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   rgb_masks = False
   palettes: list = []
   lossy = ''  # the first JPEG mask
+  turned: list[str] = []  # images with an EXIF orientation, read as stored
   for pairs in splits.values():
     for image_path, mask_path in pairs:
-      image, mask = _read(image_path), _read(mask_path, mask=True, palettes=palettes)
+      orientation: list[int] = []
+      image = _read(image_path, orientations=orientation)
+      mask = _read(mask_path, mask=True, palettes=palettes)
       if image.shape[:2] != mask.shape[:2]:
         raise UserError(f'{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is '
-                        f'{image.shape[1]}x{image.shape[0]}')
+                        f'{image.shape[1]}x{image.shape[0]}'
+                        f'{_turned_hint(image_path, orientation[0], image, mask)}')
+      if orientation[0] != 1:
+        turned.append(f'{image_path} ({orientation[0]})')
       channels = max(channels, 1 if image.ndim == 2 else 3)
       rgb_masks |= mask.ndim == 3
       values.update(np.unique(_mask_keys(mask)).tolist())
       if not lossy and mask_path.lower().endswith(LOSSY_SUFFIXES):
         lossy = mask_path
+  if turned:  # (their masks fit the stored pixels; were they drawn on the turned view?)
+    print(f'warning: {len(turned)} image(s) carry an EXIF orientation, e.g. {turned[0]}; '
+          'training reads the pixels as stored, as their masks lie; if the masks were drawn '
+          "on the images as a photo viewer turns them, save the images upright (PIL's "
+          'ImageOps.exif_transpose) and prepare again', file=sys.stderr, flush=True)
   if len(values) > 255:
     raise UserError(f'{root}: masks hold {len(values)} distinct values; expected one per class')
   keys = sorted(values)
@@ -293,6 +313,17 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   every_mask_paletted = len(palettes) == sum(map(len, splits.values()))
   palette = list(palettes[0] or []) if every_mask_paletted else []
   return FolderScan(splits, mask_values, channels, palette, lossy)
+
+
+def _turned_hint(image_path: str, orientation: int, image: np.ndarray, mask: np.ndarray) -> str:
+  """Why an image and its mask differ in size, where its EXIF orientation explains it: the
+  mask was drawn on the image as a viewer turns it upright."""
+  if orientation not in _QUARTER_TURNS or image.shape[:2] != mask.shape[1::-1]:
+    return ''
+  return (f'; its EXIF orientation ({orientation}) turns it to {image.shape[0]}x'
+          f'{image.shape[1]}, as a photo viewer shows it and the mask was drawn, but training '
+          "reads the pixels as stored: save the images upright (PIL's ImageOps.exif_transpose) "
+          'and train again')
 
 
 def fingerprint(root: str, layout: FolderLayout = FolderLayout()) -> str:
