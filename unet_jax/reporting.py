@@ -87,6 +87,7 @@ class Reporter:
     from tqdm import tqdm
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     self._tb = SummaryWriter(workdir, flush_secs=30)
+    _quiet_writer_thread(self._tb)
     self._total, self._start = total_steps, (start_step, time.perf_counter())
     # A progress bar where a person watches (a terminal). Into a file (a cluster job's log,
     # `> log 2>&1`) tqdm would write every refresh, '\r' after '\r', up to 10 a second for the
@@ -187,6 +188,39 @@ def _number(value: Any) -> int | float:
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     return int(value)
   return float(value)
+
+
+class _QuietRecords:
+  """A tensorboardX record writer whose writes and flushes drop the events when the disk
+  refuses them, instead of raising in the writer's thread."""
+
+  def __init__(self, records: Any):
+    self._records = records
+
+  def write_event(self, event: Any) -> None:
+    try:
+      self._records.write_event(event)
+    except OSError:
+      pass
+
+  def flush(self) -> None:
+    try:
+      self._records.flush()
+    except OSError:
+      pass
+
+
+def _quiet_writer_thread(tb: Any) -> None:
+  """tensorboardX writes its events on a thread of its own, which a full disk would end with a
+  traceback on stderr beside the run's one error line (the checkpoint's save, which fails too,
+  says what happened; the events are lost either way). Its own writes go through _QuietRecords;
+  the final flush at close still raises, for `close` to handle. The attributes are tensorboardX
+  2.x's; if they change, only that traceback can come back."""
+  for writer in (getattr(tb, 'all_writers', None) or {}).values():
+    worker = getattr(getattr(writer, 'event_writer', None), '_worker', None)
+    records = getattr(worker, '_record_writer', None)
+    if records is not None:
+      worker._record_writer = _QuietRecords(records)
 
 
 def _abandon(tb: Any) -> None:
