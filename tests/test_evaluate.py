@@ -33,10 +33,11 @@ from unet_jax.evaluate import _report, evaluate_checkpoint
 
 def _torch_scores(ref, config, tta=False, surface=False, confusion=None, post=None):
   """Per image Dice, IoU and pixel accuracy of a binary torch UNet on the eval split (`tta`:
-  of its mean logits over flips; `surface`: also HD95 and ASSD by MONAI; `confusion`: a 2x2
+  of its mean logits over flips; `surface`: also HD95, ASSD and NSD (at `surface` pixels) by
+  MONAI; `confusion`: a 2x2
   array to add [[TN, FP], [FN, TP]] to; `post`: applied to each predicted mask first)."""
   source = input_pipeline.load_sources(config)[1]
-  dice, iou, acc, hd95, assd = [], [], [], [], []
+  dice, iou, acc, hd95, assd, nsd = [], [], [], [], [], []
   for i in range(len(source)):
     example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]),
                                         config.image_size, None, None)
@@ -56,8 +57,22 @@ def _torch_scores(ref, config, tta=False, surface=False, confusion=None, post=No
     if surface:
       hd95.append(_monai_surface(pred, truth)[0])
       assd.append(_monai_surface(pred, truth)[1])
+      nsd.append(_monai_nsd(pred, truth, surface))
   scores = {'dice': np.array(dice), 'iou': np.array(iou), 'pixel_accuracy': np.array(acc)}
-  return scores | ({'hd95': np.array(hd95), 'assd': np.array(assd)} if surface else {})
+  return scores | ({'hd95': np.array(hd95), 'assd': np.array(assd), 'nsd': np.array(nsd)}
+                   if surface else {})
+
+
+def _monai_nsd(pred, truth, tolerance):
+  """MONAI's normalised surface Dice of one image's boolean masks (0 where one is empty, NaN
+  where both are, as MONAI gives them)."""
+  import warnings
+
+  from monai.metrics import compute_surface_dice
+  p, t = (torch.tensor(np.asarray(m))[None, None] for m in (pred, truth))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # (MONAI's about empty masks)
+    return float(compute_surface_dice(p, t, [tolerance], include_background=True))
 
 
 def _monai_surface(pred, truth):
@@ -125,16 +140,17 @@ def test_cli_scores_a_converted_checkpoint_as_torch_does(tmp_path):
   # With flip TTA (here in-process, on 8 devices), the scores of torch's mean logits over flips,
   # and their boundary distances as MONAI computes them.
   got = evaluate_checkpoint(converted, config, tta=True, per_image=True, surface=True,
-                            confusion=True)
+                            confusion=True, nsd_tolerance=1.5)
   want_confusion = np.zeros((2, 2), np.int64)
-  want_tta = _torch_scores(ref, config, tta=True, surface=True, confusion=want_confusion)
+  want_tta = _torch_scores(ref, config, tta=True, surface=1.5, confusion=want_confusion)
+  assert got['nsd_tolerance'] == 1.5 and 0.1 < got['nsd'] < 0.99
   # The confusion matrix, rows the true class: torch's counts (a rare pixel may flip).
   assert np.abs(np.asarray(got['confusion']) - want_confusion).sum() <= 0.001 * 204 * 16 * 16
   assert want_confusion[0, 1] != want_confusion[1, 0]  # (so that rows and columns tell apart)
   assert got['tta'] and abs(got['dice'] - want['dice'].mean()) > 2e-3  # (another prediction)
   for k, v in want_tta.items():
     assert got[k] == pytest.approx(np.nanmean(v), rel=1e-2, abs=1e-3), k
-  for k in ('hd95', 'assd'):
+  for k in ('hd95', 'assd', 'nsd'):
     per_image = np.array([np.nan if r[k] is None else r[k] for r in got['per_image']])
     assert np.mean(np.isclose(per_image, want_tta[k], rtol=1e-6, equal_nan=True)) > 0.97, k
   assert 1 < got['hd95'] < np.hypot(16, 16)  # (not the empty masks' diagonal throughout)

@@ -104,7 +104,7 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
                           'data.data_dir': str(tmp_path / 'tfds'), 'data.holdout_percent': 50.0,
                           'model.num_classes': 1, 'model.depth': 2, 'image_size': 16})
   want = evaluate_checkpoint(str(tmp_path / 'ckpt'), config, per_image=True, surface=True,
-                             confusion=True)
+                             confusion=True, nsd_tolerance=2.0)
   held_out = sorted(r['file_name'] for r in want['per_image'])
   assert len(held_out) == 5
   os.makedirs(tmp_path / 'held_out')
@@ -115,8 +115,10 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
                        str(tmp_path / 'pred')]) == 0
   # (A binary model scores its foreground: the masks' class 1, without class 0.)
   got = score_folders(str(tmp_path / 'pred'), str(tmp_path / 'held_out'),
-                      include_background=False, surface=True, confusion=True)
-  for name in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy', 'hd95', 'assd'):
+                      include_background=False, surface=True, confusion=True,
+                      nsd_tolerance=2.0)
+  for name in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy', 'hd95', 'assd', 'nsd',
+               'nsd_tolerance'):
     assert got[name] == pytest.approx(want[name], rel=1e-6), name
   assert got['confusion'] == want['confusion']
   assert 0 < want['hd95'] < 16 * 2**0.5 and np.sum(got['confusion']) == 5 * 16 * 16
@@ -180,6 +182,9 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
      "--class_names names 'a' more than once; give each class its own name"),
     (lambda d: None, ['--per_image', '/no/such/folder/s.csv'],
      '--per_image /no/such/folder/s.csv: no such folder /no/such/folder'),
+    (lambda d: None, ['--surface', '--nsd_tolerance', '-1'], 'nsd_tolerance=-1 must be at '
+     "least 0: the distance in pixels within which a boundary pixel counts as on the other "
+     "mask's boundary"),
 ])
 def test_refusals_are_one_line(tmp_path, capsys, setup, argv, message):
   _rgb_masks(tmp_path, np.random.default_rng(2))

@@ -17,7 +17,7 @@ records no dataset: `--config` names one (any training config; its model fields 
 the checkpoint's are used). `--per_image FILE.csv` also writes each image's scores, one row per
 image in the dataset's order, with its file name where the dataset has one (image folders do):
 sorted by Dice, it lists the images the model fails on. `--surface` adds boundary distances
-(HD95, ASSD: surface_distance.py), as medical segmentation reports them; `--confusion` the
+(HD95, ASSD, NSD: surface_distance.py), as medical segmentation reports them; `--confusion` the
 pixel confusion matrix; `--largest_component` and `--min_region_size` score the predictions
 post-processed as `predict` does with them. Several `--checkpoint`s score their ensemble, the
 mean of their probabilities (ensemble.py), or with `--cross_validation` each on its own
@@ -107,13 +107,21 @@ def _surface_row(scores: dict[str, np.ndarray], include_background: bool,
   return row | classes
 
 
+def check_nsd_tolerance(tolerance: float) -> None:
+  if not tolerance >= 0:
+    raise UserError(f'nsd_tolerance={tolerance:g} must be at least 0: the distance in pixels '
+                    "within which a boundary pixel counts as on the other mask's boundary")
+
+
 class MapScores:
   """What the class maps of the images add up to: each image's surface scores (`surface`,
   with `surface`), and the pixel counts of the confusion matrix over `classes` (rows the true
   class, columns the predicted; with `confusion`)."""
 
-  def __init__(self, surface: bool, confusion: bool, classes: int):
+  def __init__(self, surface: bool, confusion: bool, classes: int,
+               nsd_tolerance: float = surface_distance.NSD_TOLERANCE):
     self.surface: list[dict[str, np.ndarray]] | None = [] if surface else None
+    self.nsd_tolerance = nsd_tolerance
     self.confusion = np.zeros((classes, classes), np.int64) if confusion else None
 
   @property
@@ -130,7 +138,7 @@ class MapScores:
     if self.surface is None:
       return {}
     self.surface.append(surface_distance.surface_scores(
-        pred, labels, [1] if scored == 1 else range(scored), pixels))
+        pred, labels, [1] if scored == 1 else range(scored), pixels, self.nsd_tolerance))
     return _surface_row(self.surface[-1], include_background)
 
 
@@ -230,7 +238,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
                         split: str | None = None, per_image: bool = False, tta: bool = False,
                         surface: bool = False, include_background: bool | None = None,
                         confusion: bool = False, largest_component: bool = False,
-                        min_region_size: int = 0) -> dict[str, Any]:
+                        min_region_size: int = 0,
+                        nsd_tolerance: float = surface_distance.NSD_TOLERANCE) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices. Several checkpoints (a
   sequence of paths): their ensemble, the mean of their probabilities (ensemble.py); without
@@ -245,7 +254,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   whose means are the metrics.
   `tta`: score the mean logits over flips (flip_tta.py), as `predict --tta` masks.
   `surface`: also the boundary distances `hd95` and `assd` (surface_distance.py), in pixels
-  at image_size; per class too with several classes; in the per-image rows as well.
+  at image_size, and `nsd`, the normalised surface Dice at `nsd_tolerance` pixels; per class
+  too with several classes; in the per-image rows as well.
   `include_background`: whether class 0 of a multi-class model counts in the means over
   classes (per class, every class is given either way); None: the config's
   eval_include_background, as the run's evaluation did.
@@ -257,17 +267,18 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   of each image; its regions of fewer pixels, at image_size, set to class 0).
   """
   post = PostProcessing(largest_component, min_region_size)
+  check_nsd_tolerance(nsd_tolerance)
   paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
   loaded = load_one_task(paths)
   return _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
-                          include_background, confusion, post)
+                          include_background, confusion, post, nsd_tolerance)
 
 
 def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict[str, Any]]],
                      config: ml_collections.ConfigDict | None, split: str | None,
                      per_image: bool, tta: bool, surface: bool,
                      include_background: bool | None, confusion: bool,
-                     post: PostProcessing) -> dict[str, Any]:
+                     post: PostProcessing, nsd_tolerance: float) -> dict[str, Any]:
   """evaluate_checkpoint of checkpoints already loaded: (model, variables, metadata) of each
   of `paths`, checked to be one task."""
   from unet_jax.checkpoint import model_config
@@ -314,7 +325,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
         for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  maps = MapScores(surface, confusion, max(model.num_classes, 2))
+  maps = MapScores(surface, confusion, max(model.num_classes, 2), nsd_tolerance)
   host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
   step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
              else eval_step)
@@ -336,7 +347,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
-    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background))
+    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background),
+                   nsd_tolerance=nsd_tolerance)
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
@@ -374,7 +386,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
                      surface: bool = False, include_background: bool | None = None,
                      per_image: bool = False, confusion: bool = False,
                      largest_component: bool = False, min_region_size: int = 0,
-                     ) -> dict[str, Any]:
+                     nsd_tolerance: float = surface_distance.NSD_TOLERANCE) -> dict[str, Any]:
   """The cross-validated scores of a k-fold run (nnU-Net's summary of its folds): each
   training workdir scored on its own run's held-out split (`split`: another of its splits),
   and the scores pooled over all those images, each image counting once, whichever fold
@@ -383,13 +395,14 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   `checkpoint`; with `confusion` the sum of the folds' confusion matrices. Refuses checkpoints
   of other classes or inclusion of class 0, and an image scored by two of them."""
   post = PostProcessing(largest_component, min_region_size)
+  check_nsd_tolerance(nsd_tolerance)
   paths = list(checkpoints)
   loaded = load_one_task(paths)
   _check_one_cut(paths, [meta for _, _, meta in loaded])
   folds, rows = [], []
   for path, fold in zip(paths, loaded, strict=True):
     scored = _evaluate_loaded([path], [fold], None, split, True, tta, surface,
-                              include_background, confusion, post)
+                              include_background, confusion, post, nsd_tolerance)
     folds.append(scored)
     rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
   kinds = {f['include_background'] for f in folds}
@@ -504,7 +517,8 @@ def main(argv: list[str]) -> None:
                    include_background=flags.FLAGS.include_background,
                    confusion=flags.FLAGS.confusion,
                    largest_component=flags.FLAGS.largest_component,
-                   min_region_size=flags.FLAGS.min_region_size)
+                   min_region_size=flags.FLAGS.min_region_size,
+                   nsd_tolerance=flags.FLAGS.nsd_tolerance)
     if flags.FLAGS.cross_validation:
       if flags.FLAGS.config is not None:
         raise UserError('--cross_validation scores each workdir on its own run\'s held-out '
@@ -546,7 +560,10 @@ def _define_flags() -> None:
                        'image_size, set to class 0)')
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
-                    'Hausdorff) and assd (average symmetric surface distance), in pixels')
+                    'Hausdorff) and assd (average symmetric surface distance), in pixels, and '
+                    'nsd (normalised surface Dice)')
+  flags.DEFINE_float('nsd_tolerance', surface_distance.NSD_TOLERANCE, "with --surface: nsd's "
+                     'tolerance in pixels (a boundary pixel this close to the other counts)')
   flags.DEFINE_bool('include_background', None, 'whether class 0 of a multi-class model counts '
                     'in the means over classes (MONAI\'s include_background; '
                     '--noinclude_background: milesial\'s evaluate.py); default: the config\'s '

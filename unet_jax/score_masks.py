@@ -62,15 +62,18 @@ def _key_text(key: int, rgb: bool) -> str:
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                   label_suffix: str = '', include_background: bool = True,
                   ignore_value: int = -1, surface: bool = False, confusion: bool = False,
-                  class_names: Sequence[str] = ()) -> dict[str, Any]:
+                  class_names: Sequence[str] = (),
+                  nsd_tolerance: float = surface_distance.NSD_TOLERANCE) -> dict[str, Any]:
   """The means of the scores (as `evaluate` reports them) of each label's prediction, with
   `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks, and then `rgb_masks`
   is true) and `per_image` (a row per label: its `file_name` and scores). `ignore_value`: a
   label value counted nowhere.
-  `surface`: also the boundary distances `hd95` and `assd` in pixels; `confusion`: the
+  `surface`: also the boundary distances `hd95` and `assd` in pixels and `nsd` at
+  `nsd_tolerance` pixels; `confusion`: the
   confusion matrix (rows the true class), both as `evaluate` gives them. `class_names`: one
   per class, in value order, returned as `class_names` for the report."""
-  from unet_jax.evaluate import MapScores, class_map_scores, score_columns
+  from unet_jax.evaluate import MapScores, check_nsd_tolerance, class_map_scores, score_columns
+  check_nsd_tolerance(nsd_tolerance)
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
   # Every pair is read twice, first to find the classes (all values) and check the sizes, then
   # to score it: memory holds one pair, not all (5,000 Carvana-sized pairs: 200 GB of keys).
@@ -90,7 +93,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   check_class_names(class_names, num_classes, '--class_names', "the masks' values "
                     f'[{", ".join(_key_text(int(k), rgb) for k in keys[:8])}]')
   sums, rows = None, []
-  maps = MapScores(surface, confusion, num_classes)
+  maps = MapScores(surface, confusion, num_classes, nsd_tolerance)
   for file_name, pred_path, label_path in pairs:
     pred, label = read_mask_keys(pred_path).keys, read_mask_keys(label_path).keys
     valid = label != ignore_value
@@ -104,7 +107,8 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                 | maps.add(pred_ids, ids, valid, num_classes, include_background))
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
-    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background))
+    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background),
+                   nsd_tolerance=nsd_tolerance)
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=len(pairs), include_background=include_background,
@@ -132,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="the labels' pixels of this value count nowhere (0xRRGGBB for RGB)")
   p.add_argument('--surface', action='store_true', help='also the boundary distances hd95 '
                  '(95th-percentile Hausdorff) and assd (average symmetric surface distance), in '
-                 'pixels')
+                 'pixels, and nsd (normalised surface Dice)')
+  p.add_argument('--nsd_tolerance', type=float, default=surface_distance.NSD_TOLERANCE,
+                 help="with --surface: nsd's tolerance in pixels (default "
+                      f'{surface_distance.NSD_TOLERANCE:g})')
   p.add_argument('--confusion', action='store_true', help='also the confusion matrix: pixels '
                  'of each true class (rows) predicted as each class (columns)')
   p.add_argument('--class_names', type=lambda text: text.split(','), default=[],
@@ -148,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       check_csv_destination(args.per_image)
     metrics = score_folders(args.predictions, args.labels, args.mask_suffix, args.label_suffix,
                             args.include_background, args.ignore_value, args.surface,
-                            args.confusion, args.class_names)
+                            args.confusion, args.class_names, args.nsd_tolerance)
     rows = metrics.pop('per_image')
     if args.per_image:
       write_csv(args.per_image, rows)
