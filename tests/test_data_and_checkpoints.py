@@ -692,7 +692,12 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path, capsys):
   assert sorted(r['file_name'][:4] for r in rows) == [f'im{i:02d}' for i in range(4, 12)]
   assert {r['checkpoint'] for r in rows} == {wd, str(tmp_path / 'wd2')}
   # The folds' confusion matrices, summed: each row the true class's pixels in those images.
-  pooled = cross_validation([wd, str(tmp_path / 'wd2')], confusion=True)
+  pooled = cross_validation([wd, str(tmp_path / 'wd2')], confusion=True, surface=True,
+                            nsd_tolerance=2.0)
+  folds = [evaluate_checkpoint(w, per_image=True, surface=True, nsd_tolerance=2.0)
+           for w in (wd, str(tmp_path / 'wd2'))]
+  assert pooled['nsd_tolerance'] == 2.0 and pooled['nsd'] == pytest.approx(np.mean(
+      [r['nsd'] for f in folds for r in f['per_image'] if r['nsd'] is not None]), abs=1e-6)
   truth = np.zeros(3, np.int64)
   for fold in (1, 2):
     fold_config = copy.deepcopy(config)

@@ -428,6 +428,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
                  largest_component=post.largest_component, min_region_size=post.min_region_size,
                  folds=[{'checkpoint': p, 'step': f['step'], 'images': f['images'],
                          'dice': f['dice']} for p, f in zip(paths, folds, strict=True)])
+  if surface:
+    metrics['nsd_tolerance'] = nsd_tolerance
   if confusion:
     metrics['confusion'] = np.sum([f['confusion'] for f in folds], axis=0).tolist()
   if folds[0].get('class_names'):  # (the first fold's run names the classes)
