@@ -145,11 +145,17 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
   assert out[5].startswith('confusion (pixels; rows: true class') and len(out) == 11
   assert json.loads(out[-2])['class_names'] == ['background', 'lesion']
   assert json.loads(out[-2])['rgb_masks'] is False
-  # Unnamed, each class's row names its gray value.
+  # Unnamed, each class's row names its gray value; with --surface, NSD's tolerance is said
+  # once, in the first line, not among the scores.
   assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'held_out'),
-               '--noinclude_background']) == 0
-  assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()[3:5]] == [
+               '--noinclude_background', '--surface', '--nsd_tolerance', '2']) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert [line.split()[:3] for line in out[3:5]] == [
       ['0', '(value', '0)'], ['1', '(value', '255)']]
+  assert out[0].endswith('class 0 left out of the means, nsd within 2 pixel(s)')
+  assert out[1].split()[::2] == ['dice', 'iou', 'class_accuracy', 'pixel_accuracy', 'hd95',
+                                 'assd', 'nsd']
+  assert json.loads(out[-1])['nsd_tolerance'] == 2.0
   with open(tmp_path / 's.csv', newline='') as f:
     assert [r['file_name'] for r in csv.DictReader(f)] == held_out
 

@@ -108,6 +108,7 @@ def _surface_row(scores: dict[str, np.ndarray], include_background: bool,
 
 
 def check_nsd_tolerance(tolerance: float) -> None:
+  """NSD's tolerance, in pixels: refused below 0 (or NaN), before anything is scored."""
   if not tolerance >= 0:
     raise UserError(f'nsd_tolerance={tolerance:g} must be at least 0: the distance in pixels '
                     "within which a boundary pixel counts as on the other mask's boundary")
@@ -467,7 +468,8 @@ def _how_and_scores(metrics: dict[str, Any]) -> str:
   background_out = not metrics['include_background'] and 'dice_class1' in metrics
   post = PostProcessing(metrics['largest_component'], metrics['min_region_size'])
   return (f'{", logits averaged over flips" if metrics["tta"] else ""}{post.description()}'
-          f'{", class 0 left out of the means" if background_out else ""}\n'
+          f'{", class 0 left out of the means" if background_out else ""}'
+          f'{surface_distance.tolerance_text(metrics)}\n'
           f'{score_lines(metrics, metrics.get("class_names") or ())}'
           f'{confusion_lines(metrics)}{json.dumps(metrics)}')
 

@@ -26,6 +26,7 @@ def float32_decimal(x: Any) -> float:
 
 
 _PER_CLASS = re.compile(r'(.+)_class(\d+)')  # a per-class metric's name: SCORE_classK
+_SETTINGS = ('nsd_tolerance',)  # floats among the metrics that are no score (the JSON has them)
 
 
 def score_lines(metrics: dict[str, Any], labels: Sequence[str] = ()) -> str:
@@ -35,7 +36,8 @@ def score_lines(metrics: dict[str, Any], labels: Sequence[str] = ()) -> str:
   leading = ('dice', 'iou', 'class_accuracy', 'pixel_accuracy')
   ordered = [k for k in leading if k in metrics] + [k for k in metrics if k not in leading]
   means = '  '.join(f'{k} {metrics[k]:.4f}' for k in ordered
-                    if isinstance(metrics[k], float) and not _PER_CLASS.fullmatch(k))
+                    if isinstance(metrics[k], float) and not _PER_CLASS.fullmatch(k)
+                    and k not in _SETTINGS)
   columns: dict[str, dict[int, Any]] = {}
   for key, value in metrics.items():
     if match := _PER_CLASS.fullmatch(key):

@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   values = [_key_text(v, metrics['rgb_masks']) for v in metrics['class_values']]
   print(f'{args.predictions} against {args.labels}: {metrics["images"]} masks at their own '
         f'size, classes [{", ".join(values[:8])}{", ..." if len(values) > 8 else ""}]'
-        f'{", class 0 left out of the means" if background_out else ""}')
+        f'{", class 0 left out of the means" if background_out else ""}'
+        f'{surface_distance.tolerance_text(metrics)}')
   # The table's rows: each class's name, else its mask value (class 1 is 255, or #ff0000).
   labels = args.class_names or [f'(value {v})' for v in values]
   print(score_lines(metrics, labels) + confusion_lines(metrics) + json.dumps(metrics),

@@ -89,6 +89,13 @@ def mean_surface_scores(per_image: Sequence[dict[str, np.ndarray]],
   return out
 
 
+def tolerance_text(metrics: dict) -> str:
+  """For a report's first line: NSD's tolerance, where the metrics have NSD."""
+  if 'nsd_tolerance' not in metrics:
+    return ''
+  return f', nsd within {metrics["nsd_tolerance"]:g} pixel(s)'
+
+
 def nan_mean(values: np.ndarray) -> float | None:
   """The mean of the values that are not NaN (None counts as NaN); None if there are none."""
   values = np.asarray(values, float)

@@ -293,7 +293,7 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
       if image.shape[:2] != mask.shape[:2]:
         raise UserError(f'{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is '
                         f'{image.shape[1]}x{image.shape[0]}'
-                        f'{_turned_hint(image_path, orientation[0], image, mask)}')
+                        f'{_turned_hint(orientation[0], image, mask)}')
       if orientation[0] != 1:
         turned.append(f'{image_path} ({orientation[0]})')
       channels = max(channels, 1 if image.ndim == 2 else 3)
@@ -315,7 +315,7 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   return FolderScan(splits, mask_values, channels, palette, lossy)
 
 
-def _turned_hint(image_path: str, orientation: int, image: np.ndarray, mask: np.ndarray) -> str:
+def _turned_hint(orientation: int, image: np.ndarray, mask: np.ndarray) -> str:
   """Why an image and its mask differ in size, where its EXIF orientation explains it: the
   mask was drawn on the image as a viewer turns it upright."""
   if orientation not in _QUARTER_TURNS or image.shape[:2] != mask.shape[1::-1]:
