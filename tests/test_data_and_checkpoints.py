@@ -123,10 +123,11 @@ def test_image_folder_with_an_ignored_mask_value(tmp_path):
                           'class_accuracy', 'dice_class0', 'dice_class1', 'iou_class0',
                           'iou_class1', 'class_accuracy_class0', 'class_accuracy_class1',
                           'hd95', 'assd', 'hd95_class0', 'hd95_class1', 'assd_class0',
-                          'assd_class1'}
+                          'assd_class1', 'nsd', 'nsd_class0', 'nsd_class1'}
   for k in metrics:
     assert np.mean([r[k] for r in rows]) == pytest.approx(both[k], rel=1e-6), k
-  for k in ('hd95', 'assd', 'hd95_class0', 'hd95_class1', 'assd_class0', 'assd_class1'):
+  for k in ('hd95', 'assd', 'hd95_class0', 'hd95_class1', 'assd_class0', 'assd_class1', 'nsd',
+            'nsd_class0', 'nsd_class1'):
     # (Surface scores: the mean over the images where the class is in truth or prediction.)
     assert np.mean([r[k] for r in rows if r[k] is not None]) == pytest.approx(both[k]), k
   assert len({r['dice'] for r in rows}) > 1  # (scores of each image, not one repeated)
