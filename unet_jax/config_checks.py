@@ -119,11 +119,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f'augment.rotate_degrees={config.augment.rotate_degrees} must be in [0, 180]: '
                     'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)')
   scale = tuple(config.augment.get('scale', ()) or ())
-  if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+  if scale and not _is_range(scale):
     raise UserError(f"augment.scale={scale} must be (low, high) with 0 < low <= high: a size "
                     "factor drawn from it, e.g. --config.augment.scale='(0.7,1.4)'; () for none")
   gamma = tuple(config.augment.get('gamma', ()) or ())
-  if gamma and not (len(gamma) == 2 and 0 < gamma[0] <= gamma[1]):
+  if gamma and not _is_range(gamma):
     raise UserError(f"augment.gamma={gamma} must be (low, high) with 0 < low <= high, e.g. "
                     "--config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none")
   if not config.augment.get('noise', 0.0) >= 0:
@@ -274,6 +274,11 @@ def check_class_names(names: Sequence[Any], classes: int, field: str, why: str) 
                     'class its own name')
 
 
+def _is_range(value: tuple, top: float | None = None) -> bool:
+  """An augment field's (low, high): two numbers with 0 < low <= high (<= top, if given)."""
+  return len(value) == 2 and 0 < value[0] <= value[1] and (top is None or value[1] <= top)
+
+
 _NNUNET_RANGES = {  # field: (what it draws, its largest high, nnU-Net's range)
     'blur': ("nnU-Net's Gaussian blur: a sigma in pixels", None, '(0.5,1.0)'),
     'low_resolution': ("nnU-Net's low-resolution simulation: a scale", 1.0, '(0.5,1.0)'),
@@ -287,7 +292,7 @@ def _check_nnunet_ranges(aug: ml_collections.ConfigDict, recipe: str) -> None:
     if not value:
       continue
     bound = f' <= {top:g}' if top else ''
-    if not (len(value) == 2 and 0 < value[0] <= value[1] and (top is None or value[1] <= top)):
+    if not _is_range(value, top):
       raise UserError(f"augment.{name}={value} must be (low, high) with 0 < low <= high{bound} "
                       f"({what} drawn from it), e.g. --config.augment.{name}='{theirs}' "
                       "(nnU-Net's); () for none")

@@ -19,7 +19,7 @@ import numpy as np
 
 from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
-from unet_jax.image_io import NORMALIZATION_CHOICES, NORMALIZATIONS
+from unet_jax.image_io import check_normalize_flag
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -182,8 +182,7 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   from unet_jax.state_dict_io import read_state_dict
   if os.path.exists(dest) and not overwrite:
     raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
-  if normalize not in NORMALIZATIONS:
-    raise UserError(f'--normalize {normalize}: {NORMALIZATION_CHOICES}')
+  check_normalize_flag(normalize)
   tensors, extras = read_state_dict(src)
   config, variables, metadata = state_dict_to_flax(tensors, src)
   metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)

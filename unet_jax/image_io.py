@@ -74,6 +74,12 @@ NORMALIZATION_CHOICES = ("use 'unit' (images scaled to [0, 1]) or 'zscore' (then
                          'channels to mean 0, deviation 1)')  # (for refusals)
 
 
+def check_normalize_flag(value: str) -> None:
+  """A command's --normalize VALUE (convert's, predict's): one of NORMALIZATIONS."""
+  if value not in NORMALIZATIONS:
+    raise UserError(f'--normalize {value}: {NORMALIZATION_CHOICES}')
+
+
 def zscore(images: Any) -> Any:
   """Each image's channels (the last axis; the two before it its height and width) shifted
   and scaled to mean 0 and deviation 1 (nnU-Net's ZScoreNormalization: the deviation over the

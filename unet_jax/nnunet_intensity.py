@@ -167,6 +167,12 @@ def gamma(image: np.ndarray, gammas: np.ndarray, invert: bool = False) -> np.nda
   return (-y if invert else y).astype(np.float32)
 
 
+def _picked_channels(rng: np.random.Generator, channels: int, prob: float) -> np.ndarray:
+  """The channels a per-channel transform takes: a coin for every channel first (its
+  p_per_channel), as batchgeneratorsv2 draws them."""
+  return np.flatnonzero(rng.random(channels) < prob)
+
+
 def augment(image: np.ndarray, rng: np.random.Generator, aug: ml_collections.ConfigDict,
             ) -> np.ndarray:
   """The augmentations above that `aug` turns on, in nnU-Net's order; parameters are drawn only
@@ -178,7 +184,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, aug: ml_collections.Con
     image = gaussian_noise(image, float(rng.uniform(0.0, noise)), rng)
   blur = tuple(aug.get('blur', ()) or ())
   if blur and applies(rng, aug.get('blur_prob', 1.0)):
-    picked = np.flatnonzero(rng.random(channels) < aug.get('blur_channel_prob', 1.0))
+    picked = _picked_channels(rng, channels, aug.get('blur_channel_prob', 1.0))
     image = gaussian_blur(image, {int(k): (uniform_scalar(rng, *blur), uniform_scalar(rng, *blur))
                                   for k in picked})
   if b and applies(rng, aug.get('brightness_prob', 1.0)):
@@ -187,7 +193,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, aug: ml_collections.Con
     image = contrast(image, np.array([bg_contrast(rng, 1 - c, 1 + c) for _ in range(channels)]))
   low_res = tuple(aug.get('low_resolution', ()) or ())
   if low_res and applies(rng, aug.get('low_resolution_prob', 1.0)):
-    picked = np.flatnonzero(rng.random(channels) < aug.get('low_resolution_channel_prob', 1.0))
+    picked = _picked_channels(rng, channels, aug.get('low_resolution_channel_prob', 1.0))
     image = low_resolution(image, {int(k): uniform_scalar(rng, *low_res) for k in picked})
   if gamma_range:
     for invert, prob in ((True, aug.get('inverted_gamma_prob', 0.0)),

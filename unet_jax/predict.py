@@ -30,8 +30,7 @@ from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
     IMAGE_SUFFIXES,
-    NORMALIZATION_CHOICES,
-    NORMALIZATIONS,
+    check_normalize_flag,
     eight_bit,
     height_width,
     mask_colours,
@@ -311,8 +310,8 @@ def checkpoint_normalizations(paths: Sequence[str], metas: Sequence[dict],
   data.normalize, a conversion's --normalize), else `given` (predict's --normalize, for a
   converted model whose file said nothing), else 'unit'. `given` against a recorded other
   one is refused: the model learnt on images normalised so."""
-  if given is not None and given not in NORMALIZATIONS:
-    raise UserError(f'--normalize {given}: {NORMALIZATION_CHOICES}')
+  if given is not None:
+    check_normalize_flag(given)
   out = []
   for path, meta in zip(paths, metas, strict=True):
     recorded = meta.get('normalize')
