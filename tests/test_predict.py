@@ -497,6 +497,18 @@ def test_cli_ensemble_refuses_checkpoints_of_other_tasks(tmp_path, capsys):
                  str(tmp_path / 'out')]) == 2
     assert capsys.readouterr().err == message
     assert not (tmp_path / 'out').exists()
+  # A converted member that records nothing, told by --normalize: it joins a z-scored run's
+  # (the same weights: the ensemble's probabilities are the run's alone).
+  os.makedirs(tmp_path / 'in')
+  _write(tmp_path / 'in' / 'b.png', np.random.default_rng(0).integers(0, 256, (32, 32), np.uint8))
+  capsys.readouterr()
+  for checkpoints, flags, out in (([three, zscored], ['--normalize', 'zscore'], 'both'),
+                                  ([zscored], [], 'one')):
+    assert main([str(tmp_path / 'in'), '--output', str(tmp_path / out), '--probabilities',
+                 *flags, *[a for c in checkpoints for a in ('--checkpoint', c)]]) == 0
+  assert "z-scored, the mean probabilities of 2 checkpoints" in capsys.readouterr().out
+  np.testing.assert_allclose(np.load(tmp_path / 'both' / 'b_prob.npy'),
+                             np.load(tmp_path / 'one' / 'b_prob.npy'), atol=1e-7)
 
 
 def _regions_by_flood_fill(classes, diagonal):

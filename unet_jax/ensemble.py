@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from unet_jax import losses
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
+from unet_jax.image_io import check_normalize_flag
 from unet_jax.model import UNet
 
 
@@ -51,11 +52,24 @@ class Ensemble:
     return jnp.log(jnp.maximum(mean, tiny))
 
 
-def load_one_task(paths: Sequence[str]) -> list[tuple[UNet, Any, dict]]:
+def load_one_task(paths: Sequence[str], normalize: str | None = None,
+                  ) -> list[tuple[UNet, Any, dict]]:
   """(model, variables, metadata) of each checkpoint in `paths` (load_pretrained_with_metadata),
-  checked to be models of one task, which an ensemble (or a cross-validation) needs."""
+  checked to be models of one task, which an ensemble (or a cross-validation) needs.
+  `normalize` (predict's --normalize): how a checkpoint that records no normalisation (a
+  conversion of a file that said none) was trained, set in its metadata before the check, so
+  that it may join members that record it; refused against a checkpoint that records another."""
   from unet_jax.checkpoint import load_pretrained_with_metadata
+  if normalize is not None:
+    check_normalize_flag(normalize)
   loaded = [load_pretrained_with_metadata(p) for p in paths]
+  if normalize is not None:
+    for path, (_, _, meta) in zip(paths, loaded, strict=True):
+      recorded = meta.setdefault('normalize', normalize)
+      if recorded != normalize:
+        raise UserError(f"--normalize {normalize}: {path} was trained on images normalised "
+                        f"'{recorded}' (as it records), and predict gives them so; leave out "
+                        '--normalize')
   _check_one_task(paths, loaded)
   return loaded
 

@@ -30,7 +30,6 @@ from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
     IMAGE_SUFFIXES,
-    check_normalize_flag,
     eight_bit,
     height_width,
     mask_colours,
@@ -304,25 +303,6 @@ def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
   return names
 
 
-def checkpoint_normalizations(paths: Sequence[str], metas: Sequence[dict],
-                              given: str | None = None) -> list[str]:
-  """How each checkpoint's images are normalised: as it records (a training run's
-  data.normalize, a conversion's --normalize), else `given` (predict's --normalize, for a
-  converted model whose file said nothing), else 'unit'. `given` against a recorded other
-  one is refused: the model learnt on images normalised so."""
-  if given is not None:
-    check_normalize_flag(given)
-  out = []
-  for path, meta in zip(paths, metas, strict=True):
-    recorded = meta.get('normalize')
-    if given and recorded and recorded != given:
-      raise UserError(f"--normalize {given}: {path} was trained on images normalised "
-                      f"'{recorded}' (as it records), and predict gives them so; leave out "
-                      '--normalize')
-    out.append(recorded or given or 'unit')
-  return out
-
-
 def _read_image(path: str, channels: int) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError
   try:
@@ -440,15 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.overlay and args.mask_suffix == '_overlay':
       raise UserError('--mask_suffix _overlay would write the masks and the overlays (--overlay) '
                       'to the same files; choose another suffix')
-    loaded = load_one_task(args.checkpoint)
+    loaded = load_one_task(args.checkpoint, args.normalize)
     model, _, meta = loaded[0]
     members = [(m, v) for m, v, _ in loaded]
     # Each member at its run's size and filter (a workdir's recorded size: an int, or
     # [height, width]; a converted checkpoint records none), unless --size says.
     sizes = [m.get('image_size', 0) if args.size is None else args.size for _, _, m in loaded]
     resamples = [m.get('resample', 'bilinear') for _, _, m in loaded]
-    normalizations = checkpoint_normalizations(args.checkpoint, [m for _, _, m in loaded],
-                                               args.normalize)
+    normalizations = [m.get('normalize', 'unit') for _, _, m in loaded]
     depth = max(m.depth for m, _ in members)
     for size in sizes:
       if size and min(height_width(size)) < 2**depth:
