@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
       # image_folder only: ROOT/images_dir/NAME{image_suffix}.EXT pairs with
       # ROOT/masks_dir/NAME{mask_suffix}.EXT (milesial/Pytorch-UNet's data/: images_dir='imgs',
       # mask_suffix='_mask' for Carvana; nnU-Net's raw 2D data: images_dir='imagesTr',
-      # masks_dir='labelsTr', image_suffix='_0000')
+      # masks_dir='labelsTr', image_suffix='_0000'; several suffixes, comma-separated, read
+      # one gray file per channel: image_suffix='_0000,_0001' for NAME_0000.png, NAME_0001.png)
       images_dir='images', masks_dir='masks', mask_suffix='', image_suffix='',
       # image_folder only, a ROOT without train/ and test/: the share of pairs held out for
       # evaluation, spread evenly over them sorted by name (milesial's --validation)

@@ -5,8 +5,10 @@
 
 imagesTr/NAME_0000.png with labelsTr/NAME.png (one image file per case, as nnU-Net reads
 natural 2D images; RGB here, set model.in_channels=1 for gray, and model.num_classes to the
-number of labels); nnU-Net's five folds (KFold over the sorted case names, shuffled with seed
-12345: its splits_final.json), `data.fold` 0..4 for each run, which `evaluate
+number of labels; for one gray file per channel, NAME_0000.png, NAME_0001.png, ..., as its
+dataset.json's channel_names count them, --config.data.image_suffix=_0000,_0001 and
+--config.model.in_channels=2); nnU-Net's five folds (KFold over the sorted case names,
+shuffled with seed 12345: its splits_final.json), `data.fold` 0..4 for each run, which `evaluate
 --cross_validation` pools; SGD with Nesterov momentum 0.99, weight decay 3e-5, learning rate
 1e-2 lowered as (1 - epoch / epochs) ** 0.9 at the start of each epoch of 250 steps, gradients
 clipped at norm 12; cross-entropy plus the soft Dice of the classes but 0 (do_bg=False) over

@@ -517,6 +517,120 @@ def test_nnunet_raw_layout_pairs_by_image_suffix(tmp_path):
       str(root), FolderLayout(images_dir='imagesTr', masks_dir='imagesTr', mask_suffix='_0000'))
 
 
+def _channel_cases(root, n=10, size=(20, 24)):
+  """nnU-Net's raw layout with two gray channel files per case: imagesTr/NAME_0000.png and
+  NAME_0001.png (case 1's second one 16-bit), labelsTr/NAME.png; the stacks, by NAME."""
+  os.makedirs(root / 'imagesTr'), os.makedirs(root / 'labelsTr')
+  rng = np.random.default_rng(5)
+  stacks = {}
+  for i in range(n):
+    labels = np.zeros(size, np.uint8)
+    labels[rng.integers(0, 10):, rng.integers(0, 10):] = 1
+    first = (rng.random(size) * 80 + labels * 90).astype(np.uint8)
+    second = (rng.random(size) * 200).astype(np.uint8)
+    Image.fromarray(first).save(root / 'imagesTr' / f'case{i}_0000.png')
+    if i == 1:  # (16-bit: scaled to 8 bits as one gray file is, rounding v / 257)
+      Image.fromarray(second.astype(np.uint16) * 257).save(root / 'imagesTr' / 'case1_0001.png')
+    else:
+      Image.fromarray(second).save(root / 'imagesTr' / f'case{i}_0001.png')
+    Image.fromarray(labels).save(root / 'labelsTr' / f'case{i}.png')
+    stacks[f'case{i}'] = np.stack([first, second], axis=-1)
+  return stacks
+
+
+def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path):
+  # nnU-Net names a case's channels NAME_0000, NAME_0001, ...: data.image_suffix lists them.
+  root = tmp_path / 'd'
+  stacks = _channel_cases(root)
+  layout = FolderLayout(images_dir='imagesTr', masks_dir='labelsTr', image_suffix='_0000,_0001')
+  pairs = find_pairs(str(root), layout)
+  assert pairs['test'] == [((str(root / 'imagesTr' / 'case0_0000.png'),
+                             str(root / 'imagesTr' / 'case0_0001.png')),
+                            str(root / 'labelsTr' / 'case0.png'))]
+  fields = {'data.name': 'image_folder', 'data.root': str(root),
+            'data.data_dir': str(tmp_path / 'tfds'), 'data.images_dir': 'imagesTr',
+            'data.masks_dir': 'labelsTr', 'data.image_suffix': '_0000,_0001',
+            'model.in_channels': 2, 'num_train_steps': 2, 'eval_every_steps': 2,
+            'checkpoint_every_steps': 2, 'batch_size': 8, 'augment.rotate_degrees': 30.0,
+            'augment.contrast': 0.3}
+  train_source, eval_source, info = input_pipeline.load_sources(tiny_config(**fields))
+  assert info.channels == 2 and info.mask_values == [0, 1] and info.num_train == 9
+  for record in (*train_source, *eval_source):
+    name = record['file_name'].decode()
+    assert name.endswith('_0000.png')
+    np.testing.assert_array_equal(record['image'], stacks[name[:-len('_0000.png')]])
+  # Trained (the turns and contrast of two channels) and scored as one image per case.
+  wd = str(tmp_path / 'wd')
+  metrics = train.train_and_evaluate(tiny_config(**fields), wd)
+  assert evaluate_checkpoint(wd)['dice'] == metrics['dice']
+  assert load_pretrained_with_metadata(wd)[0].in_channels == 2
+  # Refused, each in one line naming the file and what to do.
+  with pytest.raises(UserError, match=re.escape(
+      "dataset 'image_folder' has 2-channel images but model.in_channels=1; set "
+      '--config.model.in_channels=2')):
+    train.train_and_evaluate(tiny_config(**(fields | {'model.in_channels': 1})),
+                             str(tmp_path / 'wd1'))
+  for suffixes in ('_0000,', '_0000,_0000', '0,10'):
+    with pytest.raises(UserError, match=re.escape(
+        f"data.image_suffix={suffixes!r}: give one suffix per channel file, each non-empty, "
+        "distinct and not the end of another, e.g. '_0000,_0001'")):
+      find_pairs(str(root), FolderLayout(images_dir='imagesTr', masks_dir='labelsTr',
+                                         image_suffix=suffixes))
+  with pytest.raises(UserError, match=re.escape(
+      "imagesTr/case0_0001.png: an image not named NAME_0000.EXT (data.image_suffix='_0000'); "
+      'rename it, or set --config.data.image_suffix; if it is a channel of a case '
+      "(nnU-Net's NAME_0000, NAME_0001, ...), list each channel's suffix: "
+      '--config.data.image_suffix=_0000,_0001')):
+    find_pairs(str(root), FolderLayout(images_dir='imagesTr', masks_dir='labelsTr',
+                                       image_suffix='_0000'))
+  shutil.copy(root / 'imagesTr' / 'case2_0000.png', root / 'imagesTr' / 'case2_0002.png')
+  with pytest.raises(UserError, match=re.escape(
+      "imagesTr/case2_0002.png: an image not named NAME{_0000,_0001}.EXT (data.image_suffix="
+      "'_0000,_0001'); rename it, or set --config.data.image_suffix")):
+    find_pairs(str(root), layout)
+  os.remove(root / 'imagesTr' / 'case2_0002.png')
+  os.remove(root / 'imagesTr' / 'case3_0001.png')
+  with pytest.raises(UserError, match=re.escape(
+      "imagesTr/case3_0000.png: case 'case3' has no case3_0001.EXT (--config.data.image_suffix="
+      "_0000,_0001: one file per channel); add it, or leave the case's files out")):
+    find_pairs(str(root), layout)
+  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(root / 'imagesTr' / 'case3_0001.png')
+  with pytest.raises(UserError, match=re.escape(
+      'imagesTr/case3_0001.png: a colour image, but data.image_suffix lists one file per channel '
+      '(each a gray image); save each channel as a gray image, or give one suffix')):
+    scan(str(root), layout)
+  Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / 'imagesTr' / 'case3_0001.png')
+  with pytest.raises(UserError, match=re.escape(
+      f"imagesTr/case3_0001.png: is 20x20 but {root}/imagesTr/case3_0000.png is 24x20; the "
+      'channel files of a case must be one size')):
+    scan(str(root), layout)
+
+
+def test_images_of_two_channels_are_resized_turned_and_jittered_channel_by_channel():
+  # PIL's two-channel mode (LA) would resample the first channel weighted by the second, as by
+  # alpha: each channel goes through as a gray image, as one file per channel reads them.
+  from unet_jax.image_io import resize
+  from unet_jax.input_pipeline import _jitter
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (20, 24, 2), np.uint8)
+  image[..., 1] = np.where(rng.random((20, 24)) < 0.5, 0, image[..., 1])  # (an "alpha" of 0s)
+  mask = rng.integers(0, 3, (20, 24), np.uint8)
+  gray = [Image.fromarray(image[..., c], 'L') for c in range(2)]
+  want = np.stack([np.asarray(g.resize((13, 11), Image.BILINEAR)) for g in gray], axis=-1)
+  np.testing.assert_array_equal(resize(image, 11, 13, Image.BILINEAR), want)
+  turned, turned_mask = rotate(image, mask, 30.0)
+  want = np.stack([np.asarray(g.rotate(30.0, resample=Image.BILINEAR, fillcolor=0))
+                   for g in gray], axis=-1)
+  np.testing.assert_array_equal(turned, want)
+  np.testing.assert_array_equal(turned_mask, np.asarray(Image.fromarray(mask).rotate(
+      30.0, resample=Image.NEAREST, fillcolor=0)))
+  # ColorJitter's contrast blends towards the mean of the gray of RGB; here of every channel.
+  scaled = image / np.float32(255)
+  factor = np.float32(np.random.default_rng(1).uniform(0.7, 1.3))
+  want = np.clip(factor * scaled + (1 - factor) * scaled.mean(dtype=np.float32), 0, 1)
+  np.testing.assert_array_equal(_jitter(scaled, np.random.default_rng(1), 0.0, 0.3), want)
+
+
 def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path, monkeypatch):
   from sklearn.model_selection import KFold
 

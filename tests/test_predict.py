@@ -311,7 +311,9 @@ def test_cli_names_masks_as_nnunet_names_its_predictions(tmp_path, converted, ca
   capsys.readouterr()
   for extra, output, message in (
       (['--image_suffix', '_0001'], 'x', f'{tmp_path}/imagesTs/case_001_0000.png: not named '
-       'NAME_0001.EXT (--image_suffix _0001); rename it, or leave it out'),
+       "NAME_0001.EXT (--image_suffix _0001); rename it, or leave it out; if it is a channel of "
+       "a case (nnU-Net's NAME_0000, NAME_0001, ...), list each channel's suffix: "
+       '--image_suffix=_0000,_0001'),
       (['--mask_suffix', ''], 'imagesTs', f'{tmp_path}/imagesTs/case_001_0000.png: its mask would '
        f'be written over the input {tmp_path}/imagesTs/case_001_0000.png; choose another '
        '--output or --mask_suffix'),
@@ -430,6 +432,68 @@ def test_threshold_is_milesials_mask_threshold(tmp_path, converted, capsys):
   with pytest.raises(unet_jax.errors.UserError, match=r'threshold=0.7 is for binary models \(1 '
                      r'output channel\); this one has 2 classes and takes the argmax'):
     unet_jax.predict(two, init_variables(two, jax.random.key(0)), image, threshold=0.7)
+
+
+def test_cli_reads_one_gray_file_per_channel_as_nnunet_names_them(tmp_path, converted, capsys):
+  # imagesTs/NAME_0000.png and NAME_0001.png are the two channels of NAME, for a 2-channel model.
+  ref = move_off_init(SeedUNet(2, 3, base=4, depth=2), 2, 3, seed=4).eval()
+  state = ref.state_dict()
+  state['mask_values'] = [0, 100, 200]
+  torch.save(state, tmp_path / 'two.pth')
+  two = torch_to_flax(str(tmp_path / 'two.pth'), str(tmp_path / 'two'))
+  os.makedirs(tmp_path / 'imagesTs')
+  rng = np.random.default_rng(4)
+  stacks = {}
+  for name, (h, w) in (('case_001', (24, 28)), ('case_002', (32, 20))):
+    stacks[name] = (rng.random((h, w, 2)) * 255).astype(np.uint8)
+    for c in range(2):
+      _write(tmp_path / 'imagesTs' / f'{name}_000{c}.png', stacks[name][..., c])
+  argv = [str(tmp_path / 'imagesTs'), '--checkpoint', str(two), '--image_suffix', '_0000,_0001',
+          '--mask_suffix', '']
+  assert main([*argv, '--output', str(tmp_path / 'out'), '--probabilities', '--overlay']) == 0
+  assert 'wrote 2 mask(s)' in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      f'{n}{end}' for n in stacks for end in ('.png', '_overlay.png', '_prob.npy')]
+  for name, stack in stacks.items():
+    with torch.no_grad():
+      x = torch.from_numpy(stack / np.float32(255)).permute(2, 0, 1)[None]
+      want = torch.softmax(ref(x), 1)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / 'out' / f'{name}_prob.npy'), want, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'{name}.png')),
+                                  np.asarray([0, 100, 200])[want.argmax(-1)])
+  # Refused in one line, nothing written (nor over an input).
+  capsys.readouterr()
+  folder = f'{tmp_path}/imagesTs'
+  for args, output, message in (
+      ([str(tmp_path / 'imagesTs'), '--checkpoint', str(two)], 'x', "the model takes 2 "
+       'channels; one file gives 1 (gray) or 3 (RGB): give one gray file per channel, named by '
+       "--image_suffix (e.g. _0000,_0001 for nnU-Net's NAME_0000.png, NAME_0001.png)"),
+      ([str(tmp_path / 'imagesTs'), '--checkpoint', str(two), '--image_suffix', '_0000'], 'x',
+       f'{folder}/case_001_0001.png: not named NAME_0000.EXT (--image_suffix _0000); rename it, '
+       "or leave it out; if it is a channel of a case (nnU-Net's NAME_0000, NAME_0001, ...), "
+       "list each channel's suffix: --image_suffix=_0000,_0001"),
+      ([str(tmp_path / 'imagesTs'), '--checkpoint', str(converted), '--image_suffix',
+        '_0000,_0001'], 'x', '--image_suffix _0000,_0001 names 2 channel files per case, but '
+       'the model takes 1 channels'),
+      ([*argv[:4], '_0000,_0001,_0002'], 'x', f"{folder}/case_001_0000.png: case 'case_001' has "
+       'no case_001_0002.EXT (--image_suffix=_0000,_0001,_0002: one file per channel); add it, '
+       "or leave the case's files out"),
+      ([*argv[:6], '_0001'], 'imagesTs', f'{folder}/case_001_0000.png: its mask would be written '
+       f'over the input {folder}/case_001_0001.png; choose another --output or --mask_suffix')):
+    code = main([*args, '--output', str(tmp_path / output)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f'error: {message}', err
+    assert output == 'imagesTs' or not (tmp_path / output).exists()
+  assert len(os.listdir(tmp_path / 'imagesTs')) == 4
+  for bad, message in (
+      (np.zeros((24, 28, 3), np.uint8), 'a colour (RGB) image, but --image_suffix names one file '
+       'per channel (each a gray image); save each channel as a gray image'),
+      (np.zeros((24, 20), np.uint8), f'is 20x24 but {folder}/case_001_0000.png is 28x24; the '
+       'channel files of a case must be one size')):
+    _write(tmp_path / 'imagesTs' / 'case_001_0001.png', bad)
+    assert main([*argv, '--output', str(tmp_path / 'y')]) == 2
+    assert capsys.readouterr().err.strip() == f'error: {folder}/case_001_0001.png: {message}'
+    assert not (tmp_path / 'y').exists()
 
 
 def _converted_net(tmp_path, name, num_classes, base, depth, seed, mask_values):

@@ -8,6 +8,7 @@ medical image into an almost white one; here 16 bits are scaled to 8 (65535 -> 2
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,88 @@ def files_by_name(folder: str, suffix: str = '', misnamed: Callable[[str], str] 
       raise UserError(f'{found[stem]} and {path}: two files for {stem!r}; keep one')
     found[stem] = path
   return found
+
+
+def image_suffixes(text: str, flag: str) -> tuple[str, ...]:
+  """An image suffix setting (`flag`: where it was given, for refusals) as its suffixes: one
+  (or '') for one image file per case, gray or RGB; several, comma-separated, for one gray file
+  per channel, in the network's channel order: nnU-Net's `_0000,_0001` reads NAME_0000.png and
+  NAME_0001.png as the two channels of case NAME."""
+  suffixes = tuple(text.split(','))
+  if len(suffixes) == 1:
+    return suffixes
+  if not all(suffixes) or len(set(suffixes)) < len(suffixes) or any(
+      a != b and a.endswith(b) for a in suffixes for b in suffixes):
+    raise UserError(f'{flag}={text!r}: give one suffix per channel file, each non-empty, '
+                    "distinct and not the end of another, e.g. '_0000,_0001'")
+  return suffixes
+
+
+def _channel_hint(stem: str, suffixes: Sequence[str], flag: str) -> str:
+  """Where a file misses the one image suffix as another channel's file of nnU-Net's naming
+  would (NAME_0001 beside _0000): how to read such files as channels."""
+  channel = re.compile(r'_\d{4}')
+  if len(suffixes) != 1 or not channel.fullmatch(suffixes[0]) or not channel.fullmatch(stem[-5:]):
+    return ''
+  listed = ','.join(sorted((suffixes[0], stem[-5:])))  # (channels in nnU-Net's order)
+  return (f"; if it is a channel of a case (nnU-Net's NAME_0000, NAME_0001, ...), list each "
+          f"channel's suffix: {flag}={listed}")
+
+
+def cases_by_name(folder: str, suffixes: Sequence[str], misnamed: Callable[[str], str],
+                  flag: str, keep: Callable[[str], bool] | None = None,
+                  ) -> dict[str, str | tuple[str, ...]]:
+  """NAME -> the image file of each case in `folder` (`files_by_name` for one suffix of
+  `image_suffixes`), or for several suffixes the tuple of its channels' files
+  (`channel_cases`); `misnamed`, `flag`: as channel_cases takes them."""
+  if len(suffixes) == 1:
+    return files_by_name(folder, suffixes[0], with_channel_hint(misnamed, suffixes, flag), keep)
+  return channel_cases(list(files_by_name(folder, '', None, keep).values()), suffixes, misnamed,
+                       flag)
+
+
+def channel_cases(paths: Sequence[str], suffixes: Sequence[str],
+                  misnamed: Callable[[str], str], flag: str) -> dict[str, tuple[str, ...]]:
+  """NAME -> the tuple of a case's channel files among `paths`, NAME{suffix}.EXT for each of
+  `suffixes` in order, each of which it must have, sorted by NAME. A file without one of them
+  is refused with `misnamed(path)` (and how to read it, where its name is another channel's);
+  `flag`: the setting of the suffixes, for refusals."""
+  refused = with_channel_hint(misnamed, suffixes, flag)
+  cases: dict[str, list[str | None]] = {}
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    k = next((k for k, s in enumerate(suffixes) if stem.endswith(s)), None)
+    if k is None:
+      raise UserError(refused(path))
+    case = cases.setdefault(stem[:-len(suffixes[k])], [None] * len(suffixes))
+    if case[k] is not None:
+      raise UserError(f'{case[k]} and {path}: two files for {stem!r}; keep one')
+    case[k] = path
+  for name, files in cases.items():
+    for suffix, path in zip(suffixes, files, strict=True):
+      if path is None:
+        raise UserError(f'{next(p for p in files if p)}: case {name!r} has no {name}{suffix}.EXT '
+                        f"({flag}={','.join(suffixes)}: one file per channel); add it, or leave "
+                        "the case's files out")
+  return {name: tuple(cases[name]) for name in sorted(cases)}
+
+
+def with_channel_hint(misnamed: Callable[[str], str], suffixes: Sequence[str], flag: str,
+                   ) -> Callable[[str], str]:
+  """`misnamed`, with how to read the file where its name is another channel's (_channel_hint)."""
+  return lambda path: misnamed(path) + _channel_hint(
+      os.path.splitext(os.path.basename(path))[0], suffixes, flag)
+
+
+def first_file(image: str | tuple[str, ...]) -> str:
+  """A case's image file, or of one file per channel the first channel's (it names the case)."""
+  return image if isinstance(image, str) else image[0]
+
+
+def drawable(image: np.ndarray) -> np.ndarray:
+  """An (H, W, C) image as RGB to draw: itself when C is 3, else its first channel in gray
+  (a gray image; of one file per channel, the first)."""
+  return image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1)
 
 
 def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
@@ -162,12 +245,14 @@ def resample_filter(name: str) -> int:
 def resize(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
   """H x W (x C) -> height x width with PIL's `resample` filter, as training resizes.
 
-  uint8 gray or RGB arrays are resized as PIL images of that kind (training's images and masks);
-  others (float images, logits) channel by channel as 32-bit float images."""
+  uint8 gray or RGB arrays are resized as PIL images of that kind (training's images and masks),
+  uint8 of other channel counts channel by channel as gray ones (PIL's 2- and 4-channel modes
+  would weigh the others by the last, as by alpha); others (float images, logits) channel by
+  channel as 32-bit float images."""
   from PIL import Image
   if array.shape[:2] == (height, width):
     return array
-  if array.ndim == 3 and (array.shape[-1] == 1 or array.dtype != np.uint8):
+  if array.ndim == 3 and (array.shape[-1] != 3 or array.dtype != np.uint8):
     return np.stack([resize(array[..., c], height, width, resample)
                      for c in range(array.shape[-1])], axis=-1)
   if array.dtype != np.uint8:

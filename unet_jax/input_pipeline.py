@@ -334,8 +334,14 @@ def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int 
   their size (torchvision's `rotate(expand=False)`), and with `scale` enlarged (> 1) or shrunk
   (< 1) about it in the same resampling (torchvision's `affine(angle, translate=(0, 0), scale,
   shear=0)`): the image bilinear, the mask nearest (no blended labels); what comes in from
-  outside is black, with label `fill_label`."""
+  outside is black, with label `fill_label`. An image of other than 1 or 3 channels (one file
+  per channel) is turned channel by channel (PIL's 2- and 4-channel modes would weigh the
+  others by the last, as by alpha)."""
   from PIL import Image
+  if image.shape[-1] not in (1, 3):
+    channels = [rotate(image[..., c:c + 1], mask, degrees, fill_label, scale)
+                for c in range(image.shape[-1])]
+    return np.concatenate([c for c, _ in channels], axis=-1), channels[0][1]
   gray = image.shape[-1] == 1
   pictures = Image.fromarray(image[..., 0] if gray else image), Image.fromarray(mask)
   fills = 0 if gray else (0, 0, 0), fill_label
@@ -368,8 +374,8 @@ def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, cont
             brightness_prob: float = 1.0, contrast_prob: float = 1.0) -> np.ndarray:
   """torchvision's ColorJitter brightness then contrast: factors drawn from [1 - b, 1 + b],
   `image * factor`, then the blend `factor * image + (1 - factor) * mean`, the mean of the
-  image's grayscale (ITU-R 601 weights for RGB); each clipped to [0, 1], each applied with its
-  probability."""
+  image's grayscale (ITU-R 601 weights for RGB; other channel counts: of all channels); each
+  clipped to [0, 1], each applied with its probability."""
   if brightness:
     applied = applies(rng, brightness_prob)
     factor = np.float32(rng.uniform(1 - brightness, 1 + brightness))
@@ -379,7 +385,8 @@ def _jitter(image: np.ndarray, rng: np.random.Generator, brightness: float, cont
     applied = applies(rng, contrast_prob)
     factor = np.float32(rng.uniform(1 - contrast, 1 + contrast))
     if applied:
-      gray = image[..., 0] if image.shape[-1] == 1 else image @ np.float32([0.299, 0.587, 0.114])
+      # (other than RGB: the mean of every channel, as of a gray image's one)
+      gray = image @ np.float32([0.299, 0.587, 0.114]) if image.shape[-1] == 3 else image
       image = np.clip(factor * image + (1 - factor) * gray.mean(dtype=np.float32), 0, 1)
   return image.astype(np.float32)
 

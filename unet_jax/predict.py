@@ -30,13 +30,18 @@ from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
     IMAGE_SUFFIXES,
+    channel_cases,
+    drawable,
     eight_bit,
+    first_file,
     height_width,
+    image_suffixes,
     mask_colours,
     parse_size,
     resample_filter,
     resize,
     size_text,
+    with_channel_hint,
     zscore,
 )
 from unet_jax.losses import predict_classes
@@ -274,20 +279,20 @@ def _collect(inputs: Sequence[str]) -> list[str]:
 
 
 def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
-                  mask_suffix: str = '_mask', also: Sequence[tuple[str, str]] = ()
-                  ) -> list[str]:
+                  mask_suffix: str = '_mask', also: Sequence[tuple[str, str]] = (),
+                  inputs: Sequence[str] = ()) -> list[str]:
   """Each input's NAME, its file name without extension and `image_suffix` (which it must
   have), for NAME{mask_suffix}.png in `output`, and each (what, ending) of `also` as
   NAME{ending} (e.g. ('overlay', '_overlay.png')); refuses two inputs of one NAME and a file
-  that would be written over an input."""
+  that would be written over an input (of `files`, or of `inputs`: every channel file)."""
   names, written_by = [], {}
-  inputs = {os.path.realpath(f) for f in files}
+  inputs = {os.path.realpath(f) for f in (*files, *inputs)}
   for f in files:
     name = os.path.splitext(os.path.basename(f))[0]
     if image_suffix:
       if not name.endswith(image_suffix):
-        raise UserError(f'{f}: not named NAME{image_suffix}.EXT (--image_suffix '
-                        f'{image_suffix}); rename it, or leave it out')
+        raise UserError(with_channel_hint(_misnamed(image_suffix), [image_suffix],
+                                          '--image_suffix')(f))
       name = name[:-len(image_suffix)]
     mask = f'{name}{mask_suffix}.png'
     if name in written_by:
@@ -303,20 +308,45 @@ def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
   return names
 
 
-def _read_image(path: str, channels: int) -> np.ndarray:
+def _misnamed(image_suffix: str) -> Callable[[str], str]:
+  """The refusal of an input file not named as --image_suffix says."""
+  named = f'{{{image_suffix}}}' if ',' in image_suffix else image_suffix
+  return lambda f: (f'{f}: not named NAME{named}.EXT (--image_suffix {image_suffix}); rename '
+                    'it, or leave it out')
+
+
+def _read_case(case: str | tuple[str, ...], channels: int) -> np.ndarray:
+  """An input's (H, W, C) uint8 image: its file (`_read_image`), or the stack of its channels'
+  gray files, which must be one size."""
+  if isinstance(case, str):
+    return _read_image(case, channels)
+  stack = [_read_image(path, 1, channel_file=True) for path in case]
+  for path, channel in zip(case[1:], stack[1:], strict=True):
+    if channel.shape != stack[0].shape:
+      raise UserError(f'{path}: is {channel.shape[1]}x{channel.shape[0]} but {case[0]} is '
+                      f'{stack[0].shape[1]}x{stack[0].shape[0]}; the channel files of a case '
+                      'must be one size')
+  return np.concatenate(stack, axis=-1)
+
+
+def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
       im.load()
       gray = im.mode in ('L', 'I', 'I;16', 'F', '1', 'LA')
+      if channel_file and not gray:
+        raise UserError(f'{path}: a colour ({im.mode}) image, but --image_suffix names one file '
+                        'per channel (each a gray image); save each channel as a gray image')
       if channels == 1 and not gray:
         raise UserError(f'{path}: is a colour ({im.mode}) image but the model takes 1 channel '
                         '(grayscale); convert it or use a model trained on RGB')
       if channels == 3 and gray:
         raise UserError(f'{path}: is a grayscale image but the model takes 3 channels (RGB)')
       if channels not in (1, 3):
-        raise UserError(f'the model takes {channels} channels; only 1 (gray) or 3 (RGB) images '
-                        'can be read from files')
+        raise UserError(f'the model takes {channels} channels; one file gives 1 (gray) or 3 '
+                        '(RGB): give one gray file per channel, named by --image_suffix (e.g. '
+                        "_0000,_0001 for nnU-Net's NAME_0000.png, NAME_0001.png)")
       arr = np.asarray(eight_bit(im, path).convert('L' if channels == 1 else 'RGB'))
   except UnidentifiedImageError:
     raise UserError(f'{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, GIF)') from None
@@ -354,7 +384,7 @@ def _class_colours(classes: int, mask_values: list, palette: Sequence[int] = ())
 
 def _overlay(image: np.ndarray, classes: np.ndarray, colours: np.ndarray) -> np.ndarray:
   """The image with every class but 0 (the background, by the sorted values) tinted."""
-  rgb = np.repeat(image, 3, -1) if image.shape[-1] == 1 else image[..., :3]
+  rgb = drawable(image)
   alpha = np.where(classes[..., None] > 0, 0.45, 0.0)
   return (rgb * (1 - alpha) + colours[classes] * alpha).astype(np.uint8)
 
@@ -373,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "NAME.png, as nnU-Net names its predictions)")
   p.add_argument('--image_suffix', default='',
                  help="taken off each input's NAME, which must end with it (nnU-Net's _0000: "
-                      "imagesTs/NAME_0000.png gives NAME{mask_suffix}.png)")
+                      "imagesTs/NAME_0000.png gives NAME{mask_suffix}.png); several, "
+                      "comma-separated, name one gray file per channel (_0000,_0001: "
+                      "NAME_0000.png and NAME_0001.png are the channels of NAME)")
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
   p.add_argument('--tile', type=parse_size, default=None,
                  help='run large images in overlapping tiles of TILE x TILE (or HEIGHTxWIDTH) '
@@ -414,15 +446,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     post = PostProcessing(args.largest_component, args.min_region_size)
     files = _collect(args.inputs)
+    suffixes = image_suffixes(args.image_suffix, '--image_suffix')
     also = ([('overlay', '_overlay.png')] if args.overlay else []) + (
         [('probabilities', '_prob.npy')] if args.probabilities else [])
-    names = _output_names(files, args.output, args.image_suffix, args.mask_suffix, also)
+    if len(suffixes) > 1:  # (one gray file per channel: a case is the tuple of its files)
+      cases = list(channel_cases(files, suffixes, _misnamed(args.image_suffix),
+                                 '--image_suffix').values())
+    else:
+      cases = files
+    names = _output_names([first_file(c) for c in cases], args.output, suffixes[0],
+                          args.mask_suffix, also, inputs=files)
     if args.overlay and args.mask_suffix == '_overlay':
       raise UserError('--mask_suffix _overlay would write the masks and the overlays (--overlay) '
                       'to the same files; choose another suffix')
     loaded = load_one_task(args.checkpoint, args.normalize)
     model, _, meta = loaded[0]
     members = [(m, v) for m, v, _ in loaded]
+    if len(suffixes) > 1 and len(suffixes) != model.in_channels:
+      raise UserError(f'--image_suffix {args.image_suffix} names {len(suffixes)} channel files '
+                      f'per case, but the model takes {model.in_channels} channels')
     # Each member at its run's size and filter (a workdir's recorded size: an int, or
     # [height, width]; a converted checkpoint records none), unless --size says.
     sizes = [m.get('image_size', 0) if args.size is None else args.size for _, _, m in loaded]
@@ -442,10 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every file is read (decoded) to check it before anything is written, but only its shape
     # is kept: the images are read again a batch at a time, so memory holds one batch of images
     # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
-    shapes = [_read_image(f, model.in_channels).shape for f in files]
-    for f, shape in zip(files, shapes, strict=True):
+    shapes = [_read_case(c, model.in_channels).shape for c in cases]
+    for c, shape in zip(cases, shapes, strict=True):
       if not all(sizes) and min(shape[:2]) < 2**depth:
-        raise UserError(f'{f}: {shape[1]}x{shape[0]} is smaller than the model\'s '
+        raise UserError(f'{first_file(c)}: {shape[1]}x{shape[0]} is smaller than the model\'s '
                         f'minimum {2**depth}x{2**depth}')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
       raise UserError(f'{args.output}: exists and is not a folder; choose another --output')
@@ -462,10 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())
     colours = _class_colours(max(model.num_classes, 2), mask_values, palette)
     # (a bar in a terminal; into a log file it would write each refresh)
-    with tqdm(total=len(files), unit='image',
-              disable=len(files) < 4 or not sys.stderr.isatty()) as bar:
+    with tqdm(total=len(cases), unit='image',
+              disable=len(cases) < 4 or not sys.stderr.isatty()) as bar:
       for indices in batches:
-        batch = np.stack([_read_image(files[i], model.in_channels) for i in indices])
+        batch = np.stack([_read_case(cases[i], model.in_channels) for i in indices])
         if len(members) == 1:  # (thresholds the logits, as training's evaluation does)
           logits = predict_logits(model, members[0][1], batch, size=sizes[0] or None,
                                   tile=args.tile, overlap=args.overlap, tta=args.tta,
@@ -512,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     how += ', its logits averaged over flips'
   if len(members) > 1:
     how += f', the mean probabilities of {len(members)} checkpoints'
-  print(f'wrote {len(files)} mask(s) to {os.path.abspath(args.output)} ({how})')
+  print(f'wrote {len(cases)} mask(s) to {os.path.abspath(args.output)} ({how})')
   return 0
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax.image_io import drawable
+
 
 def float32_decimal(x: Any) -> float:
   """A float32 value as its shortest decimal: 0.0006, not 0.000599999912083149 (the float32
@@ -149,7 +151,7 @@ class Reporter:
       if low < 0 or high > 1:  # (data.normalize='zscore': drawn over its own range)
         img = (img - low) / max(high - low, 1e-8)
       img = np.clip(img * 255, 0, 255).astype(np.uint8)
-      img = np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
+      img = drawable(img)
       def colour(m):  # ignored pixels (-1, data.ignore_value) in magenta
         if colours is None:
           drawn = np.repeat((np.maximum(m, 0) * (255 // levels)).astype(np.uint8)[..., None], 3,

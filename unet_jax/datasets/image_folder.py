@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -36,19 +37,21 @@ import tensorflow_datasets as tfds
 
 from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
-from unet_jax.image_io import eight_bit, files_by_name
+from unet_jax.image_io import cases_by_name, eight_bit, files_by_name, first_file, image_suffixes
 
 # JPEG's compression blends a mask's labels at its edges into new values, each of which would
 # be a class: named when a dataset's masks hold more values than the model has classes.
 LOSSY_SUFFIXES = ('.jpg', '.jpeg')
+# A pair's image: its file, or with several image suffixes its channels' files (FolderLayout).
+ImagePaths = str | tuple[str, ...]
 UNSPLIT = 'pairs'  # the one prepared split of a folder without train/ and test/ ('all' is tfds's)
 
 
 @dataclasses.dataclass(frozen=True)
 class FolderScan:
-  splits: dict[str, list[tuple[str, str]]]  # as prepared (unsplit_pairs): 'pairs', or train/test
+  splits: dict[str, list[tuple[ImagePaths, str]]]  # as prepared (unsplit_pairs)
   mask_values: list  # sorted: gray values or palette indices, or [R, G, B] colours
-  channels: int  # 1 if every image is gray, else 3
+  channels: int  # 1 if every image is gray, else 3; the files per case for one per channel
   palette: list  # every mask a palette image: the first one's palette (R G B per index); else []
   lossy_mask: str  # the first JPEG mask, '' if none
 
@@ -60,7 +63,8 @@ class FolderLayout:
   for evaluation: `holdout_percent` of them, or with `num_folds` > 0 the `fold`-th of that many
   blocks, cut from the pairs in name order or, with a `fold_seed` (-1: none), shuffled with it
   first (scikit-learn's KFold(shuffle=True, random_state=fold_seed), as nnU-Net cuts its folds
-  with 12345)."""
+  with 12345). Several image suffixes, comma-separated, name one gray file per channel
+  (`images/NAME_0000.png`, `images/NAME_0001.png` for '_0000,_0001', as nnU-Net names them)."""
   images_dir: str = 'images'
   masks_dir: str = 'masks'
   mask_suffix: str = ''
@@ -79,30 +83,43 @@ class FolderLayout:
     """Of a file in the one folder of images and masks: whether it is a mask, by its name."""
     if self.mask_suffix:
       return stem.endswith(self.mask_suffix)
-    return not stem.endswith(self.image_suffix)
+    return not stem.endswith(self.image_suffixes)
+
+  @property
+  def image_suffixes(self) -> tuple[str, ...]:
+    """image_suffix's suffixes: several (comma-separated) name one gray file per channel."""
+    return image_suffixes(self.image_suffix, 'data.image_suffix')
 
 
-def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, str]:
-  """NAME -> path of the folder's images, or with `masks` of its masks. NAME is the file name
+def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, ImagePaths]:
+  """NAME -> path of the folder's images (with several image suffixes, the tuple of a case's
+  channel files: image_io.cases_by_name), or with `masks` of its masks. NAME is the file name
   without its extension and without layout.image_suffix (layout.mask_suffix for a mask), which
   every image (mask) must have; where images and masks share a folder, a suffix tells them
   apart."""
-  suffix, field, kind = ((layout.mask_suffix, 'mask_suffix', 'a mask') if masks
-                         else (layout.image_suffix, 'image_suffix', 'an image'))
   if not os.path.isdir(folder):
     raise UserError(f'{folder}: no such folder (expected {layout.images_dir}/ and '
                     f'{layout.masks_dir}/ side by side)')
-  return files_by_name(
-      folder, suffix, lambda path: (f'{path}: {kind} not named NAME{suffix}.EXT (data.{field}='
-                                    f'{suffix!r}); rename it, or set --config.data.{field}'),
-      # (where images and masks share a folder, the other kind's files are skipped)
-      (lambda stem: layout.is_mask(stem) == masks) if layout.one_folder else None)
+  # (where images and masks share a folder, the other kind's files are skipped)
+  keep = (lambda stem: layout.is_mask(stem) == masks) if layout.one_folder else None
+  field, kind = ('mask_suffix', 'a mask') if masks else ('image_suffix', 'an image')
+  suffix = layout.mask_suffix if masks else layout.image_suffix
+  named = f'{{{suffix}}}' if ',' in suffix else suffix
+
+  def misnamed(path: str) -> str:
+    return (f'{path}: {kind} not named NAME{named}.EXT (data.{field}={suffix!r}); rename it, or '
+            f'set --config.data.{field}')
+
+  if masks:
+    return files_by_name(folder, suffix, misnamed, keep)
+  return cases_by_name(folder, layout.image_suffixes, misnamed, '--config.data.image_suffix', keep)
 
 
 def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
-               ) -> dict[str, list[tuple[str, str]]]:
-  """split ('train', 'test') -> [(image path, mask path)], checking that every image has a mask
-  and vice versa: the folder's own train/ and test/, or the layout's split of its pairs."""
+               ) -> dict[str, list[tuple[ImagePaths, str]]]:
+  """split ('train', 'test') -> [(image path or paths, mask path)], checking that every image
+  has a mask and vice versa: the folder's own train/ and test/, or the layout's split of its
+  pairs."""
   pairs = unsplit_pairs(root, layout)
   if UNSPLIT not in pairs:
     return pairs
@@ -111,7 +128,7 @@ def find_pairs(root: str, layout: FolderLayout = FolderLayout(),
 
 
 def unsplit_pairs(root: str, layout: FolderLayout = FolderLayout(),
-                  ) -> dict[str, list[tuple[str, str]]]:
+                  ) -> dict[str, list[tuple[ImagePaths, str]]]:
   """What is prepared: {'train': ..., 'test': ...} for a folder with train/ and test/, else
   {'pairs': every pair}, sorted by name (split_indices picks the held-out ones)."""
   root = os.path.abspath(root)
@@ -129,12 +146,12 @@ def unsplit_pairs(root: str, layout: FolderLayout = FolderLayout(),
     masks = _list(os.path.join(root, sub, layout.masks_dir), layout, masks=True)
     for stem in images:
       if stem not in masks:
-        raise UserError(f'{images[stem]}: has no mask (expected {layout.masks_dir}/{stem}'
-                        f'{layout.mask_suffix}.png or similar)')
+        raise UserError(f'{first_file(images[stem])}: has no mask (expected '
+                        f'{layout.masks_dir}/{stem}{layout.mask_suffix}.png or similar)')
     for stem in masks:
       if stem not in images:
         raise UserError(f'{masks[stem]}: has no image (expected {layout.images_dir}/{stem}'
-                        f'{layout.image_suffix}.png or similar)')
+                        f'{layout.image_suffixes[0]}.png or similar)')
     if not images:
       raise UserError(f'{os.path.join(root, sub, layout.images_dir)}: no PNG/JPEG/TIFF/BMP/GIF '
                       'images found')
@@ -286,9 +303,10 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   lossy = ''  # the first JPEG mask
   turned: list[str] = []  # images with an EXIF orientation, read as stored
   for pairs in splits.values():
-    for image_path, mask_path in pairs:
+    for image_paths, mask_path in pairs:
       orientation: list[int] = []
-      image = _read(image_path, orientations=orientation)
+      image_path = first_file(image_paths)
+      image = _read_case(image_paths, orientations=orientation)
       mask = _read(mask_path, mask=True, palettes=palettes)
       if image.shape[:2] != mask.shape[:2]:
         raise UserError(f'{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is '
@@ -296,7 +314,8 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
                         f'{_turned_hint(orientation[0], image, mask)}')
       if orientation[0] != 1:
         turned.append(f'{image_path} ({orientation[0]})')
-      channels = max(channels, 1 if image.ndim == 2 else 3)
+      channels = (len(image_paths) if isinstance(image_paths, tuple)
+                  else max(channels, 1 if image.ndim == 2 else 3))
       rgb_masks |= mask.ndim == 3
       values.update(np.unique(_mask_keys(mask)).tolist())
       if not lossy and mask_path.lower().endswith(LOSSY_SUFFIXES):
@@ -313,6 +332,37 @@ def scan(root: str, layout: FolderLayout = FolderLayout()) -> FolderScan:
   every_mask_paletted = len(palettes) == sum(map(len, splits.values()))
   palette = list(palettes[0] or []) if every_mask_paletted else []
   return FolderScan(splits, mask_values, channels, palette, lossy)
+
+
+def _read_case(paths: ImagePaths, orientations: list | None = None) -> np.ndarray:
+  """A case's image (`_read`); for one file per channel (a tuple of paths) the (H, W, C) stack
+  of its gray channel files, which must be one size (the first one's orientation appended)."""
+  if isinstance(paths, str):
+    return _read(paths, orientations=orientations)
+  channels = []
+  for path in paths:
+    channel = _read(path, orientations=orientations if not channels else None)
+    if channel.ndim != 2:
+      raise UserError(f'{path}: a colour image, but data.image_suffix lists one file per channel '
+                      '(each a gray image); save each channel as a gray image, or give one suffix')
+    if channels and channel.shape != channels[0].shape:
+      raise UserError(f'{path}: is {channel.shape[1]}x{channel.shape[0]} but {paths[0]} is '
+                      f'{channels[0].shape[1]}x{channels[0].shape[0]}; the channel files of a '
+                      'case must be one size')
+    channels.append(channel)
+  return np.stack(channels, axis=-1)
+
+
+def _stacked_bytes(stack: np.ndarray) -> bytes:
+  """A case's channel stack as a prepared record holds it: zlib of its .npy (read back by
+  `_unstacked`, without pickles)."""
+  out = io.BytesIO()
+  np.save(out, stack, allow_pickle=False)
+  return zlib.compress(out.getvalue(), 1)
+
+
+def _unstacked(data: bytes) -> np.ndarray:
+  return np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False)
 
 
 def _turned_hint(orientation: int, image: np.ndarray, mask: np.ndarray) -> str:
@@ -391,7 +441,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(
             mask_values=self._scan.mask_values, root=self._root,
             mask_palette=self._scan.palette, lossy_mask=self._scan.lossy_mask,
-            channels=self._scan.channels),
+            channels=self._scan.channels, channel_files=self._channel_files),
         disable_shuffling=True,  # (records in the order generated: pairs sorted by name)
     )
 
@@ -399,12 +449,14 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     """'train' and 'test' -> their records with images and masks decoded: the prepared splits,
     or the layout's split of the prepared `pairs`."""
     channels = self.info.metadata['channels']
+    stacked = self.info.metadata.get('channel_files', 1) > 1
     prepared = self.as_data_source()
     if UNSPLIT not in prepared:
       check_own_splits(self._root, self._layout)
-      return {split: DecodedFolderSource(source, channels) for split, source in prepared.items()}
+      return {split: DecodedFolderSource(source, channels, stacked=stacked)
+              for split, source in prepared.items()}
     every = prepared[UNSPLIT]
-    return {split: DecodedFolderSource(every, channels, indices)
+    return {split: DecodedFolderSource(every, channels, indices, stacked)
             for split, indices in split_indices(len(every), self._layout, self._root).items()}
 
   def _split_generators(self, dl_manager):
@@ -415,14 +467,22 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     from PIL import Image
     sorted_keys = np.asarray(self._sorted_keys(), np.int64)
     for key, (image_path, mask_path) in enumerate(pairs):  # (the key orders the records)
-      with open(image_path, 'rb') as f:  # (kept as it is: scan has decoded it once)
-        image = f.read()
+      if isinstance(image_path, tuple):  # (one file per channel: their stack)
+        image = _stacked_bytes(_read_case(image_path))
+      else:
+        with open(image_path, 'rb') as f:  # (kept as it is: scan has decoded it once)
+          image = f.read()
       mask_keys = _mask_keys(_read(mask_path, mask=True))
       ids = np.searchsorted(sorted_keys, mask_keys).astype(np.uint8)  # all keys are known
       mask = io.BytesIO()
       Image.fromarray(ids, 'L').save(mask, format='PNG', compress_level=1)
-      name = os.path.basename(image_path)
+      name = os.path.basename(first_file(image_path))
       yield key, {'image': image, 'mask': mask.getvalue(), 'file_name': name}
+
+  @property
+  def _channel_files(self) -> int:
+    """Files per case: 1, or one per channel for several image suffixes."""
+    return len(self._layout.image_suffixes)
 
   def _sorted_keys(self) -> list[int]:
     return [mask_value_key(v) for v in self._scan.mask_values]
@@ -431,11 +491,13 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 class DecodedFolderSource:
   """A prepared split of an image folder (or, with `indices`, those records of it), each record
   decoded as the folder's files read: `image` (H, W, C) uint8 (gray repeated to RGB where the
-  folder has colour images), `mask` (H, W, 1) class ids, `file_name`. Random access, as grain
+  folder has colour images; with `stacked`, the stack of a case's channel files), `mask`
+  (H, W, 1) class ids, `file_name` (of a stack, its first channel's). Random access, as grain
   reads a data source."""
 
-  def __init__(self, source: Any, channels: int, indices: list[int] | None = None):
-    self._source, self._channels = source, channels
+  def __init__(self, source: Any, channels: int, indices: list[int] | None = None,
+               stacked: bool = False):
+    self._source, self._channels, self._stacked = source, channels, stacked
     self._indices = None if indices is None else tuple(indices)
 
   def __len__(self) -> int:
@@ -448,7 +510,10 @@ class DecodedFolderSource:
     from PIL import Image
     record = self._source[index if self._indices is None else self._indices[index]]
     name = record['file_name']
-    image = _read(name.decode() if isinstance(name, bytes) else str(name), data=record['image'])
+    if self._stacked:
+      image = _unstacked(record['image'])
+    else:
+      image = _read(name.decode() if isinstance(name, bytes) else str(name), data=record['image'])
     if image.ndim == 2:
       image = image[..., None]
     if image.shape[-1] != self._channels:
