@@ -208,6 +208,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: stop (and save) once the eval Dice has not improved for this many evaluations in a row
   config.early_stop_patience = 0
   config.on_nonfinite = 'skip'   # non-finite loss/gradient: 'skip' the update, or 'stop' the run
+  # (first, last): trace those steps with JAX's profiler into WORKDIR/plugins/profile, for
+  # TensorBoard's Profile tab or ui.perfetto.dev (unet_jax/profiling.py); (): none
+  config.profile_steps = ()
   # Start from these weights instead of random ones (fine-tuning): a PyTorch state_dict file, a
   # converted checkpoint directory or a training workdir, its model fields equal to
   # config.model's. A resumed run takes its own checkpoint's weights instead.

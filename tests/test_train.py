@@ -436,6 +436,41 @@ def test_one_step_run_without_sample_images(tmp_path):
   assert load_pretrained_with_metadata(str(workdir))[2]['step'] == 1
 
 
+def test_profile_steps_trace_those_steps_for_tensorboard_and_perfetto(tmp_path, capsys):
+  import glob
+  import gzip
+  workdir = tmp_path / 'run'
+  config = tiny_config(num_train_steps=4, profile_steps=(2, 3), num_sample_images=0)
+  train.train_and_evaluate(config, str(workdir))
+  assert (f'profiled steps 2-3 into {workdir}/plugins/profile: tensorboard --logdir {workdir} '
+          '(its Profile tab), or its .trace.json.gz at ui.perfetto.dev') in capsys.readouterr().out
+  assert len(glob.glob(f'{workdir}/plugins/profile/*/*.xplane.pb')) == 1
+  [trace] = glob.glob(f'{workdir}/plugins/profile/*/*.trace.json.gz')
+  with gzip.open(trace) as f:
+    events = json.load(f)['traceEvents']
+  assert sorted(e['args']['step_num'] for e in events if e.get('name') == 'train') == ['2', '3']
+  # A resume after them traces nothing.
+  train.train_and_evaluate(tiny_config(num_train_steps=6, profile_steps=(2, 3),
+                                       num_sample_images=0), str(workdir))
+  assert 'profiled' not in capsys.readouterr().out
+  assert len(glob.glob(f'{workdir}/plugins/profile/*')) == 1
+  # The trace ends after its last step, or with the loop for a run stopped inside the range
+  # (early, or by a signal).
+  from unet_jax.profiling import StepProfile
+  for last, stopped in ((3, False), (5, True)):
+    said, where = [], tmp_path / f'to{last}'
+    profile = StepProfile((2, last), str(where), True, said.append)
+    for step in (1, 2, 3):
+      with profile.step(step):
+        x = jax.numpy.ones(3) * step
+      profile.after(step, x)
+    assert bool(said) != stopped
+    profile.close()
+    assert said == [f'profiled steps 2-3 into {where}/plugins/profile: tensorboard --logdir '
+                    f'{where} (its Profile tab), or its .trace.json.gz at ui.perfetto.dev']
+    assert len(glob.glob(f'{where}/plugins/profile/*/*.xplane.pb')) == 1
+
+
 def test_compilation_cache_lets_a_rerun_load_its_steps(tmp_path):
   cache = tmp_path / 'cache'
   flags = ['--config.num_train_steps=3', '--config.eval_every_steps=3',
@@ -707,6 +742,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'augment.contrast': 1.0}, 'augment.contrast=1.0 must be in [0, 1): factors are drawn '
      'from [1 - contrast, 1 + contrast]'),
     (dict(ema_decay=1.0), 'ema_decay=1.0 must be in [0, 1) (0: no moving average'),
+    *[(dict(profile_steps=steps), f'profile_steps={steps} must be (first, last), steps of the '
+       'run with 1 <= first <= last <= num_train_steps=6, e.g. '
+       "--config.profile_steps='(10,12)' (after the first step's compilation); () for none")
+      for steps in ((0, 2), (3, 2), (5, 7), (3,))],
     ({'data.native_size': 100}, 'data.native_size=100: synthetic_shapes comes in 64, 128, 480'),
     ({'data.eval_split': 'validation'},
      "dataset 'synthetic_shapes' has no split 'validation' (it has test, train); set "

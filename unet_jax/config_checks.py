@@ -17,6 +17,7 @@ from unet_jax.image_io import NORMALIZATION_CHOICES, NORMALIZATIONS, RESAMPLE_FI
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
 from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
+from unet_jax.profiling import check_profile_steps
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -32,6 +33,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if config.get('num_epochs', 0) < 0:
     raise UserError(f'num_epochs={config.num_epochs:g} must be at least 0 (0: train for '
                     'num_train_steps)')
+  check_profile_steps(config.get('profile_steps', ()),
+                      None if config.get('num_epochs', 0) else config.num_train_steps)
   if config.eval_batch_size < 0:
     raise UserError(f'eval_batch_size={config.eval_batch_size} must be at least 1 '
                     '(or 0: the same as batch_size)')

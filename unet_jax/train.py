@@ -45,6 +45,7 @@ from unet_jax.optimizers import (
   replace_plateau_state,
 )
 from unet_jax.predict import eval_apply
+from unet_jax.profiling import StepProfile, check_profile_steps
 from unet_jax.reporting import Reporter, float32_decimal, score_lines
 from unet_jax.step_compilation import (
   compile_per_signature,
@@ -520,6 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get('num_epochs', 0):
     config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
     config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)
+    check_profile_steps(config.get('profile_steps', ()), config.num_train_steps)
   train_model = build_model(config, axis_name=parallel.AXIS)
   # init_from is read for a new run only (a resume takes the weights from its checkpoint).
   resuming = any(d.isdigit() for d in _listdir(os.path.join(workdir, CHECKPOINTS_DIR)))
@@ -614,6 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plateau_step = _plateau_stepper(config, schedule, mesh) if config.schedule == 'plateau' else None
   reporter = Reporter(workdir, config.num_train_steps, start, config.batch_size, is_main)
   reporter.message(_run_summary(config, train_model, state, info, mesh, workdir))
+  profile = StepProfile(config.get('profile_steps', ()), workdir, is_main, reporter.message)
   if info.name == 'image_folder' or names:  # (elsewhere the values are the classes' ids)
     reporter.message(input_pipeline.class_map_line(info, names))
   if start:
@@ -648,7 +651,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with _stop_on_signals() as stop, quiet_failed_saves():
       for step in range(start + 1, end + 1):
-        state, metrics = p_train(state, next(train_iter))
+        with profile.step(step):
+          state, metrics = p_train(state, next(train_iter))
+        profile.after(step, state)
         window.add(step, metrics)
         if step == start + 1 and is_main:
           jax.block_until_ready(metrics)
@@ -701,6 +706,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            'rerun the same command to resume')
           break
       checkpoints.wait()
+      profile.close()  # (a run stopped inside the profiled steps)
   except Exception as e:
     full = disk_error(e)
     if full is None:
