@@ -239,11 +239,17 @@ def test_cli_reads_16_bit_gray_as_its_8_bit_values(tmp_path, converted, capsys):
   _write(tmp_path / 'in' / 'a8.png', eight)
   _write(tmp_path / 'in' / 'a16.png', eight.astype(np.uint16) * 257)
   assert Image.open(tmp_path / 'in' / 'a16.png').mode.startswith('I')
+  # A big-endian 16-bit TIFF (PIL's I;16B), as training reads it (was refused as colour).
+  big = (eight.astype(np.uint16) * 257).astype('>u2')
+  Image.frombuffer('I;16B', (36, 40), big.tobytes(), 'raw', 'I;16B', 0, 1).save(
+      tmp_path / 'in' / 'b16.tif')
+  assert Image.open(tmp_path / 'in' / 'b16.tif').mode == 'I;16B'
   code = main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
                str(tmp_path / 'out')])
   assert code == 0, capsys.readouterr().err
   mask8 = np.asarray(Image.open(tmp_path / 'out' / 'a8_mask.png'))
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a16_mask.png')), mask8)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'b16_mask.png')), mask8)
   model, variables = unet_jax.load_pretrained(str(converted))
   white = unet_jax.predict(model, variables, np.full((40, 36, 1), 255, np.uint8))
   assert not np.array_equal(np.where(white == 1, 200, 0), mask8)  # the test can tell

@@ -334,7 +334,8 @@ def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndar
   try:
     with Image.open(path) as im:
       im.load()
-      gray = im.mode in ('L', 'I', 'I;16', 'F', '1', 'LA')
+      # (16-bit gray in any byte order, I;16 / I;16B / I;16L, as eight_bit takes it)
+      gray = im.mode in ('L', 'I', 'F', '1', 'LA') or im.mode.startswith('I;16')
       if channel_file and not gray:
         raise UserError(f'{path}: a colour ({im.mode}) image, but --image_suffix names one file '
                         'per channel (each a gray image); save each channel as a gray image')
