@@ -255,6 +255,39 @@ def test_cli_reads_16_bit_gray_as_its_8_bit_values(tmp_path, converted, capsys):
   assert not np.array_equal(np.where(white == 1, 200, 0), mask8)  # the test can tell
 
 
+@pytest.mark.parametrize('mode', ['L', 'LA', '1', 'I;16', 'I;16B', 'I', 'P', 'RGB', 'RGBA', 'CMYK',
+                                  'YCbCr'])
+def test_predict_reads_an_image_file_as_training_reads_it(tmp_path, mode):
+  # Each PIL mode a file may come in: the model's input is the image training would have given
+  # it, a gray one as itself (a gray folder's model) or repeated to RGB (a folder of gray and
+  # colour images); a colour one only for an RGB model.
+  from unet_jax.datasets.image_folder import _read
+  from unet_jax.predict import _read_image
+  rng = np.random.default_rng(1)
+  rgb = Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8))
+  if mode in ('I;16', 'I;16B', 'I'):
+    values = rng.integers(0, 65536, (12, 10)).astype('>u2' if mode == 'I;16B' else np.int32)
+    image = Image.frombuffer(mode if mode != 'I' else 'I', (10, 12), values.tobytes(), 'raw',
+                             {'I;16B': 'I;16B', 'I': 'I'}.get(mode, 'I;16'), 0, 1)
+  elif mode == 'P':
+    image = rgb.quantize(16)
+  else:
+    image = rgb.convert(mode)
+  path = str(tmp_path / ('x.tif' if mode in ('I;16B', 'CMYK', 'YCbCr', 'I') else 'x.png'))
+  image.save(path)
+  assert Image.open(path).mode == mode
+  trained = _read(path)
+  assert trained.ndim == (3 if mode in ('P', 'RGB', 'RGBA', 'CMYK', 'YCbCr') else 2)
+  if trained.ndim == 2:
+    np.testing.assert_array_equal(_read_image(path, 1), trained[..., None])
+    np.testing.assert_array_equal(_read_image(path, 3), np.repeat(trained[..., None], 3, -1))
+  else:
+    np.testing.assert_array_equal(_read_image(path, 3), trained)
+    with pytest.raises(unet_jax.errors.UserError,
+                       match=f'is a colour \\({mode}\\) image but the model takes 1'):
+      _read_image(path, 1)
+
+
 @pytest.mark.parametrize('setup,message', [
     (lambda d: (d / 'x.png').write_bytes(b'garbage'), 'x.png: not an image PIL can read'),
     (lambda d: _write(d / 'x.png', np.zeros((32, 32, 3), np.uint8)),

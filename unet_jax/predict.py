@@ -330,6 +330,10 @@ def _read_case(case: str | tuple[str, ...], channels: int) -> np.ndarray:
 
 
 def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndarray:
+  """An input file's (H, W, channels) uint8 pixels, as training reads its folder's images: for
+  an RGB model a gray one repeated to RGB (as a folder of gray and colour images trains), for
+  a gray model a colour one refused (it trained on gray alone). `channel_file`: one of a case's
+  gray channel files (--image_suffix)."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
@@ -342,8 +346,6 @@ def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndar
       if channels == 1 and not gray:
         raise UserError(f'{path}: is a colour ({im.mode}) image but the model takes 1 channel '
                         '(grayscale); convert it or use a model trained on RGB')
-      if channels == 3 and gray:
-        raise UserError(f'{path}: is a grayscale image but the model takes 3 channels (RGB)')
       if channels not in (1, 3):
         raise UserError(f'the model takes {channels} channels; one file gives 1 (gray) or 3 '
                         '(RGB): give one gray file per channel, named by --image_suffix (e.g. '
