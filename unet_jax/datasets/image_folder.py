@@ -236,9 +236,9 @@ def _read(path: str, mask: bool = False, palettes: list | None = None,
           palettes.append(im.getpalette())
         return np.asarray(im)
       im = eight_bit(im, path, mask=mask)
-      if im.mode == 'LA':  # (gray with alpha: gray, its alpha dropped, as predict reads it)
+      if im.mode == 'LA' and not mask:  # (gray, its alpha dropped, as predict reads it)
         im = im.convert('L')
-      elif im.mode in ('RGBA', 'P', 'CMYK', 'YCbCr'):
+      elif im.mode in ('RGBA', 'P', 'CMYK', 'LA', 'YCbCr'):  # (an LA mask: as it always was)
         im = im.convert('RGB')
       elif im.mode not in ('L', 'RGB'):
         im = im.convert('L') if im.mode.startswith(('I', 'F', '1')) else im.convert('RGB')
