@@ -538,10 +538,12 @@ def _channel_cases(root, n=10, size=(20, 24)):
   return stacks
 
 
-def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path):
+def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path, capsys):
   # nnU-Net names a case's channels NAME_0000, NAME_0001, ...: data.image_suffix lists them.
   root = tmp_path / 'd'
   stacks = _channel_cases(root)
+  with open(root / 'dataset.json', 'w') as f:  # (its names ask nnU-Net to z-score them)
+    json.dump({'channel_names': {'0': 'T2', '1': 'ADC'}, 'labels': {'background': 0, 'x': 1}}, f)
   layout = FolderLayout(images_dir='imagesTr', masks_dir='labelsTr', image_suffix='_0000,_0001')
   pairs = find_pairs(str(root), layout)
   assert pairs['test'] == [((str(root / 'imagesTr' / 'case0_0000.png'),
@@ -562,6 +564,10 @@ def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path):
   # Trained (the turns and contrast of two channels) and scored as one image per case.
   wd = str(tmp_path / 'wd')
   metrics = train.train_and_evaluate(tiny_config(**fields), wd)
+  assert (f"warning: {root}/dataset.json names the channels T2, ADC, which nnU-Net normalises "
+          "them as this project's data.normalize='zscore' does; set "
+          "--config.data.normalize=zscore to match it; this run has data.normalize='unit'"
+          ) in capsys.readouterr().err
   assert evaluate_checkpoint(wd)['dice'] == metrics['dice']
   assert load_pretrained_with_metadata(wd)[0].in_channels == 2
   # Refused, each in one line naming the file and what to do.
@@ -604,6 +610,32 @@ def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path):
       f"imagesTr/case3_0001.png: is 20x20 but {root}/imagesTr/case3_0000.png is 24x20; the "
       'channel files of a case must be one size')):
     scan(str(root), layout)
+
+
+@pytest.mark.parametrize('names,normalize,how', [
+    (['T2', 'ADC'], 'zscore', ''),
+    (['R', 'G', 'B'], 'zscore', ''),
+    (['rgb_to_0_1'], 'unit', ''),
+    (['RGB_to_0_1'], 'zscore', "normalises them as this project's data.normalize='unit' does; "
+     'set --config.data.normalize=unit to match it'),
+    (['CT'], 'zscore', 'normalises those channels in ways this project does not (only all '
+     'channels scaled to [0, 1], rgb_to_0_1, or all z-scored, zscore or any other name)'),
+    (['rgb_to_0_1', 'T2'], 'unit', 'normalises those channels in ways this project does not'),
+])
+def test_dataset_json_channel_names_warn_of_another_normalisation(tmp_path, names, normalize,
+                                                                   how):
+  # nnU-Net picks each channel's normalisation by its name in dataset.json (casefolded).
+  from unet_jax.datasets.image_folder import dataset_json_normalization_warning
+  assert dataset_json_normalization_warning(str(tmp_path), normalize) == ''  # (no file)
+  with open(tmp_path / 'dataset.json', 'w') as f:
+    json.dump({'channel_names': {str(k): n for k, n in enumerate(names)}}, f)
+  warning = dataset_json_normalization_warning(str(tmp_path), normalize)
+  if not how:
+    assert warning == ''
+  else:
+    assert warning.startswith(f"warning: {tmp_path}/dataset.json names the channels "
+                              f"{', '.join(names)}, which nnU-Net {how}"), warning
+    assert warning.endswith(f"; this run has data.normalize='{normalize}'")
 
 
 def test_images_of_two_channels_are_resized_turned_and_jittered_channel_by_channel():

@@ -619,6 +619,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   profile = StepProfile(config.get('profile_steps', ()), workdir, is_main, reporter.message)
   if info.name == 'image_folder' or names:  # (elsewhere the values are the classes' ids)
     reporter.message(input_pipeline.class_map_line(info, names))
+  if info.name == 'image_folder' and is_main:  # (nnU-Net's dataset.json, where there is one)
+    from unet_jax.datasets.image_folder import dataset_json_normalization_warning
+    warning = dataset_json_normalization_warning(config.data.root,
+                                                 config.data.get('normalize', 'unit'))
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
   if start:
     reporter.message(f'resumed from {checkpoints.directory}/{start}')
     if start_examples != start * config.batch_size:

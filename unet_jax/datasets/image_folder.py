@@ -247,21 +247,54 @@ def _read(path: str, mask: bool = False, palettes: list | None = None,
     raise UserError(f'{path}: cannot read it as an image ({e})') from None
 
 
+def _dataset_json(root: str, field: str) -> Any:
+  """A field of nnU-Net's ROOT/dataset.json; None where it or the file is missing or
+  unreadable (what it says only labels and advises)."""
+  try:
+    with open(os.path.join(root, 'dataset.json'), encoding='utf-8') as f:
+      return json.load(f).get(field)
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def dataset_json_class_names(root: str, mask_values: list) -> tuple[str, ...]:
   """The classes' names from nnU-Net's ROOT/dataset.json (`"labels": {"background": 0, "liver":
   1, ...}`), in the order of `mask_values`; () where it is missing or unreadable or leaves a
   class unnamed (a region, a list of labels, names none): the names only label reports."""
-  try:
-    with open(os.path.join(root, 'dataset.json'), encoding='utf-8') as f:
-      labels = json.load(f).get('labels')
-  except (OSError, ValueError, AttributeError):
-    return ()
+  labels = _dataset_json(root, 'labels')
   if not isinstance(labels, dict):
     return ()
   by_value = {v: str(k) for k, v in labels.items() if isinstance(v, int)
               and not isinstance(v, bool) and k != 'ignore'}
   names = tuple(by_value.get(v) for v in mask_values if isinstance(v, int))
   return names if len(names) == len(mask_values) and all(names) else ()
+
+
+# nnU-Net's normalisation of a channel by its dataset.json name (casefolded; any other name:
+# zscore), as this project's data.normalize where it has one.
+_NNUNET_NORMALIZATIONS = {'rgb_to_0_1': 'unit', 'zscore': 'zscore', 'ct': None, 'nonorm': None,
+                          'rescale_to_0_1': None}
+
+
+def dataset_json_normalization_warning(root: str, normalize: str) -> str:
+  """Where nnU-Net's ROOT/dataset.json names channels that nnU-Net would normalise otherwise
+  than `normalize` (data.normalize) does: a warning line saying how; else ''."""
+  names = _dataset_json(root, 'channel_names')
+  if not isinstance(names, dict) or not names:
+    return ''
+  names = [str(names[k]) for k in sorted(names, key=str)]
+  wanted = [_NNUNET_NORMALIZATIONS.get(n.casefold(), 'zscore') for n in names]
+  if all(w == normalize for w in wanted):
+    return ''
+  listed = ', '.join(names)
+  if None in wanted or len(set(wanted)) > 1:
+    how = ('normalises those channels in ways this project does not (only all channels scaled '
+           "to [0, 1], rgb_to_0_1, or all z-scored, zscore or any other name)")
+  else:
+    how = (f"normalises them as this project's data.normalize='{wanted[0]}' does; set "
+           f'--config.data.normalize={wanted[0]} to match it')
+  return (f'warning: {os.path.join(root, "dataset.json")} names the channels {listed}, which '
+          f"nnU-Net {how}; this run has data.normalize='{normalize}'")
 
 
 def mask_value_key(value: int | list[int]) -> int:
