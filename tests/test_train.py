@@ -746,6 +746,10 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
        'run with 1 <= first <= last <= num_train_steps=6, e.g. '
        "--config.profile_steps='(10,12)' (after the first step's compilation); () for none")
       for steps in ((0, 2), (3, 2), (5, 7), (3,))],
+    (dict(num_epochs=0.01, profile_steps=(3, 2)), 'profile_steps=(3, 2) must be (first, last), '
+     "steps of the run with 1 <= first <= last, e.g. --config.profile_steps='(10,12)'"),
+    (dict(num_epochs=0.01, profile_steps=(3, 3)), 'profile_steps=(3, 3) must be (first, last), '
+     'steps of the run with 1 <= first <= last <= num_train_steps=2, e.g.'),
     ({'data.native_size': 100}, 'data.native_size=100: synthetic_shapes comes in 64, 128, 480'),
     ({'data.eval_split': 'validation'},
      "dataset 'synthetic_shapes' has no split 'validation' (it has test, train); set "

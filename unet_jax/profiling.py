@@ -27,8 +27,9 @@ def check_profile_steps(steps: Sequence[int], num_train_steps: int | None) -> No
     return
   if not (len(steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
           and 1 <= steps[0] <= steps[1] <= (num_train_steps or steps[1])):
+    bound = f' <= num_train_steps={num_train_steps}' if num_train_steps else ''
     raise UserError(f'profile_steps={steps} must be (first, last), steps of the run with 1 <= '
-                    f'first <= last <= num_train_steps={num_train_steps}, e.g. '
+                    f'first <= last{bound}, e.g. '
                     "--config.profile_steps='(10,12)' (after the first step's compilation); () "
                     'for none')
 
