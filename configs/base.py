@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
       resample='bilinear',       # PIL's filter resizing images: 'bilinear' or 'bicubic' (masks:
                                  # nearest); predict resizes with the run's
       # How images reach the network: 'unit', scaled to [0, 1]; 'zscore', then each image's
-      # channels to zero mean and unit deviation (nnU-Net's default), before augmentation.
+      # channels to zero mean and unit deviation (nnU-Net's default); 'minmax', then each
+      # image's channels stretched to [0, 1] (nnU-Net's rescale_to_0_1); before augmentation.
       # Saved with the checkpoint: predict, evaluate and export normalise as the run did.
       normalize='unit',
       # A mask value whose pixels count in neither loss nor metrics (torch's ignore_index; e.g.

@@ -347,9 +347,10 @@ def test_normalize_of_a_converted_model_reaches_predict_and_export(tmp_path, cap
   ref = move_off_init(SeedUNet(3, 1, base=4, depth=2), 3, 1)
   torch.save(ref.state_dict(), tmp_path / 'm.pth')
   check_refused(capsys, tmp_path, ['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'o'),
-                                   '--normalize', 'minmax'],
-                "--normalize minmax: use 'unit' (images scaled to [0, 1]) or 'zscore' (then each "
-                "image's channels to mean 0, deviation 1)", tmp_path / 'o')
+                                   '--normalize', 'percentile'],
+                "--normalize percentile: use 'unit' (images scaled to [0, 1]), 'zscore' (then "
+                "each image's channels to mean 0, deviation 1) or 'minmax' (then each image's "
+                'channels stretched to [0, 1])', tmp_path / 'o')
   assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'z'),
                '--normalize', 'zscore']) == 0
   assert load_pretrained_with_metadata(str(tmp_path / 'z'))[2]['normalize'] == 'zscore'
@@ -367,6 +368,26 @@ def test_normalize_of_a_converted_model_reaches_predict_and_export(tmp_path, cap
   served = np.asarray(jax.export.deserialize(data).call(scaled[None]))
   np.testing.assert_allclose(probabilities(served)[0, ..., 0], want, atol=2e-5)
   assert about['normalize'] == 'zscore, inside the artifact'
+  # nnU-Net's rescale_to_0_1 (RescaleTo01Normalization, on the file's own values): each
+  # channel shifted to 0 and divided by its new maximum; through predict and export alike.
+  assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'mm'),
+               '--normalize', 'minmax']) == 0
+  other = image.copy()
+  other[..., 1] = other[..., 1] // 3 + 40  # (channels of other ranges: each stretched alone)
+  Image.fromarray(other).save(tmp_path / 'y.png')
+  shifted = other.astype(np.float32) - other.min(axis=(0, 1))
+  stretched = shifted / shifted.max(axis=(0, 1))
+  with torch.no_grad():
+    want_mm = torch.sigmoid(ref(torch.from_numpy(stretched).permute(2, 0, 1)[None]))[0, 0].numpy()
+  assert predict_main([str(tmp_path / 'y.png'), '--checkpoint', str(tmp_path / 'mm'),
+                       '--output', str(tmp_path / 'predmm'), '--probabilities']) == 0
+  assert 'stretched to [0, 1]' in capsys.readouterr().out
+  np.testing.assert_allclose(np.load(tmp_path / 'predmm' / 'y_prob.npy')[..., 0], want_mm,
+                             atol=2e-5)
+  data, about = export_checkpoint(str(tmp_path / 'mm'), (16, 20))
+  served = np.asarray(jax.export.deserialize(data).call(other[None] / np.float32(255)))
+  np.testing.assert_allclose(probabilities(served)[0, ..., 0], want_mm, atol=2e-5)
+  assert about['normalize'] == 'minmax, inside the artifact'
   # Converted without it (the file said nothing): predict --normalize says it instead.
   assert main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'plain')]) == 0
   assert 'normalize' not in load_pretrained_with_metadata(str(tmp_path / 'plain'))[2]
@@ -381,8 +402,8 @@ def test_normalize_of_a_converted_model_reaches_predict_and_export(tmp_path, cap
   for flag, message in (('unit', f"--normalize unit: {tmp_path / 'z'} was trained on images "
                          "normalised 'zscore' (as it records), and predict gives them so; "
                          'leave out --normalize'),
-                        ('minmax', "--normalize minmax: use 'unit' (images scaled to [0, 1]) "
-                         "or 'zscore'")):
+                        ('percentile', "--normalize percentile: use 'unit' (images scaled to "
+                         "[0, 1]), 'zscore'")):
     assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', str(tmp_path / 'z'),
                          '--output', str(tmp_path / 'refused'), '--normalize', flag]) == 2
     err = capsys.readouterr().err

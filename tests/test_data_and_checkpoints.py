@@ -619,7 +619,11 @@ def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path, capsys):
     (['RGB_to_0_1'], 'zscore', "normalises them as this project's data.normalize='unit' does; "
      'set --config.data.normalize=unit to match it'),
     (['CT'], 'zscore', 'normalises those channels in ways this project does not (only all '
-     'channels scaled to [0, 1], rgb_to_0_1, or all z-scored, zscore or any other name)'),
+     'channels scaled to [0, 1], rgb_to_0_1, all stretched to [0, 1], rescale_to_0_1, or all '
+     'z-scored, zscore or any other name)'),
+    (['rescale_to_0_1', 'Rescale_to_0_1'], 'minmax', ''),
+    (['rescale_to_0_1'], 'unit', "normalises them as this project's data.normalize='minmax' "
+     'does; set --config.data.normalize=minmax to match it'),
     (['rgb_to_0_1', 'T2'], 'unit', 'normalises those channels in ways this project does not'),
 ])
 def test_dataset_json_channel_names_warn_of_another_normalisation(tmp_path, names, normalize,

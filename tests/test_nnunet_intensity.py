@@ -233,19 +233,27 @@ def test_gamma_keeps_each_channels_mean_and_deviation_and_draws_as_nnunet():
   np.testing.assert_allclose(np.mean(values[values >= 1]), 1.25, atol=0.015)
 
 
-def test_zscore_normalises_the_whole_image_before_the_patch_is_cut():
+@pytest.mark.parametrize('normalize', ['zscore', 'minmax'])
+def test_normalisation_takes_the_whole_image_before_the_patch_is_cut(normalize):
+  # nnU-Net's ZScoreNormalization and RescaleTo01Normalization (rescale_to_0_1), each channel
+  # over the whole case, on its own values.
   rng = np.random.default_rng(9)
-  image = rng.integers(0, 256, (20, 20, 3), np.uint8)
+  image = rng.integers(10, 240, (20, 20, 3), np.uint8)
+  image[..., 1] = image[..., 1] // 3 + 40  # (channels of other ranges: each stretched alone)
   mask = np.zeros((20, 20), np.uint8)
-  whole = preprocess({'image': image, 'mask': mask}, (20, 20), None, None, normalize='zscore')
-  scaled = image / np.float32(255)
-  want = (scaled - scaled.mean(axis=(0, 1))) / scaled.std(axis=(0, 1))
+  whole = preprocess({'image': image, 'mask': mask}, (20, 20), None, None, normalize=normalize)
+  if normalize == 'zscore':
+    scaled = image / np.float32(255)
+    want = (scaled - scaled.mean(axis=(0, 1))) / scaled.std(axis=(0, 1))
+  else:
+    shifted = image.astype(np.float32) - image.min(axis=(0, 1))
+    want = shifted / shifted.max(axis=(0, 1))
   np.testing.assert_allclose(whole['image'], want, atol=1e-5)
   assert whole['image'].dtype == np.float32
   aug = ml_collections.ConfigDict(dict(min_scale=1.0, flip_horizontal=False, flip_vertical=False))
   for seed in range(3):
     patch = preprocess({'image': image, 'mask': mask}, (20, 20), np.random.default_rng(seed),
-                       aug, crop=8, normalize='zscore')['image']
+                       aug, crop=8, normalize=normalize)['image']
     draws = np.random.default_rng(seed)
     draws.uniform(1.0, 1.0), draws.integers(0, 1), draws.integers(0, 1)  # (the scale-crop's)
     y0, x0 = draws.integers(0, 13), draws.integers(0, 13)

@@ -702,8 +702,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
      'examples augment.gamma applies to (1: every one)'),
     ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '
      'deviation of the Gaussian noise (0: none)'),
-    ({'data.normalize': 'minmax'}, "data.normalize='minmax' is unknown; use 'unit' (images "
-     "scaled to [0, 1]) or 'zscore' (then each image's channels to mean 0, deviation 1)"),
+    ({'data.normalize': 'percentile'}, "data.normalize='percentile' is unknown; use 'unit' "
+     "(images scaled to [0, 1]), 'zscore' (then each image's channels to mean 0, deviation 1) "
+     "or 'minmax' (then each image's channels stretched to [0, 1])"),
     ({'data.normalize': 'zscore', 'augment.contrast': 0.2}, "augment.contrast with "
      "augment.intensity_recipe='jitter' clips to [0, 1], which data.normalize='zscore' images "
      "are not in; set augment.intensity_recipe='nnunet' (unclipped, as nnU-Net on its normalised "

@@ -176,7 +176,8 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   `class_names`, `mask_values`: one per class, kept as a trained checkpoint keeps them (predict
   writes each class as its mask value; export's model.json names the classes): a state_dict
   holds neither (milesial's may hold mask_values). `normalize`: how the model's images were
-  normalised ('zscore': each image's channels to mean 0 and deviation 1), kept as a training
+  normalised ('zscore': each image's channels to mean 0 and deviation 1; 'minmax': stretched
+  to [0, 1]), kept as a training
   run's data.normalize, so predict, evaluate and export give it its images so."""
   from unet_jax.checkpoint import model_from_config, save_pretrained
   from unet_jax.state_dict_io import read_state_dict
@@ -259,9 +260,10 @@ def _parser() -> argparse.ArgumentParser:
                    'gray 0-255 (e.g. 0,1,2) or colours (#000000,#ff0000); default: the '
                    "file's own (milesial's), else 0,255 for two classes, spread grays for more")
   t2f.add_argument('--normalize', default='unit', help="how the model's images were "
-                   "normalised: 'unit' (scaled to [0, 1], the default) or 'zscore' (then each "
-                   "image's channels to mean 0 and deviation 1, as nnU-Net); predict, evaluate "
-                   'and export then do the same')
+                   "normalised: 'unit' (scaled to [0, 1], the default), 'zscore' (then each "
+                   "image's channels to mean 0 and deviation 1, as nnU-Net) or 'minmax' (then "
+                   "each image's channels stretched to [0, 1], nnU-Net's rescale_to_0_1); "
+                   'predict, evaluate and export then do the same')
   f2t = sub.add_parser('flax-to-torch', help='checkpoint directory -> PyTorch state_dict file')
   f2t.add_argument('src', help='checkpoint directory (from torch-to-flax or training)')
   f2t.add_argument('dest', help='.pth or .safetensors file to create')

@@ -152,9 +152,10 @@ def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
   return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')
 
 
-NORMALIZATIONS = ('unit', 'zscore')
-NORMALIZATION_CHOICES = ("use 'unit' (images scaled to [0, 1]) or 'zscore' (then each image's "
-                         'channels to mean 0, deviation 1)')  # (for refusals)
+NORMALIZATIONS = ('unit', 'zscore', 'minmax')
+NORMALIZATION_CHOICES = ("use 'unit' (images scaled to [0, 1]), 'zscore' (then each image's "
+                         "channels to mean 0, deviation 1) or 'minmax' (then each image's "
+                         'channels stretched to [0, 1])')  # (for refusals)
 
 
 def check_normalize_flag(value: str) -> None:
@@ -169,6 +170,20 @@ def zscore(images: Any) -> Any:
   pixels, at least 1e-8). NumPy or JAX arrays alike (export runs it inside its artifact)."""
   mean = images.mean(axis=(-3, -2), keepdims=True)
   return (images - mean) / images.std(axis=(-3, -2), keepdims=True).clip(min=1e-8)
+
+
+def minmax(images: Any) -> Any:
+  """Each image's channels (as `zscore` takes them) shifted to a minimum of 0 and divided by
+  their new maximum, at least 1e-8 (nnU-Net's RescaleTo01Normalization, its rescale_to_0_1).
+  NumPy or JAX arrays alike."""
+  shifted = images - images.min(axis=(-3, -2), keepdims=True)
+  return shifted / shifted.max(axis=(-3, -2), keepdims=True).clip(min=1e-8)
+
+
+def normalized(images: Any, normalize: str) -> Any:
+  """Images scaled to [0, 1] as a run with data.normalize=`normalize` gives them to its
+  network: as they are ('unit'), `zscore`d or `minmax`ed."""
+  return {'zscore': zscore, 'minmax': minmax}.get(normalize, lambda x: x)(images)
 
 
 def height_width(size: int | Sequence[int]) -> tuple[int, int]:

@@ -27,10 +27,10 @@ from unet_jax.errors import UserError, first_line
 from unet_jax.image_io import (
   height_width,
   mask_value_text,
+  normalized,
   resample_filter,
   resize,
   training_size,
-  zscore,
 )
 
 
@@ -242,9 +242,9 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
   nnU-Net's oversampling), scale to [0, 1] (`normalize='zscore'`: then each channel to mean 0
   and deviation 1 over the whole resized image, as nnU-Net normalises a case before it cuts
-  its patches), random brightness and contrast, gamma, Gaussian
-  noise (not clipped, as MONAI's). The corners a rotation brings in are black with mask label
-  `fill_label` (0, or the ignored label).
+  its patches; 'minmax': each channel stretched to [0, 1] so), random brightness and
+  contrast, gamma, Gaussian noise (not clipped, as MONAI's). The corners a rotation brings in
+  are black with mask label `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -279,14 +279,14 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
-  if normalize == 'zscore':  # (over the whole image, before the patch is cut)
-    image = zscore(image.astype(np.float32) / 255.0)
+  if normalize != 'unit':  # (over the whole image, before the patch is cut)
+    image = normalized(image.astype(np.float32) / 255.0, normalize)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
     if crop_foreground and rng.random() < crop_foreground:
       y0, x0 = _foreground_crop(mask, crop, rng, fill_label, (y0, x0))
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
-  if normalize != 'zscore':
+  if normalize == 'unit':
     image = image.astype(np.float32) / 255.0
   if augment and aug.get('intensity_recipe', 'jitter') == 'nnunet':
     from unet_jax import nnunet_intensity

@@ -29,20 +29,20 @@ from unet_jax.ensemble import load_one_task
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import (
-    IMAGE_SUFFIXES,
-    channel_cases,
-    drawable,
-    eight_bit,
-    first_file,
-    height_width,
-    image_suffixes,
-    mask_colours,
-    parse_size,
-    resample_filter,
-    resize,
-    size_text,
-    with_channel_hint,
-    zscore,
+  IMAGE_SUFFIXES,
+  channel_cases,
+  drawable,
+  eight_bit,
+  first_file,
+  height_width,
+  image_suffixes,
+  mask_colours,
+  normalized,
+  parse_size,
+  resample_filter,
+  resize,
+  size_text,
+  with_channel_hint,
 )
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
@@ -124,7 +124,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
   (after any resize) and blend them, for images too large to run whole.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
   `normalize`: 'zscore' gives the network each image (after any resize, before tiling) with
-  its channels at mean 0 and deviation 1, as a run with data.normalize='zscore' trained.
+  its channels at mean 0 and deviation 1, 'minmax' stretched to [0, 1], as a run with that
+  data.normalize trained.
   """
   images = np.asarray(images)
   if size:
@@ -137,8 +138,7 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
   images = images / np.float32(255) if images.dtype == np.uint8 else images.astype(np.float32)
-  if normalize == 'zscore':
-    images = zscore(images)
+  images = normalized(images, normalize)
   fn = eval_apply(model, tta)
   n, h, w, _ = images.shape
   along_h, along_w = tiling(tile, overlap, model.depth) if tile else (None, None)
@@ -439,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "trained; 0: each image's own size)")
   p.add_argument('--normalize', default=None,
                  help="for a converted checkpoint that records none: how its images were "
-                      "normalised in training, 'unit' (scaled to [0, 1], the default) or "
-                      "'zscore' (then each image's channels to mean 0, deviation 1); a "
+                      "normalised in training, 'unit' (scaled to [0, 1], the default), "
+                      "'zscore' (then each image's channels to mean 0, deviation 1) or 'minmax' "
+                      "(then each image's channels stretched to [0, 1]); a "
                       "training workdir's own is always used")
   args = p.parse_args(argv)
   from PIL import Image
@@ -551,8 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ', the training image_size (--size 0: each at its own size)' if args.size is None else '')
   else:
     how = 'each image at its own size'
-  if normalizations[0] == 'zscore':
-    how += ", each image's channels z-scored"
+  if normalizations[0] != 'unit':
+    how += {'zscore': ", each image's channels z-scored",
+            'minmax': ", each image's channels stretched to [0, 1]"}[normalizations[0]]
   if args.tta:
     how += ', its logits averaged over flips'
   if len(members) > 1:

@@ -272,8 +272,8 @@ def dataset_json_class_names(root: str, mask_values: list) -> tuple[str, ...]:
 
 # nnU-Net's normalisation of a channel by its dataset.json name (casefolded; any other name:
 # zscore), as this project's data.normalize where it has one.
-_NNUNET_NORMALIZATIONS = {'rgb_to_0_1': 'unit', 'zscore': 'zscore', 'ct': None, 'nonorm': None,
-                          'rescale_to_0_1': None}
+_NNUNET_NORMALIZATIONS = {'rgb_to_0_1': 'unit', 'zscore': 'zscore', 'rescale_to_0_1': 'minmax',
+                          'ct': None, 'nonorm': None}
 
 
 def dataset_json_normalization_warning(root: str, normalize: str) -> str:
@@ -289,7 +289,8 @@ def dataset_json_normalization_warning(root: str, normalize: str) -> str:
   listed = ', '.join(names)
   if None in wanted or len(set(wanted)) > 1:
     how = ('normalises those channels in ways this project does not (only all channels scaled '
-           "to [0, 1], rgb_to_0_1, or all z-scored, zscore or any other name)")
+           'to [0, 1], rgb_to_0_1, all stretched to [0, 1], rescale_to_0_1, or all z-scored, '
+           'zscore or any other name)')
   else:
     how = (f"normalises them as this project's data.normalize='{wanted[0]}' does; set "
            f'--config.data.normalize={wanted[0]} to match it')
