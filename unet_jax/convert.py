@@ -177,8 +177,8 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   writes each class as its mask value; export's model.json names the classes): a state_dict
   holds neither (milesial's may hold mask_values). `normalize`: how the model's images were
   normalised ('zscore': each image's channels to mean 0 and deviation 1; 'minmax': stretched
-  to [0, 1]), kept as a training
-  run's data.normalize, so predict, evaluate and export give it its images so."""
+  to [0, 1]), kept as a training run's data.normalize, so predict, evaluate and export give
+  it its images so."""
   from unet_jax.checkpoint import model_from_config, save_pretrained
   from unet_jax.state_dict_io import read_state_dict
   if os.path.exists(dest) and not overwrite:
