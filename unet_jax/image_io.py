@@ -119,6 +119,23 @@ def with_channel_hint(misnamed: Callable[[str], str], suffixes: Sequence[str], f
       os.path.splitext(os.path.basename(path))[0], suffixes, flag)
 
 
+def suffix_pattern(suffix: str) -> str:
+  """How a setting's image suffix names files in a refusal: '_0000', or '{_0000,_0001}' for
+  one file per channel."""
+  return f'{{{suffix}}}' if ',' in suffix else suffix
+
+
+def stacked_channels(paths: Sequence[str], planes: Sequence[np.ndarray]) -> np.ndarray:
+  """A case's (H, W) channel planes, read from `paths`, as one (H, W, C) image; refused where
+  they are not one size."""
+  for path, plane in zip(paths[1:], planes[1:], strict=True):
+    if plane.shape != planes[0].shape:
+      raise UserError(f'{path}: is {plane.shape[1]}x{plane.shape[0]} but {paths[0]} is '
+                      f'{planes[0].shape[1]}x{planes[0].shape[0]}; the channel files of a case '
+                      'must be one size')
+  return np.stack(planes, axis=-1)
+
+
 def first_file(image: str | tuple[str, ...]) -> str:
   """A case's image file, or of one file per channel the first channel's (it names the case)."""
   return image if isinstance(image, str) else image[0]

@@ -338,14 +338,11 @@ def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int 
   per channel) is turned channel by channel (PIL's 2- and 4-channel modes would weigh the
   others by the last, as by alpha)."""
   from PIL import Image
-  if image.shape[-1] not in (1, 3):
-    channels = [rotate(image[..., c:c + 1], mask, degrees, fill_label, scale)
-                for c in range(image.shape[-1])]
-    return np.concatenate([c for c, _ in channels], axis=-1), channels[0][1]
-  gray = image.shape[-1] == 1
-  pictures = Image.fromarray(image[..., 0] if gray else image), Image.fromarray(mask)
-  fills = 0 if gray else (0, 0, 0), fill_label
-  resamples = Image.BILINEAR, Image.NEAREST
+  rgb = image.shape[-1] == 3
+  planes = [image] if rgb else [image[..., c] for c in range(image.shape[-1])]
+  pictures = [Image.fromarray(p) for p in planes] + [Image.fromarray(mask)]
+  fills = [(0, 0, 0) if rgb else 0] * len(planes) + [fill_label]
+  resamples = [Image.BILINEAR] * len(planes) + [Image.NEAREST]
   if scale == 1.0:
     turned = [p.rotate(degrees, resample=r, fillcolor=f)
               for p, r, f in zip(pictures, resamples, fills, strict=True)]
@@ -358,8 +355,8 @@ def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int 
     matrix = (a, b, cx - a * cx - b * cy, -b, a, cy + b * cx - a * cy)
     turned = [p.transform((w, h), Image.AFFINE, matrix, resample=r, fillcolor=f)
               for p, r, f in zip(pictures, resamples, fills, strict=True)]
-  out = np.asarray(turned[0])
-  return (out[..., None] if gray else out), np.asarray(turned[1])
+  out = [np.asarray(t) for t in turned]
+  return (out[0] if rgb else np.stack(out[:-1], axis=-1)), out[-1]
 
 
 def adjust_gamma(image: np.ndarray, gamma: float) -> np.ndarray:

@@ -42,6 +42,8 @@ from unet_jax.image_io import (
   resample_filter,
   resize,
   size_text,
+  stacked_channels,
+  suffix_pattern,
   with_channel_hint,
 )
 from unet_jax.losses import predict_classes
@@ -310,9 +312,8 @@ def _output_names(files: Sequence[str], output: str, image_suffix: str = '',
 
 def _misnamed(image_suffix: str) -> Callable[[str], str]:
   """The refusal of an input file not named as --image_suffix says."""
-  named = f'{{{image_suffix}}}' if ',' in image_suffix else image_suffix
-  return lambda f: (f'{f}: not named NAME{named}.EXT (--image_suffix {image_suffix}); rename '
-                    'it, or leave it out')
+  return lambda f: (f'{f}: not named NAME{suffix_pattern(image_suffix)}.EXT (--image_suffix '
+                    f'{image_suffix}); rename it, or leave it out')
 
 
 def _read_case(case: str | tuple[str, ...], channels: int) -> np.ndarray:
@@ -320,13 +321,8 @@ def _read_case(case: str | tuple[str, ...], channels: int) -> np.ndarray:
   gray files, which must be one size."""
   if isinstance(case, str):
     return _read_image(case, channels)
-  stack = [_read_image(path, 1, channel_file=True) for path in case]
-  for path, channel in zip(case[1:], stack[1:], strict=True):
-    if channel.shape != stack[0].shape:
-      raise UserError(f'{path}: is {channel.shape[1]}x{channel.shape[0]} but {case[0]} is '
-                      f'{stack[0].shape[1]}x{stack[0].shape[0]}; the channel files of a case '
-                      'must be one size')
-  return np.concatenate(stack, axis=-1)
+  return stacked_channels(case, [_read_image(path, 1, channel_file=True)[..., 0]
+                                 for path in case])
 
 
 def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndarray:

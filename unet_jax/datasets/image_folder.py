@@ -37,7 +37,15 @@ import tensorflow_datasets as tfds
 
 from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
-from unet_jax.image_io import cases_by_name, eight_bit, files_by_name, first_file, image_suffixes
+from unet_jax.image_io import (
+  cases_by_name,
+  eight_bit,
+  files_by_name,
+  first_file,
+  image_suffixes,
+  stacked_channels,
+  suffix_pattern,
+)
 
 # JPEG's compression blends a mask's labels at its edges into new values, each of which would
 # be a class: named when a dataset's masks hold more values than the model has classes.
@@ -104,11 +112,10 @@ def _list(folder: str, layout: FolderLayout, masks: bool) -> dict[str, ImagePath
   keep = (lambda stem: layout.is_mask(stem) == masks) if layout.one_folder else None
   field, kind = ('mask_suffix', 'a mask') if masks else ('image_suffix', 'an image')
   suffix = layout.mask_suffix if masks else layout.image_suffix
-  named = f'{{{suffix}}}' if ',' in suffix else suffix
 
   def misnamed(path: str) -> str:
-    return (f'{path}: {kind} not named NAME{named}.EXT (data.{field}={suffix!r}); rename it, or '
-            f'set --config.data.{field}')
+    return (f'{path}: {kind} not named NAME{suffix_pattern(suffix)}.EXT (data.{field}='
+            f'{suffix!r}); rename it, or set --config.data.{field}')
 
   if masks:
     return files_by_name(folder, suffix, misnamed, keep)
@@ -381,12 +388,8 @@ def _read_case(paths: ImagePaths, orientations: list | None = None) -> np.ndarra
     if channel.ndim != 2:
       raise UserError(f'{path}: a colour image, but data.image_suffix lists one file per channel '
                       '(each a gray image); save each channel as a gray image, or give one suffix')
-    if channels and channel.shape != channels[0].shape:
-      raise UserError(f'{path}: is {channel.shape[1]}x{channel.shape[0]} but {paths[0]} is '
-                      f'{channels[0].shape[1]}x{channels[0].shape[0]}; the channel files of a '
-                      'case must be one size')
     channels.append(channel)
-  return np.stack(channels, axis=-1)
+  return stacked_channels(paths, channels)
 
 
 def _stacked_bytes(stack: np.ndarray) -> bytes:
