@@ -142,6 +142,11 @@ class MapScores:
         pred, labels, [1] if scored == 1 else range(scored), pixels, self.nsd_tolerance))
     return _surface_row(self.surface[-1], include_background)
 
+  def surface_means(self, include_background: bool) -> dict[str, Any]:
+    """The means of the images' surface scores (mean_surface_scores), with NSD's tolerance."""
+    return {**surface_distance.mean_surface_scores(self.surface, include_background),
+            'nsd_tolerance': self.nsd_tolerance}
+
 
 def score_columns(scores: dict[str, np.ndarray], include_background: bool,
                   ) -> dict[str, float]:
@@ -348,8 +353,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     sums = part if sums is None else jax.tree.map(lambda a, b: a + b, sums, part)
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
-    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background),
-                   nsd_tolerance=nsd_tolerance)
+    metrics.update(maps.surface_means(include_background))
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,

@@ -107,8 +107,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                 | maps.add(pred_ids, ids, valid, num_classes, include_background))
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
-    metrics.update(surface_distance.mean_surface_scores(maps.surface, include_background),
-                   nsd_tolerance=nsd_tolerance)
+    metrics.update(maps.surface_means(include_background))
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
   metrics.update(images=len(pairs), include_background=include_background,
