@@ -519,7 +519,8 @@ def test_nnunet_raw_layout_pairs_by_image_suffix(tmp_path):
 
 def _channel_cases(root, n=10, size=(20, 24)):
   """nnU-Net's raw layout with two gray channel files per case: imagesTr/NAME_0000.png and
-  NAME_0001.png (case 1's second one 16-bit), labelsTr/NAME.png; the stacks, by NAME."""
+  NAME_0001.png (case 1's second one 16-bit, with levels between 8-bit ones), labelsTr/NAME.png;
+  the stacks, by NAME (case 1's on 16 bits, its 8-bit channel's values times 257)."""
   os.makedirs(root / 'imagesTr'), os.makedirs(root / 'labelsTr')
   rng = np.random.default_rng(5)
   stacks = {}
@@ -529,12 +530,14 @@ def _channel_cases(root, n=10, size=(20, 24)):
     first = (rng.random(size) * 80 + labels * 90).astype(np.uint8)
     second = (rng.random(size) * 200).astype(np.uint8)
     Image.fromarray(first).save(root / 'imagesTr' / f'case{i}_0000.png')
-    if i == 1:  # (16-bit: scaled to 8 bits as one gray file is, rounding v / 257)
-      Image.fromarray(second.astype(np.uint16) * 257).save(root / 'imagesTr' / 'case1_0001.png')
+    if i == 1:  # (16-bit, kept at 16 bits; the 8-bit channel beside it put on their scale)
+      deep = second.astype(np.uint16) * 257 + rng.integers(0, 257, size).astype(np.uint16)
+      Image.fromarray(deep).save(root / 'imagesTr' / 'case1_0001.png')
+      stacks['case1'] = np.stack([first.astype(np.uint16) * 257, deep], axis=-1)
     else:
       Image.fromarray(second).save(root / 'imagesTr' / f'case{i}_0001.png')
+      stacks[f'case{i}'] = np.stack([first, second], axis=-1)
     Image.fromarray(labels).save(root / 'labelsTr' / f'case{i}.png')
-    stacks[f'case{i}'] = np.stack([first, second], axis=-1)
   return stacks
 
 
@@ -560,7 +563,9 @@ def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path, capsys):
   for record in (*train_source, *eval_source):
     name = record['file_name'].decode()
     assert name.endswith('_0000.png')
-    np.testing.assert_array_equal(record['image'], stacks[name[:-len('_0000.png')]])
+    want = stacks[name[:-len('_0000.png')]]
+    assert record['image'].dtype == want.dtype
+    np.testing.assert_array_equal(record['image'], want)
   # Trained (the turns and contrast of two channels) and scored as one image per case.
   wd = str(tmp_path / 'wd')
   metrics = train.train_and_evaluate(tiny_config(**fields), wd)
@@ -924,17 +929,62 @@ def test_a_prepared_folder_is_not_read_again(tmp_path, monkeypatch, capsys, capl
     input_pipeline.load_sources(config)
 
 
-def test_image_folder_reads_16_bit_images_as_their_8_bit_values(tmp_path):
+def test_image_folder_reads_16_bit_images_at_16_bits(tmp_path):
+  # A CT, MRI or microscopy image keeps its 65536 levels (on 8 bits, 1000 and 1100 read alike).
   from unet_jax.datasets.image_folder import _read
-  eight = (np.random.default_rng(4).random((20, 24)) * 255).astype(np.uint8)
-  Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / 'im16.png')
-  np.testing.assert_array_equal(_read(str(tmp_path / 'im16.png')), eight)
+  values = np.random.default_rng(4).integers(0, 65536, (20, 24)).astype(np.uint16)
+  values[0, :2] = 1000, 1100
+  Image.fromarray(values).save(tmp_path / 'im16.png')
+  assert Image.open(tmp_path / 'im16.png').mode == 'I;16'
+  read = _read(str(tmp_path / 'im16.png'))
+  assert read.dtype == np.uint16
+  np.testing.assert_array_equal(read, values)
+  # 32-bit integer gray (PIL's I, e.g. a TIFF) is clipped to 0..65535.
+  wide = values.astype(np.int32) * 2 - 30000
+  Image.fromarray(wide).save(tmp_path / 'im32.tif')
+  assert Image.open(tmp_path / 'im32.tif').mode == 'I'
+  np.testing.assert_array_equal(_read(str(tmp_path / 'im32.tif')), np.clip(wide, 0, 65535))
+  # Training's example: the values over 65535 (as 8-bit ones over 255).
+  mask = np.zeros((20, 24), np.uint8)
+  for normalize, scaled in (('unit', values / np.float32(65535)),
+                            ('minmax', (values - np.float32(values.min())) / np.float32(
+                                values.max() - values.min()))):
+    x = preprocess({'image': read[..., None], 'mask': mask}, (20, 24), None, None,
+                   normalize=normalize)['image']
+    np.testing.assert_allclose(x[..., 0], scaled, rtol=0, atol=1e-7)
+  eight = (np.random.default_rng(5).random((20, 24)) * 255).astype(np.uint8)
   labels = (eight % 3).astype(np.uint16)  # a 16-bit mask keeps its values
   Image.fromarray(labels).save(tmp_path / 'm16.png')
   np.testing.assert_array_equal(_read(str(tmp_path / 'm16.png'), mask=True), labels)
   Image.fromarray(labels * 1000).save(tmp_path / 'wide.png')
   with pytest.raises(UserError, match=r'wide.png: mask values 0..2000 do not fit 8 bits'):
     _read(str(tmp_path / 'wide.png'), mask=True)
+
+
+def test_16_bit_images_are_resized_and_turned_as_their_8_bit_versions_are_on_16_bits():
+  # Between its 8-bit levels a 16-bit image keeps what it has: resized and turned, it is its
+  # 8-bit version's result times 257 (within the 8-bit result's rounding and the finer levels),
+  # and each pixel is its float resampling, rounded.
+  from unet_jax.image_io import resize
+  rng = np.random.default_rng(6)
+  eight = rng.integers(0, 255, (20, 24, 1), np.uint8)
+  deep = eight.astype(np.uint16) * 257 + rng.integers(0, 257, eight.shape).astype(np.uint16)
+  mask = rng.integers(0, 3, (20, 24), np.uint8)
+  for resample in (Image.BILINEAR, Image.BICUBIC):
+    got = resize(deep, 11, 13, resample)
+    assert got.dtype == np.uint16 and got.shape == (11, 13, 1)
+    coarse = resize(eight, 11, 13, resample).astype(np.int64) * 257
+    assert np.abs(got.astype(np.int64) - coarse).max() <= 257 // 2 + 256
+    fine = np.asarray(Image.fromarray(deep[..., 0].astype(np.float32)).resize((13, 11), resample))
+    np.testing.assert_array_equal(got[..., 0], np.clip(np.rint(fine), 0, 65535))
+  for scale in (1.0, 1.3):
+    got, got_mask = rotate(deep, mask, 30.0, scale=scale)
+    coarse, coarse_mask = rotate(eight, mask, 30.0, scale=scale)
+    assert got.dtype == np.uint16 and got.shape == deep.shape
+    np.testing.assert_array_equal(got_mask, coarse_mask)
+    # (PIL's 8-bit affine transform truncates: within one 8-bit level, not half)
+    assert np.abs(got.astype(np.int64) - coarse.astype(np.int64) * 257).max() <= 257 + 256
+    assert len(np.unique(got % 257)) > 200  # (not merely the 8-bit levels, scaled)
 
 
 @pytest.mark.parametrize('breakage,message', [

@@ -78,9 +78,11 @@ def test_predict_api_shapes_and_uint8():
     unet_jax.predict(model, variables, np.zeros((2, 32, 32, 3), np.float32))
 
 
-def test_predict_at_a_size_sees_what_training_saw_and_resizes_back_as_milesial():
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
+def test_predict_at_a_size_sees_what_training_saw_and_resizes_back_as_milesial(dtype):
   model, variables = _moved_model()
-  image = (np.random.default_rng(4).random((40, 24, 1)) * 255).astype(np.uint8)
+  peak = np.iinfo(dtype).max  # (16-bit gray: resized at 16 bits, over 65535)
+  image = (np.random.default_rng(4).random((40, 24, 1)) * peak).astype(dtype)
   got = predict_logits(model, variables, image[None], size=16)
   assert got.shape == (1, 40, 24, 1)
   # The network's input is training's preprocessing of the image at image_size=16 ...
@@ -232,27 +234,39 @@ def test_overlay_draws_classes_in_the_training_masks_colours():
   np.testing.assert_array_equal(drawn[1, 0, 2], np.uint8(100 * 0.55 + 255 * 0.45))
 
 
-def test_cli_reads_16_bit_gray_as_its_8_bit_values(tmp_path, converted, capsys):
-  # PIL's own conversion clipped 16-bit values at 255: the image came in almost white.
+def test_cli_reads_16_bit_gray_at_16_bits(tmp_path, capsys):
+  # A 16-bit image (either byte order) is the network's input over 65535, its levels between
+  # 8-bit ones kept; an 8-bit image of the same size, in the same batch, over 255. (PIL's own
+  # conversion clipped 16-bit values at 255: the image came in almost white.)
+  ref = move_off_init(SeedUNet(1, 3, base=4, depth=2), 1, 3, seed=2).eval()
+  state = ref.state_dict()
+  state['mask_values'] = [0, 100, 200]
+  torch.save(state, tmp_path / 'm.pth')
+  converted = torch_to_flax(str(tmp_path / 'm.pth'), str(tmp_path / 'ckpt'))
   os.makedirs(tmp_path / 'in')
-  eight = (np.random.default_rng(3).random((40, 36)) * 255).astype(np.uint8)
-  _write(tmp_path / 'in' / 'a8.png', eight)
-  _write(tmp_path / 'in' / 'a16.png', eight.astype(np.uint16) * 257)
-  assert Image.open(tmp_path / 'in' / 'a16.png').mode.startswith('I')
-  # A big-endian 16-bit TIFF (PIL's I;16B), as training reads it (was refused as colour).
-  big = (eight.astype(np.uint16) * 257).astype('>u2')
-  Image.frombuffer('I;16B', (36, 40), big.tobytes(), 'raw', 'I;16B', 0, 1).save(
+  rng = np.random.default_rng(3)
+  deep = rng.integers(0, 65536, (40, 36)).astype(np.uint16)
+  eight = rng.integers(0, 256, (40, 36)).astype(np.uint8)
+  _write(tmp_path / 'in' / 'a16.png', deep)
+  assert Image.open(tmp_path / 'in' / 'a16.png').mode == 'I;16'
+  Image.frombuffer('I;16B', (36, 40), deep.astype('>u2').tobytes(), 'raw', 'I;16B', 0, 1).save(
       tmp_path / 'in' / 'b16.tif')
   assert Image.open(tmp_path / 'in' / 'b16.tif').mode == 'I;16B'
+  _write(tmp_path / 'in' / 'c8.png', eight)
   code = main([str(tmp_path / 'in'), '--checkpoint', str(converted), '--output',
-               str(tmp_path / 'out')])
+               str(tmp_path / 'out'), '--probabilities', '--overlay'])
   assert code == 0, capsys.readouterr().err
-  mask8 = np.asarray(Image.open(tmp_path / 'out' / 'a8_mask.png'))
-  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a16_mask.png')), mask8)
-  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'b16_mask.png')), mask8)
-  model, variables = unet_jax.load_pretrained(str(converted))
-  white = unet_jax.predict(model, variables, np.full((40, 36, 1), 255, np.uint8))
-  assert not np.array_equal(np.where(white == 1, 200, 0), mask8)  # the test can tell
+  for name, image in (('a16', deep / np.float32(65535)), ('b16', deep / np.float32(65535)),
+                      ('c8', eight / np.float32(255))):
+    with torch.no_grad():
+      want = torch.softmax(ref(torch.from_numpy(image)[None, None]), 1)[0].permute(1, 2, 0)
+    np.testing.assert_allclose(np.load(tmp_path / 'out' / f'{name}_prob.npy'), want.numpy(),
+                               atol=2e-6)
+  # (its overlay drawn on 8 bits: where no class is tinted, the image's v / 257)
+  drawn = np.asarray(Image.open(tmp_path / 'out' / 'a16_overlay.png'))
+  plain = np.asarray(Image.open(tmp_path / 'out' / 'a16_mask.png')) == 0
+  np.testing.assert_array_equal(drawn[plain], np.repeat(
+      np.round(deep / 257).astype(np.uint8)[plain][:, None], 3, -1))
 
 
 @pytest.mark.parametrize('mode', ['L', 'LA', '1', 'I;16', 'I;16B', 'I', 'P', 'RGB', 'RGBA', 'CMYK',

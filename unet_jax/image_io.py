@@ -1,8 +1,9 @@
-"""Image files to 8-bit arrays, and resizing, one rule for training and prediction.
+"""Image files to arrays, and resizing, one rule for training and prediction.
 
-PIL's own `convert('L')` clips 16-bit gray values at 255, which turned a 16-bit microscopy or
-medical image into an almost white one; here 16 bits are scaled to 8 (65535 -> 255), as the
-8-bit images a model trains on are scaled to [0, 1] from 255.
+8-bit images are uint8 arrays, scaled to [0, 1] from 255; 16-bit gray ones (a CT, MRI or
+microscopy image) uint16 arrays, scaled from 65535 (`unit_scaled`), so that they keep their
+65536 levels: scaled to 8 bits, 1000 and 1100 would both read as 4 (PIL's own `convert('L')`
+even clips them at 255, which turned such an image almost white).
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def stacked_channels(paths: Sequence[str], planes: Sequence[np.ndarray]) -> np.n
       raise UserError(f'{path}: is {plane.shape[1]}x{plane.shape[0]} but {paths[0]} is '
                       f'{planes[0].shape[1]}x{planes[0].shape[0]}; the channel files of a case '
                       'must be one size')
+  if any(plane.dtype == np.uint16 for plane in planes):  # (an 8-bit one on 16 bits' scale)
+    planes = [plane.astype(np.uint16) * np.uint16(257) if plane.dtype == np.uint8 else plane
+              for plane in planes]
   return np.stack(planes, axis=-1)
 
 
@@ -142,31 +146,53 @@ def first_file(image: str | tuple[str, ...]) -> str:
 
 
 def drawable(image: np.ndarray) -> np.ndarray:
-  """An (H, W, C) image as RGB to draw: itself when C is 3, else its first channel in gray
-  (a gray image; of one file per channel, the first)."""
+  """An (H, W, C) image as 8-bit RGB to draw: itself when C is 3, else its first channel in
+  gray (a gray image; of one file per channel, the first); 16 bits drawn on 8."""
+  if image.dtype == np.uint16:
+    image = np.round(image / 257).astype(np.uint8)
   return image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, -1)
 
 
-def eight_bit(im: Any, path: str, mask: bool = False) -> Any:
-  """A PIL image of 16-bit or 32-bit integer gray values as 8-bit gray ('L'); others unchanged.
+def _integer_gray(im: Any) -> bool:
+  return im.mode == 'I' or im.mode.startswith('I;16')  # (16-bit in either byte order; 32-bit)
 
-  An image's values are scaled, rounding v / 257 (values outside 0..65535 clipped), and a 32-bit
-  float image is refused; a mask's values are class labels, kept as they are, and must fit 8
-  bits."""
-  from PIL import Image
-  if im.mode == 'F' and not mask:
+
+def sixteen_bit(im: Any, path: str) -> np.ndarray | None:
+  """The (H, W) uint16 pixels of a PIL image of 16-bit or 32-bit integer gray values (the
+  latter clipped to 0..65535), in either byte order; None for others (8-bit gray and colour
+  modes). A 32-bit float image is refused: its value range is unknown."""
+  if im.mode == 'F':
     raise UserError(f'{path}: a 32-bit float image, whose value range is unknown; save it as an '
                     '8- or 16-bit image')
-  if not (im.mode == 'I' or im.mode.startswith('I;16')):
+  if not _integer_gray(im):
+    return None
+  return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+
+
+def mask_levels(im: Any, path: str) -> Any:
+  """A PIL mask of 16-bit or 32-bit integer gray values as 8-bit gray ('L'); others unchanged.
+  Its values are class labels, kept as they are, and must fit 8 bits."""
+  from PIL import Image
+  if not _integer_gray(im):
     return im
-  if mask:
-    values = np.asarray(im)
-    if values.min() < 0 or values.max() > 255:
-      raise UserError(f'{path}: mask values {values.min()}..{values.max()} do not fit 8 bits; '
-                      'save masks with values 0..255 (one per class)')
-    return Image.fromarray(values.astype(np.uint8), 'L')
-  values = np.clip(np.asarray(im, np.float64), 0, 65535)
-  return Image.fromarray(np.round(values / 257).astype(np.uint8), 'L')
+  values = np.asarray(im)
+  if values.min() < 0 or values.max() > 255:
+    raise UserError(f'{path}: mask values {values.min()}..{values.max()} do not fit 8 bits; '
+                    'save masks with values 0..255 (one per class)')
+  return Image.fromarray(values.astype(np.uint8), 'L')
+
+
+def peak_value(dtype: Any) -> int:
+  """The white of an image of this dtype: 65535 for uint16 (16-bit gray), else 255."""
+  return 65535 if np.dtype(dtype) == np.uint16 else 255
+
+
+def unit_scaled(images: np.ndarray) -> np.ndarray:
+  """Images as float32 in [0, 1]: integer ones divided by their `peak_value` (uint8 by 255,
+  uint16 by 65535); float ones taken as already scaled."""
+  if not np.issubdtype(images.dtype, np.integer):
+    return images.astype(np.float32, copy=False)
+  return images.astype(np.float32) / np.float32(peak_value(images.dtype))
 
 
 NORMALIZATIONS = ('unit', 'zscore', 'minmax')
@@ -279,14 +305,22 @@ def resize(array: np.ndarray, height: int, width: int, resample: int) -> np.ndar
 
   uint8 gray or RGB arrays are resized as PIL images of that kind (training's images and masks),
   uint8 of other channel counts channel by channel as gray ones (PIL's 2- and 4-channel modes
-  would weigh the others by the last, as by alpha); others (float images, logits) channel by
-  channel as 32-bit float images."""
+  would weigh the others by the last, as by alpha); others (16-bit images, float images,
+  logits) channel by channel as 32-bit float images, 16-bit ones rounded back to uint16 (and
+  clipped to 0..65535, as an 8-bit image's filter clips at 0 and 255)."""
   from PIL import Image
   if array.shape[:2] == (height, width):
     return array
   if array.ndim == 3 and (array.shape[-1] != 3 or array.dtype != np.uint8):
     return np.stack([resize(array[..., c], height, width, resample)
                      for c in range(array.shape[-1])], axis=-1)
+  if array.dtype == np.uint16:
+    return sixteen_bit_plane(resize(array.astype(np.float32), height, width, resample))
   if array.dtype != np.uint8:
     array = array.astype(np.float32)
   return np.asarray(Image.fromarray(array).resize((width, height), resample))
+
+
+def sixteen_bit_plane(values: np.ndarray) -> np.ndarray:
+  """Float pixel values (a 16-bit image's, resampled) rounded and clipped back to uint16."""
+  return np.clip(np.rint(values), 0, 65535).astype(np.uint16)

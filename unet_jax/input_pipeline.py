@@ -28,8 +28,10 @@ from unet_jax.image_io import (
   height_width,
   mask_value_text,
   normalized,
+  peak_value,
   resample_filter,
   resize,
+  sixteen_bit_plane,
   training_size,
 )
 
@@ -172,7 +174,8 @@ def _ignored_label(config: ml_collections.ConfigDict, name: str, mask_values: li
 
 
 def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[str, np.ndarray]:
-  """A source record -> {'image': uint8 HxWxC, 'mask': uint8 HxW class ids}."""
+  """A source record -> {'image': uint8 (16-bit gray: uint16) HxWxC, 'mask': uint8 HxW class
+  ids}."""
   image = np.asarray(record[config.data.image_key])
   mask = np.asarray(record[config.data.mask_key])
   if mask.ndim == 3:
@@ -237,19 +240,20 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
                crop_foreground: float = 0.0, normalize: str = 'unit') -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns, rotation and scaling (when `rng` is given), resize to
-  `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter,
-  the mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0:
-  the whole; with probability `crop_foreground` centred on a pixel of a foreground class,
-  nnU-Net's oversampling), scale to [0, 1] (`normalize='zscore'`: then each channel to mean 0
-  and deviation 1 over the whole resized image, as nnU-Net normalises a case before it cuts
-  its patches; 'minmax': each channel stretched to [0, 1] so), random brightness and
-  contrast, gamma, Gaussian noise (not clipped, as MONAI's). The corners a rotation brings in
+  `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter, the
+  mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0: the whole;
+  with probability `crop_foreground` centred on a pixel of a foreground class, nnU-Net's
+  oversampling), scale to [0, 1] (8 bits from 255, 16-bit gray from 65535; `normalize='zscore'`:
+  then each channel to mean 0 and deviation 1 over the whole resized image, as nnU-Net normalises a
+  case before it cuts its patches; 'minmax': each channel stretched to [0, 1] so), random brightness
+  and contrast, gamma, Gaussian noise (not clipped, as MONAI's). The corners a rotation brings in
   are black with mask label `fill_label` (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
   from PIL import Image
   image, mask = example['image'], example['mask']
+  peak = np.float32(peak_value(image.dtype))  # (uint16, 16-bit gray: 65535; stays uint16 below)
   augment = rng is not None and aug is not None
   if augment:
     h, w = mask.shape
@@ -280,14 +284,14 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
   if normalize != 'unit':  # (over the whole image, before the patch is cut)
-    image = normalized(image.astype(np.float32) / 255.0, normalize)
+    image = normalized(image.astype(np.float32) / peak, normalize)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
     if crop_foreground and rng.random() < crop_foreground:
       y0, x0 = _foreground_crop(mask, crop, rng, fill_label, (y0, x0))
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
   if normalize == 'unit':
-    image = image.astype(np.float32) / 255.0
+    image = image.astype(np.float32) / peak
   if augment and aug.get('intensity_recipe', 'jitter') == 'nnunet':
     from unet_jax import nnunet_intensity
     return {'image': nnunet_intensity.augment(image, rng, aug), 'mask': mask.astype(np.int32)}
@@ -330,16 +334,19 @@ def _foreground_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, fill
 
 def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int = 0,
            scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-  """Image (uint8 HxWxC) and mask turned `degrees` counter-clockwise about their centre, at
-  their size (torchvision's `rotate(expand=False)`), and with `scale` enlarged (> 1) or shrunk
-  (< 1) about it in the same resampling (torchvision's `affine(angle, translate=(0, 0), scale,
-  shear=0)`): the image bilinear, the mask nearest (no blended labels); what comes in from
-  outside is black, with label `fill_label`. An image of other than 1 or 3 channels (one file
-  per channel) is turned channel by channel (PIL's 2- and 4-channel modes would weigh the
-  others by the last, as by alpha)."""
+  """Image (uint8 HxWxC, or uint16 of 16-bit gray) and mask turned `degrees` counter-clockwise about
+  their centre, at their size (torchvision's `rotate(expand=False)`), and with `scale` enlarged (>
+  1) or shrunk (< 1) about it in the same resampling (torchvision's `affine(angle, translate=(0, 0),
+  scale, shear=0)`): the image bilinear, the mask nearest (no blended labels); what comes in from
+  outside is black, with label `fill_label`. An image of other than 1 or 3 channels (one file per
+  channel) is turned channel by channel (PIL's 2- and 4-channel modes would weigh the others by the
+  last, as by alpha), as is a 16-bit one, as 32-bit float images (rounded back to uint16 as `resize`
+  does)."""
   from PIL import Image
-  rgb = image.shape[-1] == 3
-  planes = [image] if rgb else [image[..., c] for c in range(image.shape[-1])]
+  deep = image.dtype == np.uint16
+  rgb = image.shape[-1] == 3 and not deep
+  planes = [image] if rgb else [image[..., c].astype(np.float32) if deep else image[..., c]
+                                for c in range(image.shape[-1])]
   pictures = [Image.fromarray(p) for p in planes] + [Image.fromarray(mask)]
   fills = [(0, 0, 0) if rgb else 0] * len(planes) + [fill_label]
   resamples = [Image.BILINEAR] * len(planes) + [Image.NEAREST]
@@ -356,6 +363,8 @@ def rotate(image: np.ndarray, mask: np.ndarray, degrees: float, fill_label: int 
     turned = [p.transform((w, h), Image.AFFINE, matrix, resample=r, fillcolor=f)
               for p, r, f in zip(pictures, resamples, fills, strict=True)]
   out = [np.asarray(t) for t in turned]
+  if deep:
+    out = [sixteen_bit_plane(plane) for plane in out[:-1]] + out[-1:]
   return (out[0] if rgb else np.stack(out[:-1], axis=-1)), out[-1]
 
 

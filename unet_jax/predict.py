@@ -32,7 +32,6 @@ from unet_jax.image_io import (
   IMAGE_SUFFIXES,
   channel_cases,
   drawable,
-  eight_bit,
   first_file,
   height_width,
   image_suffixes,
@@ -41,9 +40,11 @@ from unet_jax.image_io import (
   parse_size,
   resample_filter,
   resize,
+  sixteen_bit,
   size_text,
   stacked_channels,
   suffix_pattern,
+  unit_scaled,
   with_channel_hint,
 )
 from unet_jax.losses import predict_classes
@@ -115,12 +116,13 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
                    overlap: int | Sequence[int] | None = None, batch_size: int = 8,
                    tta: bool = False, resample: str = 'bilinear', normalize: str = 'unit',
                    ) -> np.ndarray:
-  """Logits (N, H, W, classes) for images (N, H, W, C), float in [0, 1] or uint8.
+  """Logits (N, H, W, classes) for images (N, H, W, C): float in [0, 1], uint8 or uint16 (16-bit
+  gray; `unit_scaled`).
 
   `size`: run the network on each image resized to size x size (or to (height, width): a
   workdir's recorded image_size is either), as training resizes its examples to `image_size`
-  (PIL's `resample` filter, 'bilinear' or 'bicubic' as the run's data.resample, on the 8-bit
-  image when it is one), and resize the logits back to H x W (bilinear, as milesial's
+  (PIL's `resample` filter, 'bilinear' or 'bicubic' as the run's data.resample, on the 8- or
+  16-bit image when it is one), and resize the logits back to H x W (bilinear, as milesial's
   predict.py does); None runs at H x W.
   `tile`, `overlap`: run overlapping tiles (a side, or (height, width); `tiling`) of the image
   (after any resize) and blend them, for images too large to run whole.
@@ -139,7 +141,7 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
         tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, normalize=normalize)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
-  images = images / np.float32(255) if images.dtype == np.uint8 else images.astype(np.float32)
+  images = unit_scaled(images)
   images = normalized(images, normalize)
   fn = eval_apply(model, tta)
   n, h, w, _ = images.shape
@@ -178,7 +180,8 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
             threshold: float = 0.5, resample: str = 'bilinear', normalize: str = 'unit',
             largest_component: bool = False, min_region_size: int = 0) -> np.ndarray:
-  """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 images are scaled to [0, 1].
+  """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 and uint16 images are scaled to
+  [0, 1] (`unit_scaled`).
 
   `size`: the network sees each image at size x size (or (height, width)), as in training,
   resized with `resample` and normalised as `normalize` says (see `predict_logits`).
@@ -317,8 +320,8 @@ def _misnamed(image_suffix: str) -> Callable[[str], str]:
 
 
 def _read_case(case: str | tuple[str, ...], channels: int) -> np.ndarray:
-  """An input's (H, W, C) uint8 image: its file (`_read_image`), or the stack of its channels'
-  gray files, which must be one size."""
+  """An input's (H, W, C) uint8 (or 16-bit gray's uint16) image: its file (`_read_image`), or the
+  stack of its channels' gray files, which must be one size."""
   if isinstance(case, str):
     return _read_image(case, channels)
   return stacked_channels(case, [_read_image(path, 1, channel_file=True)[..., 0]
@@ -326,15 +329,15 @@ def _read_case(case: str | tuple[str, ...], channels: int) -> np.ndarray:
 
 
 def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndarray:
-  """An input file's (H, W, channels) uint8 pixels, as training reads its folder's images: for
-  an RGB model a gray one repeated to RGB (as a folder of gray and colour images trains), for
-  a gray model a colour one refused (it trained on gray alone). `channel_file`: one of a case's
-  gray channel files (--image_suffix)."""
+  """An input file's (H, W, channels) uint8 pixels (uint16 of 16-bit gray), as training reads its
+  folder's images: for an RGB model a gray one repeated to RGB (as a folder of gray and colour
+  images trains), for a gray model a colour one refused (it trained on gray alone). `channel_file`:
+  one of a case's gray channel files (--image_suffix)."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as im:
       im.load()
-      # (16-bit gray in any byte order, I;16 / I;16B / I;16L, as eight_bit takes it)
+      # (16-bit gray in any byte order, I;16 / I;16B / I;16L, as sixteen_bit takes it)
       gray = im.mode in ('L', 'I', 'F', '1', 'LA') or im.mode.startswith('I;16')
       if channel_file and not gray:
         raise UserError(f'{path}: a colour ({im.mode}) image, but --image_suffix names one file '
@@ -346,7 +349,10 @@ def _read_image(path: str, channels: int, channel_file: bool = False) -> np.ndar
         raise UserError(f'the model takes {channels} channels; one file gives 1 (gray) or 3 '
                         '(RGB): give one gray file per channel, named by --image_suffix (e.g. '
                         "_0000,_0001 for nnU-Net's NAME_0000.png, NAME_0001.png)")
-      arr = np.asarray(eight_bit(im, path).convert('L' if channels == 1 else 'RGB'))
+      deep = sixteen_bit(im, path)  # (16-bit gray: kept at 16 bits, as training reads it)
+      arr = deep if deep is not None else np.asarray(im.convert('L' if channels == 1 else 'RGB'))
+      if channels == 3 and arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
   except UnidentifiedImageError:
     raise UserError(f'{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, GIF)') from None
   except OSError as e:
@@ -484,8 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every file is read (decoded) to check it before anything is written, but only its shape
     # is kept: the images are read again a batch at a time, so memory holds one batch of images
     # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
-    shapes = [_read_case(c, model.in_channels).shape for c in cases]
-    for c, shape in zip(cases, shapes, strict=True):
+    shapes = [(image.shape, image.dtype) for image in
+              (_read_case(c, model.in_channels) for c in cases)]
+    for c, (shape, _) in zip(cases, shapes, strict=True):
       if not all(sizes) and min(shape[:2]) < 2**depth:
         raise UserError(f'{first_file(c)}: {shape[1]}x{shape[0]} is smaller than the model\'s '
                         f'minimum {2**depth}x{2**depth}')
@@ -495,8 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       os.makedirs(args.output, exist_ok=True)
     except OSError as e:
       raise UserError(f'{args.output}: cannot create the output folder ({e.strerror})') from None
-    # Images of the same size go through the network together, in batches.
-    groups: dict[tuple[int, ...], list[int]] = {}
+    # Images of the same size (and bit depth) go through the network together, in batches.
+    groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
     for i, shape in enumerate(shapes):
       groups.setdefault(shape, []).append(i)
     batches = [indices[j:j + args.batch_size] for indices in groups.values()

@@ -39,10 +39,11 @@ from unet_jax.datasets.local_info import LocalDatasetInfo
 from unet_jax.errors import UserError
 from unet_jax.image_io import (
   cases_by_name,
-  eight_bit,
   files_by_name,
   first_file,
   image_suffixes,
+  mask_levels,
+  sixteen_bit,
   stacked_channels,
   suffix_pattern,
 )
@@ -227,12 +228,12 @@ _QUARTER_TURNS = (5, 6, 7, 8)  # its values whose upright view swaps width and h
 
 def _read(path: str, mask: bool = False, palettes: list | None = None,
           data: bytes | None = None, orientations: list | None = None) -> np.ndarray:
-  """An image as 8-bit gray or RGB (16-bit gray scaled to 8); a mask keeps its values, which
-  must fit 8 bits, and a palette mask its indices (as torchvision's VOCSegmentation and
-  milesial's loader read them: the palette is only how they are drawn; appended to
-  `palettes`). `data`: the file's bytes, read instead of `path` (named in errors). The pixels
-  as stored, whatever the file's EXIF orientation (as PIL, torchvision's `read_image` and
-  milesial's loader read them), which is appended to `orientations` (1: none or upright)."""
+  """An image as 8-bit gray or RGB, or 16-bit gray (uint16, `sixteen_bit`: kept at 16 bits); a mask
+  keeps its values, which must fit 8 bits, and a palette mask its indices (as torchvision's
+  VOCSegmentation and milesial's loader read them: the palette is only how they are drawn; appended
+  to `palettes`). `data`: the file's bytes, read instead of `path` (named in errors). The pixels as
+  stored, whatever the file's EXIF orientation (as PIL, torchvision's `read_image` and milesial's
+  loader read them), which is appended to `orientations` (1: none or upright)."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path if data is None else io.BytesIO(data)) as im:
@@ -242,7 +243,10 @@ def _read(path: str, mask: bool = False, palettes: list | None = None,
         if palettes is not None:
           palettes.append(im.getpalette())
         return np.asarray(im)
-      im = eight_bit(im, path, mask=mask)
+      deep = None if mask else sixteen_bit(im, path)
+      if deep is not None:
+        return deep
+      im = mask_levels(im, path) if mask else im
       if im.mode == 'LA' and not mask:  # (gray, its alpha dropped, as predict reads it)
         im = im.convert('L')
       elif im.mode in ('RGBA', 'P', 'CMYK', 'LA', 'YCbCr'):  # (an LA mask: as it always was)
@@ -434,7 +438,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   """Image + mask folders as a TFDS dataset; one builder config per folder content."""
 
   # A new version makes folders prepared by an older reader be prepared again.
-  VERSION = tfds.core.Version('1.5.0')
+  VERSION = tfds.core.Version('1.6.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
                    '1.1.0': '16-bit gray images scaled to 8 bits (1.0.0 clipped them at 255).',
                    '1.2.0': "Each example's image file name, as `file_name`.",
@@ -443,7 +447,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
                             'masks as PNGs of class ids, decoded when read.',
                    '1.5.0': 'A folder without train/ and test/ as one split, pairs, in name '
                             'order; the held-out pairs picked when read (1.4.0: a copy per '
-                            'fold or share, each split in tfds\'s shuffled order).'}
+                            'fold or share, each split in tfds\'s shuffled order).',
+                   '1.6.0': 'Stacks of channel files (data.image_suffix) with a 16-bit one kept '
+                            'at 16 bits (1.5.0 scaled it to 8).'}
 
   def __init__(self, *, root: str, layout: FolderLayout = FolderLayout(), **kwargs):
     self._root = os.path.abspath(root)
@@ -529,10 +535,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
 class DecodedFolderSource:
   """A prepared split of an image folder (or, with `indices`, those records of it), each record
-  decoded as the folder's files read: `image` (H, W, C) uint8 (gray repeated to RGB where the
-  folder has colour images; with `stacked`, the stack of a case's channel files), `mask`
-  (H, W, 1) class ids, `file_name` (of a stack, its first channel's). Random access, as grain
-  reads a data source."""
+  decoded as the folder's files read: `image` (H, W, C) uint8, or uint16 for 16-bit gray (gray
+  repeated to RGB where the folder has colour images; with `stacked`, the stack of a case's channel
+  files), `mask` (H, W, 1) class ids, `file_name` (of a stack, its first channel's). Random access,
+  as grain reads a data source."""
 
   def __init__(self, source: Any, channels: int, indices: list[int] | None = None,
                stacked: bool = False):
