@@ -623,9 +623,13 @@ def test_one_gray_file_per_channel_makes_a_case_s_channels(tmp_path, capsys):
     (['rgb_to_0_1'], 'unit', ''),
     (['RGB_to_0_1'], 'zscore', "normalises them as this project's data.normalize='unit' does; "
      'set --config.data.normalize=unit to match it'),
-    (['CT'], 'zscore', 'normalises those channels in ways this project does not (only all '
-     'channels scaled to [0, 1], rgb_to_0_1, all stretched to [0, 1], rescale_to_0_1, or all '
-     'z-scored, zscore or any other name)'),
+    (['noNorm'], 'zscore', 'normalises those channels in ways this project does not (only all '
+     'channels scaled to [0, 1], rgb_to_0_1, all stretched to [0, 1], rescale_to_0_1, all by CT '
+     'statistics, CT, or all z-scored, zscore or any other name)'),
+    (['CT'], 'zscore', "normalises them as this project's data.normalize='ct' does; set "
+     '--config.data.normalize=ct to match it'),
+    (['ct'], 'ct', ''),
+    (['CT', 'T2'], 'ct', 'normalises those channels in ways this project does not'),
     (['rescale_to_0_1', 'Rescale_to_0_1'], 'minmax', ''),
     (['rescale_to_0_1'], 'unit', "normalises them as this project's data.normalize='minmax' "
      'does; set --config.data.normalize=minmax to match it'),

@@ -703,8 +703,13 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'augment.noise': -0.1}, 'augment.noise=-0.1 must be at least 0: the largest standard '
      'deviation of the Gaussian noise (0: none)'),
     ({'data.normalize': 'percentile'}, "data.normalize='percentile' is unknown; use 'unit' "
-     "(images scaled to [0, 1]), 'zscore' (then each image's channels to mean 0, deviation 1) "
-     "or 'minmax' (then each image's channels stretched to [0, 1])"),
+     "(images scaled to [0, 1]), 'zscore' (then each image's channels to mean 0, deviation 1), "
+     "'minmax' (then each image's channels stretched to [0, 1]) or 'ct' (nnU-Net's CT "
+     "normalisation, by the training foreground's statistics)"),
+    ({'data.normalize': 'ct', 'augment.brightness': 0.2}, "augment.brightness with "
+     "augment.intensity_recipe='jitter' clips to [0, 1], which data.normalize='ct' images "
+     "are not in; set augment.intensity_recipe='nnunet' (unclipped, as nnU-Net on its normalised "
+     "images) or augment.brightness=0"),
     ({'data.normalize': 'zscore', 'augment.contrast': 0.2}, "augment.contrast with "
      "augment.intensity_recipe='jitter' clips to [0, 1], which data.normalize='zscore' images "
      "are not in; set augment.intensity_recipe='nnunet' (unclipped, as nnU-Net on its normalised "

@@ -207,6 +207,8 @@ def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
     metadata['resample'] = (meta['config'].get('data') or {}).get('resample', 'bilinear')
     # ... and how they were normalised (runs before data.normalize: scaled to [0, 1])
     metadata['normalize'] = (meta['config'].get('data') or {}).get('normalize', 'unit')
+    if metadata['normalize'] == 'ct':  # (with the training foreground's statistics)
+      metadata['ct_statistics'] = meta['config']['data'].get('ct_statistics')
   if meta.get('config'):
     metadata['run_config'] = meta['config']  # the training config (data settings included)
   return model, jax.tree.map(jnp.asarray, variables), metadata

@@ -137,9 +137,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f'data.normalize={normalize!r} is unknown; {NORMALIZATION_CHOICES}')
   recipe = config.augment.get('intensity_recipe', 'jitter')
   jitter = [f for f in ('brightness', 'contrast') if config.augment.get(f, 0.0)]
-  if normalize == 'zscore' and recipe == 'jitter' and jitter:
+  if normalize in ('zscore', 'ct') and recipe == 'jitter' and jitter:
     raise UserError(f"augment.{jitter[0]} with augment.intensity_recipe='jitter' clips to "
-                    "[0, 1], which data.normalize='zscore' images are not in; set "
+                    f"[0, 1], which data.normalize='{normalize}' images are not in; set "
                     "augment.intensity_recipe='nnunet' (unclipped, as nnU-Net on its "
                     f'normalised images) or augment.{jitter[0]}=0')
   if recipe not in ('jitter', 'nnunet'):

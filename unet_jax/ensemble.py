@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from unet_jax import losses
+from unet_jax.ct_normalization import recorded_normalization
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import check_normalize_flag
@@ -89,6 +90,11 @@ def _check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict
       raise UserError(f'{first} and {path} cannot be averaged: they were trained on images '
                       f"normalised otherwise (data.normalize='{norm}' and '{other_norm}'); "
                       'ensemble checkpoints trained with the same data.normalize')
+    if recorded_normalization(meta) != recorded_normalization(other_meta):
+      raise UserError(f"{first} and {path} cannot be averaged: their data.normalize='ct' "
+                      "statistics differ (they trained on other data); ensemble checkpoints "
+                      "trained on the same data, e.g. the folds of one folder's "
+                      'cross-validation')
     values, other_values = meta.get('mask_values', []), other_meta.get('mask_values', [])
     if values and other_values and values != other_values:
       raise UserError(f'{first} and {path} cannot be averaged: they were trained on masks whose '

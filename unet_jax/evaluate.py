@@ -296,6 +296,9 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   config.model.update(model_config(model))  # the checkpoint's network, whatever the config says
   if 'normalize' in meta:  # ... and the images it trained on (a converted one: the config's)
     config.data.normalize = meta['normalize']
+    if meta.get('ct_statistics'):  # (its 'ct' statistics, whatever data it is scored on)
+      with config.unlocked():
+        config.data.ct_statistics = meta['ct_statistics']
   if include_background is None:
     include_background = config.get('eval_include_background', True)
   mesh = parallel.make_mesh(jax.local_devices())

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from unet_jax.ct_normalization import CTStatistics, recorded_normalization
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.image_io import height_width, normalized, parse_size
@@ -81,9 +82,9 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
   (batch,) = export.symbolic_shape('n')
   images = jax.ShapeDtypeStruct((batch, height, width, model.in_channels), jnp.float32)
   # The weights are closed over, so they travel inside the artifact as constants.
-  # A run with data.normalize='zscore' (or 'minmax') normalises each image inside the
+  # A run with data.normalize='zscore' (or 'minmax', 'ct') normalises each image inside the
   # artifact, so that a server gives it images scaled to [0, 1] whichever way the run trained.
-  how = meta.get('normalize', 'unit')
+  how = recorded_normalization(meta)  # (one task's members normalise alike)
   forward = jax.jit(lambda x: network.apply(weights, normalized(x, how),
                                             train=False).astype(jnp.float32))
   exported = export.export(forward, platforms=platforms)(images)
@@ -101,7 +102,8 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
       # How training resized its images (PIL's filter), for a server to do the same.
       **({'resample': meta['resample']} if meta.get('resample') else {}),
       # (done inside the artifact, said for whoever reads the logits' provenance)
-      **({'normalize': f'{how}, inside the artifact'} if how != 'unit' else {}),
+      **({'normalize': f'{meta["normalize"]}, inside the artifact'} if how != 'unit' else {}),
+      **({'ct_statistics': how.to_dict()} if isinstance(how, CTStatistics) else {}),
       'platforms': list(platforms),
       'model': model_config(model), 'checkpoint': os.path.abspath(paths[0]),
       'step': meta.get('step'), 'jax_version': jax.__version__}

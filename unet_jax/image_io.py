@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax.ct_normalization import CTStatistics, ct_normalized
 from unet_jax.errors import UserError
 
 # data.resample: PIL's filters an image may be resized with (masks: always nearest), by name.
@@ -195,16 +196,26 @@ def unit_scaled(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / np.float32(peak_value(images.dtype))
 
 
-NORMALIZATIONS = ('unit', 'zscore', 'minmax')
+NORMALIZATIONS = ('unit', 'zscore', 'minmax', 'ct')
+_FLAG_CHOICES = ("use 'unit' (images scaled to [0, 1]), 'zscore' (then each image's channels "
+                 "to mean 0, deviation 1) or 'minmax' (then each image's channels stretched to "
+                 '[0, 1])')  # (for refusals of a command's --normalize, which takes no 'ct')
 NORMALIZATION_CHOICES = ("use 'unit' (images scaled to [0, 1]), 'zscore' (then each image's "
-                         "channels to mean 0, deviation 1) or 'minmax' (then each image's "
-                         'channels stretched to [0, 1])')  # (for refusals)
+                         "channels to mean 0, deviation 1), 'minmax' (then each image's "
+                         "channels stretched to [0, 1]) or 'ct' (nnU-Net's CT normalisation, "
+                         "by the training foreground's statistics)")  # (data.normalize's)
 
 
 def check_normalize_flag(value: str) -> None:
-  """A command's --normalize VALUE (convert's, predict's): one of NORMALIZATIONS."""
+  """A command's --normalize VALUE (convert's, predict's): one of NORMALIZATIONS but 'ct',
+  whose statistics only a training run gathers."""
+  if value == 'ct':
+    raise UserError("--normalize ct: nnU-Net's CT normalisation uses statistics of the training "
+                    'data, which only a checkpoint trained here with '
+                    "data.normalize='ct' records; predict with such a checkpoint, or give "
+                    'unit, zscore or minmax')
   if value not in NORMALIZATIONS:
-    raise UserError(f'--normalize {value}: {NORMALIZATION_CHOICES}')
+    raise UserError(f'--normalize {value}: {_FLAG_CHOICES}')
 
 
 def zscore(images: Any) -> Any:
@@ -223,9 +234,12 @@ def minmax(images: Any) -> Any:
   return shifted / shifted.max(axis=(-3, -2), keepdims=True).clip(min=1e-8)
 
 
-def normalized(images: Any, normalize: str) -> Any:
+def normalized(images: Any, normalize: str | CTStatistics) -> Any:
   """Images scaled to [0, 1] as a run with data.normalize=`normalize` gives them to its
-  network: as they are ('unit'), `zscore`d or `minmax`ed."""
+  network: as they are ('unit'), `zscore`d or `minmax`ed; with a run's CTStatistics (its
+  'ct', `recorded_normalization`), `ct_normalized`."""
+  if isinstance(normalize, CTStatistics):
+    return ct_normalized(images, normalize)
   return {'zscore': zscore, 'minmax': minmax}.get(normalize, lambda x: x)(images)
 
 

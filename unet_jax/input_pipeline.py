@@ -23,6 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from unet_jax.ct_normalization import (
+  CT_SAMPLES,
+  CTStatistics,
+  foreground_statistics,
+  recorded_normalization,
+)
 from unet_jax.errors import UserError, first_line
 from unet_jax.image_io import (
   height_width,
@@ -33,6 +39,7 @@ from unet_jax.image_io import (
   resize,
   sixteen_bit_plane,
   training_size,
+  unit_scaled,
 )
 
 
@@ -225,9 +232,20 @@ def train_hw(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return (crop, crop) if crop else image_hw(config)
 
 
-def image_normalization(config: ml_collections.ConfigDict) -> str:
-  """data.normalize ('unit' for runs before the field)."""
-  return config.data.get('normalize', 'unit')
+def image_normalization(config: ml_collections.ConfigDict) -> str | CTStatistics:
+  """data.normalize ('unit' for runs before the field); for 'ct', the run's CTStatistics."""
+  return recorded_normalization(config.data)
+
+
+def ct_statistics(config: ml_collections.ConfigDict, train_source: Any) -> CTStatistics:
+  """nnU-Net's statistics of the training cases' foreground for data.normalize='ct'
+  (ct_normalization.foreground_statistics): of an image folder whose held-out pairs are cut
+  from its own (a share or a fold), of all its pairs, as nnU-Net's fingerprint takes all of
+  imagesTr, so that every fold of a cross-validation normalises alike (and ensembles)."""
+  source = train_source.all_pairs() if hasattr(train_source, 'all_pairs') else train_source
+  examples = (_adapt(config, source[i]) for i in range(len(source)))
+  return foreground_statistics(((unit_scaled(e['image']), e['mask']) for e in examples),
+                               len(source), config.data.get('ct_samples', CT_SAMPLES))
 
 
 def image_resample(config: ml_collections.ConfigDict) -> str:
@@ -238,16 +256,18 @@ def image_resample(config: ml_collections.ConfigDict) -> str:
 def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
-               crop_foreground: float = 0.0, normalize: str = 'unit') -> dict[str, np.ndarray]:
+               crop_foreground: float = 0.0, normalize: str | CTStatistics = 'unit',
+               ) -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns, rotation and scaling (when `rng` is given), resize to
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter, the
   mask with nearest), a random `crop` x `crop` patch of that (training's crop_size; 0: the whole;
   with probability `crop_foreground` centred on a pixel of a foreground class, nnU-Net's
   oversampling), scale to [0, 1] (8 bits from 255, 16-bit gray from 65535; `normalize='zscore'`:
   then each channel to mean 0 and deviation 1 over the whole resized image, as nnU-Net normalises a
-  case before it cuts its patches; 'minmax': each channel stretched to [0, 1] so), random brightness
-  and contrast, gamma, Gaussian noise (not clipped, as MONAI's). The corners a rotation brings in
-  are black with mask label `fill_label` (0, or the ignored label).
+  case before it cuts its patches; 'minmax': each channel stretched to [0, 1] so; a run's
+  CTStatistics: nnU-Net's CT normalisation), random brightness and contrast, gamma, Gaussian noise
+  (not clipped, as MONAI's). The corners a rotation brings in are black with mask label `fill_label`
+  (0, or the ignored label).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""

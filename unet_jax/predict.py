@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import losses
+from unet_jax.ct_normalization import CTStatistics, recorded_normalization
 from unet_jax.ensemble import load_one_task
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
@@ -114,8 +115,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
                    size: int | Sequence[int] | None = None,
                    tile: int | Sequence[int] | None = None,
                    overlap: int | Sequence[int] | None = None, batch_size: int = 8,
-                   tta: bool = False, resample: str = 'bilinear', normalize: str = 'unit',
-                   ) -> np.ndarray:
+                   tta: bool = False, resample: str = 'bilinear',
+                   normalize: str | CTStatistics = 'unit') -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C): float in [0, 1], uint8 or uint16 (16-bit
   gray; `unit_scaled`).
 
@@ -128,7 +129,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
   (after any resize) and blend them, for images too large to run whole.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
   `normalize`: 'zscore' gives the network each image (after any resize, before tiling) with
-  its channels at mean 0 and deviation 1, 'minmax' stretched to [0, 1], as a run with that
+  its channels at mean 0 and deviation 1, 'minmax' stretched to [0, 1], a run's CTStatistics
+  (its 'ct', `recorded_normalization`) by nnU-Net's CT normalisation, as a run with that
   data.normalize trained.
   """
   images = np.asarray(images)
@@ -178,7 +180,8 @@ def _check_threshold(model: UNet, threshold: float) -> None:
 def predict(model: UNet, variables: Any, images: np.ndarray, *,
             size: int | Sequence[int] | None = None, tile: int | Sequence[int] | None = None,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
-            threshold: float = 0.5, resample: str = 'bilinear', normalize: str = 'unit',
+            threshold: float = 0.5, resample: str = 'bilinear',
+            normalize: str | CTStatistics = 'unit',
             largest_component: bool = False, min_region_size: int = 0) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 and uint16 images are scaled to
   [0, 1] (`unit_scaled`).
@@ -224,7 +227,7 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarray, *,
                            sizes: Sequence[Any] | None = None,
                            resamples: Sequence[str] | None = None,
-                           normalizations: Sequence[str] | None = None,
+                           normalizations: Sequence[str | CTStatistics] | None = None,
                            tile: int | Sequence[int] | None = None,
                            overlap: int | Sequence[int] | None = None, batch_size: int = 8,
                            tta: bool = False) -> np.ndarray:
@@ -475,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # [height, width]; a converted checkpoint records none), unless --size says.
     sizes = [m.get('image_size', 0) if args.size is None else args.size for _, _, m in loaded]
     resamples = [m.get('resample', 'bilinear') for _, _, m in loaded]
-    normalizations = [m.get('normalize', 'unit') for _, _, m in loaded]
+    normalizations = [recorded_normalization(m) for _, _, m in loaded]
     depth = max(m.depth for m, _ in members)
     for size in sizes:
       if size and min(height_width(size)) < 2**depth:
@@ -557,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     how = 'each image at its own size'
   if normalizations[0] != 'unit':
     how += {'zscore': ", each image's channels z-scored",
-            'minmax': ", each image's channels stretched to [0, 1]"}[normalizations[0]]
+            'minmax': ", each image's channels stretched to [0, 1]"}.get(
+                normalizations[0], ", CT-normalised by the training foreground's statistics")
   if args.tta:
     how += ', its logits averaged over flips'
   if len(members) > 1:

@@ -509,6 +509,21 @@ def epoch_steps(num_epochs: float, num_train: int, batch_size: int) -> int:
   return max(1, math.ceil(examples / batch_size))
 
 
+def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
+                        ) -> ml_collections.ConfigDict:
+  """A copy of `config` with data.ct_statistics, gathered from the training data."""
+  statistics = input_pipeline.ct_statistics(config, train_source)
+  if jax.process_index() == 0:
+    print("data.normalize='ct': the training foreground's "
+          + '; '.join(f'{field} {", ".join(f"{v:.6g}" for v in values)}'
+                      for field, values in statistics._asdict().items())
+          + ' (images in [0, 1])', flush=True)
+  config = copy.deepcopy(config)  # (the caller's keeps its own)
+  with config.unlocked():
+    config.data.ct_statistics = statistics.to_dict()
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any); returns the last eval metrics."""
   workdir = os.path.abspath(workdir)
@@ -518,6 +533,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   use_persistent_cache(config.compilation_cache_dir)  # before anything compiles
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
+  if config.data.get('normalize') == 'ct':  # (recorded in the run config, with checkpoints)
+    config = _with_ct_statistics(config, train_source)
   if config.get('num_epochs', 0):
     config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
     config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)

@@ -284,7 +284,7 @@ def dataset_json_class_names(root: str, mask_values: list) -> tuple[str, ...]:
 # nnU-Net's normalisation of a channel by its dataset.json name (casefolded; any other name:
 # zscore), as this project's data.normalize where it has one.
 _NNUNET_NORMALIZATIONS = {'rgb_to_0_1': 'unit', 'zscore': 'zscore', 'rescale_to_0_1': 'minmax',
-                          'ct': None, 'nonorm': None}
+                          'ct': 'ct', 'nonorm': None}
 
 
 def dataset_json_normalization_warning(root: str, normalize: str) -> str:
@@ -300,8 +300,8 @@ def dataset_json_normalization_warning(root: str, normalize: str) -> str:
   listed = ', '.join(names)
   if None in wanted or len(set(wanted)) > 1:
     how = ('normalises those channels in ways this project does not (only all channels scaled '
-           'to [0, 1], rgb_to_0_1, all stretched to [0, 1], rescale_to_0_1, or all z-scored, '
-           'zscore or any other name)')
+           'to [0, 1], rgb_to_0_1, all stretched to [0, 1], rescale_to_0_1, all by CT '
+           'statistics, CT, or all z-scored, zscore or any other name)')
   else:
     how = (f"normalises them as this project's data.normalize='{wanted[0]}' does; set "
            f'--config.data.normalize={wanted[0]} to match it')
@@ -547,6 +547,11 @@ class DecodedFolderSource:
 
   def __len__(self) -> int:
     return len(self._source) if self._indices is None else len(self._indices)
+
+  def all_pairs(self) -> DecodedFolderSource:
+    """The prepared split these records are taken from, all of it (a folder's pairs, of which
+    the held-out share or fold and the rest are each some)."""
+    return DecodedFolderSource(self._source, self._channels, None, self._stacked)
 
   def __iter__(self) -> Iterator[dict[str, Any]]:
     return (self[i] for i in range(len(self)))

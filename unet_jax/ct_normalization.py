@@ -1,0 +1,93 @@
+"""nnU-Net's CT normalisation (data.normalize='ct'): its statistics and their use.
+
+nnU-Net normalises a channel named 'CT' in dataset.json by statistics of the training cases'
+foreground (labelled) pixels, one set for the whole dataset (its fingerprint's
+foreground_intensity_properties_per_channel): each pixel clipped to their 0.5 and 99.5
+percentiles, then shifted by their mean and divided by their standard deviation. Unlike
+z-scoring each image, this keeps a tissue's value (a Hounsfield unit) the same in every image.
+
+The statistics are gathered as nnU-Net's DatasetFingerprintExtractor gathers them: from each
+case, `num_samples // cases` of its foreground pixels per channel drawn with replacement by
+`np.random.RandomState(1234)` (a new one per case; nnU-Net's 10e7 in all), pooled over the
+cases, so each case weighs alike; then their mean, standard deviation (np.std) and
+percentiles (np.percentile). The values are the images scaled to [0, 1] (over 255 or 65535):
+the clipping and the shift and scale then give what they give on the file's own values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from unet_jax.errors import UserError
+
+CT_SAMPLES = 10**8  # nnU-Net's num_foreground_voxels_for_intensitystats (10e7), in all
+_SEED = 1234  # nnU-Net's collect_foreground_intensities seed, anew for each case
+
+
+class CTStatistics(NamedTuple):
+  """Per channel: the foreground's mean, standard deviation and 0.5 / 99.5 percentiles, as
+  nnU-Net's plans name them (its `percentile_00_5`, `percentile_99_5`)."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  percentile_00_5: tuple[float, ...]
+  percentile_99_5: tuple[float, ...]
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> CTStatistics:
+    return cls(*(tuple(float(v) for v in values[field]) for field in cls._fields))
+
+  def to_dict(self) -> dict[str, list[float]]:
+    return {field: list(getattr(self, field)) for field in self._fields}
+
+
+def ct_normalized(images: Any, statistics: CTStatistics) -> Any:
+  """Images (.., H, W, C) scaled to [0, 1], each channel clipped to its percentiles, less its
+  mean, over its deviation (at least 1e-8): nnU-Net's CTNormalization, in float32 as it
+  computes. NumPy or JAX arrays alike (export runs it inside its artifact)."""
+  low, high, mean, std = (np.asarray(v, np.float32) for v in (
+      statistics.percentile_00_5, statistics.percentile_99_5, statistics.mean, statistics.std))
+  return (images.clip(low, high) - mean) / np.maximum(std, np.float32(1e-8))
+
+
+def foreground_statistics(cases: Iterable[tuple[np.ndarray, np.ndarray]], count: int,
+                          num_samples: int = CT_SAMPLES) -> CTStatistics:
+  """The CTStatistics of `count` cases, each an (H, W, C) float32 image in [0, 1] and its
+  (H, W) mask of class ids (foreground: above 0, as nnU-Net's `seg > 0`)."""
+  per_case = int(num_samples // count)
+  drawn: list[list[np.ndarray]] = []
+  for image, mask in cases:
+    rs = np.random.RandomState(_SEED)
+    foreground = mask > 0
+    drawn = drawn or [[] for _ in range(image.shape[-1])]
+    for channel, samples in enumerate(drawn):
+      values = image[..., channel][foreground]
+      if values.size:  # (a case without foreground adds none)
+        samples.append(rs.choice(values, per_case, replace=True))
+  if not drawn or not drawn[0]:
+    raise UserError("data.normalize='ct' takes its statistics from the training masks' "
+                    'foreground (class ids above 0), but they have none; label the foreground, '
+                    "or use data.normalize='zscore'")
+  pooled = [np.concatenate(samples) for samples in drawn]
+  low_high = [np.percentile(values, (0.5, 99.5)) for values in pooled]
+  return CTStatistics(
+      mean=tuple(float(np.mean(values)) for values in pooled),
+      std=tuple(float(np.std(values)) for values in pooled),
+      percentile_00_5=tuple(float(p[0]) for p in low_high),
+      percentile_99_5=tuple(float(p[1]) for p in low_high))
+
+
+def recorded_normalization(fields: Mapping[str, Any]) -> str | CTStatistics:
+  """How a run's images were normalised, from its data config or a checkpoint's metadata:
+  their `normalize` ('unit' where none is recorded), or for 'ct' its `ct_statistics`."""
+  normalize = fields.get('normalize', 'unit')
+  if normalize != 'ct':
+    return normalize
+  statistics = fields.get('ct_statistics')
+  if not statistics:
+    raise UserError("data.normalize='ct' without its ct_statistics: they are gathered when a "
+                    'run starts training and recorded with its checkpoints; train with it, or '
+                    'evaluate or predict with such a checkpoint')
+  return CTStatistics.from_dict(statistics)
