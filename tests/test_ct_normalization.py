@@ -9,6 +9,7 @@ import re
 import jax
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_train import tiny_config
 
@@ -146,6 +147,43 @@ def test_ct_normalisation_trains_and_predict_evaluate_and_export_normalise_as_it
   np.testing.assert_allclose(
       probabilities(np.asarray(exported.call(scaled[None]))),
       np.load(tmp_path / 'out' / 'case4_prob.npy')[None], atol=2e-5)
+  # flax-to-torch's .safetensors carries it in its header (a .pth: what a strict load takes),
+  # and torch-to-flax brings it back: predict then gives the same masks.
+  from safetensors import safe_open
+
+  from unet_jax.convert import flax_to_torch, torch_to_flax
+  from unet_jax.state_dict_io import read_state_dict, write_state_dict
+  flax_to_torch(wd, str(tmp_path / 'ct.safetensors'))
+  with safe_open(str(tmp_path / 'ct.safetensors'), 'np') as f:
+    header = f.metadata()
+  assert header['normalize'] == '"ct"'
+  assert json.loads(header['ct_statistics']) == statistics.to_dict()
+  back = torch_to_flax(str(tmp_path / 'ct.safetensors'), str(tmp_path / 'back'))
+  assert load_pretrained_with_metadata(back)[2]['ct_statistics'] == statistics.to_dict()
+  assert predict_main([str(tmp_path / 'd' / 'imagesTr'), '--checkpoint', back, '--image_suffix',
+                       '_0000,_0001', '--output', str(tmp_path / 'out2'), '--probabilities']) == 0
+  np.testing.assert_array_equal(np.load(tmp_path / 'out2' / 'case4_prob.npy'),
+                                np.load(tmp_path / 'out' / 'case4_prob.npy'))
+  with pytest.raises(UserError, match=re.escape(
+      f"{tmp_path}/ct.safetensors: records that its images were normalised 'ct', not 'zscore'; "
+      'leave out --normalize')):
+    torch_to_flax(str(tmp_path / 'ct.safetensors'), str(tmp_path / 'z'), normalize='zscore')
+  tensors, extras = read_state_dict(str(tmp_path / 'ct.safetensors'))
+  for header, message in (({'normalize': 'percentile'}, "its header records normalize "
+                           "'percentile', which this project does not know (unit, zscore, "
+                           'minmax, ct); remove it from the header'),
+                          ({'normalize': 'ct', 'ct_statistics': {'mean': [0.1]}}, "records "
+                           "normalize 'ct' without its ct_statistics (mean, std, percentile_00_5, "
+                           'percentile_99_5, a list per channel); write it with flax-to-torch '
+                           'from the training run')):
+    write_state_dict(str(tmp_path / 'bad.safetensors'), tensors, dict(extras, **header))
+    with pytest.raises(UserError, match=re.escape(f'{tmp_path}/bad.safetensors: {message}')):
+      torch_to_flax(str(tmp_path / 'bad.safetensors'), str(tmp_path / 'bad'))
+    assert not (tmp_path / 'bad').exists()
+  flax_to_torch(wd, str(tmp_path / 'ct.pth'))
+  entries = set(torch.load(tmp_path / 'ct.pth', weights_only=True))
+  assert not entries & {'normalize', 'ct_statistics'}
+  assert 'down1.downsampling.1.double_conv.0.weight' in entries
   # A command's --normalize cannot be 'ct': only a run gathers the statistics.
   assert predict_main([str(tmp_path / 'd' / 'imagesTr'), '--checkpoint', wd, '--image_suffix',
                        '_0000,_0001', '--output', str(tmp_path / 'o2'), '--normalize',

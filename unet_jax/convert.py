@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax.ct_normalization import CTStatistics
 from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
-from unet_jax.image_io import check_normalize_flag
+from unet_jax.image_io import NORMALIZATIONS, check_normalize_flag
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -168,9 +169,31 @@ def _check_class_labels(config: Mapping[str, Any], metadata: Mapping[str, Any],
                     '--mask_values')
 
 
+def _check_file_normalization(extras: Mapping[str, Any], flag: str | None, src: str) -> None:
+  """A file's recorded normalisation (a .safetensors header's `normalize`, with 'ct' its
+  `ct_statistics`): one this project knows, and not another than --normalize says."""
+  recorded = extras.get('normalize')
+  if recorded is None:
+    return
+  if recorded not in NORMALIZATIONS:
+    raise UserError(f'{src}: its header records normalize {recorded!r}, which this project does '
+                    f"not know ({', '.join(NORMALIZATIONS)}); remove it from the header")
+  if flag is not None and flag != recorded:
+    raise UserError(f"{src}: records that its images were normalised '{recorded}', not "
+                    f"'{flag}'; leave out --normalize")
+  if recorded == 'ct':
+    statistics = extras.get('ct_statistics')
+    try:
+      CTStatistics.from_dict(statistics)
+    except (TypeError, KeyError, ValueError, AttributeError):
+      raise UserError(f"{src}: records normalize 'ct' without its ct_statistics (mean, std, "
+                      'percentile_00_5, percentile_99_5, a list per channel); write it with '
+                      'flax-to-torch from the training run') from None
+
+
 def torch_to_flax(src: str, dest: str, overwrite: bool = False,
                   class_names: Sequence[str] = (), mask_values: list | None = None,
-                  normalize: str = 'unit') -> str:
+                  normalize: str | None = None) -> str:
   """Converts a PyTorch UNet state_dict file into a checkpoint directory for `load_pretrained`.
 
   `class_names`, `mask_values`: one per class, kept as a trained checkpoint keeps them (predict
@@ -178,13 +201,16 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   holds neither (milesial's may hold mask_values). `normalize`: how the model's images were
   normalised ('zscore': each image's channels to mean 0 and deviation 1; 'minmax': stretched
   to [0, 1]), kept as a training run's data.normalize, so predict, evaluate and export give
-  it its images so."""
+  it its images so; None: as the file's header records it (a .safetensors that flax-to-torch
+  wrote: a run's own, 'ct' with its statistics), else 'unit'."""
   from unet_jax.checkpoint import model_from_config, save_pretrained
   from unet_jax.state_dict_io import read_state_dict
   if os.path.exists(dest) and not overwrite:
     raise UserError(f'{dest}: already exists; choose another destination or pass --overwrite')
-  check_normalize_flag(normalize)
+  if normalize is not None:
+    check_normalize_flag(normalize)
   tensors, extras = read_state_dict(src)
+  _check_file_normalization(extras, normalize, src)
   config, variables, metadata = state_dict_to_flax(tensors, src)
   metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)
   _check_class_labels(config, metadata, class_names, mask_values, src)
@@ -192,7 +218,7 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
     metadata['mask_values'] = mask_values
   if class_names:
     metadata['class_names'] = list(class_names)
-  if normalize != 'unit':  # (none recorded: scaled to [0, 1], as before the flag)
+  if normalize not in (None, 'unit'):  # (none recorded: scaled to [0, 1], as before the flag)
     metadata['normalize'] = normalize
   return save_pretrained(dest, model_from_config(config), variables, metadata, overwrite)
 
@@ -236,6 +262,8 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
                            ['mask_values'] if 'source_layout' in metadata else [])
   if layout == 'seed' and not safetensors and 'mask_values' not in from_file:
     extras.pop('mask_values', None)
+  if extras.get('normalize') == 'unit':  # (the default: said by saying nothing)
+    extras.pop('normalize')
   dest_dir = os.path.dirname(os.path.abspath(dest))
   if not os.path.isdir(dest_dir):
     raise UserError(f'{dest_dir}: no such directory for the destination')
@@ -259,11 +287,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="each class's value in the masks predict writes, in class-id order: "
                    'gray 0-255 (e.g. 0,1,2) or colours (#000000,#ff0000); default: the '
                    "file's own (milesial's), else 0,255 for two classes, spread grays for more")
-  t2f.add_argument('--normalize', default='unit', help="how the model's images were "
-                   "normalised: 'unit' (scaled to [0, 1], the default), 'zscore' (then each "
-                   "image's channels to mean 0 and deviation 1, as nnU-Net) or 'minmax' (then "
-                   "each image's channels stretched to [0, 1], nnU-Net's rescale_to_0_1); "
-                   'predict, evaluate and export then do the same')
+  t2f.add_argument('--normalize', default=None, help="how the model's images were "
+                   "normalised: 'unit' (scaled to [0, 1]), 'zscore' (then each image's "
+                   "channels to mean 0 and deviation 1, as nnU-Net) or 'minmax' (then each "
+                   "image's channels stretched to [0, 1], nnU-Net's rescale_to_0_1); predict, "
+                   'evaluate and export then do the same (default: as a .safetensors header '
+                   "that flax-to-torch wrote records it, a 'ct' run's with its statistics, "
+                   "else 'unit')")
   f2t = sub.add_parser('flax-to-torch', help='checkpoint directory -> PyTorch state_dict file')
   f2t.add_argument('src', help='checkpoint directory (from torch-to-flax or training)')
   f2t.add_argument('dest', help='.pth or .safetensors file to create')
