@@ -219,3 +219,15 @@ def test_an_ensemble_is_refused_where_its_members_ct_statistics_differ():
       "other data); ensemble checkpoints trained on the same data, e.g. the folds of one "
       "folder's cross-validation")):
     _check_one_task(['a', 'b'], [(model, None, meta), (model, None, other)])
+
+
+def test_the_cost_benchmark_prints_its_measurement():
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, 'benchmarks/ct_statistics_cost.py', '--cases', '3',
+                        '--size', '16', '--channels', '2', '--samples', '3000'], cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  line = json.loads(run.stdout)
+  assert line['samples'] == 3000 and line['channels'] == 2 and line['peak_rss_mb'] > 0
