@@ -100,6 +100,17 @@ def test_ct_statistics_are_nnunets_fingerprint_of_every_case_on_the_files_values
     for channel, properties in enumerate(want):  # (the images in [0, 1]: the values / 65535)
       for field, value in properties.items():
         np.testing.assert_allclose(getattr(got, field)[channel] * 65535, value, rtol=2e-6)
+  # With an ignored label, nnU-Net's highest: its pixels count (nnU-Net's seg > 0), class 0's
+  # not; here the ignored value 0 sorts first, which makes class 0 label 1.
+  config = _config(tmp_path, tmp_path / 'd', **{'data.ignore_value': 0})
+  train_source, _, info = input_pipeline.load_sources(config)
+  assert info.ignore_id == 0
+  got_ignoring = input_pipeline.ct_statistics(config, train_source, info.ignore_id)
+  nnunet_labels = [(images, np.where(labels == 1, 0, np.where(labels == 0, 3, labels)))
+                   for images, labels in cases.values()]  # (background 0; ignore 3, the highest)
+  for channel, properties in enumerate(nnunet_fingerprint(nnunet_labels, SAMPLES)):
+    for field, value in properties.items():
+      np.testing.assert_allclose(getattr(got_ignoring, field)[channel] * 65535, value, rtol=2e-6)
   # Each training example is nnU-Net's CT normalisation of the case's own values.
   record = input_pipeline._adapt(config, train_source[0])
   name = train_source[0]['file_name'].decode()[:-len('_0000.png')]
@@ -198,8 +209,8 @@ def test_ct_normalisation_trains_and_predict_evaluate_and_export_normalise_as_it
 def test_ct_statistics_need_foreground():
   image, mask = np.zeros((8, 8, 1), np.float32), np.zeros((8, 8), np.uint8)
   with pytest.raises(UserError, match=re.escape(
-      "data.normalize='ct' takes its statistics from the training masks' foreground (class ids "
-      "above 0), but they have none; label the foreground, or use data.normalize='zscore'")):
+      "data.normalize='ct' takes its statistics from the training masks' foreground (every "
+      "class but 0), but they have none; label the foreground, or use data.normalize='zscore'")):
     foreground_statistics([(image, mask)] * 3, 3, 1000)
   mask[2:4, 2:4] = 1  # (one case's foreground is enough)
   got = foreground_statistics([(image + 0.5, mask)] + [(image, mask * 0)] * 2, 3, 999)

@@ -53,15 +53,17 @@ def ct_normalized(images: Any, statistics: CTStatistics) -> Any:
 
 
 def foreground_statistics(cases: Iterable[tuple[np.ndarray, np.ndarray]], count: int,
-                          num_samples: int = CT_SAMPLES) -> CTStatistics:
+                          num_samples: int = CT_SAMPLES, background: int = 0) -> CTStatistics:
   """The CTStatistics of `count` cases, each an (H, W, C) float32 image in [0, 1] and its
-  (H, W) mask of class ids (foreground: above 0, as nnU-Net's `seg > 0`)."""
+  (H, W) mask of label ids. Foreground: every pixel but the `background` label's (class 0's:
+  label 1 where the ignored label is 0), the ignored label's too, as nnU-Net's `seg > 0`
+  counts its ignore label (its highest)."""
   per_case = int(num_samples // count)
   pooled, filled = None, 0  # (the draws in place, in nnU-Net's order: no copy of 10^8 of them)
   for image, mask in cases:
     if pooled is None:
       pooled = np.empty((image.shape[-1], per_case * count), np.float32)
-    foreground = mask > 0
+    foreground = mask != background
     if not foreground.any():  # (a case without foreground adds none)
       continue
     rs = np.random.RandomState(_SEED)
@@ -71,7 +73,7 @@ def foreground_statistics(cases: Iterable[tuple[np.ndarray, np.ndarray]], count:
     filled += per_case
   if not filled:
     raise UserError("data.normalize='ct' takes its statistics from the training masks' "
-                    'foreground (class ids above 0), but they have none; label the foreground, '
+                    'foreground (every class but 0), but they have none; label the foreground, '
                     "or use data.normalize='zscore'")
   fields: dict[str, list[float]] = {field: [] for field in CTStatistics._fields}
   for values in pooled[:, :filled]:

@@ -237,15 +237,19 @@ def image_normalization(config: ml_collections.ConfigDict) -> str | CTStatistics
   return recorded_normalization(config.data)
 
 
-def ct_statistics(config: ml_collections.ConfigDict, train_source: Any) -> CTStatistics:
+def ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
+                  ignore_id: int | None = None) -> CTStatistics:
   """nnU-Net's statistics of the training cases' foreground for data.normalize='ct'
   (ct_normalization.foreground_statistics): of an image folder whose held-out pairs are cut
   from its own (a share or a fold), of all its pairs, as nnU-Net's fingerprint takes all of
-  imagesTr, so that every fold of a cross-validation normalises alike (and ensembles)."""
+  imagesTr, so that every fold of a cross-validation normalises alike (and ensembles).
+  `ignore_id`: the ignored label's id (DataInfo's), which moves class 0 to label 1 when it is
+  0."""
   source = train_source.all_pairs() if hasattr(train_source, 'all_pairs') else train_source
   examples = (_adapt(config, source[i]) for i in range(len(source)))
   return foreground_statistics(((unit_scaled(e['image']), e['mask']) for e in examples),
-                               len(source), config.data.get('ct_samples', CT_SAMPLES))
+                               len(source), config.data.get('ct_samples', CT_SAMPLES),
+                               background=1 if ignore_id == 0 else 0)
 
 
 def image_resample(config: ml_collections.ConfigDict) -> str:

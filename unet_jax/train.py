@@ -510,9 +510,9 @@ def epoch_steps(num_epochs: float, num_train: int, batch_size: int) -> int:
 
 
 def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
-                        ) -> ml_collections.ConfigDict:
+                        ignore_id: int | None) -> ml_collections.ConfigDict:
   """A copy of `config` with data.ct_statistics, gathered from the training data."""
-  statistics = input_pipeline.ct_statistics(config, train_source)
+  statistics = input_pipeline.ct_statistics(config, train_source, ignore_id)
   if jax.process_index() == 0:
     print("data.normalize='ct': the training foreground's "
           + '; '.join(f'{field} {", ".join(f"{v:.6g}" for v in values)}'
@@ -534,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
   if config.data.get('normalize') == 'ct':  # (recorded in the run config, with checkpoints)
-    config = _with_ct_statistics(config, train_source)
+    config = _with_ct_statistics(config, train_source, info.ignore_id)
   if config.get('num_epochs', 0):
     config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
     config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)
