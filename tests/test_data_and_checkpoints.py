@@ -943,11 +943,18 @@ def test_image_folder_reads_16_bit_images_at_16_bits(tmp_path):
   read = _read(str(tmp_path / 'im16.png'))
   assert read.dtype == np.uint16
   np.testing.assert_array_equal(read, values)
-  # 32-bit integer gray (PIL's I, e.g. a TIFF) is clipped to 0..65535.
-  wide = values.astype(np.int32) * 2 - 30000
-  Image.fromarray(wide).save(tmp_path / 'im32.tif')
+  # 32-bit integer gray (PIL's I, e.g. a TIFF) within 16 bits reads as its values; outside
+  # them it is refused: a signed CT slice's negative HU would otherwise all clip to 0.
+  Image.fromarray(values.astype(np.int32)).save(tmp_path / 'im32.tif')
   assert Image.open(tmp_path / 'im32.tif').mode == 'I'
-  np.testing.assert_array_equal(_read(str(tmp_path / 'im32.tif')), np.clip(wide, 0, 65535))
+  np.testing.assert_array_equal(_read(str(tmp_path / 'im32.tif')), values)
+  for name, wide in (('hu.tif', values.astype(np.int16) // 16 - 1024),
+                     ('wide.tif', values.astype(np.int32) * 2)):
+    Image.fromarray(wide).save(tmp_path / name)
+    with pytest.raises(UserError, match=re.escape(
+        f'{name}: values {wide.min()}..{wide.max()} do not fit 16 bits (0..65535); save it '
+        "shifted into them, e.g. a CT's Hounsfield units + 1024 as a 16-bit image")):
+      _read(str(tmp_path / name))
   # Training's example: the values over 65535 (as 8-bit ones over 255).
   mask = np.zeros((20, 24), np.uint8)
   for normalize, scaled in (('unit', values / np.float32(65535)),

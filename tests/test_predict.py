@@ -314,6 +314,9 @@ def test_predict_reads_an_image_file_as_training_reads_it(tmp_path, mode):
      'x.png: 40x3 is smaller than the model\'s minimum 4x4'),
     (lambda d: Image.fromarray(np.zeros((32, 32), np.float32)).save(d / 'x.tif'),
      'x.tif: a 32-bit float image, whose value range is unknown'),
+    (lambda d: Image.fromarray(np.arange(-1024, 0, dtype=np.int16).reshape(32, 32)).save(
+        d / 'x.tif'), 'x.tif: values -1024..-1 do not fit 16 bits (0..65535); save it shifted '
+     "into them, e.g. a CT's Hounsfield units + 1024 as a 16-bit image"),
 ])
 def test_cli_refusals(tmp_path, converted, capsys, setup, message):
   os.makedirs(tmp_path / 'in')

@@ -159,15 +159,21 @@ def _integer_gray(im: Any) -> bool:
 
 
 def sixteen_bit(im: Any, path: str) -> np.ndarray | None:
-  """The (H, W) uint16 pixels of a PIL image of 16-bit or 32-bit integer gray values (the
-  latter clipped to 0..65535), in either byte order; None for others (8-bit gray and colour
-  modes). A 32-bit float image is refused: its value range is unknown."""
+  """The (H, W) uint16 pixels of a PIL image of 16-bit or 32-bit integer gray values, in
+  either byte order; None for others (8-bit gray and colour modes). Refused: a 32-bit float
+  image (its value range is unknown), and values outside 0..65535 (a signed CT slice's
+  negative Hounsfield units, which clipping would make all alike)."""
   if im.mode == 'F':
     raise UserError(f'{path}: a 32-bit float image, whose value range is unknown; save it as an '
                     '8- or 16-bit image')
   if not _integer_gray(im):
     return None
-  return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+  values = np.asarray(im)
+  low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+  if low < 0 or high > 65535:
+    raise UserError(f'{path}: values {low}..{high} do not fit 16 bits (0..65535); save it '
+                    "shifted into them, e.g. a CT's Hounsfield units + 1024 as a 16-bit image")
+  return values.astype(np.uint16)
 
 
 def mask_levels(im: Any, path: str) -> Any:
