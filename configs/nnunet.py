@@ -15,7 +15,9 @@ clipped at norm 12; cross-entropy plus the soft Dice of the classes but 0 (do_bg
 the whole batch (its 2D plans' batch_dice), smoothed by 1e-5; 1000 epochs of 250 steps,
 each batch's examples drawn with replacement (data.sampling='replacement');
 each image's channels normalised to mean 0 and deviation 1 (its ZScoreNormalization, the
-default for channels not named 'CT' or 'rgb_to_0_1'); mirroring on both axes; its intensity
+default for channels not named 'CT' or 'rgb_to_0_1'; for a CT dataset, its channels named 'CT',
+--config.data.normalize=ct: its CTNormalization by the foreground's statistics, training warns
+where dataset.json names them); mirroring on both axes; its intensity
 augmentations, in its order, each per channel with its
 draws (unet_jax/nnunet_intensity.py), after rotations by any angle and scaling by a factor in
 [1/1.4, 1/0.7] (20% of the examples each): Gaussian noise of a deviation up to 0.1 (10% of the
