@@ -186,7 +186,10 @@ def test_ct_normalisation_trains_and_predict_evaluate_and_export_normalise_as_it
                           ({'normalize': 'ct', 'ct_statistics': {'mean': [0.1]}}, "records "
                            "normalize 'ct' without its ct_statistics (mean, std, percentile_00_5, "
                            'percentile_99_5, a list per channel); write it with flax-to-torch '
-                           'from the training run')):
+                           'from the training run'),
+                          ({'ct_statistics': dict(statistics.to_dict(), mean=[0.1])}, 'its '
+                           'ct_statistics give 1 or 2 channel(s), but the model takes 2; write '
+                           'it with flax-to-torch from the training run')):
     write_state_dict(str(tmp_path / 'bad.safetensors'), tensors, dict(extras, **header))
     with pytest.raises(UserError, match=re.escape(f'{tmp_path}/bad.safetensors: {message}')):
       torch_to_flax(str(tmp_path / 'bad.safetensors'), str(tmp_path / 'bad'))

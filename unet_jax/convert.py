@@ -169,9 +169,11 @@ def _check_class_labels(config: Mapping[str, Any], metadata: Mapping[str, Any],
                     '--mask_values')
 
 
-def _check_file_normalization(extras: Mapping[str, Any], flag: str | None, src: str) -> None:
+def _check_file_normalization(extras: Mapping[str, Any], flag: str | None, src: str,
+                              channels: int) -> None:
   """A file's recorded normalisation (a .safetensors header's `normalize`, with 'ct' its
-  `ct_statistics`): one this project knows, and not another than --normalize says."""
+  `ct_statistics`, one per of the model's `channels`): one this project knows, and not
+  another than --normalize says."""
   recorded = extras.get('normalize')
   if recorded is None:
     return
@@ -184,11 +186,15 @@ def _check_file_normalization(extras: Mapping[str, Any], flag: str | None, src: 
   if recorded == 'ct':
     statistics = extras.get('ct_statistics')
     try:
-      CTStatistics.from_dict(statistics)
+      counts = {len(values) for values in CTStatistics.from_dict(statistics)}
     except (TypeError, KeyError, ValueError, AttributeError):
       raise UserError(f"{src}: records normalize 'ct' without its ct_statistics (mean, std, "
                       'percentile_00_5, percentile_99_5, a list per channel); write it with '
                       'flax-to-torch from the training run') from None
+    if counts != {channels}:
+      raise UserError(f"{src}: its ct_statistics give {' or '.join(map(str, sorted(counts)))} "
+                      f'channel(s), but the model takes {channels}; write it with '
+                      'flax-to-torch from the training run')
 
 
 def torch_to_flax(src: str, dest: str, overwrite: bool = False,
@@ -210,8 +216,8 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   if normalize is not None:
     check_normalize_flag(normalize)
   tensors, extras = read_state_dict(src)
-  _check_file_normalization(extras, normalize, src)
   config, variables, metadata = state_dict_to_flax(tensors, src)
+  _check_file_normalization(extras, normalize, src, config['in_channels'])
   metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)
   _check_class_labels(config, metadata, class_names, mask_values, src)
   if mask_values is not None:
