@@ -493,9 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every file is read (decoded) to check it before anything is written, but only its shape
     # is kept: the images are read again a batch at a time, so memory holds one batch of images
     # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
-    shapes = [(image.shape, image.dtype) for image in
-              (_read_case(c, model.in_channels) for c in cases)]
-    for c, (shape, _) in zip(cases, shapes, strict=True):
+    kinds = [(image.shape, image.dtype) for image in
+             (_read_case(c, model.in_channels) for c in cases)]
+    for c, (shape, _) in zip(cases, kinds, strict=True):
       if not all(sizes) and min(shape[:2]) < 2**depth:
         raise UserError(f'{first_file(c)}: {shape[1]}x{shape[0]} is smaller than the model\'s '
                         f'minimum {2**depth}x{2**depth}')
@@ -507,8 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise UserError(f'{args.output}: cannot create the output folder ({e.strerror})') from None
     # Images of the same size (and bit depth) go through the network together, in batches.
     groups: dict[tuple[tuple[int, ...], np.dtype], list[int]] = {}
-    for i, shape in enumerate(shapes):
-      groups.setdefault(shape, []).append(i)
+    for i, kind in enumerate(kinds):
+      groups.setdefault(kind, []).append(i)
     batches = [indices[j:j + args.batch_size] for indices in groups.values()
                for j in range(0, len(indices), args.batch_size)]
     mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())

@@ -243,10 +243,10 @@ def _read(path: str, mask: bool = False, palettes: list | None = None,
         if palettes is not None:
           palettes.append(im.getpalette())
         return np.asarray(im)
-      deep = None if mask else sixteen_bit(im, path)
-      if deep is not None:
+      if mask:
+        im = mask_levels(im, path)
+      elif (deep := sixteen_bit(im, path)) is not None:
         return deep
-      im = mask_levels(im, path) if mask else im
       if im.mode == 'LA' and not mask:  # (gray, its alpha dropped, as predict reads it)
         im = im.convert('L')
       elif im.mode in ('RGBA', 'P', 'CMYK', 'LA', 'YCbCr'):  # (an LA mask: as it always was)
