@@ -209,6 +209,41 @@ def test_ct_normalisation_trains_and_predict_evaluate_and_export_normalise_as_it
   assert not (tmp_path / 'o2').exists()
 
 
+def test_a_resumed_run_normalises_by_the_statistics_its_checkpoint_recorded(
+    tmp_path, monkeypatch, capsys):
+  # Before, a resume gathered them again: the work twice, and other statistics mid-run if the
+  # folder had changed.
+  _ct_folder(tmp_path / 'd')
+  wd = str(tmp_path / 'wd')
+  train.train_and_evaluate(_config(tmp_path, tmp_path / 'd'), wd)
+  first = load_pretrained_with_metadata(wd)[2]['ct_statistics']
+  capsys.readouterr()
+
+  def gathered(*args, **kwargs):
+    raise AssertionError('the statistics were gathered again')
+
+  monkeypatch.setattr(input_pipeline, 'ct_statistics', gathered)
+  train.train_and_evaluate(_config(tmp_path, tmp_path / 'd', num_train_steps=4), wd)
+  out = capsys.readouterr().out
+  assert f'(images in [0, 1]), as {wd}/checkpoints/2 recorded them' in out
+  assert f'resumed from {wd}/checkpoints/2' in out
+  _, _, meta = load_pretrained_with_metadata(wd)
+  assert meta['step'] == 4 and meta['ct_statistics'] == first
+  # Another normalisation is refused, a 'ct' one before it gathers anything.
+  for runs, resumes, workdir in (('ct', 'zscore', wd), ('unit', 'ct', str(tmp_path / 'unit'))):
+    if runs == 'unit':
+      monkeypatch.undo()
+      train.train_and_evaluate(_config(tmp_path, tmp_path / 'd', **{'data.normalize': 'unit'}),
+                               workdir)
+      monkeypatch.setattr(input_pipeline, 'ct_statistics', gathered)
+    with pytest.raises(UserError, match=re.escape(
+        f'{workdir}/checkpoints/{4 if runs == "ct" else 2} was saved by a run with '
+        f'data.normalize={runs}, this config has data.normalize={resumes}; rerun with its '
+        'settings to resume it, or choose another --workdir for a new run')):
+      train.train_and_evaluate(_config(tmp_path, tmp_path / 'd', num_train_steps=6,
+                                       **{'data.normalize': resumes}), workdir)
+
+
 def test_ct_statistics_need_foreground():
   image, mask = np.zeros((8, 8, 1), np.float32), np.zeros((8, 8), np.uint8)
   with pytest.raises(UserError, match=re.escape(

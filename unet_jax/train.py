@@ -32,6 +32,7 @@ from flax.training import train_state
 from unet_jax import input_pipeline, losses, parallel
 from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
 from unet_jax.config_checks import validate_config, validate_data
+from unet_jax.ct_normalization import CTStatistics
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import mask_colours, size_text
@@ -53,7 +54,7 @@ from unet_jax.step_compilation import (
   init_compiler_options,
   use_persistent_cache,
 )
-from unet_jax.train_checkpoints import TrainCheckpoints
+from unet_jax.train_checkpoints import TrainCheckpoints, latest_saved_meta
 
 
 class TrainState(train_state.TrainState):
@@ -164,6 +165,23 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
 _OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule')
 
 
+def _normalization(config: Any) -> str:
+  return (config.get('data') or {}).get('normalize', 'unit')
+
+
+def check_same_normalization(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                             where: str) -> None:
+  """Refuses to resume a run whose images were normalised otherwise: its weights have learnt
+  inputs of another range."""
+  saved_config = saved.get('config') or {}
+  if saved_config.get('data') is not None and \
+      _normalization(saved_config) != _normalization(config):
+    raise UserError(
+        f'{where} was saved by a run with data.normalize={_normalization(saved_config)}, this '
+        f'config has data.normalize={_normalization(config)}; rerun with its settings to resume '
+        'it, or choose another --workdir for a new run')
+
+
 def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, model: UNet,
                     state: TrainState, where: str, mask_values: list | None = None) -> None:
   """Refuses to resume from a checkpoint whose state cannot fit this run's (it would otherwise
@@ -189,6 +207,7 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
                     f'classes 0..{len(saved_values) - 1}; this run\'s masks hold '
                     f'{mask_values[:8]}; rerun with its data to resume it, or choose another '
                     '--workdir for a new run (--config.init_from=WORKDIR starts from its weights)')
+  check_same_normalization(saved, config, where)
   saved_config = ml_collections.ConfigDict(saved.get('config') or {})
   try:
     saved_tx = make_optimizer(saved_config)
@@ -510,14 +529,24 @@ def epoch_steps(num_epochs: float, num_train: int, batch_size: int) -> int:
 
 
 def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
-                        ignore_id: int | None) -> ml_collections.ConfigDict:
-  """A copy of `config` with data.ct_statistics, gathered from the training data."""
-  statistics = input_pipeline.ct_statistics(config, train_source, ignore_id)
+                        ignore_id: int | None, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with data.ct_statistics: gathered from the training data, or, when the
+  run resumes, those its latest checkpoint recorded (it normalises as it began whatever the
+  data holds now, and does not gather them again)."""
+  saved = latest_saved_meta(workdir)
+  recorded = None
+  if saved is not None:
+    where = f'{os.path.join(workdir, CHECKPOINTS_DIR)}/{saved[0]}'
+    check_same_normalization(saved[1], config, where)  # (before the gathering, which takes time)
+    recorded = ((saved[1].get('config') or {}).get('data') or {}).get('ct_statistics')
+  statistics = (CTStatistics.from_dict(recorded) if recorded else
+                input_pipeline.ct_statistics(config, train_source, ignore_id))
   if jax.process_index() == 0:
     print("data.normalize='ct': the training foreground's "
           + '; '.join(f'{field} {", ".join(f"{v:.6g}" for v in values)}'
                       for field, values in statistics._asdict().items())
-          + ' (images in [0, 1])', flush=True)
+          + ' (images in [0, 1])' + (f', as {where} recorded them' if recorded else ''),
+          flush=True)
   config = copy.deepcopy(config)  # (the caller's keeps its own)
   with config.unlocked():
     config.data.ct_statistics = statistics.to_dict()
@@ -534,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
   if config.data.get('normalize') == 'ct':  # (recorded in the run config, with checkpoints)
-    config = _with_ct_statistics(config, train_source, info.ignore_id)
+    config = _with_ct_statistics(config, train_source, info.ignore_id, workdir)
   if config.get('num_epochs', 0):
     config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
     config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)

@@ -109,6 +109,26 @@ class TrainCheckpoints:
     self._manager.close()
 
 
+def latest_saved_meta(workdir: str) -> tuple[int, dict[str, Any]] | None:
+  """(step, meta) of the newest step of WORKDIR whose `meta` item reads, without writing there;
+  None when there is none (a new run)."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory, options=_options(1, read_only=True),
+                                  item_handlers={'meta': ocp.JsonCheckpointHandler()})
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return step, manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+      except Exception:  # a damaged step: the resume falls back past it too
+        continue
+    return None
+  finally:
+    manager.close()
+
+
 def read_workdir(workdir: str, step: int | str | None = None,
                  ) -> tuple[int, dict[str, Any], dict, int]:
   """(step, {'params', 'batch_stats'}, meta, updates) of a workdir's latest step, or the given
