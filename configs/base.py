@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
       few_channels='gemm',       # or 'xla'
       wide_convs='auto',         # 'winograd' on CPU, 'xla' on GPU; or name one
       remat=False,               # recompute activations in backward: less memory, same result
+      # nnU-Net's deep supervision: 1x1 heads on the decoder's levels at 1/2 .. 1/2**(depth-2)
+      # of the size, whose losses against the labels brought to their size add to the loss,
+      # weighed 1/2, 1/4, .. of the full size's (normalised); predict uses the full size alone
+      deep_supervision=False,
   ))
 
   config.data = ml_collections.ConfigDict(dict(

@@ -25,11 +25,11 @@ examples), Gaussian blur of a sigma in [0.5, 1] for each axis (20%; each channel
 probability 1/2), brightness and contrast factors in [0.75, 1.25] (15% each), low-resolution
 simulation at a scale in [0.5, 1] (25%; each channel with probability 1/2), gamma in [0.7, 1.5]
 of the inverted image (10%) and of the image (30%), keeping its mean and deviation; the
-held-out Dice over the classes but 0.
+held-out Dice over the classes but 0; deep supervision (heads on the decoder's levels, their
+losses weighed 1/2, 1/4, .. against the labels downsampled as its nearest-exact).
 Differences left:
 - the network is the classic UNet (BatchNorm, ReLU, max-pooling, transposed convs), not
-  nnU-Net's PlainConvUNet (InstanceNorm, LeakyReLU, strided convs), and has no deep
-  supervision;
+  nnU-Net's PlainConvUNet (InstanceNorm, LeakyReLU, strided convs);
 - examples are resized to image_size (or image_shape) here, where nnU-Net keeps 2D images at
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
@@ -53,6 +53,7 @@ def get_config():
   config.model.in_channels = 3
   config.model.num_classes = 2
   config.model.base_features = 32
+  config.model.deep_supervision = True
   config.image_size = 256
   config.augment.min_scale = 1.0
   config.augment.flip_horizontal = True

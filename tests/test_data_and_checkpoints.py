@@ -696,7 +696,7 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path, mo
         'background': 0, 'shape': 1}, 'numTraining': 10, 'file_ending': '.png'}, f)
   config = override(nnunet.get_config(), {
       'data.root': str(root), 'data.data_dir': str(tmp_path / 'tfds'), 'data.fold': 2,
-      'batch_size': 8, 'model.base_features': 4, 'model.depth': 1, 'image_size': 16,
+      'batch_size': 8, 'model.base_features': 4, 'model.depth': 3, 'image_size': 16,
       'num_train_steps': 2, 'log_every_steps': 1, 'eval_every_steps': 2,
       'checkpoint_every_steps': 2, 'compilation_cache_dir': '',
       'poly_every_steps': 1})  # (its rate held for 250 steps is tested in test_optimizers)
@@ -722,7 +722,7 @@ def test_nnunet_config_trains_a_fold_of_nnunets_raw_data_as_it_lies(tmp_path, mo
   assert export_checkpoint(str(tmp_path / 'wd'))[1]['class_names'] == ['background', 'shape']
   # Its images normalised per channel (nnU-Net's z-score): predict and export as it trained.
   model, variables, meta = load_pretrained_with_metadata(str(tmp_path / 'wd'))
-  assert meta['normalize'] == 'zscore'
+  assert meta['normalize'] == 'zscore' and model.deep_supervision  # (its deep supervision)
   case = np.asarray(Image.open(root / 'imagesTr' / 'case_003_0000.png'))
   as_trained = input_pipeline.preprocess({'image': case, 'mask': np.zeros(case.shape[:2])},
                                          (16, 16), None, None, normalize='zscore')['image']

@@ -75,6 +75,28 @@ class SeedUNet(nn.Module):
     return self.out_conv(x)
 
 
+class DeepSupervisedSeedUNet(SeedUNet):
+  """SeedUNet with nnU-Net's deep supervision (its UNetDecoder with deep_supervision=True): a
+  1x1 head `ds_out{k}` on the output of every Up block but the last (whose head is out_conv);
+  forward returns every head's logits, finest first, the coarsest (ds_out1's) included."""
+
+  def __init__(self, in_channels=1, num_classes=1, base=64, depth=4):
+    super().__init__(in_channels, num_classes, base, depth)
+    for k in range(1, depth):
+      setattr(self, f'ds_out{k}', OutConv(base * 2**(depth - k), num_classes))
+
+  def forward(self, x):
+    skips = [self.in_conv(x)]
+    for k in range(1, self.depth + 1):
+      skips.append(getattr(self, f'down{k}')(skips[-1]))
+    x = skips.pop()
+    outputs = []
+    for k in range(1, self.depth + 1):
+      x = getattr(self, f'up{k}')(x, skips.pop())
+      outputs.append(getattr(self, f'ds_out{k}')(x) if k < self.depth else self.out_conv(x))
+    return outputs[::-1]
+
+
 class _MDown(nn.Module):
   def __init__(self, cin, cout, bias):
     super().__init__()

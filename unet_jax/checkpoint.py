@@ -35,12 +35,22 @@ CHECKPOINTS_DIR = 'checkpoints'  # a training workdir's Orbax steps: WORKDIR/che
 BEST_STEP = 'best'  # WORKDIR/checkpoints/best: not a folder, a name for the best-scored step
 # A workdir's metadata: the PyTorch layout of the weights its run started from (init_from)
 INIT_LAYOUT = 'init_from_layout'
-MODEL_FIELDS = ('in_channels', 'num_classes', 'base_features', 'depth', 'upsample', 'conv_bias')
+MODEL_FIELDS = ('in_channels', 'num_classes', 'base_features', 'depth', 'upsample', 'conv_bias',
+                'deep_supervision')
+# Fields added since the first checkpoints, written only when they differ from these defaults,
+# which are what a checkpoint without them means.
+LATER_MODEL_FIELDS = {'deep_supervision': False}
 
 
 def model_config(model: UNet) -> dict[str, Any]:
   """The architecture fields of a UNet (not runtime choices such as dtype)."""
-  return {f: getattr(model, f) for f in MODEL_FIELDS}
+  return {f: getattr(model, f) for f in MODEL_FIELDS
+          if not (f in LATER_MODEL_FIELDS and getattr(model, f) == LATER_MODEL_FIELDS[f])}
+
+
+def complete_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved model config with the later fields' defaults where it has none (to compare two)."""
+  return {**LATER_MODEL_FIELDS, **config}
 
 
 def model_from_config(config: Mapping[str, Any], **runtime: Any) -> UNet:

@@ -224,6 +224,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     'output channel, softmax CE two or more')
   if config.model.upsample not in ('transpose', 'bilinear'):
     raise UserError(f"model.upsample={config.model.upsample!r}: use 'transpose' or 'bilinear'")
+  if config.model.get('deep_supervision', False) and config.model.depth < 3:
+    raise UserError(f'model.deep_supervision=True needs model.depth of at least 3 (its heads '
+                    f'are on the decoder levels between the bottom and the top), got '
+                    f'{config.model.depth}; raise model.depth, or leave deep_supervision off')
   for field, allowed in LEVERS.items():
     if config.model.get(field, allowed[0]) not in allowed:
       raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')

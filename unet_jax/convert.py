@@ -21,6 +21,7 @@ from unet_jax.ct_normalization import CTStatistics
 from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.image_io import NORMALIZATIONS, check_normalize_flag
+from unet_jax.model import DEEP_SUPERVISION_HEAD
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -255,6 +256,10 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
   tensors = flax_to_state_dict(model_config(model), variables, layout,  # type: ignore[arg-type]
                                metadata.get('num_batches_tracked'),
                                metadata.get('applied_updates', 0))
+  if model.deep_supervision:  # (the layouts have no place for them; predict never reads them)
+    heads = sorted(k for k in variables['params'] if k.startswith(DEEP_SUPERVISION_HEAD))
+    print(f'note: {src}: its deep supervision heads ({", ".join(heads)}) are for training only '
+          'and left out', file=sys.stderr, flush=True)
   safetensors = dest.lower().endswith(SAFETENSORS_SUFFIX)
   kept = SAFETENSORS_METADATA_KEYS if safetensors else METADATA_KEYS
   extras = {k: metadata[k] for k in kept if k in metadata}

@@ -434,6 +434,10 @@ class OutConv(nn.Module):
     return Conv1x1(self.num_classes, dtype=self.dtype, name='conv')(x)
 
 
+# The name of deep supervision's heads, `ds_out{k}` on the output of `up{k}`.
+DEEP_SUPERVISION_HEAD = 'ds_out'
+
+
 class UNet(nn.Module):
   """The classic UNet. NHWC in, NHWC logits out, same H and W as the input.
 
@@ -480,6 +484,12 @@ class UNet(nn.Module):
       DoubleConv's, and the sub-U below full resolution as one piece): same results, about
       half the memory per image, about 1.4x the step time on CPU. On CPU, compile the step with
       `step_compilation.compiler_options`, or XLA merges the recomputation away.
+    deep_supervision: nnU-Net's deep supervision: a 1x1 conv head (`ds_out{k}`, with bias)
+      on the output of each Up block `up{k}` from `up2` to `up{depth-1}`, whose logits at
+      1/2 .. 1/2**(depth-2) of the input's size `all_scales=True` returns after the full-size
+      ones (for the loss, `losses.deep_supervision_loss`). nnU-Net also computes the coarsest
+      decoder output's, which its loss weighs 0: left out here. Needs depth >= 3. Without
+      `all_scales` the heads are not computed: evaluation and prediction are the plain UNet's.
   """
   in_channels: int = 1
   num_classes: int = 1
@@ -498,9 +508,13 @@ class UNet(nn.Module):
   small_maps: Literal['gemm', 'xla'] = 'gemm'
   few_channels: Literal['gemm', 'xla'] = 'gemm'
   wide_convs: WideConvs = 'auto'
+  deep_supervision: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, all_scales: bool = False,
+               ) -> jax.Array | list[jax.Array]:
+    """Logits (N, H, W, num_classes) in float32; with `all_scales` (deep_supervision only) a
+    list: those, then the heads' at 1/2, 1/4, .. of H and W (floor at each level)."""
     for field in ('in_channels', 'num_classes', 'base_features', 'depth'):
       if getattr(self, field) < 1:
         raise ValueError(f'UNet {field} must be at least 1, got {getattr(self, field)}')
@@ -513,6 +527,11 @@ class UNet(nn.Module):
                        f'got {x.shape[1]}x{x.shape[2]}')
     if self.upsample not in ('transpose', 'bilinear'):
       raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {self.upsample!r}")
+    if self.deep_supervision and self.depth < 3:
+      raise ValueError(f'deep_supervision needs depth >= 3 (heads on up2 .. up{{depth-1}}), got '
+                       f'depth {self.depth}')
+    if all_scales and not self.deep_supervision:
+      raise ValueError('all_scales=True needs a UNet built with deep_supervision=True')
     x = x.astype(self.dtype)
     x = _double_conv(self.remat)(self.base_features, name='in_conv',
                                  **_without_remat(self._block_settings()))(x, train)
@@ -521,11 +540,18 @@ class UNet(nn.Module):
     # blocks, whose maps are the largest, run their backward pass.
     below = (nn.remat(_below_full_resolution, static_argnums=(2,)) if self.remat
              else _below_full_resolution)
+    half, decoded = below(self, x, train)
     x = Up(self.base_features, self.upsample, transpose_conv=self.transpose_conv,
            skip_concat=self.skip_concat, name=f'up{self.depth}',
-           **self._block_settings())(below(self, x, train), x, train=train)
+           **self._block_settings())(half, x, train=train)
     logits = OutConv(self.num_classes, dtype=self.dtype, name='out_conv')(x)
-    return logits.astype(jnp.float32)
+    if not (self.deep_supervision and (all_scales or self.is_initializing())):
+      return logits.astype(jnp.float32)
+    # finest first: up{depth-1}'s head (1/2 of the input's size) .. up2's
+    coarser = [OutConv(self.num_classes, dtype=self.dtype,
+                       name=f'{DEEP_SUPERVISION_HEAD}{k}')(decoded[k - 1])
+               for k in range(self.depth - 1, 1, -1)]
+    return [y.astype(jnp.float32) for y in (logits, *coarser)]
 
   def _block_settings(self) -> dict[str, Any]:
     """The settings every Down and Up block takes from the UNet."""
@@ -539,9 +565,11 @@ def _without_remat(settings: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in settings.items() if k != 'remat'}
 
 
-def _below_full_resolution(unet: UNet, x: jax.Array, train: bool) -> jax.Array:
+def _below_full_resolution(unet: UNet, x: jax.Array, train: bool,
+                           ) -> tuple[jax.Array, list[jax.Array]]:
   """down1 .. down{depth}, then up1 .. up{depth-1}: the full-resolution map x to the half-
-  resolution map that the last Up block upsamples. A function of the UNet (not a submodule), so
+  resolution map that the last Up block upsamples, and the outputs of up1 .. up{depth-1} (that
+  one last; deep supervision's heads read them). A function of the UNet (not a submodule), so
   parameter names stay `down1`, `up1`, ... as in the seed."""
   factor = 2 if unet.upsample == 'bilinear' else 1
   f, depth = unet.base_features, unet.depth
@@ -553,13 +581,15 @@ def _below_full_resolution(unet: UNet, x: jax.Array, train: bool) -> jax.Array:
              **settings)(x, train=train)
     if k < depth:
       skips.append(x)
+  decoded = []
   for k in range(1, depth):
     level = depth - k
     features = f * 2**level // factor
     x = Up(features, unet.upsample, transpose_conv=unet.transpose_conv,
            skip_concat=unet.skip_concat, name=f'up{k}', parent=unet,
            **settings)(x, skips.pop(), train=train)
-  return x
+    decoded.append(x)
+  return x, decoded
 
 
 def init_variables(model: UNet, key: jax.Array) -> dict[str, Any]:

@@ -30,14 +30,20 @@ import numpy as np
 from flax.training import train_state
 
 from unet_jax import input_pipeline, losses, parallel
-from unet_jax.checkpoint import CHECKPOINTS_DIR, INIT_LAYOUT, model_config
+from unet_jax.checkpoint import (
+  CHECKPOINTS_DIR,
+  INIT_LAYOUT,
+  complete_model_config,
+  model_config,
+)
 from unet_jax.config_checks import validate_config, validate_data
 from unet_jax.ct_normalization import CTStatistics
+from unet_jax.deep_supervision import deep_supervision_loss
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import mask_colours, size_text
 from unet_jax.levers import CPU_SCHEDULERS
-from unet_jax.model import UNet, init_variables
+from unet_jax.model import DEEP_SUPERVISION_HEAD, UNet, init_variables
 from unet_jax.optimizers import (
   find_plateau_state,
   learning_rate_schedule,
@@ -87,18 +93,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax
                        initial: dict[str, Any] | None = None) -> TrainState:
   """Initialises replicated over `mesh`; shapes come from eval_shape, nothing is built twice.
 
-  `initial`: variables to start from (`config.init_from`) instead of a random draw (without
-  `out_conv` with init_new_head: that layer drawn, as a new run draws it); the optimizer state
-  is new either way."""
+  `initial`: variables to start from (`config.init_from`) instead of a random draw (the layers
+  it lacks drawn as a new run draws them: `out_conv` with init_new_head, deep supervision's
+  heads); the optimizer state is new either way."""
   tx = make_optimizer(config)
 
   def init(rng, initial):
     # outside any mapped axis, on the smallest input
     if initial is None:
       variables = init_variables(model, rng)
-    elif HEAD in initial['params']:
-      variables = initial
-    else:  # init_new_head: the output layer as a new run draws it (XLA drops the other draws)
+    else:  # layers it lacks (init_new_head's output layer, deep supervision's heads) as a new
+      # run draws them (XLA drops the other draws)
       drawn = init_variables(model, rng)['params']
       variables = {'params': {**drawn, **initial['params']},
                    'batch_stats': initial['batch_stats']}
@@ -144,10 +149,12 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
       theirs = model_config(loaded)
   except UserError as e:
     raise UserError(f'init_from: {e}') from None
-  ours = model_config(model)
+  theirs, ours = complete_model_config(theirs), complete_model_config(model_config(model))
   new_head = config.get('init_new_head', False)
-  # With a new head, the output layer's classes may differ: it is not taken.
-  differ = _differing(theirs, ours, [f for f in ours if not (new_head and f == 'num_classes')])
+  # With a new head, the output layer's classes may differ: it is not taken. Deep supervision's
+  # heads are taken where both have them, drawn where only this model has them.
+  differ = _differing(theirs, ours, [f for f in ours if f != 'deep_supervision' and not (
+      new_head and f == 'num_classes')])
   if differ:
     hint = (' (or --config.init_new_head=True to start the output layer anew, for '
             f"this config's {ours['num_classes']} classes)" if differ == ['num_classes'] else '')
@@ -156,9 +163,9 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
         f"{_settings(theirs, differ)}, this config's has {_settings(ours, differ)}; set "
         + ' '.join(f'--config.model.{f}={theirs[f]}' for f in differ) + hint)
   layout = metadata.get('source_layout') or metadata.get(INIT_LAYOUT)
-  params = variables['params']
-  if new_head:
-    params = {k: v for k, v in params.items() if k != HEAD}
+  params = {k: v for k, v in variables['params'].items()
+            if not (new_head and k == HEAD) and not (
+                k.startswith(DEEP_SUPERVISION_HEAD) and (new_head or not model.deep_supervision))}
   return {'params': params, 'batch_stats': variables['batch_stats']}, layout
 
 
@@ -194,7 +201,8 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
         f'{_settings(ours, differ, prefix)}; rerun with its settings to resume it, or choose '
         'another --workdir for a new run')
 
-  theirs, ours = saved.get('model') or {}, model_config(model)
+  theirs = complete_model_config(saved.get('model') or {})
+  ours = complete_model_config(model_config(model))
   differ = _differing(theirs, ours, ours)
   if differ:
     raise refusal(theirs, ours, differ, 'model.')
@@ -259,14 +267,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   BatchNorm statistics included (timm's ModelEmaV2; torch's AveragedModel with
   get_ema_multi_avg_fn and use_buffers=True)."""
 
-  def loss_fn(params, batch_stats, micro):
-    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats},
-                                  micro['image'], train=True, mutable=['batch_stats'])
-    loss, metrics = losses.segmentation_loss(
-        logits, micro['mask'], dice_weight=dice_weight, ignore_id=ignore_id,
+  def scale_loss(logits, labels):
+    return losses.segmentation_loss(
+        logits, labels, dice_weight=dice_weight, ignore_id=ignore_id,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
         focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
         dice_include_background=dice_include_background, dice_smooth=dice_smooth)
+
+  def loss_fn(params, batch_stats, micro):
+    outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                   micro['image'], train=True, mutable=['batch_stats'],
+                                   all_scales=model.deep_supervision)
+    loss, metrics = (deep_supervision_loss(outputs, micro['mask'], scale_loss)
+                     if model.deep_supervision else scale_loss(outputs, micro['mask']))
     return loss, (metrics, updates['batch_stats'])
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
