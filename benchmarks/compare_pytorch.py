@@ -12,6 +12,9 @@ Each side runs in its own process (so its peak memory is its own), and the sides
   torch_compile  the same under torch.compile (opt-in: compiling takes a minute or more)
   jax_plain      unet_jax.UNet under a plain jitted optax step, what a researcher would write
   jax_project    the project's own train step (unet_jax.train.train_step via parallel.distribute)
+--deep_supervision: nnU-Net's deep supervision on both sides that support it (torch: the
+reference's heads on every decoder level, nnU-Net's weights and nearest-exact labels;
+jax_project: model.deep_supervision); jax_plain has none.
 Measured: training images/s, eval images/s, first-step time (compilation included), peak RSS,
 and on a GPU peak device memory and MFU (model_flops.py: convolution FLOPs per training step over
 the card's datasheet peak). Each side uses a GPU when its framework sees one. Prints a table and
@@ -96,22 +99,28 @@ def _measure(args, train_step, eval_step, sync, on_gpu: bool) -> dict:
 
 
 def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base: int,
-                precision: str, compiled: bool, grad_accum: int = 1):
+                precision: str, compiled: bool, grad_accum: int = 1,
+                deep_supervision: bool = False):
   """The seed model's training and eval steps in PyTorch, on the GPU when there is one.
 
   Returns (train_step, eval_step, model, on_gpu); each step returns an unsynchronised tensor.
   bf16 is PyTorch AMP as its docs recommend for convnets: autocast plus channels_last.
   `grad_accum` > 1: each step's batch in that many chunks, (loss / k).backward() on each.
+  `deep_supervision`: nnU-Net's (tests/torch_reference.py's DeepSupervisedSeedUNet: a head on
+  every decoder level; the loss over them weighed 1/2**i, the coarsest 0, normalised, against
+  the labels interpolated 'nearest-exact', as its DeepSupervisionWrapper).
   """
   import torch
+  import torch.nn.functional as F
   sys.path.insert(0, os.path.join(REPO, 'tests'))
-  from torch_reference import SeedUNet
+  from torch_reference import DeepSupervisedSeedUNet, SeedUNet
   on_gpu = torch.cuda.is_available()
   device = torch.device('cuda' if on_gpu else 'cpu')
   if on_gpu:
     torch.backends.cudnn.benchmark = True  # what a PyTorch user tuning for speed sets
   torch.manual_seed(0)
-  model = SeedUNet(in_channels, num_classes, base=base).to(device)
+  model = (DeepSupervisedSeedUNet if deep_supervision else SeedUNet)(
+      in_channels, num_classes, base=base).to(device)
   x = torch.randn(batch, in_channels, size, size, device=device)
   y = (torch.rand(batch, num_classes, size, size, device=device) > 0.5).float()
   bf16 = precision == 'bf16'
@@ -120,7 +129,15 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
     x = x.contiguous(memory_format=torch.channels_last)
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)
   forward = torch.compile(model) if compiled else model
-  loss_fn = torch.nn.BCEWithLogitsLoss()
+  bce = torch.nn.BCEWithLogitsLoss()
+
+  def loss_fn(outputs, y):
+    if not deep_supervision:
+      return bce(outputs.float(), y)
+    weights = [1 / 2**i for i in range(len(outputs) - 1)] + [0.0]
+    return sum(w / sum(weights) * bce(o.float(), F.interpolate(y, size=o.shape[-2:],
+                                                                mode='nearest-exact'))
+               for w, o in zip(weights, outputs, strict=True) if w)
 
   def autocast():
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -130,7 +147,7 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
     opt.zero_grad(set_to_none=True)
     for x_part, y_part in zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True):
       with autocast():
-        loss = loss_fn(forward(x_part).float(), y_part)
+        loss = loss_fn(forward(x_part), y_part)
       (loss / grad_accum if grad_accum > 1 else loss).backward()
     opt.step()
     return loss
@@ -138,7 +155,7 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
   def eval_step():
     model.eval()
     with torch.no_grad(), autocast():
-      return forward(x).float().sum()
+      return forward(x).float().sum()  # (deep supervision's heads are for training only)
 
   return train_step, eval_step, model, on_gpu
 
@@ -147,7 +164,8 @@ def run_torch(args) -> dict:
   import torch
   train_step, eval_step, _, on_gpu = torch_steps(
       args.size, args.batch, args.in_channels, args.num_classes, args.base_features,
-      args.precision, compiled=args.worker == 'torch_compile', grad_accum=args.grad_accum)
+      args.precision, compiled=args.worker == 'torch_compile', grad_accum=args.grad_accum,
+      deep_supervision=args.deep_supervision)
   result = _measure(args, train_step, eval_step, lambda t: t.item(), on_gpu)
   if on_gpu:
     result['peak_device_mb'] = torch.cuda.max_memory_allocated() / 2**20
@@ -200,6 +218,7 @@ def run_jax(args, project: bool) -> dict:
     config.model.in_channels, config.model.num_classes = args.in_channels, args.num_classes
     config.model.base_features = args.base_features
     config.model.update(_levers(args))
+    config.model.deep_supervision = args.deep_supervision
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
     config.half_precision = args.precision == 'bf16'
@@ -270,6 +289,7 @@ def _spawn(side: str, args) -> dict:
          str(args.base_features)]
   cmd += [f'--{name}={getattr(args, name)}' for name in LEVERS]
   cmd += ['--remat'] if args.remat else []
+  cmd += ['--deep_supervision'] if getattr(args, 'deep_supervision', False) else []
   cmd += [f'--grad_accum={getattr(args, "grad_accum", 1)}']
   cmd += ['--no_levers'] if getattr(args, 'no_levers', False) else []
   cmd += [f'--cpu_scheduler={args.cpu_scheduler}']
@@ -307,6 +327,8 @@ def main() -> None:
   p.add_argument('--no_levers', action='store_true',
                  help="every lever above set to XLA's own op (on a GPU, XLA's ops are cuDNN's)")
   p.add_argument('--remat', action='store_true')
+  p.add_argument('--deep_supervision', action='store_true',
+                 help="nnU-Net's deep supervision (torch and jax_project sides)")
   p.add_argument('--grad_accum', type=int, default=1,
                  help='each training step in this many microbatches (torch, jax_project)')
   p.add_argument('--cpu_scheduler', default=CPU_SCHEDULERS[0], choices=CPU_SCHEDULERS,
@@ -329,6 +351,9 @@ def main() -> None:
   if args.grad_accum > 1 and 'jax_plain' in sides:
     raise SystemExit('--grad_accum: the jax_plain side has no accumulation; leave it out '
                      '(--sides torch,jax_project)')
+  if args.deep_supervision and 'jax_plain' in sides:
+    raise SystemExit('--deep_supervision: the jax_plain side has no deep supervision; leave it '
+                     'out (--sides torch,jax_project)')
   if args.grad_accum < 1 or args.batch % args.grad_accum:
     raise SystemExit(f'--grad_accum={args.grad_accum} must be at least 1 and divide '
                      f'--batch={args.batch}')
@@ -379,6 +404,7 @@ def main() -> None:
         + ', '.join(f'{k}={v}' for k, v in _levers(args).items())
         + f'; jax_project cpu_scheduler={args.cpu_scheduler}; huge pages {args.huge_pages}'
         + (f'; {args.grad_accum} microbatches per step' if args.grad_accum > 1 else '')
+        + ("; nnU-Net's deep supervision" if args.deep_supervision else '')
         + f' (every side); {flops["train"] / 1e9:.1f} GFLOP '
         'per image per training step (convolutions)')
   print(f'{"side":<14} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} '
@@ -414,6 +440,7 @@ def main() -> None:
                     'precision': args.precision, 'levers': _levers(args),
                     'cpu_scheduler': args.cpu_scheduler, 'huge_pages': args.huge_pages,
                     'base_features': args.base_features, 'grad_accum': args.grad_accum,
+                    'deep_supervision': args.deep_supervision,
                     'repeats': args.repeats, 'train_gflop_per_image': flops['train'] / 1e9,
                     'results': rows, 'ratios': ratios,
                     'failed': {side: error[-300:] for side, error in failed.items()}}))

@@ -28,6 +28,7 @@ from unet_jax.deep_supervision import (
 )
 from unet_jax.errors import UserError
 from unet_jax.evaluate import evaluate_checkpoint
+from unet_jax.export import export_checkpoint
 from unet_jax.model import init_variables
 
 GRAD_TOL = 1e-4
@@ -152,8 +153,12 @@ def test_a_run_trains_evaluates_converts_and_starts_others(tmp_path, capsys):
   assert model_config(model)['deep_supervision'] is True
   assert {'ds_out2', 'out_conv'} <= set(variables['params']) and 'ds_out1' not in variables[
       'params']
-  # Evaluation is the full-size output's, as the run's.
+  # Evaluation, and export's artifact, are the full-size output's, as the run's.
   assert evaluate_checkpoint(wd)['dice'] == metrics['dice']
+  x = np.random.default_rng(2).random((2, 16, 16, 1), np.float32)
+  full = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
+  served = jax.export.deserialize(export_checkpoint(wd)[0]).call(x)
+  np.testing.assert_allclose(np.asarray(served), full, atol=1e-5)
   # flax-to-torch writes the network predict uses: a strict load into the seed's class.
   capsys.readouterr()
   flax_to_torch(wd, str(tmp_path / 'ds.pth'))
@@ -161,10 +166,7 @@ def test_a_run_trains_evaluates_converts_and_starts_others(tmp_path, capsys):
       f'note: {wd}: its deep supervision heads (ds_out2) are for training only and left out')
   seed = SeedUNet(1, 1, base=4, depth=3)
   seed.load_state_dict(torch.load(tmp_path / 'ds.pth', weights_only=True))
-  x = np.random.default_rng(2).random((2, 16, 16, 1), np.float32)
-  np.testing.assert_allclose(
-      nhwc(seed.eval()(nchw(x)).detach()),
-      np.asarray(model.apply(variables, jnp.asarray(x), train=False)), atol=1e-5)
+  np.testing.assert_allclose(nhwc(seed.eval()(nchw(x)).detach()), full, atol=1e-5)
   # Resuming with it switched is refused by name.
   with pytest.raises(UserError, match=re.escape(
       f'{wd}/checkpoints/2 was saved by a run with model.deep_supervision=True, this config '
@@ -207,3 +209,23 @@ def test_refusals():
   with pytest.raises(ValueError, match='all_scales=True needs a UNet built with '
                      'deep_supervision=True'):
     UNet(base_features=4, depth=3).init(jax.random.key(0), x, train=True, all_scales=True)
+
+
+def test_the_pytorch_benchmark_runs_both_sides_with_deep_supervision():
+  import json
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, 'benchmarks/compare_pytorch.py', '--size', '32',
+                        '--batch', '2', '--base_features', '4', '--steps', '1', '--repeats', '1',
+                        '--sides', 'torch,jax_project', '--deep_supervision'], cwd=repo,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  line = json.loads(run.stdout.splitlines()[-1])
+  assert line['deep_supervision'] is True and set(line['results']) == {'torch', 'jax_project'}
+  assert "nnU-Net's deep supervision (every side)" in run.stdout
+  refused = subprocess.run([sys.executable, 'benchmarks/compare_pytorch.py',
+                            '--deep_supervision'], cwd=repo, capture_output=True, text=True)
+  assert refused.returncode == 1 and refused.stderr.strip() == (
+      '--deep_supervision: the jax_plain side has no deep supervision; leave it out '
+      '(--sides torch,jax_project)')

@@ -78,7 +78,9 @@ class SeedUNet(nn.Module):
 class DeepSupervisedSeedUNet(SeedUNet):
   """SeedUNet with nnU-Net's deep supervision (its UNetDecoder with deep_supervision=True): a
   1x1 head `ds_out{k}` on the output of every Up block but the last (whose head is out_conv);
-  forward returns every head's logits, finest first, the coarsest (ds_out1's) included."""
+  in training mode forward returns every head's logits, finest first, the coarsest (ds_out1's)
+  included; in eval mode out_conv's alone (nnU-Net switches its deep supervision off to
+  predict)."""
 
   def __init__(self, in_channels=1, num_classes=1, base=64, depth=4):
     super().__init__(in_channels, num_classes, base, depth)
@@ -86,6 +88,8 @@ class DeepSupervisedSeedUNet(SeedUNet):
       setattr(self, f'ds_out{k}', OutConv(base * 2**(depth - k), num_classes))
 
   def forward(self, x):
+    if not self.training:
+      return super().forward(x)
     skips = [self.in_conv(x)]
     for k in range(1, self.depth + 1):
       skips.append(getattr(self, f'down{k}')(skips[-1]))
