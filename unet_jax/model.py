@@ -487,9 +487,10 @@ class UNet(nn.Module):
     deep_supervision: nnU-Net's deep supervision: a 1x1 conv head (`ds_out{k}`, with bias)
       on the output of each Up block `up{k}` from `up2` to `up{depth-1}`, whose logits at
       1/2 .. 1/2**(depth-2) of the input's size `all_scales=True` returns after the full-size
-      ones (for the loss, `losses.deep_supervision_loss`). nnU-Net also computes the coarsest
-      decoder output's, which its loss weighs 0: left out here. Needs depth >= 3. Without
-      `all_scales` the heads are not computed: evaluation and prediction are the plain UNet's.
+      ones (for the loss, `deep_supervision.deep_supervision_loss`). nnU-Net also computes the
+      coarsest decoder output's, which its loss weighs 0: left out here. Needs depth >= 3.
+      Without `all_scales` the heads are not computed: evaluation and prediction are the plain
+      UNet's.
   """
   in_channels: int = 1
   num_classes: int = 1
