@@ -149,6 +149,8 @@ def test_a_run_trains_evaluates_converts_and_starts_others(tmp_path, capsys):
 
   wd = str(tmp_path / 'ds')
   metrics = train.train_and_evaluate(config(**{'model.deep_supervision': True}), wd)
+  assert '(base_features=4, depth=3, 1 output channel(s), deep supervision) | ' in (
+      capsys.readouterr().out)
   model, variables, _ = load_pretrained_with_metadata(wd)
   assert model_config(model)['deep_supervision'] is True
   assert {'ds_out2', 'out_conv'} <= set(variables['params']) and 'ds_out1' not in variables[

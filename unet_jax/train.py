@@ -477,10 +477,11 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   epochs = f' ({config.num_epochs:g} epochs)' if config.get('num_epochs', 0) else ''
   crop = config.get('crop_size', 0)
   crops = f', trained on {crop}x{crop} crops of them' if crop else ''
+  supervised = ', deep supervision' if model.deep_supervision else ''
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
-          f'{model.num_classes} output channel(s)) | {info.name}: {info.num_train} training, '
-          f'{info.num_eval} eval images at {size_text(input_pipeline.image_hw(config))}'
-          f'{crops} | '
+          f'{model.num_classes} output channel(s){supervised}) | {info.name}: '
+          f'{info.num_train} training, {info.num_eval} eval images at '
+          f'{size_text(input_pipeline.image_hw(config))}{crops} | '
           f'{devices} {kind} device(s) in {jax.process_count()} process(es), batch '
           f'{config.batch_size}{micro} | {config.num_train_steps} steps{epochs} -> '
           f'{os.path.abspath(workdir)}')
