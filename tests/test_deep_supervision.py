@@ -231,3 +231,18 @@ def test_the_pytorch_benchmark_runs_both_sides_with_deep_supervision():
   assert refused.returncode == 1 and refused.stderr.strip() == (
       '--deep_supervision: the jax_plain side has no deep supervision; leave it out '
       '(--sides torch,jax_project)')
+
+
+def test_remat_keeps_the_deep_supervision_step():
+  # (remat recomputes the decoder levels the heads read, as one piece below full resolution)
+  rng = np.random.default_rng(4)
+  batches = [{'image': rng.random((16, 32, 32, 1), np.float32),
+              'mask': (rng.random((16, 32, 32)) > 0.6).astype(np.int32)} for _ in range(2)]
+  runs = {}
+  for remat in (False, True):
+    config = tiny_config(**{'model.depth': 4, 'model.deep_supervision': True,
+                            'image_size': 32, 'model.remat': remat})
+    runs[remat] = _run_steps(config, jax.devices(), 'shard_map', batches)
+  assert 'ds_out2' in runs[False][0] and 'ds_out3' in runs[False][0]
+  for a, b in zip(jax.tree.leaves(runs[True]), jax.tree.leaves(runs[False]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
