@@ -20,7 +20,7 @@ from torch_reference import DeepSupervisedSeedUNet, SeedUNet
 
 from unet_jax import UNet, losses, train
 from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
-from unet_jax.convert import flax_to_state_dict, flax_to_torch
+from unet_jax.convert import flax_to_state_dict, flax_to_torch, torch_to_flax
 from unet_jax.deep_supervision import (
   deep_supervision_loss,
   loss_weights,
@@ -169,6 +169,14 @@ def test_a_run_trains_evaluates_converts_and_starts_others(tmp_path, capsys):
   seed = SeedUNet(1, 1, base=4, depth=3)
   seed.load_state_dict(torch.load(tmp_path / 'ds.pth', weights_only=True))
   np.testing.assert_allclose(nhwc(seed.eval()(nchw(x)).detach()), full, atol=1e-5)
+  # A file with such heads (nnU-Net's decoder written in the seed's names) is refused, saying so.
+  torch.save(DeepSupervisedSeedUNet(1, 1, base=4, depth=3).state_dict(), tmp_path / 'heads.pth')
+  with pytest.raises(UserError, match=re.escape(
+      f"{tmp_path}/heads.pth: unexpected key 'ds_out1.conv.weight' for a seed-layout UNet of "
+      'depth 3, upsample=transpose (deep supervision heads are for training only: leave them '
+      'out of the file, and convert the network without them)')):
+    torch_to_flax(str(tmp_path / 'heads.pth'), str(tmp_path / 'heads'))
+  assert not (tmp_path / 'heads').exists()
   # Resuming with it switched is refused by name.
   with pytest.raises(UserError, match=re.escape(
       f'{wd}/checkpoints/2 was saved by a run with model.deep_supervision=True, this config '

@@ -72,8 +72,11 @@ def state_dict_to_flax(tensors: Mapping[str, np.ndarray], source: str = 'state_d
                       f'UNet of depth {config["depth"]}, upsample={config["upsample"]})')
   for key in tensors:
     if key not in known:
+      heads = (' (deep supervision heads are for training only: leave them out of the file, '
+               'and convert the network without them)' if key.startswith(DEEP_SUPERVISION_HEAD)
+               else '')
       raise UserError(f'{source}: unexpected key {key!r} for a {layout}-layout UNet of depth '
-                      f'{config["depth"]}, upsample={config["upsample"]}')
+                      f'{config["depth"]}, upsample={config["upsample"]}{heads}')
 
   model = model_from_config(config)
   expected = abstract_variables(model)
