@@ -29,6 +29,7 @@ from unet_jax.ct_normalization import CTStatistics, recorded_normalization
 from unet_jax.ensemble import load_one_task
 from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
+from unet_jax.gaussian_tiles import gaussian_importance, tile_starts
 from unet_jax.image_io import (
   IMAGE_SUFFIXES,
   channel_cases,
@@ -80,13 +81,18 @@ def _starts(size: int, tile: int, stride: int) -> list[int]:
   return sorted(set(starts))
 
 
+BLENDS = ('ramp', 'gaussian')  # how tiles are blended (predict_logits)
+
+
 class _AxisTiling(NamedTuple):
   """How one image axis is cut: tiles of `tile` pixels every `stride`, blended by weights 0
-  within `margin` of an inner tile edge, rising over `ramp`."""
+  within `margin` of an inner tile edge, rising over `ramp`; for the Gaussian blend, steps of
+  at most `stride_fraction` of the tile (nnU-Net's tile_step_size: (tile - overlap) / tile)."""
   tile: int
   stride: int
   ramp: int
   margin: int
+  stride_fraction: float
 
 
 def tiling(tile: int | Sequence[int], overlap: int | Sequence[int] | None, depth: int,
@@ -107,7 +113,8 @@ def tiling(tile: int | Sequence[int], overlap: int | Sequence[int] | None, depth
                       f'side ({size_text(tiles)})')
     # Tile starts on multiples of 2**depth keep the pooling grid of the whole image.
     ramp = max(1, min(8, o // 4))
-    axes.append(_AxisTiling(t, max(unit, (t - o) // unit * unit), ramp, max(0, o // 2 - ramp)))
+    axes.append(_AxisTiling(t, max(unit, (t - o) // unit * unit), ramp, max(0, o // 2 - ramp),
+                            (t - o) / t))
   return axes[0], axes[1]
 
 
@@ -116,7 +123,7 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
                    tile: int | Sequence[int] | None = None,
                    overlap: int | Sequence[int] | None = None, batch_size: int = 8,
                    tta: bool = False, resample: str = 'bilinear',
-                   normalize: str | CTStatistics = 'unit') -> np.ndarray:
+                   normalize: str | CTStatistics = 'unit', blend: str = 'ramp') -> np.ndarray:
   """Logits (N, H, W, classes) for images (N, H, W, C): float in [0, 1], uint8 or uint16 (16-bit
   gray; `unit_scaled`).
 
@@ -126,13 +133,20 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
   16-bit image when it is one), and resize the logits back to H x W (bilinear, as milesial's
   predict.py does); None runs at H x W.
   `tile`, `overlap`: run overlapping tiles (a side, or (height, width); `tiling`) of the image
-  (after any resize) and blend them, for images too large to run whole.
+  (after any resize) and blend them, for images too large to run whole. `blend`: 'ramp' takes
+  each pixel from tiles where it lies at least about overlap/2 from an inner edge (starts on
+  multiples of 2**depth: the whole image's logits where that covers the receptive field);
+  'gaussian' is nnU-Net's sliding window (gaussian_tiles.py): tiles every (tile - overlap)
+  pixels at most, spread evenly, their logits weighed by a Gaussian of sigma tile/8 about each
+  tile's centre.
   `tta`: each network input (image or tile) as the mean of its logits over flips (flip_tta.py).
   `normalize`: 'zscore' gives the network each image (after any resize, before tiling) with
   its channels at mean 0 and deviation 1, 'minmax' stretched to [0, 1], a run's CTStatistics
   (its 'ct', `recorded_normalization`) by nnU-Net's CT normalisation, as a run with that
   data.normalize trained.
   """
+  if blend not in BLENDS:
+    raise UserError(f'blend={blend!r}: use one of {", ".join(BLENDS)}')
   images = np.asarray(images)
   if size:
     from PIL import Image
@@ -140,7 +154,8 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
     logits = predict_logits(
         model, variables,
         np.stack([resize(im, height, width, resample_filter(resample)) for im in images]),
-        tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, normalize=normalize)
+        tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, normalize=normalize,
+        blend=blend)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
   images = unit_scaled(images)
@@ -154,12 +169,20 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
   out = np.zeros((n, h, w, model.num_classes), np.float32)
   weight = np.zeros((1, h, w, 1), np.float32)
   th, tw = min(along_h.tile, h), min(along_w.tile, w)
-  windows = [(y, x) for y in _starts(h, th, along_h.stride)
-             for x in _starts(w, tw, along_w.stride)]
+  if blend == 'gaussian':
+    gaussian = gaussian_importance(th, tw)[None, :, :, None]
+    windows = [(y, x) for y in tile_starts(h, th, along_h.stride_fraction)
+               for x in tile_starts(w, tw, along_w.stride_fraction)]
+  else:
+    windows = [(y, x) for y in _starts(h, th, along_h.stride)
+               for x in _starts(w, tw, along_w.stride)]
   for y, x in windows:
-    wy = _ramp(th, along_h.ramp, along_h.margin, y == 0, y + th == h)
-    wx = _ramp(tw, along_w.ramp, along_w.margin, x == 0, x + tw == w)
-    wt = (wy[:, None] * wx[None, :])[None, :, :, None]
+    if blend == 'gaussian':
+      wt = gaussian
+    else:
+      wy = _ramp(th, along_h.ramp, along_h.margin, y == 0, y + th == h)
+      wx = _ramp(tw, along_w.ramp, along_w.margin, x == 0, x + tw == w)
+      wt = (wy[:, None] * wx[None, :])[None, :, :, None]
     crop = images[:, y:y + th, x:x + tw]
     logits = np.concatenate([np.asarray(fn(variables, crop[i:i + batch_size]))
                              for i in range(0, n, batch_size)])
@@ -182,13 +205,15 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
             overlap: int | Sequence[int] | None = None, batch_size: int = 8, tta: bool = False,
             threshold: float = 0.5, resample: str = 'bilinear',
             normalize: str | CTStatistics = 'unit',
-            largest_component: bool = False, min_region_size: int = 0) -> np.ndarray:
+            largest_component: bool = False, min_region_size: int = 0,
+            blend: str = 'ramp') -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 and uint16 images are scaled to
   [0, 1] (`unit_scaled`).
 
   `size`: the network sees each image at size x size (or (height, width)), as in training,
   resized with `resample` and normalised as `normalize` says (see `predict_logits`).
   `tta`: the mean logits over flips (four forward passes; flip_tta.py).
+  `tile`, `overlap`, `blend`: tiled, as `predict_logits` runs it.
   Binary models (1 output channel): foreground where the probability exceeds `threshold`
   (milesial's --mask-threshold); others take the argmax.
   `largest_component`: each class kept only in its largest connected region of each image
@@ -207,7 +232,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
                     f'{tuple(images.shape)}')
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta, resample=resample,
-                          normalize=normalize)
+                          normalize=normalize, blend=blend)
   classes = post(classes_from_logits(logits, threshold))
   return classes[0] if single else classes
 
@@ -230,7 +255,7 @@ def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarr
                            normalizations: Sequence[str | CTStatistics] | None = None,
                            tile: int | Sequence[int] | None = None,
                            overlap: int | Sequence[int] | None = None, batch_size: int = 8,
-                           tta: bool = False) -> np.ndarray:
+                           tta: bool = False, blend: str = 'ramp') -> np.ndarray:
   """The mean over `members`, (model, variables) pairs of one task (the same classes), of their
   probabilities (N, H, W, C) for images (N, H, W, C): nnU-Net's ensemble of its folds, which
   averages their softmax outputs. `sizes`, `resamples`, `normalizations`: one `size`,
@@ -246,7 +271,8 @@ def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarr
                                                            normalizations, strict=True):
     probs = probabilities(predict_logits(model, variables, images, size=size, tile=tile,
                                          overlap=overlap, batch_size=batch_size, tta=tta,
-                                         resample=resample, normalize=normalize))
+                                         resample=resample, normalize=normalize,
+                                         blend=blend))
     total = probs if total is None else total + probs
   return total / np.float32(len(members))
 
@@ -420,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'pixels, each side a multiple of 2**depth')
   p.add_argument('--overlap', type=parse_size, default=None,
                  help='tile overlap, O or HEIGHTxWIDTH (default: half the tile)')
+  p.add_argument('--blend', default='ramp', choices=BLENDS,
+                 help="how --tile's tiles are blended: ramp (default; each pixel from tiles "
+                      "where it lies away from an inner edge) or gaussian (nnU-Net's sliding "
+                      'window: each tile weighed by a Gaussian about its centre)')
   p.add_argument('--threshold', type=float, default=0.5,
                  help='binary models: foreground where its probability exceeds this (default '
                       '0.5; milesial\'s --mask-threshold)')
@@ -490,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tile:
       for m, _ in members:  # (their refusals, before any file is written)
         tiling(args.tile, args.overlap, m.depth)
+    elif args.blend != 'ramp':
+      raise UserError(f'--blend {args.blend} blends the tiles of --tile, which is not given; '
+                      'give --tile (e.g. --tile 256), or leave out --blend')
     # Every file is read (decoded) to check it before anything is written, but only its shape
     # is kept: the images are read again a batch at a time, so memory holds one batch of images
     # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
@@ -522,14 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           logits = predict_logits(model, members[0][1], batch, size=sizes[0] or None,
                                   tile=args.tile, overlap=args.overlap, tta=args.tta,
                                   batch_size=args.batch_size, resample=resamples[0],
-                                  normalize=normalizations[0])
+                                  normalize=normalizations[0], blend=args.blend)
           masks = classes_from_logits(logits, args.threshold)
           probs = probabilities(logits) if args.probabilities else [None] * len(indices)
         else:
           probs = ensemble_probabilities(
               members, batch, sizes=[s or None for s in sizes], resamples=resamples,
               normalizations=normalizations, tile=args.tile, overlap=args.overlap,
-              batch_size=args.batch_size, tta=args.tta)
+              batch_size=args.batch_size, tta=args.tta, blend=args.blend)
           masks = classes_from_probabilities(probs, args.threshold)
           if not args.probabilities:
             probs = [None] * len(indices)
