@@ -98,6 +98,16 @@ def test_predict_blends_tiles_as_nnunet(tmp_path, capsys):
   np.testing.assert_allclose(
       np.load(tmp_path / 'out' / 'x_prob.npy'),
       probabilities(nnunet_sliding_window(apply, scaled, (32, 32), 0.25)[None])[0], atol=1e-5)
+  # An ensemble: the mean of each member's probabilities, each blended so.
+  other = init_variables(model, jax.random.key(6))
+  save_pretrained(str(tmp_path / 'other'), model, other)
+  apply_other = jax.jit(lambda x: model.apply(other, x, train=False))
+  assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', checkpoint, '--checkpoint',
+                       str(tmp_path / 'other'), '--output', str(tmp_path / 'both'), '--tile',
+                       '32', '--blend', 'gaussian', '--probabilities']) == 0
+  np.testing.assert_allclose(np.load(tmp_path / 'both' / 'x_prob.npy'), np.mean([
+      probabilities(nnunet_sliding_window(a, scaled, (32, 32))[None])[0]
+      for a in (apply, apply_other)], axis=0), atol=1e-5)
   capsys.readouterr()
   assert predict_main([str(tmp_path / 'x.png'), '--checkpoint', checkpoint, '--output',
                        str(tmp_path / 'o2'), '--blend', 'gaussian']) == 2
