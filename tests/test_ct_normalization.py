@@ -217,7 +217,8 @@ def test_a_resumed_run_normalises_by_the_statistics_its_checkpoint_recorded(
   wd = str(tmp_path / 'wd')
   train.train_and_evaluate(_config(tmp_path, tmp_path / 'd'), wd)
   first = load_pretrained_with_metadata(wd)[2]['ct_statistics']
-  capsys.readouterr()
+  assert ("data.normalize='ct': gathering the training foreground's statistics "
+          f'(data.ct_samples={SAMPLES:,} pixels per channel)') in capsys.readouterr().out
 
   def gathered(*args, **kwargs):
     raise AssertionError('the statistics were gathered again')
@@ -226,6 +227,7 @@ def test_a_resumed_run_normalises_by_the_statistics_its_checkpoint_recorded(
   train.train_and_evaluate(_config(tmp_path, tmp_path / 'd', num_train_steps=4), wd)
   out = capsys.readouterr().out
   assert f'(images in [0, 1]), as {wd}/checkpoints/2 recorded them' in out
+  assert 'gathering' not in out
   assert f'resumed from {wd}/checkpoints/2' in out
   _, _, meta = load_pretrained_with_metadata(wd)
   assert meta['step'] == 4 and meta['ct_statistics'] == first

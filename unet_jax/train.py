@@ -37,7 +37,7 @@ from unet_jax.checkpoint import (
   model_config,
 )
 from unet_jax.config_checks import validate_config, validate_data
-from unet_jax.ct_normalization import CTStatistics
+from unet_jax.ct_normalization import CT_SAMPLES, CTStatistics
 from unet_jax.deep_supervision import deep_supervision_loss
 from unet_jax.errors import UserError, disk_error, first_line, quiet_failed_saves
 from unet_jax.flip_tta import eval_logits
@@ -553,6 +553,10 @@ def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
     where = f'{os.path.join(workdir, CHECKPOINTS_DIR)}/{saved[0]}'
     check_same_normalization(saved[1], config, where)  # (before the gathering, which takes time)
     recorded = ((saved[1].get('config') or {}).get('data') or {}).get('ct_statistics')
+  if not recorded and jax.process_index() == 0:  # (a large dataset's take minutes)
+    print("data.normalize='ct': gathering the training foreground's statistics "
+          f"(data.ct_samples={config.data.get('ct_samples', CT_SAMPLES):,} pixels per channel)",
+          flush=True)
   statistics = (CTStatistics.from_dict(recorded) if recorded else
                 input_pipeline.ct_statistics(config, train_source, ignore_id))
   if jax.process_index() == 0:
