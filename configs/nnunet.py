@@ -38,6 +38,10 @@ Differences left:
   the normalisation; here the turned or shrunk example brings in black corners (labelled 0, or
   data.ignore_value's label) before it, which count in each image's mean and deviation; and
   its scaling factor is drawn uniformly, where here its inverse is (over the same range);
+Its inference: `python -m unet_jax.predict imagesTs/ --checkpoint workdirs/fold0 ... --checkpoint
+workdirs/fold4 --tile PATCH --blend gaussian --tta --image_suffix _0000 --mask_suffix ''` (its
+sliding window over each image at the run's size, its mirroring, the folds' ensemble), PATCH the
+run's crop_size.
 """
 
 from configs import folder
