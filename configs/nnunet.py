@@ -34,10 +34,11 @@ Differences left:
   their size; its planning picks the patch and batch size from the data and the GPU: set
   crop_size and batch_size (16 here) for yours, and with crop_size, crop_foreground=0.33 for
   its oversampling (the last third of each batch's patches centred on a foreground class);
-- its rotations and scaling sample a patch from the image around it, padding with 0 after
-  the normalisation; here the turned or shrunk example brings in black corners (labelled 0, or
-  data.ignore_value's label) before it, which count in each image's mean and deviation; and
-  its scaling factor is drawn uniformly, where here its inverse is (over the same range);
+- its rotations and scaling sample a patch from the image around it; here the turned or shrunk
+  example brings in corners from outside, labelled 0 (or data.ignore_value's label), which are
+  0 after the normalisation as nnU-Net's padding is, and count in none of its statistics; but
+  the bilinear turn blends the edge with black before it; and its scaling factor is drawn
+  uniformly, where here its inverse is (over the same range);
 Its inference: `python -m unet_jax.predict imagesTs/ --checkpoint workdirs/fold0 ... --checkpoint
 workdirs/fold4 --tile PATCH --blend gaussian --tta --image_suffix _0000 --mask_suffix ''` (its
 sliding window over each image at the run's size, its mirroring, the folds' ensemble), PATCH the

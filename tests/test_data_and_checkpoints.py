@@ -1373,6 +1373,42 @@ def test_rotated_in_corners_are_ignored_where_the_data_has_an_ignored_label(tmp_
   assert batch['image'][differ].mean() < 0.5 * batch['image'][~differ].mean()
 
 
+@pytest.mark.parametrize('normalize', ['zscore', 'minmax', 'ct'])
+def test_rotated_in_corners_are_0_after_normalising_as_nnunet_pads_them(normalize):
+  # nnU-Net turns and scales the normalised image and pads it with 0, so the corners count in
+  # no statistic and are 0. Before, they were black pixels normalised with the rest.
+  import ml_collections
+
+  from unet_jax.ct_normalization import CTStatistics, ct_normalized
+  how = (CTStatistics((0.4, 0.5), (0.2, 0.1), (0.1, 0.2), (0.9, 0.8)) if normalize == 'ct'
+         else normalize)
+  rng = np.random.default_rng(9)
+  image = rng.integers(0, 256, (24, 32, 2), np.uint8)
+  mask = rng.integers(0, 2, (24, 32)).astype(np.uint8)
+  aug = ml_collections.ConfigDict(dict(min_scale=1.0, flip_horizontal=False,
+                                       flip_vertical=False, rotate_degrees=40.0,
+                                       scale=(0.7, 0.9)))
+  def run(seed, normalize):
+    return preprocess({'image': image, 'mask': mask}, (20, 28), np.random.default_rng(seed),
+                      aug, fill_label=7, normalize=normalize)
+
+  for seed in range(3):
+    unit, got = run(seed, 'unit'), run(seed, how)
+    corners = unit['mask'] == 7  # (the same draws: where the turn brought in the outside)
+    assert corners.mean() > 0.05
+    np.testing.assert_array_equal(got['mask'], unit['mask'])
+    u, inner = unit['image'], unit['image'][~corners]
+    if normalize == 'zscore':
+      want = (u - inner.mean(axis=0)) / inner.std(axis=0)
+    elif normalize == 'minmax':
+      want = (u - inner.min(axis=0)) / (inner.max(axis=0) - inner.min(axis=0))
+    else:
+      want = ct_normalized(u, how)
+    want[corners] = 0
+    np.testing.assert_allclose(got['image'], want, atol=1e-5)
+    assert np.all(got['image'][corners] == 0)
+
+
 def test_crop_size_trains_on_patches_and_evaluates_whole_examples(tmp_path):
   # The patch: a crop of the resized example at the drawn offset, image and mask together.
   rng = np.random.default_rng(9)

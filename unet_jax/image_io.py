@@ -249,6 +249,24 @@ def normalized(images: Any, normalize: str | CTStatistics) -> Any:
   return {'zscore': zscore, 'minmax': minmax}.get(normalize, lambda x: x)(images)
 
 
+def normalized_inside(image: np.ndarray, normalize: str | CTStatistics,
+                      inside: np.ndarray) -> np.ndarray:
+  """One (H, W, C) image `normalized` by the statistics of its pixels where `inside` (H, W) is
+  true, and 0 elsewhere: a training example that a rotation or scaling brought black corners
+  into, as nnU-Net, which turns the normalised image and pads it with 0, has them."""
+  pixels = image[inside]  # (k, C)
+  if isinstance(normalize, CTStatistics):
+    out = ct_normalized(image, normalize)
+  elif normalize == 'zscore':
+    out = (image - pixels.mean(axis=0)) / pixels.std(axis=0).clip(min=1e-8)
+  elif normalize == 'minmax':
+    low = pixels.min(axis=0)
+    out = (image - low) / (pixels.max(axis=0) - low).clip(min=1e-8)
+  else:
+    out = image
+  return np.where(inside[..., None], out, np.float32(0)).astype(np.float32)
+
+
 def height_width(size: int | Sequence[int]) -> tuple[int, int]:
   """A size as (height, width): an int is a square's side; a pair is (height, width)."""
   if isinstance(size, int | np.integer):

@@ -34,6 +34,7 @@ from unet_jax.image_io import (
   height_width,
   mask_value_text,
   normalized,
+  normalized_inside,
   peak_value,
   resample_filter,
   resize,
@@ -271,7 +272,8 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   case before it cuts its patches; 'minmax': each channel stretched to [0, 1] so; a run's
   CTStatistics: nnU-Net's CT normalisation), random brightness and contrast, gamma, Gaussian noise
   (not clipped, as MONAI's). The corners a rotation brings in are black with mask label `fill_label`
-  (0, or the ignored label).
+  (0, or the ignored label); with a `normalize` other than 'unit', 0 after it and left out of
+  its statistics, as nnU-Net pads its normalised image (`normalized_inside`).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -279,6 +281,7 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   image, mask = example['image'], example['mask']
   peak = np.float32(peak_value(image.dtype))  # (uint16, 16-bit gray: 65535; stays uint16 below)
   augment = rng is not None and aug is not None
+  inside = None  # where a rotation or scaling kept the image (None: everywhere)
   if augment:
     h, w = mask.shape
     scale = rng.uniform(aug.min_scale, 1.0)
@@ -303,11 +306,16 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
       drawn = float(rng.uniform(*aug.scale))
       zoom = drawn if applied else 1.0
     if angle or zoom != 1.0:
+      if normalize != 'unit':  # (where the image was: the corners come in after normalising)
+        inside = rotate(image[..., :1], np.ones(mask.shape, np.uint8), angle, 0, scale=zoom)[1]
       image, mask = rotate(image, mask, angle, fill_label, scale=zoom)
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
-  if normalize != 'unit':  # (over the whole image, before the patch is cut)
+  if normalize != 'unit' and inside is not None:  # (as nnU-Net pads its normalised image)
+    inside = resize(inside, height, width, Image.NEAREST).astype(bool)
+    image = normalized_inside(image.astype(np.float32) / peak, normalize, inside)
+  elif normalize != 'unit':  # (over the whole image, before the patch is cut)
     image = normalized(image.astype(np.float32) / peak, normalize)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
