@@ -224,47 +224,45 @@ def check_normalize_flag(value: str) -> None:
     raise UserError(f'--normalize {value}: {_FLAG_CHOICES}')
 
 
-def zscore(images: Any) -> Any:
+def _over_pixels(where: Any, **initial: float) -> dict[str, Any]:
+  """The keywords that take a reduction over an image's pixels to those `where` is true (all
+  of them for None; min and max need their `initial` then)."""
+  return {} if where is None else {'where': where, **initial}
+
+
+def zscore(images: Any, where: Any = None) -> Any:
   """Each image's channels (the last axis; the two before it its height and width) shifted
   and scaled to mean 0 and deviation 1 (nnU-Net's ZScoreNormalization: the deviation over the
-  pixels, at least 1e-8). NumPy or JAX arrays alike (export runs it inside its artifact)."""
-  mean = images.mean(axis=(-3, -2), keepdims=True)
-  return (images - mean) / images.std(axis=(-3, -2), keepdims=True).clip(min=1e-8)
+  pixels, at least 1e-8); with `where` (broadcast to `images`), of those pixels alone. NumPy or
+  JAX arrays alike (export runs it inside its artifact)."""
+  mean = images.mean(axis=(-3, -2), keepdims=True, **_over_pixels(where))
+  return (images - mean) / images.std(axis=(-3, -2), keepdims=True,
+                                      **_over_pixels(where)).clip(min=1e-8)
 
 
-def minmax(images: Any) -> Any:
+def minmax(images: Any, where: Any = None) -> Any:
   """Each image's channels (as `zscore` takes them) shifted to a minimum of 0 and divided by
-  their new maximum, at least 1e-8 (nnU-Net's RescaleTo01Normalization, its rescale_to_0_1).
-  NumPy or JAX arrays alike."""
-  shifted = images - images.min(axis=(-3, -2), keepdims=True)
-  return shifted / shifted.max(axis=(-3, -2), keepdims=True).clip(min=1e-8)
+  their new maximum, at least 1e-8 (nnU-Net's RescaleTo01Normalization, its rescale_to_0_1);
+  with `where`, as those pixels give them. NumPy or JAX arrays alike."""
+  shifted = images - images.min(axis=(-3, -2), keepdims=True,
+                                **_over_pixels(where, initial=np.inf))
+  return shifted / shifted.max(axis=(-3, -2), keepdims=True,
+                               **_over_pixels(where, initial=-np.inf)).clip(min=1e-8)
 
 
-def normalized(images: Any, normalize: str | CTStatistics) -> Any:
+def normalized(images: Any, normalize: str | CTStatistics, inside: Any = None) -> Any:
   """Images scaled to [0, 1] as a run with data.normalize=`normalize` gives them to its
   network: as they are ('unit'), `zscore`d or `minmax`ed; with a run's CTStatistics (its
-  'ct', `recorded_normalization`), `ct_normalized`."""
-  if isinstance(normalize, CTStatistics):
-    return ct_normalized(images, normalize)
-  return {'zscore': zscore, 'minmax': minmax}.get(normalize, lambda x: x)(images)
+  'ct', `recorded_normalization`), `ct_normalized`.
 
-
-def normalized_inside(image: np.ndarray, normalize: str | CTStatistics,
-                      inside: np.ndarray) -> np.ndarray:
-  """One (H, W, C) image `normalized` by the statistics of its pixels where `inside` (H, W) is
-  true, and 0 elsewhere: a training example that a rotation or scaling brought black corners
-  into, as nnU-Net, which turns the normalised image and pads it with 0, has them."""
-  pixels = image[inside]  # (k, C)
+  `inside` (NumPy, (.., H, W)): the pixels that count, the others 0 after it, as nnU-Net pads
+  its normalised image where a training example's rotation or scaling brought in corners."""
   if isinstance(normalize, CTStatistics):
-    out = ct_normalized(image, normalize)
-  elif normalize == 'zscore':
-    out = (image - pixels.mean(axis=0)) / pixels.std(axis=0).clip(min=1e-8)
-  elif normalize == 'minmax':
-    low = pixels.min(axis=0)
-    out = (image - low) / (pixels.max(axis=0) - low).clip(min=1e-8)
+    out = ct_normalized(images, normalize)
   else:
-    out = image
-  return np.where(inside[..., None], out, np.float32(0)).astype(np.float32)
+    where = None if inside is None else inside[..., None]
+    out = {'zscore': zscore, 'minmax': minmax}.get(normalize, lambda x, where: x)(images, where)
+  return out if inside is None else np.where(inside[..., None], out, np.float32(0))
 
 
 def height_width(size: int | Sequence[int]) -> tuple[int, int]:

@@ -34,7 +34,6 @@ from unet_jax.image_io import (
   height_width,
   mask_value_text,
   normalized,
-  normalized_inside,
   peak_value,
   resample_filter,
   resize,
@@ -273,7 +272,7 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   CTStatistics: nnU-Net's CT normalisation), random brightness and contrast, gamma, Gaussian noise
   (not clipped, as MONAI's). The corners a rotation brings in are black with mask label `fill_label`
   (0, or the ignored label); with a `normalize` other than 'unit', 0 after it and left out of
-  its statistics, as nnU-Net pads its normalised image (`normalized_inside`).
+  its statistics, as nnU-Net pads its normalised image (`normalized`'s `inside`).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -312,11 +311,10 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   height, width = height_width(image_size)
   image = resize(image, height, width, resample_filter(resample))
   mask = resize(mask, height, width, Image.NEAREST)
-  if normalize != 'unit' and inside is not None:  # (as nnU-Net pads its normalised image)
-    inside = resize(inside, height, width, Image.NEAREST).astype(bool)
-    image = normalized_inside(image.astype(np.float32) / peak, normalize, inside)
-  elif normalize != 'unit':  # (over the whole image, before the patch is cut)
-    image = normalized(image.astype(np.float32) / peak, normalize)
+  if normalize != 'unit':  # (over the whole image, before the patch is cut)
+    if inside is not None:  # (as nnU-Net pads its normalised image)
+      inside = resize(inside, height, width, Image.NEAREST).astype(bool)
+    image = normalized(image.astype(np.float32) / peak, normalize, inside)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
     if crop_foreground and rng.random() < crop_foreground:
