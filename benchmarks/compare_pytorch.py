@@ -111,9 +111,8 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
   the labels interpolated 'nearest-exact', as its DeepSupervisionWrapper).
   """
   import torch
-  import torch.nn.functional as F
   sys.path.insert(0, os.path.join(REPO, 'tests'))
-  from torch_reference import DeepSupervisedSeedUNet, SeedUNet
+  from torch_reference import DeepSupervisedSeedUNet, SeedUNet, nnunet_deep_supervision_loss
   on_gpu = torch.cuda.is_available()
   device = torch.device('cuda' if on_gpu else 'cpu')
   if on_gpu:
@@ -134,10 +133,7 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
   def loss_fn(outputs, y):
     if not deep_supervision:
       return bce(outputs.float(), y)
-    weights = [1 / 2**i for i in range(len(outputs) - 1)] + [0.0]
-    return sum(w / sum(weights) * bce(o.float(), F.interpolate(y, size=o.shape[-2:],
-                                                                mode='nearest-exact'))
-               for w, o in zip(weights, outputs, strict=True) if w)
+    return nnunet_deep_supervision_loss(outputs, y, lambda o, t: bce(o.float(), t))
 
   def autocast():
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

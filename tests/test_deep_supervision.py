@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import max_rel_err, nchw, nhwc
 from test_train import _run_steps, tiny_config
-from torch_reference import DeepSupervisedSeedUNet, SeedUNet
+from torch_reference import DeepSupervisedSeedUNet, SeedUNet, nnunet_deep_supervision_loss
 
 from unet_jax import UNet, losses, train
 from unet_jax.checkpoint import load_pretrained_with_metadata, model_config
@@ -41,18 +41,6 @@ def torch_segmentation_loss(logits, target):
   t = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
   dice = (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)
   return F.cross_entropy(logits, target) + 1 - dice.mean()
-
-
-def nnunet_deep_supervision_loss(outputs, target):
-  """nnU-Net v2's: weights 1/2**i with the coarsest's 0, normalised; each output against the
-  target interpolated to its size, mode='nearest-exact'; zero-weight terms skipped."""
-  weights = np.array([1 / (2**i) for i in range(len(outputs))])
-  weights[-1] = 0
-  weights = weights / weights.sum()
-  targets = [F.interpolate(target[:, None].float(), size=tuple(o.shape[-2:]),
-                           mode='nearest-exact')[:, 0].long() for o in outputs]
-  return sum(float(w) * torch_segmentation_loss(o, t)
-             for w, o, t in zip(weights, outputs, targets, strict=True) if w != 0)
 
 
 def _torch_twin(model, variables):
@@ -81,7 +69,8 @@ def test_loss_and_gradient_match_nnunets_deep_supervision_in_torch():
   labels[:, 8:20, 10:30] = 2  # (regions, so that the coarse labels are not all noise)
   ref = _torch_twin(model, variables)
   torch_outputs = ref(nchw(x))
-  want = nnunet_deep_supervision_loss(torch_outputs, torch.tensor(labels))
+  want = nnunet_deep_supervision_loss(torch_outputs, torch.tensor(labels),
+                                      torch_segmentation_loss)
   want.backward()
 
   def loss_fn(params):
@@ -135,7 +124,8 @@ def test_the_train_step_takes_the_deep_supervision_loss_on_eight_devices():
   variables = init_variables(model, jax.random.key(config.seed))
   ref = _torch_twin(model, variables)
   outputs = ref(nchw(batch['image']))
-  want = nnunet_deep_supervision_loss(outputs, torch.tensor(batch['mask'], dtype=torch.long))
+  want = nnunet_deep_supervision_loss(outputs, torch.tensor(batch['mask'], dtype=torch.long),
+                                      torch_segmentation_loss)
   np.testing.assert_allclose(metrics['loss'], want.item(), rtol=1e-5)
   # ce_loss and dice_loss are the full size's
   full = torch_segmentation_loss(outputs[0], torch.tensor(batch['mask'], dtype=torch.long))

@@ -101,6 +101,22 @@ class DeepSupervisedSeedUNet(SeedUNet):
     return outputs[::-1]
 
 
+def nnunet_deep_supervision_loss(outputs, target, loss):
+  """nnU-Net v2's deep supervision loss over `outputs` (finest first): DeepSupervisionWrapper
+  with its weights, 1/2**i with the coarsest's 0, normalised (zero-weight terms skipped), of
+  `loss(output, target at its size)`, the target (N, H, W) labels or (N, C, H, W) brought to
+  each size as DownsampleSegForDSTransform does (interpolate, mode='nearest-exact')."""
+  weights = [1 / 2**i for i in range(len(outputs) - 1)] + [0.0]
+
+  def at(size):
+    planes = target if target.ndim == 4 else target[:, None]
+    scaled = F.interpolate(planes.float(), size=tuple(size), mode='nearest-exact')
+    return (scaled if target.ndim == 4 else scaled[:, 0]).to(target.dtype)
+
+  return sum(w / sum(weights) * loss(o, at(o.shape[-2:]))
+             for w, o in zip(weights, outputs, strict=True) if w)
+
+
 class _MDown(nn.Module):
   def __init__(self, cin, cout, bias):
     super().__init__()
