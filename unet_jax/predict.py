@@ -173,16 +173,19 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
     gaussian = gaussian_importance(th, tw)[None, :, :, None]
     windows = [(y, x) for y in tile_starts(h, th, along_h.stride_fraction)
                for x in tile_starts(w, tw, along_w.stride_fraction)]
+
+    def weights(y: int, x: int) -> np.ndarray:
+      return gaussian
   else:
     windows = [(y, x) for y in _starts(h, th, along_h.stride)
                for x in _starts(w, tw, along_w.stride)]
-  for y, x in windows:
-    if blend == 'gaussian':
-      wt = gaussian
-    else:
+
+    def weights(y: int, x: int) -> np.ndarray:
       wy = _ramp(th, along_h.ramp, along_h.margin, y == 0, y + th == h)
       wx = _ramp(tw, along_w.ramp, along_w.margin, x == 0, x + tw == w)
-      wt = (wy[:, None] * wx[None, :])[None, :, :, None]
+      return (wy[:, None] * wx[None, :])[None, :, :, None]
+  for y, x in windows:
+    wt = weights(y, x)
     crop = images[:, y:y + th, x:x + tw]
     logits = np.concatenate([np.asarray(fn(variables, crop[i:i + batch_size]))
                              for i in range(0, n, batch_size)])
