@@ -41,7 +41,8 @@ Differences left:
   uniformly, where here its inverse is (over the same range);
 Its inference: `python -m unet_jax.predict imagesTs/ --checkpoint workdirs/fold0 ... --checkpoint
 workdirs/fold4 --tile PATCH --blend gaussian --tta --image_suffix _0000 --mask_suffix ''` (its
-sliding window over each image at the run's size, its mirroring, the folds' ensemble), PATCH the
+sliding window over each image at the run's size, padded to the tile where smaller, its
+mirroring, the folds' ensemble), PATCH the
 run's crop_size.
 """
 

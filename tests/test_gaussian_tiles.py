@@ -1,6 +1,7 @@
 """predict's --blend gaussian against nnU-Net's sliding window written again here from its code
 (nnunetv2/inference: compute_steps_for_sliding_window, compute_gaussian, and the loop of
-predict_sliding_window_return_logits), with scipy's 2-D gaussian_filter as nnU-Net calls it.
+predict_sliding_window_return_logits with acvl_utils' pad_nd_image before it), with scipy's 2-D
+gaussian_filter as nnU-Net calls it.
 Tolerance: logits to 1e-5 of their scale."""
 
 import re
@@ -43,8 +44,21 @@ def nnunet_gaussian(tile_size, sigma_scale=1. / 8, value_scaling_factor=10):
   return gaussian
 
 
+def nnunet_pad(image, new_shape):
+  """pad_nd_image(image, new_shape, 'constant', {'value': 0}, return_slicer=True) on the first
+  two axes: padded to at least new_shape, the odd pixel after."""
+  difference = [max(0, n - s) for n, s in zip(new_shape, image.shape[:2], strict=True)]
+  below = [d // 2 for d in difference]
+  above = [d // 2 + d % 2 for d in difference]
+  padded = np.pad(image, [*zip(below, above, strict=True), (0, 0)], 'constant',
+                  constant_values=0)
+  slicer = tuple(slice(b, b + s) for b, s in zip(below, image.shape[:2], strict=True))
+  return padded, slicer
+
+
 def nnunet_sliding_window(apply, image, tile_size, tile_step_size=0.5):
-  """Logits (H, W, C) of one image (H, W, C) at least the tile's size."""
+  """Logits (H, W, C) of one image (H, W, C), padded to the tile's size first where smaller."""
+  image, revert_padding = nnunet_pad(image, tile_size)
   steps = nnunet_steps(image.shape[:2], tile_size, tile_step_size)
   gaussian = nnunet_gaussian(tile_size)[..., None]
   logits = n_predictions = 0
@@ -58,7 +72,7 @@ def nnunet_sliding_window(apply, image, tile_size, tile_step_size=0.5):
       weight = np.zeros(image.shape[:2] + (1,))
       weight[window] = gaussian
       n_predictions = n_predictions + weight
-  return logits / n_predictions
+  return (logits / n_predictions)[revert_padding]
 
 
 def test_gaussian_map_and_steps_are_nnunets():
@@ -116,3 +130,22 @@ def test_predict_blends_tiles_as_nnunet(tmp_path, capsys):
       '(e.g. --tile 256), or leave out --blend')
   with pytest.raises(UserError, match=re.escape("blend='cosine': use one of ramp, gaussian")):
     predict_logits(model, variables, image[None], tile=32, blend='cosine')
+
+
+def test_images_smaller_than_the_tile_are_padded_as_nnunet():
+  """Smaller along one axis, the other, both (even and odd differences), and bigger than a
+  tile along neither: each zero-padded about its centre to the tile, as nnU-Net's predictor
+  pads it, not run at its own size."""
+  model = UNet(1, 2, base_features=4, depth=2)
+  variables = init_variables(model, jax.random.key(7))
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+  rng = np.random.default_rng(1)
+  for shape in ((20, 75), (58, 21), (21, 26), (32, 12)):
+    image = rng.random(shape + (1,), np.float32)
+    want = nnunet_sliding_window(apply, image, (32, 32))
+    got = predict_logits(model, variables, image[None], tile=32, blend='gaussian')[0]
+    assert got.shape == want.shape == shape + (2,)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+  # (at its own size the network sees another image: far outside the tolerance)
+  unpadded = predict_logits(model, variables, image[None])[0]
+  assert np.abs(unpadded - want).max() > 100 * 1e-5 * np.abs(want).max()

@@ -158,40 +158,71 @@ def predict_logits(model: UNet, variables: Any, images: np.ndarray, *,
         blend=blend)
     return np.stack([resize(x, images.shape[1], images.shape[2], Image.BILINEAR)
                      for x in logits])
-  images = unit_scaled(images)
-  images = normalized(images, normalize)
+  images = normalized(unit_scaled(images), normalize)
   fn = eval_apply(model, tta)
-  n, h, w, _ = images.shape
-  along_h, along_w = tiling(tile, overlap, model.depth) if tile else (None, None)
-  if not tile or (h <= along_h.tile and w <= along_w.tile):
-    return np.concatenate([np.asarray(fn(variables, images[i:i + batch_size]))
-                           for i in range(0, n, batch_size)])
-  out = np.zeros((n, h, w, model.num_classes), np.float32)
-  weight = np.zeros((1, h, w, 1), np.float32)
-  th, tw = min(along_h.tile, h), min(along_w.tile, w)
+
+  def run(inputs: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(variables, inputs[i:i + batch_size]))
+                           for i in range(0, len(inputs), batch_size)])
+
+  if not tile:
+    return run(images)
+  along_h, along_w = tiling(tile, overlap, model.depth)
   if blend == 'gaussian':
-    gaussian = gaussian_importance(th, tw)[None, :, :, None]
-    windows = [(y, x) for y in tile_starts(h, th, along_h.stride_fraction)
-               for x in tile_starts(w, tw, along_w.stride_fraction)]
+    return _gaussian_sliding_window(run, images, along_h, along_w, model.num_classes)
+  return _ramp_tiles(run, images, along_h, along_w, model.num_classes)
 
-    def weights(y: int, x: int) -> np.ndarray:
-      return gaussian
-  else:
-    windows = [(y, x) for y in _starts(h, th, along_h.stride)
-               for x in _starts(w, tw, along_w.stride)]
 
-    def weights(y: int, x: int) -> np.ndarray:
-      wy = _ramp(th, along_h.ramp, along_h.margin, y == 0, y + th == h)
-      wx = _ramp(tw, along_w.ramp, along_w.margin, x == 0, x + tw == w)
-      return (wy[:, None] * wx[None, :])[None, :, :, None]
+def _blended(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
+             tile: tuple[int, int], windows: Sequence[tuple[int, int]],
+             weights: Callable[[int, int], np.ndarray], classes: int) -> np.ndarray:
+  """The sum over `windows` (tile starts) of each tile's logits times `weights(y, x)`, divided
+  by the summed weights."""
+  th, tw = tile
+  out = np.zeros(images.shape[:3] + (classes,), np.float32)
+  weight = np.zeros((1,) + images.shape[1:3] + (1,), np.float32)
   for y, x in windows:
     wt = weights(y, x)
-    crop = images[:, y:y + th, x:x + tw]
-    logits = np.concatenate([np.asarray(fn(variables, crop[i:i + batch_size]))
-                             for i in range(0, n, batch_size)])
-    out[:, y:y + th, x:x + tw] += logits * wt
+    out[:, y:y + th, x:x + tw] += run(images[:, y:y + th, x:x + tw]) * wt
     weight[:, y:y + th, x:x + tw] += wt
   return out / np.maximum(weight, 1e-12)
+
+
+def _ramp_tiles(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
+                along_h: _AxisTiling, along_w: _AxisTiling, classes: int) -> np.ndarray:
+  """Tiles starting on the pooling grid, each pixel taken from tiles where it lies away from an
+  inner edge (weights 0 within `margin`, rising over `ramp`); an image within one tile whole."""
+  h, w = images.shape[1:3]
+  if h <= along_h.tile and w <= along_w.tile:
+    return run(images)
+  th, tw = min(along_h.tile, h), min(along_w.tile, w)
+
+  def weights(y: int, x: int) -> np.ndarray:
+    wy = _ramp(th, along_h.ramp, along_h.margin, y == 0, y + th == h)
+    wx = _ramp(tw, along_w.ramp, along_w.margin, x == 0, x + tw == w)
+    return (wy[:, None] * wx[None, :])[None, :, :, None]
+  return _blended(run, images, (th, tw), [(y, x) for y in _starts(h, th, along_h.stride)
+                                          for x in _starts(w, tw, along_w.stride)], weights,
+                  classes)
+
+
+def _gaussian_sliding_window(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
+                             along_h: _AxisTiling, along_w: _AxisTiling,
+                             classes: int) -> np.ndarray:
+  """nnU-Net's predict_sliding_window_return_logits: an image smaller than the tile along an
+  axis padded there with 0 (after normalisation) to the tile's size, half before and half after
+  (the odd pixel after: its pad_nd_image), tiles weighed by the Gaussian importance map, and the
+  logits cropped back to the image."""
+  h, w = images.shape[1:3]
+  th, tw = along_h.tile, along_w.tile
+  (top, bottom), (left, right) = [(max(0, t - s) // 2, max(0, t - s) - max(0, t - s) // 2)
+                                  for t, s in ((th, h), (tw, w))]
+  padded = np.pad(images, [(0, 0), (top, bottom), (left, right), (0, 0)])
+  gaussian = gaussian_importance(th, tw)[None, :, :, None]
+  windows = [(y, x) for y in tile_starts(padded.shape[1], th, along_h.stride_fraction)
+             for x in tile_starts(padded.shape[2], tw, along_w.stride_fraction)]
+  logits = _blended(run, padded, (th, tw), windows, lambda y, x: gaussian, classes)
+  return logits[:, top:top + h, left:left + w]
 
 
 def _check_threshold(model: UNet, threshold: float) -> None:
