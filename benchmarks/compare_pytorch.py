@@ -15,6 +15,9 @@ Each side runs in its own process (so its peak memory is its own), and the sides
 --deep_supervision: nnU-Net's deep supervision on both sides that support it (torch: the
 reference's heads on every decoder level, nnU-Net's weights and nearest-exact labels;
 jax_project: model.deep_supervision); jax_plain has none.
+--freeze encoder (or modules, comma-separated: in_conv,down1,..): those modules frozen on both
+sides that support it (torch: requires_grad_(False), which Adam and autograd skip; jax_project:
+config.freeze); jax_plain has none. TFLOP/s and MFU are then left out (the step does less).
 Measured: training images/s, eval images/s, first-step time (compilation included), peak RSS,
 and on a GPU peak device memory and MFU (model_flops.py: convolution FLOPs per training step over
 the card's datasheet peak). Each side uses a GPU when its framework sees one. Prints a table and
@@ -98,9 +101,14 @@ def _measure(args, train_step, eval_step, sync, on_gpu: bool) -> dict:
   return result
 
 
+def _frozen(args) -> tuple[str, ...]:
+  """The modules --freeze names, as the main process expanded them for the workers."""
+  return tuple(n for n in args.freeze.split(',') if n)
+
+
 def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base: int,
                 precision: str, compiled: bool, grad_accum: int = 1,
-                deep_supervision: bool = False):
+                deep_supervision: bool = False, frozen: tuple[str, ...] = ()):
   """The seed model's training and eval steps in PyTorch, on the GPU when there is one.
 
   Returns (train_step, eval_step, model, on_gpu); each step returns an unsynchronised tensor.
@@ -109,6 +117,8 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
   `deep_supervision`: nnU-Net's (tests/torch_reference.py's DeepSupervisedSeedUNet: a head on
   every decoder level; the loss over them weighed 1/2**i, the coarsest 0, normalised, against
   the labels interpolated 'nearest-exact', as its DeepSupervisionWrapper).
+  `frozen`: modules whose parameters are requires_grad_(False) (given to Adam all the same, as
+  a fine-tuning script does: it skips them).
   """
   import torch
   sys.path.insert(0, os.path.join(REPO, 'tests'))
@@ -120,6 +130,8 @@ def torch_steps(size: int, batch: int, in_channels: int, num_classes: int, base:
   torch.manual_seed(0)
   model = (DeepSupervisedSeedUNet if deep_supervision else SeedUNet)(
       in_channels, num_classes, base=base).to(device)
+  for name in frozen:
+    getattr(model, name).requires_grad_(False)
   x = torch.randn(batch, in_channels, size, size, device=device)
   y = (torch.rand(batch, num_classes, size, size, device=device) > 0.5).float()
   bf16 = precision == 'bf16'
@@ -161,7 +173,7 @@ def run_torch(args) -> dict:
   train_step, eval_step, _, on_gpu = torch_steps(
       args.size, args.batch, args.in_channels, args.num_classes, args.base_features,
       args.precision, compiled=args.worker == 'torch_compile', grad_accum=args.grad_accum,
-      deep_supervision=args.deep_supervision)
+      deep_supervision=args.deep_supervision, frozen=_frozen(args))
   result = _measure(args, train_step, eval_step, lambda t: t.item(), on_gpu)
   if on_gpu:
     result['peak_device_mb'] = torch.cuda.max_memory_allocated() / 2**20
@@ -215,6 +227,7 @@ def run_jax(args, project: bool) -> dict:
     config.model.base_features = args.base_features
     config.model.update(_levers(args))
     config.model.deep_supervision = args.deep_supervision
+    config.freeze = _frozen(args)
     config.image_size, config.batch_size = args.size, args.batch
     config.learning_rate, config.schedule = 1e-4, 'constant'
     config.half_precision = args.precision == 'bf16'
@@ -223,7 +236,8 @@ def run_jax(args, project: bool) -> dict:
     model = train.build_model(config, parallel.AXIS)
     state = train.create_train_state(config, model, mesh)
     step = parallel.distribute(functools.partial(train.train_step, model=model, dice_weight=0.0,
-                                                 grad_accum_steps=args.grad_accum),
+                                                 grad_accum_steps=args.grad_accum,
+                                                 frozen=_frozen(args)),
                                mesh, compiler_options=train.step_compiler_options(config, mesh))
     batch = {'image': x, 'mask': labels}
     holder = {'state': state}
@@ -286,6 +300,7 @@ def _spawn(side: str, args) -> dict:
   cmd += [f'--{name}={getattr(args, name)}' for name in LEVERS]
   cmd += ['--remat'] if args.remat else []
   cmd += ['--deep_supervision'] if getattr(args, 'deep_supervision', False) else []
+  cmd += [f'--freeze={",".join(args.frozen)}'] if getattr(args, 'frozen', ()) else []
   cmd += [f'--grad_accum={getattr(args, "grad_accum", 1)}']
   cmd += ['--no_levers'] if getattr(args, 'no_levers', False) else []
   cmd += [f'--cpu_scheduler={args.cpu_scheduler}']
@@ -325,6 +340,8 @@ def main() -> None:
   p.add_argument('--remat', action='store_true')
   p.add_argument('--deep_supervision', action='store_true',
                  help="nnU-Net's deep supervision (torch and jax_project sides)")
+  p.add_argument('--freeze', default='',
+                 help='encoder, or modules (in_conv,down1,..) frozen (torch and jax_project)')
   p.add_argument('--grad_accum', type=int, default=1,
                  help='each training step in this many microbatches (torch, jax_project)')
   p.add_argument('--cpu_scheduler', default=CPU_SCHEDULERS[0], choices=CPU_SCHEDULERS,
@@ -339,6 +356,13 @@ def main() -> None:
   args = p.parse_args()
   if args.worker:
     return worker(args)
+  if args.freeze:  # (expanded here: the workers' torch side loads no unet_jax module)
+    from unet_jax.errors import UserError
+    from unet_jax.freezing import freeze_names, frozen_modules, module_names
+    try:
+      args.frozen = frozen_modules(freeze_names(args.freeze), module_names(4))
+    except UserError as e:
+      raise SystemExit(f'--freeze: {e}') from None
 
   sides = args.sides.split(',')
   unknown = [s for s in sides if s not in SIDES]
@@ -347,6 +371,9 @@ def main() -> None:
   if args.grad_accum > 1 and 'jax_plain' in sides:
     raise SystemExit('--grad_accum: the jax_plain side has no accumulation; leave it out '
                      '(--sides torch,jax_project)')
+  if args.freeze and 'jax_plain' in sides:
+    raise SystemExit('--freeze: the jax_plain side freezes nothing; leave it out (--sides '
+                     'torch,jax_project)')
   if args.deep_supervision and 'jax_plain' in sides:
     raise SystemExit('--deep_supervision: the jax_plain side has no deep supervision; leave it '
                      'out (--sides torch,jax_project)')
@@ -391,8 +418,8 @@ def main() -> None:
         'peak_rss_mb': med(side, 'peak_rss_mb'),
         'peak_device_mb': med(side, 'peak_device_mb'),
         'device': name,
-        'train_tflop_per_s': train * flops['train'] / 1e12,
-        'mfu': train * flops['train'] / 1e12 / peak if peak else None,
+        'train_tflop_per_s': None if args.freeze else train * flops['train'] / 1e12,
+        'mfu': train * flops['train'] / 1e12 / peak if peak and not args.freeze else None,
     }
   print(f'\n{args.batch}x{args.in_channels}x{args.size}x{args.size}, base_features='
         f'{args.base_features}, Adam, {args.precision}, on {rows[sides[0]]["device"]}, medians '
@@ -401,6 +428,7 @@ def main() -> None:
         + f'; jax_project cpu_scheduler={args.cpu_scheduler}; huge pages {args.huge_pages}'
         + (f'; {args.grad_accum} microbatches per step' if args.grad_accum > 1 else '')
         + ("; nnU-Net's deep supervision" if args.deep_supervision else '')
+        + (f'; frozen: {" ".join(args.frozen)}' if args.freeze else '')
         + f' (every side); {flops["train"] / 1e9:.1f} GFLOP '
         'per image per training step (convolutions)')
   print(f'{"side":<14} {"train img/s":>12} {"eval img/s":>11} {"first step s":>13} '
@@ -414,7 +442,7 @@ def main() -> None:
   for side, row in rows.items():
     print(f'{side:<14} {row["train_img_per_s"]:>12.2f} {row["eval_img_per_s"]:>11.2f} '
           f'{row["first_step_s"]:>13.2f} {row["peak_rss_mb"]:>12.0f} '
-          f'{fmt(row["peak_device_mb"], ".0f"):>12} {row["train_tflop_per_s"]:>8.3g} '
+          f'{fmt(row["peak_device_mb"], ".0f"):>12} {fmt(row["train_tflop_per_s"], ".3g"):>8} '
           f'{"-" if row["mfu"] is None else format(row["mfu"], ".1%"):>6}')
   ratios = {}
   for ref_side in ('torch', 'torch_compile'):
@@ -437,6 +465,7 @@ def main() -> None:
                     'cpu_scheduler': args.cpu_scheduler, 'huge_pages': args.huge_pages,
                     'base_features': args.base_features, 'grad_accum': args.grad_accum,
                     'deep_supervision': args.deep_supervision,
+                    'frozen': list(getattr(args, 'frozen', ())),
                     'repeats': args.repeats, 'train_gflop_per_image': flops['train'] / 1e9,
                     'results': rows, 'ratios': ratios,
                     'failed': {side: error[-300:] for side, error in failed.items()}}))

@@ -229,6 +229,11 @@ def get_config() -> ml_collections.ConfigDict:
   # With init_from: draw the output layer (out_conv) anew instead of taking the file's, to
   # fine-tune weights trained for another number of classes (the other model fields must match).
   config.init_new_head = False
+  # Modules left as they are (fine-tuning), as torch's requires_grad_(False) leaves them: no
+  # update, weight decay or optimizer state, out of the clipping norm; BatchNorm's running
+  # statistics still update. Names: 'encoder' (in_conv, down1..), 'decoder' (up1.., deep
+  # supervision's heads), or modules: in_conv, down1.., up1.., out_conv. E.g. ('encoder',).
+  config.freeze = ()
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
   config.cpu_scheduler = 'memory'  # XLA's CPU op order: 'memory' (less RAM) or 'concurrency'

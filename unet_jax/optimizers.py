@@ -26,6 +26,7 @@ import ml_collections
 import optax
 
 from unet_jax.errors import UserError
+from unet_jax.freezing import freeze_names, masked_optimizer
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
 SCHEDULES = ('cosine', 'constant', 'plateau', 'poly')
@@ -175,5 +176,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if wd and name != 'adamw':
     parts.append(optax.add_decayed_weights(wd))  # L2: torch adds wd * param to the gradient
   if config.schedule == 'plateau':
-    return optax.chain(*parts, core, scale_by_plateau())
-  return optax.chain(*parts, core) if parts else core
+    tx = optax.chain(*parts, core, scale_by_plateau())
+  else:
+    tx = optax.chain(*parts, core) if parts else core
+  # Frozen modules: torch's requires_grad_(False), which the optimizer and the clipping skip.
+  frozen = freeze_names(config.get('freeze', ()))
+  return masked_optimizer(tx, frozen) if frozen else tx

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax.training import train_state
 
-from unet_jax import input_pipeline, losses, parallel
+from unet_jax import freezing, input_pipeline, losses, parallel
 from unet_jax.checkpoint import (
   CHECKPOINTS_DIR,
   INIT_LAYOUT,
@@ -169,7 +169,8 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
   return {'params': params, 'batch_stats': variables['batch_stats']}, layout
 
 
-_OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule')
+_OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule',
+                     'freeze')
 
 
 def _normalization(config: Any) -> str:
@@ -199,7 +200,10 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
     return UserError(
         f'{where} was saved by a run with {_settings(theirs, differ, prefix)}, this config has '
         f'{_settings(ours, differ, prefix)}; rerun with its settings to resume it, or choose '
-        'another --workdir for a new run')
+        'another --workdir for a new run' + (
+            # (unfreezing after a frozen phase: a new run from the frozen one's weights)
+            f' (--config.init_from={where} starts it from these weights)'
+            if 'freeze' in differ else ''))
 
   theirs = complete_model_config(saved.get('model') or {})
   ours = complete_model_config(model_config(model))
@@ -255,6 +259,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
                ema_decay: float = 0.0, grad_accum_steps: int = 1, dice_reduction: str = 'image',
                dice_include_background: bool = True, dice_smooth: float = losses.DICE_SMOOTH,
+               frozen: tuple[str, ...] = (),
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
 
@@ -265,7 +270,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   microbatch, then `optimizer.step()`. Only one microbatch's activations are alive at a time.
   `ema_decay` > 0 (an EmaTrainState): then ema = decay * ema + (1 - decay) * the new weights,
   BatchNorm statistics included (timm's ModelEmaV2; torch's AveragedModel with
-  get_ema_multi_avg_fn and use_buffers=True)."""
+  get_ema_multi_avg_fn and use_buffers=True).
+  `frozen`: top-level modules (freezing.py) the loss is not differentiated by: their gradients
+  are 0 (the optimizer leaves them as they are), and the backward pass that nothing trained
+  needs (a frozen encoder's) is not built."""
 
   def scale_loss(logits, labels):
     return losses.segmentation_loss(
@@ -274,8 +282,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
         focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
         dice_include_background=dice_include_background, dice_smooth=dice_smooth)
 
-  def loss_fn(params, batch_stats, micro):
-    outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+  trained, fixed = freezing.split(state.params, frozen)
+
+  def loss_fn(trained, batch_stats, micro):
+    outputs, updates = model.apply({'params': {**fixed, **trained}, 'batch_stats': batch_stats},
                                    micro['image'], train=True, mutable=['batch_stats'],
                                    all_scales=model.deep_supervision)
     loss, metrics = (deep_supervision_loss(outputs, micro['mask'], scale_loss)
@@ -284,26 +294,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
-    grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, batch)
+    grads, (metrics, batch_stats) = grad_fn(trained, state.batch_stats, batch)
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
     def accumulate(carry, one):
       sums, batch_stats = carry
-      grads, (metrics, batch_stats) = grad_fn(state.params, batch_stats, one)
+      grads, (metrics, batch_stats) = grad_fn(trained, batch_stats, one)
       return (jax.tree.map(jnp.add, sums, (grads, metrics)), batch_stats), None
 
     # From zeros, every microbatch in the scan's one body: one copy of the network's backward
     # to compile and one set of its buffers (0 + g is g, so the sums are as from the first).
-    shapes = jax.eval_shape(grad_fn, state.params, state.batch_stats,
+    shapes = jax.eval_shape(grad_fn, trained, state.batch_stats,
                             jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[1][0]))
     (sums, batch_stats), _ = jax.lax.scan(accumulate, (zeros, state.batch_stats), micro)
     grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, sums)
   grads = jax.lax.pmean(grads, parallel.AXIS)
+  grads = {**jax.tree.map(jnp.zeros_like, fixed), **grads}
   metrics = jax.lax.pmean(metrics, parallel.AXIS)
   # batch_stats are already identical on every device: BatchNorm averaged over the axis.
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if fixed:  # the frozen weights as they were (their updates of 0 then cost nothing)
+    new_state = new_state.replace(params={**new_state.params, **fixed})
   if ema_decay:
     new_state = new_state.replace(ema=jax.tree.map(
         lambda avg, x: ema_decay * avg + (1.0 - ema_decay) * x, state.ema,
@@ -478,6 +491,10 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   crop = config.get('crop_size', 0)
   crops = f', trained on {crop}x{crop} crops of them' if crop else ''
   supervised = ', deep supervision' if model.deep_supervision else ''
+  frozen = freezing.frozen_by_config(config)
+  if frozen:
+    kept = sum(int(np.prod(x.shape)) for m in frozen for x in jax.tree.leaves(state.params[m]))
+    supervised += f', {kept:,} of them frozen: {" ".join(frozen)}'
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s){supervised}) | {info.name}: '
           f'{info.num_train} training, {info.num_eval} eval images at '
@@ -671,7 +688,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         dice_include_background=config.get('dice_include_background', True),
                         dice_smooth=config.get('dice_smooth', losses.DICE_SMOOTH),
                         ema_decay=config.get('ema_decay', 0.0),
-                        grad_accum_steps=config.get('grad_accum_steps', 1)),
+                        grad_accum_steps=config.get('grad_accum_steps', 1),
+                        frozen=freezing.frozen_by_config(config)),
       mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(
       functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,

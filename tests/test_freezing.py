@@ -1,0 +1,126 @@
+"""config.freeze against torch's requires_grad_(False): the same weights and BatchNorm statistics
+after steps of Adam with weight decay and gradient clipping, 8 devices as 1, and the refusals."""
+
+import copy
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import max_rel_err, move_off_init, nchw
+from test_train import _max_rel, _random_batches, tiny_config
+from torch_reference import SeedUNet
+
+from unet_jax import load_pretrained, parallel, train
+from unet_jax.convert import state_dict_to_flax
+from unet_jax.errors import UserError
+from unet_jax.freezing import frozen_by_config, frozen_modules, module_names
+
+RTOL = 1e-4  # relative to each tensor's scale, after three Adam steps (its small biases: 2e-5)
+
+
+def _torch_run(ref, batches, frozen, clip):
+  """torch's loop: the frozen modules' parameters requires_grad_(False), every parameter given
+  to Adam (it skips those without a gradient, their weight decay too) and to clip_grad_norm_
+  (which leaves them out of the norm)."""
+  net = copy.deepcopy(ref).train()
+  for name in frozen:
+    getattr(net, name).requires_grad_(False)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=0.1)
+  for batch in batches:
+    opt.zero_grad()
+    logits = net(nchw(batch['image']))
+    target = torch.tensor(batch['mask'][:, None], dtype=torch.float32)
+    probs = torch.sigmoid(logits)
+    inter, denom = (probs * target).sum((2, 3)), (probs + target).sum((2, 3))
+    dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()  # (per image, smoothed by 1 pixel)
+    (torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    opt.step()
+  return state_dict_to_flax({k: v.detach().numpy().copy() for k, v in net.state_dict().items()})[1]
+
+
+def _jax_run(config, initial, batches, devices):
+  mesh = parallel.make_mesh(devices)
+  model = train.build_model(config, parallel.AXIS)
+  state = train.create_train_state(config, model, mesh, initial)
+  step = parallel.distribute(functools.partial(
+      train.train_step, model=model, dice_weight=1.0, frozen=frozen_by_config(config)), mesh,
+      'shard_map')
+  for batch in batches:
+    state, _ = step(state, batch)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                      {'params': state.params, 'batch_stats': state.batch_stats})
+
+
+@pytest.mark.parametrize('freeze', [('encoder',), ('down2', 'out_conv')])
+def test_frozen_modules_train_as_torch_requires_grad_false(freeze):
+  ref = move_off_init(SeedUNet(1, 1, base=4, depth=2), 1, 1, hw=(16, 16))
+  model_fields, initial, _ = state_dict_to_flax(
+      {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()})
+  clip = 0.05  # (below the gradients' norm: clipping scales every step)
+  config = tiny_config(**{'model.depth': 2}, freeze=freeze, optimizer='adam',
+                       weight_decay=0.1, grad_clip_norm=clip, schedule='constant',
+                       learning_rate=1e-2)
+  config.model.update(model_fields)
+  batches = _random_batches(3, seed=4)
+  frozen = frozen_modules(freeze, module_names(2))
+  want = _torch_run(ref, batches, frozen, clip)
+  # (freezing changes what trains: the run without it is far outside the tolerance)
+  assert _max_rel(_torch_run(ref, batches, (), clip), want) > 1e-3
+
+  got = _jax_run(config, initial, batches, jax.devices()[:1])
+  for path, x in jax.tree_util.tree_leaves_with_path(want):
+    value = got
+    for key in path:
+      value = value[key.key]
+    assert max_rel_err(value, x) <= RTOL, jax.tree_util.keystr(path)
+  for name in frozen:  # left exactly as they were; their BatchNorm statistics did move
+    for a, b in zip(jax.tree.leaves(got['params'][name]),
+                    jax.tree.leaves(initial['params'][name]), strict=True):
+      np.testing.assert_array_equal(a, b)
+    if name in initial['batch_stats']:
+      assert _max_rel(got['batch_stats'][name], initial['batch_stats'][name]) > 1e-3
+  assert _max_rel(_jax_run(config, initial, batches, jax.devices()), got) <= 1e-5  # 8 as 1
+
+
+def test_module_names_and_groups():
+  names = module_names(3, deep_supervision=True)
+  assert names == ['in_conv', 'down1', 'down2', 'down3', 'up1', 'up2', 'up3', 'out_conv',
+                   'ds_out2']
+  assert frozen_modules(('encoder',), names) == ('in_conv', 'down1', 'down2', 'down3')
+  assert frozen_modules(('decoder', 'down3'), names) == ('down3', 'up1', 'up2', 'up3',
+                                                          'ds_out2')
+  with pytest.raises(UserError, match=re.escape(
+      "freeze=('inc',): no module 'inc' in this UNet; name encoder, decoder or modules of "
+      'in_conv, down1, down2, down3, up1, up2, up3, out_conv, ds_out2')):
+    frozen_modules(('inc',), names)
+  with pytest.raises(UserError, match=re.escape(
+      "freeze=('encoder', 'decoder', 'out_conv') freezes every module: nothing would train")):
+    frozen_modules(('encoder', 'decoder', 'out_conv'), names)
+
+
+def test_a_frozen_run_through_the_loop_resumes_and_refuses_unfreezing(tmp_path, capsys):
+  workdir = str(tmp_path / 'wd')
+  config = tiny_config(**{'model.depth': 2}, freeze=('encoder,out_conv',), num_train_steps=3)
+  train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert ' of them frozen: in_conv down1 down2 out_conv)' in out
+  _, variables = load_pretrained(workdir)
+  first = jax.tree.map(np.asarray, variables['params'])
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, workdir)  # resumed from step 3
+  _, variables = load_pretrained(workdir)
+  for name in ('in_conv', 'down1', 'down2', 'out_conv', 'up1'):
+    same = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(variables['params'][name]), jax.tree.leaves(first[name]), strict=True))
+    assert same == (name != 'up1'), name
+  config.freeze = ()
+  config.num_train_steps = 9
+  with pytest.raises(UserError, match=re.escape(
+      f"was saved by a run with freeze=['encoder,out_conv'], this config has freeze=(); rerun "
+      'with its settings to resume it, or choose another --workdir for a new run '
+      f'(--config.init_from={workdir}/checkpoints/6 starts it from these weights)')):
+    train.train_and_evaluate(config, workdir)
