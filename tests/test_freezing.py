@@ -120,7 +120,14 @@ def test_a_frozen_run_through_the_loop_resumes_and_refuses_unfreezing(tmp_path, 
   config.freeze = ()
   config.num_train_steps = 9
   with pytest.raises(UserError, match=re.escape(
-      f"was saved by a run with freeze=['encoder,out_conv'], this config has freeze=(); rerun "
-      'with its settings to resume it, or choose another --workdir for a new run '
+      "was saved by a run with freeze=('in_conv', 'down1', 'down2', 'out_conv'), this config "
+      'has freeze=(); rerun with its settings to resume it, or choose another --workdir for '
+      'a new run '
       f'(--config.init_from={workdir}/checkpoints/6 starts it from these weights)')):
+    train.train_and_evaluate(config, workdir)
+  # Another optimizer with the same modules frozen (named otherwise, a list in the saved
+  # config) names the optimizer alone.
+  config.freeze, config.optimizer = ('encoder', 'out_conv'), 'sgd'
+  with pytest.raises(UserError, match=re.escape(
+      'was saved by a run with optimizer=adam, this config has optimizer=sgd; rerun')):
     train.train_and_evaluate(config, workdir)

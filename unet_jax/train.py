@@ -124,8 +124,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: UNet, mesh: jax
 
 
 def _differing(theirs: Any, ours: Any, fields: Any) -> list[str]:
-  """The fields whose values differ between two settings (dicts or ConfigDicts)."""
-  return [f for f in fields if theirs.get(f) != ours.get(f)]
+  """The fields whose values differ between two settings (dicts or ConfigDicts), compared as
+  JSON holds them (a saved config's lists are a config's tuples)."""
+  def plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+  return [f for f in fields if plain(theirs.get(f)) != plain(ours.get(f))]
 
 
 def _settings(values: Any, fields: list[str], prefix: str = '') -> str:
@@ -246,11 +249,20 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
       raise refusal(theirs_data, ours_data, differ, 'data.')
   if form(saved_tx) == form(state.tx):
     return
-  differ = _differing(saved_config, config, _OPTIMIZER_FIELDS)
+
+  def optimizer_settings(c: Any) -> dict[str, Any]:
+    # freeze as the modules it names ('encoder' or their names; none in older checkpoints)
+    modules = freezing.module_names(model.depth, model.deep_supervision)
+    return {**{f: c.get(f) for f in _OPTIMIZER_FIELDS},
+            'freeze': freezing.frozen_modules(freezing.freeze_names(c.get('freeze', ())),
+                                              modules)}
+
+  theirs, ours = optimizer_settings(saved_config), optimizer_settings(config)
+  differ = _differing(theirs, ours, _OPTIMIZER_FIELDS)
   if not differ:
     raise UserError(f"{where}: its optimizer state does not fit this config's optimizer; "
                     'rerun with its settings to resume it, or choose another --workdir')
-  raise refusal(saved_config, config, differ)
+  raise refusal(theirs, ours, differ)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
