@@ -234,6 +234,10 @@ def get_config() -> ml_collections.ConfigDict:
   # statistics still update. Names: 'encoder' (in_conv, down1..), 'decoder' (up1.., deep
   # supervision's heads), or modules: in_conv, down1.., up1.., out_conv. E.g. ('encoder',).
   config.freeze = ()
+  # True: the frozen modules' BatchNorms also run as in evaluation while training, normalising
+  # by their running statistics and keeping them (torch's frozen_module.eval() after
+  # model.train(); for fine-tuning on small batches).
+  config.freeze_batch_norm = False
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
   config.cpu_scheduler = 'memory'  # XLA's CPU op order: 'memory' (less RAM) or 'concurrency'

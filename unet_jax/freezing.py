@@ -60,7 +60,12 @@ def freeze_names(freeze: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def frozen_by_config(config: Any) -> tuple[str, ...]:
-  """The modules `config.freeze` freezes in `config.model`'s UNet (checked: frozen_modules)."""
+  """The modules `config.freeze` freezes in `config.model`'s UNet (checked: frozen_modules,
+  and freeze_batch_norm only with some)."""
+  if config.get('freeze_batch_norm', False) and not freeze_names(config.get('freeze', ())):
+    raise UserError('freeze_batch_norm=True keeps the BatchNorms of the frozen modules in '
+                    "evaluation mode, but freeze names none; set --config.freeze (e.g. "
+                    "encoder), or leave freeze_batch_norm off")
   return frozen_modules(freeze_names(config.get('freeze', ())),
                         module_names(config.model.depth,
                                      config.model.get('deep_supervision', False)))

@@ -491,6 +491,10 @@ class UNet(nn.Module):
       coarsest decoder output's, which its loss weighs 0: left out here. Needs depth >= 3.
       Without `all_scales` the heads are not computed: evaluation and prediction are the plain
       UNet's.
+    eval_norms: top-level modules (`in_conv`, `down1`, .., `up1`, ..) whose BatchNorms run as in
+      evaluation also when `train=True`: normalised by their running statistics, which stay as
+      they are (torch's `module.eval()` inside a model in train mode, as fine-tuning with frozen
+      layers does; config.freeze_batch_norm). A runtime choice: not in the saved model config.
   """
   in_channels: int = 1
   num_classes: int = 1
@@ -510,6 +514,12 @@ class UNet(nn.Module):
   few_channels: Literal['gemm', 'xla'] = 'gemm'
   wide_convs: WideConvs = 'auto'
   deep_supervision: bool = False
+  eval_norms: tuple[str, ...] = ()
+
+  def trains(self, module: str, train: bool) -> bool:
+    """Whether the top-level `module`'s BatchNorms normalise by the batch and update their
+    statistics: `train`, unless `eval_norms` names it."""
+    return train and module not in self.eval_norms
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, all_scales: bool = False,
@@ -535,7 +545,8 @@ class UNet(nn.Module):
       raise ValueError('all_scales=True needs a UNet built with deep_supervision=True')
     x = x.astype(self.dtype)
     x = _double_conv(self.remat)(self.base_features, name='in_conv',
-                                 **_without_remat(self._block_settings()))(x, train)
+                                 **_without_remat(self._block_settings()))(
+                                     x, self.trains('in_conv', train))
     # Everything below full resolution is one piece. With remat that piece is recomputed in the
     # backward pass as a whole, so none of its activations are held while the full-resolution
     # blocks, whose maps are the largest, run their backward pass.
@@ -544,7 +555,7 @@ class UNet(nn.Module):
     half, decoded = below(self, x, train)
     x = Up(self.base_features, self.upsample, transpose_conv=self.transpose_conv,
            skip_concat=self.skip_concat, name=f'up{self.depth}',
-           **self._block_settings())(half, x, train=train)
+           **self._block_settings())(half, x, train=self.trains(f'up{self.depth}', train))
     logits = OutConv(self.num_classes, dtype=self.dtype, name='out_conv')(x)
     if not (self.deep_supervision and (all_scales or self.is_initializing())):
       return logits.astype(jnp.float32)
@@ -579,7 +590,7 @@ def _below_full_resolution(unet: UNet, x: jax.Array, train: bool,
   for k in range(1, depth + 1):
     features = f * 2**k // (factor if k == depth else 1)
     x = Down(features, max_pool=unet.max_pool, name=f'down{k}', parent=unet,
-             **settings)(x, train=train)
+             **settings)(x, train=unet.trains(f'down{k}', train))
     if k < depth:
       skips.append(x)
   decoded = []
@@ -588,7 +599,7 @@ def _below_full_resolution(unet: UNet, x: jax.Array, train: bool,
     features = f * 2**level // factor
     x = Up(features, unet.upsample, transpose_conv=unet.transpose_conv,
            skip_concat=unet.skip_concat, name=f'up{k}', parent=unet,
-           **settings)(x, skips.pop(), train=train)
+           **settings)(x, skips.pop(), train=unet.trains(f'up{k}', train))
     decoded.append(x)
   return x, decoded
 

@@ -83,7 +83,9 @@ def variables_of(state: TrainState) -> dict[str, Any]:
 
 def build_model(config: ml_collections.ConfigDict, axis_name: str | None) -> UNet:
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name)
+  eval_norms = (freezing.frozen_by_config(config) if config.get('freeze_batch_norm', False)
+                else ())
+  return UNet(**config.model.to_dict(), dtype=dtype, axis_name=axis_name, eval_norms=eval_norms)
 
 
 HEAD = 'out_conv'  # the output layer, which init_new_head draws anew
@@ -506,7 +508,8 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   frozen = freezing.frozen_by_config(config)
   if frozen:
     kept = sum(int(np.prod(x.shape)) for m in frozen for x in jax.tree.leaves(state.params[m]))
-    supervised += f', {kept:,} of them frozen: {" ".join(frozen)}'
+    supervised += f', {kept:,} of them frozen: {" ".join(frozen)}' + (
+        ', their BatchNorms as in evaluation' if config.get('freeze_batch_norm', False) else '')
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s){supervised}) | {info.name}: '
           f'{info.num_train} training, {info.num_eval} eval images at '
