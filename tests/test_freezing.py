@@ -1,5 +1,6 @@
-"""config.freeze against torch's requires_grad_(False): the same weights and BatchNorm statistics
-after steps of Adam with weight decay and gradient clipping, 8 devices as 1, and the refusals."""
+"""config.freeze against torch's requires_grad_(False) (and freeze_batch_norm against its
+module.eval()): the same weights and BatchNorm statistics after steps of Adam (SGD) with weight
+decay and gradient clipping, 8 devices as 1, a resumed run, and the refusals."""
 
 import copy
 import functools
@@ -23,7 +24,8 @@ RTOL = 1e-4  # relative to each tensor's scale, after three Adam steps (its smal
 
 def _torch_run(ref, batches, frozen, clip, eval_norms=False, optimizer='adam'):
   """torch's loop: the frozen modules' parameters requires_grad_(False), every parameter given
-  to Adam (it skips those without a gradient, their weight decay too) and to clip_grad_norm_
+  to the optimizer (it skips those without a gradient, their weight decay too) and to
+  clip_grad_norm_
   (which leaves them out of the norm); `eval_norms`: the frozen modules in eval mode too."""
   net = copy.deepcopy(ref).train()
   for name in frozen:

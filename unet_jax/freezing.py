@@ -4,7 +4,8 @@ leaves as they are, as torch's `module.requires_grad_(False)` leaves them.
 What torch does to a parameter without a gradient, the run does to a frozen one: the optimizer
 skips it (no update, no weight decay, no state), `clip_grad_norm_` leaves it out of the norm,
 and BatchNorm's running statistics still update in train mode (requires_grad concerns the
-parameters; `module.eval()` would be another switch, not this one). The step differentiates the
+parameters; `module.eval()` is another switch: config.freeze_batch_norm, the UNet's
+`eval_norms`). The step differentiates the
 loss with respect to the trained modules alone, so the backward pass of a frozen encoder, which
 nothing trained needs, is never built: the step is cheaper, not only the update.
 """
