@@ -132,7 +132,7 @@ def test_predict_blends_tiles_as_nnunet(tmp_path, capsys):
     predict_logits(model, variables, image[None], tile=32, blend='cosine')
 
 
-def test_images_smaller_than_the_tile_are_padded_as_nnunet():
+def test_images_smaller_than_the_tile_are_padded_as_nnunet(tmp_path, capsys):
   """Smaller along one axis, the other, both (even and odd differences), and bigger than a
   tile along neither: each zero-padded about its centre to the tile, as nnU-Net's predictor
   pads it, not run at its own size."""
@@ -140,12 +140,28 @@ def test_images_smaller_than_the_tile_are_padded_as_nnunet():
   variables = init_variables(model, jax.random.key(7))
   apply = jax.jit(lambda x: model.apply(variables, x, train=False))
   rng = np.random.default_rng(1)
-  for shape in ((20, 75), (58, 21), (21, 26), (32, 12)):
+  for shape in ((20, 75), (58, 21), (21, 26), (32, 12), (3, 10)):
     image = rng.random(shape + (1,), np.float32)
     want = nnunet_sliding_window(apply, image, (32, 32))
     got = predict_logits(model, variables, image[None], tile=32, blend='gaussian')[0]
     assert got.shape == want.shape == shape + (2,)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
-  # (at its own size the network sees another image: far outside the tolerance)
-  unpadded = predict_logits(model, variables, image[None])[0]
-  assert np.abs(unpadded - want).max() > 100 * 1e-5 * np.abs(want).max()
+    if min(shape) >= 4:  # (at its own size the network sees another image: far outside)
+      unpadded = predict_logits(model, variables, image[None])[0]
+      assert np.abs(unpadded - want).max() > 100 * 1e-5 * np.abs(want).max()
+  # The command line: an image below the model's minimum (2**depth = 4) is padded to the tile,
+  # not refused (as it still is without the Gaussian blend's padding).
+  checkpoint = str(tmp_path / 'ckpt')
+  save_pretrained(checkpoint, model, variables)
+  Image.fromarray((image[..., 0] * 255).round().astype(np.uint8)).save(tmp_path / 'tiny.png')
+  scaled = np.asarray(Image.open(tmp_path / 'tiny.png'), np.float32)[..., None] / 255
+  assert predict_main([str(tmp_path / 'tiny.png'), '--checkpoint', checkpoint, '--output',
+                       str(tmp_path / 'out'), '--tile', '32', '--blend', 'gaussian',
+                       '--probabilities']) == 0
+  np.testing.assert_allclose(np.load(tmp_path / 'out' / 'tiny_prob.npy'), probabilities(
+      nnunet_sliding_window(apply, scaled, (32, 32))[None])[0], atol=1e-5)
+  capsys.readouterr()
+  assert predict_main([str(tmp_path / 'tiny.png'), '--checkpoint', checkpoint, '--output',
+                       str(tmp_path / 'o2'), '--tile', '32']) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: {tmp_path / 'tiny.png'}: 10x3 is smaller than the model's minimum 4x4")

@@ -562,8 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and their logits, not the whole input (3.3 GB for 40 photos of 1918x1280 before).
     kinds = [(image.shape, image.dtype) for image in
              (_read_case(c, model.in_channels) for c in cases)]
+    padded = args.tile and args.blend == 'gaussian'  # (to the tile: _gaussian_sliding_window)
     for c, (shape, _) in zip(cases, kinds, strict=True):
-      if not all(sizes) and min(shape[:2]) < 2**depth:
+      if not all(sizes) and not padded and min(shape[:2]) < 2**depth:
         raise UserError(f'{first_file(c)}: {shape[1]}x{shape[0]} is smaller than the model\'s '
                         f'minimum {2**depth}x{2**depth}')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
