@@ -238,6 +238,10 @@ def get_config() -> ml_collections.ConfigDict:
   # by their running statistics and keeping them (torch's frozen_module.eval() after
   # model.train(); for fine-tuning on small batches).
   config.freeze_batch_norm = False
+  # ((module or 'encoder'/'decoder', multiplier), ...): those modules' learning rate is the
+  # schedule's times the multiplier (torch's parameter groups), e.g. (('encoder', 0.1),) to
+  # fine-tune pretrained weights gently below a faster decoder. (): one rate for all.
+  config.lr_multipliers = ()
   config.seed = 0
   config.parallel = 'shard_map'  # or 'pmap'
   config.cpu_scheduler = 'memory'  # XLA's CPU op order: 'memory' (less RAM) or 'concurrency'

@@ -18,6 +18,7 @@ from unet_jax import config_checks, load_pretrained, parallel, train
 from unet_jax.convert import state_dict_to_flax
 from unet_jax.errors import UserError
 from unet_jax.freezing import frozen_by_config, frozen_modules, module_names
+from unet_jax.optimizers import learning_rate_schedule
 
 RTOL = 1e-4  # relative to each tensor's scale, after three Adam steps (its small biases: 2e-5)
 
@@ -151,3 +152,76 @@ def test_a_frozen_run_through_the_loop_resumes_and_refuses_unfreezing(tmp_path, 
   with pytest.raises(UserError, match=re.escape(
       'was saved by a run with optimizer=adam, this config has optimizer=sgd; rerun')):
     train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_lr_multipliers_train_as_torch_parameter_groups(schedule):
+  # torch: a parameter group per multiplier at that multiple of the scheduled rate (set before
+  # each step, as LambdaLR sets every group's), one clip_grad_norm_ over all, up2 frozen. (SGD
+  # with momentum and weight decay: Adam would turn a few rounding-noise-level gradients of the
+  # slow encoder into steps that differ by a fraction of a percent between the frameworks.)
+  ref = move_off_init(SeedUNet(1, 1, base=4, depth=2), 1, 1, hw=(16, 16))
+  model_fields, initial, _ = state_dict_to_flax(
+      {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()})
+  clip, multipliers = 0.05, (('encoder', 0.1), ('out_conv', 3.0))
+  config = tiny_config(**{'model.depth': 2}, optimizer='sgd', weight_decay=0.1,
+                       grad_clip_norm=clip, schedule=schedule, learning_rate=1e-2,
+                       warmup_steps=2, num_train_steps=3, freeze=('up2',),
+                       lr_multipliers=multipliers)
+  config.model.update(model_fields)
+  batches = _random_batches(3, seed=5)
+  rate = learning_rate_schedule(config)
+
+  def torch_run(scales):
+    net = copy.deepcopy(ref).train()
+    net.up2.requires_grad_(False)
+    groups = {m: [] for m in (1.0, *scales.values())}
+    for name, module in net.named_children():
+      groups[scales.get(name, 1.0)] += list(module.parameters())
+    opt = torch.optim.SGD([{'params': p, 'scale': m} for m, p in groups.items()], lr=1e-2,
+                          momentum=0.9, weight_decay=0.1)
+    for step, batch in enumerate(batches):
+      for group in opt.param_groups:
+        group['lr'] = float(rate(step)) * group['scale']
+      opt.zero_grad()
+      logits = net(nchw(batch['image']))
+      target = torch.tensor(batch['mask'][:, None], dtype=torch.float32)
+      probs = torch.sigmoid(logits)
+      inter, denom = (probs * target).sum((2, 3)), (probs + target).sum((2, 3))
+      dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()
+      (torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice).backward()
+      torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+      opt.step()
+    return state_dict_to_flax({k: v.detach().numpy().copy()
+                               for k, v in net.state_dict().items()})[1]
+
+  scales = {'in_conv': 0.1, 'down1': 0.1, 'down2': 0.1, 'out_conv': 3.0}
+  want = torch_run(scales)
+  assert _max_rel(torch_run({}), want) > 1e-3  # (one rate for all is far outside)
+  got = _jax_run(config, initial, batches, jax.devices()[:1])
+  for path, x in jax.tree_util.tree_leaves_with_path(want):
+    value = got
+    for key in path:
+      value = value[key.key]
+    assert max_rel_err(value, x) <= RTOL, jax.tree_util.keystr(path)
+  for a, b in zip(jax.tree.leaves(got['params']['up2']), jax.tree.leaves(initial['params']['up2']),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert _max_rel(_jax_run(config, initial, batches, jax.devices()), got) <= 1e-5  # 8 as 1
+
+
+@pytest.mark.parametrize('multipliers,message', [
+    ((('encoder', 0),), "lr_multipliers: 'encoder' has multiplier 0, which must be above 0 (to "
+     'leave modules as they are, freeze them: --config.freeze)'),
+    ((('inc', 0.1),), "lr_multipliers=('inc',): no module 'inc' in this UNet"),
+    ((('encoder', 0.1), ('down1', 2.0)), "lr_multipliers: down1 is in two entries ('encoder' and "
+     "'down1'); give each module one multiplier"),
+    (('encoder',), "lr_multipliers: 'encoder' is not a (module, multiplier) pair; e.g. "
+     '--config.lr_multipliers="((\'encoder\', 0.1),)"'),
+    ((('up1', 0.5),), 'lr_multipliers: up1 is frozen (freeze) and given a multiplier; leave it '
+     'out of one of them'),
+])
+def test_bad_lr_multipliers_are_refused_by_name(multipliers, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_checks.validate_config(tiny_config(lr_multipliers=multipliers, freeze=('up1',)),
+                                  parallel.make_mesh(jax.devices()[:1]))

@@ -13,7 +13,7 @@ import ml_collections
 
 from unet_jax import input_pipeline, parallel
 from unet_jax.errors import UserError
-from unet_jax.freezing import frozen_by_config
+from unet_jax.freezing import lr_multipliers
 from unet_jax.image_io import NORMALIZATION_CHOICES, NORMALIZATIONS, RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
@@ -229,7 +229,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     raise UserError(f'model.deep_supervision=True needs model.depth of at least 3 (its heads '
                     f'are on the decoder levels between the bottom and the top), got '
                     f'{config.model.depth}; raise model.depth, or leave deep_supervision off')
-  frozen_by_config(config)
+  lr_multipliers(config)  # (the modules it names, and that freeze does)
   for field, allowed in LEVERS.items():
     if config.model.get(field, allowed[0]) not in allowed:
       raise UserError(f'model.{field}={config.model[field]!r}: use one of {allowed}')

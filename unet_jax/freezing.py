@@ -1,5 +1,6 @@
-"""Frozen layers for fine-tuning (`config.freeze`): the UNet's top-level modules that a run
-leaves as they are, as torch's `module.requires_grad_(False)` leaves them.
+"""Fine-tuning's per-module choices: frozen layers (`config.freeze`), the UNet's top-level
+modules that a run leaves as they are, as torch's `module.requires_grad_(False)` leaves them,
+and learning rates per module (`config.lr_multipliers`, torch's parameter groups).
 
 What torch does to a parameter without a gradient, the run does to a frozen one: the optimizer
 skips it (no update, no weight decay, no state), `clip_grad_norm_` leaves it out of the norm,
@@ -12,7 +13,7 @@ nothing trained needs, is never built: the step is cheaper, not only the update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import optax
@@ -36,16 +37,24 @@ def module_names(depth: int, deep_supervision: bool = False) -> list[str]:
   return names
 
 
-def frozen_modules(freeze: Sequence[str], modules: Iterable[str]) -> tuple[str, ...]:
-  """The modules of `modules` that `freeze` names (a module's name, or a group: 'encoder',
-  'decoder'), in their order; refused by name: an unknown name, or every module frozen."""
+def named_modules(names: Sequence[str], modules: Iterable[str], field: str = 'freeze',
+                  ) -> tuple[str, ...]:
+  """The modules of `modules` that `names` name (a module's name, or a group: 'encoder',
+  'decoder'), in their order; an unknown name refused by name (`field`: the config's)."""
   modules = list(modules)
-  unknown = [n for n in freeze if n not in GROUPS and n not in modules]
+  unknown = [n for n in names if n not in GROUPS and n not in modules]
   if unknown:
-    raise UserError(f'freeze={tuple(freeze)}: no module {unknown[0]!r} in this UNet; name '
+    raise UserError(f'{field}={tuple(names)}: no module {unknown[0]!r} in this UNet; name '
                     f'{", ".join(GROUPS)} or modules of {", ".join(modules)}')
-  frozen = tuple(m for m in modules
-                 if m in freeze or any(GROUPS[g](m) for g in freeze if g in GROUPS))
+  return tuple(m for m in modules
+               if m in names or any(GROUPS[g](m) for g in names if g in GROUPS))
+
+
+def frozen_modules(freeze: Sequence[str], modules: Iterable[str]) -> tuple[str, ...]:
+  """The modules of `modules` that `freeze` names (named_modules); refused by name: an unknown
+  name, or every module frozen."""
+  modules = list(modules)
+  frozen = named_modules(freeze, modules)
   if len(frozen) == len(modules):
     raise UserError(f'freeze={tuple(freeze)} freezes every module: nothing would train; leave '
                     "one out (e.g. --config.freeze=\"('encoder',)\" trains the decoder and "
@@ -88,3 +97,54 @@ def masked_optimizer(tx: optax.GradientTransformation, freeze: Sequence[str]
     return {k: 'frozen' if k in frozen else 'trained' for k in params}
 
   return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def lr_multipliers(config: Any) -> tuple[tuple[tuple[str, ...], float], ...]:
+  """`config.lr_multipliers`, ((module or group name, multiplier), ...), as (the modules it
+  names, multiplier) pairs: torch's parameter groups, each at the base rate times its
+  multiplier. Refused by name: an entry that is not such a pair, a multiplier not above 0, an
+  unknown name, a module in two entries, a frozen one given a multiplier."""
+  modules = module_names(config.model.depth, config.model.get('deep_supervision', False))
+  frozen = frozen_by_config(config)
+  groups, seen = [], {}
+  for entry in config.get('lr_multipliers', ()):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+      raise UserError(f'lr_multipliers: {entry!r} is not a (module, multiplier) pair; e.g. '
+                      "--config.lr_multipliers=\"(('encoder', 0.1),)\"")
+    name, multiplier = entry
+    if not multiplier > 0:
+      raise UserError(f'lr_multipliers: {name!r} has multiplier {multiplier}, which must be '
+                      'above 0 (to leave modules as they are, freeze them: --config.freeze)')
+    named = named_modules(freeze_names(name), modules, 'lr_multipliers')
+    for module in named:
+      if module in frozen:
+        raise UserError(f'lr_multipliers: {module} is frozen (freeze) and given a multiplier; '
+                        'leave it out of one of them')
+      if module in seen:
+        raise UserError(f'lr_multipliers: {module} is in two entries ({seen[module]!r} and '
+                        f'{name!r}); give each module one multiplier')
+      seen[module] = name
+    groups.append((named, float(multiplier)))
+  return tuple(groups)
+
+
+def grouped_optimizer(clip: Sequence[optax.GradientTransformation],
+                      update: Callable[[float], optax.GradientTransformation],
+                      frozen: Sequence[str], groups: Sequence[tuple[Sequence[str], float]],
+                      ) -> optax.GradientTransformation:
+  """torch's optimizer over parameter groups: `clip` over every gradient at once (a frozen
+  module's is 0 in the train step), then `update(multiplier)` on each group's parameters (the
+  base rate's for modules in none), updates of 0 for the `frozen` modules."""
+
+  def labels(params: Mapping[str, Any]) -> dict[str, str]:
+    def label(module: str) -> str:
+      if module in frozen:
+        return 'frozen'
+      return next((f'group{i}' for i, (named, _) in enumerate(groups) if module in named),
+                  'base')
+    return {k: label(k) for k in params}
+
+  transforms = {'base': update(1.0), 'frozen': optax.set_to_zero(),
+                **{f'group{i}': update(m) for i, (_, m) in enumerate(groups)}}
+  return optax.chain(*clip, optax.multi_transform(transforms, labels))

@@ -26,7 +26,13 @@ import ml_collections
 import optax
 
 from unet_jax.errors import UserError
-from unet_jax.freezing import freeze_names, masked_optimizer
+from unet_jax.freezing import (
+  freeze_names,
+  frozen_by_config,
+  grouped_optimizer,
+  lr_multipliers,
+  masked_optimizer,
+)
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
 SCHEDULES = ('cosine', 'constant', 'plateau', 'poly')
@@ -170,13 +176,20 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                        optax.scale_by_learning_rate(lr))
   else:
     raise UserError(f'unknown optimizer {name!r}; use one of {", ".join(OPTIMIZERS)}')
-  parts = []
-  if config.get('grad_clip_norm', 0.0):
-    parts.append(clip_grad_norm(config.grad_clip_norm))
-  if wd and name != 'adamw':
-    parts.append(optax.add_decayed_weights(wd))  # L2: torch adds wd * param to the gradient
-  if config.schedule == 'plateau':
-    tx = optax.chain(*parts, core, scale_by_plateau())
+  clip = [clip_grad_norm(config.grad_clip_norm)] if config.get('grad_clip_norm', 0.0) else []
+  # L2: torch adds wd * param to the gradient
+  decay = [optax.add_decayed_weights(wd)] if wd and name != 'adamw' else []
+  plateau = [scale_by_plateau()] if config.schedule == 'plateau' else []
+  if config.get('lr_multipliers'):
+    # torch's parameter groups: each group's updates at its multiple of the rate (each
+    # optimizer here applies the rate last, as a factor), the clipping over all of them
+    return grouped_optimizer(
+        clip, lambda m: optax.chain(*decay, core, *plateau,
+                                    *([optax.scale(m)] if m != 1 else [])),
+        frozen_by_config(config), lr_multipliers(config))
+  parts = clip + decay
+  if plateau:
+    tx = optax.chain(*parts, core, *plateau)
   else:
     tx = optax.chain(*parts, core) if parts else core
   # Frozen modules: torch's requires_grad_(False), which the optimizer and the clipping skip.

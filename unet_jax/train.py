@@ -175,7 +175,7 @@ def load_initial_weights(config: ml_collections.ConfigDict, model: UNet
 
 
 _OPTIMIZER_FIELDS = ('optimizer', 'weight_decay', 'grad_clip_norm', 'momentum', 'schedule',
-                     'freeze')
+                     'freeze', 'lr_multipliers')
 
 
 def _normalization(config: Any) -> str:
@@ -510,6 +510,8 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
     kept = sum(int(np.prod(x.shape)) for m in frozen for x in jax.tree.leaves(state.params[m]))
     supervised += f', {kept:,} of them frozen: {" ".join(frozen)}' + (
         ', their BatchNorms as in evaluation' if config.get('freeze_batch_norm', False) else '')
+  for modules, multiplier in freezing.lr_multipliers(config):
+    supervised += f', learning rate x{multiplier:g} for {" ".join(modules)}'
   return (f'{params:,} parameters (base_features={model.base_features}, depth={model.depth}, '
           f'{model.num_classes} output channel(s){supervised}) | {info.name}: '
           f'{info.num_train} training, {info.num_eval} eval images at '
