@@ -152,6 +152,11 @@ def test_a_frozen_run_through_the_loop_resumes_and_refuses_unfreezing(tmp_path, 
   with pytest.raises(UserError, match=re.escape(
       'was saved by a run with optimizer=adam, this config has optimizer=sgd; rerun')):
     train.train_and_evaluate(config, workdir)
+  config.optimizer, config.lr_multipliers = 'adam', (('up1', 0.5),)
+  with pytest.raises(UserError, match=re.escape(
+      "was saved by a run with lr_multipliers=[], this config has lr_multipliers=(('up1', "
+      '0.5),); rerun')):
+    train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.parametrize('schedule', ['constant', 'cosine'])

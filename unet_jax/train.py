@@ -253,11 +253,13 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
     return
 
   def optimizer_settings(c: Any) -> dict[str, Any]:
-    # freeze as the modules it names ('encoder' or their names; none in older checkpoints)
+    # freeze as the modules it names ('encoder' or their names); older checkpoints have
+    # neither field: none frozen, one rate
     modules = freezing.module_names(model.depth, model.deep_supervision)
     return {**{f: c.get(f) for f in _OPTIMIZER_FIELDS},
             'freeze': freezing.frozen_modules(freezing.freeze_names(c.get('freeze', ())),
-                                              modules)}
+                                              modules),
+            'lr_multipliers': c.get('lr_multipliers', ())}
 
   theirs, ours = optimizer_settings(saved_config), optimizer_settings(config)
   differ = _differing(theirs, ours, _OPTIMIZER_FIELDS)
