@@ -23,6 +23,26 @@ from unet_jax.optimizers import learning_rate_schedule
 RTOL = 1e-4  # relative to each tensor's scale, after three Adam steps (its small biases: 2e-5)
 
 
+def _torch_loss(net, batch):
+  """The train step's loss for one output channel: BCE + (1 - soft Dice per image, smoothed by
+  1 pixel)."""
+  logits = net(nchw(batch['image']))
+  target = torch.tensor(batch['mask'][:, None], dtype=torch.float32)
+  probs = torch.sigmoid(logits)
+  inter, denom = (probs * target).sum((2, 3)), (probs + target).sum((2, 3))
+  dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()
+  return torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice
+
+
+def _assert_close(got, want):
+  """Every array of `want` (torch's, converted) matches `got`'s to RTOL of its scale."""
+  for path, x in jax.tree_util.tree_leaves_with_path(want):
+    value = got
+    for key in path:
+      value = value[key.key]
+    assert max_rel_err(value, x) <= RTOL, jax.tree_util.keystr(path)
+
+
 def _torch_run(ref, batches, frozen, clip, eval_norms=False, optimizer='adam'):
   """torch's loop: the frozen modules' parameters requires_grad_(False), every parameter given
   to the optimizer (it skips those without a gradient, their weight decay too) and to
@@ -37,12 +57,7 @@ def _torch_run(ref, batches, frozen, clip, eval_norms=False, optimizer='adam'):
          else torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1))
   for batch in batches:
     opt.zero_grad()
-    logits = net(nchw(batch['image']))
-    target = torch.tensor(batch['mask'][:, None], dtype=torch.float32)
-    probs = torch.sigmoid(logits)
-    inter, denom = (probs * target).sum((2, 3)), (probs + target).sum((2, 3))
-    dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()  # (per image, smoothed by 1 pixel)
-    (torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice).backward()
+    _torch_loss(net, batch).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
     opt.step()
   return state_dict_to_flax({k: v.detach().numpy().copy() for k, v in net.state_dict().items()})[1]
@@ -85,11 +100,7 @@ def test_frozen_modules_train_as_torch_requires_grad_false(freeze, eval_norms, o
     assert _max_rel(_torch_run(ref, batches, frozen, clip, optimizer=optimizer), want) > 1e-3
 
   got = _jax_run(config, initial, batches, jax.devices()[:1])
-  for path, x in jax.tree_util.tree_leaves_with_path(want):
-    value = got
-    for key in path:
-      value = value[key.key]
-    assert max_rel_err(value, x) <= RTOL, jax.tree_util.keystr(path)
+  _assert_close(got, want)
   for name in frozen:  # left exactly as they were; their BatchNorm statistics moved, unless
     # in eval mode
     for a, b in zip(jax.tree.leaves(got['params'][name]),
@@ -189,12 +200,7 @@ def test_lr_multipliers_train_as_torch_parameter_groups(schedule):
       for group in opt.param_groups:
         group['lr'] = float(rate(step)) * group['scale']
       opt.zero_grad()
-      logits = net(nchw(batch['image']))
-      target = torch.tensor(batch['mask'][:, None], dtype=torch.float32)
-      probs = torch.sigmoid(logits)
-      inter, denom = (probs * target).sum((2, 3)), (probs + target).sum((2, 3))
-      dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()
-      (torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + dice).backward()
+      _torch_loss(net, batch).backward()
       torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
       opt.step()
     return state_dict_to_flax({k: v.detach().numpy().copy()
@@ -204,11 +210,7 @@ def test_lr_multipliers_train_as_torch_parameter_groups(schedule):
   want = torch_run(scales)
   assert _max_rel(torch_run({}), want) > 1e-3  # (one rate for all is far outside)
   got = _jax_run(config, initial, batches, jax.devices()[:1])
-  for path, x in jax.tree_util.tree_leaves_with_path(want):
-    value = got
-    for key in path:
-      value = value[key.key]
-    assert max_rel_err(value, x) <= RTOL, jax.tree_util.keystr(path)
+  _assert_close(got, want)
   for a, b in zip(jax.tree.leaves(got['params']['up2']), jax.tree.leaves(initial['params']['up2']),
                   strict=True):
     np.testing.assert_array_equal(a, b)
