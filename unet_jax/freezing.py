@@ -6,9 +6,9 @@ What torch does to a parameter without a gradient, the run does to a frozen one:
 skips it (no update, no weight decay, no state), `clip_grad_norm_` leaves it out of the norm,
 and BatchNorm's running statistics still update in train mode (requires_grad concerns the
 parameters; `module.eval()` is another switch: config.freeze_batch_norm, the UNet's
-`eval_norms`). The step differentiates the
-loss with respect to the trained modules alone, so the backward pass of a frozen encoder, which
-nothing trained needs, is never built: the step is cheaper, not only the update.
+`eval_norms`). The step differentiates the loss with respect to the trained modules alone, so
+the backward pass of a frozen encoder, which nothing trained needs, is never built: the step is
+cheaper, not only the update.
 """
 
 from __future__ import annotations
@@ -91,12 +91,7 @@ def masked_optimizer(tx: optax.GradientTransformation, freeze: Sequence[str]
                      ) -> optax.GradientTransformation:
   """`tx` on the parameters of the modules `freeze` leaves trained (its state, clipping norm and
   weight decay theirs alone), updates of 0 for the frozen ones."""
-
-  def labels(params: Mapping[str, Any]) -> dict[str, str]:
-    frozen = frozen_modules(freeze, params)
-    return {k: 'frozen' if k in frozen else 'trained' for k in params}
-
-  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  return grouped_optimizer((), lambda multiplier: tx, freeze, ())
 
 
 def lr_multipliers(config: Any) -> tuple[tuple[tuple[str, ...], float], ...]:
@@ -131,13 +126,16 @@ def lr_multipliers(config: Any) -> tuple[tuple[tuple[str, ...], float], ...]:
 
 def grouped_optimizer(clip: Sequence[optax.GradientTransformation],
                       update: Callable[[float], optax.GradientTransformation],
-                      frozen: Sequence[str], groups: Sequence[tuple[Sequence[str], float]],
+                      freeze: Sequence[str], groups: Sequence[tuple[Sequence[str], float]],
                       ) -> optax.GradientTransformation:
   """torch's optimizer over parameter groups: `clip` over every gradient at once (a frozen
   module's is 0 in the train step), then `update(multiplier)` on each group's parameters (the
-  base rate's for modules in none), updates of 0 for the `frozen` modules."""
+  base rate's, `update(1.0)`, for modules in none), updates of 0 for the modules `freeze`
+  names (frozen_modules)."""
 
   def labels(params: Mapping[str, Any]) -> dict[str, str]:
+    frozen = frozen_modules(freeze, params)
+
     def label(module: str) -> str:
       if module in frozen:
         return 'frozen'

@@ -26,13 +26,7 @@ import ml_collections
 import optax
 
 from unet_jax.errors import UserError
-from unet_jax.freezing import (
-  freeze_names,
-  frozen_by_config,
-  grouped_optimizer,
-  lr_multipliers,
-  masked_optimizer,
-)
+from unet_jax.freezing import frozen_by_config, grouped_optimizer, lr_multipliers
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd', 'rmsprop')
 SCHEDULES = ('cosine', 'constant', 'plateau', 'poly')
@@ -180,18 +174,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   # L2: torch adds wd * param to the gradient
   decay = [optax.add_decayed_weights(wd)] if wd and name != 'adamw' else []
   plateau = [scale_by_plateau()] if config.schedule == 'plateau' else []
-  if config.get('lr_multipliers'):
+  frozen, groups = frozen_by_config(config), lr_multipliers(config)
+  if frozen or groups:
     # torch's parameter groups: each group's updates at its multiple of the rate (each
-    # optimizer here applies the rate last, as a factor), the clipping over all of them
+    # optimizer here applies the rate last, as a factor), the clipping over all of them (a
+    # frozen module's gradient, which torch's requires_grad_(False) leaves out, is 0 there)
     return grouped_optimizer(
         clip, lambda m: optax.chain(*decay, core, *plateau,
-                                    *([optax.scale(m)] if m != 1 else [])),
-        frozen_by_config(config), lr_multipliers(config))
+                                    *([optax.scale(m)] if m != 1 else [])), frozen, groups)
   parts = clip + decay
   if plateau:
-    tx = optax.chain(*parts, core, *plateau)
-  else:
-    tx = optax.chain(*parts, core) if parts else core
-  # Frozen modules: torch's requires_grad_(False), which the optimizer and the clipping skip.
-  frozen = freeze_names(config.get('freeze', ()))
-  return masked_optimizer(tx, frozen) if frozen else tx
+    return optax.chain(*parts, core, *plateau)
+  return optax.chain(*parts, core) if parts else core
