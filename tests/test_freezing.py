@@ -8,17 +8,25 @@ import re
 
 import jax
 import numpy as np
+import optax
 import pytest
 import torch
 from conftest import max_rel_err, move_off_init, nchw
 from test_train import _max_rel, _random_batches, tiny_config
 from torch_reference import SeedUNet
 
-from unet_jax import config_checks, load_pretrained, parallel, train
+from unet_jax import config_checks, load_pretrained, optimizers, parallel, train
 from unet_jax.convert import state_dict_to_flax
 from unet_jax.errors import UserError
-from unet_jax.freezing import frozen_by_config, frozen_modules, module_names
-from unet_jax.optimizers import learning_rate_schedule
+from unet_jax.freezing import (
+  frozen_by_config,
+  frozen_modules,
+  masked_optimizer,
+  module_names,
+  split,
+)
+from unet_jax.model import init_variables
+from unet_jax.optimizers import clip_grad_norm, learning_rate_schedule
 
 RTOL = 1e-4  # relative to each tensor's scale, after three Adam steps (its small biases: 2e-5)
 
@@ -232,3 +240,29 @@ def test_bad_lr_multipliers_are_refused_by_name(multipliers, message):
   with pytest.raises(UserError, match=re.escape(message)):
     config_checks.validate_config(tiny_config(lr_multipliers=multipliers, freeze=('up1',)),
                                   parallel.make_mesh(jax.devices()[:1]))
+
+
+def test_the_optimizer_keeps_no_state_and_no_update_for_frozen_modules():
+  # (The train step also puts the frozen weights back as they were; this is the optimizer's own
+  # part, which Door 2's masked_optimizer is in a step of one's own.)
+  params = init_variables(train.build_model(tiny_config(**{'model.depth': 2}), None),
+                          jax.random.key(0))['params']
+  grads = jax.tree.map(lambda p: np.full(p.shape, 0.5, np.float32), params)
+  trained, frozen = split(params, ('in_conv', 'down1', 'down2'))
+  inner = optax.chain(clip_grad_norm(0.1), optax.add_decayed_weights(0.1), optax.adam(1e-2))
+  tx = masked_optimizer(inner, ('encoder',))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for name in frozen:
+    assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates[name])), name
+  # the trained modules' updates are the inner optimizer's on them alone: its clipping norm
+  # and weight decay theirs
+  alone, _ = inner.update(split(grads, frozen)[0], inner.init(trained), trained)
+  for a, b in zip(jax.tree.leaves({k: updates[k] for k in trained}), jax.tree.leaves(alone),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  # the run's optimizer: Adam's two moments for the trained parameters, none for the frozen
+  config = tiny_config(**{'model.depth': 2}, freeze=('encoder',), optimizer='adam',
+                       grad_clip_norm=0.1, lr_multipliers=(('out_conv', 2.0),))
+  state = optimizers.make_optimizer(config).init(params)
+  size = sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x))
+  assert size == 2 * sum(np.size(x) for x in jax.tree.leaves(trained))
