@@ -182,6 +182,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: focal loss instead of plain cross-entropy, each pixel's term times (1 - p_t)^gamma
   # (p_t: its probability of the true class); 2 is the paper's. The weights above still apply.
   config.focal_gamma = 0.0
+  # > 0: the cross-entropy's targets smoothed, as torch's CrossEntropyLoss(label_smoothing=...):
+  # 1 - e + e/K for the true class, e/K for each other (BCE: y(1 - e) + e/2). Not with focal.
+  config.label_smoothing = 0.0
   # (alpha, beta): the Dice term becomes 1 - the Tversky index, TP / (TP + alpha FP + beta FN)
   # (MONAI's TverskyLoss): beta > alpha, e.g. (0.3, 0.7), costs missed foreground more than
   # false alarms, for small structures. (): the soft Dice.

@@ -166,6 +166,49 @@ def test_class_weights_and_pos_weight_match_torch():
   np.testing.assert_allclose(metrics['ce_loss'], want, rtol=1e-6)
 
 
+@pytest.mark.parametrize('smoothing', [0.1, 1.0])
+def test_label_smoothing_matches_torch(smoothing):
+  # Softmax: torch's CrossEntropyLoss(label_smoothing=...), whose smoothing term weighs each
+  # class's -log p by that class's weight, alone and with weights and ignored pixels.
+  rng = np.random.default_rng(2)
+  logits = rng.standard_normal((3, 5, 6, 3)).astype(np.float32) * 3
+  labels = rng.integers(0, 4, (3, 5, 6))                 # 3: ignored where ignore_id is set
+  labels[2] = 3                                           # an image with nothing to score
+  t_logits = torch.tensor(logits).permute(0, 3, 1, 2)
+  for ignore_id in (None, 3):
+    for weights in (None, (0.2, 1.0, 3.5)):
+      ours = np.minimum(labels, 2) if ignore_id is None else labels
+      theirs = ours if ignore_id is None else np.where(labels == 3, -100, labels)
+      want = F.cross_entropy(t_logits, torch.tensor(theirs), ignore_index=-100,
+                             weight=None if weights is None else torch.tensor(weights),
+                             label_smoothing=smoothing)
+      _, metrics = losses.segmentation_loss(jnp.asarray(logits), ours, dice_weight=1.0,
+                                            ignore_id=ignore_id, class_weights=weights,
+                                            label_smoothing=smoothing)
+      np.testing.assert_allclose(metrics['ce_loss'], want, rtol=2e-6)
+  # BCE: the target y(1 - e) + e/2, with torch's pos_weight, over the valid pixels;
+  # segmentation_models_pytorch's SoftBCEWithLogitsLoss(smooth_factor=e/2) written out.
+  x = torch.tensor(rng.standard_normal((2, 5, 6)).astype(np.float32) * 3)
+  labels = rng.integers(0, 3, (2, 5, 6))                 # 2: ignored
+  y = torch.tensor(labels == 1, dtype=torch.float32)
+  soft = (1 - y) * (smoothing / 2) + y * (1 - smoothing / 2)
+  per_pixel = F.binary_cross_entropy_with_logits(x, soft, pos_weight=torch.tensor(4.0),
+                                                 reduction='none')
+  want = per_pixel[torch.tensor(labels != 2)].mean()
+  _, metrics = losses.segmentation_loss(jnp.asarray(x.numpy()[..., None]), labels,
+                                        dice_weight=1.0, ignore_id=2, pos_weight=4.0,
+                                        label_smoothing=smoothing)
+  np.testing.assert_allclose(metrics['ce_loss'], want, rtol=2e-6)
+  # A binary model is a 2-class softmax of logits (0, x): the same smoothing gives the same loss.
+  two = jnp.stack([jnp.zeros_like(jnp.asarray(x.numpy())), jnp.asarray(x.numpy())], -1)
+  np.testing.assert_allclose(
+      losses.cross_entropy(two, np.minimum(labels, 1), label_smoothing=smoothing),
+      losses.cross_entropy(jnp.asarray(x.numpy()[..., None]), np.minimum(labels, 1),
+                           label_smoothing=smoothing), rtol=2e-6)
+  with pytest.raises(ValueError, match='focal_gamma and label_smoothing: use one of them'):
+    losses.cross_entropy(two, labels, focal_gamma=2.0, label_smoothing=smoothing)
+
+
 def test_a_batch_with_every_pixel_ignored_has_a_finite_zero_gradient():
   import jax
   labels = np.full((2, 4, 4), 2)

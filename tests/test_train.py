@@ -158,6 +158,33 @@ def test_dice_without_background_through_the_step_on_eight_devices():
   assert _max_rel(eight, one) <= DP_TOL
 
 
+def test_label_smoothing_through_the_step_on_eight_devices():
+  # torch's smoothed CrossEntropyLoss with class weights over the valid pixels of the global
+  # batch: one device's share all ignored, the others' totals unequal.
+  config = tiny_config(**{'model.num_classes': 3})
+  batches = _random_batches(2, seed=5)
+  for b in batches:
+    b['mask'] = b['mask'] + 2 * (b['image'][..., 0] > 0.8)  # (0, 1, 2 and 3; 2 is ignored)
+    b['mask'][4:6] = 2
+  loss = dict(ignore_id=2, class_weights=(0.3, 1.0, 2.0), label_smoothing=0.2)
+  one = _run_steps(config, jax.devices()[:1], 'shard_map', batches, **loss)
+  eight = _run_steps(config, jax.devices(), 'shard_map', batches, **loss)
+  model = train.build_model(config, None)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
+      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  mask = batches[0]['mask']
+  theirs = np.where(mask == 2, -100, np.where(mask > 2, mask - 1, mask))
+  want = torch.nn.functional.cross_entropy(
+      torch.tensor(np.asarray(logits)).permute(0, 3, 1, 2), torch.tensor(theirs),
+      weight=torch.tensor(loss['class_weights']), ignore_index=-100, label_smoothing=0.2)
+  np.testing.assert_allclose(one[2][0]['ce_loss'], want, rtol=1e-5)
+  np.testing.assert_allclose(eight[2][0]['ce_loss'], want, rtol=1e-5)
+  hard = losses.segmentation_loss(logits, mask, dice_weight=1.0,
+                                  **{**loss, 'label_smoothing': 0.0})[1]
+  assert abs(float(want) - float(hard['ce_loss'])) > 0.05
+  assert _max_rel(eight, one) <= DP_TOL
+
+
 def test_ema_of_the_weights_follows_torch_averaged_model():
   # torch's AveragedModel(get_ema_multi_avg_fn(decay), use_buffers=True), told the weights
   # after each step (its first update copies them: the average starts at the initial weights),
@@ -654,6 +681,11 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(image_shape=(1, 32)), 'image_shape=(1, 32) is below 2**model.depth=2'),
     (dict(focal_gamma=-1.0), 'focal_gamma=-1.0 must be at least 0 (0: plain cross-entropy; '
      'the focal loss paper uses 2)'),
+    (dict(label_smoothing=1.5), 'label_smoothing=1.5 must be in [0, 1] (0: hard targets; '
+     'e.g. 0.1)'),
+    (dict(label_smoothing=0.1, focal_gamma=2.0), 'label_smoothing=0.1 and focal_gamma=2.0: use '
+     'one of them (the focal loss of smoothed targets is not defined by torch or '
+     'segmentation_models_pytorch)'),
     ({'plateau.factor': 1.0}, "plateau.factor=1.0 must be in (0, 1): the learning rate's factor"),
     ({'plateau.patience': -1}, 'plateau.patience=-1 must be at least 0'),
     ({'data.worker_count': -1}, 'data.worker_count=-1 must be at least 0'),
@@ -804,18 +836,21 @@ def test_one_value_per_channel_for_batch_norm_is_refused(overrides, message):
   config_checks.validate_config(tiny_config(batch_size=1, image_size=4), mesh)
 
 
-def test_dice_smooth_reaches_the_train_step(tmp_path):
+def test_dice_smooth_and_label_smoothing_reach_the_train_step(tmp_path):
   # The same first step, its Dice term smoothed by 1 pixel or by nnU-Net's 1e-5: the logged
   # cross-entropy is the same, the Dice term not (tested against nnU-Net's formula in
-  # test_losses).
+  # test_losses); its targets smoothed: the other way round (against torch's there).
   logged = []
-  for smooth in (1.0, 1e-5):
-    workdir = tmp_path / f'wd{smooth}'
+  for i, fields in enumerate([dict(dice_smooth=1.0), dict(dice_smooth=1e-5),
+                              dict(label_smoothing=0.1)]):
+    workdir = tmp_path / f'wd{i}'
     train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1,
-                                         num_sample_images=0, dice_smooth=smooth), str(workdir))
+                                         num_sample_images=0, **fields), str(workdir))
     logged.append(json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[0]))
   assert logged[0]['ce_loss'] == logged[1]['ce_loss']
   assert abs(logged[0]['dice_loss'] - logged[1]['dice_loss']) > 1e-4
+  assert logged[0]['dice_loss'] == logged[2]['dice_loss']
+  assert abs(logged[0]['ce_loss'] - logged[2]['ce_loss']) > 1e-3
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -213,6 +213,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 <= gamma < float('inf'):
     raise UserError(f'focal_gamma={gamma} must be at least 0 (0: plain cross-entropy; the focal '
                     'loss paper uses 2)')
+  smoothing = config.get('label_smoothing', 0.0)
+  if not 0 <= smoothing <= 1:
+    raise UserError(f'label_smoothing={smoothing} must be in [0, 1] (0: hard targets; e.g. 0.1)')
+  if smoothing and gamma:
+    raise UserError(f'label_smoothing={smoothing} and focal_gamma={gamma}: use one of them '
+                    '(the focal loss of smoothed targets is not defined by torch or '
+                    'segmentation_models_pytorch)')
   tversky = tuple(config.get('tversky', ()))
   if tversky and not (len(tversky) == 2 and all(0 <= v < float('inf') for v in tversky)
                       and sum(tversky) > 0):

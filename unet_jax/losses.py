@@ -61,7 +61,9 @@ def pixel_weights(labels: jax.Array, valid: jax.Array | None,
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
                   total_weight: jax.Array | None = None, pos_weight: float = 1.0,
-                  focal_gamma: float = 0.0) -> jax.Array:
+                  focal_gamma: float = 0.0, label_smoothing: float = 0.0,
+                  valid: jax.Array | None = None,
+                  class_weights: Sequence[float] | None = None) -> jax.Array:
   """BCE-with-logits (1 channel) or softmax cross-entropy (K channels): the mean, or with
   per-pixel `weights` the weighted sum divided by `total_weight` (default: the weights' sum
   here), as torch's losses with `weight`/`ignore_index` reduce. `pos_weight`: BCE's, as in
@@ -69,10 +71,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
 
   `focal_gamma` > 0: the focal loss (Lin et al. 2017): each pixel's term times
   (1 - p_t)^focal_gamma, p_t the probability it gives the true class, so confident right
-  answers count less. For BCE that is torchvision's `sigmoid_focal_loss` without `alpha`."""
+  answers count less. For BCE that is torchvision's `sigmoid_focal_loss` without `alpha`.
+
+  `label_smoothing` e > 0 (not with focal_gamma): the softmax CE against targets 1 - e + e/K for
+  the true class and e/K for the others, as torch's `CrossEntropyLoss(label_smoothing=e)`
+  computes it with `weight` and `ignore_index`: (1 - e) x the weighted CE + e/K x each valid
+  pixel's sum over classes c of class_weights[c] x -log p_c, both over the weights' total (so
+  it also needs the pixels' `valid` mask and the `class_weights`). BCE: the target y(1 - e) +
+  e/2, the two classes' smoothing of a binary softmax (Keras's BinaryCrossentropy; the
+  `smooth_factor` s of segmentation_models_pytorch's SoftBCEWithLogitsLoss is e = 2s)."""
+  if focal_gamma and label_smoothing:
+    raise ValueError('focal_gamma and label_smoothing: use one of them (neither torch nor '
+                     'segmentation_models_pytorch defines their product)')
   logits = logits.astype(jnp.float32)
   if logits.shape[-1] == 1:
     x, y = logits[..., 0], (labels == 1).astype(jnp.float32)
+    if label_smoothing:
+      y = y * (1 - label_smoothing) + label_smoothing / 2
     log_p_true = y * jax.nn.log_sigmoid(x) + (1 - y) * jax.nn.log_sigmoid(-x)
     if pos_weight == 1.0:
       per_pixel = optax.sigmoid_binary_cross_entropy(x, y)
@@ -81,18 +96,46 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
   else:
     per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     log_p_true = -per_pixel
+    if label_smoothing:
+      return _smoothed_cross_entropy(logits, per_pixel, weights, total_weight, label_smoothing,
+                                     valid, class_weights)
   if focal_gamma:
     # 1 - p_t without cancellation; floored above 0 so that a gamma below 1 keeps a finite
     # gradient where p_t rounds to 1 (there the factor is 0 to float precision anyway).
     miss = jnp.maximum(-jnp.expm1(log_p_true), jnp.finfo(jnp.float32).tiny)
     per_pixel = per_pixel * miss ** focal_gamma
+  return _weighted_mean(per_pixel if weights is None else weights * per_pixel, weights,
+                        total_weight)
+
+
+def _weighted_mean(terms: jax.Array, weights: jax.Array | None,
+                   total_weight: jax.Array | None) -> jax.Array:
   if weights is None:
-    return per_pixel.mean()
+    return terms.mean()
   if total_weight is None:
     total_weight = weights.sum()
   # Everything ignored: 0 (torch gives NaN). The guard is on the divisor, not the result: a
   # `where` after a division by 0 would still send NaN into the gradient.
-  return (weights * per_pixel).sum() / jnp.where(total_weight > 0, total_weight, 1.0)
+  return terms.sum() / jnp.where(total_weight > 0, total_weight, 1.0)
+
+
+def _smoothed_cross_entropy(logits: jax.Array, nll: jax.Array, weights: jax.Array | None,
+                            total_weight: jax.Array | None, smoothing: float,
+                            valid: jax.Array | None,
+                            class_weights: Sequence[float] | None) -> jax.Array:
+  """torch's label-smoothed CrossEntropyLoss (cross_entropy's docstring): the smoothing term
+  weighs each class's -log p by that class's weight, not the true class's, so it is a sum of
+  its own beside the weighted CE, over the same total."""
+  k = logits.shape[-1]
+  neg_log_p = -jax.nn.log_softmax(logits, axis=-1)
+  if class_weights:
+    neg_log_p = neg_log_p * jnp.asarray(class_weights, jnp.float32).reshape(
+        (1,) * (neg_log_p.ndim - 1) + (k,))  # (explicit rank, for jax_numpy_rank_promotion)
+  uniform = neg_log_p.sum(axis=-1)
+  if valid is not None:
+    uniform = jnp.where(valid, uniform, 0.0)
+  true = nll if weights is None else weights * nll
+  return _weighted_mean((1 - smoothing) * true + (smoothing / k) * uniform, weights, total_weight)
 
 
 DICE_REDUCTIONS = ('image', 'batch', 'pooled')
@@ -155,12 +198,12 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       class_weights: Sequence[float] | None = None, pos_weight: float = 1.0,
                       focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
                       dice_reduction: str = 'image', dice_include_background: bool = True,
-                      dice_smooth: float = DICE_SMOOTH,
+                      dice_smooth: float = DICE_SMOOTH, label_smoothing: float = 0.0,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Cross-entropy (focal when focal_gamma > 0) + dice_weight * (1 - soft Dice, or the Tversky
-  index with `tversky`; per image, or over the batch with dice_reduction='batch', over the
-  batch and the classes with 'pooled'; without class 0 unless dice_include_background) on
-  this device's share of the batch.
+  """Cross-entropy (focal when focal_gamma > 0, its targets smoothed by label_smoothing) +
+  dice_weight * (1 - soft Dice, or the Tversky index with `tversky`; per image, or over the
+  batch with dice_reduction='batch', over the batch and the classes with 'pooled'; without
+  class 0 unless dice_include_background) on this device's share of the batch.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
@@ -171,7 +214,9 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     # divided by the global total weight: the devices' totals differ.
     devices = jax.lax.psum(1, axis_name)
     total = jax.lax.psum(weights.sum(), axis_name) / devices
-  ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma)
+  k = logits.shape[-1]
+  ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma, label_smoothing,
+                     valid, class_weights if k > 1 else None)
   dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
                         dice_include_background, dice_smooth)
   loss = ce + dice_weight * dice
