@@ -189,6 +189,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (MONAI's TverskyLoss): beta > alpha, e.g. (0.3, 0.7), costs missed foreground more than
   # false alarms, for small structures. (): the soft Dice.
   config.tversky = ()
+  # True: the Dice term becomes the Lovász loss (Berman et al.; segmentation_models_pytorch's
+  # LovaszLoss): a surrogate of 1 - IoU, the hinge of the logits for one channel, the
+  # Lovász-Softmax over the classes present for several; per image, or over the global batch
+  # with dice_reduction='batch' (that library's default).
+  config.lovasz = False
   # 'image': the Dice term's soft counts per image and class (MONAI's DiceLoss default);
   # 'batch': summed over the global batch (each microbatch) per class first: MONAI's
   # DiceLoss(batch=True), as segmentation_models_pytorch reduces it; 'pooled': summed over the

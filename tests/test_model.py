@@ -211,7 +211,8 @@ def test_model_and_losses_trace_under_strict_numpy_settings(kwargs):
     def loss(params, batch_stats):
       y, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                          mutable=['batch_stats'])
-      smoothed = {**options, 'focal_gamma': 0.0, 'label_smoothing': 0.1}
+      smoothed = {**options, 'focal_gamma': 0.0, 'label_smoothing': 0.1, 'tversky': None,
+                  'lovasz': True}
       return (segmentation_loss(y, labels, dice_weight=1.0, **options)[0]
               + segmentation_loss(y, labels, dice_weight=1.0, **smoothed)[0])
     jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'])

@@ -17,6 +17,7 @@ from unet_jax.freezing import lr_multipliers
 from unet_jax.image_io import NORMALIZATION_CHOICES, NORMALIZATIONS, RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
 from unet_jax.losses import DICE_REDUCTIONS
+from unet_jax.lovasz import REDUCTIONS as LOVASZ_REDUCTIONS
 from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
 from unet_jax.profiling import check_profile_steps
 
@@ -227,6 +228,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     "both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice")
   if config.get('dice_reduction', 'image') not in DICE_REDUCTIONS:
     raise UserError(f'dice_reduction={config.dice_reduction!r}: use one of {DICE_REDUCTIONS}')
+  if config.get('lovasz', False):
+    if tversky:
+      raise UserError(f'lovasz=True and tversky={tversky} both replace the Dice term; set one')
+    if config.get('dice_reduction', 'image') not in LOVASZ_REDUCTIONS:
+      raise UserError(f"lovasz=True takes dice_reduction 'image' (per image) or 'batch' (over "
+                      f"the global batch), not {config.dice_reduction!r}")
+    if not config.get('dice_include_background', True):
+      raise UserError('lovasz=True scores every class present in the truth (its '
+                      "classes='present'); dice_include_background=False is the Dice term's: "
+                      'leave it True')
   if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
     raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
                     'output channel, softmax CE two or more')

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unet_jax.lovasz import lovasz_loss
+
 DICE_SMOOTH = 1.0  # the soft Dice's additive smoothing, in pixels (MONAI's smooth_nr/dr)
 
 
@@ -199,11 +201,14 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
                       dice_reduction: str = 'image', dice_include_background: bool = True,
                       dice_smooth: float = DICE_SMOOTH, label_smoothing: float = 0.0,
+                      lovasz: bool = False,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy (focal when focal_gamma > 0, its targets smoothed by label_smoothing) +
   dice_weight * (1 - soft Dice, or the Tversky index with `tversky`; per image, or over the
   batch with dice_reduction='batch', over the batch and the classes with 'pooled'; without
   class 0 unless dice_include_background) on this device's share of the batch.
+  `lovasz`: the Dice term is the Lovász loss instead (lovasz.py; per image, or over the batch
+  with dice_reduction='batch'), named `dice_loss` in the parts all the same.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
@@ -217,8 +222,14 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
   k = logits.shape[-1]
   ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma, label_smoothing,
                      valid, class_weights if k > 1 else None)
-  dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
-                        dice_include_background, dice_smooth)
+  if lovasz:
+    if tversky is not None or not dice_include_background:
+      raise ValueError('lovasz replaces the Dice term: it takes no tversky, and every class '
+                       'present (dice_include_background=True)')
+    dice = lovasz_loss(logits, labels, valid, dice_reduction, axis_name)
+  else:
+    dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
+                          dice_include_background, dice_smooth)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 
