@@ -455,3 +455,27 @@ def test_tversky_term_matches_monai(alpha, beta):
   plain = losses.segmentation_loss(jnp.asarray(logits[..., None]), labels, dice_weight=1.0,
                                    ignore_id=2)[1]
   assert abs(float(plain['dice_loss']) - float(metrics['dice_loss'])) > 1e-2
+
+
+@pytest.mark.parametrize('k', [1, 3])
+def test_tversky_one_one_is_segmentation_models_pytorchs_jaccard_loss(k):
+  # segmentation_models_pytorch's JaccardLoss (from_logits, smooth=s), written out: the soft
+  # IoU (TP + s) / (P + T - TP + s) over the batch per class, 1 minus it, meaned over classes
+  # (a class absent from the batch's truth would count 0 there; every class is present here).
+  rng = np.random.default_rng(9)
+  logits = rng.standard_normal((3, 6, 7, k)).astype(np.float32) * 2
+  labels = rng.integers(0, max(k, 2), (3, 6, 7))
+  x = torch.tensor(logits).permute(0, 3, 1, 2).flatten(2)            # (N, C, pixels)
+  if k == 1:
+    probs, truth = torch.sigmoid(x), torch.tensor(labels == 1).float().flatten(1)[:, None]
+  else:
+    probs, truth = torch.softmax(x, 1), F.one_hot(torch.tensor(labels).flatten(1), k)
+    truth = truth.permute(0, 2, 1).float()
+  smooth = 0.5
+  tp = (probs * truth).sum((0, 2))
+  iou = (tp + smooth) / (probs.sum((0, 2)) + truth.sum((0, 2)) - tp + smooth)
+  assert bool((truth.sum((0, 2)) > 0).all())
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                        tversky=(1.0, 1.0), dice_reduction='batch',
+                                        dice_smooth=smooth)
+  np.testing.assert_allclose(metrics['dice_loss'], (1 - iou).mean(), rtol=1e-6)
