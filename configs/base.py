@@ -194,6 +194,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Lovász-Softmax over the classes present for several; per image, or over the global batch
   # with dice_reduction='batch' (that library's default).
   config.lovasz = False
+  # True: the Dice term is the generalized Dice (Sudre et al.; MONAI's GeneralizedDiceLoss):
+  # one ratio over the classes, each weighed by 1 / (its pixels in the truth)^2, so that small
+  # classes count as much as large ones. Its smoothing must be small: dice_smooth=1e-5.
+  config.generalized_dice = False
   # 'image': the Dice term's soft counts per image and class (MONAI's DiceLoss default);
   # 'batch': summed over the global batch (each microbatch) per class first: MONAI's
   # DiceLoss(batch=True), as segmentation_models_pytorch reduces it; 'pooled': summed over the

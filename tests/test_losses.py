@@ -479,3 +479,44 @@ def test_tversky_one_one_is_segmentation_models_pytorchs_jaccard_loss(k):
                                         tversky=(1.0, 1.0), dice_reduction='batch',
                                         dice_smooth=smooth)
   np.testing.assert_allclose(metrics['dice_loss'], (1 - iou).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize('k', [1, 4])
+@pytest.mark.parametrize('reduction', ['image', 'batch'])
+@pytest.mark.parametrize('include_background', [True, False])
+def test_generalized_dice_matches_monai(k, reduction, include_background):
+  # MONAI's GeneralizedDiceLoss (w_type='square') on the valid pixels: per image, each image's
+  # valid pixels as an image of its own (then the mean); per batch, all of them as one.
+  from monai.losses import GeneralizedDiceLoss
+  if k == 1 and not include_background:
+    pytest.skip('one output channel is its foreground either way')
+  rng = np.random.default_rng(k)
+  logits = rng.standard_normal((4, 6, 5, k)).astype(np.float32) * 2
+  ignore = max(k, 2)
+  # Imbalanced: class 0 in most pixels (where the weights matter); `ignore` is left out.
+  labels = np.where(rng.random((4, 6, 5)) < 0.6, 0, rng.integers(1, ignore + 1, (4, 6, 5)))
+  labels[1] = ignore                                        # nothing valid
+  labels[2] = np.where(labels[2] == 1, 0, labels[2])        # class 1 absent: MONAI's max weight
+  labels[3] = np.where(labels[3] == 0, ignore, labels[3])   # class 0 absent
+  smooth = 1e-3
+  gdl = GeneralizedDiceLoss(sigmoid=k == 1, softmax=k > 1, to_onehot_y=k > 1,
+                            include_background=include_background, smooth_nr=smooth,
+                            smooth_dr=smooth)
+  x = torch.tensor(logits).permute(0, 3, 1, 2).flatten(2)   # (N, C, pixels)
+  y = torch.tensor(labels).flatten(1)[:, None]
+  keep = y[:, 0] != ignore
+  if k == 1:
+    y = (y == 1).float()
+  if reduction == 'image':
+    want = np.mean([float(gdl(x[i:i + 1][..., keep[i]], y[i:i + 1][..., keep[i]]))
+                    for i in range(len(labels))])
+  else:
+    want = float(gdl(x.permute(1, 0, 2)[:, keep][None], y.permute(1, 0, 2)[:, keep][None]))
+  _, metrics = losses.segmentation_loss(
+      jnp.asarray(logits), labels, dice_weight=1.0, ignore_id=ignore, generalized_dice=True,
+      dice_reduction=reduction, dice_include_background=include_background, dice_smooth=smooth)
+  np.testing.assert_allclose(metrics['dice_loss'], want, rtol=1e-5, atol=1e-6)
+  plain = losses.segmentation_loss(
+      jnp.asarray(logits), labels, dice_weight=1.0, ignore_id=ignore, dice_reduction=reduction,
+      dice_include_background=include_background, dice_smooth=smooth)[1]
+  assert abs(float(plain['dice_loss']) - want) > 1e-3

@@ -185,16 +185,18 @@ def test_label_smoothing_through_the_step_on_eight_devices():
   assert _max_rel(eight, one) <= DP_TOL
 
 
-@pytest.mark.parametrize('classes,reduction,kind', [(3, 'batch', 'shard_map'),
-                                                    (1, 'batch', 'pmap'),
-                                                    (1, 'image', 'shard_map')])
-def test_lovasz_through_the_step_on_eight_devices(classes, reduction, kind):
-  # Over the global batch, every device sorts every pixel's error; per image, its own.
+@pytest.mark.parametrize('classes,reduction,kind,term', [
+    (3, 'batch', 'shard_map', 'lovasz'), (1, 'batch', 'pmap', 'lovasz'),
+    (1, 'image', 'shard_map', 'lovasz'), (3, 'batch', 'shard_map', 'generalized_dice')])
+def test_lovasz_and_generalized_dice_through_the_step_on_eight_devices(classes, reduction, kind,
+                                                                        term):
+  # Lovász over the global batch: every device sorts every pixel's error; per image, its own.
+  # The generalized Dice over the batch: each class's weight from the global batch's counts.
   config = tiny_config(**{'model.num_classes': classes})
   batches = _random_batches(2, seed=6)
   for b in batches:
     b['mask'] = b['mask'] + (classes - 1) * (b['image'][..., 0] > 0.8)
-  loss = dict(lovasz=True, dice_reduction=reduction)
+  loss = {term: True, 'dice_reduction': reduction}
   one = _run_steps(config, jax.devices()[:1], kind, batches, **loss)
   eight = _run_steps(config, jax.devices(), kind, batches, **loss)
   model = train.build_model(config, None)
@@ -202,6 +204,9 @@ def test_lovasz_through_the_step_on_eight_devices(classes, reduction, kind):
       train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
   want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, **loss)[1]
   np.testing.assert_allclose(eight[2][0]['dice_loss'], want['dice_loss'], rtol=1e-5)
+  plain = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
+                                   dice_reduction=reduction)[1]
+  assert abs(float(want['dice_loss']) - float(plain['dice_loss'])) > 1e-3
   assert _max_rel(eight, one) <= DP_TOL
 
 
@@ -708,6 +713,14 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'lovasz': True, 'dice_include_background': False, 'model.num_classes': 3},
      "lovasz=True scores every class present in the truth (its classes='present'); "
      "dice_include_background=False is the Dice term's: leave it True"),
+    (dict(generalized_dice=True), "generalized_dice=True weighs each class's counts by 1 / "
+     "(its pixels)^2, so dice_smooth=1.0 would outweigh them and hold the term near 0; set "
+     "--config.dice_smooth=1e-5 (MONAI's GeneralizedDiceLoss default)"),
+    (dict(generalized_dice=True, lovasz=True), 'generalized_dice=True is a Dice term of its '
+     'own: set it without --config.tversky and --config.lovasz'),
+    (dict(generalized_dice=True, dice_reduction='pooled'), "generalized_dice=True weighs each "
+     "class's counts: use dice_reduction 'image' or 'batch', not 'pooled' (which adds the "
+     "classes together)"),
     (dict(label_smoothing=1.5), 'label_smoothing=1.5 must be in [0, 1] (0: hard targets; '
      'e.g. 0.1)'),
     (dict(label_smoothing=0.1, focal_gamma=2.0), 'label_smoothing=0.1 and focal_gamma=2.0: use '
@@ -863,14 +876,17 @@ def test_one_value_per_channel_for_batch_norm_is_refused(overrides, message):
   config_checks.validate_config(tiny_config(batch_size=1, image_size=4), mesh)
 
 
-def test_dice_smooth_label_smoothing_and_lovasz_reach_the_train_step(tmp_path):
+def test_loss_options_reach_the_train_step(tmp_path):
   # The same first step, its Dice term smoothed by 1 pixel or by nnU-Net's 1e-5: the logged
   # cross-entropy is the same, the Dice term not (tested against nnU-Net's formula in
   # test_losses); its targets smoothed: the other way round (against torch's there); the
-  # Lovász loss in the Dice's place (test_lovasz).
+  # Lovász loss in the Dice's place (test_lovasz), and the generalized Dice.
   logged = []
   for i, fields in enumerate([dict(dice_smooth=1.0), dict(dice_smooth=1e-5),
-                              dict(label_smoothing=0.1), dict(lovasz=True)]):
+                              dict(label_smoothing=0.1), dict(lovasz=True),
+                              {'generalized_dice': True, 'model.num_classes': 2,
+                               'dice_smooth': 1e-5},
+                              {'model.num_classes': 2, 'dice_smooth': 1e-5}]):
     workdir = tmp_path / f'wd{i}'
     train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1,
                                          num_sample_images=0, **fields), str(workdir))
@@ -881,6 +897,8 @@ def test_dice_smooth_label_smoothing_and_lovasz_reach_the_train_step(tmp_path):
   assert abs(logged[0]['ce_loss'] - logged[2]['ce_loss']) > 1e-3
   assert logged[0]['ce_loss'] == logged[3]['ce_loss']  # the Lovász term in the Dice's place
   assert abs(logged[0]['dice_loss'] - logged[3]['dice_loss']) > 1e-3
+  assert logged[4]['ce_loss'] == logged[5]['ce_loss']
+  assert abs(logged[4]['dice_loss'] - logged[5]['dice_loss']) > 1e-3
 
 
 def test_cli_errors_are_one_line(tmp_path):

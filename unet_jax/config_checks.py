@@ -16,10 +16,14 @@ from unet_jax.errors import UserError
 from unet_jax.freezing import lr_multipliers
 from unet_jax.image_io import NORMALIZATION_CHOICES, NORMALIZATIONS, RESAMPLE_FILTERS
 from unet_jax.levers import CPU_SCHEDULERS, LEVERS
-from unet_jax.losses import DICE_REDUCTIONS
+from unet_jax.losses import DICE_REDUCTIONS, DICE_SMOOTH
 from unet_jax.lovasz import REDUCTIONS as LOVASZ_REDUCTIONS
 from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
 from unet_jax.profiling import check_profile_steps
+
+# The generalized Dice's weighted counts are about 1 / (a class's pixels): a smoothing above
+# this swamps them (MONAI's GeneralizedDiceLoss smooths by 1e-5).
+GENERALIZED_DICE_MAX_SMOOTH = 1e-3
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -228,6 +232,18 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     "both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice")
   if config.get('dice_reduction', 'image') not in DICE_REDUCTIONS:
     raise UserError(f'dice_reduction={config.dice_reduction!r}: use one of {DICE_REDUCTIONS}')
+  if config.get('generalized_dice', False):
+    if tversky or config.get('lovasz', False):
+      raise UserError('generalized_dice=True is a Dice term of its own: set it without '
+                      '--config.tversky and --config.lovasz')
+    if config.get('dice_reduction', 'image') == 'pooled':
+      raise UserError("generalized_dice=True weighs each class's counts: use dice_reduction "
+                      "'image' or 'batch', not 'pooled' (which adds the classes together)")
+    smooth = config.get('dice_smooth', DICE_SMOOTH)
+    if smooth > GENERALIZED_DICE_MAX_SMOOTH:
+      raise UserError(f"generalized_dice=True weighs each class's counts by 1 / (its pixels)^2, "
+                      f'so dice_smooth={smooth} would outweigh them and hold the term near 0; '
+                      'set --config.dice_smooth=1e-5 (MONAI\'s GeneralizedDiceLoss default)')
   if config.get('lovasz', False):
     if tversky:
       raise UserError(f'lovasz=True and tversky={tversky} both replace the Dice term; set one')

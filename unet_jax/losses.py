@@ -146,7 +146,7 @@ DICE_REDUCTIONS = ('image', 'batch', 'pooled')
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
                    tversky: tuple[float, float] | None = None, reduction: str = 'image',
                    axis_name: str | None = None, include_background: bool = True,
-                   smooth: float = DICE_SMOOTH) -> jax.Array:
+                   smooth: float = DICE_SMOOTH, generalized: bool = False) -> jax.Array:
   """1 - soft Dice per image and class, averaged; smoothed so empty masks are well defined:
   (2 TP + smooth) / (sum of probabilities + sum of targets + smooth), in soft counts. `smooth`
   1 pixel by default (MONAI's smooth_nr = smooth_dr = 1); nnU-Net's is 1e-5, milesial's 1e-6.
@@ -164,9 +164,17 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
   the smoothing.
   `include_background=False`: class 0 of a multi-class model is left out (MONAI's
   `DiceLoss(include_background=False)`, nnU-Net's Dice term); one output channel is the
-  foreground either way."""
+  foreground either way.
+  `generalized`: the generalized Dice (Sudre et al. 2017; MONAI's GeneralizedDiceLoss with
+  w_type='square'): one ratio over the classes, each weighed by 1 / (its target count)^2, so
+  small classes count as much as large ones: 1 - (2 sum_c w_c TP_c + s) / (sum_c w_c (P_c +
+  T_c) + s), per image (or once with reduction='batch'), then the mean. A class absent from
+  the truth takes the largest weight of the others (MONAI's rule; all absent: all 0)."""
   if reduction not in DICE_REDUCTIONS:
     raise ValueError(f'reduction={reduction!r}: use one of {DICE_REDUCTIONS}')
+  if generalized and (tversky is not None or reduction == 'pooled'):
+    raise ValueError("generalized: weighs each class's counts, so it takes no tversky and "
+                     "no reduction='pooled'")
   probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels)
   if not include_background and probs.shape[-1] > 1:
     probs, targets = probs[..., 1:], targets[..., 1:]
@@ -191,8 +199,20 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
     fp = count(probs * (1 - targets))
     fn = count((1 - probs) * targets)
     return 1.0 - ((inter + smooth) / (inter + alpha * fp + beta * fn + smooth)).mean()
-  denom = count(probs) + count(targets)
+  truth = count(targets)
+  denom = count(probs) + truth
+  if generalized:
+    return 1.0 - _generalized_dice(inter, denom, truth, smooth).mean()
   return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
+
+
+def _generalized_dice(inter: jax.Array, denom: jax.Array, truth: jax.Array,
+                      smooth: float) -> jax.Array:
+  """The generalized Dice of counts whose last axis is the classes (soft_dice_loss's)."""
+  present = truth > 0
+  w = jnp.where(present, 1.0 / jnp.where(present, truth, 1.0) ** 2, 0.0)
+  w = jnp.where(present, w, w.max(axis=-1, keepdims=True))
+  return (2 * (w * inter).sum(axis=-1) + smooth) / ((w * denom).sum(axis=-1) + smooth)
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: float,
@@ -201,14 +221,15 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
                       dice_reduction: str = 'image', dice_include_background: bool = True,
                       dice_smooth: float = DICE_SMOOTH, label_smoothing: float = 0.0,
-                      lovasz: bool = False,
+                      lovasz: bool = False, generalized_dice: bool = False,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Cross-entropy (focal when focal_gamma > 0, its targets smoothed by label_smoothing) +
   dice_weight * (1 - soft Dice, or the Tversky index with `tversky`; per image, or over the
   batch with dice_reduction='batch', over the batch and the classes with 'pooled'; without
   class 0 unless dice_include_background) on this device's share of the batch.
   `lovasz`: the Dice term is the Lovász loss instead (lovasz.py; per image, or over the batch
-  with dice_reduction='batch'), named `dice_loss` in the parts all the same.
+  with dice_reduction='batch'), named `dice_loss` in the parts all the same;
+  `generalized_dice`: the generalized Dice (soft_dice_loss's `generalized`).
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
@@ -223,13 +244,14 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
   ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma, label_smoothing,
                      valid, class_weights if k > 1 else None)
   if lovasz:
-    if tversky is not None or not dice_include_background:
+    if tversky is not None or not dice_include_background or generalized_dice:
       raise ValueError('lovasz replaces the Dice term: it takes no tversky, and every class '
-                       'present (dice_include_background=True)')
+                       'present (dice_include_background=True), and is not the '
+                       'generalized Dice')
     dice = lovasz_loss(logits, labels, valid, dice_reduction, axis_name)
   else:
     dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
-                          dice_include_background, dice_smooth)
+                          dice_include_background, dice_smooth, generalized_dice)
   loss = ce + dice_weight * dice
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 

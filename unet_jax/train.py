@@ -276,7 +276,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                ema_decay: float = 0.0, grad_accum_steps: int = 1, dice_reduction: str = 'image',
                dice_include_background: bool = True, dice_smooth: float = losses.DICE_SMOOTH,
                label_smoothing: float = 0.0, lovasz: bool = False,
-               frozen: tuple[str, ...] = (),
+               generalized_dice: bool = False, frozen: tuple[str, ...] = (),
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
 
@@ -298,7 +298,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
         focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
         dice_include_background=dice_include_background, dice_smooth=dice_smooth,
-        label_smoothing=label_smoothing, lovasz=lovasz)
+        label_smoothing=label_smoothing, lovasz=lovasz, generalized_dice=generalized_dice)
 
   trained, fixed = freezing.split(state.params, frozen)
 
@@ -710,6 +710,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         dice_smooth=config.get('dice_smooth', losses.DICE_SMOOTH),
                         label_smoothing=config.get('label_smoothing', 0.0),
                         lovasz=config.get('lovasz', False),
+                        generalized_dice=config.get('generalized_dice', False),
                         ema_decay=config.get('ema_decay', 0.0),
                         grad_accum_steps=config.get('grad_accum_steps', 1),
                         frozen=freezing.frozen_by_config(config)),
