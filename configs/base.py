@@ -173,7 +173,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 0.0    # > 0: clip the global gradient norm, as clip_grad_norm_
 
   config.loss = 'auto'           # 'bce' (num_classes=1), 'ce' (>=2), 'auto' picks by num_classes
-  config.dice_weight = 1.0       # loss = cross-entropy + dice_weight * (1 - soft Dice)
+  config.dice_weight = 1.0       # loss = ce_weight * cross-entropy + dice_weight * (1 - soft Dice)
+  config.ce_weight = 1.0         # 0: the Dice (Tversky, Lovász) term alone
   # Imbalanced classes, as torch's losses take them: softmax CE's per-class weights
   # (CrossEntropyLoss(weight=...)), one per class, () for none; BCE's foreground weight
   # (BCEWithLogitsLoss(pos_weight=...)).

@@ -713,6 +713,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'lovasz': True, 'dice_include_background': False, 'model.num_classes': 3},
      "lovasz=True scores every class present in the truth (its classes='present'); "
      "dice_include_background=False is the Dice term's: leave it True"),
+    (dict(ce_weight=-1.0), 'ce_weight=-1.0 must be at least 0'),
+    (dict(ce_weight=0.0, dice_weight=0.0), 'ce_weight=0 and dice_weight=0 leave no loss to '
+     'train; set either above 0'),
     (dict(generalized_dice=True), "generalized_dice=True weighs each class's counts by 1 / "
      "(its pixels)^2, so dice_smooth=1.0 would outweigh them and hold the term near 0; set "
      "--config.dice_smooth=1e-5 (MONAI's GeneralizedDiceLoss default)"),
@@ -886,7 +889,8 @@ def test_loss_options_reach_the_train_step(tmp_path):
                               dict(label_smoothing=0.1), dict(lovasz=True),
                               {'generalized_dice': True, 'model.num_classes': 2,
                                'dice_smooth': 1e-5},
-                              {'model.num_classes': 2, 'dice_smooth': 1e-5}]):
+                              {'model.num_classes': 2, 'dice_smooth': 1e-5},
+                              dict(ce_weight=0.0, dice_weight=2.0)]):
     workdir = tmp_path / f'wd{i}'
     train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1,
                                          num_sample_images=0, **fields), str(workdir))
@@ -899,6 +903,11 @@ def test_loss_options_reach_the_train_step(tmp_path):
   assert abs(logged[0]['dice_loss'] - logged[3]['dice_loss']) > 1e-3
   assert logged[4]['ce_loss'] == logged[5]['ce_loss']
   assert abs(logged[4]['dice_loss'] - logged[5]['dice_loss']) > 1e-3
+  # The cross-entropy weighed 0: the loss is the Dice term's alone (the cross-entropy logged).
+  assert logged[6]['ce_loss'] == logged[0]['ce_loss']
+  np.testing.assert_allclose(logged[6]['loss'], 2.0 * logged[6]['dice_loss'], rtol=1e-6)
+  np.testing.assert_allclose(logged[0]['loss'], logged[0]['ce_loss'] + logged[0]['dice_loss'],
+                             rtol=1e-6)
 
 
 def test_cli_errors_are_one_line(tmp_path):

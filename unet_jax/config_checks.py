@@ -58,6 +58,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                 'early_stop_patience'):
     if not config[field] >= 0:
       raise UserError(f'{field}={config[field]} must be at least 0')
+  if not config.get('ce_weight', 1.0) >= 0:
+    raise UserError(f'ce_weight={config.ce_weight} must be at least 0')
+  if config.get('ce_weight', 1.0) == 0 and config.dice_weight == 0:
+    raise UserError('ce_weight=0 and dice_weight=0 leave no loss to train; set either above 0')
   if not config.get('dice_smooth', 1.0) > 0:
     raise UserError(f'dice_smooth={config.dice_smooth} must be positive: a class absent from an '
                     'image and its prediction scores (0 + dice_smooth) / (0 + dice_smooth) = 1 '

@@ -222,11 +222,13 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       dice_reduction: str = 'image', dice_include_background: bool = True,
                       dice_smooth: float = DICE_SMOOTH, label_smoothing: float = 0.0,
                       lovasz: bool = False, generalized_dice: bool = False,
+                      ce_weight: float = 1.0,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Cross-entropy (focal when focal_gamma > 0, its targets smoothed by label_smoothing) +
-  dice_weight * (1 - soft Dice, or the Tversky index with `tversky`; per image, or over the
-  batch with dice_reduction='batch', over the batch and the classes with 'pooled'; without
-  class 0 unless dice_include_background) on this device's share of the batch.
+  """ce_weight * cross-entropy (focal when focal_gamma > 0, its targets smoothed by
+  label_smoothing; MONAI's DiceCELoss lambda_ce) + dice_weight * (1 - soft Dice, or the
+  Tversky index with `tversky`; per image, or over the batch with dice_reduction='batch', over
+  the batch and the classes with 'pooled'; without class 0 unless dice_include_background) on
+  this device's share of the batch.
   `lovasz`: the Dice term is the Lovász loss instead (lovasz.py; per image, or over the batch
   with dice_reduction='batch'), named `dice_loss` in the parts all the same;
   `generalized_dice`: the generalized Dice (soft_dice_loss's `generalized`).
@@ -252,7 +254,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
   else:
     dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
                           dice_include_background, dice_smooth, generalized_dice)
-  loss = ce + dice_weight * dice
+  loss = ce_weight * ce + dice_weight * dice  # (ce_loss is logged unweighted either way)
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 
 

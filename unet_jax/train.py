@@ -276,7 +276,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
                ema_decay: float = 0.0, grad_accum_steps: int = 1, dice_reduction: str = 'image',
                dice_include_background: bool = True, dice_smooth: float = losses.DICE_SMOOTH,
                label_smoothing: float = 0.0, lovasz: bool = False,
-               generalized_dice: bool = False, frozen: tuple[str, ...] = (),
+               generalized_dice: bool = False, ce_weight: float = 1.0, frozen: tuple[str, ...] = (),
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
 
@@ -298,7 +298,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
         focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
         dice_include_background=dice_include_background, dice_smooth=dice_smooth,
-        label_smoothing=label_smoothing, lovasz=lovasz, generalized_dice=generalized_dice)
+        label_smoothing=label_smoothing, lovasz=lovasz, generalized_dice=generalized_dice,
+        ce_weight=ce_weight)
 
   trained, fixed = freezing.split(state.params, frozen)
 
@@ -700,6 +701,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
       functools.partial(train_step, model=train_model, dice_weight=config.dice_weight,
+                        ce_weight=config.get('ce_weight', 1.0),
                         ignore_id=info.ignore_id,
                         class_weights=tuple(config.get('class_weights', ())) or None,
                         pos_weight=config.get('pos_weight', 1.0),
