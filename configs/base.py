@@ -117,7 +117,12 @@ def get_config() -> ml_collections.ConfigDict:
       # (its low-resolution simulation, (0.5, 1.0)); (): off. The share of examples, then of
       # their channels, that each applies to (nnU-Net's 0.2 and 0.5, 0.25 and 0.5).
       blur=(), blur_prob=1.0, blur_channel_prob=1.0,
-      low_resolution=(), low_resolution_prob=1.0, low_resolution_channel_prob=1.0))
+      low_resolution=(), low_resolution_prob=1.0, low_resolution_channel_prob=1.0,
+      # > 0: the UNet paper's elastic deformation: displacements drawn from N(0, sigma^2)
+      # pixels (at image_size, before crop_size's patch) on an elastic_grid x elastic_grid
+      # grid over the example, interpolated by cubic splines; the paper's sigma 10 and 3x3
+      # grid. elastic_prob: the share of examples deformed.
+      elastic_sigma=0.0, elastic_grid=3, elastic_prob=1.0))
 
   config.image_size = 64
   # (height, width) for images that are not square, e.g. (320, 480) for 2:3 photos (both

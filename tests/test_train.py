@@ -752,6 +752,12 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'data.num_folds': 5, 'data.fold_seed': -2}, "data.fold_seed=-2 must be -1 (contiguous "
      "folds) or a seed in 0..2**32-1 (12345: nnU-Net's folds)"),
     ({'data.num_folds': 5, 'data.fold_seed': 2**32}, 'data.fold_seed=4294967296 must be -1'),
+    ({'augment.elastic_sigma': -1.0}, "augment.elastic_sigma=-1.0 must be at least 0: the "
+     "grid's displacements' standard deviation in pixels (the UNet paper's 10; 0: off)"),
+    ({'augment.elastic_grid': 1}, "augment.elastic_grid=1 must be at least 2: the nodes per "
+     "side of the displacements' grid (the UNet paper's 3)"),
+    ({'augment.elastic_prob': 1.5}, 'augment.elastic_prob=1.5 must be in [0, 1]: the share of '
+     'examples augment.elastic_sigma applies to (1: every one)'),
     ({'augment.rotate_degrees': 200.0}, 'augment.rotate_degrees=200.0 must be in [0, 180]: '
      'angles are drawn from [-rotate_degrees, rotate_degrees] (0: off)'),
     (dict(crop_size=32), 'crop_size=32 must be between 2**model.depth=2 and the smaller side '

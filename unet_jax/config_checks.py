@@ -139,6 +139,13 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if gamma and not _is_range(gamma):
     raise UserError(f"augment.gamma={gamma} must be (low, high) with 0 < low <= high, e.g. "
                     "--config.augment.gamma='(0.7,1.5)' (nnU-Net's); () for none")
+  if not config.augment.get('elastic_sigma', 0.0) >= 0:
+    raise UserError(f'augment.elastic_sigma={config.augment.elastic_sigma} must be at least 0: '
+                    "the grid's displacements' standard deviation in pixels (the UNet paper's "
+                    '10; 0: off)')
+  if config.augment.get('elastic_grid', 3) < 2:
+    raise UserError(f'augment.elastic_grid={config.augment.elastic_grid} must be at least 2: '
+                    "the nodes per side of the displacements' grid (the UNet paper's 3)")
   if not config.augment.get('noise', 0.0) >= 0:
     raise UserError(f'augment.noise={config.augment.noise} must be at least 0: the largest '
                     'standard deviation of the Gaussian noise (0: none)')
@@ -161,11 +168,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     "augment.intensity_recipe='nnunet' and an augment.gamma range")
   _check_nnunet_ranges(config.augment, recipe)
   for name in ('brightness', 'contrast', 'gamma', 'noise', 'inverted_gamma', 'blur',
-               'low_resolution', 'rotate', 'scale'):
+               'low_resolution', 'rotate', 'scale', 'elastic'):
     prob = config.augment.get(f'{name}_prob', 1.0)
     if not 0 <= prob <= 1:
       what = {'inverted_gamma': 'the gamma of the inverted image',
-              'rotate': 'augment.rotate_degrees'}.get(name, f'augment.{name}')
+              'rotate': 'augment.rotate_degrees',
+              'elastic': 'augment.elastic_sigma'}.get(name, f'augment.{name}')
       raise UserError(f'augment.{name}_prob={prob} must be in [0, 1]: the share of examples '
                       f'{what} applies to (1: every one)')
   for name in ('blur', 'low_resolution'):

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unet_jax import elastic
 from unet_jax.ct_normalization import (
   CT_SAMPLES,
   CTStatistics,
@@ -270,9 +271,11 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   then each channel to mean 0 and deviation 1 over the whole resized image, as nnU-Net normalises a
   case before it cuts its patches; 'minmax': each channel stretched to [0, 1] so; a run's
   CTStatistics: nnU-Net's CT normalisation), random brightness and contrast, gamma, Gaussian noise
-  (not clipped, as MONAI's). The corners a rotation brings in are black with mask label `fill_label`
-  (0, or the ignored label); with a `normalize` other than 'unit', 0 after it and left out of
-  its statistics, as nnU-Net pads its normalised image (`normalized`'s `inside`).
+  (not clipped, as MONAI's); `elastic_sigma` > 0: the UNet paper's elastic deformation
+  (elastic.py) at the training size, before the patch. The corners a rotation brings in are
+  black with mask label `fill_label` (0, or the ignored label); with a `normalize` other than
+  'unit', 0 after it and left out of its statistics, as nnU-Net pads its normalised image
+  (`normalized`'s `inside`).
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""
@@ -315,6 +318,14 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
     if inside is not None:  # (as nnU-Net pads its normalised image)
       inside = resize(inside, height, width, Image.NEAREST).astype(bool)
     image = normalized(image.astype(np.float32) / peak, normalize, inside)
+  if augment and aug.get('elastic_sigma', 0.0):
+    # (at the training size, before the patch is cut: sigma is in those pixels; the image in
+    # its own units still, float32 now)
+    applied = applies(rng, aug.get('elastic_prob', 1.0))
+    field = elastic.displacement_field(rng, height, width, aug.elastic_sigma,
+                                       aug.get('elastic_grid', 3))
+    if applied:
+      image, mask = elastic.deform(image, mask, field)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
     if crop_foreground and rng.random() < crop_foreground:
