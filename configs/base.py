@@ -120,8 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
       low_resolution=(), low_resolution_prob=1.0, low_resolution_channel_prob=1.0,
       # > 0: the UNet paper's elastic deformation: displacements drawn from N(0, sigma^2)
       # pixels (at image_size, before crop_size's patch) on an elastic_grid x elastic_grid
-      # grid over the example, interpolated by cubic splines; the paper's sigma 10 and 3x3
-      # grid. elastic_prob: the share of examples deformed.
+      # grid over the example, interpolated by cubic splines, the image read by cubic spline
+      # and the mask nearest; the paper's sigma 10 and 3x3 grid. elastic_prob: the share of
+      # examples deformed.
       elastic_sigma=0.0, elastic_grid=3, elastic_prob=1.0))
 
   config.image_size = 64
@@ -191,6 +192,12 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: the cross-entropy's targets smoothed, as torch's CrossEntropyLoss(label_smoothing=...):
   # 1 - e + e/K for the true class, e/K for each other (BCE: y(1 - e) + e/2). Not with focal.
   config.label_smoothing = 0.0
+  # > 0: the UNet paper's weight map (its eq. 2) in the cross-entropy: each background pixel's
+  # weight gets border_weight * exp(-(d1 + d2)^2 / (2 border_sigma^2)), d1 and d2 its distances
+  # in pixels to the nearest and second nearest object, so that the gaps between touching
+  # objects are learnt; the paper's 10 and 5. 0: off.
+  config.border_weight = 0.0
+  config.border_sigma = 5.0
   # (alpha, beta): the Dice term becomes 1 - the Tversky index, TP / (TP + alpha FP + beta FN)
   # (MONAI's TverskyLoss): beta > alpha, e.g. (0.3, 0.7), costs missed foreground more than
   # false alarms, for small structures. (): the soft Dice.
