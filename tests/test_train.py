@@ -210,6 +210,32 @@ def test_lovasz_and_generalized_dice_through_the_step_on_eight_devices(classes, 
   assert _max_rel(eight, one) <= DP_TOL
 
 
+@pytest.mark.parametrize('deep', [False, True])
+def test_border_weight_maps_through_the_step_on_eight_devices(deep):
+  # The batches' 'weight' maps (the UNet paper's term, as the stream gives them) weigh the
+  # cross-entropy over the global batch: each device's sum over the global total.
+  config = tiny_config(**{'model.depth': 3, 'model.deep_supervision': deep})
+  batches = _random_batches(2, seed=8)
+  rng = np.random.default_rng(8)
+  for b in batches:
+    b['weight'] = (rng.random(b['mask'].shape) * 10 * (rng.random(b['mask'].shape) < 0.3)
+                   ).astype(np.float32)
+    b['weight'][:3] *= 5                                  # (devices' totals unequal)
+  one = _run_steps(config, jax.devices()[:1], 'shard_map', batches)
+  eight = _run_steps(config, jax.devices(), 'shard_map', batches)
+  model = train.build_model(config, None)
+  outputs = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                              all_scales=deep)[0])(
+      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  logits = outputs[0] if deep else outputs
+  want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
+                                  border=batches[0]['weight'])[1]
+  np.testing.assert_allclose(eight[2][0]['ce_loss'], want['ce_loss'], rtol=1e-5)
+  unweighted = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0)[1]
+  assert abs(float(want['ce_loss']) - float(unweighted['ce_loss'])) > 1e-3
+  assert _max_rel(eight, one) <= DP_TOL
+
+
 def test_ema_of_the_weights_follows_torch_averaged_model():
   # torch's AveragedModel(get_ema_multi_avg_fn(decay), use_buffers=True), told the weights
   # after each step (its first update copies them: the average starts at the initial weights),
@@ -724,6 +750,12 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     (dict(generalized_dice=True, dice_reduction='pooled'), "generalized_dice=True weighs each "
      "class's counts: use dice_reduction 'image' or 'batch', not 'pooled' (which adds the "
      "classes together)"),
+    (dict(border_weight=-1.0), "border_weight=-1.0 must be at least 0: the UNet paper's w0 "
+     "(its 10; 0: off)"),
+    (dict(border_sigma=0.0), "border_sigma=0.0 must be positive: the width in pixels of the "
+     "UNet paper's separation term (its 5)"),
+    (dict(border_weight=10.0, label_smoothing=0.1), 'border_weight=10.0 and label_smoothing=0.1: '
+     'use one of them (torch defines no smoothing of a per-pixel weighted cross-entropy)'),
     (dict(label_smoothing=1.5), 'label_smoothing=1.5 must be in [0, 1] (0: hard targets; '
      'e.g. 0.1)'),
     (dict(label_smoothing=0.1, focal_gamma=2.0), 'label_smoothing=0.1 and focal_gamma=2.0: use '
@@ -896,7 +928,8 @@ def test_loss_options_reach_the_train_step(tmp_path):
                               {'generalized_dice': True, 'model.num_classes': 2,
                                'dice_smooth': 1e-5},
                               {'model.num_classes': 2, 'dice_smooth': 1e-5},
-                              dict(ce_weight=0.0, dice_weight=2.0)]):
+                              dict(ce_weight=0.0, dice_weight=2.0),
+                              dict(border_weight=10.0)]):
     workdir = tmp_path / f'wd{i}'
     train.train_and_evaluate(tiny_config(num_train_steps=1, eval_every_steps=1,
                                          num_sample_images=0, **fields), str(workdir))
@@ -914,6 +947,9 @@ def test_loss_options_reach_the_train_step(tmp_path):
   np.testing.assert_allclose(logged[6]['loss'], 2.0 * logged[6]['dice_loss'], rtol=1e-6)
   np.testing.assert_allclose(logged[0]['loss'], logged[0]['ce_loss'] + logged[0]['dice_loss'],
                              rtol=1e-6)
+  # The UNet paper's weight map: the cross-entropy weighed, the Dice term not.
+  assert logged[7]['dice_loss'] == logged[0]['dice_loss']
+  assert abs(logged[7]['ce_loss'] - logged[0]['ce_loss']) > 1e-4
 
 
 def test_cli_errors_are_one_line(tmp_path):

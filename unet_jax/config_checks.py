@@ -230,6 +230,17 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not 0 <= gamma < float('inf'):
     raise UserError(f'focal_gamma={gamma} must be at least 0 (0: plain cross-entropy; the focal '
                     'loss paper uses 2)')
+  border = config.get('border_weight', 0.0)
+  if not 0 <= border < float('inf'):
+    raise UserError(f"border_weight={border} must be at least 0: the UNet paper's w0 (its 10; "
+                    '0: off)')
+  if not config.get('border_sigma', 5.0) > 0:
+    raise UserError(f'border_sigma={config.border_sigma} must be positive: the width in pixels '
+                    "of the UNet paper's separation term (its 5)")
+  if border and config.get('label_smoothing', 0.0):
+    raise UserError(f'border_weight={border} and label_smoothing={config.label_smoothing}: use '
+                    'one of them (torch defines no smoothing of a per-pixel weighted '
+                    'cross-entropy)')
   smoothing = config.get('label_smoothing', 0.0)
   if not 0 <= smoothing <= 1:
     raise UserError(f'label_smoothing={smoothing} must be in [0, 1] (0: hard targets; e.g. 0.1)')

@@ -31,7 +31,7 @@ def nearest_exact_indices(size: int, out: int) -> np.ndarray:
 
 def downsampled_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
   """Labels (N, H, W) at (h, w) = `shape`, each pixel the nearest-exact source's label (an
-  ignored label stays ignored)."""
+  ignored label stays ignored); any per-pixel map likewise."""
   rows = nearest_exact_indices(labels.shape[1], shape[0])
   cols = nearest_exact_indices(labels.shape[2], shape[1])
   return labels[:, rows][:, :, cols]
@@ -39,14 +39,21 @@ def downsampled_labels(labels: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 def deep_supervision_loss(
     outputs: Sequence[jax.Array], labels: jax.Array,
-    loss: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]],
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
+    border: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """sum_i w_i * loss(outputs[i], labels at outputs[i]'s size), with `loss_weights`; the
-  metrics are the full-size output's, but for 'loss', the weighted sum."""
+  metrics are the full-size output's, but for 'loss', the weighted sum. `border` (a per-pixel
+  weight map, the UNet paper's): taken by the same pixels as the labels, passed on as
+  loss(logits, labels, border)."""
   total, metrics = None, {}
   for i, (logits, weight) in enumerate(zip(outputs, loss_weights(len(outputs)), strict=True)):
     scaled = labels if i == 0 else downsampled_labels(labels, logits.shape[1:3])
-    value, these = loss(logits, scaled)
+    if border is None:
+      value, these = loss(logits, scaled)
+    else:
+      value, these = loss(logits, scaled,
+                          border if i == 0 else downsampled_labels(border, logits.shape[1:3]))
     total = weight * value if total is None else total + weight * value
     if i == 0:
       metrics = dict(these)

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unet_jax import elastic
+from unet_jax import border_weights, elastic
 from unet_jax.ct_normalization import (
   CT_SAMPLES,
   CTStatistics,
@@ -262,6 +262,7 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                rng: np.random.Generator | None, aug: ml_collections.ConfigDict | None,
                resample: str = 'bilinear', fill_label: int = 0, crop: int = 0,
                crop_foreground: float = 0.0, normalize: str | CTStatistics = 'unit',
+               border: tuple[float, float] | None = None, ignore_id: int | None = None,
                ) -> dict[str, np.ndarray]:
   """Random scale-crop, flips, quarter turns, rotation and scaling (when `rng` is given), resize to
   `image_size` (a square's side, or (height, width); the image with PIL's `resample` filter, the
@@ -273,7 +274,10 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   CTStatistics: nnU-Net's CT normalisation), random brightness and contrast, gamma, Gaussian noise
   (not clipped, as MONAI's); `elastic_sigma` > 0: the UNet paper's elastic deformation
   (elastic.py) at the training size, before the patch. The corners a rotation brings in are
-  black with mask label `fill_label` (0, or the ignored label); with a `normalize` other than
+  black with mask label `fill_label` (0, or the ignored label). `border` (w0, sigma): the
+  example gets a 'weight' map too, the UNet paper's separation term (border_weights.py) of its
+  mask at the training size (the mask's ignored id `ignore_id`), cut as the patch is. With a
+  `normalize` other than
   'unit', 0 after it and left out of its statistics, as nnU-Net pads its normalised image
   (`normalized`'s `inside`).
 
@@ -326,16 +330,20 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
                                        aug.get('elastic_grid', 3))
     if applied:
       image, mask = elastic.deform(image, mask, field)
+  weight = None if border is None else border_weights.separation_term(mask, *border, ignore_id)
   if augment and crop:
     y0, x0 = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
     if crop_foreground and rng.random() < crop_foreground:
       y0, x0 = _foreground_crop(mask, crop, rng, fill_label, (y0, x0))
     image, mask = image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
+    weight = None if weight is None else weight[y0:y0 + crop, x0:x0 + crop]
+  extra = {} if weight is None else {'weight': weight}
   if normalize == 'unit':
     image = image.astype(np.float32) / peak
   if augment and aug.get('intensity_recipe', 'jitter') == 'nnunet':
     from unet_jax import nnunet_intensity
-    return {'image': nnunet_intensity.augment(image, rng, aug), 'mask': mask.astype(np.int32)}
+    return {'image': nnunet_intensity.augment(image, rng, aug), 'mask': mask.astype(np.int32),
+            **extra}
   if augment and (aug.get('brightness', 0.0) or aug.get('contrast', 0.0)):
     image = _jitter(image, rng, aug.get('brightness', 0.0), aug.get('contrast', 0.0),
                     aug.get('brightness_prob', 1.0), aug.get('contrast_prob', 1.0))
@@ -347,7 +355,7 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
     # (the last draws: skipping them where the noise is not applied shifts no later one)
     std = np.float32(rng.uniform(0, aug.noise))
     image = image + std * rng.standard_normal(image.shape, np.float32)
-  return {'image': image, 'mask': mask.astype(np.int32)}
+  return {'image': image, 'mask': mask.astype(np.int32), **extra}
 
 
 def applies(rng: np.random.Generator, prob: float) -> bool:
@@ -472,6 +480,9 @@ class _TrainExample(grain.transforms.Map):
     self.source, self.config, self.offset = source, config, offset
     # Rotated-in corners are labelled ignored where the data has such a label, else class 0.
     self.fill_label = 0 if ignore_id is None else ignore_id
+    self.ignore_id = ignore_id
+    w0 = config.get('border_weight', 0.0)
+    self.border = (w0, config.get('border_sigma', 5.0)) if w0 else None
     self.global_batch = config.batch_size
     self.local_batch = config.batch_size // process_count
     self.process_index = process_index
@@ -487,7 +498,7 @@ class _TrainExample(grain.transforms.Map):
                       image_resample(self.config), self.fill_label,
                       self.config.get('crop_size', 0),
                       self.foreground_share(int(self.order[slot % self.global_batch])),
-                      image_normalization(self.config))
+                      image_normalization(self.config), self.border, self.ignore_id)
 
   def source_index(self, g: int) -> int:
     """The example at global stream position `g`: position g % n of pass g // n's permutation

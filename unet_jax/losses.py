@@ -222,7 +222,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       dice_reduction: str = 'image', dice_include_background: bool = True,
                       dice_smooth: float = DICE_SMOOTH, label_smoothing: float = 0.0,
                       lovasz: bool = False, generalized_dice: bool = False,
-                      ce_weight: float = 1.0,
+                      ce_weight: float = 1.0, border: jax.Array | None = None,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ce_weight * cross-entropy (focal when focal_gamma > 0, its targets smoothed by
   label_smoothing; MONAI's DiceCELoss lambda_ce) + dice_weight * (1 - soft Dice, or the
@@ -232,10 +232,20 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
   `lovasz`: the Dice term is the Lovász loss instead (lovasz.py; per image, or over the batch
   with dice_reduction='batch'), named `dice_loss` in the parts all the same;
   `generalized_dice`: the generalized Dice (soft_dice_loss's `generalized`).
+  `border` (N, H, W): the UNet paper's separation term (border_weights.py), added to each
+  pixel's weight in the cross-entropy (its class weight, else 1), which is then the weighted
+  sum over the weights' sum, as with class weights; the Dice term is unweighted.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
   labels, valid = valid_labels(labels, ignore_id)
   weights = pixel_weights(labels, valid, class_weights if logits.shape[-1] > 1 else None)
+  if border is not None:
+    if label_smoothing:
+      raise ValueError('border and label_smoothing: use one of them (torch defines no '
+                       'smoothing of a per-pixel weighted cross-entropy)')
+    border = border.astype(jnp.float32)
+    weights = ((jnp.ones(labels.shape, jnp.float32) if weights is None else weights)
+               + (border if valid is None else jnp.where(valid, border, 0.0)))
   total = None
   if weights is not None and axis_name is not None:
     # This share of the global weighted sum, scaled so that the mean over devices is that sum

@@ -292,9 +292,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   are 0 (the optimizer leaves them as they are), and the backward pass that nothing trained
   needs (a frozen encoder's) is not built."""
 
-  def scale_loss(logits, labels):
+  def scale_loss(logits, labels, border=None):
     return losses.segmentation_loss(
-        logits, labels, dice_weight=dice_weight, ignore_id=ignore_id,
+        logits, labels, dice_weight=dice_weight, ignore_id=ignore_id, border=border,
         axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
         focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
         dice_include_background=dice_include_background, dice_smooth=dice_smooth,
@@ -307,8 +307,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
     outputs, updates = model.apply({'params': {**fixed, **trained}, 'batch_stats': batch_stats},
                                    micro['image'], train=True, mutable=['batch_stats'],
                                    all_scales=model.deep_supervision)
-    loss, metrics = (deep_supervision_loss(outputs, micro['mask'], scale_loss)
-                     if model.deep_supervision else scale_loss(outputs, micro['mask']))
+    border = micro.get('weight')  # (the UNet paper's weight map, with config.border_weight)
+    loss, metrics = (deep_supervision_loss(outputs, micro['mask'], scale_loss, border)
+                     if model.deep_supervision else scale_loss(outputs, micro['mask'], border))
     return loss, (metrics, updates['batch_stats'])
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
