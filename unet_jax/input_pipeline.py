@@ -274,12 +274,11 @@ def preprocess(example: dict[str, np.ndarray], image_size: int | Sequence[int],
   CTStatistics: nnU-Net's CT normalisation), random brightness and contrast, gamma, Gaussian noise
   (not clipped, as MONAI's); `elastic_sigma` > 0: the UNet paper's elastic deformation
   (elastic.py) at the training size, before the patch. The corners a rotation brings in are
-  black with mask label `fill_label` (0, or the ignored label). `border` (w0, sigma): the
-  example gets a 'weight' map too, the UNet paper's separation term (border_weights.py) of its
-  mask at the training size (the mask's ignored id `ignore_id`), cut as the patch is. With a
-  `normalize` other than
+  black with mask label `fill_label` (0, or the ignored label); with a `normalize` other than
   'unit', 0 after it and left out of its statistics, as nnU-Net pads its normalised image
-  (`normalized`'s `inside`).
+  (`normalized`'s `inside`). `border` (w0, sigma): the example gets a 'weight' map too, the
+  UNet paper's separation term (border_weights.py) of its mask at the training size (the
+  mask's ignored id `ignore_id`), cut as the patch is.
 
   Each optional augmentation draws from `rng` only when it is on, so turning one on leaves the
   draws of the others, and a stream without it, as they were."""

@@ -1,5 +1,9 @@
 """Segmentation losses (BCE or softmax CE, plus soft Dice) and metrics (Dice, IoU, accuracy).
 
+The cross-entropy may be focal, label-smoothed, class-weighted or weighed per pixel (the UNet
+paper's map, border_weights.py); the Dice term may be the Tversky index, the generalized Dice
+or the Lovász loss (lovasz.py) instead.
+
 Labels are integer class ids (N, H, W). With one output channel the model is binary (logit of
 the foreground); with K channels it is K-way softmax. Metrics are computed per image and then
 averaged, with the convention that a class absent from both truth and prediction scores 1 (an
