@@ -724,6 +724,33 @@ def test_small_regions_as_a_flood_fill_finds_them():
   assert not PostProcessing() and PostProcessing()(masks) is masks
 
 
+def _instances_by_flood_fill(classes):
+  """Every 4-connected region of every class but 0, numbered 1, 2, ... by its first pixel in
+  reading order."""
+  found = [r for regions in _regions_by_flood_fill(classes, diagonal=False).values()
+           for r in regions]
+  out = np.zeros(classes.shape, np.int64)
+  for k, region in enumerate(sorted(found, key=lambda r: min(r)), start=1):
+    for y, x in region:
+      out[y, x] = k
+  return out
+
+
+def test_instance_labels_as_a_flood_fill_numbers_them():
+  from unet_jax.post_processing import instance_labels
+  rng = np.random.default_rng(13)
+  masks = rng.choice(4, size=(2, 3, 17, 23), p=[0.5, 0.3, 0.1, 0.1]).astype(np.int32)
+  masks[1, 2] = 0                                          # nothing
+  masks[1, 1] = 2                                          # one region, no background
+  got = instance_labels(masks)
+  for index in np.ndindex(2, 3):
+    np.testing.assert_array_equal(got[index], _instances_by_flood_fill(masks[index]))
+  assert got[0, 0].max() > 20 and got[1, 1].max() == 1 and not got[1, 2].any()
+  corner = np.zeros((4, 4), np.int32)
+  corner[1, 1] = corner[2, 2] = 1                         # (touching at a corner: two objects)
+  assert instance_labels(corner).max() == 2
+
+
 def test_post_processing_in_predict_and_its_command_line(tmp_path, capsys):
   from unet_jax.post_processing import keep_largest_component, remove_small_regions
   # The plain masks of this model hold many regions, of many sizes.
@@ -758,6 +785,20 @@ def test_post_processing_in_predict_and_its_command_line(tmp_path, capsys):
                str(tmp_path / 'out'), '--min_region_size', '6']) == 0, capsys.readouterr().err
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_mask.png')),
                                 np.where(small_gone == 1, 200, 0))
+  # --instances: each object of the written mask numbered, in a 16-bit PNG.
+  assert main([str(tmp_path / 'a.png'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out'), '--instances']) == 0, capsys.readouterr().err
+  ids = Image.open(tmp_path / 'out' / 'a_instances.png')
+  assert ids.mode.startswith('I') and ids.size == (44, 40)
+  np.testing.assert_array_equal(np.asarray(ids), _instances_by_flood_fill(plain[..., :, :]))
+  assert np.asarray(ids).max() > 5
+  capsys.readouterr()
+  assert main([str(tmp_path / 'a.png'), '--checkpoint', str(converted), '--output',
+               str(tmp_path / 'out3'), '--instances', '--mask_suffix', '_instances']) == 2
+  assert capsys.readouterr().err == ('error: --mask_suffix _instances would write the masks '
+                                     'and the instance images (--instances) to the same files; '
+                                     'choose another suffix\n')
+  assert not (tmp_path / 'out3').exists()
   np.testing.assert_array_equal(
       unet_jax.predict(model, variables, image[..., None], largest_component=True,
                        min_region_size=1000), np.zeros_like(plain))

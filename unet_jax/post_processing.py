@@ -69,6 +69,28 @@ def remove_small_regions(classes: np.ndarray, min_size: int) -> np.ndarray:
   return _drop_from_each_class(classes, small_ones)
 
 
+def instance_labels(classes: np.ndarray) -> np.ndarray:
+  """(..., H, W) int64: in each image, each 4-connected region of each class but 0 numbered 1,
+  2, ... in reading order of its first pixel (its top row's leftmost), 0 elsewhere: the objects
+  of a model trained to keep the gaps between them (config.border_weight, the UNet paper's
+  weight map), one id each, as scikit-image's `label(mask, connectivity=1)` numbers them."""
+  out = np.zeros(classes.shape, np.int64)
+  for index in np.ndindex(classes.shape[:-2]):
+    image, ids, count = classes[index], out[index], 0
+    for c in np.unique(image):
+      if c != 0:
+        regions, found = _regions(image == c, diagonal=False)
+        ids[regions > 0] = regions[regions > 0] + count
+        count += found
+    # Renumbered by first pixel across the classes (each class's own are already in order).
+    present, first = np.unique(ids, return_index=True)
+    first, present = first[present > 0], present[present > 0]
+    renumber = np.zeros(count + 1, np.int64)
+    renumber[present[np.argsort(first)]] = np.arange(1, len(present) + 1)
+    out[index] = renumber[ids]
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class PostProcessing:
   """Which post-processing a prediction gets: none by default. Both: small regions go first,

@@ -51,7 +51,7 @@ from unet_jax.image_io import (
 )
 from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
-from unet_jax.post_processing import PostProcessing
+from unet_jax.post_processing import PostProcessing, instance_labels
 from unet_jax.post_processing import keep_largest_component as keep_largest_component
 
 
@@ -450,6 +450,17 @@ def _class_colours(classes: int, mask_values: list, palette: Sequence[int] = ())
   return np.asarray([[0, 0, 0], *cycle], np.float32)
 
 
+def _write_instances(ids: np.ndarray, output: str, stem: str) -> None:
+  """NAME_instances.png, 16-bit gray: each object's id (post_processing.instance_labels)."""
+  from PIL import Image
+  if ids.max(initial=0) > 65535:
+    raise UserError(f'{stem}: {ids.max()} objects do not fit a 16-bit instance image; leave '
+                    'out --instances, or predict smaller images')
+  tmp = os.path.join(output, f'.{stem}_instances.png.tmp')
+  Image.fromarray(ids.astype(np.uint16)).save(tmp, format='PNG')
+  os.replace(tmp, os.path.join(output, f'{stem}_instances.png'))
+
+
 def _overlay(image: np.ndarray, classes: np.ndarray, colours: np.ndarray) -> np.ndarray:
   """The image with every class but 0 (the background, by the sorted values) tinted."""
   rgb = drawable(image)
@@ -475,6 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "comma-separated, name one gray file per channel (_0000,_0001: "
                       "NAME_0000.png and NAME_0001.png are the channels of NAME)")
   p.add_argument('--overlay', action='store_true', help='also write NAME_overlay.png')
+  p.add_argument('--instances', action='store_true',
+                 help='also write NAME_instances.png: 16-bit, each connected region (4 '
+                      'neighbours) of each class but 0 numbered 1, 2, ... (the objects of a '
+                      'model trained with --config.border_weight)')
   p.add_argument('--tile', type=parse_size, default=None,
                  help='run large images in overlapping tiles of TILE x TILE (or HEIGHTxWIDTH) '
                       'pixels, each side a multiple of 2**depth')
@@ -521,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = _collect(args.inputs)
     suffixes = image_suffixes(args.image_suffix, '--image_suffix')
     also = ([('overlay', '_overlay.png')] if args.overlay else []) + (
-        [('probabilities', '_prob.npy')] if args.probabilities else [])
+        [('probabilities', '_prob.npy')] if args.probabilities else []) + (
+        [('instances', '_instances.png')] if args.instances else [])
     if len(suffixes) > 1:  # (one gray file per channel: a case is the tuple of its files)
       cases = list(channel_cases(files, suffixes, _misnamed(args.image_suffix),
                                  '--image_suffix').values())
@@ -529,9 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       cases = files
     names = _output_names([first_file(c) for c in cases], args.output, suffixes[0],
                           args.mask_suffix, also, inputs=files)
-    if args.overlay and args.mask_suffix == '_overlay':
-      raise UserError('--mask_suffix _overlay would write the masks and the overlays (--overlay) '
-                      'to the same files; choose another suffix')
+    for flag, written in (('overlay', 'overlays'), ('instances', 'instance images')):
+      if getattr(args, flag) and args.mask_suffix == f'_{flag}':
+        raise UserError(f'--mask_suffix _{flag} would write the masks and the {written} '
+                        f'(--{flag}) to the same files; choose another suffix')
     loaded = load_one_task(args.checkpoint, args.normalize)
     model, _, meta = loaded[0]
     members = [(m, v) for m, v, _ in loaded]
@@ -615,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           if args.overlay:
             Image.fromarray(_overlay(image, classes, colours)).save(
                 os.path.join(args.output, f'{stem}_overlay.png'))
+          if args.instances:
+            _write_instances(instance_labels(classes), args.output, stem)
           bar.update(1)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
