@@ -186,6 +186,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (BCEWithLogitsLoss(pos_weight=...)).
   config.class_weights = ()
   config.pos_weight = 1.0
+  # True: those from the training split's pixel counts instead: class c weighs n / (K n_c)
+  # (scikit-learn's 'balanced'; the UNet paper's w_c), BCE's pos_weight n_0 / n_1. Counted
+  # once (recorded with the checkpoints, which a resume reuses).
+  config.balanced_class_weights = False
   # > 0: focal loss instead of plain cross-entropy, each pixel's term times (1 - p_t)^gamma
   # (p_t: its probability of the true class); 2 is the paper's. The weights above still apply.
   config.focal_gamma = 0.0

@@ -722,6 +722,9 @@ def test_resume_on_other_devices_and_data_workers(tmp_path):
     ({'pos_weight': 2.0, 'model.num_classes': 2}, 'pos_weight=2.0 weighs the foreground of BCE '
      '(model.num_classes=1); with 2 classes set --config.class_weights instead'),
     (dict(pos_weight=0.0), 'pos_weight=0.0 must be positive'),
+    (dict(pos_weight=2.0, balanced_class_weights=True), 'balanced_class_weights=True computes '
+     'class_weights (pos_weight for one output channel) from the training pixels; leave those '
+     'unset, or set them yourself without it'),
     (dict(tversky=(0.3,)), "tversky=(0.3,) must be two weights (alpha, beta), at least 0 and "
      "not both 0, e.g. --config.tversky='(0.3,0.7)'; () for the soft Dice"),
     (dict(tversky=(0.0, 0.0)), 'tversky=(0.0, 0.0) must be two weights'),

@@ -217,6 +217,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                     'give one weight per class')
   if weights and not (all(w >= 0 for w in weights) and sum(weights) > 0):
     raise UserError(f'class_weights={weights} must be at least 0, and not all 0')
+  if config.get('balanced_class_weights', False) and (weights
+                                                      or config.get('pos_weight', 1.0) != 1.0):
+    raise UserError('balanced_class_weights=True computes class_weights (pos_weight for one '
+                    'output channel) from the training pixels; leave those unset, or set them '
+                    'yourself without it')
   pos_weight = config.get('pos_weight', 1.0)
   if not 0 < pos_weight < float('inf'):
     raise UserError(f'pos_weight={pos_weight} must be positive')

@@ -15,7 +15,7 @@ import functools
 import gc
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -197,6 +197,12 @@ def _adapt(config: ml_collections.ConfigDict, record: dict[str, Any]) -> dict[st
                       f'{mask.min() + config.data.mask_offset} to {mask.min()}, below 0; set it '
                       'to the smallest mask value (or 0)')
   return {'image': image, 'mask': mask.astype(np.uint8)}
+
+
+def stored_masks(config: ml_collections.ConfigDict, source: Sequence[Any]
+                 ) -> Iterator[np.ndarray]:
+  """The source's masks as stored (label ids, before any resize), one by one."""
+  return (_adapt(config, source[i])['mask'] for i in range(len(source)))
 
 
 def class_names(config: ml_collections.ConfigDict, info: DataInfo) -> tuple[str, ...]:

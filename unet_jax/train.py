@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax.training import train_state
 
-from unet_jax import freezing, input_pipeline, losses, parallel
+from unet_jax import class_balance, freezing, input_pipeline, losses, parallel
 from unet_jax.checkpoint import (
   CHECKPOINTS_DIR,
   INIT_LAYOUT,
@@ -611,6 +611,43 @@ def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
   return config
 
 
+def _with_balanced_weights(config: ml_collections.ConfigDict, train_source: Any,
+                           info: input_pipeline.DataInfo, workdir: str
+                           ) -> ml_collections.ConfigDict:
+  """A copy of `config` with class_weights (several classes) or pos_weight (one output
+  channel) balanced by the training split's pixel counts (class_balance.py), or, when the run
+  resumes, those its latest checkpoint recorded (it weighs as it began; a run begun without
+  them counts them now)."""
+  saved = latest_saved_meta(workdir)
+  recorded = (saved[1].get('config') or {}) if saved is not None else {}
+  binary = config.model.num_classes == 1
+  if recorded.get('balanced_class_weights', False):
+    weights = recorded.get('pos_weight', 1.0) if binary else tuple(recorded.get('class_weights',
+                                                                                ()))
+    how = f'as {os.path.join(workdir, CHECKPOINTS_DIR)}/{saved[0]} recorded them'
+  else:
+    if jax.process_index() == 0:
+      print(f'balanced_class_weights: counting the pixels of the {info.num_train:,} training '
+            'masks', flush=True)
+    counts = class_balance.pixel_counts(input_pipeline.stored_masks(config, train_source),
+                                        max(config.model.num_classes, 2), info.ignore_id)
+    names = input_pipeline.class_names(config, info)
+    weights = (class_balance.balanced_pos_weight(counts) if binary
+               else class_balance.balanced_weights(counts, names))
+    how = 'from the pixels of each class: ' + ', '.join(f'{n:,}' for n in counts)
+  if jax.process_index() == 0:
+    what = (f'pos_weight {weights:.6g}' if binary
+            else 'class_weights ' + ', '.join(f'{w:.6g}' for w in weights))
+    print(f'balanced_class_weights: {what} ({how})', flush=True)
+  config = copy.deepcopy(config)  # (the caller's keeps its own)
+  with config.unlocked():
+    if binary:
+      config.pos_weight = float(weights)
+    else:
+      config.class_weights = tuple(weights)
+  return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any); returns the last eval metrics."""
   workdir = os.path.abspath(workdir)
@@ -622,6 +659,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_data(config, info)
   if config.data.get('normalize') == 'ct':  # (recorded in the run config, with checkpoints)
     config = _with_ct_statistics(config, train_source, info.ignore_id, workdir)
+  if config.get('balanced_class_weights', False):  # (recorded in the run config likewise)
+    config = _with_balanced_weights(config, train_source, info, workdir)
   if config.get('num_epochs', 0):
     config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
     config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)
