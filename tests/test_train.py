@@ -99,6 +99,14 @@ def _run_steps(config, devices, kind, batches, with_state=False, **loss):
   return (*out, state) if with_state else out
 
 
+def _initial_train_logits(config, images, all_scales=False):
+  """The config's initial model's training-mode outputs for `images` (before any step)."""
+  model = train.build_model(config, None)
+  return jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                          all_scales=all_scales)[0])(
+      train.init_variables(model, jax.random.key(config.seed)), images)
+
+
 def _max_rel(a, b):
   return max(jax.tree.leaves(jax.tree.map(
       lambda x, y: float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-6)), a, b)))
@@ -122,9 +130,7 @@ def test_eight_devices_equal_one_device(kind):
   one = _run_steps(config, jax.devices()[:1], kind, batches, **loss)
   eight = _run_steps(config, jax.devices(), kind, batches, **loss)
   # The step's cross-entropy is the weighted one, over the valid pixels.
-  model = train.build_model(config, None)
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
-      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  logits = _initial_train_logits(config, batches[0]['image'])
   want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, **loss)[1]
   np.testing.assert_allclose(one[2][0]['ce_loss'], want['ce_loss'], rtol=1e-5)
   np.testing.assert_allclose(one[2][0]['dice_loss'], want['dice_loss'], rtol=1e-5)
@@ -147,9 +153,7 @@ def test_dice_without_background_through_the_step_on_eight_devices():
   loss = dict(dice_include_background=False, dice_reduction='batch')
   one = _run_steps(config, jax.devices()[:1], 'shard_map', batches, **loss)
   eight = _run_steps(config, jax.devices(), 'shard_map', batches, **loss)
-  model = train.build_model(config, None)
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
-      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  logits = _initial_train_logits(config, batches[0]['image'])
   want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, **loss)[1]
   np.testing.assert_allclose(one[2][0]['dice_loss'], want['dice_loss'], rtol=1e-5)
   every = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
@@ -169,9 +173,7 @@ def test_label_smoothing_through_the_step_on_eight_devices():
   loss = dict(ignore_id=2, class_weights=(0.3, 1.0, 2.0), label_smoothing=0.2)
   one = _run_steps(config, jax.devices()[:1], 'shard_map', batches, **loss)
   eight = _run_steps(config, jax.devices(), 'shard_map', batches, **loss)
-  model = train.build_model(config, None)
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
-      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  logits = _initial_train_logits(config, batches[0]['image'])
   mask = batches[0]['mask']
   theirs = np.where(mask == 2, -100, np.where(mask > 2, mask - 1, mask))
   want = torch.nn.functional.cross_entropy(
@@ -199,9 +201,7 @@ def test_lovasz_and_generalized_dice_through_the_step_on_eight_devices(classes, 
   loss = {term: True, 'dice_reduction': reduction}
   one = _run_steps(config, jax.devices()[:1], kind, batches, **loss)
   eight = _run_steps(config, jax.devices(), kind, batches, **loss)
-  model = train.build_model(config, None)
-  logits = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])(
-      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  logits = _initial_train_logits(config, batches[0]['image'])
   want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0, **loss)[1]
   np.testing.assert_allclose(eight[2][0]['dice_loss'], want['dice_loss'], rtol=1e-5)
   plain = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
@@ -223,10 +223,7 @@ def test_border_weight_maps_through_the_step_on_eight_devices(deep):
     b['weight'][:3] *= 5                                  # (devices' totals unequal)
   one = _run_steps(config, jax.devices()[:1], 'shard_map', batches)
   eight = _run_steps(config, jax.devices(), 'shard_map', batches)
-  model = train.build_model(config, None)
-  outputs = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
-                                              all_scales=deep)[0])(
-      train.init_variables(model, jax.random.key(config.seed)), batches[0]['image'])
+  outputs = _initial_train_logits(config, batches[0]['image'], all_scales=deep)
   logits = outputs[0] if deep else outputs
   want = losses.segmentation_loss(logits, batches[0]['mask'], dice_weight=1.0,
                                   border=batches[0]['weight'])[1]
