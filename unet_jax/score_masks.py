@@ -31,6 +31,7 @@ from unet_jax.config_checks import check_class_names
 from unet_jax.datasets.image_folder import key_mask_value, read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import files_by_name, mask_value_text
+from unet_jax.object_scores import COUNTS, object_counts, object_scores
 
 
 def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
@@ -59,11 +60,17 @@ def _key_text(key: int, rgb: bool) -> str:
   return mask_value_text(key_mask_value(key, rgb))
 
 
+def _whole(counts: dict[str, float]) -> dict[str, Any]:
+  """The object counts as reported: whole numbers, and the matched pairs' IoU sum left out."""
+  return {k: int(v) for k, v in counts.items() if k != 'matched_iou'}
+
+
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                   label_suffix: str = '', include_background: bool = True,
                   ignore_value: int = -1, surface: bool = False, confusion: bool = False,
                   class_names: Sequence[str] = (),
-                  nsd_tolerance: float = surface_distance.NSD_TOLERANCE) -> dict[str, Any]:
+                  nsd_tolerance: float = surface_distance.NSD_TOLERANCE,
+                  objects: bool = False) -> dict[str, Any]:
   """The means of the scores (as `evaluate` reports them) of each label's prediction, with
   `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks, and then `rgb_masks`
   is true) and `per_image` (a row per label: its `file_name` and scores). `ignore_value`: a
@@ -71,7 +78,9 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   `surface`: also the boundary distances `hd95` and `assd` in pixels and `nsd` at
   `nsd_tolerance` pixels; `confusion`: the
   confusion matrix (rows the true class), both as `evaluate` gives them. `class_names`: one
-  per class, in value order, returned as `class_names` for the report."""
+  per class, in value order, returned as `class_names` for the report. `objects`: also the
+  object scores (object_scores.py: each connected region of a class but the smallest value's
+  an object, matched above IoU 0.5) over all images, and each image's."""
   from unet_jax.evaluate import MapScores, check_nsd_tolerance, class_map_scores, score_columns
   check_nsd_tolerance(nsd_tolerance)
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
@@ -94,6 +103,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                     f'[{", ".join(_key_text(int(k), rgb) for k in keys[:8])}]')
   sums, rows = None, []
   maps = MapScores(surface, confusion, num_classes, nsd_tolerance)
+  found = dict.fromkeys(COUNTS, 0.0)
   for file_name, pred_path, label_path in pairs:
     pred, label = read_mask_keys(pred_path).keys, read_mask_keys(label_path).keys
     valid = label != ignore_value
@@ -105,11 +115,17 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     rows.append({'file_name': file_name}
                 | score_columns({k: v[0] for k, v in scores.items()}, include_background)
                 | maps.add(pred_ids, ids, valid, num_classes, include_background))
+    if objects:
+      counts = object_counts(pred_ids, ids, valid)
+      found = {k: found[k] + counts[k] for k in COUNTS}
+      rows[-1].update(object_scores(counts) | _whole(counts))
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
     metrics.update(maps.surface_means(include_background))
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
+  if objects:
+    metrics.update(object_scores(found) | _whole(found))
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], rgb_masks=rgb, per_image=rows)
   if class_names:
@@ -141,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f'{surface_distance.NSD_TOLERANCE:g})')
   p.add_argument('--confusion', action='store_true', help='also the confusion matrix: pixels '
                  'of each true class (rows) predicted as each class (columns)')
+  p.add_argument('--objects', action='store_true', help='also the object scores: each '
+                 'connected region (4 neighbours) of a class but the first an object, a '
+                 'predicted one matching a true one of its class above IoU 0.5: '
+                 'object_precision, object_recall, object_f1, panoptic_quality and the counts')
   p.add_argument('--class_names', type=lambda text: text.split(','), default=[],
                  metavar='NAME,NAME,...', help="each class's name, in value order, for the "
                  "report's table of per-class scores (e.g. background,liver,tumour)")
@@ -154,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       check_csv_destination(args.per_image)
     metrics = score_folders(args.predictions, args.labels, args.mask_suffix, args.label_suffix,
                             args.include_background, args.ignore_value, args.surface,
-                            args.confusion, args.class_names, args.nsd_tolerance)
+                            args.confusion, args.class_names, args.nsd_tolerance,
+                            args.objects)
     rows = metrics.pop('per_image')
     if args.per_image:
       write_csv(args.per_image, rows)
