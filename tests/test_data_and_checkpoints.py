@@ -853,9 +853,16 @@ def test_a_fold_run_is_scored_on_its_fold_and_keeps_it(tmp_path, capsys):
   assert {r['checkpoint'] for r in rows} == {wd, str(tmp_path / 'wd2')}
   # The folds' confusion matrices, summed: each row the true class's pixels in those images.
   pooled = cross_validation([wd, str(tmp_path / 'wd2')], confusion=True, surface=True,
-                            nsd_tolerance=2.0)
-  folds = [evaluate_checkpoint(w, per_image=True, surface=True, nsd_tolerance=2.0)
-           for w in (wd, str(tmp_path / 'wd2'))]
+                            nsd_tolerance=2.0, objects=True)
+  folds = [evaluate_checkpoint(w, per_image=True, surface=True, nsd_tolerance=2.0,
+                               objects=True) for w in (wd, str(tmp_path / 'wd2'))]
+  # The object scores of the folds' counts pooled (not a mean of the images' ratios).
+  from unet_jax.object_scores import object_scores
+  counts = {k: float(sum(f[k] for f in folds)) for k in
+            ('objects_true', 'objects_predicted', 'objects_matched')}
+  assert {k: pooled[k] for k in counts} == counts and counts['objects_true'] > 8
+  assert pooled['object_recall'] == object_scores({**counts, 'matched_iou': 0.0})[
+      'object_recall']
   assert pooled['nsd_tolerance'] == 2.0 and pooled['nsd'] == pytest.approx(np.mean(
       [r['nsd'] for f in folds for r in f['per_image'] if r['nsd'] is not None]), abs=1e-6)
   truth = np.zeros(3, np.int64)

@@ -104,7 +104,7 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
                           'data.data_dir': str(tmp_path / 'tfds'), 'data.holdout_percent': 50.0,
                           'model.num_classes': 1, 'model.depth': 2, 'image_size': 16})
   want = evaluate_checkpoint(str(tmp_path / 'ckpt'), config, per_image=True, surface=True,
-                             confusion=True, nsd_tolerance=2.0)
+                             confusion=True, nsd_tolerance=2.0, objects=True)
   held_out = sorted(r['file_name'] for r in want['per_image'])
   assert len(held_out) == 5
   os.makedirs(tmp_path / 'held_out')
@@ -116,15 +116,19 @@ def test_predicts_masks_score_as_evaluate_scores_the_checkpoint(tmp_path, capsys
   # (A binary model scores its foreground: the masks' class 1, without class 0.)
   got = score_folders(str(tmp_path / 'pred'), str(tmp_path / 'held_out'),
                       include_background=False, surface=True, confusion=True,
-                      nsd_tolerance=2.0)
+                      nsd_tolerance=2.0, objects=True)
   for name in ('dice', 'iou', 'pixel_accuracy', 'class_accuracy', 'hd95', 'assd', 'nsd',
-               'nsd_tolerance'):
+               'nsd_tolerance', 'object_precision', 'object_recall', 'object_f1',
+               'panoptic_quality', 'objects_true', 'objects_predicted', 'objects_matched'):
     assert got[name] == pytest.approx(want[name], rel=1e-6), name
+  assert want['objects_true'] >= 5 and 'object_totals' not in want
+  # (one object per image on either side here; their matching: test_object_scores)
   assert got['confusion'] == want['confusion']
   assert 0 < want['hd95'] < 16 * 2**0.5 and np.sum(got['confusion']) == 5 * 16 * 16
   rows = {r['file_name']: r for r in want['per_image']}
   for row in got['per_image']:
     assert row['dice'] == pytest.approx(rows[row['file_name']]['dice'], rel=1e-6)
+    assert row['objects_predicted'] == rows[row['file_name']]['objects_predicted']
   assert want['dice'] not in (0.0, 1.0)  # (a model that is not trivially right or wrong)
   # The command line: the same, its rows in a CSV.
   capsys.readouterr()

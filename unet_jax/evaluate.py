@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unet_jax import input_pipeline, losses, parallel, surface_distance
+from unet_jax import input_pipeline, losses, object_scores, parallel, surface_distance
 from unet_jax.config_checks import check_class_names
 from unet_jax.ensemble import Ensemble, load_one_task
 from unet_jax.errors import UserError
@@ -120,27 +120,38 @@ class MapScores:
   class, columns the predicted; with `confusion`)."""
 
   def __init__(self, surface: bool, confusion: bool, classes: int,
-               nsd_tolerance: float = surface_distance.NSD_TOLERANCE):
+               nsd_tolerance: float = surface_distance.NSD_TOLERANCE, objects: bool = False):
     self.surface: list[dict[str, np.ndarray]] | None = [] if surface else None
     self.nsd_tolerance = nsd_tolerance
     self.confusion = np.zeros((classes, classes), np.int64) if confusion else None
+    self.objects: list[dict[str, float]] | None = [] if objects else None
 
   @property
   def needed(self) -> bool:
-    return self.surface is not None or self.confusion is not None
+    return (self.surface is not None or self.confusion is not None
+            or self.objects is not None)
 
   def add(self, pred: np.ndarray, labels: np.ndarray, pixels: np.ndarray, scored: int,
           include_background: bool) -> dict[str, float | None]:
-    """Counts one image (`scored` classes in its scores); returns its surface row, if any."""
+    """Counts one image (`scored` classes in its scores); returns its surface and object
+    columns, if any."""
+    row: dict[str, float | None] = {}
     if self.confusion is not None:
       k = len(self.confusion)
       self.confusion += np.bincount(labels[pixels] * k + pred[pixels],
                                     minlength=k * k).reshape(k, k)
-    if self.surface is None:
-      return {}
-    self.surface.append(surface_distance.surface_scores(
-        pred, labels, [1] if scored == 1 else range(scored), pixels, self.nsd_tolerance))
-    return _surface_row(self.surface[-1], include_background)
+    if self.surface is not None:
+      self.surface.append(surface_distance.surface_scores(
+          pred, labels, [1] if scored == 1 else range(scored), pixels, self.nsd_tolerance))
+      row |= _surface_row(self.surface[-1], include_background)
+    if self.objects is not None:
+      self.objects.append(object_scores.object_counts(pred, labels, pixels))
+      row |= object_scores.reported(self.objects[-1])
+    return row
+
+  def object_totals(self) -> dict[str, float]:
+    """The images' object counts summed (object_scores.py)."""
+    return object_scores.summed(self.objects)
 
   def surface_means(self, include_background: bool) -> dict[str, Any]:
     """The means of the images' surface scores (mean_surface_scores), with NSD's tolerance."""
@@ -245,7 +256,8 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
                         surface: bool = False, include_background: bool | None = None,
                         confusion: bool = False, largest_component: bool = False,
                         min_region_size: int = 0,
-                        nsd_tolerance: float = surface_distance.NSD_TOLERANCE) -> dict[str, Any]:
+                        nsd_tolerance: float = surface_distance.NSD_TOLERANCE,
+                        objects: bool = False) -> dict[str, Any]:
   """Scores `checkpoint` on `split` (default: the config's data.eval_split; 'all': every
   split together) at the config's image_size, over all local devices. Several checkpoints (a
   sequence of paths): their ensemble, the mean of their probabilities (ensemble.py); without
@@ -271,20 +283,25 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   `largest_component`, `min_region_size`: score the predictions post-processed as `predict`
   does with those flags (post_processing.py: each class kept in its largest connected region
   of each image; its regions of fewer pixels, at image_size, set to class 0).
+  `objects`: also the object scores (object_scores.py: connected regions matched above IoU
+  0.5) over the images at image_size, and each image's in the rows.
   """
   post = PostProcessing(largest_component, min_region_size)
   check_nsd_tolerance(nsd_tolerance)
   paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
   loaded = load_one_task(paths)
-  return _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
-                          include_background, confusion, post, nsd_tolerance)
+  metrics = _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
+                             include_background, confusion, post, nsd_tolerance, objects)
+  metrics.pop('object_totals', None)
+  return metrics
 
 
 def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict[str, Any]]],
                      config: ml_collections.ConfigDict | None, split: str | None,
                      per_image: bool, tta: bool, surface: bool,
                      include_background: bool | None, confusion: bool,
-                     post: PostProcessing, nsd_tolerance: float) -> dict[str, Any]:
+                     post: PostProcessing, nsd_tolerance: float,
+                     objects: bool = False) -> dict[str, Any]:
   """evaluate_checkpoint of checkpoints already loaded: (model, variables, metadata) of each
   of `paths`, checked to be one task."""
   from unet_jax.checkpoint import model_config
@@ -334,7 +351,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
         for m, _, _ in loaded), tta), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  maps = MapScores(surface, confusion, max(model.num_classes, 2), nsd_tolerance)
+  maps = MapScores(surface, confusion, max(model.num_classes, 2), nsd_tolerance, objects)
   host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
   step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
              else eval_step)
@@ -359,6 +376,9 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     metrics.update(maps.surface_means(include_background))
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
+  if objects:
+    metrics.update(object_scores.reported(maps.object_totals()))
+    metrics['object_totals'] = maps.object_totals()  # (cross_validation pools them)
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
                  dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
@@ -372,6 +392,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
 
 
 _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields that are no score)
+
 
 
 def _check_one_cut(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:
@@ -394,7 +415,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
                      surface: bool = False, include_background: bool | None = None,
                      per_image: bool = False, confusion: bool = False,
                      largest_component: bool = False, min_region_size: int = 0,
-                     nsd_tolerance: float = surface_distance.NSD_TOLERANCE) -> dict[str, Any]:
+                     nsd_tolerance: float = surface_distance.NSD_TOLERANCE,
+                     objects: bool = False) -> dict[str, Any]:
   """The cross-validated scores of a k-fold run (nnU-Net's summary of its folds): each
   training workdir scored on its own run's held-out split (`split`: another of its splits),
   and the scores pooled over all those images, each image counting once, whichever fold
@@ -410,7 +432,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   folds, rows = [], []
   for path, fold in zip(paths, loaded, strict=True):
     scored = _evaluate_loaded([path], [fold], None, split, True, tta, surface,
-                              include_background, confusion, post, nsd_tolerance)
+                              include_background, confusion, post, nsd_tolerance, objects)
     folds.append(scored)
     rows += [{'checkpoint': path, **row} for row in scored.pop('per_image')]
   kinds = {f['include_background'] for f in folds}
@@ -426,7 +448,7 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
                       'each fold\'s workdir once (the folds of a k-fold run hold out disjoint '
                       'images)')
     seen[name] = row['checkpoint']
-  names = [k for k in rows[0] if k not in _ROW_LABELS]
+  names = [k for k in rows[0] if k not in _ROW_LABELS and k not in object_scores.COLUMNS]
   metrics: dict[str, Any] = {}
   for name in names:  # (surface scores: None where a row has none, as the means leave NaN out)
     values = [r[name] for r in rows if r.get(name) is not None]
@@ -440,6 +462,9 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
     metrics['nsd_tolerance'] = nsd_tolerance
   if confusion:
     metrics['confusion'] = np.sum([f['confusion'] for f in folds], axis=0).tolist()
+  if objects:  # (of the folds' counts pooled, not a mean of the images' ratios)
+    metrics.update(object_scores.reported(object_scores.summed(
+        f.pop('object_totals') for f in folds)))
   if folds[0].get('class_names'):  # (the first fold's run names the classes)
     metrics['class_names'] = folds[0]['class_names']
   if per_image:
@@ -529,7 +554,7 @@ def main(argv: list[str]) -> None:
                    confusion=flags.FLAGS.confusion,
                    largest_component=flags.FLAGS.largest_component,
                    min_region_size=flags.FLAGS.min_region_size,
-                   nsd_tolerance=flags.FLAGS.nsd_tolerance)
+                   nsd_tolerance=flags.FLAGS.nsd_tolerance, objects=flags.FLAGS.objects)
     if flags.FLAGS.cross_validation:
       if flags.FLAGS.config is not None:
         raise UserError('--cross_validation scores each workdir on its own run\'s held-out '
@@ -570,6 +595,10 @@ def _define_flags() -> None:
                        '--min_region_size (each region of a class with fewer pixels, at '
                        'image_size, set to class 0)')
   flags.DEFINE_bool('tta', False, 'score the mean logits over flips, as predict --tta')
+  flags.DEFINE_bool('objects', False, 'also the object scores: each connected region (4 '
+                    'neighbours) of a class but 0 an object, a predicted one matching a true '
+                    'one of its class above IoU 0.5: object_precision, object_recall, '
+                    'object_f1, panoptic_quality and the counts')
   flags.DEFINE_bool('surface', False, 'also the boundary distances hd95 (95th-percentile '
                     'Hausdorff) and assd (average symmetric surface distance), in pixels, and '
                     'nsd (normalised surface Dice)')

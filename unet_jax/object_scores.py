@@ -15,11 +15,16 @@ TP the matched pairs, FP the predicted objects unmatched, FN the true ones unmat
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 
 from unet_jax.post_processing import instance_labels
 
 COUNTS = ('objects_true', 'objects_predicted', 'objects_matched', 'matched_iou')
+SCORES = ('object_precision', 'object_recall', 'object_f1', 'panoptic_quality')
+COLUMNS = SCORES + COUNTS[:3]  # (what `reported` gives: a per-image row's object columns)
 
 
 def object_counts(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None
@@ -54,3 +59,16 @@ def object_scores(counts: dict[str, float]) -> dict[str, float]:
   return {'object_precision': ratio(tp, tp + fp), 'object_recall': ratio(tp, tp + fn),
           'object_f1': ratio(2 * tp, 2 * tp + fp + fn),
           'panoptic_quality': ratio(counts['matched_iou'], tp + fp / 2 + fn / 2)}
+
+
+def reported(counts: dict[str, float]) -> dict[str, Any]:
+  """object_scores of the counts, and the counts as whole numbers (their IoU sum left out)."""
+  return object_scores(counts) | {k: int(v) for k, v in counts.items() if k != 'matched_iou'}
+
+
+def summed(many: Iterable[dict[str, float]]) -> dict[str, float]:
+  """The sums of several images' (or folds') object_counts."""
+  total = dict.fromkeys(COUNTS, 0.0)
+  for counts in many:
+    total = {k: total[k] + counts[k] for k in COUNTS}
+  return total

@@ -26,12 +26,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax import losses, surface_distance
+from unet_jax import losses, object_scores, surface_distance
 from unet_jax.config_checks import check_class_names
 from unet_jax.datasets.image_folder import key_mask_value, read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import files_by_name, mask_value_text
-from unet_jax.object_scores import COUNTS, object_counts, object_scores
 
 
 def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
@@ -58,11 +57,6 @@ def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
 def _key_text(key: int, rgb: bool) -> str:
   """A mask key for people: 255, or a colour mask's 0xRRGGBB as #ff0000."""
   return mask_value_text(key_mask_value(key, rgb))
-
-
-def _whole(counts: dict[str, float]) -> dict[str, Any]:
-  """The object counts as reported: whole numbers, and the matched pairs' IoU sum left out."""
-  return {k: int(v) for k, v in counts.items() if k != 'matched_iou'}
 
 
 def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
@@ -102,8 +96,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   check_class_names(class_names, num_classes, '--class_names', "the masks' values "
                     f'[{", ".join(_key_text(int(k), rgb) for k in keys[:8])}]')
   sums, rows = None, []
-  maps = MapScores(surface, confusion, num_classes, nsd_tolerance)
-  found = dict.fromkeys(COUNTS, 0.0)
+  maps = MapScores(surface, confusion, num_classes, nsd_tolerance, objects)
   for file_name, pred_path, label_path in pairs:
     pred, label = read_mask_keys(pred_path).keys, read_mask_keys(label_path).keys
     valid = label != ignore_value
@@ -115,17 +108,14 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     rows.append({'file_name': file_name}
                 | score_columns({k: v[0] for k, v in scores.items()}, include_background)
                 | maps.add(pred_ids, ids, valid, num_classes, include_background))
-    if objects:
-      counts = object_counts(pred_ids, ids, valid)
-      found = {k: found[k] + counts[k] for k in COUNTS}
-      rows[-1].update(object_scores(counts) | _whole(counts))
+
   metrics: dict[str, Any] = losses.finalize_eval_metrics(sums, include_background)
   if surface:
     metrics.update(maps.surface_means(include_background))
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
   if objects:
-    metrics.update(object_scores(found) | _whole(found))
+    metrics.update(object_scores.reported(maps.object_totals()))
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], rgb_masks=rgb, per_image=rows)
   if class_names:
