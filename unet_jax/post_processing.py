@@ -73,7 +73,7 @@ def instance_labels(classes: np.ndarray) -> np.ndarray:
   """(..., H, W) int64: in each image, each 4-connected region of each class but 0 numbered 1,
   2, ... in reading order of its first pixel (its top row's leftmost), 0 elsewhere: the objects
   of a model trained to keep the gaps between them (config.border_weight, the UNet paper's
-  weight map), one id each, as scikit-image's `label(mask, connectivity=1)` numbers them."""
+  weight map), one id each."""
   out = np.zeros(classes.shape, np.int64)
   for index in np.ndindex(classes.shape[:-2]):
     image, ids, count = classes[index], out[index], 0
