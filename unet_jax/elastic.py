@@ -10,12 +10,12 @@ through the nodes, and the example is resampled there: the image by a cubic spli
 by its nearest pixel (no blended labels). Positions pushed past an edge read the example
 mirrored about its border pixels, so no pixel comes in without a label.
 
-The cubic spline, not a bilinear read, is what batchgenerators (nnU-Net's) and the
-elasticdeform package resample images with: every pixel moves by a fraction, and a bilinear
-read at a fraction averages neighbours, which takes the pixel noise of an image down (its
-deviation to 0.66 at the displacements of sigma 2; the spline's to 0.87). The main job trained
-so learnt the smoother texture and missed on the held-out images (Dice 0.59; the spline's
-0.985; README, Data).
+The cubic spline, not a bilinear read, is what batchgenerators' augment_spatial (nnU-Net
+v1's) and the elasticdeform package resample images with by default: every pixel moves by a
+fraction, and a bilinear read at a fraction averages neighbours, which takes the pixel noise of
+an image down (its deviation to 0.66 at the displacements of sigma 2; the spline's to 0.87).
+The main job trained so learnt the smoother texture and missed on the held-out images (Dice
+0.59; the spline's 0.985; README, Data).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Objects are the 4-connected regions of each class but 0 (post_processing.instanc
 `predict --instances` numbers). A predicted object matches a true object of its class when
 their IoU is above 0.5, which pairs each object with at most one other (two partners above 0.5
 would each hold more than half of it), so no assignment problem is left; these are the
-matches of StarDist's `matching(criterion='iou', thresh=0.5)` and of the panoptic quality
-(Kirillov et al. 2019). Counted over images and classes:
+matches of the panoptic quality (Kirillov et al. 2019), and StarDist's
+`matching(criterion='iou', thresh=0.5)` but for an IoU of exactly 0.5, which it counts.
+Counted over images and classes:
 
   precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN),
   panoptic quality = (sum of the matched pairs' IoU) / (TP + FP / 2 + FN / 2),
