@@ -31,19 +31,24 @@ def pixel_counts(masks: Iterable[np.ndarray], classes: int,
   return total[:classes]
 
 
-def balanced_weights(counts: np.ndarray, names: Sequence[str] = ()) -> tuple[float, ...]:
-  """scikit-learn's 'balanced' weights n / (K n_c) of these per-class pixel counts; a class
-  without pixels is refused (its weight would be infinite)."""
+def _check_every_class_counted(counts: np.ndarray, names: Sequence[str] = ()) -> None:
+  """Refuses a class without pixels: its balanced weight would be infinite."""
   for c, n in enumerate(counts):
     if n == 0:
       name = f' ({names[c]})' if c < len(names) else ''
       raise UserError(f'class {c}{name} has no pixels in the training split, so it has no '
                       'balanced weight; set --config.class_weights (or pos_weight) yourself, '
                       'or leave out balanced_class_weights')
+
+
+def balanced_weights(counts: np.ndarray, names: Sequence[str] = ()) -> tuple[float, ...]:
+  """scikit-learn's 'balanced' weights n / (K n_c) of these per-class pixel counts; a class
+  without pixels is refused."""
+  _check_every_class_counted(counts, names)
   return tuple(float(counts.sum() / (len(counts) * n)) for n in counts)
 
 
 def balanced_pos_weight(counts: np.ndarray) -> float:
   """BCE's foreground weight: the background pixels over the foreground ones (n_0 / n_1)."""
-  balanced_weights(counts)  # (the same refusal of a class without pixels)
+  _check_every_class_counted(counts)
   return float(counts[0] / counts[1])

@@ -242,11 +242,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   if not config.get('border_sigma', 5.0) > 0:
     raise UserError(f'border_sigma={config.border_sigma} must be positive: the width in pixels '
                     "of the UNet paper's separation term (its 5)")
-  if border and config.get('label_smoothing', 0.0):
-    raise UserError(f'border_weight={border} and label_smoothing={config.label_smoothing}: use '
-                    'one of them (torch defines no smoothing of a per-pixel weighted '
-                    'cross-entropy)')
   smoothing = config.get('label_smoothing', 0.0)
+  if border and smoothing:
+    raise UserError(f'border_weight={border} and label_smoothing={smoothing}: use one of them '
+                    '(torch defines no smoothing of a per-pixel weighted cross-entropy)')
   if not 0 <= smoothing <= 1:
     raise UserError(f'label_smoothing={smoothing} must be in [0, 1] (0: hard targets; e.g. 0.1)')
   if smoothing and gamma:

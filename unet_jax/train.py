@@ -269,16 +269,33 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   raise refusal(theirs, ours, differ)
 
 
+def loss_options(config: ml_collections.ConfigDict, ignore_id: int | None
+                 ) -> dict[str, Any]:
+  """The config's settings of losses.segmentation_loss, for train_step (runs before a field
+  existed: its default)."""
+  return dict(dice_weight=config.dice_weight, ce_weight=config.get('ce_weight', 1.0),
+              ignore_id=ignore_id,
+              class_weights=tuple(config.get('class_weights', ())) or None,
+              pos_weight=config.get('pos_weight', 1.0),
+              focal_gamma=config.get('focal_gamma', 0.0),
+              tversky=tuple(config.get('tversky', ())) or None,
+              dice_reduction=config.get('dice_reduction', 'image'),
+              dice_include_background=config.get('dice_include_background', True),
+              dice_smooth=config.get('dice_smooth', losses.DICE_SMOOTH),
+              label_smoothing=config.get('label_smoothing', 0.0),
+              lovasz=config.get('lovasz', False),
+              generalized_dice=config.get('generalized_dice', False))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
-               dice_weight: float, ignore_id: int | None = None,
-               class_weights: tuple[float, ...] | None = None, pos_weight: float = 1.0,
-               focal_gamma: float = 0.0, tversky: tuple[float, float] | None = None,
-               ema_decay: float = 0.0, grad_accum_steps: int = 1, dice_reduction: str = 'image',
-               dice_include_background: bool = True, dice_smooth: float = losses.DICE_SMOOTH,
-               label_smoothing: float = 0.0, lovasz: bool = False,
-               generalized_dice: bool = False, ce_weight: float = 1.0, frozen: tuple[str, ...] = (),
+               ema_decay: float = 0.0, grad_accum_steps: int = 1,
+               frozen: tuple[str, ...] = (), **loss_options: Any,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch (per-device code).
+
+  `loss_options`: losses.segmentation_loss's settings (`dice_weight`, `ignore_id`,
+  `class_weights`, ...; loss_options gives a config's), each scale's loss taken over the
+  mapped axis with the batch's 'weight' map, if any, as its `border`.
 
   `grad_accum_steps` > 1: the share is taken in that many microbatches, one after another
   (input_pipeline.microbatch_order puts each microbatch's examples there), each a batch of its
@@ -293,13 +310,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
   needs (a frozen encoder's) is not built."""
 
   def scale_loss(logits, labels, border=None):
-    return losses.segmentation_loss(
-        logits, labels, dice_weight=dice_weight, ignore_id=ignore_id, border=border,
-        axis_name=parallel.AXIS, class_weights=class_weights, pos_weight=pos_weight,
-        focal_gamma=focal_gamma, tversky=tversky, dice_reduction=dice_reduction,
-        dice_include_background=dice_include_background, dice_smooth=dice_smooth,
-        label_smoothing=label_smoothing, lovasz=lovasz, generalized_dice=generalized_dice,
-        ce_weight=ce_weight)
+    return losses.segmentation_loss(logits, labels, axis_name=parallel.AXIS, border=border,
+                                    **loss_options)
 
   trained, fixed = freezing.split(state.params, frozen)
 
@@ -583,11 +595,11 @@ def epoch_steps(num_epochs: float, num_train: int, batch_size: int) -> int:
 
 
 def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
-                        ignore_id: int | None, workdir: str) -> ml_collections.ConfigDict:
+                        ignore_id: int | None, workdir: str,
+                        saved: tuple[int, dict[str, Any]] | None) -> ml_collections.ConfigDict:
   """A copy of `config` with data.ct_statistics: gathered from the training data, or, when the
-  run resumes, those its latest checkpoint recorded (it normalises as it began whatever the
-  data holds now, and does not gather them again)."""
-  saved = latest_saved_meta(workdir)
+  run resumes (`saved`: its latest checkpoint's step and meta), those that checkpoint recorded
+  (it normalises as it began whatever the data holds now, and does not gather them again)."""
   recorded = None
   if saved is not None:
     where = f'{os.path.join(workdir, CHECKPOINTS_DIR)}/{saved[0]}'
@@ -612,13 +624,13 @@ def _with_ct_statistics(config: ml_collections.ConfigDict, train_source: Any,
 
 
 def _with_balanced_weights(config: ml_collections.ConfigDict, train_source: Any,
-                           info: input_pipeline.DataInfo, workdir: str
+                           info: input_pipeline.DataInfo, workdir: str,
+                           saved: tuple[int, dict[str, Any]] | None
                            ) -> ml_collections.ConfigDict:
   """A copy of `config` with class_weights (several classes) or pos_weight (one output
   channel) balanced by the training split's pixel counts (class_balance.py), or, when the run
-  resumes, those its latest checkpoint recorded (it weighs as it began; a run begun without
-  them counts them now)."""
-  saved = latest_saved_meta(workdir)
+  resumes (`saved`: its latest checkpoint's step and meta), those that checkpoint recorded (it
+  weighs as it began; a run begun without them counts them now)."""
   recorded = (saved[1].get('config') or {}) if saved is not None else {}
   binary = config.model.num_classes == 1
   if recorded.get('balanced_class_weights', False):
@@ -657,10 +669,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   use_persistent_cache(config.compilation_cache_dir)  # before anything compiles
   train_source, eval_source, info = input_pipeline.load_sources(config)
   validate_data(config, info)
-  if config.data.get('normalize') == 'ct':  # (recorded in the run config, with checkpoints)
-    config = _with_ct_statistics(config, train_source, info.ignore_id, workdir)
-  if config.get('balanced_class_weights', False):  # (recorded in the run config likewise)
-    config = _with_balanced_weights(config, train_source, info, workdir)
+  ct = config.data.get('normalize') == 'ct'
+  balanced = config.get('balanced_class_weights', False)
+  # What a resumed run recorded of them, read once for both.
+  saved = latest_saved_meta(workdir) if ct or balanced else None
+  if ct:  # (recorded in the run config, with checkpoints)
+    config = _with_ct_statistics(config, train_source, info.ignore_id, workdir, saved)
+  if balanced:  # (recorded in the run config likewise)
+    config = _with_balanced_weights(config, train_source, info, workdir, saved)
   if config.get('num_epochs', 0):
     config = copy.deepcopy(config)  # (the caller's keeps its num_train_steps)
     config.num_train_steps = epoch_steps(config.num_epochs, info.num_train, config.batch_size)
@@ -740,19 +756,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   options = step_compiler_options(config, mesh)
   p_train = parallel.distribute(
-      functools.partial(train_step, model=train_model, dice_weight=config.dice_weight,
-                        ce_weight=config.get('ce_weight', 1.0),
-                        ignore_id=info.ignore_id,
-                        class_weights=tuple(config.get('class_weights', ())) or None,
-                        pos_weight=config.get('pos_weight', 1.0),
-                        focal_gamma=config.get('focal_gamma', 0.0),
-                        tversky=tuple(config.get('tversky', ())) or None,
-                        dice_reduction=config.get('dice_reduction', 'image'),
-                        dice_include_background=config.get('dice_include_background', True),
-                        dice_smooth=config.get('dice_smooth', losses.DICE_SMOOTH),
-                        label_smoothing=config.get('label_smoothing', 0.0),
-                        lovasz=config.get('lovasz', False),
-                        generalized_dice=config.get('generalized_dice', False),
+      functools.partial(train_step, model=train_model,
+                        **loss_options(config, info.ignore_id),
                         ema_decay=config.get('ema_decay', 0.0),
                         grad_accum_steps=config.get('grad_accum_steps', 1),
                         frozen=freezing.frozen_by_config(config)),
