@@ -77,6 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
       # class's scores); one per class, 2 for a binary model (background, foreground),
       # e.g. ('pet', 'background', 'border'). (): the ids alone.
       class_names=(),
+      # Region-based (multi-label) training, as nnU-Net trains BraTS: each output channel the
+      # sigmoid of a region, a set of class ids, e.g. ((1, 2, 3), (2, 3), (3,)) for whole
+      # tumour, tumour core, enhancing; model.num_classes = the number of regions. Predicted
+      # masks paint each region's class in turn (region_class_order, or the one class each
+      # region covers that no later one does). (): one class per pixel (softmax, or BCE).
+      regions=(),
+      region_class_order=(),
       # How the training stream draws examples: 'epochs', the training split shuffled anew for
       # each pass (torch's DataLoader(shuffle=True)); 'replacement', each example drawn
       # uniformly from the split on its own, with replacement (nnU-Net's DataLoader).

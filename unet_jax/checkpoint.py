@@ -219,6 +219,13 @@ def _load_training_workdir(path: str, dtype: Any, step: int | str | None = None,
     metadata['normalize'] = (meta['config'].get('data') or {}).get('normalize', 'unit')
     if metadata['normalize'] == 'ct':  # (with the training foreground's statistics)
       metadata['ct_statistics'] = meta['config']['data'].get('ct_statistics')
+    data = meta['config'].get('data') or {}
+    if data.get('regions'):  # (its channels are regions: how predict paints their masks)
+      from unet_jax.regions import as_regions, check_regions
+      regions = as_regions(data['regions'])
+      metadata['regions'] = [list(r) for r in regions]
+      metadata['region_class_order'] = list(check_regions(
+          regions, tuple(data.get('region_class_order', ()))))
   if meta.get('config'):
     metadata['run_config'] = meta['config']  # the training config (data settings included)
   return model, jax.tree.map(jnp.asarray, variables), metadata

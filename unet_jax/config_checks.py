@@ -20,6 +20,7 @@ from unet_jax.losses import DICE_REDUCTIONS, DICE_SMOOTH
 from unet_jax.lovasz import REDUCTIONS as LOVASZ_REDUCTIONS
 from unet_jax.optimizers import COSINE_WARMUP, learning_rate_schedule, make_optimizer
 from unet_jax.profiling import check_profile_steps
+from unet_jax.regions import check_regions, config_regions, label_count
 
 # The generalized Dice's weighted counts are about 1 / (a class's pixels): a smoothing above
 # this swamps them (MONAI's GeneralizedDiceLoss smooths by 1e-5).
@@ -208,7 +209,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   nc = config.model.num_classes
   if config.loss not in ('auto', 'bce', 'ce'):
     raise UserError(f"loss={config.loss!r}: use 'bce', 'ce' or 'auto'")
+  regions = _check_regions(config)
   weights = tuple(config.get('class_weights', ()))
+  if weights and regions:
+    raise UserError(f'class_weights={weights} weigh the classes of a softmax; data.regions '
+                    "train each region's own BCE: set --config.pos_weight (each region's "
+                    'members) instead')
   if weights and nc < 2:
     raise UserError(f'class_weights={weights} weigh the softmax cross-entropy of 2 or more '
                     'classes; with model.num_classes=1 (BCE) set --config.pos_weight instead')
@@ -225,7 +231,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   pos_weight = config.get('pos_weight', 1.0)
   if not 0 < pos_weight < float('inf'):
     raise UserError(f'pos_weight={pos_weight} must be positive')
-  if pos_weight != 1.0 and nc > 1:
+  if pos_weight != 1.0 and nc > 1 and not regions:
     raise UserError(f'pos_weight={pos_weight} weighs the foreground of BCE (model.num_classes=1); '
                     f'with {nc} classes set --config.class_weights instead')
   decay = config.get('ema_decay', 0.0)
@@ -272,6 +278,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                       f'so dice_smooth={smooth} would outweigh them and hold the term near 0; '
                       'set --config.dice_smooth=1e-5 (MONAI\'s GeneralizedDiceLoss default)')
   if config.get('lovasz', False):
+    if regions:
+      raise UserError('lovasz=True is not defined for data.regions (each a sigmoid of its '
+                      'own); use the soft Dice, tversky or generalized_dice')
     if tversky:
       raise UserError(f'lovasz=True and tversky={tversky} both replace the Dice term; set one')
     if config.get('dice_reduction', 'image') not in LOVASZ_REDUCTIONS:
@@ -281,7 +290,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
       raise UserError('lovasz=True scores every class present in the truth (its '
                       "classes='present'); dice_include_background=False is the Dice term's: "
                       'leave it True')
-  if (config.loss == 'bce' and nc != 1) or (config.loss == 'ce' and nc < 2):
+  if (config.loss == 'bce' and nc != 1 and not regions) or (config.loss == 'ce' and nc < 2):
     raise UserError(f"loss='{config.loss}' does not fit model.num_classes={nc}: BCE takes one "
                     'output channel, softmax CE two or more')
   if config.model.upsample not in ('transpose', 'bilinear'):
@@ -323,6 +332,37 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
   _check_batch_norm_count(config)
   learning_rate_schedule(config)
   make_optimizer(config)
+
+
+def _check_regions(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], ...] | None:
+  """A config's data.regions, refused unless each output channel has one that can be painted
+  back into a mask; None without regions."""
+  order = tuple(config.data.get('region_class_order', ()))
+  try:
+    regions = config_regions(config)
+  except (TypeError, ValueError):
+    raise UserError(f'data.regions={config.data.regions}: give a tuple of regions, each a tuple '
+                    "of class ids, e.g. --config.data.regions='((1,2,3),(2,3),(3,))'") from None
+  if not regions:
+    if order:
+      raise UserError(f'data.region_class_order={order} orders data.regions, which is not set')
+    return None
+  try:
+    check_regions(regions, order)
+  except ValueError as e:
+    raise UserError(f'data.regions: {e}') from None
+  nc = config.model.num_classes
+  if nc != len(regions):
+    raise UserError(f'data.regions has {len(regions)} regions but model.num_classes={nc}: the '
+                    f'model has one output channel per region; set '
+                    f'--config.model.num_classes={len(regions)}')
+  if config.loss == 'ce':
+    raise UserError("loss='ce' is a softmax over classes; data.regions train a sigmoid per "
+                    "region (BCE): set --config.loss=auto or bce")
+  if config.get('balanced_class_weights', False):
+    raise UserError('balanced_class_weights=True weighs classes; data.regions are not classes: '
+                    'set --config.pos_weight yourself, or leave it off')
+  return regions
 
 
 def check_class_names(names: Sequence[Any], classes: int, field: str, why: str) -> None:
@@ -402,7 +442,11 @@ def validate_data(config: ml_collections.ConfigDict, info: input_pipeline.DataIn
     raise UserError(f'dataset {info.name!r} has {info.channels}-channel images but '
                     f'model.in_channels={config.model.in_channels}; set '
                     f'--config.model.in_channels={info.channels}')
-  classes = max(config.model.num_classes, 2)
+  classes = label_count(config)
+  if len(info.mask_values) > classes and config_regions(config):
+    raise UserError(info.too_many_mask_values(
+        f'data.regions cover class ids up to {classes - 1}') + '; put the classes above it in '
+        'a region (or map them to 0)')
   if len(info.mask_values) > classes:
     line = info.too_many_mask_values(f'model.num_classes={config.model.num_classes}')
     raise UserError(f'{line}{", or if these are your classes" if info.lossy_mask else ""}; set '

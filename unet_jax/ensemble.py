@@ -21,15 +21,19 @@ from unet_jax.errors import UserError
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import check_normalize_flag
 from unet_jax.model import UNet
+from unet_jax.regions import Regions
 
 
 @dataclasses.dataclass(frozen=True)
 class Ensemble:
   """`members` (UNets of the same inputs and classes) as one eval-mode model, applied to a
   sequence of their variables. `tta`: each member's logits averaged over flips first (as
-  nnU-Net mirrors within each fold), so the step that applies it takes tta=False."""
+  nnU-Net mirrors within each fold), so the step that applies it takes tta=False.
+  `regions` (regions.py): the members' channels are regions, each its own sigmoid, and the
+  ensemble gives the logit of each one's mean."""
   members: tuple[UNet, ...]
   tta: bool = False
+  regions: Regions | None = None
 
   @property
   def num_classes(self) -> int:
@@ -44,11 +48,12 @@ class Ensemble:
       raise ValueError('an Ensemble is for evaluation and prediction only (train=False)')
     total = None
     for model, v in zip(self.members, variables, strict=True):
-      probs = losses.probabilities(eval_logits(model, v, images, self.tta).astype(jnp.float32))
+      probs = losses.probabilities(eval_logits(model, v, images, self.tta).astype(jnp.float32),
+                                   self.regions)
       total = probs if total is None else total + probs
     mean = total / len(self.members)
     tiny = jnp.finfo(jnp.float32).tiny  # (log of a probability that rounded to 0)
-    if self.num_classes == 1:
+    if self.num_classes == 1 or self.regions:
       return jnp.log(jnp.maximum(mean, tiny)) - jnp.log(jnp.maximum(1 - mean, tiny))
     return jnp.log(jnp.maximum(mean, tiny))
 
@@ -95,6 +100,13 @@ def _check_one_task(paths: Sequence[str], loaded: Sequence[tuple[UNet, Any, dict
                       "statistics differ (they trained on other data); ensemble checkpoints "
                       "trained on the same data, e.g. the folds of one folder's "
                       'cross-validation')
+    if meta.get('regions') != other_meta.get('regions') or \
+        meta.get('region_class_order') != other_meta.get('region_class_order'):
+      raise UserError(f'{first} and {path} cannot be averaged: their channels are other regions '
+                      f"(data.regions {meta.get('regions')} and {other_meta.get('regions')}, "
+                      f"painted as classes {meta.get('region_class_order')} and "
+                      f"{other_meta.get('region_class_order')}); ensemble checkpoints trained "
+                      'on the same regions')
     values, other_values = meta.get('mask_values', []), other_meta.get('mask_values', [])
     if values and other_values and values != other_values:
       raise UserError(f'{first} and {path} cannot be averaged: they were trained on masks whose '

@@ -47,6 +47,7 @@ from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import size_text, training_size
 from unet_jax.post_processing import PostProcessing
+from unet_jax.regions import Regions, config_regions, label_count, painted_order
 from unet_jax.reporting import float32_decimal, score_lines
 
 ALL_SPLITS = 'all'
@@ -65,13 +66,14 @@ def _run_config(meta: dict[str, Any], config: ml_collections.ConfigDict | None,
 
 def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: Any,
                  ignore_id: int | None, tta: bool = False, maps: bool = False,
+                 region_sets: Regions | None = None,
                  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """eval_step's sums, and every image's scores with its `valid` flag, gathered from all
   devices in the global batch's order. `maps`: also each image's predicted and true class
   ids (`pred`, `labels`) and the pixels that count (`pixels`), for surface distances."""
   logits = eval_logits(model, variables, batch['image'], tta)
   labels, pixels = losses.valid_labels(batch['mask'], ignore_id)
-  scores = losses.per_image_scores(logits, labels, pixels)
+  scores = losses.per_image_scores(logits, labels, pixels, region_sets)
   sums = losses.summed_scores(scores, batch['valid'])  # (eval_step's summed_eval_metrics)
   scores['valid'] = batch['valid']
   if maps:
@@ -305,7 +307,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   """evaluate_checkpoint of checkpoints already loaded: (model, variables, metadata) of each
   of `paths`, checked to be one task."""
   from unet_jax.checkpoint import model_config
-  from unet_jax.train import build_model, eval_step, evaluation_sums
+  from unet_jax.train import build_model, eval_include_background, eval_step, evaluation_sums
   if config is None and len(paths) > 1:
     _ensemble_data(paths, [m for _, _, m in loaded])
   model, variables, meta = loaded[0]
@@ -316,8 +318,10 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     if meta.get('ct_statistics'):  # (its 'ct' statistics, whatever data it is scored on)
       with config.unlocked():
         config.data.ct_statistics = meta['ct_statistics']
+  region_sets = _check_regions(config, model, include_background, surface, confusion,
+                               objects, post)
   if include_background is None:
-    include_background = config.get('eval_include_background', True)
+    include_background = eval_include_background(config)
   mesh = parallel.make_mesh(jax.local_devices())
   # The run's eval batch, rounded up to fill every device here (the last batch is padded and
   # its padding left out of the scores, so the batch size changes nothing but speed).
@@ -336,8 +340,9 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   if info.channels != model.in_channels:
     raise UserError(f'dataset {info.name!r} has {info.channels}-channel images but the '
                     f'checkpoint\'s model takes {model.in_channels}')
-  if len(info.mask_values) > max(model.num_classes, 2):
+  if len(info.mask_values) > label_count(config):
     raise UserError(info.too_many_mask_values(
+        f'data.regions cover class ids up to {label_count(config) - 1}' if region_sets else
         f"the checkpoint's model has {model.num_classes} output class(es)"))
   check_class_names(config.data.get('class_names', ()), max(model.num_classes, 2),
                     'data.class_names',
@@ -349,14 +354,15 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     variables = tuple(v for _, v, _ in loaded)
     eval_model, step_tta = Ensemble(tuple(build_model(
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
-        for m, _, _ in loaded), tta), False
+        for m, _, _ in loaded), tta, region_sets), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
   maps = MapScores(surface, confusion, max(model.num_classes, 2), nsd_tolerance, objects)
   host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
   step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
              else eval_step)
   p_eval = parallel.distribute(
-      functools.partial(step_fn, model=eval_model, ignore_id=info.ignore_id, tta=step_tta),
+      functools.partial(step_fn, model=eval_model, ignore_id=info.ignore_id, tta=step_tta,
+                        region_sets=region_sets),
       mesh, config.get('parallel', 'shard_map'), donate_state=False)
   sums, rows = None, []
   for name in info.splits if split == ALL_SPLITS else (split,):
@@ -389,6 +395,35 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   if per_image:
     metrics['per_image'] = rows
   return metrics
+
+
+def _check_regions(config: ml_collections.ConfigDict, model: Any,
+                   include_background: bool | None, surface: bool, confusion: bool,
+                   objects: bool, post: PostProcessing) -> Regions | None:
+  """The config's data.regions (its model's channels), refused where they do not fit the
+  model or the scores asked for; None without them."""
+  region_sets = config_regions(config)
+  if not region_sets:
+    return None
+  try:
+    painted_order(config)
+  except ValueError as e:
+    raise UserError(f'data.regions: {e}') from None
+  if len(region_sets) != model.num_classes:
+    raise UserError(f'data.regions has {len(region_sets)} regions but the checkpoint\'s model '
+                    f'has {model.num_classes} output channel(s), one per region')
+  if include_background is False:
+    raise UserError('--noinclude_background leaves class 0 out of the means, but the channels '
+                    'are data.regions, all foreground; leave it out')
+  asked = [flag for flag, on in (('--surface', surface), ('--confusion', confusion),
+                                 ('--objects', objects),
+                                 ('--largest_component', post.largest_component),
+                                 ('--min_region_size', post.min_region_size)) if on]
+  if asked:
+    raise UserError(f'{" ".join(asked)}: scored on class maps, which data.regions models do '
+                    'not give per region yet; score their painted masks with '
+                    'python -m unet_jax.score_masks')
+  return region_sets
 
 
 _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields that are no score)

@@ -42,6 +42,7 @@ from unet_jax.image_io import (
   training_size,
   unit_scaled,
 )
+from unet_jax.regions import config_regions, label_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, DataInfo]
   if mask_values and ignore_id is not None:
     mask_values.pop(ignore_id)
   if not mask_values:
-    mask_values = list(range(config.model.num_classes if config.model.num_classes > 1 else 2))
+    mask_values = list(range(label_count(config)))
   class_names = ()
   if name == 'image_folder':  # (nnU-Net's dataset.json names its labels)
     from unet_jax.datasets.image_folder import dataset_json_class_names
@@ -209,7 +210,9 @@ def class_names(config: ml_collections.ConfigDict, info: DataInfo) -> tuple[str,
   """The classes' names for reports: the config's `data.class_names`, else the dataset's
   (an image folder's dataset.json) where they name each of the model's classes; else ()."""
   names = tuple(config.data.get('class_names', ()))  # (runs before the field: none)
-  if not names and len(info.class_names) == max(config.model.num_classes, 2):
+  # (A dataset's names are its labels', not regions': config_regions.)
+  if not names and len(info.class_names) == max(config.model.num_classes, 2) and \
+      not config_regions(config):
     names = info.class_names
   return names
 

@@ -5,9 +5,10 @@ paper's map, border_weights.py); the Dice term may be the Tversky index, the gen
 or the Lovász loss (lovasz.py) instead.
 
 Labels are integer class ids (N, H, W). With one output channel the model is binary (logit of
-the foreground); with K channels it is K-way softmax. Metrics are computed per image and then
-averaged, with the convention that a class absent from both truth and prediction scores 1 (an
-empty mask predicted as empty is a perfect answer, not a 0/0).
+the foreground); with K channels it is K-way softmax, unless `regions` (regions.py) make each
+channel a sigmoid of its own, the membership of a set of classes. Metrics are computed per
+image and then averaged, with the convention that a class absent from both truth and
+prediction scores 1 (an empty mask predicted as empty is a perfect answer, not a 0/0).
 
 `ignore_id` (data.ignore_value): pixels of that label id count in neither the losses nor the
 metrics, as torch's `CrossEntropyLoss(ignore_index=...)`; the ids above it move down by one, so
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from unet_jax.lovasz import lovasz_loss
+from unet_jax.regions import Regions, region_targets
 
 DICE_SMOOTH = 1.0  # the soft Dice's additive smoothing, in pixels (MONAI's smooth_nr/dr)
 
@@ -38,19 +40,26 @@ def valid_labels(labels: jax.Array, ignore_id: int | None
   return jnp.where(labels > ignore_id, labels - 1, jnp.where(valid, labels, 0)), valid
 
 
-def probabilities(logits: jax.Array) -> jax.Array:
-  """The foreground's sigmoid for one channel, the softmax over the classes otherwise."""
-  if logits.shape[-1] == 1:
+def probabilities(logits: jax.Array, regions: Regions | None = None) -> jax.Array:
+  """The foreground's sigmoid for one channel (each region's with `regions`), the softmax over
+  the classes otherwise."""
+  if logits.shape[-1] == 1 or regions:
     return jax.nn.sigmoid(logits)
   return jax.nn.softmax(logits, axis=-1)
 
 
-def probabilities_and_targets(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(probabilities, one-hot targets), both (N, H, W, C'), C' = classes that are scored."""
+def probabilities_and_targets(logits: jax.Array, labels: jax.Array,
+                              regions: Regions | None = None) -> tuple[jax.Array, jax.Array]:
+  """(probabilities, targets), both (N, H, W, C'), C' = the classes (or regions) scored; the
+  targets one-hot, or each pixel's membership of each region."""
   k = logits.shape[-1]
-  targets = ((labels[..., None] == 1).astype(jnp.float32) if k == 1
-             else jax.nn.one_hot(labels, k, dtype=jnp.float32))
-  return probabilities(logits), targets
+  if regions:
+    targets = region_targets(labels, regions)
+  elif k == 1:
+    targets = (labels[..., None] == 1).astype(jnp.float32)
+  else:
+    targets = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+  return probabilities(logits, regions), targets
 
 
 def pixel_weights(labels: jax.Array, valid: jax.Array | None,
@@ -69,7 +78,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
                   total_weight: jax.Array | None = None, pos_weight: float = 1.0,
                   focal_gamma: float = 0.0, label_smoothing: float = 0.0,
                   valid: jax.Array | None = None,
-                  class_weights: Sequence[float] | None = None) -> jax.Array:
+                  class_weights: Sequence[float] | None = None,
+                  regions: Regions | None = None) -> jax.Array:
   """BCE-with-logits (1 channel) or softmax cross-entropy (K channels): the mean, or with
   per-pixel `weights` the weighted sum divided by `total_weight` (default: the weights' sum
   here), as torch's losses with `weight`/`ignore_index` reduce. `pos_weight`: BCE's, as in
@@ -85,13 +95,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
   pixel's sum over classes c of class_weights[c] x -log p_c, both over the weights' total (so
   it also needs the pixels' `valid` mask and the `class_weights`). BCE: the target y(1 - e) +
   e/2, the two classes' smoothing of a binary softmax (Keras's BinaryCrossentropy; the
-  `smooth_factor` s of segmentation_models_pytorch's SoftBCEWithLogitsLoss is e = 2s)."""
+  `smooth_factor` s of segmentation_models_pytorch's SoftBCEWithLogitsLoss is e = 2s).
+
+  `regions`: BCE of each channel against its region's membership, over every pixel and region
+  (torch's BCEWithLogitsLoss on (N, R, H, W) targets); `weights` then (N, H, W, R), the same
+  pixel's in each region, or (N, H, W), broadcast so."""
   if focal_gamma and label_smoothing:
     raise ValueError('focal_gamma and label_smoothing: use one of them (neither torch nor '
                      'segmentation_models_pytorch defines their product)')
   logits = logits.astype(jnp.float32)
-  if logits.shape[-1] == 1:
-    x, y = logits[..., 0], (labels == 1).astype(jnp.float32)
+  if logits.shape[-1] == 1 or regions:
+    if regions:
+      x, y = logits, region_targets(labels, regions)
+      if weights is not None and weights.ndim == labels.ndim:
+        weights = jnp.broadcast_to(weights[..., None], x.shape)
+    else:
+      x, y = logits[..., 0], (labels == 1).astype(jnp.float32)
     if label_smoothing:
       y = y * (1 - label_smoothing) + label_smoothing / 2
     log_p_true = y * jax.nn.log_sigmoid(x) + (1 - y) * jax.nn.log_sigmoid(-x)
@@ -150,7 +169,8 @@ DICE_REDUCTIONS = ('image', 'batch', 'pooled')
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
                    tversky: tuple[float, float] | None = None, reduction: str = 'image',
                    axis_name: str | None = None, include_background: bool = True,
-                   smooth: float = DICE_SMOOTH, generalized: bool = False) -> jax.Array:
+                   smooth: float = DICE_SMOOTH, generalized: bool = False,
+                   regions: Regions | None = None) -> jax.Array:
   """1 - soft Dice per image and class, averaged; smoothed so empty masks are well defined:
   (2 TP + smooth) / (sum of probabilities + sum of targets + smooth), in soft counts. `smooth`
   1 pixel by default (MONAI's smooth_nr = smooth_dr = 1); nnU-Net's is 1e-5, milesial's 1e-6.
@@ -173,14 +193,16 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None
   w_type='square'): one ratio over the classes, each weighed by 1 / (its target count)^2, so
   small classes count as much as large ones: 1 - (2 sum_c w_c TP_c + s) / (sum_c w_c (P_c +
   T_c) + s), per image (or once with reduction='batch'), then the mean. A class absent from
-  the truth takes the largest weight of the others (MONAI's rule; all absent: all 0)."""
+  the truth takes the largest weight of the others (MONAI's rule; all absent: all 0).
+  `regions`: each channel's sigmoid against its region's membership (MONAI's DiceLoss with
+  sigmoid=True); every region is foreground, so include_background has no effect."""
   if reduction not in DICE_REDUCTIONS:
     raise ValueError(f'reduction={reduction!r}: use one of {DICE_REDUCTIONS}')
   if generalized and (tversky is not None or reduction == 'pooled'):
     raise ValueError("generalized: weighs each class's counts, so it takes no tversky and "
                      "no reduction='pooled'")
-  probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels)
-  if not include_background and probs.shape[-1] > 1:
+  probs, targets = probabilities_and_targets(logits.astype(jnp.float32), labels, regions)
+  if not include_background and probs.shape[-1] > 1 and not regions:
     probs, targets = probs[..., 1:], targets[..., 1:]
   if valid is not None:
     mask = valid[..., None].astype(probs.dtype)
@@ -227,6 +249,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
                       dice_smooth: float = DICE_SMOOTH, label_smoothing: float = 0.0,
                       lovasz: bool = False, generalized_dice: bool = False,
                       ce_weight: float = 1.0, border: jax.Array | None = None,
+                      regions: Regions | None = None,
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ce_weight * cross-entropy (focal when focal_gamma > 0, its targets smoothed by
   label_smoothing; MONAI's DiceCELoss lambda_ce) + dice_weight * (1 - soft Dice, or the
@@ -239,8 +262,13 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
   `border` (N, H, W): the UNet paper's separation term (border_weights.py), added to each
   pixel's weight in the cross-entropy (its class weight, else 1), which is then the weighted
   sum over the weights' sum, as with class weights; the Dice term is unweighted.
+  `regions` (regions.py): each channel a sigmoid, its region's BCE and soft Dice (the mean
+  over regions); no class weights (pos_weight weighs every region's members) and no Lovász.
 
   Under `axis_name`, meaning the result over devices gives the loss of the global batch."""
+  if regions and (class_weights or lovasz):
+    raise ValueError('regions: each channel is a BCE of its own, which takes no class_weights '
+                     '(pos_weight weighs the members of every region) and no lovasz')
   labels, valid = valid_labels(labels, ignore_id)
   weights = pixel_weights(labels, valid, class_weights if logits.shape[-1] > 1 else None)
   if border is not None:
@@ -250,6 +278,8 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     border = border.astype(jnp.float32)
     weights = ((jnp.ones(labels.shape, jnp.float32) if weights is None else weights)
                + (border if valid is None else jnp.where(valid, border, 0.0)))
+  if regions and weights is not None:  # (each pixel's weight in each region's BCE)
+    weights = jnp.broadcast_to(weights[..., None], logits.shape)
   total = None
   if weights is not None and axis_name is not None:
     # This share of the global weighted sum, scaled so that the mean over devices is that sum
@@ -258,7 +288,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     total = jax.lax.psum(weights.sum(), axis_name) / devices
   k = logits.shape[-1]
   ce = cross_entropy(logits, labels, weights, total, pos_weight, focal_gamma, label_smoothing,
-                     valid, class_weights if k > 1 else None)
+                     valid, class_weights if k > 1 and not regions else None, regions)
   if lovasz:
     if tversky is not None or not dice_include_background or generalized_dice:
       raise ValueError('lovasz replaces the Dice term: it takes no tversky, and every class '
@@ -267,7 +297,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, dice_weight: floa
     dice = lovasz_loss(logits, labels, valid, dice_reduction, axis_name)
   else:
     dice = soft_dice_loss(logits, labels, valid, tversky, dice_reduction, axis_name,
-                          dice_include_background, dice_smooth, generalized_dice)
+                          dice_include_background, dice_smooth, generalized_dice, regions)
   loss = ce_weight * ce + dice_weight * dice  # (ce_loss is logged unweighted either way)
   return loss, {'loss': loss, 'ce_loss': ce, 'dice_loss': dice}
 
@@ -280,19 +310,26 @@ def predict_classes(logits: jax.Array) -> jax.Array:
 
 
 def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None,
-                     ) -> dict[str, jax.Array]:
+                     regions: Regions | None = None) -> dict[str, jax.Array]:
   """Dice, IoU and pixel accuracy per image and scored class, each (N, C').
 
-  For binary models the scored class is the foreground; for K classes, all K. Pixels outside
-  `valid` (ignored ones) are left out.
+  For binary models the scored class is the foreground; for K classes, all K; with `regions`,
+  each region (its channel's logit above 0 against the pixels of its classes), and a pixel is
+  right when it is right in every region. Pixels outside `valid` (ignored ones) are left out.
   """
-  pred = predict_classes(logits)
   if valid is None:
     valid = jnp.ones(labels.shape, bool)
-  classes = (jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
-             ).reshape(1, 1, 1, -1)
-  p = (pred[..., None] == classes) & valid[..., None]
-  t = (labels[..., None] == classes) & valid[..., None]
+  if regions:
+    p = (logits > 0) & valid[..., None]
+    t = region_targets(labels, regions).astype(bool) & valid[..., None]
+    pixel_right = jnp.all(p == t, axis=-1)
+  else:
+    pred = predict_classes(logits)
+    classes = (jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
+               ).reshape(1, 1, 1, -1)
+    p = (pred[..., None] == classes) & valid[..., None]
+    t = (labels[..., None] == classes) & valid[..., None]
+    pixel_right = pred == labels
   tp = (p & t).sum(axis=(1, 2)).astype(jnp.float32)
   fp = (p & ~t).sum(axis=(1, 2)).astype(jnp.float32)
   fn = (~p & t).sum(axis=(1, 2)).astype(jnp.float32)
@@ -303,7 +340,7 @@ def per_image_scores(logits: jax.Array, labels: jax.Array, valid: jax.Array | No
   acc = jnp.where(tp + fn == 0, 1.0, tp / jnp.maximum(tp + fn, 1))
   # Counted in float32: a ratio of integer counts would be float64 under jax_enable_x64, and
   # strict dtype promotion refuses to mix them with floats.
-  right = ((pred == labels) & valid).sum(axis=(1, 2)).astype(jnp.float32)
+  right = (pixel_right & valid).sum(axis=(1, 2)).astype(jnp.float32)
   total = valid.sum(axis=(1, 2)).astype(jnp.float32)
   overall = jnp.where(total == 0, 1.0, right / jnp.maximum(total, 1))
   return {'dice': dice, 'iou': iou, 'class_accuracy': acc, 'pixel_accuracy': overall}
@@ -321,9 +358,11 @@ def scored_classes(per_class: Sequence[Any], include_background: bool = True) ->
 
 
 def summed_eval_metrics(logits: jax.Array, labels: jax.Array, valid: jax.Array,
-                        ignore_id: int | None = None) -> dict[str, jax.Array]:
+                        ignore_id: int | None = None, regions: Regions | None = None,
+                        ) -> dict[str, jax.Array]:
   """Sums over the valid images of each score (and the count), ready to psum and divide."""
-  return summed_scores(per_image_scores(logits, *valid_labels(labels, ignore_id)), valid)
+  return summed_scores(per_image_scores(logits, *valid_labels(labels, ignore_id), regions),
+                       valid)
 
 
 def summed_scores(scores: dict[str, jax.Array], valid: jax.Array) -> dict[str, jax.Array]:

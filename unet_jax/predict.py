@@ -53,6 +53,7 @@ from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 from unet_jax.post_processing import PostProcessing, instance_labels
 from unet_jax.post_processing import keep_largest_component as keep_largest_component
+from unet_jax.regions import Regions, as_regions, check_regions, label_classes, paint
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,11 +226,11 @@ def _gaussian_sliding_window(run: Callable[[np.ndarray], np.ndarray], images: np
   return logits[:, top:top + h, left:left + w]
 
 
-def _check_threshold(model: UNet, threshold: float) -> None:
+def _check_threshold(model: UNet, threshold: float, regions: Regions | None = None) -> None:
   if not 0 < threshold < 1:
     raise UserError(f'threshold={threshold} must be in (0, 1): the probability above which a '
                     'pixel is foreground')
-  if threshold != 0.5 and model.num_classes != 1:
+  if threshold != 0.5 and model.num_classes != 1 and not regions:
     raise UserError(f'threshold={threshold} is for binary models (1 output channel); this one '
                     f'has {model.num_classes} classes and takes the argmax')
 
@@ -240,7 +241,8 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
             threshold: float = 0.5, resample: str = 'bilinear',
             normalize: str | CTStatistics = 'unit',
             largest_component: bool = False, min_region_size: int = 0,
-            blend: str = 'ramp') -> np.ndarray:
+            blend: str = 'ramp', regions: Sequence[Sequence[int]] | None = None,
+            region_class_order: Sequence[int] = ()) -> np.ndarray:
   """Class ids (N, H, W) for images (N, H, W, C) or (H, W, C); uint8 and uint16 images are scaled to
   [0, 1] (`unit_scaled`).
 
@@ -254,9 +256,13 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   (post_processing.keep_largest_component).
   `min_region_size`: each connected region of a class with fewer pixels (at the images' own
   size) set to class 0 (post_processing.remove_small_regions).
+  `regions` (a run's data.regions; regions.py): the channels are regions, each a sigmoid, and
+  the mask is painted from those above `threshold`, region by region, each as its class of
+  `region_class_order` (default: the one class it covers that no later region does).
   """
   post = PostProcessing(largest_component, min_region_size)
-  _check_threshold(model, threshold)
+  painted = painting(model, regions, region_class_order, post)
+  _check_threshold(model, threshold, painted and painted.regions)
   images = np.asarray(images)
   single = images.ndim == 3
   if single:
@@ -267,20 +273,55 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta, resample=resample,
                           normalize=normalize, blend=blend)
-  classes = post(classes_from_logits(logits, threshold))
+  classes = post(classes_from_logits(logits, threshold, painted))
   return classes[0] if single else classes
 
 
-def classes_from_logits(logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-  """Class ids (N, H, W): for one channel sigmoid(logit) > threshold, else the argmax."""
+class Painting(NamedTuple):
+  """A region model's regions and the class each paints (regions.py)."""
+  regions: Regions
+  order: tuple[int, ...]
+
+
+def painting(model: UNet, regions: Sequence[Sequence[int]] | None,
+             order: Sequence[int] = (), post: PostProcessing | None = None,
+             instances: bool = False) -> Painting | None:
+  """The Painting of a model whose channels are `regions` (None without), refused where they
+  do not fit it, or with post-processing that is not defined for regions yet."""
+  regions = as_regions(regions)
+  if not regions:
+    return None
+  try:
+    order = check_regions(regions, tuple(order))
+  except ValueError as e:
+    raise UserError(f'regions: {e}') from None
+  if len(regions) != model.num_classes:
+    raise UserError(f'{len(regions)} regions but the model has {model.num_classes} output '
+                    'channel(s), one per region')
+  asked = [flag for flag, on in (('largest_component', post and post.largest_component),
+                                 ('min_region_size', post and post.min_region_size),
+                                 ('instances', instances)) if on]
+  if asked:
+    raise UserError(f'{", ".join(asked)}: not defined yet for a model of data.regions (it '
+                    'would act on the painted classes, not on each region); leave it out')
+  return Painting(regions, order)
+
+
+def classes_from_logits(logits: np.ndarray, threshold: float = 0.5,
+                        painted: Painting | None = None) -> np.ndarray:
+  """Class ids (N, H, W): for one channel sigmoid(logit) > threshold, else the argmax; with
+  `painted` regions, the mask painted from those whose sigmoid > threshold."""
+  if painted is not None:
+    return paint(np.asarray(logits) > np.log(threshold / (1 - threshold)), painted.order)
   if threshold == 0.5:  # the logit above 0, as training's evaluation takes it
     return np.asarray(predict_classes(jnp.asarray(logits)))
   return (logits[..., 0] > np.log(threshold / (1 - threshold))).astype(np.int32)
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-  """(N, H, W, C) float32: the foreground's sigmoid for one channel, the softmax otherwise."""
-  return np.asarray(losses.probabilities(jnp.asarray(logits, jnp.float32)))
+def probabilities(logits: np.ndarray, regions: Regions | None = None) -> np.ndarray:
+  """(N, H, W, C) float32: the foreground's sigmoid for one channel (each region's with
+  `regions`), the softmax otherwise."""
+  return np.asarray(losses.probabilities(jnp.asarray(logits, jnp.float32), regions))
 
 
 def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarray, *,
@@ -289,13 +330,15 @@ def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarr
                            normalizations: Sequence[str | CTStatistics] | None = None,
                            tile: int | Sequence[int] | None = None,
                            overlap: int | Sequence[int] | None = None, batch_size: int = 8,
-                           tta: bool = False, blend: str = 'ramp') -> np.ndarray:
+                           tta: bool = False, blend: str = 'ramp',
+                           regions: Regions | None = None) -> np.ndarray:
   """The mean over `members`, (model, variables) pairs of one task (the same classes), of their
   probabilities (N, H, W, C) for images (N, H, W, C): nnU-Net's ensemble of its folds, which
   averages their softmax outputs. `sizes`, `resamples`, `normalizations`: one `size`,
   `resample` and `normalize` (as `predict_logits` takes them) per member, e.g. each as it
   trained; None: every member at the images' own size, bilinear, scaled to [0, 1]. `tta`
   averages each member's logits over flips first, as nnU-Net mirrors within a fold.
+  `regions`: the members' channels are regions, each's sigmoid averaged.
   """
   sizes = [None] * len(members) if sizes is None else sizes
   resamples = ['bilinear'] * len(members) if resamples is None else resamples
@@ -306,13 +349,17 @@ def ensemble_probabilities(members: Sequence[tuple[UNet, Any]], images: np.ndarr
     probs = probabilities(predict_logits(model, variables, images, size=size, tile=tile,
                                          overlap=overlap, batch_size=batch_size, tta=tta,
                                          resample=resample, normalize=normalize,
-                                         blend=blend))
+                                         blend=blend), regions)
     total = probs if total is None else total + probs
   return total / np.float32(len(members))
 
 
-def classes_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-  """Class ids (N, H, W): for one channel the probability above `threshold`, else the argmax."""
+def classes_from_probabilities(probs: np.ndarray, threshold: float = 0.5,
+                               painted: Painting | None = None) -> np.ndarray:
+  """Class ids (N, H, W): for one channel the probability above `threshold`, else the argmax;
+  with `painted` regions, the mask painted from those above `threshold`."""
+  if painted is not None:
+    return paint(probs > threshold, painted.order)
   if probs.shape[-1] == 1:
     return (probs[..., 0] > threshold).astype(np.int32)
   return probs.argmax(-1).astype(np.int32)
@@ -501,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'window: each tile weighed by a Gaussian about its centre)')
   p.add_argument('--threshold', type=float, default=0.5,
                  help='binary models: foreground where its probability exceeds this (default '
-                      '0.5; milesial\'s --mask-threshold)')
+                      '0.5; milesial\'s --mask-threshold); models of data.regions: each '
+                      'region where its probability does')
   p.add_argument('--largest_component', action='store_true',
                  help='keep each class only in its largest connected region of each image, '
                       'the rest background (MONAI\'s KeepLargestConnectedComponent)')
@@ -511,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'remove_small_objects, MONAI\'s RemoveSmallObjects); default 0: none')
   p.add_argument('--probabilities', action='store_true',
                  help='also write NAME_prob.npy: float32 (H, W, C) probabilities (sigmoid of '
-                      'the one channel, or softmax over the classes)')
+                      'the one channel or of each region, or softmax over the classes)')
   p.add_argument('--tta', action='store_true',
                  help='average the logits over flips (4 forward passes per image)')
   p.add_argument('--batch_size', type=int, default=BATCH_SIZE,
@@ -565,7 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       if size and min(height_width(size)) < 2**depth:
         raise UserError(f'--size={size} is below the model\'s minimum {2**depth} (or 0: '
                         'each image at its own size)')
-    _check_threshold(model, args.threshold)
+    painted = painting(model, meta.get('regions'), meta.get('region_class_order', ()), post,
+                       args.instances)
+    _check_threshold(model, args.threshold, painted and painted.regions)
     if args.batch_size < 1:
       raise UserError(f'--batch_size={args.batch_size} must be at least 1')
     if args.tile:
@@ -597,7 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = [indices[j:j + args.batch_size] for indices in groups.values()
                for j in range(0, len(indices), args.batch_size)]
     mask_values, palette = meta.get('mask_values', []), meta.get('mask_palette', ())
-    colours = _class_colours(max(model.num_classes, 2), mask_values, palette)
+    colours = _class_colours(label_classes(painted.regions) if painted else
+                             max(model.num_classes, 2), mask_values, palette)
+    region_sets = painted and painted.regions
     # (a bar in a terminal; into a log file it would write each refresh)
     with tqdm(total=len(cases), unit='image',
               disable=len(cases) < 4 or not sys.stderr.isatty()) as bar:
@@ -608,14 +660,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   tile=args.tile, overlap=args.overlap, tta=args.tta,
                                   batch_size=args.batch_size, resample=resamples[0],
                                   normalize=normalizations[0], blend=args.blend)
-          masks = classes_from_logits(logits, args.threshold)
-          probs = probabilities(logits) if args.probabilities else [None] * len(indices)
+          masks = classes_from_logits(logits, args.threshold, painted)
+          probs = (probabilities(logits, region_sets) if args.probabilities
+                   else [None] * len(indices))
         else:
           probs = ensemble_probabilities(
               members, batch, sizes=[s or None for s in sizes], resamples=resamples,
               normalizations=normalizations, tile=args.tile, overlap=args.overlap,
-              batch_size=args.batch_size, tta=args.tta, blend=args.blend)
-          masks = classes_from_probabilities(probs, args.threshold)
+              batch_size=args.batch_size, tta=args.tta, blend=args.blend,
+              regions=region_sets)
+          masks = classes_from_probabilities(probs, args.threshold, painted)
           if not args.probabilities:
             probs = [None] * len(indices)
         masks = post(masks)

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax.training import train_state
 
-from unet_jax import class_balance, freezing, input_pipeline, losses, parallel
+from unet_jax import class_balance, freezing, input_pipeline, losses, parallel, regions
 from unet_jax.checkpoint import (
   CHECKPOINTS_DIR,
   INIT_LAYOUT,
@@ -241,6 +241,13 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, mo
   field = 'eval_include_background'
   if model.num_classes > 1 and saved_config.get(field, True) != config.get(field, True):
     raise refusal({field: saved_config.get(field, True)}, config, [field])
+  # Other regions would give the saved channels other meanings.
+  region_fields = ('regions', 'region_class_order')
+  theirs_data = {f: (saved_config.get('data') or {}).get(f, ()) for f in region_fields}
+  ours_data = {f: config.data.get(f, ()) for f in region_fields}
+  differ = _differing(theirs_data, ours_data, region_fields)
+  if differ:
+    raise refusal(theirs_data, ours_data, differ, 'data.')
   # Another held-out split would train on pairs the run has evaluated (and chosen its best) on.
   if config.data.name == 'image_folder':
     split_fields = {'holdout_percent': 10.0, 'num_folds': 0, 'fold': 0, 'fold_seed': -1}
@@ -284,7 +291,14 @@ def loss_options(config: ml_collections.ConfigDict, ignore_id: int | None
               dice_smooth=config.get('dice_smooth', losses.DICE_SMOOTH),
               label_smoothing=config.get('label_smoothing', 0.0),
               lovasz=config.get('lovasz', False),
-              generalized_dice=config.get('generalized_dice', False))
+              generalized_dice=config.get('generalized_dice', False),
+              regions=regions.config_regions(config))
+
+
+def eval_include_background(config: ml_collections.ConfigDict) -> bool:
+  """Whether class 0 counts in a run's mean eval scores: its eval_include_background, and
+  always with data.regions (every region is foreground)."""
+  return bool(config.get('eval_include_background', True) or regions.config_regions(config))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
@@ -370,12 +384,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: UNet,
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: UNet,
-              ignore_id: int | None = None, tta: bool = False) -> dict[str, jax.Array]:
+              ignore_id: int | None = None, tta: bool = False,
+              region_sets: regions.Regions | None = None) -> dict[str, jax.Array]:
   """Summed scores of this device's share of an eval batch, summed over all devices.
-  `tta`: of the mean logits over flips (flip_tta.py)."""
+  `tta`: of the mean logits over flips (flip_tta.py); `region_sets`: each region's scores
+  (data.regions)."""
   logits = eval_logits(model, variables, batch['image'], tta)
   return jax.lax.psum(losses.summed_eval_metrics(logits, batch['mask'], batch['valid'],
-                                                 ignore_id), parallel.AXIS)
+                                                 ignore_id, region_sets), parallel.AXIS)
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -523,6 +539,8 @@ def _run_summary(config: ml_collections.ConfigDict, model: UNet, state: TrainSta
   crop = config.get('crop_size', 0)
   crops = f', trained on {crop}x{crop} crops of them' if crop else ''
   supervised = ', deep supervision' if model.deep_supervision else ''
+  if regions.config_regions(config):
+    supervised = f', each the sigmoid of a region of data.regions{supervised}'
   frozen = freezing.frozen_by_config(config)
   if frozen:
     kept = sum(int(np.prod(x.shape)) for m in frozen for x in jax.tree.leaves(state.params[m]))
@@ -583,6 +601,8 @@ def _sample_predictions(config, model: UNet, state, eval_source, ignore_id: int 
   truth = np.asarray(labels) if valid is None else np.where(valid, labels, -1)  # -1: ignored
   variables = jax.tree.map(_local, variables_of(state))
   logits = eval_apply(model)(variables, images)
+  if regions.config_regions(config):  # (the mask painted from the regions, as predict's)
+    return images, truth, regions.paint(np.asarray(logits) > 0, regions.painted_order(config))
   return images, truth, np.asarray(losses.predict_classes(logits))
 
 
@@ -706,7 +726,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        **({'class_names': list(names)} if names else {})},
           'config': config.to_dict()}
   # How the sample PNGs draw each class: the masks' own colours, or None (gray levels).
-  sample_colours = mask_colours(max(config.model.num_classes, 2), info.mask_values,
+  sample_colours = mask_colours(regions.label_count(config), info.mask_values,
                                 info.mask_palette)
 
   start = start_examples = 0
@@ -763,7 +783,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         frozen=freezing.frozen_by_config(config)),
       mesh, config.parallel, compiler_options=options)
   p_eval = parallel.distribute(
-      functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id), mesh,
+      functools.partial(eval_step, model=eval_model, ignore_id=info.ignore_id,
+                        region_sets=regions.config_regions(config)), mesh,
       config.parallel, donate_state=False, compiler_options=options)
   schedule = learning_rate_schedule(config)
   plateau_step = _plateau_stepper(config, schedule, mesh) if config.schedule == 'plateau' else None
@@ -833,8 +854,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         saved_metrics = None
         stopping = False
         if evaluate_now:
-          eval_metrics = evaluate(p_eval, state, eval_ds,
-                                    config.get('eval_include_background', True))
+          eval_metrics = evaluate(p_eval, state, eval_ds, eval_include_background(config))
           saved_metrics = {f'eval_{k}': v for k, v in eval_metrics.items()}
           row.update(saved_metrics)
           if plateau_step is not None:
@@ -848,7 +868,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if is_main and config.num_sample_images:
             reporter.samples(step, *_sample_predictions(config, eval_model, state, eval_source,
                                                         info.ignore_id),
-                             num_classes=config.model.num_classes, colours=sample_colours)
+                             num_classes=regions.label_count(config), colours=sample_colours)
         reporter.write(step, row)
         if _save_due(config, step, stop) or stopping:
           if settle(step):  # (a signal may have come since the check above)

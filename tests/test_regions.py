@@ -1,0 +1,367 @@
+"""Region-based (multi-label) segmentation: losses and metrics against torch and MONAI, the
+painting of masks against nnU-Net's rule, and the regions' refusals."""
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import tiny_config
+
+from unet_jax import input_pipeline, losses, regions, train
+
+BRATS = ((1, 2, 3), (2, 3), (3,))
+
+
+def _torch_targets(labels, regions_):
+  """(N, R, H, W) float memberships, built in torch."""
+  t = torch.tensor(labels)
+  return torch.stack([torch.isin(t, torch.tensor(r)) for r in regions_], 1).float()
+
+
+def _case(seed, n=4, h=6, w=5, classes=4, ignore=None):
+  rng = np.random.default_rng(seed)
+  logits = rng.standard_normal((n, h, w, len(BRATS))).astype(np.float32) * 2
+  labels = rng.integers(0, classes + (ignore is not None), (n, h, w))
+  return logits, labels
+
+
+@pytest.mark.parametrize('reduction', ['image', 'batch'])
+def test_region_loss_is_torchs_bce_and_monais_sigmoid_dice(reduction):
+  from monai.losses import DiceLoss
+  logits, labels = _case(0)
+  labels[1] = 0                                          # an image with no region at all
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                        regions=BRATS, dice_reduction=reduction)
+  x = torch.tensor(logits).permute(0, 3, 1, 2)
+  y = _torch_targets(labels, BRATS)
+  np.testing.assert_allclose(metrics['ce_loss'], F.binary_cross_entropy_with_logits(x, y),
+                             rtol=1e-6)
+  dice = DiceLoss(sigmoid=True, batch=reduction == 'batch', smooth_nr=1.0, smooth_dr=1.0)
+  np.testing.assert_allclose(metrics['dice_loss'], dice(x, y), rtol=1e-6)
+  # ... and not the softmax loss of the same channels.
+  _, softmax = losses.segmentation_loss(jnp.asarray(logits), np.minimum(labels, 2),
+                                        dice_weight=1.0, dice_reduction=reduction)
+  assert abs(float(softmax['ce_loss']) - float(metrics['ce_loss'])) > 1e-2
+
+
+def test_region_loss_leaves_ignored_pixels_out_and_weighs_as_torch():
+  # Class id 2 ignored: ids 3, 4 are classes 2, 3. BCE: the mean over the valid pixels' every
+  # region; pos_weight weighs each region's members (torch's scalar pos_weight broadcasts).
+  logits, labels = _case(1, ignore=2)
+  labels[2] = 2                                          # nothing valid in this image
+  torch_labels = np.where(labels > 2, labels - 1, np.where(labels == 2, 0, labels))
+  valid = torch.tensor(labels != 2)[:, None].float().expand(-1, len(BRATS), -1, -1)
+  x = torch.tensor(logits).permute(0, 3, 1, 2)
+  y = _torch_targets(torch_labels, BRATS)
+  _, metrics = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                        ignore_id=2, regions=BRATS, pos_weight=3.0)
+  per = F.binary_cross_entropy_with_logits(x, y, reduction='none',
+                                           pos_weight=torch.tensor(3.0))
+  np.testing.assert_allclose(metrics['ce_loss'], (per * valid).sum() / valid.sum(), rtol=1e-6)
+  p = torch.sigmoid(x) * valid
+  t = y * valid
+  dice = (2 * (p * t).sum((2, 3)) + 1) / (p.sum((2, 3)) + t.sum((2, 3)) + 1)
+  np.testing.assert_allclose(metrics['dice_loss'], 1 - dice.mean(), rtol=1e-6)
+  # The UNet paper's border map adds to each pixel's weight, the same in every region.
+  border = np.random.default_rng(2).random(labels.shape).astype(np.float32) * 5
+  _, weighted = losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0,
+                                         ignore_id=2, regions=BRATS,
+                                         border=jnp.asarray(border))
+  w = (1 + torch.tensor(border))[:, None] * valid
+  per = F.binary_cross_entropy_with_logits(x, y, reduction='none')
+  np.testing.assert_allclose(weighted['ce_loss'], (per * w).sum() / w.sum(), rtol=1e-6)
+
+
+def test_one_region_of_class_one_is_the_binary_model():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.standard_normal((3, 6, 5, 1)), jnp.float32)
+  labels = rng.integers(0, 3, (3, 6, 5))
+  options = dict(dice_weight=1.0, ignore_id=2, focal_gamma=2.0, pos_weight=2.0)
+  _, binary = losses.segmentation_loss(logits, labels, **options)
+  _, region = losses.segmentation_loss(logits, labels, regions=((1,),), **options)
+  for key in binary:
+    np.testing.assert_allclose(region[key], binary[key], rtol=1e-6)
+  valid = labels < 2
+  a = losses.per_image_scores(logits, np.where(valid, labels, 0), valid)
+  b = losses.per_image_scores(logits, np.where(valid, labels, 0), valid, regions=((1,),))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_region_scores_match_monai_per_image_and_region():
+  from monai.metrics import DiceMetric, MeanIoU
+  logits, labels = _case(4, n=6, h=12, w=10)
+  labels[0] = 0                                 # no region in truth ...
+  logits[0] = -5.0                              # ... nor predicted: 1, as for an absent class
+  logits[1, ..., 2] = 5.0                       # enhancing predicted everywhere
+  scores = losses.per_image_scores(jnp.asarray(logits), labels, regions=BRATS)
+  pred = torch.tensor(logits > 0).permute(0, 3, 1, 2).float()
+  y = _torch_targets(labels, BRATS)
+  dice = DiceMetric(include_background=True, reduction='none', ignore_empty=False)(pred, y)
+  iou = MeanIoU(include_background=True, reduction='none', ignore_empty=False)(pred, y)
+  np.testing.assert_allclose(scores['dice'], dice, rtol=1e-6)
+  np.testing.assert_allclose(scores['iou'], iou, rtol=1e-6)
+  recall = ((pred * y).sum((2, 3)) / y.sum((2, 3)).clamp(min=1)).numpy()
+  np.testing.assert_allclose(scores['class_accuracy'],
+                             np.where(y.sum((2, 3)) == 0, 1.0, recall), rtol=1e-6)
+  every_region_right = (pred == y).all(1).float().mean((1, 2))
+  np.testing.assert_allclose(scores['pixel_accuracy'], every_region_right, rtol=1e-6)
+
+
+def test_region_metrics_leave_ignored_pixels_out():
+  logits, labels = _case(5, ignore=2)
+  sums = losses.summed_eval_metrics(jnp.asarray(logits), labels, np.ones(len(labels), bool),
+                                    ignore_id=2, regions=BRATS)
+  keep = labels != 2
+  ids = np.where(labels > 2, labels - 1, labels)
+  pred = logits > 0
+  truth = np.stack([np.isin(ids, r) for r in BRATS], -1)
+  for k in range(len(BRATS)):
+    dices = []
+    for i in range(len(labels)):
+      p, t = pred[i, ..., k][keep[i]], truth[i, ..., k][keep[i]]
+      dices.append(1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum()))
+    np.testing.assert_allclose(sums['dice'][k], sum(dices), rtol=1e-6)
+
+
+def test_region_batch_dice_on_eight_devices_equals_one():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((8,), ('d',))
+  logits, labels = _case(6, n=8, ignore=2)
+  w = jnp.asarray(np.random.default_rng(7).standard_normal((3, 3)), jnp.float32)
+  options = dict(dice_weight=1.0, ignore_id=2, regions=BRATS, dice_reduction='batch',
+                 pos_weight=2.0)
+
+  def loss(w, x, labels, axis_name=None):
+    return losses.segmentation_loss(x @ w, labels, axis_name=axis_name, **options)[0]
+
+  def per_device(w, x, labels):
+    value, grad = jax.value_and_grad(loss)(w, x, labels, 'd')
+    return jax.lax.pmean(value, 'd'), jax.lax.pmean(grad, 'd')
+
+  sharded = [jax.device_put(jnp.asarray(a), NamedSharding(mesh, P('d')))
+             for a in (logits, labels)]
+  value, grad = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('d'), P('d')),
+                                      out_specs=P(), check_vma=False))(w, *sharded)
+  want_value, want_grad = jax.value_and_grad(loss)(w, jnp.asarray(logits), labels)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def _nnunet_paint(probabilities, regions_class_order):
+  # nnU-Net's LabelManager.convert_probabilities_to_segmentation with regions, (R, H, W).
+  segmentation = np.zeros(probabilities.shape[1:], dtype=np.uint16)
+  for i, c in enumerate(regions_class_order):
+    segmentation[probabilities[i] > 0.5] = c
+  return segmentation
+
+
+def test_masks_are_painted_as_nnunet_paints_them():
+  rng = np.random.default_rng(8)
+  probs = rng.random((5, 7, 3))
+  order = regions.check_regions(BRATS)
+  assert order == (1, 2, 3)
+  np.testing.assert_array_equal(regions.paint(probs, order),
+                                _nnunet_paint(probs.transpose(2, 0, 1), order))
+  # Painting the true memberships gives the labels back.
+  labels = rng.integers(0, 4, (2, 7, 5))
+  targets = np.asarray(regions.region_targets(jnp.asarray(labels), BRATS))
+  np.testing.assert_array_equal(regions.paint(targets, order), labels)
+  # Disjoint regions paint their one class each; a given order is used as it stands.
+  assert regions.check_regions(((1,), (2,))) == (1, 2)
+  assert regions.check_regions(((1, 2), (2,)), order=(1, 2)) == (1, 2)
+
+
+@pytest.mark.parametrize('value,order,message', [
+    (((1, 2), ()), (), 'region 1 is empty'),
+    (((0, 1),), (), 'class 0 is the background'),
+    (((1, 1),), (), 'names a class twice'),
+    (((1, 2), (2, 1)), (), 'name one set of classes twice'),
+    (((3,), (2, 3)), (), 'region 0 (3,) covers no class that no later region does'),
+    (((1, 2), (3,)), (), 'region 0 (1, 2) covers classes (1, 2)'),
+    (((1, 2), (2,)), (1,), 'has 1 classes for 2 regions'),
+    (((1, 2), (2,)), (3, 2), 'class 3, which it does not cover'),
+])
+def test_regions_that_cannot_be_trained_or_painted_are_refused(value, order, message):
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    regions.check_regions(value, order)
+
+
+def test_region_loss_refuses_class_weights_and_lovasz():
+  logits, labels = _case(9)
+  for extra in (dict(class_weights=(1.0, 2.0, 3.0)), dict(lovasz=True)):
+    with pytest.raises(ValueError, match='takes no class_weights'):
+      losses.segmentation_loss(jnp.asarray(logits), labels, dice_weight=1.0, regions=BRATS,
+                               **extra)
+
+
+# --- Through training, evaluate and predict -------------------------------------------------
+
+
+def _nested_folder(root, n=12, size=24):
+  """Gray masks of nested squares, BraTS-like: 1 around 2 around 3 (values 0, 1, 2, 3)."""
+  from PIL import Image
+  os.makedirs(root / 'images'), os.makedirs(root / 'masks')
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    mask = np.zeros((size, size), np.uint8)
+    y, x = rng.integers(0, 6, 2)
+    for value, inset in ((1, 0), (2, 4), (3, 8)):
+      if value < 3 or i % 3:                      # (some cases without class 3)
+        mask[y + inset:y + 18 - inset, x + inset:x + 18 - inset] = value
+    image = (rng.random((size, size)) * 60 + mask * 50).astype(np.uint8)
+    Image.fromarray(image).save(root / 'images' / f'case{i:02d}.png')
+    Image.fromarray(mask).save(root / 'masks' / f'case{i:02d}.png')
+
+
+def _region_config(root, **overrides):
+  return tiny_config(**{'data.name': 'image_folder', 'data.root': str(root),
+                        'data.regions': BRATS, 'model.num_classes': 3, 'batch_size': 8,
+                        'image_size': 24, 'num_train_steps': 30, 'eval_every_steps': 30,
+                        'checkpoint_every_steps': 30, 'data.holdout_percent': 25.0,
+                        # (long enough to predict some of each region, not all or nothing)
+                        'model.base_features': 8, 'augment.min_scale': 1.0, **overrides})
+
+
+@pytest.fixture(scope='module')
+def region_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('regions')
+  _nested_folder(root / 'data')
+  wd = str(root / 'wd')
+  metrics = train.train_and_evaluate(_region_config(root / 'data'), wd)
+  return root, wd, metrics
+
+
+def test_a_region_run_scores_each_region_as_evaluate_and_numpy_do(region_run):
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.evaluate import evaluate_checkpoint
+  root, wd, metrics = region_run
+  assert {'dice_class0', 'dice_class1', 'dice_class2'} <= set(metrics)
+  assert 'dice_class3' not in metrics
+  assert 0.5 < metrics['dice_class0'] < 1  # (some of each region predicted, and not all)
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    assert json.loads(f.readlines()[-1])['eval_dice'] == metrics['dice']
+  model, variables, meta = load_pretrained_with_metadata(wd)
+  assert meta['regions'] == [[1, 2, 3], [2, 3], [3]] and meta['region_class_order'] == [1, 2, 3]
+  got = evaluate_checkpoint(wd, per_image=True)
+  assert {k: v for k, v in got.items() if k in metrics} == metrics
+  # An ensemble of the run with itself: each region's mean sigmoid is its own, so its scores.
+  twice = evaluate_checkpoint([wd, wd])
+  for k in ('dice', 'iou', 'dice_class2'):
+    assert twice[k] == pytest.approx(metrics[k], abs=1e-6)
+  # Each held-out image scored by hand: the network's logits, each region's Dice in numpy.
+  config = _region_config(root / 'data')
+  source = input_pipeline.load_sources(config)[1]
+  dices = []
+  for i in range(len(source)):
+    example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]), 24, None, None)
+    logits = np.asarray(model.apply(variables, example['image'][None], train=False))[0]
+    row = []
+    for k, region in enumerate(BRATS):
+      p, t = logits[..., k] > 0, np.isin(example['mask'], region)
+      row.append(1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum()))
+    dices.append(row)
+  np.testing.assert_allclose([r['dice'] for r in got['per_image']], np.mean(dices, 1),
+                             rtol=1e-6)
+  for k in range(3):
+    np.testing.assert_allclose(metrics[f'dice_class{k}'], np.mean(dices, 0)[k], rtol=1e-5)
+
+
+def test_predict_paints_a_region_runs_masks_as_nnunet(region_run, tmp_path):
+  from PIL import Image
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.predict import main as predict_main
+  root, wd, _ = region_run
+  images = root / 'data' / 'images'
+  assert predict_main([str(images), '--checkpoint', wd, '--output', str(tmp_path / 'out'),
+                       '--probabilities', '--threshold', '0.4']) == 0
+  model, variables, _ = load_pretrained_with_metadata(wd)
+  for name in ('case00', 'case05'):
+    image = np.asarray(Image.open(images / f'{name}.png'), np.float32)[None, ..., None] / 255
+    logits = np.asarray(model.apply(variables, image, train=False))[0]
+    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want = _nnunet_paint((probs > 0.4).transpose(2, 0, 1), (1, 2, 3))
+    written = np.asarray(Image.open(tmp_path / 'out' / f'{name}_mask.png'))
+    np.testing.assert_array_equal(written, want)  # (the masks' values are 0, 1, 2, 3)
+    np.testing.assert_allclose(np.load(tmp_path / 'out' / f'{name}_prob.npy'), probs,
+                               rtol=1e-5, atol=1e-6)
+  # An ensemble of the run with itself: the same probabilities, so the same masks.
+  assert predict_main([str(images / 'case05.png'), '--checkpoint', wd, '--checkpoint', wd,
+                       '--output', str(tmp_path / 'two'), '--threshold', '0.4']) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'two' / 'case05_mask.png')),
+                                np.asarray(Image.open(tmp_path / 'out' / 'case05_mask.png')))
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--instances'], 'instances: not defined yet for a model of data.regions'),
+    (['--largest_component'], 'largest_component: not defined yet for a model of '
+     'data.regions'),
+])
+def test_predict_refuses_post_processing_of_regions(region_run, tmp_path, capsys, flags,
+                                                    message):
+  from unet_jax.predict import main as predict_main
+  root, wd, _ = region_run
+  assert predict_main([str(root / 'data' / 'images'), '--checkpoint', wd, '--output',
+                       str(tmp_path / 'out'), *flags]) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_evaluate_refuses_what_regions_do_not_define(region_run):
+  from unet_jax.errors import UserError
+  from unet_jax.evaluate import evaluate_checkpoint
+  _, wd, _ = region_run
+  with pytest.raises(UserError, match='--surface --objects: scored on class maps'):
+    evaluate_checkpoint(wd, surface=True, objects=True)
+  with pytest.raises(UserError, match='--noinclude_background leaves class 0 out'):
+    evaluate_checkpoint(wd, include_background=False)
+
+
+def test_a_run_resumed_with_other_regions_is_refused(region_run, tmp_path):
+  import shutil
+
+  from unet_jax.errors import UserError
+  root, wd, _ = region_run
+  copy = str(tmp_path / 'wd')
+  shutil.copytree(wd, copy)
+  config = _region_config(root / 'data', **{'data.regions': ((1, 2, 3), (2, 3), (2,)),
+                                            'num_train_steps': 40})
+  with pytest.raises(UserError, match=re.escape(
+      'was saved by a run with data.regions=[[1, 2, 3], [2, 3], [3]], this config has '
+      'data.regions=((1, 2, 3), (2, 3), (2,))')):
+    train.train_and_evaluate(config, copy)
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.num_classes': 4}, 'data.regions has 3 regions but model.num_classes=4: the model '
+     'has one output channel per region; set --config.model.num_classes=3'),
+    ({'loss': 'ce'}, "loss='ce' is a softmax over classes"),
+    ({'class_weights': (1.0, 2.0, 3.0)}, 'class_weights=(1.0, 2.0, 3.0) weigh the classes of a '
+     'softmax'),
+    ({'lovasz': True}, 'lovasz=True is not defined for data.regions'),
+    ({'balanced_class_weights': True}, 'balanced_class_weights=True weighs classes'),
+    ({'data.regions': ((1, 2), (3,))}, 'data.regions: region 0 (1, 2) covers classes (1, 2) '
+     'that no later region does'),
+    ({'data.regions': (1, 2)}, 'data.regions=(1, 2): give a tuple of regions'),
+    ({'data.regions': (), 'model.num_classes': 4, 'data.region_class_order': (1, 2)},
+     'data.region_class_order=(1, 2) orders data.regions, which is not set'),
+    ({'data.regions': ((1, 2), (2,)), 'model.num_classes': 2},
+     "dataset 'image_folder' masks hold 4 values [0, 1, 2, 3] but data.regions cover class ids "
+     'up to 2; put the classes above it in a region'),
+])
+def test_regions_that_do_not_fit_the_run_are_refused_before_compute(tmp_path, overrides,
+                                                                    message):
+  from unet_jax.errors import UserError
+  _nested_folder(tmp_path / 'data', n=4)
+  with pytest.raises(UserError, match=re.escape(message)):
+    train.train_and_evaluate(_region_config(tmp_path / 'data', **overrides),
+                             str(tmp_path / 'wd'))
+  assert not (tmp_path / 'wd').exists()
