@@ -365,3 +365,36 @@ def test_regions_that_do_not_fit_the_run_are_refused_before_compute(tmp_path, ov
     train.train_and_evaluate(_region_config(tmp_path / 'data', **overrides),
                              str(tmp_path / 'wd'))
   assert not (tmp_path / 'wd').exists()
+
+
+@pytest.fixture(scope='module')
+def other_runs(region_run):
+  """The region run's data trained again: with another seed, and with other regions."""
+  root, _, _ = region_run
+  seed, regions_ = str(root / 'seed1'), str(root / 'other_regions')
+  train.train_and_evaluate(_region_config(root / 'data', seed=1), seed)
+  train.train_and_evaluate(_region_config(root / 'data', **{
+      'data.regions': ((1, 2, 3), (2, 3), (2,))}), regions_)
+  return seed, regions_
+
+
+def test_export_of_regions_and_their_ensemble(region_run, other_runs, tmp_path, capsys):
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.export import main as export_main
+  _, wd, _ = region_run
+  seed, other = other_runs
+  out = tmp_path / 'pair.jax'
+  assert export_main([wd, seed, str(out)]) == 0, capsys.readouterr().err
+  about = json.loads((tmp_path / 'pair.json').read_text())
+  assert about['regions'] == [[1, 2, 3], [2, 3], [3]] and about['region_class_order'] == [1, 2, 3]
+  x = np.random.default_rng(4).random((2, 24, 24, 1), np.float32)
+  got = np.asarray(jax.export.deserialize(out.read_bytes()).call(x), np.float64)
+  mean = np.mean([1 / (1 + np.exp(-np.asarray(m.apply(v, x, train=False), np.float64)))
+                  for m, v, _ in map(load_pretrained_with_metadata, (wd, seed))], 0)
+  np.testing.assert_allclose(1 / (1 + np.exp(-got)), mean, atol=1e-6)
+  # Runs of other regions are not one task.
+  assert export_main([wd, other, str(tmp_path / 'mixed.jax')]) == 2
+  assert (f'{wd} and {other} cannot be averaged: their channels are other regions (data.regions '
+          '[[1, 2, 3], [2, 3], [3]] and [[1, 2, 3], [2, 3], [2]], painted as classes [1, 2, 3] '
+          'and [1, 3, 2])') in capsys.readouterr().err
+  assert not (tmp_path / 'mixed.jax').exists()

@@ -31,6 +31,7 @@ from unet_jax.ct_normalization import CTStatistics, recorded_normalization
 from unet_jax.errors import UserError
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.image_io import height_width, normalized, parse_size
+from unet_jax.regions import as_regions
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -75,7 +76,8 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
   # Winograd's conv is the CPU's kernel; XLA's own conv computes the same on every platform.
   members = [m if platforms == ('cpu',) else m.clone(wide_convs='xla') for m, _, _ in loaded]
   model = members[0]
-  network = (model if len(members) == 1 else Ensemble(tuple(members)))
+  regions = as_regions(meta.get('regions'))  # (one task's members have the same)
+  network = (model if len(members) == 1 else Ensemble(tuple(members), regions=regions))
   weights = variables if len(members) == 1 else tuple(v for _, v, _ in loaded)
   named = {tuple(m.get('class_names') or ()) for _, _, m in loaded}
   class_names = named.pop() if len(named) == 1 else ()  # (members named otherwise: none)
@@ -91,7 +93,9 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
   description = {
       'format': 'jax.export', 'input': f'(N, {height}, {width}, {model.in_channels}) float32, '
       'images scaled to [0, 1]', 'output': f'(N, {height}, {width}, {model.num_classes}) '
-      'float32 logits (one channel: sigmoid; several: softmax)', 'size': size,
+      'float32 logits (' + ('each region: sigmoid' if regions else
+                            'one channel: sigmoid; several: softmax') + ')',
+      'size': size,
       'height': height, 'width': width,
       'in_channels': model.in_channels, 'num_classes': model.num_classes,
       'mask_values': meta.get('mask_values') or [],
@@ -104,13 +108,17 @@ def export_checkpoint(checkpoint: str | Sequence[str], size: int | Sequence[int]
       # (done inside the artifact, said for whoever reads the logits' provenance)
       **({'normalize': f'{meta["normalize"]}, inside the artifact'} if how != 'unit' else {}),
       **({'ct_statistics': how.to_dict()} if isinstance(how, CTStatistics) else {}),
+      # A region model's channels, and the class each paints into a mask, in this order.
+      **({'regions': meta['regions'], 'region_class_order': meta['region_class_order']}
+         if regions else {}),
       'platforms': list(platforms),
       'model': model_config(model), 'checkpoint': os.path.abspath(paths[0]),
       'step': meta.get('step'), 'jax_version': jax.__version__}
   if len(paths) > 1:  # (what each member is; the output is the log of their mean probabilities)
     description.update(
         output=f'(N, {height}, {width}, {model.num_classes}) float32, the log of the mean of '
-        'the members\' probabilities (one channel: its logit; sigmoid or softmax gives that mean)',
+        'the members\' probabilities (one channel or region: its logit; sigmoid or softmax gives '
+        'that mean)',
         ensemble=[{'checkpoint': os.path.abspath(p), 'step': m.get('step'),
                    'model': model_config(member)}
                   for p, member, (_, _, m) in zip(paths, members, loaded, strict=True)])
