@@ -268,6 +268,13 @@ def test_a_region_run_scores_each_region_as_evaluate_and_numpy_do(region_run):
       p, t = logits[..., k] > 0, np.isin(example['mask'], region)
       row.append(1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum()))
     dices.append(row)
+    if i == 0:  # the first sample PNG's row: image | truth | the mask painted from the regions
+      from PIL import Image
+      drawn = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_0000030.png')))[:24]
+      np.testing.assert_array_equal(drawn[:, 26:50, 0], example['mask'] * 85)
+      painted = _nnunet_paint((logits > 0).transpose(2, 0, 1), (1, 2, 3))
+      assert 0 < painted.sum()
+      np.testing.assert_array_equal(drawn[:, 52:76, 0], painted * 85)
   np.testing.assert_allclose([r['dice'] for r in got['per_image']], np.mean(dices, 1),
                              rtol=1e-6)
   for k in range(3):
