@@ -405,3 +405,97 @@ def test_export_of_regions_and_their_ensemble(region_run, other_runs, tmp_path, 
           '[[1, 2, 3], [2, 3], [3]] and [[1, 2, 3], [2, 3], [2]], painted as classes [1, 2, 3] '
           'and [1, 3, 2])') in capsys.readouterr().err
   assert not (tmp_path / 'mixed.jax').exists()
+
+
+# --- Conversion ------------------------------------------------------------------------------
+
+
+def test_a_torch_region_model_converts_and_predicts_nnunets_painting(tmp_path, capsys):
+  # A PyTorch UNet of 3 region channels (as nnU-Net or segmentation_models_pytorch's
+  # 'multilabel' mode trains one): converted with --regions, predict paints the masks torch's
+  # sigmoids give, as nnU-Net paints them.
+  from conftest import move_off_init, nchw
+  from PIL import Image
+  from torch_reference import SeedUNet
+
+  from unet_jax.convert import main as convert_main
+  from unet_jax.predict import main as predict_main
+  ref = move_off_init(SeedUNet(1, 3, base=4, depth=2), 1, 3, hw=(16, 16)).eval()
+  images = np.random.default_rng(5).integers(0, 256, (2, 20, 16), np.uint8)
+  x = nchw(images[..., None].astype(np.float32) / 255)
+  with torch.no_grad():  # (each channel's logits about 0: every region in part of the image;
+    # the midpoint of the two middle ones, so no pixel's logit is 0 within float rounding)
+    ref.out_conv.conv.bias -= torch.quantile(ref(x).transpose(0, 1).flatten(1), 0.5, dim=1)
+  torch.save(ref.state_dict(), tmp_path / 'regions.pth')
+  ckpt = str(tmp_path / 'ckpt')
+  assert convert_main(['torch-to-flax', str(tmp_path / 'regions.pth'), ckpt, '--regions',
+                       '1,2,3;2,3;3', '--mask_values', '0,1,2,4']) == 0
+  os.makedirs(tmp_path / 'in')
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(tmp_path / 'in' / f'x{i}.png')
+  assert predict_main([str(tmp_path / 'in'), '--checkpoint', ckpt, '--output',
+                       str(tmp_path / 'out')]) == 0, capsys.readouterr().err
+  with torch.no_grad():
+    probs = torch.sigmoid(ref(x))
+  values = np.array([0, 1, 2, 4])
+  for i, p in enumerate(probs.numpy()):
+    want = values[_nnunet_paint(p, (1, 2, 3))]
+    assert len(np.unique(want)) > 2                  # (several regions predicted)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'x{i}_mask.png')),
+                                  want)
+
+
+def test_a_region_run_keeps_its_regions_through_safetensors_and_back(region_run, tmp_path,
+                                                                     capsys):
+  from PIL import Image
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.convert import main as convert_main
+  from unet_jax.evaluate import evaluate_checkpoint
+  from unet_jax.predict import main as predict_main
+  root, wd, metrics = region_run
+  st, back = str(tmp_path / 'run.safetensors'), str(tmp_path / 'back')
+  assert convert_main(['flax-to-torch', wd, st]) == 0
+  assert convert_main(['torch-to-flax', st, back]) == 0
+  _, _, meta = load_pretrained_with_metadata(back)
+  assert meta['regions'] == [[1, 2, 3], [2, 3], [3]] and meta['region_class_order'] == [1, 2, 3]
+  image = str(root / 'data' / 'images' / 'case03.png')
+  for ckpt, out in ((wd, 'a'), (back, 'b')):
+    assert predict_main([image, '--checkpoint', ckpt, '--output', str(tmp_path / out),
+                         '--size', '0']) == 0
+  a, b = (np.asarray(Image.open(tmp_path / d / 'case03_mask.png')) for d in 'ab')
+  np.testing.assert_array_equal(a, b)
+  # evaluate: the converted checkpoint's regions go into the config that names its data.
+  config = _region_config(root / 'data', **{'data.regions': ()})
+  got = evaluate_checkpoint(back, config)
+  assert got['dice'] == pytest.approx(metrics['dice'], abs=1e-6)
+  with pytest.raises(Exception, match='its channels are the regions'):
+    evaluate_checkpoint(back, _region_config(root / 'data', **{
+        'data.regions': ((1, 2, 3), (2, 3), (2,))}))
+  # A .pth cannot record them: said, and --regions gives them back.
+  capsys.readouterr()
+  assert convert_main(['flax-to-torch', wd, str(tmp_path / 'run.pth')]) == 0
+  assert 'which a .pth file cannot record; write a .safetensors' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--regions', '1,2,3;2,3'], 'has 3 output channel(s) but 2 regions are given'),
+    (['--regions', '1,2;x'], "--regions '1,2;x': give each region's class ids"),
+    (['--regions', '3;2,3;1,2,3'], 'regions: region 0 (3,) covers no class'),
+    (['--region_class_order', '1,2,3'], '--region_class_order orders --regions, which are not '
+     'given'),
+    (['--regions', '1,2,3;2,3;3', '--region_class_order', '1,2'], 'regions: '
+     '--region_class_order (1, 2) has 2 classes for 3 regions'),
+    (['--regions', '1,2,3;2,3;3', '--mask_values', '0,255'], '--mask_values gives 2 value(s) '
+     'but there are 4 classes (the regions cover class ids 0..3)'),
+])
+def test_conversion_refuses_regions_that_do_not_fit(tmp_path, capsys, flags, message):
+  from torch_reference import SeedUNet
+
+  from unet_jax.convert import main as convert_main
+  torch.save(SeedUNet(1, 3, base=4, depth=1).state_dict(), tmp_path / 'm.pth')
+  assert convert_main(['torch-to-flax', str(tmp_path / 'm.pth'), str(tmp_path / 'c'),
+                       *flags]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1
+  assert not (tmp_path / 'c').exists()

@@ -22,6 +22,7 @@ from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.image_io import NORMALIZATIONS, check_normalize_flag
 from unet_jax.model import DEEP_SUPERVISION_HEAD
+from unet_jax.regions import Regions, as_regions, check_regions, label_classes
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -150,8 +151,10 @@ def parse_mask_values(text: str) -> list:
 
 
 def _check_class_labels(config: Mapping[str, Any], metadata: Mapping[str, Any],
-                        class_names: Sequence[str], mask_values: list | None, src: str) -> None:
-  """One name and one mask value per class, and no other values than the file's own."""
+                        class_names: Sequence[str], mask_values: list | None, src: str,
+                        labels: int | None = None) -> None:
+  """One name per output channel and one mask value per class (`labels` of them, a region
+  model's; else its output channels', 2 for one), and no other values than the file's own."""
   from unet_jax.config_checks import check_class_names
   classes = max(config['num_classes'], 2)  # (one output channel: background and foreground)
   why = f'{src} has {config["num_classes"]} output channel(s)'
@@ -164,6 +167,8 @@ def _check_class_labels(config: Mapping[str, Any], metadata: Mapping[str, Any],
                       f'{list(class_names)}; leave out --class_names')
   if mask_values is None:
     return
+  if labels is not None:
+    classes, why = labels, f'the regions cover class ids 0..{labels - 1}'
   if len(mask_values) != classes:
     raise UserError(f'--mask_values gives {len(mask_values)} value(s) but there are {classes} '
                     f'classes ({why}); give one per class, in class-id order')
@@ -201,9 +206,46 @@ def _check_file_normalization(extras: Mapping[str, Any], flag: str | None, src: 
                       'flax-to-torch from the training run')
 
 
+def _file_regions(config: Mapping[str, Any], extras: Mapping[str, Any],
+                  regions: Sequence[Sequence[int]] | None, order: Sequence[int], src: str,
+                  ) -> tuple[Regions, tuple[int, ...]] | None:
+  """The regions of the model's channels (--regions, or a .safetensors header's, as
+  flax-to-torch writes a region run's) and the class each paints; None for a model of
+  classes. Refused where they do not fit the model, or differ from the file's own."""
+  own = as_regions(extras.get('regions'))
+  given = as_regions(regions)
+  if own and given and own != given:
+    raise UserError(f'{src}: its header records regions {[list(r) for r in own]}, not '
+                    f'{[list(r) for r in given]}; leave out --regions')
+  chosen = given or own
+  if not chosen:
+    if order:
+      raise UserError('--region_class_order orders --regions, which are not given')
+    return None
+  if len(chosen) != config['num_classes']:
+    raise UserError(f'{src} has {config["num_classes"]} output channel(s) but {len(chosen)} '
+                    'regions are given; give one region per channel')
+  order = tuple(order) or tuple(extras.get('region_class_order') or ())
+  try:
+    order = check_regions(chosen, order, '--region_class_order')
+  except ValueError as e:
+    raise UserError(f'{src}: regions: {e}') from None
+  return chosen, order
+
+
+def parse_regions(text: str) -> list[list[int]]:
+  """--regions '1,2,3;2,3;3' -> [[1, 2, 3], [2, 3], [3]]."""
+  try:
+    return [[int(c) for c in part.split(',')] for part in text.split(';')]
+  except ValueError:
+    raise UserError(f"--regions {text!r}: give each region's class ids, comma-separated, the "
+                    "regions separated by ';', e.g. '1,2,3;2,3;3'") from None
+
+
 def torch_to_flax(src: str, dest: str, overwrite: bool = False,
                   class_names: Sequence[str] = (), mask_values: list | None = None,
-                  normalize: str | None = None) -> str:
+                  normalize: str | None = None, regions: Sequence[Sequence[int]] | None = None,
+                  region_class_order: Sequence[int] = ()) -> str:
   """Converts a PyTorch UNet state_dict file into a checkpoint directory for `load_pretrained`.
 
   `class_names`, `mask_values`: one per class, kept as a trained checkpoint keeps them (predict
@@ -212,7 +254,9 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   normalised ('zscore': each image's channels to mean 0 and deviation 1; 'minmax': stretched
   to [0, 1]), kept as a training run's data.normalize, so predict, evaluate and export give
   it its images so; None: as the file's header records it (a .safetensors that flax-to-torch
-  wrote: a run's own, 'ct' with its statistics), else 'unit'."""
+  wrote: a run's own, 'ct' with its statistics), else 'unit'. `regions` (and
+  `region_class_order`): the channels are regions (regions.py), as a data.regions run's are,
+  so predict paints their masks and evaluate scores each; default: as the header records."""
   from unet_jax.checkpoint import model_from_config, save_pretrained
   from unet_jax.state_dict_io import read_state_dict
   if os.path.exists(dest) and not overwrite:
@@ -222,8 +266,13 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   tensors, extras = read_state_dict(src)
   config, variables, metadata = state_dict_to_flax(tensors, src)
   _check_file_normalization(extras, normalize, src, config['in_channels'])
+  painted = _file_regions(config, extras, regions, region_class_order, src)
   metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)
-  _check_class_labels(config, metadata, class_names, mask_values, src)
+  _check_class_labels(config, metadata, class_names, mask_values, src,
+                      label_classes(painted[0]) if painted else None)
+  if painted:
+    metadata['regions'] = [list(r) for r in painted[0]]
+    metadata['region_class_order'] = list(painted[1])
   if mask_values is not None:
     metadata['mask_values'] = mask_values
   if class_names:
@@ -278,6 +327,11 @@ def flax_to_torch(src: str, dest: str, layout: str = 'auto', overwrite: bool = F
     extras.pop('mask_values', None)
   if extras.get('normalize') == 'unit':  # (the default: said by saying nothing)
     extras.pop('normalize')
+  if metadata.get('regions') and not safetensors:
+    kind = os.path.splitext(dest)[1]
+    print(f'note: {src}: its channels are regions {metadata["regions"]}, which a {kind} file '
+          'cannot record; write a .safetensors to keep them (torch-to-flax reads them back), '
+          'or give --regions when converting it back', file=sys.stderr, flush=True)
   dest_dir = os.path.dirname(os.path.abspath(dest))
   if not os.path.isdir(dest_dir):
     raise UserError(f'{dest_dir}: no such directory for the destination')
@@ -308,6 +362,16 @@ def _parser() -> argparse.ArgumentParser:
                    'evaluate and export then do the same (default: as a .safetensors header '
                    "that flax-to-torch wrote records it, a 'ct' run's with its statistics, "
                    "else 'unit')")
+  t2f.add_argument('--regions', default=None, metavar='C,C;C;...',
+                   help="the model's channels are regions, each the sigmoid of a set of class "
+                   "ids (as a data.regions run's): e.g. '1,2,3;2,3;3' for BraTS's whole "
+                   'tumour, tumour core, enhancing; predict paints their masks (default: as a '
+                   ".safetensors header records them, else none)")
+  t2f.add_argument('--region_class_order', type=lambda text: [int(c) for c in text.split(',')],
+                   default=(), metavar='C,C,...',
+                   help="with --regions: the class each region's pixels paint, in order "
+                   "(nnU-Net's regions_class_order; default: the one class each covers that no "
+                   'later region does)')
   f2t = sub.add_parser('flax-to-torch', help='checkpoint directory -> PyTorch state_dict file')
   f2t.add_argument('src', help='checkpoint directory (from torch-to-flax or training)')
   f2t.add_argument('dest', help='.pth or .safetensors file to create')
@@ -335,7 +399,9 @@ def _run(args: argparse.Namespace) -> None:
       values = None if args.mask_values is None else parse_mask_values(args.mask_values)
       out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite,
                           class_names=args.class_names, mask_values=values,
-                          normalize=args.normalize)
+                          normalize=args.normalize,
+                          regions=None if args.regions is None else parse_regions(args.regions),
+                          region_class_order=args.region_class_order)
       from unet_jax.checkpoint import read_checkpoint_info
       prefix = read_checkpoint_info(out)['metadata'].get('source_prefix')
       taken = f" (the UNet under '{prefix}' in {args.src})" if prefix else ''

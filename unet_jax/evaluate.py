@@ -47,7 +47,7 @@ from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import size_text, training_size
 from unet_jax.post_processing import PostProcessing
-from unet_jax.regions import Regions, config_regions, label_count, painted_order
+from unet_jax.regions import Regions, as_regions, config_regions, label_count, painted_order
 from unet_jax.reporting import float32_decimal, score_lines
 
 ALL_SPLITS = 'all'
@@ -318,6 +318,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     if meta.get('ct_statistics'):  # (its 'ct' statistics, whatever data it is scored on)
       with config.unlocked():
         config.data.ct_statistics = meta['ct_statistics']
+  _with_recorded_regions(config, meta, paths[0])
   region_sets = _check_regions(config, model, include_background, surface, confusion,
                                objects, post)
   if include_background is None:
@@ -395,6 +396,23 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
   if per_image:
     metrics['per_image'] = rows
   return metrics
+
+
+def _with_recorded_regions(config: ml_collections.ConfigDict, meta: dict[str, Any],
+                           checkpoint: str) -> None:
+  """A checkpoint's channels are what it records: a converted region model's regions go into
+  the config that names its data (refused against other regions there)."""
+  recorded = as_regions(meta.get('regions'))
+  if not recorded:
+    return
+  named = config_regions(config)
+  if named and named != recorded:
+    raise UserError(f"{checkpoint}: its channels are the regions {meta['regions']}, but "
+                    f'--config gives data.regions={config.data.regions}; leave them out of '
+                    'the config')
+  with config.unlocked():
+    config.data.regions = tuple(recorded)
+    config.data.region_class_order = tuple(meta.get('region_class_order') or ())
 
 
 def _check_regions(config: ml_collections.ConfigDict, model: Any,

@@ -28,9 +28,11 @@ def as_regions(value: Sequence[Sequence[int]] | None) -> Regions | None:
   return tuple(tuple(int(c) for c in region) for region in value)
 
 
-def check_regions(regions: Regions, order: Sequence[int] = ()) -> tuple[int, ...]:
+def check_regions(regions: Regions, order: Sequence[int] = (),
+                  order_field: str = 'data.region_class_order') -> tuple[int, ...]:
   """Refuses regions that cannot be trained or painted back (ValueError, one line naming the
-  problem); returns the class each region paints (`order` if given, else derived)."""
+  problem); returns the class each region paints (`order`, the setting `order_field`, if
+  given, else derived)."""
   for k, region in enumerate(regions):
     if not region:
       raise ValueError(f'region {k} is empty: each region names the class ids it covers, '
@@ -45,17 +47,18 @@ def check_regions(regions: Regions, order: Sequence[int] = ()) -> tuple[int, ...
                      'needs a region of its own')
   if order:
     if len(order) != len(regions):
-      raise ValueError(f'region_class_order {tuple(order)} has {len(order)} classes for '
+      raise ValueError(f'{order_field} {tuple(order)} has {len(order)} classes for '
                        f'{len(regions)} regions: one per region, the class its pixels paint')
     for k, (region, c) in enumerate(zip(regions, order, strict=True)):
       if c not in region:
-        raise ValueError(f'region_class_order gives region {k} {region} class {c}, which it '
+        raise ValueError(f'{order_field} gives region {k} {region} class {c}, which it '
                          'does not cover')
     return tuple(int(c) for c in order)
-  return derived_order(regions)
+  return derived_order(regions, order_field)
 
 
-def derived_order(regions: Regions) -> tuple[int, ...]:
+def derived_order(regions: Regions, order_field: str = 'data.region_class_order',
+                  ) -> tuple[int, ...]:
   """The class each region paints when none is given: the one class it covers that no later
   region does (BraTS's ((1, 2, 3), (2, 3), (3,)) paints 1, 2, 3)."""
   order = []
@@ -66,8 +69,8 @@ def derived_order(regions: Regions) -> tuple[int, ...]:
       raise ValueError(
           f'region {k} {region} covers {"no class" if not own else f"classes {tuple(own)}"} '
           'that no later region does, so a mask cannot be painted back from the regions; list '
-          'them from the widest to the narrowest, or give data.region_class_order (the class '
-          "each region's pixels paint, nnU-Net's regions_class_order)")
+          f'them from the widest to the narrowest, or give {order_field} (the class each '
+          "region's pixels paint, nnU-Net's regions_class_order)")
     order.append(own[0])
   return tuple(order)
 

@@ -26,9 +26,10 @@ SAFETENSORS_SUFFIX = '.safetensors'
 # Non-tensor entries we carry along as metadata instead of rejecting.
 METADATA_KEYS = ('mask_values',)
 # A .safetensors header also keeps the classes' names and how the model's images are
-# normalised, with a 'ct' run's statistics (a .pth holds only what a strict load_state_dict of
-# milesial's model tolerates).
-SAFETENSORS_METADATA_KEYS = ('mask_values', 'class_names', 'normalize', 'ct_statistics')
+# normalised, with a 'ct' run's statistics, and a region model's regions (a .pth holds only
+# what a strict load_state_dict of milesial's model tolerates).
+SAFETENSORS_METADATA_KEYS = ('mask_values', 'class_names', 'normalize', 'ct_statistics',
+                             'regions', 'region_class_order')
 # Where training scripts commonly nest the state_dict.
 _WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net', 'module')
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
