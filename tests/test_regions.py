@@ -205,17 +205,21 @@ def test_region_loss_refuses_class_weights_and_lovasz():
 # --- Through training, evaluate and predict -------------------------------------------------
 
 
-def _nested_folder(root, n=12, size=24):
-  """Gray masks of nested squares, BraTS-like: 1 around 2 around 3 (values 0, 1, 2, 3)."""
+def _nested_folder(root, n=12, size=32):
+  """Gray masks of nested squares, BraTS-like: 1 around 2 around 3 (values 0, 1, 2, 3); in
+  every other case a second, smaller object in a corner (for post-processing to remove)."""
   from PIL import Image
   os.makedirs(root / 'images'), os.makedirs(root / 'masks')
   rng = np.random.default_rng(0)
   for i in range(n):
     mask = np.zeros((size, size), np.uint8)
-    y, x = rng.integers(0, 6, 2)
+    y, x = rng.integers(0, 4, 2)
     for value, inset in ((1, 0), (2, 4), (3, 8)):
       if value < 3 or i % 3:                      # (some cases without class 3)
         mask[y + inset:y + 18 - inset, x + inset:x + 18 - inset] = value
+    if i % 2 == 0:
+      mask[24:31, 24:31] = 1
+      mask[26:29, 26:29] = 2
     image = (rng.random((size, size)) * 60 + mask * 50).astype(np.uint8)
     Image.fromarray(image).save(root / 'images' / f'case{i:02d}.png')
     Image.fromarray(mask).save(root / 'masks' / f'case{i:02d}.png')
@@ -224,7 +228,7 @@ def _nested_folder(root, n=12, size=24):
 def _region_config(root, **overrides):
   return tiny_config(**{'data.name': 'image_folder', 'data.root': str(root),
                         'data.regions': BRATS, 'model.num_classes': 3, 'batch_size': 8,
-                        'image_size': 24, 'num_train_steps': 30, 'eval_every_steps': 30,
+                        'image_size': 32, 'num_train_steps': 30, 'eval_every_steps': 30,
                         'checkpoint_every_steps': 30, 'data.holdout_percent': 25.0,
                         # (long enough to predict some of each region, not all or nothing)
                         'model.base_features': 8, 'augment.min_scale': 1.0, **overrides})
@@ -261,7 +265,7 @@ def test_a_region_run_scores_each_region_as_evaluate_and_numpy_do(region_run):
   source = input_pipeline.load_sources(config)[1]
   dices = []
   for i in range(len(source)):
-    example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]), 24, None, None)
+    example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]), 32, None, None)
     logits = np.asarray(model.apply(variables, example['image'][None], train=False))[0]
     row = []
     for k, region in enumerate(BRATS):
@@ -270,11 +274,11 @@ def test_a_region_run_scores_each_region_as_evaluate_and_numpy_do(region_run):
     dices.append(row)
     if i == 0:  # the first sample PNG's row: image | truth | the mask painted from the regions
       from PIL import Image
-      drawn = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_0000030.png')))[:24]
-      np.testing.assert_array_equal(drawn[:, 26:50, 0], example['mask'] * 85)
+      drawn = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_0000030.png')))[:32]
+      np.testing.assert_array_equal(drawn[:, 34:66, 0], example['mask'] * 85)
       painted = _nnunet_paint((logits > 0).transpose(2, 0, 1), (1, 2, 3))
       assert 0 < painted.sum()
-      np.testing.assert_array_equal(drawn[:, 52:76, 0], painted * 85)
+      np.testing.assert_array_equal(drawn[:, 68:100, 0], painted * 85)
   np.testing.assert_allclose([r['dice'] for r in got['per_image']], np.mean(dices, 1),
                              rtol=1e-6)
   for k in range(3):
@@ -307,29 +311,112 @@ def test_predict_paints_a_region_runs_masks_as_nnunet(region_run, tmp_path):
                                 np.asarray(Image.open(tmp_path / 'out' / 'case05_mask.png')))
 
 
-@pytest.mark.parametrize('flags,message', [
-    (['--instances'], 'instances: not defined yet for a model of data.regions'),
-    (['--largest_component'], 'largest_component: not defined yet for a model of '
-     'data.regions'),
-])
-def test_predict_refuses_post_processing_of_regions(region_run, tmp_path, capsys, flags,
-                                                    message):
+def test_predict_refuses_instances_of_regions(region_run, tmp_path, capsys):
   from unet_jax.predict import main as predict_main
   root, wd, _ = region_run
   assert predict_main([str(root / 'data' / 'images'), '--checkpoint', wd, '--output',
-                       str(tmp_path / 'out'), *flags]) == 2
-  assert message in capsys.readouterr().err
+                       str(tmp_path / 'out'), '--instances']) == 2
+  assert '--instances numbers the objects of each class, but this model\'s channels are ' \
+         'regions that overlap' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
 
 
-def test_evaluate_refuses_what_regions_do_not_define(region_run):
+def test_evaluate_refuses_leaving_class_0_out_of_regions(region_run):
   from unet_jax.errors import UserError
   from unet_jax.evaluate import evaluate_checkpoint
   _, wd, _ = region_run
-  with pytest.raises(UserError, match='--surface --objects: scored on class maps'):
-    evaluate_checkpoint(wd, surface=True, objects=True)
   with pytest.raises(UserError, match='--noinclude_background leaves class 0 out'):
     evaluate_checkpoint(wd, include_background=False)
+
+
+def _nnunet_post_by_flood_fill(classes, regions_, reference):
+  """nnU-Net's region post-processing written out: each region's pixels one mask, the pixels
+  `reference` (a flood fill of test_predict's on a 0/1 map) drops set to 0."""
+  out = classes.copy()
+  for region in regions_:
+    inside = np.isin(out, region).astype(np.int32)
+    out[(inside == 1) & (reference(inside) == 0)] = 0
+  return out
+
+
+def test_region_post_processing_is_nnunets_per_region():
+  from test_predict import _largest_components_by_flood_fill, _small_regions_removed_by_flood_fill
+
+  from unet_jax.post_processing import PostProcessing
+  rng = np.random.default_rng(12)
+  classes = rng.choice(4, size=(17, 23), p=[0.5, 0.2, 0.15, 0.15]).astype(np.int32)
+  got = PostProcessing(largest_component=True).per_region(classes, BRATS)
+  want = _nnunet_post_by_flood_fill(classes, BRATS, _largest_components_by_flood_fill)
+  np.testing.assert_array_equal(got, want)
+  assert (got != classes).any() and (got != PostProcessing(True)(classes)).any()
+  got = PostProcessing(min_region_size=4).per_region(classes, BRATS)
+  want = _nnunet_post_by_flood_fill(
+      classes, BRATS, lambda m: _small_regions_removed_by_flood_fill(m, 4))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_evaluate_scores_each_regions_surface_objects_and_the_painted_confusion(region_run):
+  from test_evaluate import _monai_surface
+
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.evaluate import evaluate_checkpoint
+  from unet_jax.object_scores import object_counts, summed
+  root, wd, metrics = region_run
+  got = evaluate_checkpoint(wd, per_image=True, surface=True, objects=True, confusion=True)
+  assert got['dice'] == metrics['dice']
+  model, variables, _ = load_pretrained_with_metadata(wd)
+  config = _region_config(root / 'data')
+  source = input_pipeline.load_sources(config)[1]
+  confusion, counts = np.zeros((4, 4), np.int64), []
+  for i, row in enumerate(got['per_image']):
+    example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]), 32, None, None)
+    logits = np.asarray(model.apply(variables, example['image'][None], train=False))[0]
+    truth = example['mask']
+    painted = _nnunet_paint((logits > 0).transpose(2, 0, 1), (1, 2, 3))
+    confusion += np.bincount(truth.ravel() * 4 + painted.ravel(), minlength=16).reshape(4, 4)
+    hd95 = []
+    for k, region in enumerate(BRATS):
+      p, t = logits[..., k] > 0, np.isin(truth, region)
+      hd95.append(_monai_surface(p, t)[0])
+      counts.append(object_counts(p.astype(np.int32), t.astype(np.int32)))
+      want = hd95[-1]
+      assert (row[f'hd95_class{k}'] is None) == np.isnan(want)
+      if not np.isnan(want):
+        assert row[f'hd95_class{k}'] == pytest.approx(want, abs=1e-6)
+  assert got['confusion'] == confusion.tolist()
+  totals = summed(counts)
+  assert got['objects_true'] == totals['objects_true'] > 0
+  assert got['objects_matched'] == totals['objects_matched']
+
+
+@pytest.mark.parametrize('flag', ['--largest_component', '--min_region_size'])
+def test_evaluate_post_processed_regions_scores_predicts_masks(region_run, tmp_path, flag):
+  # What predict writes with the flag, its regions scored in NumPy, is what evaluate scores.
+  from PIL import Image
+
+  from unet_jax.evaluate import evaluate_checkpoint
+  from unet_jax.predict import main as predict_main
+  root, wd, _ = region_run
+  config = _region_config(root / 'data')
+  source = input_pipeline.load_sources(config)[1]
+  names = [str(np.asarray(source[i]['file_name']).item().decode()) for i in range(len(source))]
+  images = root / 'data' / 'images'
+  extra = [flag] + (['60'] if flag == '--min_region_size' else [])
+  assert predict_main([*(str(images / n) for n in names), '--checkpoint', wd, '--output',
+                       str(tmp_path / 'out'), *extra]) == 0
+  got = evaluate_checkpoint(wd, per_image=True, largest_component=flag == '--largest_component',
+                            min_region_size=60 if flag == '--min_region_size' else 0)
+  plain = evaluate_checkpoint(wd, per_image=True)
+  changed = 0
+  for row, before, name in zip(got['per_image'], plain['per_image'], names, strict=True):
+    written = np.asarray(Image.open(tmp_path / 'out' / f'{os.path.splitext(name)[0]}_mask.png'))
+    truth = np.asarray(Image.open(root / 'data' / 'masks' / name))
+    for k, region in enumerate(BRATS):
+      p, t = np.isin(written, region), np.isin(truth, region)
+      want = 1.0 if not (p.any() or t.any()) else 2 * (p & t).sum() / (p.sum() + t.sum())
+      assert row[f'dice_class{k}'] == pytest.approx(want, abs=1e-6)
+      changed += row[f'dice_class{k}'] != before[f'dice_class{k}']
+  assert changed  # (the post-processing changed some region's score)
 
 
 def test_a_run_resumed_with_other_regions_is_refused(region_run, tmp_path):
@@ -394,7 +481,7 @@ def test_export_of_regions_and_their_ensemble(region_run, other_runs, tmp_path, 
   assert export_main([wd, seed, str(out)]) == 0, capsys.readouterr().err
   about = json.loads((tmp_path / 'pair.json').read_text())
   assert about['regions'] == [[1, 2, 3], [2, 3], [3]] and about['region_class_order'] == [1, 2, 3]
-  x = np.random.default_rng(4).random((2, 24, 24, 1), np.float32)
+  x = np.random.default_rng(4).random((2, 32, 32, 1), np.float32)
   got = np.asarray(jax.export.deserialize(out.read_bytes()).call(x), np.float64)
   mean = np.mean([1 / (1 + np.exp(-np.asarray(m.apply(v, x, train=False), np.float64)))
                   for m, v, _ in map(load_pretrained_with_metadata, (wd, seed))], 0)
@@ -443,6 +530,20 @@ def test_a_torch_region_model_converts_and_predicts_nnunets_painting(tmp_path, c
     assert len(np.unique(want)) > 2                  # (several regions predicted)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'x{i}_mask.png')),
                                   want)
+  # --largest_component: nnU-Net's post-processing of each region (not of each class).
+  from test_predict import _largest_components_by_flood_fill
+
+  from unet_jax.predict import keep_largest_component
+  assert predict_main([str(tmp_path / 'in'), '--checkpoint', ckpt, '--output',
+                       str(tmp_path / 'largest'), '--largest_component']) == 0
+  differs = 0
+  for i, p in enumerate(probs.numpy()):
+    painted = _nnunet_paint(p, (1, 2, 3)).astype(np.int32)
+    want = values[_nnunet_post_by_flood_fill(painted, BRATS, _largest_components_by_flood_fill)]
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / 'largest' / f'x{i}_mask.png')), want)
+    differs += (want != values[keep_largest_component(painted)]).any()
+  assert differs
 
 
 def test_a_region_run_keeps_its_regions_through_safetensors_and_back(region_run, tmp_path,

@@ -47,7 +47,15 @@ from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import size_text, training_size
 from unet_jax.post_processing import PostProcessing
-from unet_jax.regions import Regions, as_regions, config_regions, label_count, painted_order
+from unet_jax.predict import Painting, post_processed
+from unet_jax.regions import (
+  Regions,
+  as_regions,
+  config_regions,
+  label_count,
+  paint,
+  painted_order,
+)
 from unet_jax.reporting import float32_decimal, score_lines
 
 ALL_SPLITS = 'all'
@@ -76,8 +84,9 @@ def _scores_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, mode
   scores = losses.per_image_scores(logits, labels, pixels, region_sets)
   sums = losses.summed_scores(scores, batch['valid'])  # (eval_step's summed_eval_metrics)
   scores['valid'] = batch['valid']
-  if maps:
-    scores.update(pred=losses.predict_classes(logits), labels=labels,
+  if maps:  # (a region model's: each pixel's regions, (N, H, W, R))
+    scores.update(pred=logits > 0 if region_sets else losses.predict_classes(logits),
+                  labels=labels,
                   pixels=jnp.ones(labels.shape, bool) if pixels is None else pixels)
   return (jax.lax.psum(sums, parallel.AXIS),
           jax.lax.all_gather(scores, parallel.AXIS, tiled=True))
@@ -119,10 +128,16 @@ def check_nsd_tolerance(tolerance: float) -> None:
 class MapScores:
   """What the class maps of the images add up to: each image's surface scores (`surface`,
   with `surface`), and the pixel counts of the confusion matrix over `classes` (rows the true
-  class, columns the predicted; with `confusion`)."""
+  class, columns the predicted; with `confusion`).
+
+  `painted` (a region model's regions and the class each paints): the predictions are each
+  pixel's regions (H, W, R); surface and object scores are each region's, the confusion
+  matrix that of the painted classes against the true ones."""
 
   def __init__(self, surface: bool, confusion: bool, classes: int,
-               nsd_tolerance: float = surface_distance.NSD_TOLERANCE, objects: bool = False):
+               nsd_tolerance: float = surface_distance.NSD_TOLERANCE, objects: bool = False,
+               painted: Painting | None = None):
+    self.painted = painted
     self.surface: list[dict[str, np.ndarray]] | None = [] if surface else None
     self.nsd_tolerance = nsd_tolerance
     self.confusion = np.zeros((classes, classes), np.int64) if confusion else None
@@ -140,14 +155,23 @@ class MapScores:
     row: dict[str, float | None] = {}
     if self.confusion is not None:
       k = len(self.confusion)
-      self.confusion += np.bincount(labels[pixels] * k + pred[pixels],
+      classes = paint(pred, self.painted.order) if self.painted else pred
+      self.confusion += np.bincount(labels[pixels] * k + classes[pixels],
                                     minlength=k * k).reshape(k, k)
+    # A region model's maps: one binary map per region (class 1 its members), scored alike.
+    maps = ([(pred[..., r].astype(np.int32), np.isin(labels, region).astype(np.int32))
+             for r, region in enumerate(self.painted.regions)] if self.painted
+            else [(pred, labels)])
     if self.surface is not None:
-      self.surface.append(surface_distance.surface_scores(
-          pred, labels, [1] if scored == 1 else range(scored), pixels, self.nsd_tolerance))
+      per_map = [surface_distance.surface_scores(
+          p, t, [1] if scored == 1 or self.painted else range(scored), pixels,
+          self.nsd_tolerance) for p, t in maps]
+      self.surface.append({name: np.concatenate([m[name] for m in per_map])
+                           for name in per_map[0]})
       row |= _surface_row(self.surface[-1], include_background)
     if self.objects is not None:
-      self.objects.append(object_scores.object_counts(pred, labels, pixels))
+      self.objects.append(object_scores.summed(
+          object_scores.object_counts(p, t, pixels) for p, t in maps))
       row |= object_scores.reported(self.objects[-1])
     return row
 
@@ -205,9 +229,20 @@ def class_map_scores(pred: np.ndarray, labels: np.ndarray, pixels: np.ndarray, s
 
 
 def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
+                    painted: Painting | None = None,
                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """A gathered batch's sums and scores again, for its predictions post-processed as
-  `predict` post-processes them with the same flags (`post`), by the same metric code."""
+  `predict` post-processes them with the same flags (`post`), by the same metric code.
+  `painted`: the predictions are regions, painted, post-processed region by region, and
+  scored by the regions of the classes that remain."""
+  if painted:
+    classes = post_processed(paint(scores['pred'], painted.order), post, painted)
+    pred = np.stack([np.isin(classes, region) for region in painted.regions], -1)
+    new = jax.tree.map(np.asarray, losses.per_image_scores(
+        jnp.asarray(np.where(pred, 1.0, -1.0), jnp.float32), jnp.asarray(scores['labels']),
+        jnp.asarray(scores['pixels']), painted.regions))
+    return (losses.summed_scores(new, jnp.asarray(scores['valid'])),
+            {**scores, **new, 'pred': pred})
   pred = post(scores['pred'])
   new = class_map_scores(pred, scores['labels'], scores['pixels'], scores['dice'].shape[1])
   return losses.summed_scores(new, jnp.asarray(scores['valid'])), {**scores, **new, 'pred': pred}
@@ -225,7 +260,7 @@ def _sums_and_rows(p_scores, variables: dict[str, Any], batches: Any, split: str
     batch_sums, scores = p_scores(variables, batch)
     scores = jax.tree.map(np.asarray, scores)
     if post:  # (one that does nothing leaves the scores as they are)
-      batch_sums, scores = _post_processed(scores, post)
+      batch_sums, scores = _post_processed(scores, post, maps.painted)
     sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     rows += _image_rows(split, file_name, b * global_batch, scores, maps, include_background)
   return jax.tree.map(np.asarray, sums), rows
@@ -319,8 +354,7 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
       with config.unlocked():
         config.data.ct_statistics = meta['ct_statistics']
   _with_recorded_regions(config, meta, paths[0])
-  region_sets = _check_regions(config, model, include_background, surface, confusion,
-                               objects, post)
+  region_sets = _check_regions(config, model, include_background)
   if include_background is None:
     include_background = eval_include_background(config)
   mesh = parallel.make_mesh(jax.local_devices())
@@ -357,7 +391,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
         for m, _, _ in loaded), tta, region_sets), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  maps = MapScores(surface, confusion, max(model.num_classes, 2), nsd_tolerance, objects)
+  painted = Painting(region_sets, painted_order(config)) if region_sets else None
+  maps = MapScores(surface, confusion, label_count(config), nsd_tolerance, objects, painted)
   host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
   step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
              else eval_step)
@@ -416,10 +451,9 @@ def _with_recorded_regions(config: ml_collections.ConfigDict, meta: dict[str, An
 
 
 def _check_regions(config: ml_collections.ConfigDict, model: Any,
-                   include_background: bool | None, surface: bool, confusion: bool,
-                   objects: bool, post: PostProcessing) -> Regions | None:
+                   include_background: bool | None) -> Regions | None:
   """The config's data.regions (its model's channels), refused where they do not fit the
-  model or the scores asked for; None without them."""
+  model, or with class 0 left out of the means; None without them."""
   region_sets = config_regions(config)
   if not region_sets:
     return None
@@ -433,14 +467,6 @@ def _check_regions(config: ml_collections.ConfigDict, model: Any,
   if include_background is False:
     raise UserError('--noinclude_background leaves class 0 out of the means, but the channels '
                     'are data.regions, all foreground; leave it out')
-  asked = [flag for flag, on in (('--surface', surface), ('--confusion', confusion),
-                                 ('--objects', objects),
-                                 ('--largest_component', post.largest_component),
-                                 ('--min_region_size', post.min_region_size)) if on]
-  if asked:
-    raise UserError(f'{" ".join(asked)}: scored on class maps, which data.regions models do '
-                    'not give per region yet; score their painted masks with '
-                    'python -m unet_jax.score_masks')
   return region_sets
 
 

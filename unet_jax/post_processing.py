@@ -1,8 +1,9 @@
 """Post-processing of predicted class maps, on the host: what `predict` writes with
 `--largest_component` / `--min_region_size`, and what `evaluate` scores with the same flags.
 
-Both act on each class but 0 (the background) in each image alone, and set the pixels they
-drop to 0. They are the two MONAI transforms nnU-Net-style pipelines use after the argmax:
+Both act on each class but 0 (the background) in each image alone (a region model's masks:
+on each region, `PostProcessing.per_region`), and set the pixels they drop to 0. They are the
+two MONAI transforms nnU-Net-style pipelines use after the argmax:
 `KeepLargestConnectedComponent` (nnU-Net's own post-processing) and `RemoveSmallObjects`.
 (`unet_jax.predict.keep_largest_component`, where it was first, is this one.)
 """
@@ -10,7 +11,7 @@ drop to 0. They are the two MONAI transforms nnU-Net-style pipelines use after t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -115,6 +116,18 @@ class PostProcessing:
     if self.largest_component:
       classes = keep_largest_component(classes)
     return classes
+
+  def per_region(self, classes: np.ndarray, regions: Sequence[Sequence[int]]) -> np.ndarray:
+    """Class ids (..., H, W) painted from `regions` (regions.py), post-processed region by
+    region as nnU-Net post-processes a region model's masks: each region's pixels (those of
+    its classes) one mask, whose parts this would drop set to 0, every class in them."""
+    if not self:
+      return classes
+    out = np.array(classes, copy=True)
+    for region in regions:
+      inside = np.isin(out, region).astype(np.int32)
+      out[(inside == 1) & (self(inside) == 0)] = 0
+    return out
 
   def description(self) -> str:
     """For a report's first line, e.g. ', largest connected regions only'; '' for none."""

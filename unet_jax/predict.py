@@ -258,10 +258,11 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   size) set to class 0 (post_processing.remove_small_regions).
   `regions` (a run's data.regions; regions.py): the channels are regions, each a sigmoid, and
   the mask is painted from those above `threshold`, region by region, each as its class of
-  `region_class_order` (default: the one class it covers that no later region does).
+  `region_class_order` (default: the one class it covers that no later region does); the
+  post-processing then acts on each region's pixels (PostProcessing.per_region).
   """
   post = PostProcessing(largest_component, min_region_size)
-  painted = painting(model, regions, region_class_order, post)
+  painted = painting(model, regions, region_class_order)
   _check_threshold(model, threshold, painted and painted.regions)
   images = np.asarray(images)
   single = images.ndim == 3
@@ -273,8 +274,15 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta, resample=resample,
                           normalize=normalize, blend=blend)
-  classes = post(classes_from_logits(logits, threshold, painted))
+  classes = post_processed(classes_from_logits(logits, threshold, painted), post, painted)
   return classes[0] if single else classes
+
+
+def post_processed(classes: np.ndarray, post: PostProcessing,
+                   painted: Painting | None = None) -> np.ndarray:
+  """Class ids post-processed as `post` says: each class, or a region model's each region
+  (PostProcessing.per_region)."""
+  return post.per_region(classes, painted.regions) if painted else post(classes)
 
 
 class Painting(NamedTuple):
@@ -284,10 +292,9 @@ class Painting(NamedTuple):
 
 
 def painting(model: UNet, regions: Sequence[Sequence[int]] | None,
-             order: Sequence[int] = (), post: PostProcessing | None = None,
-             instances: bool = False) -> Painting | None:
+             order: Sequence[int] = (), instances: bool = False) -> Painting | None:
   """The Painting of a model whose channels are `regions` (None without), refused where they
-  do not fit it, or with post-processing that is not defined for regions yet."""
+  do not fit it, or with --instances, which is not defined for regions."""
   regions = as_regions(regions)
   if not regions:
     return None
@@ -298,12 +305,9 @@ def painting(model: UNet, regions: Sequence[Sequence[int]] | None,
   if len(regions) != model.num_classes:
     raise UserError(f'{len(regions)} regions but the model has {model.num_classes} output '
                     'channel(s), one per region')
-  asked = [flag for flag, on in (('largest_component', post and post.largest_component),
-                                 ('min_region_size', post and post.min_region_size),
-                                 ('instances', instances)) if on]
-  if asked:
-    raise UserError(f'{", ".join(asked)}: not defined yet for a model of data.regions (it '
-                    'would act on the painted classes, not on each region); leave it out')
+  if instances:
+    raise UserError('--instances numbers the objects of each class, but this model\'s channels '
+                    'are regions that overlap (data.regions); leave it out')
   return Painting(regions, order)
 
 
@@ -613,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if size and min(height_width(size)) < 2**depth:
         raise UserError(f'--size={size} is below the model\'s minimum {2**depth} (or 0: '
                         'each image at its own size)')
-    painted = painting(model, meta.get('regions'), meta.get('region_class_order', ()), post,
+    painted = painting(model, meta.get('regions'), meta.get('region_class_order', ()),
                        args.instances)
     _check_threshold(model, args.threshold, painted and painted.regions)
     if args.batch_size < 1:
@@ -672,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           masks = classes_from_probabilities(probs, args.threshold, painted)
           if not args.probabilities:
             probs = [None] * len(indices)
-        masks = post(masks)
+        masks = post_processed(masks, post, painted)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = names[i]
           tmp = os.path.join(args.output, f'.{stem}{args.mask_suffix}.png.tmp')
