@@ -47,8 +47,8 @@ from unet_jax.file_modes import replaced_on_success
 from unet_jax.flip_tta import eval_logits
 from unet_jax.image_io import size_text, training_size
 from unet_jax.post_processing import PostProcessing
-from unet_jax.predict import Painting, post_processed
 from unet_jax.regions import (
+  Painting,
   Regions,
   as_regions,
   config_regions,
@@ -236,7 +236,7 @@ def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
   `painted`: the predictions are regions, painted, post-processed region by region, and
   scored by the regions of the classes that remain."""
   if painted:
-    classes = post_processed(paint(scores['pred'], painted.order), post, painted)
+    classes = post(paint(scores['pred'], painted.order), painted.regions)
     pred = np.stack([np.isin(classes, region) for region in painted.regions], -1)
     new = jax.tree.map(np.asarray, losses.per_image_scores(
         jnp.asarray(np.where(pred, 1.0, -1.0), jnp.float32), jnp.asarray(scores['labels']),

@@ -109,8 +109,12 @@ class PostProcessing:
   def __bool__(self) -> bool:
     return self.largest_component or self.min_region_size > 1
 
-  def __call__(self, classes: np.ndarray) -> np.ndarray:
-    """Class ids (..., H, W), post-processed; the input itself when there is nothing to do."""
+  def __call__(self, classes: np.ndarray,
+               regions: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Class ids (..., H, W), post-processed; the input itself when there is nothing to do.
+    `regions`: a region model's painted mask, post-processed region by region (per_region)."""
+    if regions:
+      return self.per_region(classes, regions)
     if self.min_region_size > 1:
       classes = remove_small_regions(classes, self.min_region_size)
     if self.largest_component:

@@ -53,7 +53,14 @@ from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 from unet_jax.post_processing import PostProcessing, instance_labels
 from unet_jax.post_processing import keep_largest_component as keep_largest_component
-from unet_jax.regions import Regions, as_regions, check_regions, label_classes, paint
+from unet_jax.regions import (
+  Painting,
+  Regions,
+  as_regions,
+  check_regions,
+  label_classes,
+  paint,
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -274,21 +281,8 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   logits = predict_logits(model, variables, images, size=size, tile=tile, overlap=overlap,
                           batch_size=batch_size, tta=tta, resample=resample,
                           normalize=normalize, blend=blend)
-  classes = post_processed(classes_from_logits(logits, threshold, painted), post, painted)
+  classes = post(classes_from_logits(logits, threshold, painted), painted and painted.regions)
   return classes[0] if single else classes
-
-
-def post_processed(classes: np.ndarray, post: PostProcessing,
-                   painted: Painting | None = None) -> np.ndarray:
-  """Class ids post-processed as `post` says: each class, or a region model's each region
-  (PostProcessing.per_region)."""
-  return post.per_region(classes, painted.regions) if painted else post(classes)
-
-
-class Painting(NamedTuple):
-  """A region model's regions and the class each paints (regions.py)."""
-  regions: Regions
-  order: tuple[int, ...]
 
 
 def painting(model: UNet, regions: Sequence[Sequence[int]] | None,
@@ -676,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           masks = classes_from_probabilities(probs, args.threshold, painted)
           if not args.probabilities:
             probs = [None] * len(indices)
-        masks = post_processed(masks, post, painted)
+        masks = post(masks, painted and painted.regions)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = names[i]
           tmp = os.path.join(args.output, f'.{stem}{args.mask_suffix}.png.tmp')

@@ -13,12 +13,19 @@ regions listed later win.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Regions = tuple[tuple[int, ...], ...]
+
+
+class Painting(NamedTuple):
+  """A region model's regions and the class each paints (check_regions)."""
+  regions: Regions
+  order: tuple[int, ...]
 
 
 def as_regions(value: Sequence[Sequence[int]] | None) -> Regions | None:
