@@ -600,3 +600,82 @@ def test_conversion_refuses_regions_that_do_not_fit(tmp_path, capsys, flags, mes
   err = capsys.readouterr().err
   assert message in err and err.count('\n') == 1
   assert not (tmp_path / 'c').exists()
+
+
+# --- score_masks --regions -------------------------------------------------------------------
+
+
+def _value_label_files(tmp_path, rng):
+  """Predictions and labels of BraTS's values 0, 1, 2, 4 (and 9, ignored), three sizes; value
+  4 absent from image 0's truth and prediction."""
+  from PIL import Image
+  os.makedirs(tmp_path / 'pred'), os.makedirs(tmp_path / 'labels')
+  values = np.array([0, 1, 2, 4, 9], np.uint8)
+  truths, preds = [], []
+  for i, (h, w) in enumerate(((19, 21), (30, 17), (26, 26))):
+    truth = values[rng.choice(5, (h, w), p=[0.4, 0.2, 0.2, 0.1, 0.1])]
+    pred = np.where(rng.random((h, w)) < 0.7, np.where(truth == 9, 0, truth),
+                    values[rng.integers(0, 4, (h, w))])
+    if i == 0:
+      truth[truth == 4], pred[pred == 4] = 2, 2
+    Image.fromarray(truth).save(tmp_path / 'labels' / f'c{i}.png')
+    Image.fromarray(pred).save(tmp_path / 'pred' / f'c{i}.png')
+    truths.append(truth), preds.append(pred)
+  return truths, preds
+
+
+def test_score_masks_scores_regions_of_values_as_monai_does(tmp_path, capsys):
+  from monai.metrics import DiceMetric
+  from test_evaluate import _monai_surface
+
+  from unet_jax.object_scores import object_counts, summed
+  from unet_jax.score_masks import main as score_main
+  from unet_jax.score_masks import score_folders
+  truths, preds = _value_label_files(tmp_path, np.random.default_rng(13))
+  value_regions = ((1, 2, 4), (2, 4), (4,))
+  got = score_folders(str(tmp_path / 'pred'), str(tmp_path / 'labels'), mask_suffix='',
+                      ignore_value=9, regions=value_regions, surface=True, objects=True)
+  assert got['regions'] == [[1, 2, 4], [2, 4], [4]]
+  counts = []
+  for row, truth, pred in zip(got['per_image'], truths, preds, strict=True):
+    valid = torch.tensor(truth != 9)[None, None]
+    t = torch.stack([torch.isin(torch.tensor(truth), torch.tensor(r)) for r in value_regions])
+    p = torch.stack([torch.isin(torch.tensor(pred), torch.tensor(r)) for r in value_regions])
+    t, p = t[None] * valid, p[None] * valid
+    dice = DiceMetric(include_background=True, ignore_empty=False)(p.float(), t.float())[0]
+    for k in range(3):
+      assert row[f'dice_class{k}'] == pytest.approx(float(dice[k]), abs=1e-6)
+      want = _monai_surface(p[0, k].numpy(), t[0, k].numpy())[0]
+      assert (row[f'hd95_class{k}'] is None) == np.isnan(want)
+      if not np.isnan(want):
+        assert row[f'hd95_class{k}'] == pytest.approx(want, abs=1e-6)
+      counts.append(object_counts(p[0, k].numpy().astype(np.int32),
+                                  t[0, k].numpy().astype(np.int32)))
+    assert row['dice'] == pytest.approx(float(dice.mean()), abs=1e-6)
+  assert got['objects_true'] == summed(counts)['objects_true'] > 0
+  # The command line: a row per region, named by its values.
+  assert score_main(['--predictions', str(tmp_path / 'pred'), '--labels',
+                     str(tmp_path / 'labels'), '--mask_suffix', '', '--ignore_value', '9',
+                     '--regions', '1,2,4;2,4;4']) == 0
+  out = capsys.readouterr().out
+  assert '(values 1,2,4)' in out and '(values 4)' in out
+  assert json.loads(out.strip().splitlines()[-1])['dice'] == got['dice']
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--confusion'], '--confusion counts classes, --regions scores sets of them'),
+    (['--noinclude_background'], '--noinclude_background leaves class 0 out of the means, but '
+     '--regions scores the regions alone'),
+    (['--class_names', 'whole,core'], '--class_names names 2 class(es) but there are 3 '
+     '(--regions gives 3 region(s))'),
+    (['--regions', '1;x'], "--regions '1;x': give each region's class ids"),
+    (['--regions', '1,1;2'], '--regions: region 0 names a value twice'),
+])
+def test_score_masks_refuses_what_regions_do_not_define(tmp_path, capsys, flags, message):
+  from unet_jax.score_masks import main as score_main
+  _value_label_files(tmp_path, np.random.default_rng(14))
+  assert score_main(['--predictions', str(tmp_path / 'pred'), '--labels',
+                     str(tmp_path / 'labels'), '--mask_suffix', '', '--regions',
+                     '1,2,4;2,4;4', *flags]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1

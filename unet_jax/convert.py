@@ -22,7 +22,7 @@ from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.image_io import NORMALIZATIONS, check_normalize_flag
 from unet_jax.model import DEEP_SUPERVISION_HEAD
-from unet_jax.regions import Regions, as_regions, check_regions, label_classes
+from unet_jax.regions import Regions, as_regions, check_regions, label_classes, parse_regions
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -233,15 +233,6 @@ def _file_regions(config: Mapping[str, Any], extras: Mapping[str, Any],
   return chosen, order
 
 
-def parse_regions(text: str) -> list[list[int]]:
-  """--regions '1,2,3;2,3;3' -> [[1, 2, 3], [2, 3], [3]]."""
-  try:
-    return [[int(c) for c in part.split(',')] for part in text.split(';')]
-  except ValueError:
-    raise UserError(f"--regions {text!r}: give each region's class ids, comma-separated, the "
-                    "regions separated by ';', e.g. '1,2,3;2,3;3'") from None
-
-
 def torch_to_flax(src: str, dest: str, overwrite: bool = False,
                   class_names: Sequence[str] = (), mask_values: list | None = None,
                   normalize: str | None = None, regions: Sequence[Sequence[int]] | None = None,
@@ -399,8 +390,8 @@ def _run(args: argparse.Namespace) -> None:
       values = None if args.mask_values is None else parse_mask_values(args.mask_values)
       out = torch_to_flax(args.src, args.dest, overwrite=args.overwrite,
                           class_names=args.class_names, mask_values=values,
-                          normalize=args.normalize,
-                          regions=None if args.regions is None else parse_regions(args.regions),
+                          normalize=args.normalize, regions=None if args.regions is None
+                          else parse_regions(args.regions, '--regions'),
                           region_class_order=args.region_class_order)
       from unet_jax.checkpoint import read_checkpoint_info
       prefix = read_checkpoint_info(out)['metadata'].get('source_prefix')

@@ -218,14 +218,18 @@ def _image_rows(split: str, file_name: Callable[[int], str], first: int,
 
 
 def class_map_scores(pred: np.ndarray, labels: np.ndarray, pixels: np.ndarray, scored: int,
-                     ) -> dict[str, np.ndarray]:
+                     regions: Regions | None = None) -> dict[str, np.ndarray]:
   """losses.per_image_scores of predicted class ids (N, H, W) against `labels` on `pixels`, by
   the code that scores a model's logits: each prediction as the logits that give it (`scored`
-  channels; 1 for a binary model, whose class 1 is its foreground)."""
-  logits = (np.where(pred == 1, 1.0, -1.0)[..., None] if scored == 1
-            else np.eye(scored, dtype=np.float32)[pred])
+  channels; 1 for a binary model, whose class 1 is its foreground). `regions`: `pred` is each
+  pixel's regions (N, H, W, R), scored as a region model's."""
+  if regions:
+    logits = np.where(pred, 1.0, -1.0)
+  else:
+    logits = (np.where(pred == 1, 1.0, -1.0)[..., None] if scored == 1
+              else np.eye(scored, dtype=np.float32)[pred])
   return jax.tree.map(np.asarray, losses.per_image_scores(
-      jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(pixels)))
+      jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(pixels), regions))
 
 
 def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
@@ -238,13 +242,10 @@ def _post_processed(scores: dict[str, np.ndarray], post: PostProcessing,
   if painted:
     classes = post(paint(scores['pred'], painted.order), painted.regions)
     pred = np.stack([np.isin(classes, region) for region in painted.regions], -1)
-    new = jax.tree.map(np.asarray, losses.per_image_scores(
-        jnp.asarray(np.where(pred, 1.0, -1.0), jnp.float32), jnp.asarray(scores['labels']),
-        jnp.asarray(scores['pixels']), painted.regions))
-    return (losses.summed_scores(new, jnp.asarray(scores['valid'])),
-            {**scores, **new, 'pred': pred})
-  pred = post(scores['pred'])
-  new = class_map_scores(pred, scores['labels'], scores['pixels'], scores['dice'].shape[1])
+  else:
+    pred = post(scores['pred'])
+  new = class_map_scores(pred, scores['labels'], scores['pixels'], scores['dice'].shape[1],
+                         painted and painted.regions)
   return losses.summed_scores(new, jnp.asarray(scores['valid'])), {**scores, **new, 'pred': pred}
 
 

@@ -82,6 +82,18 @@ def derived_order(regions: Regions, order_field: str = 'data.region_class_order'
   return tuple(order)
 
 
+def parse_regions(text: str, flag: str) -> list[list[int]]:
+  """A command line's regions, '1,2,3;2,3;3' -> [[1, 2, 3], [2, 3], [3]] (0xRRGGBB for a
+  colour; `flag`: its name, for the refusal)."""
+  from unet_jax.errors import UserError
+  try:
+    return [[int(c, 16) if c.strip().lower().startswith('0x') else int(c)
+             for c in part.split(',')] for part in text.split(';')]
+  except ValueError:
+    raise UserError(f"{flag} {text!r}: give each region's class ids, comma-separated, the "
+                    "regions separated by ';', e.g. '1,2,3;2,3;3'") from None
+
+
 def region_targets(labels: jax.Array, regions: Regions) -> jax.Array:
   """(N, H, W, R) float32: 1 where a pixel's class is in region r."""
   return jnp.stack([jnp.isin(labels, jnp.asarray(region)) for region in regions],

@@ -12,6 +12,8 @@ training maps an image folder's mask values to classes; with `ignore_value`, the
 of that value count nowhere. Per image and class: Dice, IoU and class accuracy (recall), by
 `losses.per_image_scores`, the code evaluation uses (a class absent from both scores 1); their
 means over images, and over the classes (without class 0 unless `include_background`).
+With `regions` (sets of mask values, as nnU-Net evaluates a region dataset), each region is
+scored instead: the pixels whose value is in it, in the prediction against the label.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from unet_jax.config_checks import check_class_names
 from unet_jax.datasets.image_folder import key_mask_value, read_mask_keys
 from unet_jax.errors import UserError
 from unet_jax.image_io import files_by_name, mask_value_text
+from unet_jax.regions import Painting, parse_regions
 
 
 def _pairs(predictions: str, labels: str, mask_suffix: str, label_suffix: str,
@@ -64,7 +67,8 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
                   ignore_value: int = -1, surface: bool = False, confusion: bool = False,
                   class_names: Sequence[str] = (),
                   nsd_tolerance: float = surface_distance.NSD_TOLERANCE,
-                  objects: bool = False) -> dict[str, Any]:
+                  objects: bool = False,
+                  regions: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
   """The means of the scores (as `evaluate` reports them) of each label's prediction, with
   `images`, `class_values` (each class's value; 0xRRGGBB for RGB masks, and then `rgb_masks`
   is true) and `per_image` (a row per label: its `file_name` and scores). `ignore_value`: a
@@ -74,7 +78,11 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   confusion matrix (rows the true class), both as `evaluate` gives them. `class_names`: one
   per class, in value order, returned as `class_names` for the report. `objects`: also the
   object scores (object_scores.py: each connected region of a class but the smallest value's
-  an object, matched above IoU 0.5) over all images, and each image's."""
+  an object, matched above IoU 0.5) over all images, and each image's.
+  `regions`: sets of mask values (0xRRGGBB for RGB), each scored in place of the classes: the
+  pixels whose value is in it, in the prediction against the label (nnU-Net's evaluation of
+  regions); `class_names` then names the regions, and the surface and object scores are
+  each region's. Not with `confusion` (of classes) or without `include_background`."""
   from unet_jax.evaluate import MapScores, check_nsd_tolerance, class_map_scores, score_columns
   check_nsd_tolerance(nsd_tolerance)
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
@@ -93,16 +101,22 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     values.update(np.unique(label[label != ignore_value]).tolist())
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
-  check_class_names(class_names, num_classes, '--class_names', "the masks' values "
+  painted = _value_regions(regions, keys, include_background, confusion)
+  check_class_names(class_names, len(painted.regions) if painted else num_classes,
+                    '--class_names', f'--regions gives {len(painted.regions)} region(s)'
+                    if painted else "the masks' values "
                     f'[{", ".join(_key_text(int(k), rgb) for k in keys[:8])}]')
   sums, rows = None, []
-  maps = MapScores(surface, confusion, num_classes, nsd_tolerance, objects)
+  maps = MapScores(surface, confusion, num_classes, nsd_tolerance, objects, painted)
   for file_name, pred_path, label_path in pairs:
     pred, label = read_mask_keys(pred_path).keys, read_mask_keys(label_path).keys
     valid = label != ignore_value
     ids = np.searchsorted(keys, np.where(valid, label, keys[0]))
     pred_ids = np.searchsorted(keys, pred)
-    scores = class_map_scores(pred_ids[None], ids[None], valid[None], num_classes)
+    if painted:  # (each pixel's regions: those holding its value's class)
+      pred_ids = np.stack([np.isin(pred_ids, r) for r in painted.regions], -1)
+    scores = class_map_scores(pred_ids[None], ids[None], valid[None], num_classes,
+                              painted and painted.regions)
     part = losses.summed_scores(scores, jnp.ones(1, bool))
     sums = part if sums is None else {k: sums[k] + v for k, v in part.items()}
     rows.append({'file_name': file_name}
@@ -118,9 +132,32 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     metrics.update(object_scores.reported(maps.object_totals()))
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], rgb_masks=rgb, per_image=rows)
+  if regions:
+    metrics['regions'] = [[int(v) for v in r] for r in regions]
   if class_names:
     metrics['class_names'] = list(class_names)
   return metrics
+
+
+def _value_regions(regions: Sequence[Sequence[int]] | None, keys: np.ndarray,
+                   include_background: bool, confusion: bool) -> Painting | None:
+  """Regions of mask values as regions of the class ids the values map to (a value in no
+  mask: an id that no pixel has), for MapScores and the scores; None without regions."""
+  if not regions:
+    return None
+  if confusion:
+    raise UserError('--confusion counts classes, --regions scores sets of them; score the '
+                    'confusion matrix without --regions')
+  if not include_background:
+    raise UserError('--noinclude_background leaves class 0 out of the means, but --regions '
+                    'scores the regions alone; leave it out')
+  as_ids = []
+  for k, region in enumerate(regions):
+    if len(set(region)) != len(region):
+      raise UserError(f'--regions: region {k} names a value twice')
+    ids = [int(np.searchsorted(keys, v)) for v in region if v in set(keys.tolist())]
+    as_ids.append(tuple(ids) or (-1,))
+  return Painting(tuple(as_ids), ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "report's table of per-class scores (e.g. background,liver,tumour)")
   p.add_argument('--per_image', default=None, help="also write each image's scores to this "
                  'CSV file')
+  p.add_argument('--regions', default=None, metavar='V,V;V;...',
+                 help="score regions instead of classes, each a set of mask values (nnU-Net's "
+                      "evaluation of a region dataset): e.g. '1,2,3;2,3;3' for BraTS's whole "
+                      'tumour, tumour core, enhancing; 0xRRGGBB for colours')
   args = p.parse_args(argv)
   from unet_jax.evaluate import check_csv_destination, confusion_lines, write_csv
   from unet_jax.reporting import score_lines
@@ -165,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = score_folders(args.predictions, args.labels, args.mask_suffix, args.label_suffix,
                             args.include_background, args.ignore_value, args.surface,
                             args.confusion, args.class_names, args.nsd_tolerance,
-                            args.objects)
+                            args.objects, None if args.regions is None
+                            else parse_regions(args.regions, '--regions'))
     rows = metrics.pop('per_image')
     if args.per_image:
       write_csv(args.per_image, rows)
@@ -178,8 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'size, classes [{", ".join(values[:8])}{", ..." if len(values) > 8 else ""}]'
         f'{", class 0 left out of the means" if background_out else ""}'
         f'{surface_distance.tolerance_text(metrics)}')
-  # The table's rows: each class's name, else its mask value (class 1 is 255, or #ff0000).
-  labels = args.class_names or [f'(value {v})' for v in values]
+  # The table's rows: each class's name, else its mask value (class 1 is 255, or #ff0000);
+  # each region's name, else its values.
+  labels = args.class_names or (
+      [f'(values {",".join(_key_text(v, metrics["rgb_masks"]) for v in r)})'
+       for r in metrics['regions']] if 'regions' in metrics else
+      [f'(value {v})' for v in values])
   print(score_lines(metrics, labels) + confusion_lines(metrics) + json.dumps(metrics),
         flush=True)
   if args.per_image:
