@@ -530,6 +530,13 @@ def test_a_torch_region_model_converts_and_predicts_nnunets_painting(tmp_path, c
     assert len(np.unique(want)) > 2                  # (several regions predicted)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / f'x{i}_mask.png')),
                                   want)
+  # The Python API, given the regions: class ids.
+  from unet_jax import load_pretrained
+  from unet_jax.predict import predict
+  model, variables = load_pretrained(ckpt)
+  got = predict(model, variables, images[..., None], regions=BRATS, threshold=0.3)
+  for i, p in enumerate(probs.numpy()):
+    np.testing.assert_array_equal(got[i], _nnunet_paint(p > 0.3, (1, 2, 3)))
   # --largest_component: nnU-Net's post-processing of each region (not of each class).
   from test_predict import _largest_components_by_flood_fill
 
