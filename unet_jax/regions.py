@@ -13,7 +13,7 @@ regions listed later win.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,17 +115,17 @@ def label_classes(regions: Regions) -> int:
   return max(max(region) for region in regions) + 1
 
 
-def config_regions(config) -> Regions | None:
+def config_regions(config: Any) -> Regions | None:
   """A run config's `data.regions` (runs before the field: none)."""
   return as_regions(config.data.get('regions', ()))
 
 
-def painted_order(config) -> tuple[int, ...]:
+def painted_order(config: Any) -> tuple[int, ...]:
   """The class each of a run config's regions paints (check_regions)."""
   return check_regions(config_regions(config), tuple(config.data.get('region_class_order', ())))
 
 
-def label_count(config) -> int:
+def label_count(config: Any) -> int:
   """The class ids a run's masks may hold: its regions' (label_classes), else its model's
   classes (2 for one output channel)."""
   regions = config_regions(config)
