@@ -594,6 +594,8 @@ def test_a_region_run_keeps_its_regions_through_safetensors_and_back(region_run,
      'given'),
     (['--regions', '1,2,3;2,3;3', '--region_class_order', '1,2'], 'regions: '
      '--region_class_order (1, 2) has 2 classes for 3 regions'),
+    (['--regions', '1,2,3;2,3;3', '--region_class_order', '1;2'], "--region_class_order '1;2': "
+     "give each region's class"),
     (['--regions', '1,2,3;2,3;3', '--mask_values', '0,255'], '--mask_values gives 2 value(s) '
      'but there are 4 classes (the regions cover class ids 0..3)'),
 ])

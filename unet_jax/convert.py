@@ -358,8 +358,7 @@ def _parser() -> argparse.ArgumentParser:
                    "ids (as a data.regions run's): e.g. '1,2,3;2,3;3' for BraTS's whole "
                    'tumour, tumour core, enhancing; predict paints their masks (default: as a '
                    ".safetensors header records them, else none)")
-  t2f.add_argument('--region_class_order', type=lambda text: [int(c) for c in text.split(',')],
-                   default=(), metavar='C,C,...',
+  t2f.add_argument('--region_class_order', default='', metavar='C,C,...',
                    help="with --regions: the class each region's pixels paint, in order "
                    "(nnU-Net's regions_class_order; default: the one class each covers that no "
                    'later region does)')
@@ -384,6 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
+def _class_order(text: str) -> tuple[int, ...]:
+  """--region_class_order '1,2,3' -> (1, 2, 3); '' -> ()."""
+  if not text:
+    return ()
+  try:
+    return tuple(int(c) for c in text.split(','))
+  except ValueError:
+    raise UserError(f"--region_class_order {text!r}: give each region's class, "
+                    "comma-separated, e.g. '1,2,3'") from None
+
+
 def _run(args: argparse.Namespace) -> None:
   try:
     if args.command == 'torch-to-flax':
@@ -392,7 +402,7 @@ def _run(args: argparse.Namespace) -> None:
                           class_names=args.class_names, mask_values=values,
                           normalize=args.normalize, regions=None if args.regions is None
                           else parse_regions(args.regions, '--regions'),
-                          region_class_order=args.region_class_order)
+                          region_class_order=_class_order(args.region_class_order))
       from unet_jax.checkpoint import read_checkpoint_info
       prefix = read_checkpoint_info(out)['metadata'].get('source_prefix')
       taken = f" (the UNet under '{prefix}' in {args.src})" if prefix else ''

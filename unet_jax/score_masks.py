@@ -85,6 +85,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   each region's. Not with `confusion` (of classes) or without `include_background`."""
   from unet_jax.evaluate import MapScores, check_nsd_tolerance, class_map_scores, score_columns
   check_nsd_tolerance(nsd_tolerance)
+  _check_regions(regions, include_background, confusion)
   pairs = _pairs(predictions, labels, mask_suffix, label_suffix)
   # Every pair is read twice, first to find the classes (all values) and check the sizes, then
   # to score it: memory holds one pair, not all (5,000 Carvana-sized pairs: 200 GB of keys).
@@ -101,7 +102,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     values.update(np.unique(label[label != ignore_value]).tolist())
   keys = np.asarray(sorted(values), np.int64)
   num_classes = max(len(keys), 2)  # (one value only: a class 1 absent everywhere)
-  painted = _value_regions(regions, keys, include_background, confusion)
+  painted = _value_regions(regions, keys)
   check_class_names(class_names, len(painted.regions) if painted else num_classes,
                     '--class_names', f'--regions gives {len(painted.regions)} region(s)'
                     if painted else "the masks' values "
@@ -139,25 +140,31 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
   return metrics
 
 
-def _value_regions(regions: Sequence[Sequence[int]] | None, keys: np.ndarray,
-                   include_background: bool, confusion: bool) -> Painting | None:
-  """Regions of mask values as regions of the class ids the values map to (a value in no
-  mask: an id that no pixel has), for MapScores and the scores; None without regions."""
+def _check_regions(regions: Sequence[Sequence[int]] | None, include_background: bool,
+                   confusion: bool) -> None:
+  """Refuses, before any file is read, regions with what they do not define."""
   if not regions:
-    return None
+    return
   if confusion:
     raise UserError('--confusion counts classes, --regions scores sets of them; score the '
                     'confusion matrix without --regions')
   if not include_background:
     raise UserError('--noinclude_background leaves class 0 out of the means, but --regions '
                     'scores the regions alone; leave it out')
-  as_ids = []
   for k, region in enumerate(regions):
     if len(set(region)) != len(region):
       raise UserError(f'--regions: region {k} names a value twice')
-    ids = [int(np.searchsorted(keys, v)) for v in region if v in set(keys.tolist())]
-    as_ids.append(tuple(ids) or (-1,))
-  return Painting(tuple(as_ids), ())
+
+
+def _value_regions(regions: Sequence[Sequence[int]] | None, keys: np.ndarray,
+                   ) -> Painting | None:
+  """Regions of mask values as regions of the class ids the values map to (a value in no
+  mask: an id that no pixel has), for MapScores and the scores; None without regions."""
+  if not regions:
+    return None
+  present = set(keys.tolist())
+  return Painting(tuple(tuple(int(np.searchsorted(keys, v)) for v in region if v in present)
+                        or (-1,) for region in regions), ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
