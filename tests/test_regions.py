@@ -256,6 +256,10 @@ def test_a_region_run_scores_each_region_as_evaluate_and_numpy_do(region_run):
   assert meta['regions'] == [[1, 2, 3], [2, 3], [3]] and meta['region_class_order'] == [1, 2, 3]
   got = evaluate_checkpoint(wd, per_image=True)
   assert {k: v for k, v in got.items() if k in metrics} == metrics
+  assert got['regions'] == [[1, 2, 3], [2, 3], [3]]
+  from unet_jax.evaluate import _report
+  report = _report([wd], {k: v for k, v in got.items() if k != 'per_image'})
+  assert '0 (classes 1,2,3)' in report and '2 (classes 3)' in report
   # An ensemble of the run with itself: each region's mean sigmoid is its own, so its scores.
   twice = evaluate_checkpoint([wd, wd])
   for k in ('dice', 'iou', 'dice_class2'):
@@ -688,3 +692,21 @@ def test_score_masks_refuses_what_regions_do_not_define(tmp_path, capsys, flags,
                      '1,2,4;2,4;4', *flags]) == 2
   err = capsys.readouterr().err
   assert message in err and err.count('\n') == 1
+
+
+def test_a_cross_validation_of_region_folds_pools_their_regions(tmp_path):
+  from unet_jax.evaluate import cross_validation, evaluate_checkpoint
+  _nested_folder(tmp_path / 'data', n=16)
+  folds = []
+  for fold in range(2):
+    folds.append(str(tmp_path / f'fold{fold}'))
+    train.train_and_evaluate(_region_config(tmp_path / 'data', **{
+        'data.num_folds': 2, 'data.fold': fold, 'data.holdout_percent': 10.0}), folds[-1])
+  got = cross_validation(folds, per_image=True)
+  assert got['regions'] == [[1, 2, 3], [2, 3], [3]] and got['images'] == 16
+  each = [evaluate_checkpoint(f) for f in folds]
+  for k in range(3):
+    assert got[f'dice_class{k}'] == pytest.approx(
+        np.mean([r[f'dice_class{k}'] for r in got['per_image']]), abs=1e-6)
+    assert got[f'dice_class{k}'] == pytest.approx(
+        (each[0][f'dice_class{k}'] + each[1][f'dice_class{k}']) / 2, abs=1e-6)

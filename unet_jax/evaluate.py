@@ -55,6 +55,7 @@ from unet_jax.regions import (
   label_count,
   paint,
   painted_order,
+  region_labels,
 )
 from unet_jax.reporting import float32_decimal, score_lines
 
@@ -429,6 +430,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
                  largest_component=post.largest_component, min_region_size=post.min_region_size)
   if class_names:
     metrics['class_names'] = class_names
+  if region_sets:
+    metrics['regions'] = [list(r) for r in region_sets]
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -547,6 +550,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
         f.pop('object_totals') for f in folds)))
   if folds[0].get('class_names'):  # (the first fold's run names the classes)
     metrics['class_names'] = folds[0]['class_names']
+  if folds[0].get('regions'):  # (one task's: load_one_task)
+    metrics['regions'] = folds[0]['regions']
   if per_image:
     metrics['per_image'] = rows
   return metrics
@@ -579,10 +584,12 @@ def _how_and_scores(metrics: dict[str, Any]) -> str:
   for people, the confusion matrix if any, and the metrics as one JSON line."""
   background_out = not metrics['include_background'] and 'dice_class1' in metrics
   post = PostProcessing(metrics['largest_component'], metrics['min_region_size'])
+  # The table's rows: named classes (or regions), else a region's classes, else class ids.
+  rows = metrics.get('class_names') or region_labels(metrics.get('regions') or ())
   return (f'{", logits averaged over flips" if metrics["tta"] else ""}{post.description()}'
           f'{", class 0 left out of the means" if background_out else ""}'
           f'{surface_distance.tolerance_text(metrics)}\n'
-          f'{score_lines(metrics, metrics.get("class_names") or ())}'
+          f'{score_lines(metrics, rows)}'
           f'{confusion_lines(metrics)}{json.dumps(metrics)}')
 
 

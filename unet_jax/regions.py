@@ -115,6 +115,11 @@ def label_classes(regions: Regions) -> int:
   return max(max(region) for region in regions) + 1
 
 
+def region_labels(regions: Sequence[Sequence[int]]) -> list[str]:
+  """A report's row label for each region: its classes, e.g. '(classes 1,2,3)'."""
+  return [f'(classes {",".join(map(str, region))})' for region in regions]
+
+
 def config_regions(config: Any) -> Regions | None:
   """A run config's `data.regions` (runs before the field: none)."""
   return as_regions(config.data.get('regions', ()))

@@ -904,7 +904,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "(set --config.on_nonfinite=skip to skip such steps)")
   if is_main and (step >= config.num_train_steps or early.due):
     if eval_metrics:  # (the last evaluation's scores, a row per class with several)
-      print(f'eval at step {step}: ' + score_lines(eval_metrics, names), end='')
+      print(f'eval at step {step}: ' + score_lines(eval_metrics, names or regions.region_labels(
+          regions.config_regions(config) or ())), end='')
     print(f'checkpoint: {checkpoints.directory}/{step}\n'
           f'load it with: model, variables = unet_jax.load_pretrained({workdir!r})', flush=True)
     if best is not None and best != step:
