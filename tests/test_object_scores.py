@@ -121,3 +121,41 @@ def test_score_masks_reports_object_scores(tmp_path, capsys):
   assert abs(metrics['object_f1'] - 2 * tp / (t + p)) < 1e-12
   assert abs(metrics['panoptic_quality'] - iou / (tp + (p - tp) / 2 + (t - tp) / 2)) < 1e-12
   assert 0.2 < metrics['object_f1'] < 1
+
+
+def test_each_class_is_scored_alone_and_the_classes_add_up(tmp_path, capsys):
+  # Three classes of blobs: each class's counts by every pair of that class's regions alone;
+  # the classes' counts add up to all; score_masks reports each class's scores.
+  from unet_jax.object_scores import class_counts, per_class, summed
+  rng = np.random.default_rng(5)
+  (tmp_path / 'pred').mkdir(), (tmp_path / 'labels').mkdir()
+  totals = {c: dict.fromkeys(('objects_true', 'objects_predicted', 'objects_matched',
+                              'matched_iou'), 0.0) for c in (1, 2, 3)}
+  for i in range(3):
+    truth = _blobs(rng, (30, 34), 14, 4)
+    pred = np.roll(truth, rng.integers(-1, 2, 2), axis=(0, 1))
+    pred[rng.random(pred.shape) < 0.05] = 0
+    pred[pred == 3] = np.where(i == 0, 2, 3)                 # (one image: class 3 taken for 2)
+    each = class_counts(pred, truth, None, (1, 2, 3))
+    total, whole = summed(each), object_counts(pred, truth)
+    assert {k: total[k] for k in whole if k != 'matched_iou'} == {
+        k: whole[k] for k in whole if k != 'matched_iou'}
+    assert abs(total['matched_iou'] - whole['matched_iou']) < 1e-9   # (summed in another order)
+    for c, counts in zip((1, 2, 3), each, strict=True):
+      want = _counts_by_every_pair(np.where(pred == c, c, 0), np.where(truth == c, c, 0))
+      assert counts['objects_matched'] == want['objects_matched']
+      assert abs(counts['matched_iou'] - want['matched_iou']) < 1e-9
+      totals[c] = {k: totals[c][k] + want[k] for k in totals[c]}
+    Image.fromarray((truth * 60).astype(np.uint8)).save(tmp_path / 'labels' / f'c{i}.png')
+    Image.fromarray((pred * 60).astype(np.uint8)).save(tmp_path / 'pred' / f'c{i}_mask.png')
+  assert main(['--predictions', str(tmp_path / 'pred'), '--labels', str(tmp_path / 'labels'),
+               '--objects']) == 0
+  out = capsys.readouterr().out
+  metrics = json.loads(out.strip().splitlines()[-1])
+  want = per_class(totals)
+  for c in (1, 2, 3):
+    for name in ('object_f1', 'panoptic_quality'):
+      assert abs(metrics[f'{name}_class{c}'] - want[f'{name}_class{c}']) < 1e-12
+  assert 'object_f1_class0' not in metrics
+  assert len({metrics[f'object_f1_class{c}'] for c in (1, 2, 3)}) == 3  # (they differ)
+  assert 'object_f1' in out.splitlines()[2]                             # (a table column)

@@ -391,6 +391,12 @@ def test_evaluate_scores_each_regions_surface_objects_and_the_painted_confusion(
   totals = summed(counts)
   assert got['objects_true'] == totals['objects_true'] > 0
   assert got['objects_matched'] == totals['objects_matched']
+  from unet_jax.object_scores import object_scores
+  for k in range(3):  # (each region's own object scores: counts[i * 3 + k] is image i's)
+    own = object_scores(summed(counts[k::3]))
+    assert got[f'object_f1_class{k}'] == pytest.approx(own['object_f1'], abs=1e-12)
+    assert got[f'panoptic_quality_class{k}'] == pytest.approx(own['panoptic_quality'],
+                                                              abs=1e-12)
 
 
 @pytest.mark.parametrize('flag', ['--largest_component', '--min_region_size'])
@@ -702,9 +708,30 @@ def test_a_cross_validation_of_region_folds_pools_their_regions(tmp_path):
     folds.append(str(tmp_path / f'fold{fold}'))
     train.train_and_evaluate(_region_config(tmp_path / 'data', **{
         'data.num_folds': 2, 'data.fold': fold, 'data.holdout_percent': 10.0}), folds[-1])
-  got = cross_validation(folds, per_image=True)
+  got = cross_validation(folds, per_image=True, objects=True)
   assert got['regions'] == [[1, 2, 3], [2, 3], [3]] and got['images'] == 16
-  each = [evaluate_checkpoint(f) for f in folds]
+  each = [evaluate_checkpoint(f, objects=True) for f in folds]
+  assert got['objects_true'] == each[0]['objects_true'] + each[1]['objects_true']
+  # Each region's counts pooled over both folds' held-out images, counted here.
+  from unet_jax.checkpoint import load_pretrained_with_metadata
+  from unet_jax.object_scores import object_counts, per_class, summed_per_class
+  counts = []
+  for fold, wd in enumerate(folds):
+    model, variables, _ = load_pretrained_with_metadata(wd)
+    config = _region_config(tmp_path / 'data', **{
+        'data.num_folds': 2, 'data.fold': fold, 'data.holdout_percent': 10.0})
+    source = input_pipeline.load_sources(config)[1]
+    for i in range(len(source)):
+      example = input_pipeline.preprocess(input_pipeline._adapt(config, source[i]), 32, None,
+                                          None)
+      logits = np.asarray(model.apply(variables, example['image'][None], train=False))[0]
+      counts.append({k: object_counts((logits[..., k] > 0).astype(np.int32),
+                                      np.isin(example['mask'], r).astype(np.int32))
+                     for k, r in enumerate(BRATS)})
+  want = per_class(summed_per_class(counts))
+  for k in range(3):
+    for name in ('object_f1', 'panoptic_quality'):
+      assert got[f'{name}_class{k}'] == pytest.approx(want[f'{name}_class{k}'], abs=1e-12)
   for k in range(3):
     assert got[f'dice_class{k}'] == pytest.approx(
         np.mean([r[f'dice_class{k}'] for r in got['per_image']]), abs=1e-6)

@@ -143,6 +143,8 @@ class MapScores:
     self.nsd_tolerance = nsd_tolerance
     self.confusion = np.zeros((classes, classes), np.int64) if confusion else None
     self.objects: list[dict[str, float]] | None = [] if objects else None
+    # ... and with several classes (or regions) each one's: {class (region) id: counts}
+    self.object_classes: list[dict[int, dict[str, float]]] = []
 
   @property
   def needed(self) -> bool:
@@ -171,10 +173,21 @@ class MapScores:
                            for name in per_map[0]})
       row |= _surface_row(self.surface[-1], include_background)
     if self.objects is not None:
-      self.objects.append(object_scores.summed(
-          object_scores.object_counts(p, t, pixels) for p, t in maps))
+      if self.painted:  # (each region's objects)
+        each = dict(enumerate(object_scores.object_counts(p, t, pixels) for p, t in maps))
+      else:  # (each class's but 0: what a binary model's count is, alone)
+        classes = [1] if scored == 1 else range(1, scored)
+        each = dict(zip(classes, object_scores.class_counts(pred, labels, pixels, classes),
+                        strict=True))
+      self.objects.append(object_scores.summed(each.values()))
+      if len(each) > 1:
+        self.object_classes.append(each)
       row |= object_scores.reported(self.objects[-1])
     return row
+
+  def object_class_totals(self) -> dict[int, dict[str, float]]:
+    """Each class's (region's) object counts summed over the images; {} for one class."""
+    return object_scores.summed_per_class(self.object_classes)
 
   def object_totals(self) -> dict[str, float]:
     """The images' object counts summed (object_scores.py)."""
@@ -332,6 +345,7 @@ def evaluate_checkpoint(checkpoint: str | Sequence[str],
   metrics = _evaluate_loaded(paths, loaded, config, split, per_image, tta, surface,
                              include_background, confusion, post, nsd_tolerance, objects)
   metrics.pop('object_totals', None)
+  metrics.pop('object_class_totals', None)
   return metrics
 
 
@@ -422,7 +436,10 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     metrics['confusion'] = maps.confusion.tolist()
   if objects:
     metrics.update(object_scores.reported(maps.object_totals()))
-    metrics['object_totals'] = maps.object_totals()  # (cross_validation pools them)
+    metrics.update(object_scores.per_class(maps.object_class_totals()))
+    # (cross_validation pools them)
+    metrics.update(object_totals=maps.object_totals(),
+                   object_class_totals=maps.object_class_totals())
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
                  dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
@@ -548,6 +565,8 @@ def cross_validation(checkpoints: Sequence[str], split: str | None = None, tta: 
   if objects:  # (of the folds' counts pooled, not a mean of the images' ratios)
     metrics.update(object_scores.reported(object_scores.summed(
         f.pop('object_totals') for f in folds)))
+    metrics.update(object_scores.per_class(object_scores.summed_per_class(
+        f.pop('object_class_totals') for f in folds)))
   if folds[0].get('class_names'):  # (the first fold's run names the classes)
     metrics['class_names'] = folds[0]['class_names']
   if folds[0].get('regions'):  # (one task's: load_one_task)

@@ -12,11 +12,13 @@ Counted over images and classes:
   panoptic quality = (sum of the matched pairs' IoU) / (TP + FP / 2 + FN / 2),
 
 TP the matched pairs, FP the predicted objects unmatched, FN the true ones unmatched.
+With several classes the same scores are given for each class of its own (`per_class`: the
+counts of that class's objects alone, which add up to the counts of all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,3 +75,23 @@ def summed(many: Iterable[dict[str, float]]) -> dict[str, float]:
   for counts in many:
     total = {k: total[k] + counts[k] for k in COUNTS}
   return total
+
+
+def class_counts(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None,
+                 classes: Sequence[int]) -> list[dict[str, float]]:
+  """object_counts of each of `classes` alone (its pixels one map, the others background);
+  their sum is object_counts of all (objects and their matches never cross classes)."""
+  return [object_counts((pred == c).astype(np.int32), (truth == c).astype(np.int32), valid)
+          for c in classes]
+
+
+def summed_per_class(many: Iterable[Mapping[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+  """Each class's counts summed over several images (or folds): {class: counts}."""
+  many = list(many)
+  return {k: summed(m[k] for m in many) for k in many[0]} if many else {}
+
+
+def per_class(totals: Mapping[int, dict[str, float]]) -> dict[str, float]:
+  """object_scores of each class's counts, as SCORE_class{k} (each class's row of a report)."""
+  return {f'{name}_class{k}': value for k, counts in totals.items()
+          for name, value in object_scores(counts).items()}

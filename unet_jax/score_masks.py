@@ -131,6 +131,7 @@ def score_folders(predictions: str, labels: str, mask_suffix: str = '_mask',
     metrics['confusion'] = maps.confusion.tolist()
   if objects:
     metrics.update(object_scores.reported(maps.object_totals()))
+    metrics.update(object_scores.per_class(maps.object_class_totals()))
   metrics.update(images=len(pairs), include_background=include_background,
                  class_values=[int(k) for k in keys], rgb_masks=rgb, per_image=rows)
   if regions:
