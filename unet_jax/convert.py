@@ -22,7 +22,7 @@ from unet_jax.errors import UserError, disk_error, quiet_failed_saves
 from unet_jax.file_modes import replaced_on_success
 from unet_jax.image_io import NORMALIZATIONS, check_normalize_flag
 from unet_jax.model import DEEP_SUPERVISION_HEAD
-from unet_jax.regions import Regions, as_regions, check_regions, label_classes, parse_regions
+from unet_jax.regions import Painting, as_regions, label_classes, painting, parse_regions
 from unet_jax.torch_keys import (
   Layout,
   Row,
@@ -208,7 +208,7 @@ def _check_file_normalization(extras: Mapping[str, Any], flag: str | None, src: 
 
 def _file_regions(config: Mapping[str, Any], extras: Mapping[str, Any],
                   regions: Sequence[Sequence[int]] | None, order: Sequence[int], src: str,
-                  ) -> tuple[Regions, tuple[int, ...]] | None:
+                  ) -> Painting | None:
   """The regions of the model's channels (--regions, or a .safetensors header's, as
   flax-to-torch writes a region run's) and the class each paints; None for a model of
   classes. Refused where they do not fit the model, or differ from the file's own."""
@@ -222,15 +222,8 @@ def _file_regions(config: Mapping[str, Any], extras: Mapping[str, Any],
     if order:
       raise UserError('--region_class_order orders --regions, which are not given')
     return None
-  if len(chosen) != config['num_classes']:
-    raise UserError(f'{src} has {config["num_classes"]} output channel(s) but {len(chosen)} '
-                    'regions are given; give one region per channel')
-  order = tuple(order) or tuple(extras.get('region_class_order') or ())
-  try:
-    order = check_regions(chosen, order, '--region_class_order')
-  except ValueError as e:
-    raise UserError(f'{src}: regions: {e}') from None
-  return chosen, order
+  return painting(chosen, tuple(order) or tuple(extras.get('region_class_order') or ()),
+                  config['num_classes'], src, '--region_class_order', f'{src}: regions')
 
 
 def torch_to_flax(src: str, dest: str, overwrite: bool = False,
@@ -260,10 +253,10 @@ def torch_to_flax(src: str, dest: str, overwrite: bool = False,
   painted = _file_regions(config, extras, regions, region_class_order, src)
   metadata.update(extras, source_entries=sorted(extras))  # (what the file held besides tensors)
   _check_class_labels(config, metadata, class_names, mask_values, src,
-                      label_classes(painted[0]) if painted else None)
+                      label_classes(painted.regions) if painted else None)
   if painted:
-    metadata['regions'] = [list(r) for r in painted[0]]
-    metadata['region_class_order'] = list(painted[1])
+    metadata['regions'] = [list(r) for r in painted.regions]
+    metadata['region_class_order'] = list(painted.order)
   if mask_values is not None:
     metadata['mask_values'] = mask_values
   if class_names:

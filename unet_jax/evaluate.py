@@ -54,7 +54,7 @@ from unet_jax.regions import (
   config_regions,
   label_count,
   paint,
-  painted_order,
+  painting,
   region_labels,
 )
 from unet_jax.reporting import float32_decimal, score_lines
@@ -370,7 +370,8 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
       with config.unlocked():
         config.data.ct_statistics = meta['ct_statistics']
   _with_recorded_regions(config, meta, paths[0])
-  region_sets = _check_regions(config, model, include_background)
+  painted = _check_regions(config, model, include_background, paths[0])
+  region_sets = painted and painted.regions
   if include_background is None:
     include_background = eval_include_background(config)
   mesh = parallel.make_mesh(jax.local_devices())
@@ -407,7 +408,6 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
         ml_collections.ConfigDict({**config.to_dict(), 'model': model_config(m)}), None)
         for m, _, _ in loaded), tta, region_sets), False
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  painted = Painting(region_sets, painted_order(config)) if region_sets else None
   maps = MapScores(surface, confusion, label_count(config), nsd_tolerance, objects, painted)
   host = per_image or maps.needed or bool(post)  # (the class maps come to the host)
   step_fn = (functools.partial(_scores_step, maps=maps.needed or bool(post)) if host
@@ -434,12 +434,10 @@ def _evaluate_loaded(paths: Sequence[str], loaded: Sequence[tuple[Any, Any, dict
     metrics.update(maps.surface_means(include_background))
   if confusion:
     metrics['confusion'] = maps.confusion.tolist()
-  if objects:
-    metrics.update(object_scores.reported(maps.object_totals()))
-    metrics.update(object_scores.per_class(maps.object_class_totals()))
-    # (cross_validation pools them)
-    metrics.update(object_totals=maps.object_totals(),
-                   object_class_totals=maps.object_class_totals())
+  if objects:  # (the counts kept too: cross_validation pools them)
+    totals, class_totals = maps.object_totals(), maps.object_class_totals()
+    metrics.update(object_scores.reported(totals), **object_scores.per_class(class_totals),
+                   object_totals=totals, object_class_totals=class_totals)
   metrics.update(images=int(sums['count']), image_size=training_size(config), split=split,
                  dataset=info.name, step=(meta.get('step') if len(loaded) == 1 else
                                           [m.get('step') for _, _, m in loaded]), tta=tta,
@@ -472,27 +470,18 @@ def _with_recorded_regions(config: ml_collections.ConfigDict, meta: dict[str, An
 
 
 def _check_regions(config: ml_collections.ConfigDict, model: Any,
-                   include_background: bool | None) -> Regions | None:
-  """The config's data.regions (its model's channels), refused where they do not fit the
-  model, or with class 0 left out of the means; None without them."""
-  region_sets = config_regions(config)
-  if not region_sets:
-    return None
-  try:
-    painted_order(config)
-  except ValueError as e:
-    raise UserError(f'data.regions: {e}') from None
-  if len(region_sets) != model.num_classes:
-    raise UserError(f'data.regions has {len(region_sets)} regions but the checkpoint\'s model '
-                    f'has {model.num_classes} output channel(s), one per region')
-  if include_background is False:
+                   include_background: bool | None, checkpoint: str) -> Painting | None:
+  """The Painting of the config's data.regions (its model's channels), refused where they do
+  not fit the model, or with class 0 left out of the means; None without them."""
+  painted = painting(config_regions(config), config.data.get('region_class_order', ()),
+                     model.num_classes, checkpoint, prefix='data.regions')
+  if painted and include_background is False:
     raise UserError('--noinclude_background leaves class 0 out of the means, but the channels '
                     'are data.regions, all foreground; leave it out')
-  return region_sets
+  return painted
 
 
 _ROW_LABELS = ('checkpoint', 'split', 'index', 'file_name')  # (a row's fields that are no score)
-
 
 
 def _check_one_cut(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:

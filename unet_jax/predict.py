@@ -53,14 +53,7 @@ from unet_jax.losses import predict_classes
 from unet_jax.model import UNet
 from unet_jax.post_processing import PostProcessing, instance_labels
 from unet_jax.post_processing import keep_largest_component as keep_largest_component
-from unet_jax.regions import (
-  Painting,
-  Regions,
-  as_regions,
-  check_regions,
-  label_classes,
-  paint,
-)
+from unet_jax.regions import Painting, Regions, label_classes, paint, painting
 
 
 @functools.lru_cache(maxsize=8)
@@ -269,7 +262,7 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
   post-processing then acts on each region's pixels (PostProcessing.per_region).
   """
   post = PostProcessing(largest_component, min_region_size)
-  painted = painting(model, regions, region_class_order)
+  painted = painting(regions, region_class_order, model.num_classes, 'the model')
   _check_threshold(model, threshold, painted and painted.regions)
   images = np.asarray(images)
   single = images.ndim == 3
@@ -283,26 +276,6 @@ def predict(model: UNet, variables: Any, images: np.ndarray, *,
                           normalize=normalize, blend=blend)
   classes = post(classes_from_logits(logits, threshold, painted), painted and painted.regions)
   return classes[0] if single else classes
-
-
-def painting(model: UNet, regions: Sequence[Sequence[int]] | None,
-             order: Sequence[int] = (), instances: bool = False) -> Painting | None:
-  """The Painting of a model whose channels are `regions` (None without), refused where they
-  do not fit it, or with --instances, which is not defined for regions."""
-  regions = as_regions(regions)
-  if not regions:
-    return None
-  try:
-    order = check_regions(regions, tuple(order))
-  except ValueError as e:
-    raise UserError(f'regions: {e}') from None
-  if len(regions) != model.num_classes:
-    raise UserError(f'{len(regions)} regions but the model has {model.num_classes} output '
-                    'channel(s), one per region')
-  if instances:
-    raise UserError('--instances numbers the objects of each class, but this model\'s channels '
-                    'are regions that overlap (data.regions); leave it out')
-  return Painting(regions, order)
 
 
 def classes_from_logits(logits: np.ndarray, threshold: float = 0.5,
@@ -611,8 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       if size and min(height_width(size)) < 2**depth:
         raise UserError(f'--size={size} is below the model\'s minimum {2**depth} (or 0: '
                         'each image at its own size)')
-    painted = painting(model, meta.get('regions'), meta.get('region_class_order', ()),
-                       args.instances)
+    painted = painting(meta.get('regions'), meta.get('region_class_order', ()),
+                       model.num_classes, args.checkpoint[0])
+    if painted and args.instances:
+      raise UserError('--instances numbers the objects of each class, but this model\'s channels '
+                      'are regions that overlap (data.regions); leave it out')
     _check_threshold(model, args.threshold, painted and painted.regions)
     if args.batch_size < 1:
       raise UserError(f'--batch_size={args.batch_size} must be at least 1')
@@ -670,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           masks = classes_from_probabilities(probs, args.threshold, painted)
           if not args.probabilities:
             probs = [None] * len(indices)
-        masks = post(masks, painted and painted.regions)
+        masks = post(masks, region_sets)
         for i, image, classes, prob in zip(indices, batch, masks, probs, strict=True):
           stem = names[i]
           tmp = os.path.join(args.output, f'.{stem}{args.mask_suffix}.png.tmp')

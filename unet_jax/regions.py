@@ -64,6 +64,25 @@ def check_regions(regions: Regions, order: Sequence[int] = (),
   return derived_order(regions, order_field)
 
 
+def painting(regions: Sequence[Sequence[int]] | None, order: Sequence[int], channels: int,
+             owner: str, order_field: str = 'data.region_class_order',
+             prefix: str = 'regions') -> Painting | None:
+  """The Painting of a model of `channels` output channels that are `regions` (None without
+  regions), refused in one line (UserError) where they do not fit it (`owner`, the model as
+  its refusal names it) or cannot be painted back (`prefix`: what names them there)."""
+  from unet_jax.errors import UserError
+  regions = as_regions(regions)
+  if not regions:
+    return None
+  if len(regions) != channels:
+    raise UserError(f'{owner} has {channels} output channel(s) but {len(regions)} regions are '
+                    'given; give one region per channel')
+  try:
+    return Painting(regions, check_regions(regions, tuple(order), order_field))
+  except ValueError as e:
+    raise UserError(f'{prefix}: {e}') from None
+
+
 def derived_order(regions: Regions, order_field: str = 'data.region_class_order',
                   ) -> tuple[int, ...]:
   """The class each region paints when none is given: the one class it covers that no later
